@@ -1,0 +1,113 @@
+"""Prepared datasets as in-memory tensors: resolve a name or path, validate, convert, batch, augment."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages._artifacts import UserError, attr_json, open_artifact, sha256
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Dataset:
+    path: Path
+    sha256: str
+    name: str
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]  # uint8 (N, C, H, W), int64 (N,)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(next(iter(self.splits.values()))[0].shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def resolve(dataset: str, auto_prepare: bool = True) -> Path:
+    """A dataset argument is a prepared HDF5 path or a dataset name (prepared on first use)."""
+    from stages import _sources, prepare
+
+    path = Path(dataset)
+    if path.suffix in (".h5", ".hdf5") or path.exists():
+        return path
+    if dataset not in _sources.DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}: give a prepared .h5 file or one of {', '.join(_sources.DATASETS)}")
+    path = prepare.default_path(dataset)
+    if not path.exists():
+        if not auto_prepare:
+            raise UserError(f"{path} not found: run `python cli.py prepare --dataset {dataset}` first")
+        print(f"{path} not found: preparing {dataset} first", file=sys.stderr)
+        prepare.run(dataset=dataset, out=path)
+    return path
+
+
+def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    path = resolve(str(dataset))
+    with open_artifact(path, "dataset") as f:
+        classes = attr_json(f, "classes")
+        loaded = {}
+        for split in splits:
+            if split not in f:
+                raise UserError(f"{path}: missing split {split!r}")
+            images, labels = f[split]["images"], f[split]["labels"]
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+                raise UserError(f"{path}: {split}/images must be uint8 (N, 1|3, H, W), got {images.dtype} {images.shape}")
+            if labels.shape != (images.shape[0],):
+                raise UserError(f"{path}: {split}/labels shape {labels.shape} does not match {images.shape[0]} images")
+            x, y = torch.from_numpy(images[()]), torch.from_numpy(labels[()].astype(np.int64))
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
+                raise UserError(f"{path}: {split}/labels outside 0..{len(classes) - 1}")
+            loaded[split] = (x, y)
+        data = Dataset(path, sha256(path), str(f.attrs["name"]), classes,
+                       [float(v) for v in f.attrs["mean"]], [float(v) for v in f.attrs["std"]], loaded)
+    if len(data.mean) != data.shape[0]:
+        raise UserError(f"{path}: {len(data.mean)} normalisation constants for {data.shape[0]} channels")
+    return data
+
+
+def fit_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Resize / convert channels of uint8 images so a pool or OOD set matches a victim's input shape."""
+    from stages._sources import convert
+
+    if tuple(images.shape[1:]) == tuple(shape):
+        return images
+    channels, height, width = shape
+    if height != width:
+        raise UserError(f"only square inputs are supported, got {height}x{width}")
+    return torch.from_numpy(convert(images.numpy(), height, channels))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0)
+
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """CIFAR augmentation, batched: random crop with zero padding `pad` and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :]).to(x.device)  # (n, h)
+    cols = (dx[:, None] + torch.arange(w)[None, :]).to(x.device)  # (n, w)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], out.flip(3), out).contiguous()
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
+    """Index batches over n items, shuffled when a generator is given."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]

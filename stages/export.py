@@ -1,0 +1,75 @@
+"""Export a victim for deployment: `victim.h5` -> `victim.pt`, one TorchScript graph
+(images in [0, 1] -> normalise -> network -> softmax -> defense) with its metadata inside.
+
+The file is loaded back and checked against the eager model on a real batch before success is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from models.defenses import DEFENSES, Deployed
+from stages import _data, _jit, _victim
+from stages._artifacts import UserError, describe_inputs, prepare_output, versions
+
+console = Console(stderr=True)
+TOLERANCE = 1e-5
+
+
+def run(
+    victim: Annotated[Path, typer.Option(help="Victim HDF5 written by train or train-ini.")] = Path("artifacts/victim.h5"),
+    out: Annotated[Optional[Path], typer.Option(help="Output TorchScript file [default: the victim path with .pt].")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Prepared dataset for the check batch [default: the victim's].")] = None,
+    defense: Annotated[str, typer.Option(help=f"Posterior defense baked into the graph: {', '.join(DEFENSES)}.")] = "none",
+    check_images: Annotated[int, typer.Option(min=1, help="Test images compared scripted vs eager.")] = 256,
+) -> Path:
+    """Script the victim (plus defense) to TorchScript and verify it against the eager model."""
+    started = time.time()
+    if defense not in DEFENSES:
+        raise UserError(f"unknown defense {defense!r}; choose from {', '.join(DEFENSES)}")
+    out = prepare_output(out or Path(victim).with_suffix(".pt"))
+    model, info = _victim.load(victim)
+    dataset = _data.load(data or _json_param(info, "dataset"), splits=("test",))
+    _victim.check_matches(info, dataset)
+
+    deployed = Deployed(model, DEFENSES[defense]()).eval()
+    metadata = dict(
+        schema="deployed/1", stage="export", arch=info.arch, dataset=info.dataset, classes=info.classes,
+        input_shape=list(info.input_shape), mean=info.mean, std=info.std, objective=info.objective, defense=defense,
+        output="probabilities", input_range=[0.0, 1.0], inputs=describe_inputs([victim]),
+        victim_provenance=info.provenance, versions=versions(),
+    )
+    _jit.save(deployed, out, metadata)
+
+    loaded, _ = _jit.load(out)
+    x = _data.to_float(dataset.splits["test"][0][:check_images])
+    with torch.no_grad():
+        eager, scripted = deployed(x), loaded(x)
+    delta = float((eager - scripted).abs().max())
+    if not delta <= TOLERANCE:
+        out.unlink()
+        raise UserError(f"exported graph differs from the eager model by {delta:.2e} > {TOLERANCE:g}; nothing written")
+    accuracy = float((scripted.argmax(1) == dataset.splits["test"][1][:check_images]).float().mean())
+
+    table = Table(title=f"export {info.arch} ({info.objective}) on {info.dataset}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("defense", defense)
+    table.add_row("max |scripted - eager|", f"{delta:.2e} on {len(x)} test images")
+    table.add_row("accuracy on that batch", f"{accuracy:.2%}")
+    table.add_row("file", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
+    table.add_row("time", f"{time.time() - started:.1f} s")
+    console.print(table)
+    return out
+
+
+def _json_param(info: _victim.VictimInfo, key: str) -> str:
+    return str(json.loads(info.provenance["params"])[key])
