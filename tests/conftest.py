@@ -1,0 +1,44 @@
+"""Shared fixtures: small slices of the real offline datasets, prepared once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+
+SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; stdout and stderr stay separate."""
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *, code: int | None = None) -> str:
+    assert result.exit_code != 0, result.stdout
+    if code is not None:
+        assert result.exit_code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def mnist_small(tmp_path_factory) -> Path:
+    """1,000 real MNIST train images (200 of them val) and 200 test images."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("data") / "mnist.h5"
+    result = invoke("prepare", "--dataset", "mnist", "--data-root", SHARED_DATA, "--limit", 1000,
+                    "--val-size", 200, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    return out
