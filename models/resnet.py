@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from models._init import he_init
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
@@ -43,12 +45,7 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
-        # He init (as torchvision and the reference WRN code do); PyTorch's default shrinks the signal layer by layer.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        he_init(self)
 
     @torch.jit.export
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from models._init import he_init
+
 # Channel counts; "M" is a 2x2 max-pool.
 CFG_16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -24,12 +26,7 @@ class VGG16(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
-        # He init (as torchvision and the reference WRN code do); PyTorch's default shrinks the signal layer by layer.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        he_init(self)
 
     @torch.jit.export
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from models._init import he_init
+
 
 class WideBasicBlock(nn.Module):
     """BN-ReLU-conv twice; a 1x1 projection shortcut where the shape changes."""
@@ -46,12 +48,7 @@ class WRN16_4(nn.Module):
         self.bn = nn.BatchNorm2d(256)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(256, num_classes)
-        # He init (as torchvision and the reference WRN code do); PyTorch's default shrinks the signal layer by layer.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        he_init(self)
 
     @torch.jit.export
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
