@@ -1,20 +1,258 @@
 """Posterior defenses that sit inside the deployed graph: images in [0, 1] -> network -> softmax -> defense.
 
-A defense maps (images, probabilities) to probabilities on the simplex; `DEFENSES` is the registry the CLI
-offers. InI needs none: its victim is deployed with `none`, one plain forward pass.
+Every defense maps a batch (images, probabilities) to probabilities on the simplex and scripts to TorchScript,
+so `export --defense` bakes it, with any network it needs, into one graph. `DEFENSES` is the registry the CLI
+offers; each class lists its CLI parameters in `PARAMS` and the victim-side inputs it is built from in `NEEDS`.
+InI needs none of this: its victim is deployed with `none`, one plain forward pass.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from stages._params import Param
 
 
 class NoDefense(nn.Module):
     """The undefended posterior (and InI's: its protection is in the weights)."""
 
+    PARAMS: dict[str, Param] = {}
+    NEEDS: tuple[str, ...] = ()
+
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         return probs
+
+
+def _renormalise(out: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Scale rows back onto the simplex; a row with no mass left keeps `fallback`."""
+    total = out.sum(1, keepdim=True)
+    return torch.where(total > 0, out / total.clamp_min(1e-12), fallback)
+
+
+def _move_towards(probs: torch.Tensor, target: torch.Tensor, l1: float) -> torch.Tensor:
+    """y~ = (1 - a) y + a y*, a = min(1, l1 / |y* - y|_1): the convex step of MAD's L1 budget (stays on the simplex)."""
+    dist = (target - probs).abs().sum(1, keepdim=True)
+    alpha = torch.clamp(l1 / dist.clamp_min(1e-12), max=1.0)
+    return (1.0 - alpha) * probs + alpha * target
+
+
+def _gradient_gram(features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Gram matrix M_kj = <g_k, g_j> of the per-class last-layer gradients g_k = d log q_k / d[W, b].
+
+    With h the penultimate features and q = softmax(W h + b): d log q_k / dW = (e_k - q) h^T and d/db = e_k - q,
+    so <g_k, g_j> = (e_k - q).(e_j - q) (|h|^2 + 1). Shape (B, K, K); never forms the (K, K*D) gradients.
+    """
+    k = q.shape[1]
+    eye = torch.eye(k, dtype=q.dtype, device=q.device).unsqueeze(0)
+    qq = (q * q).sum(1)[:, None, None]
+    centred = eye - q[:, None, :] - q[:, :, None] + qq
+    return centred * ((features * features).sum(1) + 1.0)[:, None, None]
+
+
+class ReverseSigmoid(nn.Module):
+    """Reverse sigmoid (Lee et al., 2019): y~ = normalise(y - beta (sigmoid(gamma logit y) - 1/2)).
+
+    Keeps the argmax whenever the top probability exceeds 1/2 (beta <= 1); rows whose top probability is low
+    can be reordered, as in the original method. Negative entries are clipped before normalising.
+    """
+
+    PARAMS = {
+        "beta": Param(0.8, 0.0, 1.0, False, "perturbation scale"),
+        "gamma": Param(0.2, 1e-6, 100.0, False, "sigmoid temperature"),
+    }
+    NEEDS: tuple[str, ...] = ()
+
+    def __init__(self, beta: float = 0.8, gamma: float = 0.2):
+        super().__init__()
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        p = probs.clamp(1e-7, 1.0 - 1e-7)  # logit(0) and logit(1) are infinite
+        r = self.beta * (torch.sigmoid(self.gamma * torch.log(p / (1.0 - p))) - 0.5)
+        return _renormalise((probs - r).clamp_min(0.0), probs)
+
+
+class MAD(nn.Module):
+    """Maximizing Angular Deviation (Orekondy et al., 2020, "Prediction poisoning"), batched.
+
+    Proxy F_A: a random-init network of the victim's architecture. G stacks the per-class gradients of
+    log F_A(x)_k w.r.t. its last linear layer; the target is the simplex vertex y* maximising the angular
+    deviation |G^T y*/|G^T y*| - G^T y/|G^T y||^2 (the authors' objective), and the answer moves from y
+    towards y* by at most eps in L1. All K candidates are scored at once through the (K, K) Gram matrix.
+    """
+
+    PARAMS = {
+        "eps": Param(1.1, 0.0, 2.0, False, "L1 perturbation budget"),
+        "seed": Param(0, 0, 2**31 - 1, True, "seed of the random-init proxy"),
+    }
+    NEEDS = ("proxy",)
+    ARGMAX = False
+
+    def __init__(self, proxy: nn.Module, eps: float = 1.1):
+        super().__init__()
+        self.proxy = proxy.eval().requires_grad_(False)
+        self.eps = float(eps)
+        self.argmax = bool(self.ARGMAX)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        features = self.proxy.features(x)
+        q = torch.softmax(self.proxy.net.fc(features), dim=1)
+        candidates = mad_candidates(probs, self.argmax)
+        return _move_towards(probs, mad_target(_gradient_gram(features, q), probs, candidates), self.eps)
+
+
+class MADArgmax(MAD):
+    """MAD restricted to targets that keep the victim's top-1 label (the authors' "argmax" variant)."""
+
+    ARGMAX = True
+
+
+def mad_candidates(probs: torch.Tensor, argmax: bool) -> torch.Tensor:
+    """Candidate targets (B, K, K): the K vertices, or for argmax-preserving MAD e_c and (1/2 + d) e_c + (1/2 - d) e_k."""
+    b, k = probs.shape
+    eye = torch.eye(k, dtype=probs.dtype, device=probs.device).expand(b, k, k)
+    if not argmax:
+        return eye
+    top = torch.nn.functional.one_hot(probs.argmax(1), k).to(probs.dtype)[:, None, :]  # (B, 1, K)
+    margin = 1e-3  # keeps the top class strictly ahead after the step
+    mixed = (0.5 + margin) * top + (0.5 - margin) * eye
+    return torch.where(top.transpose(1, 2) > 0, top.expand(b, k, k), mixed)
+
+
+def mad_target(gram: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The candidate c maximising |u/|u| - a/|a||^2 = 2 - 2 <u, a>/(|u||a|), u = G^T c, a = G^T y, via <G^T u, G^T v> = u M v."""
+    my = torch.bmm(gram, probs.unsqueeze(2)).squeeze(2)  # (B, K)
+    aa = (probs * my).sum(1, keepdim=True)  # |a|^2
+    ua = torch.bmm(candidates, my.unsqueeze(2)).squeeze(2)  # (B, J)
+    uu = (torch.bmm(candidates, gram) * candidates).sum(2)  # |u_j|^2
+    objective = 2.0 - 2.0 * ua / (uu.clamp_min(1e-12).sqrt() * aa.clamp_min(1e-12).sqrt())
+    best = objective.argmax(1)
+    return candidates[torch.arange(probs.shape[0], device=probs.device), best]
+
+
+class AdaptiveMisinformation(nn.Module):
+    """Adaptive Misinformation (Kariyappa & Qureshi, 2020): y~ = (1 - a) y + a softmax(misinformation(x)),
+    a = 1 / (1 + exp(nu (max y - tau))): confident (in-distribution) queries pass, the rest get misinformation.
+    Needs a victim trained with outlier exposure and its misinformation network (`train --objective outlier-exposure`).
+    """
+
+    PARAMS = {
+        "tau": Param(0.5, 0.0, 1.0, False, "confidence threshold below which answers are replaced"),
+        "nu": Param(1000.0, 0.0, 1e6, False, "sharpness of the switch"),
+    }
+    NEEDS = ("misinformation",)
+
+    def __init__(self, misinformation: nn.Module, tau: float = 0.5, nu: float = 1000.0):
+        super().__init__()
+        self.misinformation = misinformation.eval().requires_grad_(False)
+        self.tau = float(tau)
+        self.nu = float(nu)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        alpha = torch.sigmoid(-self.nu * (probs.max(1, keepdim=True)[0] - self.tau))
+        return (1.0 - alpha) * probs + alpha * torch.softmax(self.misinformation(x), dim=1)
+
+
+class Grad2(nn.Module):
+    """Gradient redirection (GRAD², Mazeika et al., 2022) against the direction the true answer would give.
+
+    With a surrogate S (random init, victim's architecture) and last-layer gradients g_k of log S(x)_k, the
+    thief's gradient on answer y~ is -G^T y~; we minimise its alignment <G^T y~, G^T y> = y~ M y, a linear
+    objective over {simplex, |y~ - y|_1 <= eps}, solved exactly by moving eps/2 of mass greedily from the
+    most-aligned classes to the least-aligned one.
+    """
+
+    PARAMS = {
+        "eps": Param(1.0, 0.0, 2.0, False, "L1 perturbation budget (eps/2 probability mass moved)"),
+        "seed": Param(0, 0, 2**31 - 1, True, "seed of the random-init surrogate"),
+    }
+    NEEDS = ("proxy",)
+
+    def __init__(self, proxy: nn.Module, eps: float = 1.0):
+        super().__init__()
+        self.proxy = proxy.eval().requires_grad_(False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        features = self.proxy.features(x)
+        q = torch.softmax(self.proxy.net.fc(features), dim=1)
+        cost = torch.bmm(_gradient_gram(features, q), probs.unsqueeze(2)).squeeze(2)  # (B, K): y~ M y = y~ . cost
+        return greedy_mass_move(probs, cost, self.eps / 2.0)
+
+
+def greedy_mass_move(probs: torch.Tensor, cost: torch.Tensor, mass: float) -> torch.Tensor:
+    """Exact minimiser of cost . y~ over the simplex with |y~ - y|_1 <= 2 mass: move mass to the cheapest class,
+    taking it from the most expensive classes first (fractional knapsack)."""
+    sink = cost.argmin(1, keepdim=True)
+    room = 1.0 - probs.gather(1, sink)
+    moved = torch.minimum(torch.full_like(room, mass), room)
+    order = cost.argsort(1, descending=True)
+    donors = probs.gather(1, order).scatter(1, (order == sink).long().argmax(1, keepdim=True), 0.0)
+    before = donors.cumsum(1) - donors  # mass available in more expensive classes
+    taken = torch.minimum(donors, (moved - before).clamp_min(0.0))
+    out = probs - torch.zeros_like(probs).scatter(1, order, taken)
+    return out.scatter_add(1, sink, moved).clamp_min(0.0)
+
+
+class Top1(nn.Module):
+    """Label-only answers: the one-hot of the top class."""
+
+    PARAMS: dict[str, Param] = {}
+    NEEDS: tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
+
+
+class Rounding(nn.Module):
+    """Probabilities rounded to `decimals` places by largest remainder, so the rounded answer still sums to 1."""
+
+    PARAMS = {"decimals": Param(2, 0, 6, True, "decimal places kept")}
+    NEEDS: tuple[str, ...] = ()
+
+    def __init__(self, decimals: int = 2):
+        super().__init__()
+        self.scale = float(10 ** int(decimals))
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        units = probs * self.scale
+        floor = torch.floor(units)
+        deficit = torch.round(self.scale - floor.sum(1, keepdim=True)).clamp(0.0, float(probs.shape[1]))
+        rank = (units - floor).argsort(1, descending=True).argsort(1)  # 0 = largest remainder
+        return (floor + (rank.to(probs.dtype) < deficit).to(probs.dtype)) / self.scale
+
+
+class Noise(nn.Module):
+    """Random L1 noise: move `l1` (in L1) towards a uniformly random point of the simplex.
+
+    The random point is a seeded hash of the image, so one image always gets the same noise (averaging
+    repeated queries of it does not cancel the noise) and the graph stays deterministic and scriptable.
+    """
+
+    PARAMS = {
+        "l1": Param(0.5, 0.0, 2.0, False, "L1 size of the perturbation"),
+        "seed": Param(0, 0, 2**31 - 1, True, "seed of the noise"),
+    }
+    NEEDS = ("num_classes", "input_shape")
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], l1: float = 0.5, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(int(seed))
+        numel = int(math.prod(input_shape))
+        self.register_buffer("projection", torch.randn(num_classes, numel, generator=generator, dtype=torch.float64))
+        self.register_buffer("offset", torch.rand(num_classes, generator=generator, dtype=torch.float64) * 1000.0)
+        self.l1 = float(l1)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1).double() @ self.projection.t() + self.offset
+        uniform = torch.frac(torch.sin(z) * 43758.5453).abs().clamp(1e-9, 1.0 - 1e-9)  # hash -> U(0, 1)
+        exponential = -torch.log(uniform)
+        target = (exponential / exponential.sum(1, keepdim=True)).to(probs.dtype)  # Dirichlet(1): uniform on the simplex
+        return _move_towards(probs, target, self.l1)
 
 
 class Deployed(nn.Module):
@@ -29,4 +267,29 @@ class Deployed(nn.Module):
         return self.defense(x, torch.softmax(self.classifier(x), dim=1))
 
 
-DEFENSES: dict[str, type[nn.Module]] = {"none": NoDefense}
+class Defended(nn.Module):
+    """A defense on top of a graph that already answers probabilities (a deployed `victim.pt`)."""
+
+    def __init__(self, deployed: nn.Module, defense: nn.Module):
+        super().__init__()
+        self.deployed = deployed
+        self.defense = defense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defense(x, self.deployed(x))
+
+
+DEFENSES: dict[str, type[nn.Module]] = {
+    "none": NoDefense,
+    "reverse-sigmoid": ReverseSigmoid,
+    "mad": MAD,
+    "mad-argmax": MADArgmax,
+    "adaptive-misinformation": AdaptiveMisinformation,
+    "grad2": Grad2,
+    "top1": Top1,
+    "rounding": Rounding,
+    "noise": Noise,
+}
+
+# Defenses whose answer keeps the victim's top-1 label (reverse-sigmoid: when the top probability exceeds 1/2).
+ARGMAX_PRESERVING = ("none", "mad-argmax", "top1", "reverse-sigmoid")

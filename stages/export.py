@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.defenses import DEFENSES, Deployed
-from stages import _data, _jit, _victim
+from stages import _data, _defense, _jit, _victim
 from stages._artifacts import UserError, describe_inputs, prepare_output, versions
 
 console = Console(stderr=True)
@@ -29,21 +29,24 @@ def run(
     out: Annotated[Optional[Path], typer.Option(help="Output TorchScript file [default: the victim path with .pt].")] = None,
     data: Annotated[Optional[str], typer.Option(help="Prepared dataset for the check batch [default: the victim's].")] = None,
     defense: Annotated[str, typer.Option(help=f"Posterior defense baked into the graph: {', '.join(DEFENSES)}.")] = "none",
+    defense_param: _defense.DefenseParams = None,
     check_images: Annotated[int, typer.Option(min=1, help="Test images compared scripted vs eager.")] = 256,
 ) -> Path:
     """Script the victim (plus defense) to TorchScript and verify it against the eager model."""
     started = time.time()
-    if defense not in DEFENSES:
-        raise UserError(f"unknown defense {defense!r}; choose from {', '.join(DEFENSES)}")
+    defense_params = _defense.parse(defense, defense_param)
     out = prepare_output(out or Path(victim).with_suffix(".pt"))
     model, info = _victim.load(victim)
     dataset = _data.load(data or _json_param(info, "dataset"), splits=("test",))
     _victim.check_matches(info, dataset)
 
-    deployed = Deployed(model, DEFENSES[defense]()).eval()
+    guard = _defense.build(defense, defense_params, info.arch, len(info.classes), info.input_shape, info.mean, info.std,
+                           victim_h5=victim)
+    deployed = Deployed(model, guard).eval()
     metadata = dict(
         schema="deployed/1", stage="export", arch=info.arch, dataset=info.dataset, classes=info.classes,
         input_shape=list(info.input_shape), mean=info.mean, std=info.std, objective=info.objective, defense=defense,
+        defense_params=defense_params,
         output="probabilities", input_range=[0.0, 1.0], inputs=describe_inputs([victim]),
         victim_provenance=info.provenance, versions=versions(),
     )
@@ -62,7 +65,7 @@ def run(
     table = Table(title=f"export {info.arch} ({info.objective}) on {info.dataset}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("defense", defense)
+    table.add_row("defense", " ".join([defense, *(f"{k}={v:g}" for k, v in defense_params.items())]))
     table.add_row("max |scripted - eager|", f"{delta:.2e} on {len(x)} test images")
     table.add_row("accuracy on that batch", f"{accuracy:.2%}")
     table.add_row("file", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -2,22 +2,25 @@
 
 Reads a prepared dataset; writes weights, per-epoch history and the val-chosen epoch. The default recipe is
 InI's own (SGD lr 0.1, momentum 0.5, wd 1e-3, StepLR 20), so baseline and defense compare like with like.
+`--objective outlier-exposure --ood D` trains the victim Adaptive Misinformation needs (Hendrycks et al., 2019)
+and, in the same run, its misinformation network (Kariyappa & Qureshi, 2020), stored beside the weights.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 import typer
+from torch import nn
 from rich.console import Console
 from rich.table import Table
 
 import models
-from stages import _data, _loop, _victim
+from stages import _data, _defense, _loop, _victim
 from stages._artifacts import UserError, prepare_output
 
 console = Console(stderr=True)
@@ -38,13 +41,21 @@ def run(
     device: _loop.Device = "auto",
     augment: _loop.Augment = None,
     resume: _loop.Resume = False,
+    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
+        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.")] = "ce",
+    ood: Annotated[Optional[str], typer.Option(
+        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.")] = None,
 ) -> Path:
-    """Train an undefended victim with cross-entropy; choose the epoch on val."""
+    """Train an undefended victim with cross-entropy (or outlier exposure); choose the epoch on val."""
     started = time.time()
     params = dict(locals())
     params.pop("started")
     if arch not in models.MODELS:
         raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
+    if objective == "outlier-exposure" and ood is None:
+        raise UserError("--objective outlier-exposure needs --ood DATASET")
+    if objective == "ce" and ood is not None:
+        raise UserError("--ood only applies to --objective outlier-exposure")
     out = prepare_output(out)
     data = _data.load(dataset)
     recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
@@ -59,11 +70,68 @@ def run(
         loss.backward()
         return {"loss": loss.detach()}
 
-    result = _loop.fit(model, data, step, recipe, out, _loop.fingerprint(params), resume, title="train")
-    _victim.save(out, model, arch, data, "ce", result, "train", params, [data.path], seed, started)
+    if objective == "ce":
+        result = _loop.fit(model, data, step, recipe, out, _loop.fingerprint(params), resume, title="train")
+        _victim.save(out, model, arch, data, "ce", result, "train", params, [data.path], seed, started)
+    else:
+        ood_data = _data.load(ood, splits=("train",))
+        params["ood"] = str(ood_data.path)
+        pair = _WithMisinformation(model, _victim.build_for(arch, data)).to(recipe.device)
+        ood_step, begin_epoch = _outlier_exposure(pair, _data.fit_images(ood_data.splits["train"][0], data.shape), recipe)
+        result = _loop.fit(pair, data, ood_step, recipe, out, _loop.fingerprint(params), resume,
+                           begin_epoch=begin_epoch, title="train (outlier exposure)")
+        _victim.save(out, pair.victim, arch, data, objective, result, "train", params, [data.path, ood_data.path], seed,
+                     started, extra={_defense.MISINFORMATION_GROUP: pair.misinformation})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
-    summarise(f"train {arch} on {data.name}", data, result, out)
+    summarise(f"train {arch} on {data.name}" + ("" if objective == "ce" else f" ({objective})"), data, result, out)
     return out
+
+
+OE_WEIGHT = 1.0  # lambda of outlier exposure, as Adaptive Misinformation trains its victim
+
+
+class _WithMisinformation(nn.Module):
+    """The victim and its misinformation network, trained and selected (on the victim's val accuracy) together."""
+
+    def __init__(self, victim: nn.Module, misinformation: nn.Module):
+        super().__init__()
+        self.victim = victim
+        self.misinformation = misinformation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(x)
+
+
+def _outlier_exposure(pair: _WithMisinformation, ood_images: torch.Tensor, recipe: _loop.Recipe):
+    """Step: CE(V(x), y) + lambda * CE(V(x_ood), uniform) for the victim; CE(log(1 - softmax(M(x))), y) for M."""
+    if len(ood_images) == 0:
+        raise UserError("--ood dataset has no training images")
+    ood_images = ood_images.to(recipe.device)
+    order = {"perm": torch.arange(len(ood_images)), "next": 0}
+
+    def begin_epoch(_epoch, gen):
+        order["perm"], order["next"] = torch.randperm(len(ood_images), generator=gen), 0
+
+    def next_ood(n):
+        perm, start = order["perm"], order["next"]
+        idx = perm[(start + torch.arange(n)) % len(perm)]  # cycle when the OOD set is smaller than an epoch
+        order["next"] = (start + n) % len(perm)
+        return _data.to_float(ood_images[idx.to(ood_images.device)])
+
+    def step(x, y, gen):
+        x_ood = next_ood(len(x))
+        if recipe.augment:
+            x_ood = _data.augment_crop_flip(x_ood, gen)
+        benign = F.cross_entropy(pair.victim(x), y)
+        uniform = -torch.log_softmax(pair.victim(x_ood), dim=1).mean()
+        logits = pair.misinformation(x)
+        # log(1 - p_y) = logsumexp over the other classes - logsumexp over all, computed without cancellation
+        others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+        misinformation = -(torch.logsumexp(others, 1) - torch.logsumexp(logits, 1)).mean()
+        (benign + OE_WEIGHT * uniform + misinformation).backward()
+        return {"loss": benign.detach(), "oe_loss": uniform.detach(), "misinformation_loss": misinformation.detach()}
+
+    return step, begin_epoch
 
 
 def summarise(title: str, data: _data.Dataset, result: _loop.Result, out: Path) -> None:

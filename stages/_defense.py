@@ -1,0 +1,77 @@
+"""Build a posterior defense from `--defense NAME --defense-param KEY=VALUE ...`, shared by `export` and `steal`.
+
+Parameters are validated against the defense's `PARAMS` (unknown keys, non-numbers and out-of-range values are
+user errors); victim-side inputs (`NEEDS`: a random-init proxy of the victim's architecture, the misinformation
+network stored in victim.h5, the class count, the input shape) are supplied here, never by the user.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional, Sequence
+
+import torch
+import typer
+from torch import nn
+
+import models
+from models.defenses import DEFENSES
+from stages import _params
+from stages._artifacts import UserError, load_state, open_artifact
+
+MISINFORMATION_GROUP = "misinformation"
+
+DefenseName = Annotated[str, typer.Option(help=f"Posterior defense: {', '.join(DEFENSES)}.")]
+DefenseParams = Annotated[Optional[list[str]], typer.Option(
+    "--defense-param", metavar="KEY=VALUE",
+    help=f"Defense parameter, repeatable. Defaults: {_params.describe(DEFENSES)}.")]
+
+
+def parse(name: str, pairs: Optional[Sequence[str]]) -> dict[str, float | int]:
+    """Every parameter of the defense, with the user's values checked and the rest at their defaults."""
+    if name not in DEFENSES:
+        raise UserError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+    return _params.parse(f"defense {name!r}", "--defense-param", DEFENSES[name].PARAMS, pairs)
+
+
+def random_proxy(arch: str, num_classes: int, input_shape: Sequence[int], mean, std, seed: int) -> models.Classifier:
+    """A randomly initialised network of the victim's architecture, the same for the same seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return models.build_model(arch, num_classes, input_shape[0], input_shape[1], mean, std).eval()
+
+
+def load_misinformation(victim_h5: Optional[Path], arch: str, num_classes: int, input_shape, mean, std) -> models.Classifier:
+    if victim_h5 is None or Path(victim_h5).suffix not in (".h5", ".hdf5"):
+        raise UserError("adaptive-misinformation needs the misinformation network stored in victim.h5: "
+                        "give the .h5 victim (a victim.pt can only carry it baked in by `export`)")
+    with open_artifact(victim_h5, "victim") as f:
+        if MISINFORMATION_GROUP not in f:
+            raise UserError(f"{victim_h5}: no misinformation network; train the victim with "
+                            "`train --objective outlier-exposure --ood DATASET`")
+        state = load_state(f[MISINFORMATION_GROUP])
+    net = models.build_model(arch, num_classes, input_shape[0], input_shape[1], mean, std)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{victim_h5}: the misinformation weights do not fit a {arch} for {list(input_shape)}") from None
+    return net.eval()
+
+
+def build(name: str, params: dict, arch: str, num_classes: int, input_shape: Sequence[int], mean, std,
+          victim_h5: Optional[Path] = None) -> nn.Module:
+    """Instantiate DEFENSES[name] with `params` (from `parse`) and the victim-side inputs it needs."""
+    cls = DEFENSES[name]
+    kwargs = {k: v for k, v in params.items() if k != "seed" or "proxy" not in cls.NEEDS}
+    for need in cls.NEEDS:
+        if need == "proxy":
+            kwargs["proxy"] = random_proxy(arch, num_classes, input_shape, mean, std, int(params["seed"]))
+        elif need == "misinformation":
+            kwargs["misinformation"] = load_misinformation(victim_h5, arch, num_classes, input_shape, mean, std)
+        elif need == "num_classes":
+            kwargs["num_classes"] = num_classes
+        elif need == "input_shape":
+            kwargs["input_shape"] = tuple(input_shape)
+        else:
+            raise AssertionError(f"defense {name} needs unknown input {need!r}")
+    return cls(**kwargs).eval()

@@ -1,0 +1,53 @@
+"""`KEY=VALUE` parameters of registry entries (`--defense-param`, `--attack-param`), checked against a spec."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+from stages._artifacts import UserError
+
+
+class Param(NamedTuple):
+    """One parameter: default, allowed closed range, int or float, help."""
+
+    default: float
+    low: float
+    high: float
+    integer: bool
+    help: str
+
+
+def describe(registry: dict) -> str:
+    """`name (key=default, ...)` for every entry whose class has `PARAMS`: the --help text of the flag."""
+    parts = []
+    for name, cls in registry.items():
+        keys = ", ".join(f"{k}={p.default:g}" for k, p in cls.PARAMS.items())
+        parts.append(f"{name} ({keys})" if keys else name)
+    return "; ".join(parts)
+
+
+def parse(owner: str, flag: str, specs: dict[str, Param], pairs: Optional[Sequence[str]]) -> dict[str, float | int]:
+    """Every parameter in `specs`, the user's values checked (known key, number, integer, in range), the rest defaulted."""
+    values: dict[str, float | int] = {k: (int(p.default) if p.integer else float(p.default)) for k, p in specs.items()}
+    seen = set()
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"{flag} {pair!r}: expected KEY=VALUE")
+        if key not in specs:
+            raise UserError(f"{owner} has no parameter {key!r} (its parameters: {', '.join(specs) or 'none'})")
+        if key in seen:
+            raise UserError(f"{flag} {key} given twice")
+        seen.add(key)
+        spec = specs[key]
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError(f"{flag} {key}={text}: not a number") from None
+        if not (spec.low <= value <= spec.high):  # also rejects nan
+            raise UserError(f"{flag} {key}={text}: must be in [{spec.low:g}, {spec.high:g}]")
+        if spec.integer and value != int(value):
+            raise UserError(f"{flag} {key}={text}: must be an integer")
+        values[key] = int(value) if spec.integer else value
+    return values

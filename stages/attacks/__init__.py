@@ -1,0 +1,28 @@
+"""Model-stealing attacks, one per file, each a class with one small interface:
+
+    attack = ATTACKS[name](**params)      # params: the attack's PARAMS, from --attack-param KEY=VALUE
+    attack.run(query, thief)              # query(images) -> probabilities | labels; thief: what the thief has
+
+An attack never sees the victim: `query` is its only way to it, and `thief` holds only the thief's own things
+(its surrogate, pool, recipe and seed). Class attributes tell `steal` what to supply: POOL (required, seeds or
+none), LABELS (label modes it accepts, first = default), UINT8_QUERIES (its queries are pool images, so the
+transfer set is stored as uint8), DEFAULT_EPOCHS.
+"""
+
+from __future__ import annotations
+
+from stages.attacks._thief import Query, Thief
+from stages.attacks.adaptive import Adaptive
+from stages.attacks.dfme import DFME
+from stages.attacks.jbda import JBDA, JBDATR
+from stages.attacks.knockoff import Knockoff
+
+ATTACKS: dict[str, type] = {
+    "knockoff": Knockoff,
+    "jbda": JBDA,
+    "jbda-tr": JBDATR,
+    "dfme": DFME,
+    "adaptive": Adaptive,
+}
+
+__all__ = ["ATTACKS", "Query", "Thief"]

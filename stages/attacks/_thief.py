@@ -1,0 +1,103 @@
+"""What an attack is given: the budgeted query callable, and the thief's own surrogate, pool and recipe."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages import _data
+
+
+class Query(Protocol):
+    """The black box: answers for at most `remaining` of the images (probabilities (N, K) or labels (N,))."""
+
+    budget: int
+    label: str
+
+    @property
+    def remaining(self) -> int: ...
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Recipe:
+    """The surrogate's training recipe (KnockoffNets: SGD lr 0.1, momentum 0.9, wd 5e-4, cosine, batch 128)."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class Thief:
+    surrogate: nn.Module  # randomly initialised, the thief's architecture
+    recipe: Recipe
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    generator: torch.Generator  # every random choice of the attack
+    device: str = "cpu"
+    query_batch: int = 500  # images per query call
+    pool: Optional[torch.Tensor] = None  # uint8 (N, C, H, W) at the victim's input shape
+    end_epoch: Callable[[dict[str, float]], None] = field(default=lambda stats: None)  # the stage evaluates here
+
+    def optimizer(self) -> torch.optim.SGD:
+        r = self.recipe
+        return torch.optim.SGD(self.surrogate.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft targets: KL(p_victim || p_surrogate), batch mean; labels: cross-entropy."""
+    if targets.dtype.is_floating_point:
+        return F.kl_div(torch.log_softmax(logits, 1), targets, reduction="batchmean")
+    return F.cross_entropy(logits, targets)
+
+
+def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int) -> None:
+    """Fit thief.surrogate on a transfer set for `epochs` (cosine schedule); `thief.end_epoch` after each epoch.
+
+    `images`: uint8 (pool images) or float in [0, 1]; `targets`: probabilities (N, K) or labels (N,).
+    """
+    model, recipe = thief.surrogate, thief.recipe
+    optimizer = thief.optimizer()
+    n = len(images)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(recipe.lr, epoch, epochs)
+        model.train()
+        total, steps = 0.0, 0
+        for idx in _data.batches(n, recipe.batch_size, thief.generator, drop_last=n > recipe.batch_size):
+            if len(idx) < 2:  # one image cannot train BatchNorm; only a one-query transfer set has such a batch
+                continue
+            x = images[idx].to(thief.device)
+            x = _data.to_float(x) if x.dtype == torch.uint8 else x
+            loss = loss_fn(model(x), targets[idx].to(thief.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        model.eval()
+        thief.end_epoch({"train_loss": total / max(1, steps), "lr": optimizer.param_groups[0]["lr"]})
+
+
+def ask(query: Query, images: torch.Tensor, batch: int):
+    """Query `images` in batches of `batch`; yield (start, answers) until done or the budget ends (short answers)."""
+    for start in range(0, len(images), batch):
+        if query.remaining <= 0:
+            return
+        chunk = images[start : start + batch]
+        answers = query(_data.to_float(chunk) if chunk.dtype == torch.uint8 else chunk)
+        yield start, answers
+        if len(answers) < len(chunk):
+            return

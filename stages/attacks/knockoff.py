@@ -1,0 +1,33 @@
+"""KnockoffNets (Orekondy et al., 2019), random strategy: query `budget` pool images, then train the surrogate
+on the answers (soft: KL(p_victim || p_surrogate); hard: cross-entropy)."""
+
+from __future__ import annotations
+
+import torch
+
+from stages._params import Param
+from stages.attacks._thief import Query, Thief, ask, train_surrogate
+
+
+class Knockoff:
+    PARAMS: dict[str, Param] = {}
+    POOL = "required"
+    LABELS = ("soft", "hard")
+    UINT8_QUERIES = True
+    DEFAULT_EPOCHS = 50
+
+    def planned_epochs(self, epochs: int) -> int:
+        return epochs
+
+    def run(self, query: Query, thief: Thief) -> None:
+        pool = thief.pool
+        n = min(query.remaining, len(pool))
+        order = torch.randperm(len(pool), generator=thief.generator)[:n]
+        images = pool[order]  # one preallocated copy: the transfer set grows linearly, never by concatenation
+        soft = query.label == "soft"
+        targets = torch.empty((n, thief.num_classes) if soft else (n,), dtype=torch.float32 if soft else torch.long)
+        filled = 0
+        for start, answers in ask(query, images, thief.query_batch):
+            targets[start : start + len(answers)] = answers.cpu()
+            filled = start + len(answers)
+        train_surrogate(thief, images[:filled], targets[:filled], thief.recipe.epochs)

@@ -1,0 +1,200 @@
+"""Steal a victim as a thief would: through a budgeted black box, optionally behind a posterior defense, with
+KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack (INI_SPEC §3-§4).
+
+Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
+accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import models
+from stages import _blackbox, _data, _defense, _loop, _params
+from stages._artifacts import UserError, prepare_output, save_history, save_state, write_artifact
+from stages.attacks import ATTACKS
+from stages.attacks._thief import Recipe, Thief
+
+console = Console(stderr=True)
+LENET_LR = 0.03  # measured: a LeNet-5 surrogate (no BatchNorm) at 0.1 / momentum 0.9 predicts one class (11.35%)
+
+
+def run(
+    victim: Annotated[Path, typer.Option(
+        help="victim.h5, or a deployed victim.pt (TorchScript: only load files you trust).")] = Path("artifacts/victim.h5"),
+    attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.")] = "knockoff",
+    budget: Annotated[int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).")] = 50_000,
+    label: Annotated[Optional[Literal["soft", "hard"]], typer.Option(
+        help="What the black box answers: probabilities or top-1 labels (default: the attack's).")] = None,
+    pool: Annotated[Optional[str], typer.Option(
+        help="The thief's images, a prepared dataset (.h5) or name: knockoff and adaptive query it, jbda takes its "
+             "seeds from it (default: the victim's train split).")] = None,
+    pool_split: Annotated[Literal["train", "val", "test"], typer.Option(help="Split of --pool used.")] = "train",
+    convert: Annotated[bool, typer.Option(help="Resize / convert pool images to the victim's input shape.")] = True,
+    arch: Annotated[Optional[str], typer.Option(
+        help=f"Surrogate architecture: {', '.join(models.MODELS)} (default: the victim's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Surrogate epochs; jbda: per round; dfme: budget slices (default: the attack's).")] = None,
+    batch_size: _loop.BatchSize = 128,
+    lr: Annotated[Optional[float], typer.Option(
+        min=0.0, help="SGD learning rate (default: KnockoffNets' 0.1, but 0.03 for a lenet5 surrogate, which "
+                      "collapses to one class at 0.1 with momentum 0.9).")] = None,
+    momentum: _loop.Momentum = 0.9,
+    weight_decay: _loop.WeightDecay = 5e-4,
+    query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.")] = 500,
+    attack_param: Annotated[Optional[list[str]], typer.Option(
+        "--attack-param", metavar="KEY=VALUE",
+        help=f"Attack parameter, repeatable. Defaults: {_params.describe(ATTACKS)}.")] = None,
+    defense: _defense.DefenseName = "none",
+    defense_param: _defense.DefenseParams = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="The victim's dataset, for its test split (default: the one it was trained on).")] = None,
+    out: Annotated[Path, typer.Option(help="Output surrogate HDF5.")] = Path("artifacts/surrogate.h5"),
+    seed: _loop.Seed = 0,
+    device: _loop.Device = "auto",
+) -> Path:
+    """Steal the victim through a budgeted black box and write the surrogate and the transfer set."""
+    started = time.time()
+    params = dict(locals())
+    params.pop("started")
+    if budget < 1:
+        raise UserError(f"--budget must be at least 1, got {budget}")
+    if attack not in ATTACKS:
+        raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
+    kind = ATTACKS[attack]
+    attack_params = _params.parse(f"attack {attack!r}", "--attack-param", kind.PARAMS, attack_param)
+    defense_params = _defense.parse(defense, defense_param)
+    label = label or kind.LABELS[0]
+    if label not in kind.LABELS:
+        raise UserError(f"{attack} needs --label {' or '.join(kind.LABELS)}")
+    if kind.POOL == "none" and pool is not None:
+        raise UserError(f"{attack} is data-free: it takes no --pool")
+    if kind.POOL == "required" and pool is None:
+        raise UserError(f"{attack} needs --pool: a prepared dataset or a dataset name")
+    if arch is not None and arch not in models.MODELS:
+        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
+    out = prepare_output(out)
+    device = _loop.pick_device(device)
+
+    graph, info = _blackbox.open_victim(victim, device)
+    answering = _blackbox.defend(graph, info, defense, defense_params, device)
+    needs_train = kind.POOL == "seeds" and pool is None
+    victim_data = _data.load(data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
+    if (victim_data.name, tuple(victim_data.shape), victim_data.num_classes) != (info.dataset, tuple(info.input_shape),
+                                                                              len(info.classes)):
+        raise UserError(f"victim {victim} was trained on {info.dataset} {list(info.input_shape)} "
+                        f"({len(info.classes)} classes), not on {victim_data.path} ({victim_data.name} "
+                        f"{list(victim_data.shape)})")
+    inputs = [victim, victim_data.path]
+    images = None
+    if pool is not None:
+        pool_data = _data.load(pool, splits=(pool_split,))
+        images = pool_data.splits[pool_split][0]
+        if tuple(images.shape[1:]) != tuple(info.input_shape):
+            if not convert:
+                raise UserError(f"pool {pool_data.path} holds {list(images.shape[1:])} images but the victim takes "
+                                f"{list(info.input_shape)}; drop --no-convert to resize them")
+            images = _data.fit_images(images, info.input_shape)
+        inputs.append(pool_data.path)
+        params["pool"] = str(pool_data.path)
+    elif needs_train:
+        images = victim_data.splits["train"][0]
+    if images is not None and len(images) == 0:
+        raise UserError(f"the pool ({pool or 'victim train split'}) holds no images")
+
+    arch = arch or info.arch
+    if lr is None:
+        lr = LENET_LR if arch == "lenet5" else 0.1
+    recipe = Recipe(epochs or kind.DEFAULT_EPOCHS, batch_size, lr, momentum, weight_decay)
+    runner = kind(**attack_params)
+    params.update(victim=str(victim), lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
+                  epochs=recipe.epochs, data=str(victim_data.path), device=device)
+    c, h, _ = info.input_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        surrogate = models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)
+
+    test_x, test_y = victim_data.splits["test"]
+    test_float = _data.to_float(test_x)
+    victim_top1 = _blackbox.predict(graph, test_float, device).argmax(1).cpu()
+    defended_top1 = _blackbox.predict(answering, test_float, device).argmax(1).cpu()
+    victim_accuracy = float((victim_top1 == test_y).float().mean())
+    defended_accuracy = float((defended_top1 == test_y).float().mean())
+
+    history: dict[str, list[float]] = {}
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+    with write_artifact(out, "surrogate", "steal", params, inputs, seed, started) as f, progress:
+        queries_task = progress.add_task("queries", total=budget, info="")
+        epochs_task = progress.add_task("surrogate epochs", total=runner.planned_epochs(recipe.epochs), info="")
+        box = _blackbox.BlackBox(answering, budget, label, info.input_shape, len(info.classes), device,
+                                 f.create_group("transfer"), kind.UINT8_QUERIES,
+                                 on_answer=lambda n: progress.advance(queries_task, n))
+
+        def end_epoch(stats: dict[str, float]) -> None:
+            was_training = surrogate.training
+            predicted = _blackbox.predict(surrogate.eval(), test_float, device).argmax(1).cpu()
+            surrogate.train(was_training)
+            row = {"stealing_accuracy": float((predicted == test_y).float().mean()),
+                   "fidelity": float((predicted == victim_top1).float().mean()), "queries": float(box.used), **stats}
+            for key, value in row.items():
+                history.setdefault(key, []).append(float(value))
+            text = f"stealing {row['stealing_accuracy']:.4f} fidelity {row['fidelity']:.4f}"
+            progress.update(epochs_task, advance=1, info=text)
+            console.log(f"epoch {len(history['queries'])} queries {box.used:,} loss {stats.get('train_loss', float('nan')):.4g} {text}")
+
+        generator = torch.Generator().manual_seed(seed)
+        thief = Thief(surrogate, recipe, len(info.classes), tuple(info.input_shape), generator, device, query_batch,
+                      images, end_epoch)
+        try:
+            runner.run(box, thief)
+        except _blackbox.BudgetExhausted:
+            pass  # the attack asked past its budget: it is over, and what it learnt so far stands
+        if not history:
+            end_epoch({})
+        box.close()
+        final, best = history["stealing_accuracy"][-1], max(history["stealing_accuracy"])
+        summary = dict(
+            stealing_accuracy=final, fidelity=history["fidelity"][-1], max_stealing_accuracy=best,
+            max_stealing_epoch=history["stealing_accuracy"].index(best) + 1, victim_accuracy=victim_accuracy,
+            defended_accuracy=defended_accuracy, relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0,
+            queries=box.used, budget=budget)
+        f.attrs.update(summary)
+        f.attrs.update(attack=attack, label=label, defense=defense, arch=arch, dataset=info.dataset,
+                       attack_params=json.dumps(attack_params), defense_params=json.dumps(defense_params),
+                       classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
+                       std=info.std, victim_sha256=info.sha256, baked_defense=info.baked_defense,
+                       eval_split="test", eval_images=len(test_y),
+                       max_stealing_note="max over epochs on the test split: peeks at test, not a headline")
+        save_state(f.create_group("weights"), surrogate.state_dict())
+        save_history(f.create_group("history"), history)
+    shown = defense if info.baked_defense == "none" else f"{info.baked_defense} (baked into {Path(victim).name})"
+    _summarise(attack, label, shown, defense_params, summary, out, time.time() - started)
+    return out
+
+
+def _summarise(attack: str, label: str, defense: str, defense_params: dict, s: dict, out: Path, seconds: float) -> None:
+    table = Table(title=f"steal: {attack} ({label} labels) against {defense}", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    if defense_params:
+        table.add_row("defense parameters", " ".join(f"{k}={v:g}" for k, v in defense_params.items()))
+    table.add_row("queries", f"{s['queries']:,} / {s['budget']:,}")
+    table.add_row("stealing accuracy (final)", f"{s['stealing_accuracy']:.2%}")
+    table.add_row("max over epochs (test-peeking)", f"{s['max_stealing_accuracy']:.2%} at epoch {s['max_stealing_epoch']}")
+    table.add_row("fidelity (final)", f"{s['fidelity']:.2%}")
+    table.add_row("victim benign accuracy", f"{s['victim_accuracy']:.2%}")
+    table.add_row("behind the defense", f"{s['defended_accuracy']:.2%}")
+    table.add_row("relative accuracy", f"{s['relative_accuracy']:.3f}")
+    table.add_row("time", f"{seconds:.1f} s")
+    table.add_row("surrogate", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
+    console.print(table)

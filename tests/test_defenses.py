@@ -1,0 +1,242 @@
+"""Every posterior defense: stays on the simplex, keeps the argmax where it promises to, respects its L1 budget,
+scripts to TorchScript identically, matches a golden value, and rejects bad parameters."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+from typer.testing import CliRunner
+
+import cli
+from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, greedy_mass_move
+from stages import _defense, _jit, prepare, train
+from stages._artifacts import UserError
+
+SHAPE = (1, 28, 28)
+K = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(name: str, pairs=()) -> torch.nn.Module:
+    if name == "adaptive-misinformation":  # its network comes from victim.h5; any network shows the maths
+        params = _defense.parse(name, pairs)
+        return AdaptiveMisinformation(_defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1), **params).eval()
+    return _defense.build(name, _defense.parse(name, pairs), "lenet5", K, SHAPE, [0.5], [0.25])
+
+
+def batch(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and posteriors from confident to flat, plus exact one-hot and uniform rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=g)
+    temperature = torch.logspace(-1, 1.3, n)[:, None]
+    p = torch.softmax(torch.randn(n, K, generator=g) * temperature, 1)
+    p[0] = torch.nn.functional.one_hot(torch.tensor(3), K).float()
+    p[1] = 1.0 / K
+    return x, p
+
+
+@pytest.mark.parametrize("name", list(DEFENSES))
+def test_keeps_the_simplex(name):
+    x, p = batch()
+    with torch.no_grad():
+        out = make(name)(x, p)
+    assert out.shape == p.shape and torch.isfinite(out).all()
+    assert out.min() >= 0
+    torch.testing.assert_close(out.sum(1), torch.ones(len(p)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ARGMAX_PRESERVING)
+def test_preserves_the_argmax(name):
+    x, p = batch(256)
+    p, x = p[2:], x[2:]  # the one-hot and the uniform rows have no unique argmax to keep
+    with torch.no_grad():
+        out = make(name)(x, p)
+    keep = p.max(1).values > 0.5 if name == "reverse-sigmoid" else torch.ones(len(p), dtype=torch.bool)
+    assert keep.sum() > 50
+    assert torch.equal(out[keep].argmax(1), p[keep].argmax(1))
+
+
+def test_untargeted_mad_changes_answers():
+    x, p = batch()
+    with torch.no_grad():
+        out = make("mad")(x, p)
+    assert (out.argmax(1) != p.argmax(1)).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("name,key", [("mad", "eps"), ("mad-argmax", "eps"), ("grad2", "eps"), ("noise", "l1")])
+@pytest.mark.parametrize("budget", [0.0, 0.3, 1.1])
+def test_respects_its_l1_budget(name, key, budget):
+    x, p = batch()
+    with torch.no_grad():
+        out = make(name, [f"{key}={budget}"])(x, p)
+    distance = (out - p).abs().sum(1)
+    assert distance.max() <= budget + 1e-5
+    if budget > 0:
+        assert distance.max() >= budget - 1e-4  # a budget that is never spent is not a defense
+
+
+@pytest.mark.parametrize("name", list(DEFENSES))
+def test_scripts_and_matches_eager(name):
+    defense = make(name)
+    x, p = batch(32)
+    scripted = _jit.script(defense)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, p), defense(x, p), atol=1e-6, rtol=0)
+
+
+GOLDEN = {
+    "none": [0.7462, 0.101, 0.0613, 0.0372, 0.0225, 0.0137, 0.0083, 0.005, 0.003, 0.0018],
+    "reverse-sigmoid": [0.2949, 0.0785, 0.0704, 0.0683, 0.0699, 0.0734, 0.0781, 0.0834, 0.0888, 0.0943],
+    "mad": [0.335, 0.0453, 0.0275, 0.0167, 0.0101, 0.0061, 0.0037, 0.0023, 0.0014, 0.5518],
+    "mad-argmax": [0.501, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.499],
+    "adaptive-misinformation": [0.1025, 0.0983, 0.1058, 0.0976, 0.094, 0.0978, 0.1078, 0.0955, 0.0889, 0.1118],
+    "grad2": [0.2462, 0.101, 0.0613, 0.0372, 0.0225, 0.0137, 0.0083, 0.005, 0.003, 0.5018],
+    "top1": [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    "rounding": [0.75, 0.1, 0.06, 0.04, 0.02, 0.01, 0.01, 0.01, 0.0, 0.0],
+    "noise": [0.5187, 0.0785, 0.0749, 0.066, 0.0535, 0.1026, 0.0509, 0.0419, 0.0101, 0.0029],
+}
+
+
+@pytest.mark.parametrize("name", list(DEFENSES))
+def test_golden_value(name):
+    assert set(GOLDEN) == set(DEFENSES)
+    x = torch.linspace(0, 1, 784).view(1, *SHAPE)
+    p = torch.softmax(torch.tensor([[3.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -2.5, -3.0]]), 1)
+    defense = make(name, ["tau=0.9"] if name == "adaptive-misinformation" else [])
+    with torch.no_grad():
+        out = defense(x, p)[0]
+    torch.testing.assert_close(out, torch.tensor(GOLDEN[name]), atol=1e-4, rtol=0)
+
+
+def test_grad2_greedy_is_the_exact_optimum():
+    """The greedy mass move equals the linear program min c.y~ s.t. simplex, |y~ - y|_1 <= eps."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        y = torch.softmax(torch.randn(1, 6, generator=g) * 2, 1).double()
+        cost = torch.randn(1, 6, generator=g).double()
+        eps = float(torch.rand(1, generator=g)) * 2
+        greedy = greedy_mass_move(y, cost, eps / 2)
+        # variables [y~ (6), t (6)] with t >= |y~ - y|
+        n = 6
+        c = np.concatenate([cost[0].numpy(), np.zeros(n)])
+        eye = np.eye(n)
+        a_ub = np.block([[eye, -eye], [-eye, -eye], [np.zeros((1, n)), np.ones((1, n))]])
+        b_ub = np.concatenate([y[0].numpy(), -y[0].numpy(), [eps]])
+        a_eq = np.concatenate([np.ones(n), np.zeros(n)])[None]
+        lp = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0], bounds=[(0, None)] * (2 * n))
+        assert lp.status == 0
+        assert float((greedy * cost).sum()) == pytest.approx(lp.fun, abs=1e-7)  # the LP solver's own tolerance
+        assert float((greedy - y).abs().sum()) <= eps + 1e-9
+
+
+def test_adaptive_misinformation_switches_on_confidence():
+    x, p = batch()
+    defense = make("adaptive-misinformation", ["tau=0.5"])
+    with torch.no_grad():
+        out = defense(x, p)
+        misinformation = torch.softmax(defense.misinformation(x), 1)
+    confident, doubtful = p.max(1).values > 0.51, p.max(1).values < 0.49
+    assert confident.any() and doubtful.any()
+    torch.testing.assert_close(out[confident], p[confident], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[doubtful], misinformation[doubtful], atol=1e-4, rtol=0)
+
+
+def test_rounding_keeps_k_decimals():
+    x, p = batch()
+    with torch.no_grad():
+        out = make("rounding", ["decimals=1"])(x, p)
+    assert torch.allclose(out * 10, torch.round(out * 10), atol=1e-5)
+
+
+def test_noise_is_seeded_per_image():
+    x, p = batch()
+    with torch.no_grad():
+        a, b = make("noise")(x, p), make("noise")(x, p)
+        c = make("noise", ["seed=1"])(x, p)
+        shifted = make("noise")(x.roll(1, 0), p)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a, shifted)
+
+
+@pytest.mark.parametrize("name,pairs,message", [
+    ("mad", ["eps=-0.1"], "must be in"),
+    ("mad", ["eps=nan"], "must be in"),
+    ("mad", ["foo=1"], "no parameter 'foo'"),
+    ("top1", ["eps=1"], "no parameter 'eps'"),
+    ("rounding", ["decimals=1.5"], "must be an integer"),
+    ("noise", ["l1"], "expected KEY=VALUE"),
+    ("noise", ["l1=x"], "not a number"),
+    ("mad", ["eps=1", "eps=2"], "given twice"),
+    ("fancy", [], "unknown defense"),
+])
+def test_bad_parameters_are_user_errors(name, pairs, message):
+    with pytest.raises(UserError, match=message):
+        _defense.parse(name, pairs)
+
+
+@pytest.fixture(scope="module")
+def oe_victim(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("oe")
+    digits = prepare.run(dataset="sklearn-digits", out=root / "digits.h5", limit=400)
+    ood = prepare.run(dataset="sklearn-digits", out=root / "ood.h5", size=14, limit=200, seed=1)
+    plain = train.run(dataset=str(digits), out=root / "plain.h5", epochs=1, device="cpu")
+    oe = train.run(dataset=str(digits), out=root / "oe.h5", epochs=1, device="cpu", objective="outlier-exposure",
+                   ood=str(ood))
+    return plain, oe
+
+
+def test_export_bakes_networks_into_one_graph(oe_victim, tmp_path):
+    """MAD's proxy and AM's misinformation network travel inside victim.pt and answer as the eager graph does."""
+    plain, oe = oe_victim
+    runner = CliRunner()
+    for victim, defense in [(oe, "adaptive-misinformation"), (plain, "mad-argmax"), (plain, "grad2")]:
+        out = tmp_path / f"{defense}.pt"
+        result = runner.invoke(cli.app, ["export", "--victim", str(victim), "--out", str(out), "--defense", defense,
+                                         "--defense-param", "tau=0.9" if defense.startswith("adaptive") else "seed=3"])
+        assert result.exit_code == 0, result.output
+        module, metadata = _jit.load(out)
+        assert metadata["defense"] == defense
+        names = {name.split(".")[1] for name, _ in module.named_parameters() if name.startswith("defense.")}
+        assert names == {"misinformation" if defense.startswith("adaptive") else "proxy"}
+
+
+def test_adaptive_misinformation_needs_its_network(oe_victim, tmp_path):
+    plain, _ = oe_victim
+    result = CliRunner().invoke(cli.app, ["export", "--victim", str(plain), "--out", str(tmp_path / "v.pt"),
+                                          "--defense", "adaptive-misinformation"])
+    assert result.exit_code == 1
+    assert "no misinformation network" in result.output
+    assert not (tmp_path / "v.pt").exists()
+
+
+def test_outlier_exposure_step_computes_its_three_terms():
+    """The step's terms are CE, the uniform-target CE on OOD images, and -log(1 - p_y) of the misinformation net."""
+    from stages import _loop
+
+    torch.manual_seed(0)
+    victim = _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 0)
+    misinformation = _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1)
+    pair = train._WithMisinformation(victim, misinformation)
+    ood = torch.randint(0, 256, (8, *SHAPE), dtype=torch.uint8)
+    step, begin_epoch = train._outlier_exposure(pair, ood, _loop.Recipe(augment=False))
+    begin_epoch(0, torch.Generator().manual_seed(0))
+    x, y = torch.rand(4, *SHAPE), torch.tensor([0, 1, 2, 3])
+    terms = step(x, y, torch.Generator())
+    with torch.no_grad():
+        p = torch.softmax(misinformation(x), 1)
+        expected = -torch.log(1 - p[torch.arange(4), y]).mean()
+        drawn = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:4]  # begin_epoch's shuffle
+        uniform = -torch.log_softmax(victim(ood[drawn].float() / 255), 1).mean()
+    torch.testing.assert_close(terms["misinformation_loss"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(terms["loss"], torch.nn.functional.cross_entropy(victim(x), y).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(terms["oe_loss"], uniform, atol=1e-5, rtol=1e-4)
+    assert all(p.grad is not None for p in misinformation.parameters())
