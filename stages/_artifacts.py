@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,10 +65,14 @@ def _check_writable(path: Path) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write {path}: folder {parent} is not writable")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
+    try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, /sys)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: folder {parent} is not writable ({e.strerror})") from None
 
 
 def prepare_output(path: str | Path) -> Path:
@@ -123,8 +128,15 @@ def open_artifact(path: str | Path, kind: str) -> h5py.File:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a {kind} HDF5 file")
+    if path.name.endswith(".partial"):  # an interrupted write is never accepted, whatever it holds
+        raise UserError(f"{path}: unfinished write of an interrupted run; rerun the stage that makes it")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file, expected a {kind} HDF5 file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:1] == b"\x80" or magic == b"PK\x03\x04":  # pickle protocol >= 2, or torch.save's zip of pickles
+        raise UserError(f"{path}: a pickle or torch.save file, not an HDF5 {kind} artifact; "
+                        "pickles can run code, so they are never loaded")
     try:
         f = h5py.File(path, "r")
     except OSError:
@@ -143,6 +155,33 @@ def open_artifact(path: str | Path, kind: str) -> h5py.File:
         f.close()
         raise UserError(f"{path}: schema {schema} is newer than this tool reads ({kind}/{SCHEMA_VERSIONS[kind]})")
     return f
+
+
+MEMINFO = Path("/proc/meminfo")
+
+
+def available_memory() -> int | None:
+    """MemAvailable in bytes, or None where the kernel does not say (no check then)."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Fail early, with one line, when an estimate from shapes exceeds the memory available now,
+    instead of being killed by the kernel hours later. `what` names the job: "reading mnist.h5"."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise UserError(f"{what} needs ~{_size(nbytes)}, only {_size(available)} available; "
+                        "use a smaller budget, pool or --limit, or free memory")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def attr_json(f: h5py.File | h5py.Group, key: str) -> Any:

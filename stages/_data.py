@@ -6,10 +6,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
-from stages._artifacts import UserError, attr_json, open_artifact, sha256
+from stages._artifacts import UserError, attr_json, check_memory, open_artifact, sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -54,22 +55,39 @@ def resolve(dataset: str, auto_prepare: bool = True) -> Path:
 def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     path = resolve(str(dataset))
     with open_artifact(path, "dataset") as f:
-        classes = attr_json(f, "classes")
+        for split in splits:
+            group = f.get(split)
+            if not isinstance(group, h5py.Group) or not all(isinstance(group.get(k), h5py.Dataset) for k in ("images", "labels")):
+                raise UserError(f"{path}: missing split {split!r} (images and labels)")
+        try:
+            classes = attr_json(f, "classes")
+            name = str(f.attrs["name"])
+            mean, std = [float(v) for v in f.attrs["mean"]], [float(v) for v in f.attrs["std"]]
+        except (KeyError, TypeError, ValueError) as e:  # a hand-made or damaged file
+            raise UserError(f"{path}: dataset attributes missing or malformed ({' '.join(str(e).split())})") from None
+        if not isinstance(classes, list) or not classes:
+            raise UserError(f"{path}: attribute classes must be a non-empty list of names")
+        if len(mean) != len(std) or not np.all(np.isfinite(mean + std)) or min(std, default=0.0) <= 0:
+            raise UserError(f"{path}: normalisation constants must be finite with std > 0, got mean {mean} std {std}")
+        check_memory(sum(f[s]["images"].size * f[s]["images"].dtype.itemsize + 8 * f[s]["labels"].size for s in splits),
+                     f"reading {path}")
         loaded = {}
         for split in splits:
-            if split not in f:
-                raise UserError(f"{path}: missing split {split!r}")
             images, labels = f[split]["images"], f[split]["labels"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
                 raise UserError(f"{path}: {split}/images must be uint8 (N, 1|3, H, W), got {images.dtype} {images.shape}")
+            if labels.dtype.kind not in "iu":
+                raise UserError(f"{path}: {split}/labels must be integers, got {labels.dtype}")
             if labels.shape != (images.shape[0],):
                 raise UserError(f"{path}: {split}/labels shape {labels.shape} does not match {images.shape[0]} images")
             x, y = torch.from_numpy(images[()]), torch.from_numpy(labels[()].astype(np.int64))
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(classes)):
                 raise UserError(f"{path}: {split}/labels outside 0..{len(classes) - 1}")
             loaded[split] = (x, y)
-        data = Dataset(path, sha256(path), str(f.attrs["name"]), classes,
-                       [float(v) for v in f.attrs["mean"]], [float(v) for v in f.attrs["std"]], loaded)
+        shapes = {split: list(x.shape[1:]) for split, (x, _) in loaded.items()}
+        if len({tuple(v) for v in shapes.values()}) > 1:
+            raise UserError(f"{path}: splits differ in image shape {shapes}")
+        data = Dataset(path, sha256(path), name, classes, mean, std, loaded)
     if len(data.mean) != data.shape[0]:
         raise UserError(f"{path}: {len(data.mean)} normalisation constants for {data.shape[0]} channels")
     return data

@@ -43,6 +43,8 @@ def load(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict[
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    if path.name.endswith(".partial"):
+        raise UserError(f"{path}: unfinished write of an interrupted run; rerun `export`")
     extra = {METADATA: ""}
     try:
         with _quiet():

@@ -221,10 +221,23 @@ def load_emnist(name: str, split: str, source: Path | None, data_roots: list[Pat
 # ---------------------------------------------------------------------------------------------- CIFAR, SVHN
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR batches hold dicts, lists, strings and numpy arrays; any other global could run code, so refuse it."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: not array data (a pickle that could run code)")
+        return super().find_class(module, name)
+
+
 def _read_pickle(name: str, path: Path) -> dict:
     with _reading(name, path), open(path, "rb") as f:
         # latin1, as torchvision does: the batches were pickled by Python 2.
-        return pickle.load(f, encoding="latin1")
+        return _ArraysOnly(f, encoding="latin1").load()
 
 
 def load_cifar(name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool,

@@ -77,6 +77,9 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
             state = load_state(f["weights"])
         except KeyError as e:
             raise UserError(f"{path}: victim artifact lacks {e}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: weights hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or training diverged")
     model = info.build()
     try:
         model.load_state_dict(state)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stages import _sources
-from stages._artifacts import UserError, prepare_output, write_artifact
+from stages._artifacts import UserError, check_memory, prepare_output, write_artifact
 
 console = Console(stderr=True)
 
@@ -89,6 +89,10 @@ def run(
     if limit is not None:
         train_x, train_y = train_x[:limit], train_y[:limit]
         test_x, test_y = test_x[: max(1, limit // 5)], test_y[: max(1, limit // 5)]
+    shape = (channels or train_x.shape[1], size or train_x.shape[2], size or train_x.shape[3])
+    # The converted arrays plus the split copies taken from them below.
+    check_memory(2 * (len(train_x) + len(test_x)) * int(np.prod(shape)),
+                 f"preparing {len(train_x) + len(test_x):,} {dataset} images of {'x'.join(map(str, shape))}")
     if size is not None or channels is not None:
         train_x = _sources.convert(train_x, size, channels)
         test_x = _sources.convert(test_x, size, channels)
