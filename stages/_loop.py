@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -50,12 +52,63 @@ class Result:
 
 def pick_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
     return device
+
+
+@dataclass
+class Dist:
+    """This process's place in a `torchrun` job (rank 0 of 1 otherwise). Every rank holds the same weights and draws
+    the same random numbers; each takes its shard of every batch; only rank 0 writes files and prints."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of a batch of n (sizes differ by at most one)."""
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (a no-op on one process)."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's tensors, in one message."""
+        if self.world > 1 and tensors:
+            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+            dist.broadcast(flat, 0)
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.data.copy_(part.view_as(t))
+
+
+def distributed(device: str) -> Dist:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU), once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def leave(comm: Dist) -> None:
+    """End a torchrun job cleanly: wait for every rank (rank 0 has written its files), then close the group."""
+    if comm.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -99,6 +152,13 @@ def _write_checkpoint(path, fingerprint, epoch, model, optimizer, modules, best,
 
 
 def _read_checkpoint(path, fingerprint, model, optimizer, modules, device):
+    try:
+        return _read_checkpoint_unchecked(path, fingerprint, model, optimizer, modules, device)
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:  # a damaged or hand-edited checkpoint
+        raise UserError(f"{path}: damaged checkpoint ({' '.join(str(e).split())[:200]}); remove it or drop --resume") from None
+
+
+def _read_checkpoint_unchecked(path, fingerprint, model, optimizer, modules, device):
     with open_artifact(path, "checkpoint") as f:
         if json.loads(f.attrs["params"])["fingerprint"] != fingerprint:
             raise UserError(f"{path}: checkpoint was made with other parameters; remove it or drop --resume")
@@ -127,9 +187,13 @@ def fit(
     diagnostics: Optional[Callable[[], dict[str, float]]] = None,
     title: str = "train",
 ) -> Result:
-    """Train `model` in place; on return it holds the weights of the epoch with the best val accuracy."""
+    """Train `model` in place; on return it holds the weights of the epoch with the best val accuracy.
+
+    Under torchrun every rank runs this loop on its shard of each batch. A step that sums its gradients over ranks
+    itself says so with a true `step.reduces_gradients`; otherwise the loop averages them, as DDP would."""
     device = recipe.device
     modules = modules or {}
+    comm = distributed(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     ckpt = checkpoint_path(out)
     start, best, result = 0, copy.deepcopy(model.state_dict()), Result()
@@ -137,14 +201,21 @@ def fit(
         if not ckpt.exists():
             raise UserError(f"--resume: no checkpoint at {ckpt}")
         start, best, result = _read_checkpoint(ckpt, fingerprint, model, optimizer, modules, device)
-        console.print(f"resumed from {ckpt} after epoch {start}")
+        if comm.main:
+            console.print(f"resumed from {ckpt} after epoch {start}")
+    states = [model.state_dict()] + [m.state_dict() for m in modules.values()]
+    comm.broadcast_([t for state in states for t in state.values() if t.is_floating_point()])
+    if not len(data.splits["train"][1]):
+        raise UserError(f"{data.path}: the train split holds no images")
     train_x, train_y = (t.to(device) for t in data.splits["train"])
     val_x, val_y = data.splits["val"]
     test_x, test_y = data.splits["test"]
     steps_per_epoch = -(-len(train_x) // recipe.batch_size)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not comm.main)
+    reduces = comm.world > 1 and getattr(step, "reduces_gradients", False)
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
     with progress:
         epochs_task = progress.add_task(f"{title} epochs", total=recipe.epochs, completed=start, info="")
         batch_task = progress.add_task("  batches", total=steps_per_epoch, info="")
@@ -161,16 +232,22 @@ def fit(
             progress.reset(batch_task, total=steps_per_epoch)
             for i, idx in enumerate(_data.batches(len(train_x), recipe.batch_size, gen)):
                 x = _data.to_float(train_x[idx.to(device)])
-                if recipe.augment:
+                if recipe.augment:  # before sharding, so every rank draws the same numbers
                     x = _data.augment_crop_flip(x, gen)
+                y = train_y[idx.to(device)]
+                if comm.world > 1:
+                    x, y = x[comm.shard(len(x))], y[comm.shard(len(y))]
                 optimizer.zero_grad(set_to_none=True)
-                terms = step(x, train_y[idx.to(device)], gen)
+                terms = step(x, y, gen)
+                if comm.world > 1 and not reduces:
+                    _average_gradients(model, terms, comm)
                 values = {k: float(v) for k, v in terms.items()}
                 if not all(np.isfinite(v) for v in values.values()):
                     bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
                     kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint written yet"
                     raise UserError(f"training diverged at epoch {epoch + 1} step {i + 1} ({bad}); {kept}")
                 optimizer.step()
+                comm.broadcast_(buffers)  # BatchNorm running statistics: rank 0's, as DDP does
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 progress.advance(batch_task)
@@ -187,13 +264,28 @@ def fit(
             if epoch == 0 or row["val_accuracy"] > result.val_accuracy:
                 result.chosen_epoch, result.val_accuracy, result.test_accuracy = epoch + 1, row["val_accuracy"], row["test_accuracy"]
                 best = copy.deepcopy(model.state_dict())
-            _write_checkpoint(ckpt, fingerprint, epoch + 1, model, optimizer, modules, best, result)
+            if comm.main:
+                _write_checkpoint(ckpt, fingerprint, epoch + 1, model, optimizer, modules, best, result)
             info = f"val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f}"
             progress.update(epochs_task, advance=1, info=info)
-            console.log(f"epoch {epoch + 1}/{recipe.epochs} " + " ".join(
-                f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_")) + f" {info}")
+            if comm.main:
+                console.log(f"epoch {epoch + 1}/{recipe.epochs} " + " ".join(
+                    f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_")) + f" {info}")
     model.load_state_dict(best)
     return result
+
+
+def _average_gradients(model: torch.nn.Module, terms: dict[str, torch.Tensor], comm: Dist) -> None:
+    """Mean of every rank's gradients and logged terms, in one all-reduce (what DDP's buckets do)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    values = [v.detach().reshape(1).to(torch.float64) for v in terms.values()]
+    flat = torch.cat([p.grad.reshape(-1).to(torch.float64) for p in params] + values)
+    comm.sum_(flat).div_(comm.world)
+    parts = flat.split([p.numel() for p in params] + [1] * len(values))
+    for p, part in zip(params, parts):
+        p.grad.copy_(part.view_as(p.grad))
+    for key, part in zip(terms, parts[len(params):]):
+        terms[key] = part[0]
 
 
 def fingerprint(params: dict) -> str:

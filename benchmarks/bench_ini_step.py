@@ -1,0 +1,149 @@
+"""Time a plain SGD step, the reference InI step and the production (fast) InI step side by side, on the same
+MNIST batch (LeNet-5, batch 128, faithful defaults, PCGrad on), with peak memory; optionally full epochs.
+
+    python benchmarks/bench_ini_step.py [--threads 1] [--rounds 7] [--epoch]
+
+Steps are timed in interleaved rounds (plain, reference, fast, plain, ...) so that load from other processes hits
+all three alike; the median round is reported. Peak memory is each step's own, measured in a fresh process
+(the kernel's resident high-water mark, reset after setup). `--epoch` also times one full MNIST epoch of `train`
+and of `train-ini` (the official code: 48 s per InI epoch on our 2-core machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import models  # noqa: E402
+from stages import _data, _ini, _ini_fast  # noqa: E402
+from stages._loop import Dist  # noqa: E402
+
+KINDS = ("plain", "reference", "fast")
+
+
+def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Real MNIST and Fashion-MNIST images when prepared (their blank borders make max-pool ties), else noise."""
+    try:
+        mnist = _data.load(ROOT / "artifacts/data/mnist.h5", splits=("train",)).splits["train"]
+        fashion = _data.load(ROOT / "artifacts/data/fashionmnist.h5", splits=("train",)).splits["train"]
+        return mnist[0][:size], mnist[1][:size], fashion[0][: 8 * size]
+    except Exception:  # noqa: BLE001 - a benchmark still runs without prepared data
+        g = torch.Generator().manual_seed(0)
+        return (torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=g),
+                torch.randint(0, 10, (size,), generator=g), torch.randint(0, 256, (8 * size, 1, 28, 28), dtype=torch.uint8, generator=g))
+
+
+def steps(size: int = 128) -> dict[str, callable]:
+    """One callable per kind: a full optimiser step (zero_grad, gradients, SGD) on the same batch."""
+    images, labels, ood = batch(size)
+    x = _data.to_float(images)
+    torch.manual_seed(0)
+    victim = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081])
+    torch.manual_seed(1)
+    surrogate = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(victim.parameters(), lr=1e-3, momentum=0.5, weight_decay=1e-3)
+    stream = _ini.OodStream(ood, size, False, Dist())
+    gen = torch.Generator().manual_seed(0)
+    stream.begin(gen)
+    ini = {"reference": _ini.ReferenceStep(victim, [surrogate], stream, _ini.Objective(), Dist()),
+           "fast": _ini_fast.FastStep(victim, [surrogate], stream, _ini.Objective(), Dist(), 28)}
+
+    def plain():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(victim(x), labels).backward()
+        optimizer.step()
+
+    def make(step):
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            step(x, labels, gen)
+            optimizer.step()
+        return run
+
+    fns = {"plain": plain, "reference": make(ini["reference"]), "fast": make(ini["fast"])}
+    for fn in fns.values():
+        fn.victim = victim
+    return fns
+
+
+def time_steps(rounds: int, iterations: int) -> dict[str, list[float]]:
+    fns = steps()
+    for fn in fns.values():  # warm-up: first calls pick kernels and allocate
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for kind, fn in fns.items():
+            tic = time.perf_counter()
+            for _ in range(iterations):
+                fn()
+            times[kind].append((time.perf_counter() - tic) / iterations)
+    return times
+
+
+def peak_memory(kind: str, threads: int) -> float:
+    """MB that three steps of `kind` add to resident memory at their peak, in a fresh process: after setup and one
+    warm-up step, the kernel's high-water mark (VmHWM) is reset and read again after the steps."""
+    code = (f"import sys, ctypes, gc, torch; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); torch.set_num_threads({threads});"
+            f"import bench_ini_step as b; fn = b.steps()[{kind!r}]; fn(); gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0);"
+            "status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
+            "before = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
+            "[fn() for _ in range(3)]; print(status('VmHWM') - before)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def time_epochs(threads: int) -> dict[str, float]:
+    """Seconds of one full MNIST epoch (55,000 images) of train and of train-ini, through the CLI."""
+    out = {}
+    for stage, extra in (("train", []), ("train-ini", ["--ood", "fashionmnist", "--diagnostic-images", "0"])):
+        tic = time.time()
+        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), stage, "--dataset", "mnist", "--epochs", "1",
+                                 "--device", "cpu", "--out", f"/tmp/bench_ini_{stage}.h5", *extra], cwd=ROOT,
+                                env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(result.stderr[-2000:])
+        with __import__("h5py").File(f"/tmp/bench_ini_{stage}.h5", "r") as f:
+            out[stage] = float(f["history/epoch_seconds"][0])
+        out[f"{stage} (process)"] = time.time() - tic
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--epoch", action="store_true", help="also time one full MNIST epoch of train and train-ini")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    times = time_steps(args.rounds, args.iterations)
+    median = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    memory = {k: peak_memory(k, args.threads) for k in KINDS}
+    print(f"LeNet-5, MNIST batch 128, {args.threads} thread(s), median of {args.rounds} interleaved rounds x {args.iterations}")
+    print(f"{'step':<10} {'ms':>8} {'min ms':>8} {'x plain':>8} {'peak MB':>8}")
+    for kind in KINDS:
+        print(f"{kind:<10} {median[kind]:8.1f} {min(times[kind]) * 1000:8.1f} {median[kind] / median['plain']:8.2f} "
+              f"{memory[kind]:8.1f}")
+    print(f"reference / fast: {median['reference'] / median['fast']:.2f}x")
+    summary = {"median_ms": median, "peak_mb": memory}
+    if args.epoch:
+        summary["epoch_seconds"] = time_epochs(args.threads)
+        for k, v in summary["epoch_seconds"].items():
+            print(f"epoch {k}: {v:.1f} s")
+    print(json.dumps(summary), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

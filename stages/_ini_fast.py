@@ -1,0 +1,271 @@
+"""The production InI step for LeNet-5: the reference step's maths (`_ini.ReferenceStep`), several times cheaper.
+
+Why it is cheaper. The surrogate C is frozen, so for a batch it is a fixed linear map J (its Jacobian in its
+parameters phi) and the gradient terms are g = J^T u with u = d divergence / d C-logits, a small function of the
+victim's logits. Isolation and vanishing need J^T u (one vector-Jacobian product per term) and, to send their
+gradient back to the victim, J t (one Jacobian-vector product): no second-order autograd graph. `Tape` computes
+both by hand for LeNet-5, which also lets the victim give all its per-term gradients in one batched pass, and
+PCGrad runs on the Gram matrix of those gradients (`_ini.pcgrad_coefficients`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lenet import LeNet5
+from stages import _ini
+from stages._loop import Dist
+
+FINAL_MAP = 5  # LeNet5.resize is an identity exactly when conv2's pooled map is already 5x5
+
+
+def supports(model: nn.Module, image_size: int) -> bool:
+    """A LeNet-5 classifier on images whose pooled conv2 map is 5x5, so that its adaptive pooling is an identity
+    (28x28 and 32x32 inputs)."""
+    net = getattr(model, "net", None)
+    if not isinstance(net, LeNet5) or not hasattr(model, "normalize"):
+        return False
+    size = image_size + 2 * net.conv1.padding[0] - 4
+    return size % 2 == 0 and (size // 2 - 4) // 2 == FINAL_MAP
+
+
+def _quarters(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four corners of every 2x2 window, in max_pool2d's scan order, as strided views."""
+    h, w = t.shape[-2] // 2 * 2, t.shape[-1] // 2 * 2
+    return t[..., 0:h:2, 0:w:2], t[..., 0:h:2, 1:w:2], t[..., 1:h:2, 0:w:2], t[..., 1:h:2, 1:w:2]
+
+
+def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """max_pool2d(relu(h), 2), and per window a 0/1 mask for each corner: 1 at the corner the pool's gradient goes
+    to (the first maximum in scan order, as max_pool2d picks it) when that maximum is positive (relu lets it pass).
+    The masks get a broadcast axis at dim 1 for the stacked tangents and cotangents."""
+    a, b, c, d = _quarters(h)
+    ab, cd = torch.maximum(a, b), torch.maximum(c, d)
+    m = torch.maximum(ab, cd)
+    pos = m > 0
+    top, left_top, left_bottom = ab >= cd, a >= b, c >= d
+    top_pos, bottom_pos = top & pos, ~top & pos
+    masks = [top_pos & left_top, top_pos & ~left_top, bottom_pos & left_bottom, bottom_pos & ~left_bottom]
+    return m.clamp_min(0), [mask.unsqueeze(1).to(h.dtype) for mask in masks]
+
+
+def pool_jvp(t: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    q = _quarters(t)
+    out = q[0] * masks[0]
+    for corner, mask in zip(q[1:], masks[1:]):
+        out.addcmul_(corner, mask)
+    return out
+
+
+def pool_vjp(d: torch.Tensor, masks: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    even = size[0] % 2 == 0 and size[1] % 2 == 0
+    out = (d.new_empty if even else d.new_zeros)(*d.shape[:-2], *size)
+    for corner, mask in zip(_quarters(out), masks):
+        torch.mul(d, mask, out=corner)
+    return out
+
+
+def conv_weight_grad(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """sum_n grad[n] (x) patches of inputs[n]: the weight gradient of a stride-1 conv, as one conv over the batch axis."""
+    return F.conv2d(inputs.transpose(0, 1), grad.transpose(0, 1)).transpose(0, 1)
+
+
+def patches(x: torch.Tensor, kernel: int, padding: int) -> torch.Tensor:
+    """im2col: (N, C, H, W) -> (N, C*k*k, H'*W'), so that conv1 and its derivatives become matrix products (on CPU
+    much faster than a one-channel convolution), computed once per batch for every network that sees it."""
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+    cols = x.unfold(2, kernel, 1).unfold(3, kernel, 1)  # (N, C, H', W', k, k)
+    n, c, h, w = cols.shape[:4]
+    return cols.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel * kernel, h * w)
+
+
+def conv1_all(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Patches of the normalised batch and every model's conv1 pre-activations (N, C, H', W'), in one matrix
+    product; (None, []) when the models normalise or pad differently."""
+    first = models[0]
+    same = all(torch.equal(m.normalize.mean, first.normalize.mean) and torch.equal(m.normalize.std, first.normalize.std)
+               and m.net.conv1.padding == first.net.conv1.padding for m in models)
+    if not same:
+        return None, []
+    conv = first.net.conv1
+    with torch.no_grad():
+        cols = patches(first.normalize(x), conv.kernel_size[0], conv.padding[0])
+        weight = torch.cat([m.net.conv1.weight.detach().flatten(1) for m in models])
+        bias = torch.cat([m.net.conv1.bias.detach() for m in models])
+        h = torch.baddbmm(bias[None, :, None], weight.expand(len(x), -1, -1), cols)
+    c = conv.out_channels
+    side = int(round(cols.shape[-1] ** 0.5))
+    return cols, [h[:, i * c : (i + 1) * c].view(len(x), c, side, side) for i in range(len(models))]
+
+
+class Tape:
+    """A LeNet-5 forward pass on a batch that keeps what the Jacobian J of its logits in its parameters needs:
+    `vjp` gives J^T u for T stacked cotangents (N, T, K) at once, `jvp` gives J t for T stacked tangents.
+    `cols` and `h1` (from `conv1_all`) let networks that see the same batch share its patches."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, cols: torch.Tensor | None = None, h1: torch.Tensor | None = None):
+        net = model.net
+        layers = (net.conv1, net.conv2, net.fc1, net.fc2, net.fc)
+        self.params = [p for layer in layers for p in (layer.weight, layer.bias)]
+        self.w = [p.detach() for p in self.params]
+        W1, b1, W2, b2, W3, b3, W4, b4, W5, b5 = self.w
+        with torch.no_grad():
+            if cols is None:
+                cols, (h1,) = conv1_all([model], x)
+            self.cols = cols
+            self.size1 = h1.shape[-2:]
+            self.m1, self.masks1 = relu_pool(h1)
+            h2 = F.conv2d(self.m1, W2, b2)
+            self.size2 = h2.shape[-2:]
+            m2, self.masks2 = relu_pool(h2)
+            if m2.shape[-2:] != (FINAL_MAP, FINAL_MAP):
+                raise ValueError(f"fast InI step needs a {FINAL_MAP}x{FINAL_MAP} final map, got {tuple(m2.shape[-2:])}")
+            self.f = m2.flatten(1)
+            h3 = torch.addmm(b3, self.f, W3.t())
+            self.g3 = (h3 > 0).to(h3.dtype)
+            self.r3 = h3 * self.g3
+            h4 = torch.addmm(b4, self.r3, W4.t())
+            self.g4 = (h4 > 0).to(h4.dtype)
+            self.r4 = h4 * self.g4
+            self.z = torch.addmm(b5, self.r4, W5.t())
+
+    @torch.no_grad()
+    def vjp(self, dz: torch.Tensor) -> list[torch.Tensor]:
+        """dz (N, T, K) -> per parameter, the T gradients stacked on a leading axis."""
+        W1, _, W2, _, W3, _, W4, _, W5, _ = self.w
+        n, t, _ = dz.shape
+        grads = []
+        d = dz
+        for act, gate, W in ((self.r4, self.g4, W5), (self.r3, self.g3, W4), (self.f, None, W3)):
+            grads += [torch.matmul(d.permute(1, 2, 0), act), d.sum(0)]
+            d = d @ W
+            if gate is not None:
+                d = d * gate[:, None]
+        gW5, gb5, gW4, gb4, gW3, gb3 = grads
+        dh2 = pool_vjp(d.view(n, t, W2.shape[0], FINAL_MAP, FINAL_MAP), self.masks2, self.size2)
+        gW2 = conv_weight_grad(self.m1, dh2.view(n, -1, *self.size2)).reshape(t, *W2.shape)
+        gb2 = dh2.sum((0, 3, 4))
+        dm1 = F.conv_transpose2d(dh2.view(n * t, -1, *self.size2), W2).view(n, t, *self.m1.shape[1:])
+        dh1 = pool_vjp(dm1, self.masks1, self.size1).view(n, t * W1.shape[0], -1)
+        gW1 = torch.bmm(dh1, self.cols.transpose(1, 2)).sum(0).view(t, *W1.shape)
+        gb1 = dh1.sum((0, 2)).view(t, -1)
+        return [gW1, gb1, gW2, gb2, gW3, gb3, gW4, gb4, gW5, gb5]
+
+    @torch.no_grad()
+    def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """tangents: per parameter (T, *shape) -> (N, T, K)."""
+        W1, _, W2, _, W3, _, W4, _, W5, _ = self.w
+        tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4, tW5, tb5 = tangents
+        t, n = tW1.shape[0], self.m1.shape[0]
+        z1 = torch.matmul(tW1.reshape(t * W1.shape[0], -1), self.cols) + tb1.reshape(-1, 1)
+        zm1 = pool_jvp(z1.view(n, t, -1, *self.size1), self.masks1)
+        z2 = F.conv2d(zm1.reshape(n * t, *zm1.shape[2:]), W2).view(n, t, -1, *self.size2)
+        z2 += F.conv2d(self.m1, tW2.reshape(-1, *W2.shape[1:]), tb2.reshape(-1)).view(n, t, -1, *self.size2)
+        z = pool_jvp(z2, self.masks2).flatten(2)
+        for act, gate, W, tW, tb in ((self.f, self.g3, W3, tW3, tb3), (self.r3, self.g4, W4, tW4, tb4),
+                                     (self.r4, None, W5, tW5, tb5)):
+            z = z @ W.t() + torch.matmul(act, tW.transpose(1, 2)).transpose(0, 1) + tb
+            if gate is not None:
+                z = z * gate[:, None]
+        return z
+
+
+def _unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [part.view(1, *p.shape) for part, p in zip(vector.split([p.numel() for p in like]), like)]
+
+
+class FastStep:
+    """`_ini.ReferenceStep`'s maths for a LeNet-5 victim and LeNet-5 surrogates (see the module docstring)."""
+
+    reduces_gradients = True
+
+    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: _ini.OodStream,
+                 objective: _ini.Objective, comm: Dist, image_size: int):
+        if not all(supports(m, image_size) for m in (victim, *surrogates)):
+            raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
+        self.victim, self.surrogates, self.ood, self.objective, self.comm = victim, list(surrogates), ood, objective, comm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        obj, comm, k = self.objective, self.comm, len(self.surrogates)
+        weights = obj.weights()
+        x_ood = self.ood.next(generator)
+        n, n_ood = _ini.global_counts(comm, len(x), len(x_ood))
+        # LeNet-5 has no BatchNorm or dropout: train and eval forwards agree, every bn_mode is the same.
+        nets = [self.victim, *self.surrogates]
+        cols, h1 = conv1_all(nets, x)
+        cols_ood, h1_ood = conv1_all(nets, x_ood)
+        shared = cols is not None
+        tape = Tape(self.victim, x, cols, h1[0] if shared else None)
+        tape_ood = Tape(self.victim, x_ood, cols_ood, h1_ood[0] if shared else None)
+        z = tape.z.requires_grad_()
+        z_ood = tape_ood.z.requires_grad_()
+        terms = {"benign": F.cross_entropy(z, y, reduction="sum") / n}
+        terms.update({t: z.new_zeros(()) for t in _ini.TERMS[1:]})
+        iso_cot, van_cot = torch.zeros_like(z), torch.zeros_like(z_ood)
+        for i, surrogate in enumerate(self.surrogates, 1):
+            s_tape = Tape(surrogate, x, cols, h1[i] if shared else None)
+            s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None)
+            terms["id_distance"] = terms["id_distance"] - _ini.distance_sum(z, s_tape.z, obj.distance) / n / k
+            terms["ood_distance"] = terms["ood_distance"] + _ini.distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k
+            # u = d divergence / d C-logits, kept differentiable in the victim's logits
+            s = s_tape.z.requires_grad_()
+            u = torch.autograd.grad(_ini.divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
+            e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
+            s_ood = s_tape_ood.z.requires_grad_()
+            u_ood = torch.autograd.grad(_ini.divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
+                                        create_graph=True)[0]
+            g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
+            g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
+            sizes = [p.numel() for p in s_tape.w]
+            packed = comm.sum_(torch.cat([torch.cat([g[i].reshape(-1) for g in grads])
+                                          for grads, i in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
+            g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(sizes)))
+            isolation = _ini.cosine(g_adv, g_exp.detach())
+            vanishing = g_van.abs().mean()
+            terms["isolation"] = terms["isolation"] + isolation.detach() / k
+            terms["vanishing"] = terms["vanishing"] + vanishing.detach() / k
+            if weights["isolation"]:
+                t_adv = torch.autograd.grad(isolation, g_adv)[0] * (weights["isolation"] / k)
+                j = s_tape.jvp(_unflatten(t_adv, s_tape.w))[:, 0]
+                iso_cot = iso_cot + torch.autograd.grad(u, z, j, retain_graph=True)[0]
+            if weights["vanishing"]:
+                t_van = torch.autograd.grad(vanishing, g_van)[0] * (weights["vanishing"] / k)
+                j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
+                van_cot = van_cot + torch.autograd.grad(u_ood, z_ood, j)[0]
+
+        # d(weighted term)/d(victim logits), per term; the victim's Jacobian turns them into parameter gradients.
+        cot = {"benign": torch.autograd.grad(terms["benign"], z, retain_graph=True)[0], "isolation": iso_cot,
+               "vanishing": van_cot}
+        for t, logits in (("id_distance", z), ("ood_distance", z_ood)):
+            if weights[t]:
+                cot[t] = torch.autograd.grad(weights[t] * terms[t], logits, retain_graph=True)[0]
+        active = obj.active()
+        on_id = [t for t in active if t in ("benign", "id_distance", "isolation")]
+        on_ood = [t for t in active if t in ("ood_distance", "vanishing")]
+        params = [p for p in self.victim.parameters()]
+        order = {id(p): i for i, p in enumerate(tape.params)}
+        if obj.pcgrad:
+            per_term = {}
+            for part, names in ((tape, on_id), (tape_ood, on_ood)):
+                if names:
+                    grads = part.vjp(torch.stack([cot[t] for t in names], 1))
+                    rows = torch.cat([grads[order[id(p)]].reshape(len(names), -1) for p in params], 1)
+                    per_term.update(zip(names, rows))
+            grads = comm.sum_(torch.stack([per_term[t] for t in active]))
+            coefficients = _ini.pcgrad_coefficients(grads @ grads.t(), generator, obj.reduction)
+            merged = coefficients.to(grads.dtype) @ grads
+        else:
+            merged = 0
+            for part, names in ((tape, on_id), (tape_ood, on_ood)):
+                if names:
+                    grads = part.vjp(sum(cot[t] for t in names)[:, None])
+                    merged = merged + torch.cat([grads[order[id(p)]].reshape(-1) for p in params])
+            merged = _ini.clip_(comm.sum_(merged), obj.max_grad_norm)
+        _ini.set_gradients(params, merged)
+        terms = {t: v.detach() for t, v in terms.items()}
+        return _ini.finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)

@@ -1,0 +1,238 @@
+"""Train a victim with InI, Isolation and Induction (Guo et al., arXiv 2308.00958), and write `victim.h5`.
+
+Reads a prepared dataset and an OOD set (any prepared dataset, converted to the victim's input shape); writes the
+same `victim/1` artifact as `train` (objective "ini"), with per-epoch loss terms and held-out diagnostics.
+Faithful to the official code by default (INI_SPEC §2); the options past `--bn-mode` go beyond the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+
+import models
+from stages import _data, _ini, _ini_fast, _loop, _victim, train
+from stages._artifacts import UserError, prepare_output
+
+console = Console(stderr=True)
+
+# OOD set per victim dataset, best first: the paper's choice, then what `prepare` makes offline.
+DEFAULT_OOD = {
+    "mnist": ("kmnist", "fashionmnist"),
+    "fashionmnist": ("kmnist", "mnist"),
+    "kmnist": ("fashionmnist", "mnist"),
+    "emnist-letters": ("kmnist", "fashionmnist"),
+    "emnist-digits": ("kmnist", "fashionmnist"),
+    "cifar10": ("tinyimagenet", "cifar100", "skimage-patches"),
+    "cifar100": ("tinyimagenet", "cifar10", "skimage-patches"),
+    "svhn": ("tinyimagenet", "cifar10", "skimage-patches"),
+    "tinyimagenet": ("cifar100", "skimage-patches"),
+}
+FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"), 3: ("tinyimagenet", "skimage-patches", "generated")}
+
+# "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
+DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
+
+
+def run(
+    dataset: Annotated[str, typer.Option(help="Prepared dataset (.h5) or dataset name.")] = "mnist",
+    arch: Annotated[str, typer.Option(help=f"Architecture: {', '.join(models.MODELS)}.")] = "lenet5",
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.")] = Path("artifacts/victim-ini.h5"),
+    ood: Annotated[Optional[str], typer.Option(
+        help="OOD set (.h5 or name) for the induction and vanishing terms [default: per dataset, the paper's when "
+             "prepare can make it offline: mnist -> kmnist, else fashionmnist; cifar10 -> tinyimagenet, else "
+             "cifar100, else skimage-patches].")] = None,
+    epochs: _loop.Epochs = 50,
+    batch_size: _loop.BatchSize = 128,
+    lr: _loop.LR = 0.1,
+    momentum: _loop.Momentum = 0.5,
+    weight_decay: _loop.WeightDecay = 1e-3,
+    lr_step: _loop.LRStep = 20,
+    lr_gamma: _loop.LRGamma = 0.1,
+    seed: _loop.Seed = 0,
+    device: _loop.Device = "auto",
+    augment: _loop.Augment = None,
+    resume: _loop.Resume = False,
+    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID distance term.")] = 0.0,
+    gamma: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD induction term.")] = 0.3,
+    delta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID gradient isolation term.")] = 1.0,
+    epsilon: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD gradient vanishing term.")] = 1000.0,
+    distance: Annotated[Literal["l1", "kl"], typer.Option(help="Distance of the ID/OOD distance terms.")] = "l1",
+    pcgrad: Annotated[bool, typer.Option(help="Merge the terms' gradients with PCGrad (else clip at norm 10).")] = True,
+    pcgrad_reduction: Annotated[Literal["mean", "sum"], typer.Option(
+        help="PCGrad over shared parameters: mean (the official code's only reachable choice) or sum.")] = "mean",
+    bn_mode: Annotated[Literal["mixed", "separate", "eval-ood"], typer.Option(
+        help="Victim BatchNorm on OOD batches: mixed (official, test-time statistics blend ID and OOD), separate "
+             "(own batch statistics, running ones ID-only) or eval-ood (running statistics).")] = "mixed",
+    kl_direction: Annotated[Literal["official", "attacker"], typer.Option(
+        help="Divergence of the gradient terms: official KL(p_C||p_V), or attacker KL(p_V||p_C) as soft-label "
+             "thieves train.")] = "official",
+    surrogates: Annotated[int, typer.Option(min=1, help="Frozen random surrogates (an ensemble; terms averaged).")] = 1,
+    surrogate_archs: Annotated[Optional[str], typer.Option(
+        help="Comma-separated surrogate architectures, cycled over --surrogates [default: --arch].")] = None,
+    refresh_every: Annotated[int, typer.Option(min=0, help="Refresh the surrogates every N epochs (0: never).")] = 0,
+    refresh: Annotated[Literal["reinit", "distill"], typer.Option(
+        help="reinit: new random surrogates; distill: train them briefly on the victim's OOD outputs.")] = "reinit",
+    refresh_steps: Annotated[int, typer.Option(min=1, help="SGD steps of one distill refresh.")] = 100,
+    implementation: Annotated[Literal["auto", "fast", "reference"], typer.Option(
+        help="fast (LeNet-5 only, same maths) or reference; auto picks fast when it can.")] = "auto",
+    diagnostic_images: Annotated[int, typer.Option(
+        min=0, help="Val and OOD-test images for the per-epoch diagnostics (0: none).")] = 2048,
+) -> Optional[Path]:
+    """Train a victim with InI (isolation and induction); choose the epoch on val."""
+    started = time.time()
+    params = dict(locals())
+    params.pop("started")
+    if arch not in models.MODELS:
+        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
+    archs = [a.strip() for a in (surrogate_archs or arch).split(",")]
+    for a in archs:
+        if a not in models.MODELS:
+            raise UserError(f"--surrogate-archs: unknown architecture {a!r}; choose from {', '.join(models.MODELS)}")
+    archs = [archs[i % len(archs)] for i in range(surrogates)]
+    out = prepare_output(out)
+    data = _data.load(dataset)
+    ood_data = _data.load(ood or default_ood(data), splits=("train", "test"))
+    if ood_data.sha256 == data.sha256:
+        raise UserError(f"--ood {ood_data.path} is the victim's own dataset; InI needs out-of-distribution images")
+    recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
+                          _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
+    comm = _loop.distributed(recipe.device)
+    objective = _ini.Objective(beta, gamma, delta, epsilon, distance, kl_direction, pcgrad, pcgrad_reduction, bn_mode)
+
+    torch.manual_seed(seed)
+    victim = _victim.build_for(arch, data).to(recipe.device)
+    nets = [build_surrogate(a, data, seed, j).to(recipe.device) for j, a in enumerate(archs)]
+    fresh = [build_surrogate(arch, data, seed, -1).to(recipe.device)]  # never trained against: held-out diagnostics
+    fast = all(_ini_fast.supports(m, data.shape[1]) for m in (victim, *nets))
+    if implementation == "fast" and not fast:
+        raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
+    use_fast = fast and implementation != "reference"
+    params.update(dataset=str(data.path), ood=str(ood_data.path), device=recipe.device.split(":")[0],
+                  augment=recipe.augment, surrogate_archs=archs, processes=comm.world)
+
+    ood_train = _data.fit_images(ood_data.splits["train"][0], data.shape).to(recipe.device)
+    if not len(ood_train):
+        raise UserError(f"{ood_data.path}: the OOD train split holds no images")
+    stream = _ini.OodStream(ood_train, batch_size, recipe.augment, comm)
+    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1]) if use_fast
+            else _ini.ReferenceStep(victim, nets, stream, objective, comm))
+
+    def begin_epoch(epoch: int, gen: torch.Generator) -> None:
+        if refresh_every and epoch and epoch % refresh_every == 0:
+            if refresh == "reinit":
+                for j, (net, a) in enumerate(zip(nets, archs)):
+                    net.load_state_dict(build_surrogate(a, data, seed, j, generation=epoch).state_dict())
+            else:
+                distill(nets, victim, ood_train, refresh_steps, batch_size, gen)
+        stream.begin(gen)
+
+    n_diag = diagnostic_images
+    val_x, val_y = (t[:n_diag] for t in data.splits["val"])
+    ood_test = _data.fit_images(ood_data.splits["test"][0][:n_diag], data.shape)
+
+    def diagnostics() -> dict[str, float]:
+        if not n_diag or not comm.main:  # only rank 0 keeps history
+            return {}
+        row = {}
+        for tag, group in (("", nets), ("_fresh", fresh)):
+            scores = _ini.diagnose(victim, group, val_x, val_y, ood_test, recipe.device, batch_size, kl_direction)
+            row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
+        return row
+
+    modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
+    result = _loop.fit(victim, data, step, recipe, out, _loop.fingerprint(params), resume, modules=modules,
+                       begin_epoch=begin_epoch, diagnostics=diagnostics, title="train-ini")
+    if not comm.main:
+        _loop.leave(comm)
+        return None
+    params["implementation"] = "fast" if use_fast else "reference"
+    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, ood_data.path], seed,
+                 started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
+    _loop.checkpoint_path(out).unlink(missing_ok=True)
+    _loop.leave(comm)
+    train.summarise(f"train-ini {arch} on {data.name} (OOD {ood_data.name})", data, result, out)
+    last = {k: v[-1] for k, v in result.history.items() if k.startswith("diag_")}
+    if last:
+        console.print("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
+    return out
+
+
+def default_ood(data: _data.Dataset) -> str:
+    """The first candidate already prepared, or that `prepare` can make without the network."""
+    from stages import _sources, prepare
+
+    candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
+    for name in candidates:
+        if name == data.name or name not in _sources.DATASETS:
+            continue
+        path = prepare.default_path(name)
+        if path.exists():
+            return str(path)
+        try:
+            prepare.run(dataset=name, out=path, download=False)
+        except UserError as e:
+            console.print(f"OOD candidate {name} unavailable offline ({e}); trying the next")
+            continue
+        return str(path)
+    raise UserError(f"no OOD set for {data.name} could be prepared offline; pass --ood")
+
+
+def surrogate_seed(seed: int, index: int, generation: int = 0) -> int:
+    """Seed of surrogate `index` (-1: the held-out one) in refresh `generation`, derived from --seed."""
+    return (seed * 1_000_003 + 7_919 * (index + 2) + 104_729 * generation) % (2**63)
+
+
+def build_surrogate(arch: str, data: _data.Dataset, seed: int, index: int, generation: int = 0) -> torch.nn.Module:
+    """A randomly initialised network, frozen in eval mode (the paper's 'clone'; our word for it is surrogate)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(surrogate_seed(seed, index, generation))
+        net = _victim.build_for(arch, data)
+    return net.eval().requires_grad_(False)
+
+
+def distill(nets: list[torch.nn.Module], victim: torch.nn.Module, ood_images: torch.Tensor, steps: int,
+            batch_size: int, gen: torch.Generator) -> None:
+    """Train each surrogate for `steps` SGD steps to match the victim's probabilities on OOD images, as a thief
+    querying with OOD data would (soft labels, KL(p_V || p_C)); then freeze it again."""
+    was_training = victim.training
+    victim.eval()
+    for net in nets:
+        net.train().requires_grad_(True)
+        opt = torch.optim.SGD(net.parameters(), lr=DISTILL_LR, momentum=DISTILL_MOMENTUM, weight_decay=DISTILL_WD)
+        for _ in range(steps):
+            idx = torch.randint(len(ood_images), (batch_size,), generator=gen)
+            x = _data.to_float(ood_images[idx.to(ood_images.device)])
+            with torch.no_grad():
+                target = victim(x).softmax(-1)
+            loss = F.kl_div(net(x).log_softmax(-1), target, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        net.eval().requires_grad_(False)
+    victim.train(was_training)
+
+
+def diagnose_victim(victim_path: Path, dataset: str, ood: str, seed: int = 0, surrogates: int = 1,
+                    images: int = 2048, device: str = "cpu") -> dict[str, float]:
+    """The per-epoch diagnostics for any victim (an undefended one too), against the surrogates train-ini would
+    build with `seed` and the held-out one: comparable numbers for defended and undefended victims."""
+    victim, info = _victim.load(Path(victim_path), device)
+    data = _data.load(dataset)
+    _victim.check_matches(info, data)
+    ood_data = _data.load(ood, splits=("test",))
+    val_x, val_y = (t[:images] for t in data.splits["val"])
+    ood_test = _data.fit_images(ood_data.splits["test"][0][:images], data.shape)
+    row = {}
+    groups = (("", [build_surrogate(info.arch, data, seed, j).to(device) for j in range(surrogates)]),
+              ("_fresh", [build_surrogate(info.arch, data, seed, -1).to(device)]))
+    for tag, group in groups:
+        row.update({f"diag_{k}{tag}": v for k, v in _ini.diagnose(victim, group, val_x, val_y, ood_test, device).items()})
+    return row
+

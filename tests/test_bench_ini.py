@@ -1,0 +1,37 @@
+"""InI step speed, grouped as one comparison: plain SGD vs the reference InI step vs the production one
+(pytest-benchmark; a one-shot smoke run unless `--benchmark-enable`). Ratios and peak memory:
+`python benchmarks/bench_ini_step.py`.
+
+    pytest tests/test_bench_ini.py --benchmark-enable --benchmark-columns=min,median,rounds
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_ini_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def steps():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield bench_ini_step.steps()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", bench_ini_step.KINDS)
+def test_step_speed(benchmark, steps, kind):
+    benchmark.group = "ini-step (LeNet-5, batch 128)"
+    step = steps[kind]
+    before = [p.detach().clone() for p in step.victim.parameters()]
+    benchmark(step)
+    after = list(step.victim.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the step moved the victim

@@ -1,0 +1,355 @@
+"""train-ini: every loss term against a hand computation, PCGrad's projection properties, the fast step equal to the
+reference, resume equal to an uninterrupted run, a two-process torchrun, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from conftest import assert_one_line_error, invoke
+from stages import _ini, _ini_fast, _loop
+from stages._artifacts import load_state
+from stages._loop import Dist
+from tiny_data import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads per process thrash on a shared two-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """A learnable 1x28x28 dataset and an RGB 32x32 OOD set (converted by train-ini)."""
+    folder = tmp_path_factory.mktemp("ini")
+    return (write_dataset(folder / "id.h5"),
+            write_dataset(folder / "ood.h5", name="ood", shape=(3, 32, 32), seed=3))
+
+
+# ------------------------------------------------------------------------------------------------ terms by hand
+
+
+def test_distances_by_hand():
+    v = torch.tensor([[0.0, math.log(2.0)]])  # p_V = (1/3, 2/3); centred log p_V = (-ln2/2, +ln2/2)
+    c = torch.tensor([[1.0, -1.0]])
+    assert _ini.distance_sum(v, c, "l1").item() == pytest.approx(1 + math.log(2) / 2)
+    c0 = torch.zeros(1, 2)  # p_C = (1/2, 1/2)
+    kl_v_c = 1 / 3 * math.log(2 / 3) + 2 / 3 * math.log(4 / 3)
+    kl_c_v = 0.5 * math.log(1.5) + 0.5 * math.log(0.75)
+    assert _ini.distance_sum(v, c0, "kl").item() == pytest.approx(kl_v_c)
+    assert _ini.divergence_sum(c0, v, "official").item() == pytest.approx(kl_c_v)
+    assert _ini.divergence_sum(c0, v, "attacker").item() == pytest.approx(kl_v_c)
+    assert _ini.distance_sum(v.repeat(3, 1), c.repeat(3, 1), "l1").item() == pytest.approx(3 * (1 + math.log(2) / 2))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(weight.shape[1], weight.shape[0]))
+    with torch.no_grad():
+        net[1].weight.copy_(weight)
+        net[1].bias.copy_(bias)
+    return net.double()
+
+
+class _FixedOod:
+    def __init__(self, x):
+        self.x = x
+
+    def next(self, _gen):
+        return self.x
+
+
+def _softmax_jacobian_product(p: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """d/dz sum_k p_k a_k with a = log p_C - log p_V fixed in log p_V: p * (a - <p, a>) (per row)."""
+    return p * (a - (p * a).sum(1, keepdims=True))
+
+
+def test_each_term_against_a_hand_computation():
+    """A linear victim and a linear surrogate, so every gradient has a closed form (no autograd in the check)."""
+    g = torch.Generator().manual_seed(0)
+    x, x_ood = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64), torch.rand(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    Wv, bv = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    Wc, bc = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    victim, surrogate = _linear(Wv, bv), _linear(Wc, bc).eval().requires_grad_(False)
+    objective = _ini.Objective(beta=0.5, pcgrad=False, max_grad_norm=1e9)
+    terms = _ini.ReferenceStep(victim, [surrogate], _FixedOod(x_ood), objective, Dist())(x, y, torch.Generator())
+
+    X, Xo = x.flatten(1).numpy(), x_ood.flatten(1).numpy()
+    zv, zc = X @ Wv.numpy().T + bv.numpy(), X @ Wc.numpy().T + bc.numpy()
+    zvo, zco = Xo @ Wv.numpy().T + bv.numpy(), Xo @ Wc.numpy().T + bc.numpy()
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lv, lc, lvo, lco = map(log_softmax, (zv, zc, zvo, zco))
+    centred = lambda l: l - l.mean(1, keepdims=True)  # noqa: E731
+    assert terms["benign"].item() == pytest.approx(-lv[np.arange(5), y.numpy()].mean())
+    assert terms["id_distance"].item() == pytest.approx(-np.abs(zc - centred(lv)).mean())
+    assert terms["ood_distance"].item() == pytest.approx(np.abs(zco - centred(lvo)).mean())
+
+    def surrogate_grad(u, inputs):  # d/d(W, b) of sum_n u_n . (W x_n + b), over the batch
+        return np.concatenate([(u.T @ inputs).ravel(), u.sum(0)])
+
+    pc, pco = np.exp(lc), np.exp(lco)
+    g_adv = surrogate_grad(_softmax_jacobian_product(pc, lc - lv) / 5, X)  # grad of KL(p_C || p_V), batch mean
+    onehot = np.eye(3)[y.numpy()]
+    g_exp = surrogate_grad((pc - onehot) / 5, X)  # grad of CE(C(x), y)
+    cos = g_adv @ g_exp / np.linalg.norm(g_adv) / np.linalg.norm(g_exp)
+    assert terms["isolation"].item() == pytest.approx(cos)
+    g_ood = surrogate_grad(_softmax_jacobian_product(pco, lco - lvo) / 4, Xo)
+    assert terms["vanishing"].item() == pytest.approx(np.abs(g_ood).mean())
+    total = terms["benign"] + 0.5 * terms["id_distance"] + 0.3 * terms["ood_distance"] + terms["isolation"] + 1000 * terms["vanishing"]
+    assert terms["total"].item() == pytest.approx(total.item())
+
+
+# ------------------------------------------------------------------------------------------------ PCGrad
+
+
+def test_pcgrad_leaves_agreeing_gradients_alone():
+    grads = torch.tensor([[1.0, 0.0, 1.0], [0.5, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    touched = torch.ones_like(grads, dtype=torch.bool)
+    merged = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(0), "mean")
+    assert torch.allclose(merged, grads.mean(0))
+    assert torch.allclose(_ini.pcgrad(grads, touched, torch.Generator(), "sum"), grads.sum(0))
+
+
+def test_pcgrad_projects_conflicts_onto_the_normal_plane():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # g1 . g2 = -1 < 0
+    grads, touched = torch.stack([g1, g2]), torch.ones(2, 2, dtype=torch.bool)
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2  # (0.5, 0.5)
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1  # (0, 1)
+    assert p1 @ g2 == pytest.approx(0) and p2 @ g1 == pytest.approx(0)  # each is orthogonal to the other term
+    merged_sum = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(1), "sum")
+    merged_mean = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(1), "mean")
+    assert torch.allclose(merged_sum, p1 + p2) and torch.allclose(merged_mean, (p1 + p2) / 2)
+
+
+def test_pcgrad_sums_parameters_not_every_term_touches():
+    grads = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    touched = torch.tensor([[True, True], [True, False]])  # the second term never reaches parameter 1
+    merged = _ini.pcgrad(grads, touched, torch.Generator(), "mean")
+    assert torch.allclose(merged, torch.tensor([2.0, 2.0]))  # shared: mean; unshared: sum
+
+
+def test_pcgrad_from_the_gram_matrix_matches_the_flat_one():
+    grads = torch.randn(5, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    touched = torch.ones_like(grads, dtype=torch.bool)
+    for reduction in _ini.REDUCTIONS:
+        flat = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(3), reduction)
+        mixed = _ini.pcgrad_coefficients(grads @ grads.T, torch.Generator().manual_seed(3), reduction) @ grads
+        assert torch.allclose(flat, mixed, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ fast == reference
+
+
+def _lenet(seed: int, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).to(dtype)
+
+
+class _DoubleOod(_ini.OodStream):
+    def next(self, generator):
+        return super().next(generator).double()
+
+
+@pytest.mark.parametrize("objective,k", [
+    (_ini.Objective(), 1),
+    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2),
+    (_ini.Objective(pcgrad=False), 1),
+])
+def test_fast_step_equals_reference(objective, k):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(24, 1, 28, 28, generator=g, dtype=torch.float64)
+    x[:, :, :6] = 0  # flat rows: max-pool ties, where the fast step must pick max_pool2d's element
+    y = torch.randint(0, 10, (24,), generator=g)
+    ood = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g)
+    results = []
+    for cls in (_ini.ReferenceStep, _ini_fast.FastStep):
+        victim, surrogates = _lenet(1), [_lenet(2 + i).eval().requires_grad_(False) for i in range(k)]
+        stream = _DoubleOod(ood, 20, False, Dist())
+        stream.begin(torch.Generator().manual_seed(5))
+        extra = (28,) if cls is _ini_fast.FastStep else ()
+        optimizer = torch.optim.SGD(victim.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
+        terms = cls(victim, surrogates, stream, objective, Dist(), *extra)(x, y, torch.Generator().manual_seed(7))
+        optimizer.step()
+        results.append((terms, [p.detach().clone() for p in victim.parameters()]))
+    (ref_terms, ref_params), (fast_terms, fast_params) = results
+    for key in ref_terms:
+        assert fast_terms[key].item() == pytest.approx(ref_terms[key].item(), rel=1e-5, abs=1e-10), key
+    before = [p.detach() for p in _lenet(1).parameters()]
+    for p0, a, b in zip(before, ref_params, fast_params):
+        assert torch.allclose(a - p0, b - p0, rtol=1e-5, atol=1e-12)
+
+
+def test_tape_matches_autograd_jacobian_products():
+    from torch.func import functional_call, jvp, vjp
+
+    model = _lenet(4)
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    tape = _ini_fast.Tape(model, x)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    assert torch.allclose(tape.z, model(x))
+    _, pullback = vjp(lambda p: functional_call(model, p, (x,)), params)
+    cot = torch.randn(6, 2, 10, dtype=torch.float64)
+    mine = tape.vjp(cot)
+    for t in range(2):
+        for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values()):
+            assert torch.allclose(mine_p[t], ref_p, atol=1e-12)
+    tangent = [torch.randn(1, *p.shape, dtype=torch.float64) for p in params.values()]
+    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent)},))
+    assert torch.allclose(tape.jvp(tangent)[:, 0], ref, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def _train(tiny, out, *extra):
+    data, ood = tiny
+    return invoke("train-ini", "--dataset", data, "--ood", ood, "--epochs", 2, "--batch-size", 64, "--device", "cpu",
+                  "--diagnostic-images", 32, "--out", out, *extra)
+
+
+def test_stage_writes_a_victim_with_history_and_diagnostics(tiny, tmp_path):
+    out = tmp_path / "v.h5"
+    result = _train(tiny, out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["schema"] == "victim/1" and f.attrs["objective"] == "ini"
+        history = f["history"]
+        for key in ("train_benign", "train_id_distance", "train_ood_distance", "train_isolation", "train_vanishing",
+                    "val_accuracy", "test_accuracy", "diag_ood_l1", "diag_id_cosine", "diag_ood_l1_fresh"):
+            assert len(history[key]) == 2 and np.all(np.isfinite(history[key][()])), key
+        assert "ini_surrogate0" in f
+    assert not _loop.checkpoint_path(out).exists()
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    extra = ("--surrogates", 2, "--refresh-every", 1, "--refresh", "distill", "--refresh-steps", 2)
+    full = tmp_path / "full.h5"
+    assert _train(tiny, full, *extra).exit_code == 0
+    resumed = tmp_path / "resumed.h5"
+    original = _loop._write_checkpoint
+
+    def crash_after_first_epoch(*args):
+        original(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_loop, "_write_checkpoint", crash_after_first_epoch)
+    assert _train(tiny, resumed, *extra).exit_code != 0
+    monkeypatch.setattr(_loop, "_write_checkpoint", original)
+    result = _train(tiny, resumed, *extra, "--resume")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(full, "r") as a, h5py.File(resumed, "r") as b:
+        for group in ("weights", "ini_surrogate0", "ini_surrogate1"):
+            wa, wb = load_state(a[group]), load_state(b[group])
+            assert all(torch.equal(wa[k], wb[k]) for k in wa), group
+        assert np.array_equal(a["history/train_isolation"][()], b["history/train_isolation"][()])
+
+
+@pytest.mark.parametrize("implementation", ["fast", "reference"])
+def test_torchrun_two_processes_match_one(tiny, tmp_path, implementation):
+    """gloo on CPU; each rank takes half of every batch, and the result equals the single-process run."""
+    single, double = tmp_path / "one.h5", tmp_path / "two.h5"
+    common = ["--epochs", 1, "--batch-size", 64, "--diagnostic-images", 0, "--implementation", implementation]
+    assert _train(tiny, single, *common).exit_code == 0
+    data, ood = tiny
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "cli.py"),
+         "train-ini", "--dataset", str(data), "--ood", str(ood), "--device", "cpu", "--out", str(double),
+         *map(str, common)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str(double)  # only rank 0 prints its path
+    with h5py.File(single, "r") as a, h5py.File(double, "r") as b:
+        wa, wb = load_state(a["weights"]), load_state(b["weights"])
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+        assert b.attrs["params"].count('"processes": 2') == 1
+
+
+def _victim_file(tiny, tmp_path) -> Path:
+    out = tmp_path / "victim.h5"
+    assert _train(tiny, out, "--epochs", 1).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("case", ["unknown-ood", "ood-wrong-schema", "ood-not-hdf5", "ood-is-id", "bad-surrogate-arch",
+                                  "fast-needs-lenet", "bad-distance"])
+def test_bad_input_is_one_line(case, tiny, tmp_path):
+    data, _ = tiny
+    out = tmp_path / "v.h5"
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    args = {
+        "unknown-ood": ("--ood", "imagenet-21k"),
+        "ood-wrong-schema": ("--ood", _victim_file(tiny, tmp_path) if case == "ood-wrong-schema" else None),
+        "ood-not-hdf5": ("--ood", text),
+        "ood-is-id": ("--ood", data),
+        "bad-surrogate-arch": ("--surrogate-archs", "lenet5,alexnet"),
+        "fast-needs-lenet": ("--arch", "resnet18", "--implementation", "fast"),
+        "bad-distance": ("--distance", "l2"),
+    }[case]
+    result = invoke("train-ini", "--dataset", data, "--epochs", 1, "--device", "cpu", "--out", out,
+                    *(["--ood", tiny[1]] if args[0] != "--ood" else []), *args)
+    assert_one_line_error(result)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", _ini.BN_MODES)
+def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).train()
+    bn = net[1]
+    x, x_ood = torch.rand(8, 1, 6, 6), 3 + torch.rand(8, 1, 6, 6)
+    net(x)
+    after_id = bn.running_mean.clone()
+    with _ini.ood_batchnorm(net, mode):
+        out = net(x_ood)
+    assert torch.equal(bn.running_mean, after_id) == (mode != "mixed")  # only the official mode blends OOD in
+    assert bn.training and bn.track_running_stats  # restored
+    if mode == "eval-ood":
+        assert torch.allclose(out, net.eval()(x_ood))  # normalised by the (ID) running statistics
+    else:
+        fresh = nn.BatchNorm2d(3).train()
+        fresh.load_state_dict(bn.state_dict())
+        expected = net[3:](net[2](fresh(net[0](x_ood))))
+        assert torch.allclose(out, expected, atol=1e-6)  # normalised by its own batch statistics
+
+
+def test_default_ood_is_the_papers_when_offline_else_the_next(monkeypatch, tmp_path):
+    from stages import prepare, train_ini
+
+    monkeypatch.setattr(prepare, "default_path", lambda name: tmp_path / f"{name}.h5")
+    made = []
+
+    def fake_prepare(dataset, out, download):
+        assert download is False  # never the network
+        if dataset == "kmnist":
+            raise _loop.UserError("kmnist: no raw files found")
+        made.append(dataset)
+        out.write_bytes(b"")
+        return out
+
+    monkeypatch.setattr(prepare, "run", fake_prepare)
+    mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
+    assert train_ini.default_ood(mnist) == str(tmp_path / "fashionmnist.h5") and made == ["fashionmnist"]
+    (tmp_path / "kmnist.h5").write_bytes(b"")  # once KMNIST is prepared, it is the choice
+    assert train_ini.default_ood(mnist) == str(tmp_path / "kmnist.h5")
