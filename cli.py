@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from stages import export, prepare, train
+from stages import evaluate, export, prepare, steal, train, train_ini
 from stages._artifacts import UserError
 
 
@@ -53,10 +53,14 @@ def _fail(message: str, code: int) -> None:
 
 
 app = typer.Typer(cls=_Stages, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help texts are plain: "[default: ...]" must show, not parse as markup
                   help=__doc__.splitlines()[0])
 
 app.command("prepare")(prepare.run)
 app.command("train")(train.run)
+app.command("train-ini")(train_ini.run)
+app.command("steal")(steal.run)
+app.command("evaluate")(evaluate.run)
 app.command("export")(export.run)
 
 if __name__ == "__main__":

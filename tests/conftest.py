@@ -42,3 +42,22 @@ def mnist_small(tmp_path_factory) -> Path:
                     "--val-size", 200, "--out", out)
     assert result.exit_code == 0, result.stderr
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a measuring run of test_bench_inference: latency relative to undefended, InI's speed-up over each."""
+    try:
+        from test_bench_inference import RESULTS
+    except ImportError:
+        return
+    if not RESULTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("inference latency of the deployed graph (median), relative to undefended; InI speed-up = baseline / InI")
+    write(f"{'device':<6} {'batch':>5} {'defense':<24} {'median ms':>10} {'x undefended':>13} {'InI speed-up':>13}")
+    for (device, defense, batch), median in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[1])):
+        base, ini = RESULTS.get((device, "none", batch)), RESULTS.get((device, "ini", batch))
+        ratio = f"{median / base:13.2f}" if base else f"{'-':>13}"
+        speedup = f"{median / ini:12.1f}x" if ini else f"{'-':>13}"
+        write(f"{device:<6} {batch:>5} {defense:<24} {1000 * median:10.3f} {ratio} {speedup}")

@@ -1,0 +1,105 @@
+"""The human report of `evaluate`: a Markdown file with the aggregated table and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stages._artifacts import UserError, atomic_path  # noqa: E402
+
+
+def pm(group: dict, key: str) -> str:
+    mean, std = group[f"{key}_mean"], group[f"{key}_std"]
+    if not math.isfinite(mean):
+        return "-"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if group["n"] > 1 else f"{100 * mean:.2f}"
+
+
+def read_benchmark(path: Path) -> list[dict]:
+    """Median latency per (defense, batch, device) from a pytest-benchmark JSON file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        rows = []
+        for bench in raw["benchmarks"]:
+            params = bench.get("params") or {}
+            rows.append(dict(defense=str(params.get("defense", bench["name"])), batch=int(params.get("batch", 0)),
+                             device=str(params.get("device", "cpu")), median_ms=1000 * float(bench["stats"]["median"])))
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a pytest-benchmark JSON file ({type(e).__name__}: {e})") from None
+
+
+def write(folder: Path, groups: list[dict], latency: list[dict] | None, params: dict) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for attack in sorted({g["attack"] for g in groups if g["attack"] != "-"}):
+        files.append(_tradeoff(folder / f"tradeoff-{attack}.png", attack, [g for g in groups if g["attack"] == attack]))
+    if latency:
+        files.append(_latency(folder / "latency.png", latency))
+    md = folder / "report.md"
+    with atomic_path(md) as partial:
+        partial.write_text(_markdown(groups, latency, files, params))
+    return [md, *files]
+
+
+def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for g in groups:
+        label = f"{g['victim'].split('#')[0]} | {g['defense']} | {g['label']} | pool {g['pool']}"
+        ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
+                    xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], fmt="o", capsize=3,
+                    label=label)
+    ax.set_xlabel("benign accuracy as deployed (%)")
+    ax.set_ylabel("stealing accuracy, final epoch (%)")
+    ax.set_title(f"{attack}: lower right is better for the defender")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def _latency(path: Path, latency: list[dict]) -> Path:
+    keys = sorted({(r["device"], r["batch"]) for r in latency})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, (device, batch) in zip(axes[0], keys):
+        rows = sorted((r for r in latency if (r["device"], r["batch"]) == (device, batch)), key=lambda r: r["median_ms"])
+        ax.barh([r["defense"] for r in rows], [r["median_ms"] for r in rows])
+        ax.set_xlabel("median latency (ms)")
+        ax.set_title(f"{device}, batch {batch}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def _markdown(groups: list[dict], latency: list[dict] | None, files: list[Path], params: dict) -> str:
+    lines = ["# Evaluation report", "",
+             "Accuracies in %, mean ± sample std over n seeds. Stealing accuracy is the surrogate's at its final "
+             "epoch; *max* is the best epoch on the test split and peeks at test: never a headline.", "",
+             "| dataset | victim | defense | attack | label | pool | n | benign | stealing | max stealing | relative | fidelity | queries |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        relative = "-" if not math.isfinite(g["relative_accuracy_mean"]) else f"{g['relative_accuracy_mean']:.3f}"
+        lines.append("| " + " | ".join([str(g[k]) for k in ("dataset", "victim", "defense", "attack", "label", "pool")]
+                                       + [str(g["n"]), pm(g, "benign_accuracy"), pm(g, "stealing_accuracy"),
+                                          pm(g, "max_stealing_accuracy"), relative, pm(g, "fidelity"),
+                                          f"{g['queries_mean']:,.0f}"]) + " |")
+    if latency:
+        lines += ["", "## Inference latency", "", "| device | batch | defense | median ms | × undefended |", "|---|---|---|---|---|"]
+        base = {(r["device"], r["batch"]): r["median_ms"] for r in latency if r["defense"] == "none"}
+        for r in sorted(latency, key=lambda r: (r["device"], r["batch"], r["median_ms"])):
+            ratio = r["median_ms"] / base[(r["device"], r["batch"])] if (r["device"], r["batch"]) in base else math.nan
+            lines.append(f"| {r['device']} | {r['batch']} | {r['defense']} | {r['median_ms']:.3f} | {ratio:.2f} |")
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"]
+    lines += ["", f"Made by `python cli.py evaluate` from {len(params['artifacts'])} artifacts.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""Evaluate victims and stolen surrogates: benign accuracy as deployed, stealing accuracy (final; max over epochs
+labelled apart), relative accuracy, fidelity, queries and stage wall times, aggregated over seeds (mean ± std, n).
+
+Reads victim.h5/.pt and surrogate.h5 files (metrics are recomputed from weights, not copied); writes
+`metrics.h5` and a Markdown + PNG report (trade-off scatter per attack, latency bars from a benchmark JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import h5py
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import models
+from stages import _blackbox, _data, _jit, _loop, _report
+from stages._artifacts import UserError, attr_json, load_state, open_artifact, prepare_output, write_artifact
+
+console = Console(stderr=True, width=160)  # the table is wide; stderr is often a log file
+
+NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "relative_accuracy", "fidelity",
+           "queries", "victim_seconds", "steal_seconds")
+LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
+
+
+def run(
+    artifacts: Annotated[list[Path], typer.Argument(help="surrogate.h5 files (and victim.h5/.pt files to list alone).")],
+    out: Annotated[Path, typer.Option(help="Output metrics HDF5.")] = Path("artifacts/metrics.h5"),
+    report: Annotated[Optional[Path], typer.Option(help="Folder for report.md and its plots [default: beside --out].")] = None,
+    data: Annotated[Optional[str], typer.Option(help="The victims' dataset [default: the one each was trained on].")] = None,
+    benchmark: Annotated[Optional[Path], typer.Option(help="pytest-benchmark JSON for the latency chart.")] = None,
+    device: _loop.Device = "auto",
+) -> Path:
+    """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, write metrics.h5 and a report."""
+    started = time.time()
+    out = prepare_output(out)
+    report = report or out.parent / "report"
+    device = _loop.pick_device(device)
+    latency = _report.read_benchmark(benchmark) if benchmark is not None else None
+
+    rows, inputs, cache = [], [], {}
+    for path in artifacts:
+        rows.append(_evaluate(Path(path), data, device, cache))
+        inputs.append(path)
+    groups = aggregate(rows)
+
+    params = dict(artifacts=[str(a) for a in artifacts], out=out, report=report, data=data, benchmark=benchmark,
+                  device=device)
+    with write_artifact(out, "metrics", "evaluate", params, inputs + ([benchmark] if benchmark else []), None,
+                        started) as f:
+        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + ("seed",), NUMBERS)
+        _write_table(f.create_group("groups"), groups, LABELS + ("n",),
+                     tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")))
+        if latency:
+            f.attrs["latency"] = json.dumps(latency)
+    files = _report.write(report, groups, latency, params)
+    _show(groups, out, files)
+    return out
+
+
+def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict:
+    if path.suffix == ".pt" or _kind(path) == "victim":
+        graph, info = _open(path, device, cache)
+        dataset = _dataset(data or info.dataset_path, info, cache)
+        accuracy = _accuracy(graph, dataset, device)
+        return dict(file=str(path), dataset=info.dataset, victim=_victim_setting(path), defense=info.baked_defense,
+                    attack="-", label="-", pool="-", seed=_seed(path), benign_accuracy=accuracy,
+                    stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan,
+                    fidelity=np.nan, queries=0, victim_seconds=_wall(path), steal_seconds=np.nan)
+
+    with open_artifact(path, "surrogate") as f:
+        params = attr_json(f, "params")
+        attrs = {k: f.attrs[k] for k in ("attack", "label", "defense", "arch", "dataset", "victim_sha256", "queries")}
+        attrs.update(defense_params=attr_json(f, "defense_params"), classes=attr_json(f, "classes"),
+                     input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
+                     mean=[float(v) for v in f.attrs["mean"]], std=[float(v) for v in f.attrs["std"]])
+        curve = f["history/stealing_accuracy"][()]
+        state = load_state(f["weights"])
+        seed, steal_seconds = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
+    victim = Path(params["victim"])
+    if not victim.exists():
+        raise UserError(f"{path}: its victim {victim} is missing (evaluate re-queries the victim)")
+    graph, info = _open(victim, device, cache)
+    if info.sha256 != attrs["victim_sha256"]:
+        raise UserError(f"{path}: victim {victim} changed since it was attacked (sha256 differs)")
+    dataset = _dataset(data or info.dataset_path, info, cache)
+    if attrs["dataset"] != dataset.name or attrs["input_shape"] != tuple(dataset.shape):
+        raise UserError(f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
+                        f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})")
+
+    deployed = _blackbox.defend(graph, info, str(attrs["defense"]), attrs["defense_params"], device)
+    c, h, _ = attrs["input_shape"]
+    surrogate = models.build_model(str(attrs["arch"]), len(attrs["classes"]), c, h, attrs["mean"], attrs["std"])
+    surrogate.load_state_dict(state)
+    surrogate.to(device).eval()
+    x, y = _data.to_float(dataset.splits["test"][0]), dataset.splits["test"][1]
+    stolen = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
+    victim_top1 = _blackbox.predict(graph, x, device).argmax(1).cpu()
+    benign = _accuracy(deployed, dataset, device)
+    stealing = float((stolen == y).float().mean())
+    defense = str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense
+    if attrs["defense_params"]:
+        defense += " " + ",".join(f"{k}={v:g}" for k, v in sorted(attrs["defense_params"].items()))
+    return dict(file=str(path), dataset=info.dataset, victim=_victim_setting(victim), defense=defense,
+                attack=str(attrs["attack"]), label=str(attrs["label"]), pool=_pool_name(params), seed=seed,
+                benign_accuracy=benign, stealing_accuracy=stealing, max_stealing_accuracy=float(np.max(curve)),
+                relative_accuracy=stealing / benign if benign else np.nan,
+                fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
+                victim_seconds=_wall(victim), steal_seconds=steal_seconds)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One group per setting (everything but the seed): mean, sample std and n of every number."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in LABELS), []).append(row)
+    out = []
+    for key, members in groups.items():
+        group = dict(zip(LABELS, key), n=len(members))
+        for name in NUMBERS:
+            values = np.array([m[name] for m in members], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            group[f"{name}_mean"] = float(finite.mean()) if len(finite) else np.nan
+            group[f"{name}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else np.nan
+        out.append(group)
+    return sorted(out, key=lambda g: tuple(str(g[k]) for k in LABELS))
+
+
+def _kind(path: Path) -> str:
+    """Peek at the schema to tell victims from surrogates; open_artifact then checks the file in full."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            kind = str(f.attrs.get("schema", "")).partition("/")[0]
+    except OSError:
+        raise UserError(f"{path}: not a readable HDF5 file (truncated or another format)") from None
+    if kind not in ("victim", "surrogate"):
+        raise UserError(f"{path}: evaluate takes victim and surrogate artifacts, not {kind or 'an unknown file'!r}")
+    return kind
+
+
+def _open(path: Path, device: str, cache: dict):
+    key = ("victim", str(path))
+    if key not in cache:
+        cache[key] = _blackbox.open_victim(path, device)
+    return cache[key]
+
+
+def _dataset(name: str, info, cache: dict) -> _data.Dataset:
+    key = ("data", name)
+    if key not in cache:
+        cache[key] = _data.load(name, splits=("test",))
+    dataset = cache[key]
+    if (dataset.name, tuple(dataset.shape), dataset.num_classes) != (info.dataset, tuple(info.input_shape),
+                                                                     len(info.classes)):
+        raise UserError(f"victim {info.path} was trained on {info.dataset} {list(info.input_shape)}, "
+                        f"not on {dataset.path} ({dataset.name} {list(dataset.shape)})")
+    return dataset
+
+
+def _accuracy(graph, dataset: _data.Dataset, device: str) -> float:
+    x, y = dataset.splits["test"]
+    return float((_blackbox.predict(graph, _data.to_float(x), device).argmax(1).cpu() == y).float().mean())
+
+
+def _victim_setting(path: Path) -> str:
+    """A victim's recipe without its seed and paths: victims differing only by seed share a setting."""
+    if path.suffix == ".pt":
+        _, meta = _jit.load(path)
+        provenance = meta.get("victim_provenance") or {}
+        params, objective = json.loads(provenance.get("params", "{}")), meta.get("objective", "?")
+    else:
+        with open_artifact(path, "victim") as f:
+            params, objective = attr_json(f, "params"), str(f.attrs["objective"])
+    recipe = {k: v for k, v in params.items() if k not in ("seed", "out", "resume", "dataset", "device")}
+    label = params.get("preset") or objective
+    return f"{params.get('arch', '?')}/{label}#{hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]}"
+
+
+def _pool_name(params: dict) -> str:
+    pool = params.get("pool")
+    return Path(str(pool)).stem if pool else "-"
+
+
+def _seed(path: Path) -> int:
+    if path.suffix == ".pt":
+        return -1
+    with open_artifact(path, "victim") as f:
+        return int(f.attrs["seed"])
+
+
+def _wall(path: Path) -> float:
+    if path.suffix == ".pt":
+        return np.nan
+    with open_artifact(path, "victim") as f:
+        return float(f.attrs.get("wall_seconds", np.nan))
+
+
+def _write_table(group, rows: list[dict], text: tuple[str, ...], numbers: tuple[str, ...]) -> None:
+    """Columns as datasets (a table h5py and pandas both read without pickles)."""
+    for key in text:
+        group.create_dataset(key, data=np.array([str(r[key]) for r in rows], dtype=object), dtype=h5py.string_dtype())
+    for key in numbers:
+        group.create_dataset(key, data=np.array([r[key] for r in rows], dtype=np.float64))
+
+
+def _show(groups: list[dict], out: Path, files: list[Path]) -> None:
+    table = Table(title="evaluate: accuracies in %, mean ± std over seeds (max peeks at test)", title_justify="left")
+    for column in ("victim", "defense", "attack", "n", "benign", "stealing", "max", "relative", "fidelity", "queries"):
+        table.add_column(column, justify="left" if column in ("victim", "defense", "attack") else "right")
+    for g in groups:
+        relative = "-" if not np.isfinite(g["relative_accuracy_mean"]) else f"{g['relative_accuracy_mean']:.3f}"
+        attack = "-" if g["attack"] == "-" else f"{g['attack']} {g['label']} pool={g['pool']}"
+        table.add_row(f"{g['dataset']} {g['victim'].split('#')[0]}", g["defense"], attack, str(g["n"]),
+                      *(_report.pm(g, k) for k in ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy")),
+                      relative, _report.pm(g, "fidelity"), f"{g['queries_mean']:,.0f}")
+    console.print(table)
+    console.print(f"wrote {out} and {', '.join(str(p) for p in files)}")

@@ -1,0 +1,71 @@
+"""Inference latency of the deployed TorchScript graph per defense (pytest-benchmark, grouped by defense).
+
+InI's deployed graph is the undefended one by construction (its protection is in the weights), so its latency is
+the physical limit; the perturbation defenses add work after the softmax. A smoke run in the normal suite;
+measure with:
+
+    pytest tests/test_bench_inference.py --benchmark-enable --benchmark-json=artifacts/bench.json
+
+The session summary prints each defense's median latency relative to undefended and InI's speed-up over it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.defenses import AdaptiveMisinformation, Deployed
+from stages import _defense, _jit
+
+ARCH, CLASSES, SHAPE, MEAN, STD = "lenet5", 10, (1, 28, 28), [0.1307], [0.3081]
+DEFENSES = ["none", "ini", "reverse-sigmoid", "adaptive-misinformation", "grad2", "mad", "top1"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+RESULTS: dict[tuple[str, str, int], float] = {}  # (device, defense, batch) -> median seconds, for the summary
+
+
+def deployed_graph(defense: str, device: str) -> torch.jit.ScriptModule:
+    """The graph `export` writes: images in [0, 1] -> normalise -> network -> softmax -> defense."""
+    torch.manual_seed(0)
+    victim = models.build_model(ARCH, CLASSES, SHAPE[0], SHAPE[1], MEAN, STD)
+    if defense in ("none", "ini"):
+        guard = _defense.build("none", {}, ARCH, CLASSES, SHAPE, MEAN, STD)
+    elif defense == "adaptive-misinformation":  # the misinformation net is a second network of the same size
+        guard = AdaptiveMisinformation(_defense.random_proxy(ARCH, CLASSES, SHAPE, MEAN, STD, 1))
+    else:
+        guard = _defense.build(defense, _defense.parse(defense, []), ARCH, CLASSES, SHAPE, MEAN, STD)
+    return _jit.script(Deployed(victim, guard).eval().to(device))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as a serving worker per core runs; on a loaded 2-core machine more threads only
+    measure the scheduler."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("defense", DEFENSES)
+def test_latency(benchmark, defense, batch, device):
+    benchmark.group = f"{device} batch {batch}"
+    graph = deployed_graph(defense, device)
+    x = torch.rand(batch, *SHAPE, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def infer():
+        with torch.inference_mode():
+            out = graph(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):  # warm-up: TorchScript profiles and optimises on its first calls
+        infer()
+    probs = benchmark(infer)
+    assert probs.shape == (batch, CLASSES)
+    assert torch.allclose(probs.sum(1), torch.ones(batch, device=device), atol=1e-4)
+    if benchmark.stats is not None:
+        RESULTS[(device, defense, batch)] = benchmark.stats.stats.median

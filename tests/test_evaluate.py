@@ -1,0 +1,133 @@
+"""evaluate: metrics recomputed from weights on hand-built victims and surrogates, seed aggregation, the report."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, invoke
+from stages import _victim, evaluate, train
+from stages._artifacts import save_history, save_state, sha256, write_artifact
+from tiny_data import write_dataset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny dataset and a victim trained on it for one epoch."""
+    root = tmp_path_factory.mktemp("eval")
+    data = write_dataset(root / "synth.h5")
+    victim = train.run(dataset=str(data), epochs=2, batch_size=16, out=root / "victim.h5", device="cpu")
+    return root, data, victim
+
+
+def write_surrogate(path, victim, state, seed=0, defense="none", defense_params=None, curve=(0.1, 0.2)):
+    """A surrogate.h5 as steal writes it, with weights chosen by the test."""
+    _, info = _victim.load(victim)
+    params = dict(victim=str(victim), pool=str(path.parent / "pool.h5"), seed=seed)
+    with write_artifact(path, "surrogate", "steal", params, [victim], seed) as f:
+        f.attrs.update(attack="knockoff", label="soft", defense=defense, arch=info.arch, dataset=info.dataset,
+                       victim_sha256=sha256(victim), queries=123, defense_params=json.dumps(defense_params or {}),
+                       classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
+                       std=info.std)
+        save_state(f.create_group("weights"), state)
+        save_history(f.create_group("history"), {"stealing_accuracy": list(curve)})
+    return path
+
+
+def test_identical_surrogate_has_full_fidelity(world):
+    root, data, victim = world
+    model, info = _victim.load(victim)
+    copy = write_surrogate(root / "copy.h5", victim, model.state_dict(), curve=(0.3, 0.9, 0.5))
+    row = evaluate._evaluate(copy, None, "cpu", {})
+    assert row["fidelity"] == 1.0
+    assert row["stealing_accuracy"] == row["benign_accuracy"] == pytest.approx(info.test_accuracy)
+    assert row["relative_accuracy"] == 1.0 and row["max_stealing_accuracy"] == 0.9 and row["queries"] == 123
+
+
+def test_other_surrogate_metrics_match_a_direct_computation(world):
+    root, data, victim = world
+    model, info = _victim.load(victim)
+    torch.manual_seed(7)
+    other = info.build().eval()
+    path = write_surrogate(root / "other.h5", victim, other.state_dict())
+    row = evaluate._evaluate(path, None, "cpu", {})
+    with h5py.File(data, "r") as f:
+        x = torch.from_numpy(f["test/images"][()]).float() / 255
+        y = torch.from_numpy(f["test/labels"][()])
+    with torch.no_grad():
+        stolen, truth = other(x).argmax(1), model(x).argmax(1)
+    assert row["stealing_accuracy"] == pytest.approx(float((stolen == y).float().mean()))
+    assert row["fidelity"] == pytest.approx(float((stolen == truth).float().mean()))
+    assert row["fidelity"] < 1.0
+
+
+def test_top1_defense_keeps_benign_accuracy_and_rounding_is_recorded(world):
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    row = evaluate._evaluate(write_surrogate(root / "top1.h5", victim, model.state_dict(), defense="top1"), None,
+                             "cpu", {})
+    assert row["defense"] == "top1" and row["fidelity"] == 1.0
+    assert row["benign_accuracy"] == row["stealing_accuracy"]
+
+
+def test_aggregate_mean_std_n():
+    rows = [dict(dataset="d", victim="v", defense="none", attack="a", label="soft", pool="p", seed=s,
+                 benign_accuracy=b, stealing_accuracy=st, max_stealing_accuracy=st, relative_accuracy=st / b,
+                 fidelity=st, queries=10, victim_seconds=1.0, steal_seconds=np.nan)
+            for s, b, st in ((0, 0.9, 0.2), (1, 0.8, 0.4), (2, 1.0, 0.6))]
+    rows.append(dict(rows[0], defense="mad", seed=0))
+    groups = evaluate.aggregate(rows)
+    assert [g["n"] for g in groups] == [1, 3]  # sorted: "mad" before "none"
+    g = groups[1]
+    assert g["benign_accuracy_mean"] == pytest.approx(0.9) and g["benign_accuracy_std"] == pytest.approx(0.1)
+    assert g["stealing_accuracy_mean"] == pytest.approx(0.4) and g["stealing_accuracy_std"] == pytest.approx(0.2)
+    assert np.isnan(g["steal_seconds_mean"]) and groups[0]["benign_accuracy_std"] == 0.0
+
+
+def test_cli_writes_metrics_and_report_with_latency(world):
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    surrogates = [write_surrogate(root / f"s{seed}.h5", victim, model.state_dict(), seed=seed) for seed in (0, 1)]
+    bench = root / "bench.json"
+    bench.write_text(json.dumps({"benchmarks": [
+        {"name": f"test_latency[{d}-{b}]", "params": {"defense": d, "batch": b, "device": "cpu"},
+         "stats": {"median": m}} for d, b, m in (("none", 1, 1e-4), ("mad", 1, 2e-3), ("none", 256, 1e-3),
+                                                  ("mad", 256, 3e-2))]}))
+    out = root / "metrics.h5"
+    result = invoke("evaluate", *surrogates, victim, "--out", out, "--benchmark", bench, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["schema"] == "metrics/1"
+        assert len(f["rows/file"]) == 3 and list(f["groups/n"].asstr()[()]) == ["1", "2"]
+        assert np.allclose(f["groups/fidelity_mean"][()][1], 1.0)
+    report = root / "report"
+    for name in ("report.md", "tradeoff-knockoff.png", "latency.png"):
+        assert (report / name).stat().st_size > 1000 or name == "report.md"
+    text = (report / "report.md").read_text()
+    assert "| cpu | 256 | mad | 30.000 | 30.00 |" in text and "knockoff" in text
+
+
+def test_mismatched_dataset_is_one_line(world, tmp_path):
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    surrogate = write_surrogate(tmp_path / "s.h5", victim, model.state_dict())
+    other = write_dataset(tmp_path / "cifar.h5", name="cifar10", shape=(3, 32, 32))
+    out = tmp_path / "metrics.h5"
+    line = assert_one_line_error(invoke("evaluate", surrogate, "--data", other, "--out", out))
+    assert "cifar10" in line and not out.exists()
+
+
+def test_changed_victim_and_wrong_kind_are_refused(world, tmp_path):
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    surrogate = write_surrogate(tmp_path / "s.h5", victim, model.state_dict())
+    with h5py.File(surrogate, "r+") as f:
+        f.attrs["victim_sha256"] = "0" * 64
+    assert "changed" in assert_one_line_error(invoke("evaluate", surrogate, "--out", tmp_path / "m.h5"))
+    assert "evaluate takes" in assert_one_line_error(invoke("evaluate", data, "--out", tmp_path / "m.h5"))
+    assert not (tmp_path / "m.h5").exists()
