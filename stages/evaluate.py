@@ -15,7 +15,6 @@ from typing import Annotated, Optional
 
 import h5py
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table

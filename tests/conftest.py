@@ -13,7 +13,16 @@ import cli
 
 SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test runs on one intra-op thread: tiny tensors gain nothing from more, reductions then match the
+    1-thread subprocesses some tests compare against, and benchmarks measure work rather than the scheduler."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def invoke(*args: str):

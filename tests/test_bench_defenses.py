@@ -14,14 +14,6 @@ from stages import _defense
 SHAPE, K, BATCH = (1, 28, 28), 10, 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(n: int = BATCH):
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, *SHAPE, generator=g), torch.softmax(torch.randn(n, K, generator=g) * 3, 1)

@@ -37,16 +37,6 @@ def deployed_graph(defense: str, device: str) -> torch.jit.ScriptModule:
     return _jit.script(Deployed(victim, guard).eval().to(device))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as a serving worker per core runs; on a loaded 2-core machine more threads only
-    measure the scheduler."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 256])
 @pytest.mark.parametrize("defense", DEFENSES)

@@ -20,10 +20,7 @@ import bench_ini_step  # noqa: E402
 
 @pytest.fixture(scope="module")
 def steps():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield bench_ini_step.steps()
-    torch.set_num_threads(threads)
+    return bench_ini_step.steps()
 
 
 @pytest.mark.parametrize("kind", bench_ini_step.KINDS)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, assert_one_line_error, invoke
+from conftest import assert_one_line_error, invoke
 from stages import _jit, _loop, _victim
 from stages._artifacts import load_state
 

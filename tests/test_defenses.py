@@ -16,14 +16,6 @@ SHAPE = (1, 28, 28)
 K = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name: str, pairs=()) -> torch.nn.Module:
     if name == "adaptive-misinformation":  # its network comes from victim.h5; any network shows the maths
         params = _defense.parse(name, pairs)
@@ -184,7 +176,6 @@ def test_bad_parameters_are_user_errors(name, pairs, message):
 
 @pytest.fixture(scope="module")
 def oe_victim(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("oe")
     digits = prepare.run(dataset="sklearn-digits", out=root / "digits.h5", limit=400)
     ood = prepare.run(dataset="sklearn-digits", out=root / "ood.h5", size=14, limit=200, seed=1)

@@ -19,14 +19,6 @@ def _images(channels: int, size: int) -> torch.Tensor:
     return torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("num_classes", [2, 10])
 @pytest.mark.parametrize("channels,size", SHAPES)
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -62,15 +62,6 @@ cli.app()
 """
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs compared with a 1-thread subprocess must use one thread too (reductions may differ)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("tiny") / "synth.h5")

@@ -24,18 +24,9 @@ ATTACK_PARAMS = {"dfme": ["width=8", "noise_dim=16"], "jbda": ["seeds=40"], "jbd
 BATCH = {"dfme": 16}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny victim on sklearn digits (28x28) and a 16x16 pool of digits the thief must resize."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("steal")
     data = prepare.run(dataset="sklearn-digits", out=root / "digits.h5", limit=500)
     pool = prepare.run(dataset="sklearn-digits", out=root / "pool16.h5", size=16, seed=1)

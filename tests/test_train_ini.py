@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -24,14 +23,6 @@ from stages._loop import Dist
 from tiny_data import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads per process thrash on a shared two-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +73,8 @@ def _softmax_jacobian_product(p: np.ndarray, a: np.ndarray) -> np.ndarray:
 def test_each_term_against_a_hand_computation():
     """A linear victim and a linear surrogate, so every gradient has a closed form (no autograd in the check)."""
     g = torch.Generator().manual_seed(0)
-    x, x_ood = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64), torch.rand(4, 1, 2, 2, generator=g, dtype=torch.float64)
+    x = torch.rand(5, 1, 2, 2, generator=g, dtype=torch.float64)
+    x_ood = torch.rand(4, 1, 2, 2, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 1, 0])
     Wv, bv = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     Wc, bc = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
@@ -115,7 +107,8 @@ def test_each_term_against_a_hand_computation():
     assert terms["isolation"].item() == pytest.approx(cos)
     g_ood = surrogate_grad(_softmax_jacobian_product(pco, lco - lvo) / 4, Xo)
     assert terms["vanishing"].item() == pytest.approx(np.abs(g_ood).mean())
-    total = terms["benign"] + 0.5 * terms["id_distance"] + 0.3 * terms["ood_distance"] + terms["isolation"] + 1000 * terms["vanishing"]
+    total = (terms["benign"] + 0.5 * terms["id_distance"] + 0.3 * terms["ood_distance"] + terms["isolation"]
+             + 1000 * terms["vanishing"])
     assert terms["total"].item() == pytest.approx(total.item())
 
 
@@ -160,9 +153,9 @@ def test_pcgrad_from_the_gram_matrix_matches_the_flat_one():
 # ------------------------------------------------------------------------------------------------ fast == reference
 
 
-def _lenet(seed: int, dtype=torch.float64) -> nn.Module:
+def _lenet(seed: int, dtype=torch.float64, channels: int = 1, size: int = 28) -> nn.Module:
     torch.manual_seed(seed)
-    return models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).to(dtype)
+    return models.build_model("lenet5", 10, channels, size, [0.3] * channels, [0.3] * channels).to(dtype)
 
 
 class _DoubleOod(_ini.OodStream):
@@ -170,23 +163,26 @@ class _DoubleOod(_ini.OodStream):
         return super().next(generator).double()
 
 
-@pytest.mark.parametrize("objective,k", [
-    (_ini.Objective(), 1),
-    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2),
-    (_ini.Objective(pcgrad=False), 1),
+@pytest.mark.parametrize("objective,k,shape", [
+    (_ini.Objective(), 1, (1, 28)),
+    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2, (1, 28)),
+    (_ini.Objective(pcgrad=False), 1, (1, 28)),
+    (_ini.Objective(), 1, (3, 32)),  # the RGB variant: no conv1 padding
 ])
-def test_fast_step_equals_reference(objective, k):
+def test_fast_step_equals_reference(objective, k, shape):
+    channels, size = shape
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(24, 1, 28, 28, generator=g, dtype=torch.float64)
+    x = torch.rand(24, channels, size, size, generator=g, dtype=torch.float64)
     x[:, :, :6] = 0  # flat rows: max-pool ties, where the fast step must pick max_pool2d's element
     y = torch.randint(0, 10, (24,), generator=g)
-    ood = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g)
+    ood = torch.randint(0, 256, (40, channels, size, size), dtype=torch.uint8, generator=g)
     results = []
     for cls in (_ini.ReferenceStep, _ini_fast.FastStep):
-        victim, surrogates = _lenet(1), [_lenet(2 + i).eval().requires_grad_(False) for i in range(k)]
+        victim = _lenet(1, channels=channels, size=size)
+        surrogates = [_lenet(2 + i, channels=channels, size=size).eval().requires_grad_(False) for i in range(k)]
         stream = _DoubleOod(ood, 20, False, Dist())
         stream.begin(torch.Generator().manual_seed(5))
-        extra = (28,) if cls is _ini_fast.FastStep else ()
+        extra = (size,) if cls is _ini_fast.FastStep else ()
         optimizer = torch.optim.SGD(victim.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
         terms = cls(victim, surrogates, stream, objective, Dist(), *extra)(x, y, torch.Generator().manual_seed(7))
         optimizer.step()
@@ -194,7 +190,7 @@ def test_fast_step_equals_reference(objective, k):
     (ref_terms, ref_params), (fast_terms, fast_params) = results
     for key in ref_terms:
         assert fast_terms[key].item() == pytest.approx(ref_terms[key].item(), rel=1e-5, abs=1e-10), key
-    before = [p.detach() for p in _lenet(1).parameters()]
+    before = [p.detach() for p in _lenet(1, channels=channels, size=size).parameters()]
     for p0, a, b in zip(before, ref_params, fast_params):
         assert torch.allclose(a - p0, b - p0, rtol=1e-5, atol=1e-12)
 
