@@ -40,8 +40,8 @@ def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return mnist[0][:size], mnist[1][:size], fashion[0][: 8 * size]
     except Exception:  # noqa: BLE001 - a benchmark still runs without prepared data
         g = torch.Generator().manual_seed(0)
-        return (torch.randint(0, 256, (size, 1, 28, 28), dtype=torch.uint8, generator=g),
-                torch.randint(0, 10, (size,), generator=g), torch.randint(0, 256, (8 * size, 1, 28, 28), dtype=torch.uint8, generator=g))
+        images = torch.randint(0, 256, (9 * size, 1, 28, 28), dtype=torch.uint8, generator=g)
+        return images[:size], torch.randint(0, 10, (size,), generator=g), images[size:]
 
 
 def steps(size: int = 128) -> dict[str, callable]:
@@ -95,8 +95,9 @@ def time_steps(rounds: int, iterations: int) -> dict[str, list[float]]:
 def peak_memory(kind: str, threads: int) -> float:
     """MB that three steps of `kind` add to resident memory at their peak, in a fresh process: after setup and one
     warm-up step, the kernel's high-water mark (VmHWM) is reset and read again after the steps."""
-    code = (f"import sys, ctypes, gc, torch; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); torch.set_num_threads({threads});"
-            f"import bench_ini_step as b; fn = b.steps()[{kind!r}]; fn(); gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0);"
+    code = (f"import sys, ctypes, gc, torch; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
+            f"torch.set_num_threads({threads}); import bench_ini_step as b; fn = b.steps()[{kind!r}]; fn();"
+            "gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0);"
             "status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
             "before = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
             "[fn() for _ in range(3)]; print(status('VmHWM') - before)")
@@ -111,7 +112,8 @@ def time_epochs(threads: int) -> dict[str, float]:
         tic = time.time()
         result = subprocess.run([sys.executable, str(ROOT / "cli.py"), stage, "--dataset", "mnist", "--epochs", "1",
                                  "--device", "cpu", "--out", f"/tmp/bench_ini_{stage}.h5", *extra], cwd=ROOT,
-                                env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+                                env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                                text=True)
         if result.returncode:
             raise SystemExit(result.stderr[-2000:])
         with __import__("h5py").File(f"/tmp/bench_ini_{stage}.h5", "r") as f:
@@ -131,7 +133,8 @@ def main() -> None:
     times = time_steps(args.rounds, args.iterations)
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
     memory = {k: peak_memory(k, args.threads) for k in KINDS}
-    print(f"LeNet-5, MNIST batch 128, {args.threads} thread(s), median of {args.rounds} interleaved rounds x {args.iterations}")
+    print(f"LeNet-5, MNIST batch 128, {args.threads} thread(s), "
+          f"median of {args.rounds} interleaved rounds x {args.iterations}")
     print(f"{'step':<10} {'ms':>8} {'min ms':>8} {'x plain':>8} {'peak MB':>8}")
     for kind in KINDS:
         print(f"{kind:<10} {median[kind]:8.1f} {min(times[kind]) * 1000:8.1f} {median[kind] / median['plain']:8.2f} "

@@ -192,7 +192,8 @@ def clip_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
     return grad.mul_(coef) if coef < 1 else grad
 
 
-def finish(terms: dict[str, torch.Tensor], local: Sequence[str], weights: dict[str, float], comm: Dist) -> dict[str, torch.Tensor]:
+def finish(terms: dict[str, torch.Tensor], local: Sequence[str], weights: dict[str, float],
+           comm: Dist) -> dict[str, torch.Tensor]:
     """Detached term values summed over ranks where they are local shares, plus the weighted total."""
     out = {k: v.detach() for k, v in terms.items()}
     if comm.world > 1:
@@ -212,8 +213,10 @@ class ReferenceStep:
 
     reduces_gradients = True  # it sums gradients over ranks itself (PCGrad needs each term's global gradient)
 
-    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective, comm: Dist):
-        self.victim, self.surrogates, self.ood, self.objective, self.comm = victim, list(surrogates), ood, objective, comm
+    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective,
+                 comm: Dist):
+        self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
+        self.objective, self.comm = objective, comm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
@@ -229,7 +232,8 @@ class ReferenceStep:
             call = lambda images: functional_call(surrogate, phi, (images,))  # noqa: E731
             s_logits, s_logits_ood = call(x), call(x_ood)
             terms["id_distance"] = terms["id_distance"] - distance_sum(logits, s_logits.detach(), obj.distance) / n / k
-            terms["ood_distance"] = terms["ood_distance"] + distance_sum(logits_ood, s_logits_ood.detach(), obj.distance) / n_ood / k
+            terms["ood_distance"] = (terms["ood_distance"]
+                                     + distance_sum(logits_ood, s_logits_ood.detach(), obj.distance) / n_ood / k)
             adversary = divergence_sum(s_logits, logits, obj.kl_direction) / n
             g_adv = flat(torch.autograd.grad(adversary, list(phi.values()), create_graph=True))
             expected = F.cross_entropy(s_logits, y, reduction="sum") / n
@@ -261,7 +265,8 @@ class ReferenceStep:
 
 
 def diagnose(victim: nn.Module, surrogates: Sequence[nn.Module], id_images: torch.Tensor, id_labels: torch.Tensor,
-             ood_images: torch.Tensor, device: str, batch_size: int = 128, kl_direction: str = "official") -> dict[str, float]:
+             ood_images: torch.Tensor, device: str, batch_size: int = 128,
+             kl_direction: str = "official") -> dict[str, float]:
     """Two held-out measures of what InI aims at, averaged over surrogates (frozen, eval mode):
     ood_l1: mean |centred log p_V - centred log p_C| over OOD images and classes (induction: lower = V mimics C);
     id_cosine: mean over ID batches of cos(grad_phi divergence(C, V), grad_phi CE(C(x), y)) (isolation: lower =
@@ -292,7 +297,8 @@ def diagnose(victim: nn.Module, surrogates: Sequence[nn.Module], id_images: torc
                 else:
                     phi = [p.detach().requires_grad_() for p in params]
                     s = functional_call(surrogate, dict(zip([n for n, _ in surrogate.named_parameters()], phi)), (x,))
-                    g_adv = flat(torch.autograd.grad(divergence_sum(s, v, kl_direction) / len(x), phi, retain_graph=True))
+                    adversary = divergence_sum(s, v, kl_direction) / len(x)
+                    g_adv = flat(torch.autograd.grad(adversary, phi, retain_graph=True))
                     g_exp = flat(torch.autograd.grad(F.cross_entropy(s, y), phi))
             cos_sum += float(cosine(g_adv, g_exp)) * len(x)
             cos_weight += len(x)

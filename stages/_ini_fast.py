@@ -70,7 +70,7 @@ def pool_vjp(d: torch.Tensor, masks: list[torch.Tensor], size: tuple[int, int]) 
 
 
 def conv_weight_grad(inputs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """sum_n grad[n] (x) patches of inputs[n]: the weight gradient of a stride-1 conv, as one conv over the batch axis."""
+    """sum_n grad[n] (x) patches of inputs[n]: a stride-1 conv's weight gradient, as one conv over the batch axis."""
     return F.conv2d(inputs.transpose(0, 1), grad.transpose(0, 1)).transpose(0, 1)
 
 
@@ -108,7 +108,8 @@ class Tape:
     `vjp` gives J^T u for T stacked cotangents (N, T, K) at once, `jvp` gives J t for T stacked tangents.
     `cols` and `h1` (from `conv1_all`) let networks that see the same batch share its patches."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, cols: torch.Tensor | None = None, h1: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, x: torch.Tensor, cols: torch.Tensor | None = None,
+                 h1: torch.Tensor | None = None):
         net = model.net
         layers = (net.conv1, net.conv2, net.fc1, net.fc2, net.fc)
         self.params = [p for layer in layers for p in (layer.weight, layer.bias)]
@@ -188,7 +189,8 @@ class FastStep:
                  objective: _ini.Objective, comm: Dist, image_size: int):
         if not all(supports(m, image_size) for m in (victim, *surrogates)):
             raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
-        self.victim, self.surrogates, self.ood, self.objective, self.comm = victim, list(surrogates), ood, objective, comm
+        self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
+        self.objective, self.comm = objective, comm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
@@ -211,7 +213,8 @@ class FastStep:
             s_tape = Tape(surrogate, x, cols, h1[i] if shared else None)
             s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None)
             terms["id_distance"] = terms["id_distance"] - _ini.distance_sum(z, s_tape.z, obj.distance) / n / k
-            terms["ood_distance"] = terms["ood_distance"] + _ini.distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k
+            terms["ood_distance"] = (terms["ood_distance"]
+                                     + _ini.distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k)
             # u = d divergence / d C-logits, kept differentiable in the victim's logits
             s = s_tape.z.requires_grad_()
             u = torch.autograd.grad(_ini.divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
@@ -222,8 +225,8 @@ class FastStep:
             g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
             g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
             sizes = [p.numel() for p in s_tape.w]
-            packed = comm.sum_(torch.cat([torch.cat([g[i].reshape(-1) for g in grads])
-                                          for grads, i in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
+            packed = comm.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
+                                          for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
             g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(sizes)))
             isolation = _ini.cosine(g_adv, g_exp.detach())
             vanishing = g_van.abs().mean()

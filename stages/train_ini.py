@@ -34,7 +34,8 @@ DEFAULT_OOD = {
     "svhn": ("tinyimagenet", "cifar10", "skimage-patches"),
     "tinyimagenet": ("cifar100", "skimage-patches"),
 }
-FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"), 3: ("tinyimagenet", "skimage-patches", "generated")}
+FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
+                3: ("tinyimagenet", "skimage-patches", "generated")}
 
 # "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
 DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
@@ -233,6 +234,7 @@ def diagnose_victim(victim_path: Path, dataset: str, ood: str, seed: int = 0, su
     groups = (("", [build_surrogate(info.arch, data, seed, j).to(device) for j in range(surrogates)]),
               ("_fresh", [build_surrogate(info.arch, data, seed, -1).to(device)]))
     for tag, group in groups:
-        row.update({f"diag_{k}{tag}": v for k, v in _ini.diagnose(victim, group, val_x, val_y, ood_test, device).items()})
+        scores = _ini.diagnose(victim, group, val_x, val_y, ood_test, device)
+        row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
     return row
 
