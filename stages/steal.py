@@ -20,7 +20,7 @@ from rich.table import Table
 
 import models
 from stages import _blackbox, _data, _defense, _loop, _params
-from stages._artifacts import UserError, prepare_output, save_history, save_state, write_artifact
+from stages._artifacts import UserError, check_memory, prepare_output, save_history, save_state, write_artifact
 from stages.attacks import ATTACKS
 from stages.attacks._thief import Recipe, Thief
 
@@ -119,6 +119,8 @@ def run(
     params.update(victim=str(victim), lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
                   epochs=recipe.epochs, data=str(victim_data.path), device=device)
     c, h, _ = info.input_shape
+    # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
+    check_memory(budget * 4 * (c * h * h + len(info.classes)), f"steal: a transfer set of {budget:,} queries")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         surrogate = models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)

@@ -334,6 +334,15 @@ def test_prepare_checks_memory_before_converting(meminfo, tmp_path):
     assert not out.exists()
 
 
+def test_steal_checks_the_transfer_set_fits_before_querying(meminfo, tiny, victim, tmp_path):
+    meminfo(1_000)  # 1 MB; 10,000 queries of 1x28x28 float32 images and 10 answers need 31.8 MB
+    out = tmp_path / "surrogate.h5"
+    line = assert_one_line_error(invoke("steal", "--victim", victim, "--pool", tiny, "--budget", 10_000,
+                                        "--device", "cpu", "--out", out))
+    assert "steal: a transfer set of 10,000 queries needs ~31.8 MB, only 1.0 MB" in line, line
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- determinism
 
 
