@@ -238,9 +238,30 @@ CASES = {
     "steal-unknown-surrogate-arch": lambda c: (*_steal(c), "--arch", "alexnet", "--out", c.out),
     "steal-data-of-another-dataset": lambda c: (*_steal(c), "--data", c.data(name="other"), "--out", c.out),
     "steal-out-under-a-file": lambda c: (*_steal(c), "--out", c.regular_file() / "surrogate.h5"),
+    # train-ini
+    "ini-unknown-ood": lambda c: (*_ini(c), "--ood", "imagenet-21k", "--out", c.out),
+    "ini-ood-missing-file": lambda c: (*_ini(c), "--ood", c.tmp / "nope.h5", "--out", c.out),
+    "ini-ood-wrong-schema": lambda c: (*_ini(c), "--ood", c.victim, "--out", c.out),
+    "ini-ood-truncated": lambda c: (*_ini(c), "--ood", c.truncated(c.tiny), "--out", c.out),
+    "ini-negative-gamma": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--gamma", -1, "--out", c.out),
+    "ini-zero-surrogates": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--surrogates", 0, "--out", c.out),
+    "ini-unknown-surrogate-arch": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--surrogate-archs", "alexnet",
+                                             "--out", c.out),
+    "ini-resume-without-checkpoint": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--resume", "--out", c.out),
+    # evaluate
+    "evaluate-missing-file": lambda c: ("evaluate", c.tmp / "nope.h5", "--out", c.out),
+    "evaluate-dataset-given": lambda c: ("evaluate", c.tiny, "--out", c.out),
+    "evaluate-empty-file": lambda c: ("evaluate", c.file("empty.h5", b""), "--out", c.out),
+    "evaluate-victim-on-other-data": lambda c: ("evaluate", c.victim, "--data", c.data(name="other"), "--out", c.out),
+    "evaluate-bad-benchmark-json": lambda c: ("evaluate", c.victim, "--benchmark", c.file("bench.json", b"{"),
+                                              "--out", c.out),
     # the CLI itself
     "unknown-command": lambda c: ("steal-everything", "--out", c.out),
 }
+
+
+def _ini(c: Case) -> tuple:
+    return ("train-ini", "--dataset", c.tiny, "--epochs", 1, "--batch-size", 32, "--device", "cpu")
 
 
 def _steal(c: Case) -> tuple:
