@@ -70,3 +70,20 @@ def pytest_terminal_summary(terminalreporter):
         ratio = f"{median / base:13.2f}" if base else f"{'-':>13}"
         speedup = f"{median / ini:12.1f}x" if ini else f"{'-':>13}"
         write(f"{device:<6} {batch:>5} {defense:<24} {1000 * median:10.3f} {ratio} {speedup}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A hand-made 10-class dataset/1 file (tests/tiny_data.py): 160 / 40 / 40 images of 1x28x28."""
+    from tiny_data import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("tiny") / "synth.h5")
+
+
+@pytest.fixture(scope="module")
+def victim(tiny, tmp_path_factory) -> Path:
+    """A LeNet-5 victim trained one epoch on `tiny`."""
+    out = tmp_path_factory.mktemp("victim") / "victim.h5"
+    result = invoke("train", "--dataset", tiny, "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    return out

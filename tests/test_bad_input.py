@@ -18,19 +18,6 @@ from stages import _loop
 from tiny_data import replace, write_dataset
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("tiny") / "synth.h5")
-
-
-@pytest.fixture(scope="module")
-def victim(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("victim") / "victim.h5"
-    result = invoke("train", "--dataset", tiny, "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", out)
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
 @dataclass
 class Case:
     tmp: Path

@@ -21,7 +21,6 @@ import torch
 from conftest import assert_one_line_error, invoke
 from stages import _artifacts, _data, _jit, _loop, _victim
 from stages._artifacts import UserError, load_state, open_artifact, sha256
-from tiny_data import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("train", "--epochs", 2, "--batch-size", 32, "--device", "cpu")
@@ -60,19 +59,6 @@ sys.argv = ["cli.py", *sys.argv[1:]]
 import cli
 cli.app()
 """
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("tiny") / "synth.h5")
-
-
-@pytest.fixture(scope="module")
-def victim(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("victim") / "victim.h5"
-    result = invoke(*TRAIN, "--epochs", 1, "--dataset", tiny, "--out", out)
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 def run_until_stall(stall: str, args: tuple, tmp_path: Path) -> None:
