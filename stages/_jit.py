@@ -11,7 +11,7 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,10 +32,15 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(module)
 
 
-def save(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> torch.jit.ScriptModule:
+def save(module: torch.nn.Module, path: Path, metadata: dict[str, Any],
+         check: Callable[[torch.jit.ScriptModule], None] | None = None) -> torch.jit.ScriptModule:
+    """Script and save atomically; `check` gets the file loaded back and may raise before it replaces `path`,
+    so a failed check leaves any previous file untouched."""
     scripted = script(module)
     with atomic_path(path) as partial, _quiet():
         torch.jit.save(scripted, str(partial), _extra_files={METADATA: json.dumps(metadata, default=str)})
+        if check is not None:
+            check(torch.jit.load(str(partial), map_location="cpu").eval())
     return scripted
 
 

@@ -50,16 +50,21 @@ def run(
         output="probabilities", input_range=[0.0, 1.0], inputs=describe_inputs([victim]),
         victim_provenance=info.provenance, versions=versions(),
     )
-    _jit.save(deployed, out, metadata)
-
-    loaded, _ = _jit.load(out)
     x = _data.to_float(dataset.splits["test"][0][:check_images])
     with torch.no_grad():
-        eager, scripted = deployed(x), loaded(x)
-    delta = float((eager - scripted).abs().max())
-    if not delta <= TOLERANCE:
-        out.unlink()
-        raise UserError(f"exported graph differs from the eager model by {delta:.2e} > {TOLERANCE:g}; nothing written")
+        eager = deployed(x)
+    checked = {}
+
+    def check(loaded: torch.jit.ScriptModule) -> None:  # on the written file, before it replaces --out
+        with torch.no_grad():
+            checked["scripted"] = loaded(x)
+        checked["delta"] = float((eager - checked["scripted"]).abs().max())
+        if not checked["delta"] <= TOLERANCE:
+            raise UserError(f"exported graph differs from the eager model by {checked['delta']:.2e} > {TOLERANCE:g}; "
+                            "nothing written")
+
+    _jit.save(deployed, out, metadata, check)
+    delta, scripted = checked["delta"], checked["scripted"]
     accuracy = float((scripted.argmax(1) == dataset.splits["test"][1][:check_images]).float().mean())
 
     table = Table(title=f"export {info.arch} ({info.objective}) on {info.dataset}", title_justify="left")

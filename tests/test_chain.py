@@ -154,3 +154,14 @@ def _empty(tmp_path):
     path = tmp_path / "empty.h5"
     path.touch()
     return path
+
+
+def test_export_that_fails_its_check_keeps_the_previous_file(victim, tmp_path, monkeypatch):
+    from stages import export
+
+    pt = tmp_path / "victim.pt"
+    pt.write_bytes(b"the previous deployment")
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no graph can pass: the check must fail
+    line = assert_one_line_error(invoke("export", "--victim", victim, "--out", pt))
+    assert "differs from the eager model" in line
+    assert pt.read_bytes() == b"the previous deployment" and not list(tmp_path.glob("*.partial"))
