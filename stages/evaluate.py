@@ -70,10 +70,11 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
         graph, info = _open(path, device, cache)
         dataset = _dataset(data or info.dataset_path, info, cache)
         accuracy = _accuracy(graph, dataset, device)
-        return dict(file=str(path), dataset=info.dataset, victim=_victim_setting(path), defense=info.baked_defense,
-                    attack="-", label="-", pool="-", seed=_seed(path), benign_accuracy=accuracy,
+        facts = _victim_facts(path, cache)
+        return dict(file=str(path), dataset=info.dataset, victim=facts["victim"], defense=info.baked_defense,
+                    attack="-", label="-", pool="-", seed=facts["seed"], benign_accuracy=accuracy,
                     stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan,
-                    fidelity=np.nan, queries=0, victim_seconds=_wall(path), steal_seconds=np.nan)
+                    fidelity=np.nan, queries=0, victim_seconds=facts["victim_seconds"], steal_seconds=np.nan)
 
     with open_artifact(path, "surrogate") as f:
         params = attr_json(f, "params")
@@ -108,12 +109,12 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     defense = str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense
     if attrs["defense_params"]:
         defense += " " + ",".join(f"{k}={v:g}" for k, v in sorted(attrs["defense_params"].items()))
-    return dict(file=str(path), dataset=info.dataset, victim=_victim_setting(victim), defense=defense,
+    return dict(file=str(path), dataset=info.dataset, victim=_victim_facts(victim, cache)["victim"], defense=defense,
                 attack=str(attrs["attack"]), label=str(attrs["label"]), pool=_pool_name(params), seed=seed,
                 benign_accuracy=benign, stealing_accuracy=stealing, max_stealing_accuracy=float(np.max(curve)),
                 relative_accuracy=stealing / benign if benign else np.nan,
                 fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
-                victim_seconds=_wall(victim), steal_seconds=steal_seconds)
+                victim_seconds=_victim_facts(victim, cache)["victim_seconds"], steal_seconds=steal_seconds)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -171,37 +172,30 @@ def _accuracy(graph, dataset: _data.Dataset, device: str) -> float:
     return float((_blackbox.predict(graph, _data.to_float(x), device).argmax(1).cpu() == y).float().mean())
 
 
-def _victim_setting(path: Path) -> str:
-    """A victim's recipe without its seed and paths: victims differing only by seed share a setting."""
-    if path.suffix == ".pt":
-        _, meta = _jit.load(path)
-        provenance = meta.get("victim_provenance") or {}
-        params, objective = json.loads(provenance.get("params", "{}")), meta.get("objective", "?")
-    else:
-        with open_artifact(path, "victim") as f:
-            params, objective = attr_json(f, "params"), str(f.attrs["objective"])
-    recipe = {k: v for k, v in params.items() if k not in ("seed", "out", "resume", "dataset", "device")}
-    label = params.get("preset") or objective
-    return f"{params.get('arch', '?')}/{label}#{hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]}"
+def _victim_facts(path: Path, cache: dict) -> dict:
+    """What a row says of its victim, read once per victim: its setting (the recipe without seed and paths, so
+    victims differing only by seed share it), seed and training wall time (unknown for a .pt)."""
+    key = ("facts", str(path))
+    if key not in cache:
+        if path.suffix == ".pt":
+            _, meta = _jit.load(path)
+            provenance = meta.get("victim_provenance") or {}
+            params, objective = json.loads(provenance.get("params", "{}")), meta.get("objective", "?")
+            seed, wall = -1, np.nan
+        else:
+            with open_artifact(path, "victim") as f:
+                params, objective = attr_json(f, "params"), str(f.attrs["objective"])
+                seed, wall = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
+        recipe = {k: v for k, v in params.items() if k not in ("seed", "out", "resume", "dataset", "device")}
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        setting = f"{params.get('arch', '?')}/{params.get('preset') or objective}#{digest}"
+        cache[key] = dict(victim=setting, seed=seed, victim_seconds=wall)
+    return cache[key]
 
 
 def _pool_name(params: dict) -> str:
     pool = params.get("pool")
     return Path(str(pool)).stem if pool else "-"
-
-
-def _seed(path: Path) -> int:
-    if path.suffix == ".pt":
-        return -1
-    with open_artifact(path, "victim") as f:
-        return int(f.attrs["seed"])
-
-
-def _wall(path: Path) -> float:
-    if path.suffix == ".pt":
-        return np.nan
-    with open_artifact(path, "victim") as f:
-        return float(f.attrs.get("wall_seconds", np.nan))
 
 
 def _write_table(group, rows: list[dict], text: tuple[str, ...], numbers: tuple[str, ...]) -> None:
