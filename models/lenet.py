@@ -24,7 +24,9 @@ class LeNet5(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.conv1(x)))
         x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.flatten(self.resize(x), 1)
+        if x.shape[-2] != 5 or x.shape[-1] != 5:  # skip the identity: 2 of 15 ms of a training step
+            x = self.resize(x)
+        x = torch.flatten(x, 1)
         x = torch.relu(self.fc1(x))
         return torch.relu(self.fc2(x))
 

@@ -6,12 +6,17 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+from stages._artifacts import UserError, atomic_path
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 
-from stages._artifacts import UserError, atomic_path  # noqa: E402
+def _pyplot():
+    """matplotlib, imported on first plot: it adds a second to every CLI start otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def pm(group: dict, key: str) -> str:
@@ -49,6 +54,7 @@ def write(folder: Path, groups: list[dict], latency: list[dict] | None, params: 
 
 
 def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for g in groups:
         label = f"{g['victim'].split('#')[0]} | {g['defense']} | {g['label']} | pool {g['pool']}"
@@ -65,6 +71,7 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
 
 def _latency(path: Path, latency: list[dict]) -> Path:
     keys = sorted({(r["device"], r["batch"]) for r in latency})
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
     for ax, (device, batch) in zip(axes[0], keys):
         rows = sorted((r for r in latency if (r["device"], r["batch"]) == (device, batch)), key=lambda r: r["median_ms"])
@@ -78,7 +85,7 @@ def _latency(path: Path, latency: list[dict]) -> Path:
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as partial:
         fig.savefig(partial, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
