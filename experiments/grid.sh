@@ -35,8 +35,10 @@ if [ "$SMOKE" = 1 ]; then
     UNSEEN_POOLS="generated"
 else
     # Reductions, each stated in the report: surrogate training is cut where its curve has flattened.
-    LIMIT=""; VICTIM_EPOCHS=50; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}; BUDGET=50000; DFME_BUDGET=${DFME_BUDGET:-200000}
-    JBDA=""; UNSEEN_POOLS="sklearn-digits skimage-patches generated"
+    # Every reduction can be set from the environment (defaults: the full grid), e.g. for a 3-hour session
+    # VICTIM_EPOCHS=10 LR_STEP=7 SURROGATE_EPOCHS=4 UNSEEN_POOLS=generated DFME_BUDGET=20000 experiments/grid.sh
+    LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}; BUDGET=${BUDGET:-50000}
+    DFME_BUDGET=${DFME_BUDGET:-200000}; JBDA=${JBDA:-}; UNSEEN_POOLS=${UNSEEN_POOLS:-sklearn-digits skimage-patches generated}
 fi
 DATASETS=${DATASETS:-mnist fashionmnist}
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
@@ -66,26 +68,24 @@ for name in $DATASETS $(for d in $DATASETS; do other_family "$d"; done) $UNSEEN_
 done
 sort -u "$cells" -o "$cells"; run_cells "$cells"
 
-# 2. victims, once per seed, reused by every attack
-: > "$cells"
-recipe="--epochs $VICTIM_EPOCHS --lr-step 20 --device cpu"
-for d in $DATASETS; do
-    ood=$OUT/data/$(other_family "$d").h5
-    for s in $SEEDS; do
+# 2-3. per seed (so that an interrupted grid holds whole seeds): the victims, trained once and reused by every
+# attack, then the attacks: (victim, defense) pairs x attacks x pools
+recipe="--epochs $VICTIM_EPOCHS --lr-step ${LR_STEP:-20} --device cpu"
+steal="--device cpu --epochs $SURROGATE_EPOCHS"
+for s in $SEEDS; do
+    : > "$cells"
+    for d in $DATASETS; do
+        ood=$OUT/data/$(other_family "$d").h5
         cell "$OUT/victims/$d-undefended-s$s.h5" train --dataset "$OUT/data/$d.h5" $recipe --seed "$s" >> "$cells"
         cell "$OUT/victims/$d-ini-s$s.h5" train-ini --dataset "$OUT/data/$d.h5" --ood "$ood" $recipe --seed "$s" >> "$cells"
         cell "$OUT/victims/$d-am-s$s.h5" train --objective outlier-exposure --dataset "$OUT/data/$d.h5" --ood "$ood" \
             $recipe --seed "$s" >> "$cells"
     done
-done
-run_cells "$cells"
+    run_cells "$cells"
 
-# 3. attacks: (victim, defense) pairs x attacks x pools
-: > "$cells"
-steal="--device cpu --epochs $SURROGATE_EPOCHS"
-for d in $DATASETS; do
-    seen=$(other_family "$d")
-    for s in $SEEDS; do
+    : > "$cells"
+    for d in $DATASETS; do
+        seen=$(other_family "$d")
         for pair in "undefended:none" "undefended:reverse-sigmoid" "undefended:mad" "undefended:top1" \
                     "undefended:grad2" "ini:none" "am:adaptive-misinformation"; do
             v=${pair%%:*}; defense=${pair#*:}; victim=$OUT/victims/$d-$v-s$s.h5; tag=$d-$v-$defense-s$s
@@ -103,8 +103,8 @@ for d in $DATASETS; do
                 --attack dfme --budget "$DFME_BUDGET" --device cpu --seed "$s" >> "$cells"
         done
     done
+    run_cells "$cells"
 done
-run_cells "$cells"
 rm -f "$cells"
 
 # 4. evaluate everything that exists into one report (failed cells are simply absent, and listed above)
