@@ -155,6 +155,25 @@ class BlackBox:
             return torch.empty(0, self.num_classes, device=device)
         return torch.empty(0, dtype=torch.long, device=device)
 
+    def recorded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The transfer set so far, as stored (for a checkpoint)."""
+        return self._images[: self.used], self._answers[: self.used]
+
+    def replay(self, images: np.ndarray, answers: np.ndarray) -> None:
+        """Take back the transfer set of an interrupted run: its queries stay spent and are never asked again."""
+        n = len(images)
+        fits = (n <= self.budget and len(answers) == n and images.shape[1:] == self._images.shape[1:]
+                and answers.shape[1:] == self._answers.shape[1:])
+        if not fits:
+            raise UserError(f"the checkpoint's transfer set ({n} queries of {list(images.shape[1:])}) does not fit "
+                            "this run; remove it or drop --resume")
+        if n:
+            self._images[:n] = images
+            self._answers[:n] = answers
+        self.used = n
+        if self._on_answer is not None:
+            self._on_answer(n)
+
     def close(self) -> None:
         """Shrink the preallocated transfer set to the queries actually made."""
         if self._images is not None:

@@ -2,7 +2,8 @@
 KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack (INI_SPEC §3-§4).
 
 Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
-accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer).
+accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer). Checkpoints
+beside it after querying and after every epoch (`stages/_steal_checkpoint.py`); `--resume` continues from there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import models
-from stages import _blackbox, _data, _defense, _loop, _params
+from stages import _blackbox, _data, _defense, _loop, _params, _steal_checkpoint
 from stages._artifacts import UserError, check_memory, prepare_output, save_history, save_state, write_artifact
 from stages.attacks import ATTACKS
 from stages.attacks._thief import Recipe, Thief
@@ -61,6 +62,7 @@ def run(
     out: Annotated[Path, typer.Option(help="Output surrogate HDF5.")] = Path("artifacts/surrogate.h5"),
     seed: _loop.Seed = 0,
     device: _loop.Device = "auto",
+    resume: _loop.Resume = False,
 ) -> Path:
     """Steal the victim through a budgeted black box and write the surrogate and the transfer set."""
     started = time.time()
@@ -83,6 +85,9 @@ def run(
     if arch is not None and arch not in models.MODELS:
         raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
     out = prepare_output(out)
+    ckpt = _loop.checkpoint_path(out)
+    if resume and not ckpt.exists():
+        raise UserError(f"--resume: no checkpoint at {ckpt}")
     device = _loop.pick_device(device)
 
     graph, info = _blackbox.open_victim(victim, device)
@@ -95,6 +100,7 @@ def run(
                         f"({len(info.classes)} classes), not on {victim_data.path} ({victim_data.name} "
                         f"{list(victim_data.shape)})")
     inputs = [victim, victim_data.path]
+    hashes = [info.sha256, victim_data.sha256]  # in the fingerprint: a checkpoint keeps pool indices, not images
     images = None
     if pool is not None:
         pool_data = _data.load(pool, splits=(pool_split,))
@@ -106,6 +112,7 @@ def run(
             images = _data.fit_images(images, info.input_shape)
         inputs.append(pool_data.path)
         params["pool"] = str(pool_data.path)
+        hashes.append(pool_data.sha256)
     elif needs_train:
         images = victim_data.splits["train"][0]
     if images is not None and len(images) == 0:
@@ -118,12 +125,15 @@ def run(
     runner = kind(**attack_params)
     params.update(victim=str(victim), lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
                   epochs=recipe.epochs, data=str(victim_data.path), device=device)
+    fingerprint = _loop.fingerprint({**params, "input_sha256": hashes})
     c, h, _ = info.input_shape
     # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
     check_memory(budget * 4 * (c * h * h + len(info.classes)), f"steal: a transfer set of {budget:,} queries")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         surrogate = models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    saved = _steal_checkpoint.read(ckpt, fingerprint, surrogate, generator) if resume else None
 
     test_x, test_y = victim_data.splits["test"]
     test_float = _data.to_float(test_x)
@@ -141,6 +151,11 @@ def run(
         box = _blackbox.BlackBox(answering, budget, label, info.input_shape, len(info.classes), device,
                                  f.create_group("transfer"), kind.UINT8_QUERIES,
                                  on_answer=lambda n: progress.advance(queries_task, n))
+        if saved is not None:
+            box.replay(saved.images, saved.answers)
+            history.update(saved.history)
+            progress.advance(epochs_task, saved.epoch)
+            console.print(f"resumed from {ckpt} after epoch {saved.epoch}, {box.used:,} queries spent")
 
         def end_epoch(stats: dict[str, float]) -> None:
             was_training = surrogate.training
@@ -154,9 +169,13 @@ def run(
             progress.update(epochs_task, advance=1, info=text)
             console.log(f"epoch {len(history['queries'])} queries {box.used:,} loss {stats.get('train_loss', float('nan')):.4g} {text}")
 
-        generator = torch.Generator().manual_seed(seed)
+        def checkpoint(state: dict) -> None:
+            epoch = len(history.get("queries", []))
+            _steal_checkpoint.write(ckpt, fingerprint, epoch, surrogate, generator, history, box, state)
+
         thief = Thief(surrogate, recipe, len(info.classes), tuple(info.input_shape), generator, device, query_batch,
-                      images, end_epoch)
+                      images, end_epoch, checkpoint, saved.attack if saved is not None else {})
+        saved = None  # the transfer set is in the box now
         try:
             runner.run(box, thief)
         except _blackbox.BudgetExhausted:
@@ -179,6 +198,7 @@ def run(
                        max_stealing_note="max over epochs on the test split: peeks at test, not a headline")
         save_state(f.create_group("weights"), surrogate.state_dict())
         save_history(f.create_group("history"), history)
+    ckpt.unlink(missing_ok=True)
     shown = defense if info.baked_defense == "none" else f"{info.baked_defense} (baked into {Path(victim).name})"
     _summarise(attack, label, shown, defense_params, summary, out, time.time() - started)
     return out

@@ -225,6 +225,9 @@ CASES = {
     "steal-unknown-surrogate-arch": lambda c: (*_steal(c), "--arch", "alexnet", "--out", c.out),
     "steal-data-of-another-dataset": lambda c: (*_steal(c), "--data", c.data(name="other"), "--out", c.out),
     "steal-out-under-a-file": lambda c: (*_steal(c), "--out", c.regular_file() / "surrogate.h5"),
+    "steal-resume-without-checkpoint": lambda c: (*_steal(c), "--resume", "--out", c.out),
+    "steal-resume-other-parameters": lambda c: (_stale_checkpoint(c), (*_steal(c), "--resume", "--out", c.out))[1],
+    "steal-resume-damaged-checkpoint": lambda c: (_damaged_checkpoint(c), (*_steal(c), "--resume", "--out", c.out))[1],
     # train-ini
     "ini-unknown-ood": lambda c: (*_ini(c), "--ood", "imagenet-21k", "--out", c.out),
     "ini-ood-missing-file": lambda c: (*_ini(c), "--ood", c.tmp / "nope.h5", "--out", c.out),

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, invoke
-from stages import _artifacts, _data, _jit, _loop, _victim
+from stages import _artifacts, _blackbox, _data, _jit, _loop, _victim
 from stages._artifacts import UserError, load_state, open_artifact, sha256
+from tiny_data import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("train", "--epochs", 2, "--batch-size", 32, "--device", "cpu")
@@ -31,20 +32,25 @@ STALLING_CLI = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from stages import _loop, _victim
+from stages import _loop, _steal_checkpoint, _victim
 marker, stall = os.environ["INI_TEST_MARKER"], os.environ["INI_TEST_STALL"]
 
 def hold():
     open(marker, "w").close()
     time.sleep(300)
 
-if stall == "after-first-checkpoint":
-    write_checkpoint = _loop._write_checkpoint
-    def stalling(path, fingerprint, epoch, *args):
-        write_checkpoint(path, fingerprint, epoch, *args)
-        if epoch == 1:
+def stall_after_epoch(module, name, epoch):  # the first checkpoint written after that epoch (or steal's slice)
+    write = getattr(module, name)
+    def stalling(path, fingerprint, at, *args):
+        write(path, fingerprint, at, *args)
+        if at == epoch:
             hold()
-    _loop._write_checkpoint = stalling
+    setattr(module, name, stalling)
+
+if stall.startswith("after-checkpoint-of-epoch-"):
+    epoch = int(stall.rsplit("-", 1)[1])
+    stall_after_epoch(_loop, "_write_checkpoint", epoch)  # train, train-ini
+    stall_after_epoch(_steal_checkpoint, "write", epoch)
 elif stall == "mid-write":  # half of the victim's tensors are in <out>.partial, on disk
     save_state = _victim.save_state
     def stalling(group, state):
@@ -131,7 +137,7 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, t
 
     out = tmp_path / "resumed.h5"
     out.write_bytes(b"a previous artifact")  # whatever was at --out survives the kill
-    run_until_stall("after-first-checkpoint", (*TRAIN, "--dataset", tiny, "--out", out), tmp_path)
+    run_until_stall("after-checkpoint-of-epoch-1", (*TRAIN, "--dataset", tiny, "--out", out), tmp_path)
     assert out.read_bytes() == b"a previous artifact"
     ckpt = _loop.checkpoint_path(out)
     with open_artifact(ckpt, "checkpoint") as f:
@@ -144,6 +150,82 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, t
     a, b = _victim.load(full)[1], _victim.load(out)[1]
     assert a.history["val_accuracy"] == b.history["val_accuracy"] and a.history["train_loss"] == b.history["train_loss"]
     assert a.chosen_epoch == b.chosen_epoch and not ckpt.exists()
+
+
+def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, one_thread):
+    ood = write_dataset(tmp_path / "ood.h5", name="ood", shape=(3, 32, 32), seed=3)
+    args = ("train-ini", "--dataset", tiny, "--ood", ood, "--epochs", 2, "--batch-size", 64, "--diagnostic-images", 32,
+            "--device", "cpu")
+    full = tmp_path / "full.h5"
+    assert invoke(*args, "--out", full).exit_code == 0
+
+    out = tmp_path / "resumed.h5"
+    run_until_stall("after-checkpoint-of-epoch-1", (*args, "--out", out), tmp_path)
+    ckpt = _loop.checkpoint_path(out)
+    with open_artifact(ckpt, "checkpoint") as f:
+        assert f.attrs["epoch"] == 1
+    assert not out.exists()
+
+    result = invoke(*args, "--out", out, "--resume")
+    assert result.exit_code == 0, result.stderr
+    a, b = _contents(full), _contents(out)
+    for key in ("@params", "@train_seconds", "history/epoch_seconds"):
+        a.pop(key), b.pop(key)
+    _assert_same_contents(a, b)  # weights, frozen surrogates, every loss term and diagnostic
+    assert "ini_surrogate0/net.fc.weight" in a and not ckpt.exists()
+
+
+# Every attack -> its flags, and the evaluation (epoch; dfme: budget slice) whose checkpoint the run is killed after
+STEAL_RESUMES = {
+    "knockoff": (("--attack", "knockoff", "--pool", "{tiny}", "--budget", 120, "--epochs", 3, "--batch-size", 32), 1),
+    # killed in round 2 of 3: after its augmentation, its queries and one of its two epochs
+    "jbda": (("--attack", "jbda", "--pool", "{tiny}", "--budget", 200, "--epochs", 2, "--batch-size", 32,
+              "--attack-param", "seeds=20", "--attack-param", "rounds=3"), 3),
+    # killed at the end of round 1: the resumed run augments (random targets, surrogate in eval mode) first
+    "jbda-tr": (("--attack", "jbda-tr", "--pool", "{tiny}", "--budget", 200, "--epochs", 2, "--batch-size", 32,
+                 "--attack-param", "seeds=20", "--attack-param", "rounds=2"), 2),
+    "adaptive": (("--attack", "adaptive", "--pool", "{tiny}", "--budget", 150, "--epochs", 2, "--batch-size", 32), 1),
+    # 112 queries per iteration, slices of 60: slices 2 and 3 end in the same iteration, killed between them
+    "dfme": (("--attack", "dfme", "--budget", 300, "--epochs", 5, "--batch-size", 16, "--attack-param", "width=8",
+              "--attack-param", "noise_dim=16"), 2),
+}
+
+
+@pytest.mark.parametrize("attack", STEAL_RESUMES)
+def test_steal_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(attack, tiny, victim, tmp_path, monkeypatch,
+                                                                           one_thread):
+    flags, epoch = STEAL_RESUMES[attack]
+    args = ("steal", "--victim", victim, *(tiny if f == "{tiny}" else f for f in flags), "--query-batch", 40,
+            "--device", "cpu")
+    full = tmp_path / "full.h5"
+    result = invoke(*args, "--out", full)
+    assert result.exit_code == 0, result.stderr
+
+    out = tmp_path / "resumed.h5"
+    run_until_stall(f"after-checkpoint-of-epoch-{epoch}", (*args, "--out", out), tmp_path)
+    ckpt = _loop.checkpoint_path(out)
+    with open_artifact(ckpt, "checkpoint") as f:
+        assert f.attrs["epoch"] == epoch and f.attrs["stage"] == "steal"
+        spent = int(f.attrs["queries"])
+        assert len(f["transfer/images"]) == spent > 0
+    assert not out.exists()
+
+    asked = []
+    call = _blackbox.BlackBox.__call__
+
+    def counting(box, images):
+        answers = call(box, images)
+        asked.append(len(answers))
+        return answers
+
+    monkeypatch.setattr(_blackbox.BlackBox, "__call__", counting)
+    result = invoke(*args, "--out", out, "--resume")
+    assert result.exit_code == 0, result.stderr
+    a, b = _contents(full), _contents(out)
+    a.pop("@params"), b.pop("@params")  # they name --out
+    _assert_same_contents(a, b)  # weights, history, the transfer set, queries spent, every summary number
+    assert sum(asked) == a["@queries"] - spent  # what the killed run spent is never asked again
+    assert not ckpt.exists() and not list(tmp_path.glob("*.partial"))
 
 
 # ---------------------------------------------------------------------------------------------- no code on load
@@ -198,6 +280,8 @@ OFFERS = {
                                                                    "--pool", tiny, "--out", tmp / "out.h5"),
     "steal-pool-pickle": lambda tmp, m, tiny, victim: ("steal", "--victim", victim, "--pool",
                                                        _pickle(tmp / "pool.h5", m), "--out", tmp / "out.h5"),
+    "steal-checkpoint-pickle": lambda tmp, m, tiny, victim: ("steal", "--victim", victim, "--pool", tiny, "--device",
+                                                             "cpu", "--resume", "--out", _checkpoint(tmp, m)),
 }
 
 

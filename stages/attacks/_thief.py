@@ -1,10 +1,12 @@
-"""What an attack is given: the budgeted query callable, and the thief's own surrogate, pool and recipe."""
+"""What an attack is given: the budgeted query callable, and the thief's own surrogate, pool and recipe; and how
+it checkpoints: `thief.checkpoint(state)` hands the stage what the attack needs to come back to that point, and a
+resumed run gets it back once from `thief.resume()`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +49,34 @@ class Thief:
     query_batch: int = 500  # images per query call
     pool: Optional[torch.Tensor] = None  # uint8 (N, C, H, W) at the victim's input shape
     end_epoch: Callable[[dict[str, float]], None] = field(default=lambda stats: None)  # the stage evaluates here
+    # The stage saves {name: tensor | number} beside the surrogate, the generator, the history and the transfer set.
+    checkpoint: Callable[[dict[str, Any]], None] = field(default=lambda state: None)
+    resumed: dict[str, Any] = field(default_factory=dict)  # the state of the checkpoint this run resumes from
 
     def optimizer(self) -> torch.optim.SGD:
         r = self.recipe
         return torch.optim.SGD(self.surrogate.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+
+    def resume(self) -> dict[str, Any]:
+        """The attack state of the checkpoint resumed from, handed over once (empty on a fresh run)."""
+        state, self.resumed = self.resumed, {}
+        return state
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """Every per-parameter buffer (SGD momentum; Adam's moments and step count), flat, for a checkpoint."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {f"{prefix}.{i}.{name}": value for i, p in enumerate(params)
+            for name, value in optimizer.state.get(p, {}).items() if isinstance(value, torch.Tensor)}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], prefix: str) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in state.items():
+        if key.startswith(prefix + "."):
+            index, name = key[len(prefix) + 1 :].split(".", 1)
+            p = params[int(index)]
+            optimizer.state[p][name] = value if name == "step" else value.to(p.device)  # Adam keeps its step on CPU
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -64,15 +90,21 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
-def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int) -> None:
+def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int,
+                    keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None) -> None:
     """Fit thief.surrogate on a transfer set for `epochs` (cosine schedule); `thief.end_epoch` after each epoch.
 
     `images`: uint8 (pool images) or float in [0, 1]; `targets`: probabilities (N, K) or labels (N,).
+    After each epoch `thief.checkpoint` gets `keep` (the attack's state, enough to rebuild these arguments) with the
+    epoch and the momentum buffers; given such a checkpoint's state as `resumed`, training continues after it.
     """
     model, recipe = thief.surrogate, thief.recipe
     optimizer = thief.optimizer()
     n = len(images)
-    for epoch in range(epochs):
+    start = int((resumed or {}).get("epochs_trained", 0))
+    if start:
+        load_optimizer_state(optimizer, resumed, "optimizer")
+    for epoch in range(start, epochs):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(recipe.lr, epoch, epochs)
         model.train()
@@ -89,6 +121,7 @@ def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, e
             total, steps = total + float(loss.detach()), steps + 1
         model.eval()
         thief.end_epoch({"train_loss": total / max(1, steps), "lr": optimizer.param_groups[0]["lr"]})
+        thief.checkpoint({**(keep or {}), "epochs_trained": epoch + 1, **optimizer_state(optimizer, "optimizer")})
 
 
 def ask(query: Query, images: torch.Tensor, batch: int):

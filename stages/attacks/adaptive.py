@@ -47,6 +47,15 @@ class Adaptive:
         return epochs
 
     def run(self, query: Query, thief: Thief) -> None:
+        """Checkpoints after querying (the voted images as pool indices, and their targets) and after every epoch."""
+        state = thief.resume()
+        if not state:
+            state = self._vote(query, thief)
+            thief.checkpoint(state)
+        keep = {"chosen": state["chosen"], "targets": state["targets"]}
+        train_surrogate(thief, thief.pool[keep["chosen"]], keep["targets"], thief.recipe.epochs, keep, state)
+
+    def _vote(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
         pool, k, gen = thief.pool, self.smoothing, thief.generator
         n = min(-(-query.remaining // k), len(pool))  # a last image may get fewer than k answers
         order = torch.randperm(len(pool), generator=gen)[:n]
@@ -71,5 +80,4 @@ class Adaptive:
             if got < len(views) * k:
                 break
         kept = counts > 0
-        targets = votes[kept] / counts[kept, None]
-        train_surrogate(thief, images[kept], targets, thief.recipe.epochs)
+        return {"chosen": order[kept], "targets": votes[kept] / counts[kept, None]}

@@ -4,7 +4,7 @@ gradient is estimated by forward differences, so only queries are spent.
 
 Victim logits are recovered from probabilities as centred log-probabilities. Per iteration: one generator step
 (B images and B*m perturbed copies: B(m+1) queries) and `student_steps` surrogate steps (B queries each). The
-budget is spent in `--epochs` equal slices, the surrogate evaluated after each.
+budget is spent in `--epochs` equal slices, the surrogate evaluated (and the attack checkpointed) after each.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from models.generator import Generator
 from stages._params import Param
-from stages.attacks._thief import Query, Thief, cosine_lr
+from stages.attacks._thief import Query, Thief, cosine_lr, load_optimizer_state, optimizer_state
 
 
 def victim_logits(probs: torch.Tensor) -> torch.Tensor:
@@ -51,16 +51,40 @@ class DFME:
         return epochs
 
     def run(self, query: Query, thief: Thief) -> None:
+        """Checkpoints after every budget slice: generator, both optimizers, the iteration, the last losses."""
         c, h, _ = thief.input_shape
         gen, device, b = thief.generator, thief.device, thief.recipe.batch_size
+        state = thief.resume()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            torch.manual_seed(0 if state else int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             generator = Generator(self.noise_dim, c, h, self.width).to(device).train()  # batch statistics throughout, as DFME
         g_opt = torch.optim.Adam(generator.parameters(), lr=self.generator_lr)
         s_opt = thief.optimizer()
-        epochs, total = thief.recipe.epochs, query.remaining
+        epochs, total, done, it = thief.recipe.epochs, query.remaining, 0, 0
+        stats = {"train_loss": 0.0, "generator_loss": 0.0}
+        if state:
+            generator.load_state_dict({k.removeprefix("generator."): v.to(device) for k, v in state.items()
+                                       if k.startswith("generator.")})
+            load_optimizer_state(g_opt, state, "generator_optimizer")
+            load_optimizer_state(s_opt, state, "optimizer")
+            for group in s_opt.param_groups:
+                group["lr"] = state["lr"]
+            total, done, it = int(state["total"]), int(state["slices"]), int(state["iteration"])
+            stats = {key: float(state[key]) for key in stats}
         iterations = -(-total // (b * (self.directions + 1 + self.student_steps)))
-        stats, done, it = {"train_loss": 0.0, "generator_loss": 0.0}, 0, 0
+
+        def end_slices() -> None:
+            nonlocal done
+            spent = total - query.remaining
+            while done < epochs and spent >= -(-total * (done + 1) // epochs):  # end of a budget slice
+                thief.end_epoch({**stats, "lr": s_opt.param_groups[0]["lr"]})
+                done += 1
+                thief.checkpoint({**{f"generator.{k}": v for k, v in generator.state_dict().items()},
+                                  **optimizer_state(g_opt, "generator_optimizer"), **optimizer_state(s_opt, "optimizer"),
+                                  "lr": s_opt.param_groups[0]["lr"], "total": total, "slices": done, "iteration": it,
+                                  **stats})
+
+        end_slices()  # resumed between two slices that ended in the same iteration
         while query.remaining > 0:
             for group in s_opt.param_groups:
                 group["lr"] = cosine_lr(thief.recipe.lr, it, iterations)
@@ -70,10 +94,7 @@ class DFME:
                     break
                 stats["train_loss"] = self._student_step(query, thief, generator, s_opt, b)
             it += 1
-            spent = total - query.remaining
-            while done < epochs and spent >= -(-total * (done + 1) // epochs):  # end of a budget slice
-                thief.end_epoch({**stats, "lr": s_opt.param_groups[0]["lr"]})
-                done += 1
+            end_slices()
 
     def _noise(self, thief: Thief, n: int) -> torch.Tensor:
         return torch.randn(n, self.noise_dim, generator=thief.generator).to(thief.device)

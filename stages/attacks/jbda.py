@@ -33,24 +33,36 @@ class JBDA:
         return epochs * self.rounds
 
     def run(self, query: Query, thief: Thief) -> None:
+        """Checkpoints after each round's queries (the set, its answers, the round) and after every epoch."""
         seeds = min(self.seeds, len(thief.pool))
-        pick = torch.randperm(len(thief.pool), generator=thief.generator)[:seeds]
         capacity = seeds * 2 ** (self.rounds - 1)
         images = torch.empty(capacity, *thief.input_shape)  # preallocated: each round doubles the filled part
-        images[:seeds] = thief.pool[pick].float() / 255.0
         soft = query.label == "soft"
         targets = torch.empty((capacity, thief.num_classes) if soft else (capacity,), dtype=torch.float32 if soft else torch.long)
-        size, labelled = seeds, 0
-        for r in range(self.rounds):
-            first = 0 if self.relabel else labelled
-            done = first
-            for start, answers in ask(query, images[first:size], thief.query_batch):
-                targets[first + start : first + start + len(answers)] = answers.cpu()
-                done = first + start + len(answers)
-            labelled = max(labelled, done)
-            if labelled == 0:
-                return
-            train_surrogate(thief, images[:labelled], targets[:labelled], thief.recipe.epochs)
+        state = thief.resume()
+        if state:
+            first_round, size, labelled = int(state["round"]), int(state["size"]), int(state["labelled"])
+            images[:size], targets[:labelled] = state["images"], state["targets"]
+        else:
+            pick = torch.randperm(len(thief.pool), generator=thief.generator)[:seeds]
+            images[:seeds] = thief.pool[pick].float() / 255.0
+            first_round, size, labelled = 0, seeds, 0
+        for r in range(first_round, self.rounds):
+            if not state:  # a resumed round had its queries answered before the interruption
+                first = 0 if self.relabel else labelled
+                done = first
+                for start, answers in ask(query, images[first:size], thief.query_batch):
+                    targets[first + start : first + start + len(answers)] = answers.cpu()
+                    done = first + start + len(answers)
+                labelled = max(labelled, done)
+                if labelled == 0:
+                    return
+            keep = {"round": r, "size": size, "labelled": labelled, "images": images[:size],
+                    "targets": targets[:labelled]}
+            if not state:
+                thief.checkpoint(keep)
+            train_surrogate(thief, images[:labelled], targets[:labelled], thief.recipe.epochs, keep, state)
+            state = {}
             if labelled < size or query.remaining == 0 or r == self.rounds - 1:
                 return
             labels = targets[:size].argmax(1) if soft else targets[:size]

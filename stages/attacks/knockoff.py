@@ -20,6 +20,15 @@ class Knockoff:
         return epochs
 
     def run(self, query: Query, thief: Thief) -> None:
+        """Checkpoints after querying (the transfer set as pool indices and answers) and after every epoch."""
+        state = thief.resume()
+        if not state:
+            state = self._query(query, thief)
+            thief.checkpoint(state)
+        keep = {"order": state["order"], "targets": state["targets"]}
+        train_surrogate(thief, thief.pool[keep["order"]], keep["targets"], thief.recipe.epochs, keep, state)
+
+    def _query(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
         pool = thief.pool
         n = min(query.remaining, len(pool))
         order = torch.randperm(len(pool), generator=thief.generator)[:n]
@@ -30,4 +39,4 @@ class Knockoff:
         for start, answers in ask(query, images, thief.query_batch):
             targets[start : start + len(answers)] = answers.cpu()
             filled = start + len(answers)
-        train_surrogate(thief, images[:filled], targets[:filled], thief.recipe.epochs)
+        return {"order": order[:filled], "targets": targets[:filled]}
