@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from stages import _data
 from stages._loop import Dist
+from stages._ood import OodStream  # noqa: F401 - the steps' OOD batches, part of this module's API
 
 # The loss terms in the order the official code lists them (its PCGrad shuffles positions in this list).
 TERMS = ("benign", "id_distance", "ood_distance", "isolation", "vanishing")
@@ -120,26 +121,6 @@ def pcgrad_coefficients(gram: torch.Tensor, generator: torch.Generator, reductio
 # ------------------------------------------------------------------------------------------------ data and helpers
 
 
-class OodStream:
-    """The OOD batches: every epoch draws a new order from its generator (so a resumed run replays it) and the stream
-    cycles through it; a batch has the ID batch size, is augmented like ID data, then cut to this rank's shard."""
-
-    def __init__(self, images: torch.Tensor, batch_size: int, augment: bool, comm: Dist):
-        self.images, self.batch_size, self.augment, self.comm = images, batch_size, augment, comm
-        self.order, self.cursor = torch.arange(len(images)), 0
-
-    def begin(self, generator: torch.Generator) -> None:
-        self.order, self.cursor = torch.randperm(len(self.images), generator=generator), 0
-
-    def next(self, generator: torch.Generator) -> torch.Tensor:
-        idx = self.order[(self.cursor + torch.arange(self.batch_size)) % len(self.order)]
-        self.cursor = (self.cursor + self.batch_size) % len(self.order)
-        x = _data.to_float(self.images[idx.to(self.images.device)])
-        if self.augment:
-            x = _data.augment_crop_flip(x, generator)
-        return x[self.comm.shard(len(x))] if self.comm.world > 1 else x
-
-
 @contextlib.contextmanager
 def ood_batchnorm(model: nn.Module, mode: str) -> Iterator[None]:
     """How the victim's BatchNorm treats OOD batches. mixed (official): like ID batches, so the running statistics
@@ -220,7 +201,7 @@ class ReferenceStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
-        x_ood = self.ood.next(generator)
+        x_ood = self.ood.next(generator, x, y)
         n, n_ood = global_counts(comm, len(x), len(x_ood))
         logits = self.victim(x)
         with ood_batchnorm(self.victim, obj.bn_mode):

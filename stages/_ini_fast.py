@@ -195,7 +195,7 @@ class FastStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
         weights = obj.weights()
-        x_ood = self.ood.next(generator)
+        x_ood = self.ood.next(generator, x, y)
         n, n_ood = _ini.global_counts(comm, len(x), len(x_ood))
         # LeNet-5 has no BatchNorm or dropout: train and eval forwards agree, every bn_mode is the same.
         nets = [self.victim, *self.surrogates]

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 import models
-from stages import _data, _ini, _ini_fast, _loop, _victim, train
+from stages import _data, _ini, _ini_fast, _loop, _ood, _victim, train
 from stages._artifacts import UserError, prepare_output
 
 console = Console(stderr=True)
@@ -36,6 +36,15 @@ DEFAULT_OOD = {
 }
 FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
                 3: ("tinyimagenet", "skimage-patches", "generated")}
+# The "broad" preset's OOD mixture: every family of the victim's channel count that prepare can make, except the
+# victim's own and the sets of the same task (digits for a digit victim: a thief's digits should be answered).
+BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-patches", "generated"),
+             3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated")}
+SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
+             "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
+# Presets: the paper's recipe, and the one issue 7 measures against pools the defense never saw.
+PRESETS = {"faithful": {"ood_derived": "", "ood_augment": "id"},
+           "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_augment": "heavy"}}
 
 # "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
 DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
@@ -45,10 +54,23 @@ def run(
     dataset: Annotated[str, typer.Option(help="Prepared dataset (.h5) or dataset name.")] = "mnist",
     arch: Annotated[str, typer.Option(help=f"Architecture: {', '.join(models.MODELS)}.")] = "lenet5",
     out: Annotated[Path, typer.Option(help="Output victim HDF5.")] = Path("artifacts/victim-ini.h5"),
+    preset: Annotated[Literal["faithful", "broad"], typer.Option(
+        help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
+             "heavily augmented, plus outliers derived from ID images (--ood, --ood-derived and --ood-augment "
+             "override it).")] = "faithful",
     ood: Annotated[Optional[str], typer.Option(
-        help="OOD set (.h5 or name) for the induction and vanishing terms [default: per dataset, the paper's when "
-             "prepare can make it offline: mnist -> kmnist, else fashionmnist; cifar10 -> tinyimagenet, else "
-             "cifar100, else skimage-patches].")] = None,
+        help="OOD set(s) (.h5 or names, comma-separated: a mixture balanced per set) for the induction and vanishing "
+             "terms [default: faithful: per dataset, the paper's when prepare can make it offline: mnist -> kmnist, "
+             "else fashionmnist; cifar10 -> tinyimagenet, else cifar100, else skimage-patches; broad: every offline "
+             "family of the victim's channel count but its own and same-task sets].")] = None,
+    ood_derived: Annotated[Optional[str], typer.Option(
+        help="Outliers derived from each ID batch, comma-separated: shuffle (patches in a random order), mix (two "
+             "classes blended), corrupt (noise and half erased); '' for none [default: the preset's].")] = None,
+    ood_derived_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of each OOD batch made of derived outliers, when there are any.")] = 0.5,
+    ood_augment: Annotated[Optional[Literal["id", "heavy"]], typer.Option(
+        help="OOD augmentation: id (as ID images) or heavy (flips, transposition, inversion, gamma) "
+             "[default: the preset's].")] = None,
     epochs: _loop.Epochs = 50,
     batch_size: _loop.BatchSize = 128,
     lr: _loop.LR = 0.1,
@@ -97,11 +119,23 @@ def run(
         if a not in models.MODELS:
             raise UserError(f"--surrogate-archs: unknown architecture {a!r}; choose from {', '.join(models.MODELS)}")
     archs = [archs[i % len(archs)] for i in range(surrogates)]
+    ood_derived = PRESETS[preset]["ood_derived"] if ood_derived is None else ood_derived
+    derived = [k.strip() for k in ood_derived.split(",") if k.strip()]
+    for k in derived:
+        if k not in _ood.DERIVED:
+            raise UserError(f"--ood-derived: unknown outlier kind {k!r}; choose from {', '.join(_ood.DERIVED)}")
+    ood_augment = ood_augment or PRESETS[preset]["ood_augment"]
     out = prepare_output(out)
     data = _data.load(dataset)
-    ood_data = _data.load(ood or default_ood(data), splits=("train", "test"))
-    if ood_data.sha256 == data.sha256:
-        raise UserError(f"--ood {ood_data.path} is the victim's own dataset; InI needs out-of-distribution images")
+    names = [n.strip() for n in ood.split(",") if n.strip()] if ood else default_ood(data, preset)
+    if not names:
+        raise UserError("--ood names no set")
+    ood_sets = [_data.load(name, splits=("train", "test")) for name in names]
+    for ood_data in ood_sets:
+        if ood_data.sha256 == data.sha256:
+            raise UserError(f"--ood {ood_data.path} is the victim's own dataset; InI needs out-of-distribution images")
+    if len({o.sha256 for o in ood_sets}) < len(ood_sets):
+        raise UserError("--ood names the same set twice")
     recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
                           _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
     comm = _loop.distributed(recipe.device)
@@ -115,13 +149,16 @@ def run(
     if implementation == "fast" and not fast:
         raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
     use_fast = fast and implementation != "reference"
-    params.update(dataset=str(data.path), ood=str(ood_data.path), device=recipe.device.split(":")[0],
-                  augment=recipe.augment, surrogate_archs=archs, processes=comm.world)
+    params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
+                  ood_augment=ood_augment, device=recipe.device.split(":")[0], augment=recipe.augment,
+                  surrogate_archs=archs, processes=comm.world)
 
-    ood_train = _data.fit_images(ood_data.splits["train"][0], data.shape).to(recipe.device)
-    if not len(ood_train):
-        raise UserError(f"{ood_data.path}: the OOD train split holds no images")
-    stream = _ini.OodStream(ood_train, batch_size, recipe.augment, comm)
+    ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(recipe.device) for o in ood_sets]
+    for o, images in zip(ood_sets, ood_train):
+        if not len(images):
+            raise UserError(f"{o.path}: the OOD train split holds no images")
+    stream = _ood.OodStream(ood_train, batch_size, recipe.augment, comm, derived, ood_derived_fraction,
+                            heavy=ood_augment == "heavy")
     step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1]) if use_fast
             else _ini.ReferenceStep(victim, nets, stream, objective, comm))
 
@@ -131,12 +168,13 @@ def run(
                 for j, (net, a) in enumerate(zip(nets, archs)):
                     net.load_state_dict(build_surrogate(a, data, seed, j, generation=epoch).state_dict())
             else:
-                distill(nets, victim, ood_train, refresh_steps, batch_size, gen)
+                distill(nets, victim, torch.cat(ood_train), refresh_steps, batch_size, gen)
         stream.begin(gen)
 
     n_diag = diagnostic_images
     val_x, val_y = (t[:n_diag] for t in data.splits["val"])
-    ood_test = _data.fit_images(ood_data.splits["test"][0][:n_diag], data.shape)
+    # held-out OOD images for the diagnostics: the first --ood set's test split (the faithful recipe's one set)
+    ood_test = _data.fit_images(ood_sets[0].splits["test"][0][:n_diag], data.shape)
 
     def diagnostics() -> dict[str, float]:
         if not n_diag or not comm.main:  # only rank 0 keeps history
@@ -154,35 +192,44 @@ def run(
         _loop.leave(comm)
         return None
     params["implementation"] = "fast" if use_fast else "reference"
-    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, ood_data.path], seed,
+    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)], seed,
                  started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
     _loop.leave(comm)
-    train.summarise(f"train-ini {arch} on {data.name} (OOD {ood_data.name})", data, result, out)
+    train.summarise(f"train-ini {arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out)
     last = {k: v[-1] for k, v in result.history.items() if k.startswith("diag_")}
     if last:
         console.print("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
     return out
 
 
-def default_ood(data: _data.Dataset) -> str:
-    """The first candidate already prepared, or that `prepare` can make without the network."""
+def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
+    """faithful: the first candidate already prepared, or that `prepare` can make without the network; broad: every
+    such candidate of the broad mixture."""
     from stages import _sources, prepare
 
-    candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
+    if preset == "broad":
+        channels = 1 if data.shape[0] == 1 else 3
+        candidates = [n for n in BROAD_OOD[channels] if n != data.name and n not in SAME_TASK.get(data.name, ())]
+    else:
+        candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
+    found = []
     for name in candidates:
         if name == data.name or name not in _sources.DATASETS:
             continue
         path = prepare.default_path(name)
-        if path.exists():
-            return str(path)
-        try:
-            prepare.run(dataset=name, out=path, download=False)
-        except UserError as e:
-            console.print(f"OOD candidate {name} unavailable offline ({e}); trying the next")
-            continue
-        return str(path)
-    raise UserError(f"no OOD set for {data.name} could be prepared offline; pass --ood")
+        if not path.exists():
+            try:
+                prepare.run(dataset=name, out=path, download=False)
+            except UserError as e:
+                console.print(f"OOD candidate {name} unavailable offline ({e}); trying the next")
+                continue
+        found.append(str(path))
+        if preset != "broad":
+            break
+    if not found:
+        raise UserError(f"no OOD set for {data.name} could be prepared offline; pass --ood")
+    return found
 
 
 def surrogate_seed(seed: int, index: int, generation: int = 0) -> int:

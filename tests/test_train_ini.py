@@ -61,7 +61,7 @@ class _FixedOod:
     def __init__(self, x):
         self.x = x
 
-    def next(self, _gen):
+    def next(self, _gen, *_id_batch):
         return self.x
 
 
@@ -159,8 +159,8 @@ def _lenet(seed: int, dtype=torch.float64, channels: int = 1, size: int = 28) ->
 
 
 class _DoubleOod(_ini.OodStream):
-    def next(self, generator):
-        return super().next(generator).double()
+    def next(self, generator, *id_batch):
+        return super().next(generator, *id_batch).double()
 
 
 @pytest.mark.parametrize("objective,k,shape", [
@@ -346,6 +346,11 @@ def test_default_ood_is_the_papers_when_offline_else_the_next(monkeypatch, tmp_p
 
     monkeypatch.setattr(prepare, "run", fake_prepare)
     mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
-    assert train_ini.default_ood(mnist) == str(tmp_path / "fashionmnist.h5") and made == ["fashionmnist"]
+    assert train_ini.default_ood(mnist) == [str(tmp_path / "fashionmnist.h5")] and made == ["fashionmnist"]
     (tmp_path / "kmnist.h5").write_bytes(b"")  # once KMNIST is prepared, it is the choice
-    assert train_ini.default_ood(mnist) == str(tmp_path / "kmnist.h5")
+    assert train_ini.default_ood(mnist) == [str(tmp_path / "kmnist.h5")]
+    # broad: every family that can be made, but the victim's own and same-task digits
+    broad = train_ini.default_ood(mnist, "broad")
+    names = [Path(p).stem for p in broad]
+    assert names[:2] == ["fashionmnist", "kmnist"] and "skimage-patches" in names and "generated" in names
+    assert "mnist" not in names and "sklearn-digits" not in names

@@ -1,0 +1,115 @@
+"""The OOD stream of train-ini (issue 7): mixtures balanced per set, heavy augmentation, outliers derived from ID
+images, and the broad preset end to end on tiny data."""
+
+import h5py
+import pytest
+import torch
+
+from stages import _ood
+from stages._loop import Dist
+from tests.conftest import assert_one_line_error, invoke
+
+
+def _digits(n: int = 32, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ID images with a bright vertical bar whose column encodes the class."""
+    x = torch.zeros(n, 1, size, size)
+    y = torch.arange(n) % 10
+    for i, c in enumerate(y.tolist()):
+        x[i, 0, 4:24, 2 + 2 * c] = 1.0
+    return x, y
+
+
+def test_mixture_is_balanced_per_set_whatever_their_sizes():
+    big = torch.full((1000, 1, 28, 28), 10, dtype=torch.uint8)
+    small = torch.full((7, 1, 28, 28), 200, dtype=torch.uint8)
+    stream = _ood.OodStream([big, small], 64, False, Dist())
+    stream.begin(torch.Generator().manual_seed(0))
+    batch = stream.next(torch.Generator().manual_seed(1))
+    values = (batch[:, 0, 0, 0] * 255).round()
+    assert batch.shape == (64, 1, 28, 28)
+    assert (values == 10).sum() == 32 and (values == 200).sum() == 32  # 7 images cycled to fill their half
+
+
+def test_derived_fraction_and_kinds():
+    x, y = _digits()
+    src = torch.zeros(50, 1, 28, 28, dtype=torch.uint8)
+    stream = _ood.OodStream([src], 40, False, Dist(), derived=("shuffle", "mix", "corrupt"), derived_fraction=0.5)
+    stream.begin(torch.Generator().manual_seed(0))
+    batch = stream.next(torch.Generator().manual_seed(1), x, y)
+    assert batch.shape == (40, 1, 28, 28)
+    assert batch[:20].abs().sum() == 0  # the drawn half: the all-black source
+    assert batch[20:].flatten(1).sum(1).gt(0).all()  # every derived image keeps some ink
+    with pytest.raises(ValueError, match="need the ID batch"):
+        stream.next(torch.Generator())
+
+
+def test_shuffle_permutes_patches_and_keeps_the_ink():
+    x, y = _digits(8)
+    out = _ood.derive(x, y, ["shuffle"], 8, torch.Generator().manual_seed(0))
+    src_patches = x.unfold(2, 7, 7).unfold(3, 7, 7).reshape(8, 16, 49)
+    out_patches = out.unfold(2, 7, 7).unfold(3, 7, 7).reshape(8, 16, 49)
+    # every output is one input's 16 patches in another order: same multiset of patch sums, not the same image
+    sums = src_patches.sum(-1).sort(1).values
+    out_sums = out_patches.sum(-1).sort(1).values
+    assert any(torch.allclose(o, s) for o in out_sums for s in sums)
+    assert all(not any(torch.equal(o, s) for s in x) for o in out)
+
+
+def test_mix_blends_two_different_classes():
+    x, y = _digits(20)
+    out = _ood.derive(x, y, ["mix"], 20, torch.Generator().manual_seed(0))
+    for img in out:
+        lit = (img[0, 10] > 0).nonzero().flatten()  # one row through the bars: two columns lit, weights sum to 1
+        assert len(lit) == 2
+        assert torch.isclose(img[0, 10, lit].sum(), torch.tensor(1.0))
+        assert img[0, 10, lit].min() >= 0.35 - 1e-6
+
+
+def test_corrupt_erases_half_and_adds_noise():
+    x = torch.full((16, 1, 28, 28), 0.5)
+    out = _ood.derive(x, None, ["corrupt"], 16, torch.Generator().manual_seed(0))
+    zero = (out == 0).flatten(1).float().mean(1)
+    assert (zero >= 0.5).all()  # the erased half, plus noise clipped at 0
+    assert out.std() > 0.2
+
+
+def test_heavy_augment_inverts_and_stays_in_range():
+    x = torch.zeros(200, 1, 28, 28)
+    out = _ood.heavy_augment(x, torch.Generator().manual_seed(0))
+    inverted = out.flatten(1).mean(1) > 0.5
+    assert 0.3 < inverted.float().mean() < 0.7
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_same_seed_same_batches():
+    x, y = _digits()
+    src = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    batches = []
+    for _ in range(2):
+        stream = _ood.OodStream([src], 32, True, Dist(), derived=("mix", "corrupt"), heavy=True)
+        g = torch.Generator().manual_seed(7)
+        stream.begin(g)
+        batches.append(torch.cat([stream.next(g, x, y) for _ in range(3)]))
+    assert torch.equal(*batches)
+
+
+def test_train_ini_broad_preset_on_tiny_data(tiny, tmp_path):
+    gen = tmp_path / "gen.h5"
+    assert invoke("prepare", "--dataset", "generated", "--limit", 300, "--out", gen).exit_code == 0
+    out = tmp_path / "v.h5"
+    result = invoke("train-ini", "--dataset", tiny, "--preset", "broad", "--ood", f"{gen},{gen.with_name('gen2.h5')}",
+                    "--epochs", 1, "--out", out, "--diagnostic-images", 32)
+    assert "gen2.h5" in assert_one_line_error(result)  # a missing mixture member is named
+    result = invoke("train-ini", "--dataset", tiny, "--preset", "broad", "--ood", str(gen), "--epochs", 1,
+                    "--out", out, "--diagnostic-images", 32, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        params = f.attrs["params"]
+        assert '"ood_derived": "shuffle,mix,corrupt"' in params and '"ood_augment": "heavy"' in params
+        assert f["history/train_vanishing"].shape == (1,)
+
+
+def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
+    result = invoke("train-ini", "--dataset", tiny, "--ood-derived", "shuffle,blur", "--out", tmp_path / "v.h5")
+    assert "blur" in assert_one_line_error(result)
+    assert not (tmp_path / "v.h5").exists()
