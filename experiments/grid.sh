@@ -35,31 +35,17 @@ if [ "$SMOKE" = 1 ]; then
     UNSEEN_POOLS="generated"
 else
     # Reductions, each stated in the report: surrogate training is cut where its curve has flattened.
-    # Every reduction can be set from the environment (defaults: the full grid), e.g. for a 3-hour session
-    # VICTIM_EPOCHS=10 LR_STEP=7 SURROGATE_EPOCHS=4 UNSEEN_POOLS=generated DFME_BUDGET=20000 experiments/grid.sh
+    # Every reduction can be set from the environment (defaults: the full grid); docs/results.md states the ones it
+    # used. Knockoff asks at most one query per pool image, so a small pool needs more epochs for the same number
+    # of surrogate steps: UNSEEN_EPOCHS (default SURROGATE_EPOCHS) applies to the unseen pools. DFME_BUDGET=0 skips
+    # DFME (it needs 100k+ queries to get anywhere).
     LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}; BUDGET=${BUDGET:-50000}
     DFME_BUDGET=${DFME_BUDGET:-200000}; JBDA=${JBDA:-}; UNSEEN_POOLS=${UNSEEN_POOLS:-sklearn-digits skimage-patches generated}
 fi
-DATASETS=${DATASETS:-mnist fashionmnist}
+DATASETS=${DATASETS:-mnist fashionmnist}; UNSEEN_EPOCHS=${UNSEEN_EPOCHS:-$SURROGATE_EPOCHS}
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
-# run_cells FILE: each line "OUTPUT<TAB>COMMAND"; skip cells whose OUTPUT exists, run the rest JOBS at a time.
-run_cells() {
-    local todo; todo=$(mktemp)
-    while IFS=$'\t' read -r output command; do
-        [ -e "$output" ] || printf '%s\t%s\n' "$output" "$command" >> "$todo"
-    done < "$1"
-    echo "$(wc -l < "$1") cells, $(wc -l < "$todo") to run" >&2
-    cut -f2 "$todo" | tr '\n' '\0' | xargs -0 -r -P "$JOBS" -I{} bash -c '{}'
-    rm -f "$todo"
-}
-
-cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the other logs
-    local output=$1; shift
-    printf '%s\t%s\n' "$output" "$PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
-}
-
-other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }
+source experiments/_cells.sh
 
 # 1. data
 cells=$(mktemp)
@@ -71,7 +57,6 @@ sort -u "$cells" -o "$cells"; run_cells "$cells"
 # 2-3. per seed (so that an interrupted grid holds whole seeds): the victims, trained once and reused by every
 # attack, then the attacks: (victim, defense) pairs x attacks x pools
 recipe="--epochs $VICTIM_EPOCHS --lr-step ${LR_STEP:-20} --device cpu"
-steal="--device cpu --epochs $SURROGATE_EPOCHS"
 for s in $SEEDS; do
     : > "$cells"
     for d in $DATASETS; do
@@ -90,16 +75,17 @@ for s in $SEEDS; do
                     "undefended:grad2" "ini:none" "am:adaptive-misinformation"; do
             v=${pair%%:*}; defense=${pair#*:}; victim=$OUT/victims/$d-$v-s$s.h5; tag=$d-$v-$defense-s$s
             for pool in $seen $UNSEEN_POOLS; do
+                epochs=$UNSEEN_EPOCHS; [ "$pool" = "$seen" ] && epochs=$SURROGATE_EPOCHS
                 for label in soft hard; do
                     [ "$defense" = top1 ] && [ "$label" = soft ] && continue  # top1 answers labels only
                     cell "$OUT/stolen/$tag-knockoff-$label-$pool.h5" steal --victim "$victim" --defense "$defense" \
-                        --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" $steal \
-                        --seed "$s" >> "$cells"
+                        --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" --epochs "$epochs" \
+                        --device cpu --seed "$s" >> "$cells"
                 done
             done
             cell "$OUT/stolen/$tag-jbda.h5" steal --victim "$victim" --defense "$defense" --attack jbda \
                 --device cpu $JBDA --seed "$s" >> "$cells"
-            [ "$defense" = top1 ] || cell "$OUT/stolen/$tag-dfme.h5" steal --victim "$victim" --defense "$defense" \
+            [ "$defense" = top1 ] || [ "$DFME_BUDGET" = 0 ] || cell "$OUT/stolen/$tag-dfme.h5" steal --victim "$victim" --defense "$defense" \
                 --attack dfme --budget "$DFME_BUDGET" --device cpu --seed "$s" >> "$cells"
         done
     done

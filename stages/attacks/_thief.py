@@ -90,6 +90,17 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+def query_then_train(query: Query, thief: Thief, collect, index: str) -> None:
+    """The pool attacks' shape: `collect` queries and returns {index: pool indices, "targets": answers}, checkpointed
+    once (a resumed run skips it), then the surrogate trains on those pool images, checkpointing every epoch."""
+    state = thief.resume()
+    if not state:
+        state = collect(query, thief)
+        thief.checkpoint(state)
+    keep = {index: state[index], "targets": state["targets"]}
+    train_surrogate(thief, thief.pool[keep[index]], keep["targets"], thief.recipe.epochs, keep, state)
+
+
 def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int,
                     keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None) -> None:
     """Fit thief.surrogate on a transfer set for `epochs` (cosine schedule); `thief.end_epoch` after each epoch.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, train_surrogate
+from stages.attacks._thief import Query, Thief, ask, query_then_train
 
 
 def shift_flip(images: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
@@ -48,12 +48,7 @@ class Adaptive:
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the voted images as pool indices, and their targets) and after every epoch."""
-        state = thief.resume()
-        if not state:
-            state = self._vote(query, thief)
-            thief.checkpoint(state)
-        keep = {"chosen": state["chosen"], "targets": state["targets"]}
-        train_surrogate(thief, thief.pool[keep["chosen"]], keep["targets"], thief.recipe.epochs, keep, state)
+        query_then_train(query, thief, self._vote, "chosen")
 
     def _vote(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
         pool, k, gen = thief.pool, self.smoothing, thief.generator

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, train_surrogate
+from stages.attacks._thief import Query, Thief, ask, query_then_train
 
 
 class Knockoff:
@@ -21,12 +21,7 @@ class Knockoff:
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the transfer set as pool indices and answers) and after every epoch."""
-        state = thief.resume()
-        if not state:
-            state = self._query(query, thief)
-            thief.checkpoint(state)
-        keep = {"order": state["order"], "targets": state["targets"]}
-        train_surrogate(thief, thief.pool[keep["order"]], keep["targets"], thief.recipe.epochs, keep, state)
+        query_then_train(query, thief, self._query, "order")
 
     def _query(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
         pool = thief.pool

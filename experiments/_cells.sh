@@ -1,0 +1,20 @@
+# Shared by the experiment scripts (source it): resumable cells run side by side.
+# Needs PY (the python to run cli.py with), OUT (logs go to $OUT/logs) and JOBS.
+
+# run_cells FILE: each line "OUTPUT<TAB>COMMAND"; skip cells whose OUTPUT exists, run the rest JOBS at a time.
+run_cells() {
+    local todo; todo=$(mktemp)
+    while IFS=$'\t' read -r output command; do
+        [ -e "$output" ] || printf '%s\t%s\n' "$output" "$command" >> "$todo"
+    done < "$1"
+    echo "$(wc -l < "$1") cells, $(wc -l < "$todo") to run" >&2
+    cut -f2 "$todo" | tr '\n' '\0' | xargs -0 -r -P "$JOBS" -I{} bash -c '{}'
+    rm -f "$todo"
+}
+
+cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the other logs
+    local output=$1; shift
+    printf '%s\t%s\n' "$output" "$PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
+}
+
+other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }

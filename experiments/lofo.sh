@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Leave-one-family-out (issue 7): does InI's induction hold against attacker pools the defense never saw?
+# For each pool family, an InI victim is trained with that family left out of its OOD data (--preset, default
+# broad) and attacked with it: KnockoffNets, soft and hard labels. Beside it, the same attacks on the undefended
+# victim and on the paper's recipe (faithful InI, OOD = the other MNIST-family set). Families the preset never trains
+# on (sklearn-digits for an MNIST victim: same task) attack the victim trained on all the others. Resumable: a cell
+# whose artifact exists is skipped. Then `evaluate` writes one report.
+#
+#   experiments/lofo.sh [--smoke] [--jobs N] [--seeds "0 1 2"] [--datasets "mnist fashionmnist"] [--preset broad]
+#                       [--out DIR]
+#
+# Reductions from the environment, each to be stated with the results: VICTIM_EPOCHS (50), LR_STEP (20),
+# SURROGATE_EPOCHS (20), BUDGET (50000; knockoff asks at most one query per pool image).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SMOKE=0; JOBS=2; SEEDS="0 1 2"; DATASETS="mnist fashionmnist"; PRESET=broad; OUT=artifacts/lofo
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) SMOKE=1 ;;
+        --jobs) JOBS=$2; shift ;;
+        --seeds) SEEDS=$2; shift ;;
+        --datasets) DATASETS=$2; shift ;;
+        --preset) PRESET=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        *) echo "error: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread a cell: cells run side by side instead
+FAMILIES="sklearn-digits skimage-patches generated"  # besides the other MNIST-family set
+if [ "$SMOKE" = 1 ]; then
+    LIMIT="--limit 1000 --val-size 200"; VICTIM_EPOCHS=1; LR_STEP=1; SURROGATE_EPOCHS=1; BUDGET=500
+    SEEDS=0; DATASETS=mnist; OUT=${OUT}-smoke; SMALL="--diagnostic-images 64"
+else
+    LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; LR_STEP=${LR_STEP:-20}; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}
+    BUDGET=${BUDGET:-50000}; SMALL=""
+fi
+mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
+source experiments/_cells.sh
+
+same_task() { [ "$1" = mnist ] && [ "$2" = sklearn-digits ]; }  # digits: a defense should answer them
+
+cells=$(mktemp)
+for name in mnist fashionmnist $FAMILIES; do cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT >> "$cells"; done
+run_cells "$cells"
+
+recipe="--epochs $VICTIM_EPOCHS --lr-step $LR_STEP --device cpu"
+for s in $SEEDS; do
+    : > "$cells"
+    for d in $DATASETS; do
+        data=$OUT/data/$d.h5; pools="$(other_family "$d") $FAMILIES"
+        trainable=""; for p in $pools; do same_task "$d" "$p" || trainable="$trainable $p"; done
+        cell "$OUT/victims/$d-undefended-s$s.h5" train --dataset "$data" $recipe --seed "$s" >> "$cells"
+        cell "$OUT/victims/$d-faithful-s$s.h5" train-ini --dataset "$data" --ood "$OUT/data/$(other_family "$d").h5" \
+            $recipe $SMALL --seed "$s" >> "$cells"
+        for held in $pools all; do
+            ood=""; for p in $trainable; do [ "$p" = "$held" ] || ood="$ood,$OUT/data/$p.h5"; done
+            [ "$held" = all ] && { [ "$(echo $trainable | wc -w)" = "$(echo $pools | wc -w)" ] && continue; }
+            same_task "$d" "$held" && continue  # attacked by the victim trained on all trainable families
+            name=$PRESET-no-$held; [ "$held" = all ] && name=$PRESET-all
+            cell "$OUT/victims/$d-$name-s$s.h5" train-ini --dataset "$data" --preset "$PRESET" \
+                --ood "${ood#,}" $recipe $SMALL --seed "$s" >> "$cells"
+        done
+    done
+    run_cells "$cells"
+
+    : > "$cells"
+    for d in $DATASETS; do
+        for pool in $(other_family "$d") $FAMILIES; do
+            broad=$PRESET-no-$pool; same_task "$d" "$pool" && broad=$PRESET-all
+            for v in undefended faithful "$broad"; do
+                for label in soft hard; do
+                    cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" steal --victim "$OUT/victims/$d-$v-s$s.h5" \
+                        --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
+                        --epochs "$SURROGATE_EPOCHS" --device cpu --seed "$s" >> "$cells"
+                done
+            done
+        done
+    done
+    run_cells "$cells"
+done
+rm -f "$cells"
+
+$PY cli.py evaluate "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 --out "$OUT/metrics.h5" --report "$OUT/report"
