@@ -1,5 +1,6 @@
-"""Time a plain SGD step, the reference InI step and the production (fast) InI step side by side, on the same
-MNIST batch (LeNet-5, batch 128, faithful defaults, PCGrad on), with peak memory; optionally full epochs.
+"""Time a plain SGD step, the reference InI step, the production (fast) InI step and the same production step fed
+by the broad preset's OOD stream, side by side, on the same MNIST batch (LeNet-5, batch 128, faithful defaults,
+PCGrad on), with peak memory; optionally full epochs.
 
     python benchmarks/bench_ini_step.py [--threads 1] [--rounds 7] [--epoch]
 
@@ -26,10 +27,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402
-from stages import _data, _ini, _ini_fast  # noqa: E402
+from stages import _data, _ini, _ini_fast, _ood  # noqa: E402
 from stages._loop import Dist  # noqa: E402
 
-KINDS = ("plain", "reference", "fast")
+KINDS = ("plain", "reference", "fast", "broad")
 
 
 def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,6 +59,11 @@ def steps(size: int = 128) -> dict[str, callable]:
     stream.begin(gen)
     ini = {"reference": _ini.ReferenceStep(victim, [surrogate], stream, _ini.Objective(), Dist()),
            "fast": _ini_fast.FastStep(victim, [surrogate], stream, _ini.Objective(), Dist(), 28)}
+    # the broad preset (issue 7): the same production step, fed a heavily augmented mixture and derived outliers
+    broad = _ood.OodStream([ood[: len(ood) // 2], ood[len(ood) // 2 :]], size, False, Dist(),
+                           derived=_ood.DERIVED, heavy=True)
+    broad.begin(torch.Generator().manual_seed(0))
+    ini["broad"] = _ini_fast.FastStep(victim, [surrogate], broad, _ini.Objective(), Dist(), 28)
 
     def plain():
         optimizer.zero_grad(set_to_none=True)
@@ -71,7 +77,7 @@ def steps(size: int = 128) -> dict[str, callable]:
             optimizer.step()
         return run
 
-    fns = {"plain": plain, "reference": make(ini["reference"]), "fast": make(ini["fast"])}
+    fns = {"plain": plain, **{kind: make(ini[kind]) for kind in KINDS[1:]}}
     for fn in fns.values():
         fn.victim = victim
     return fns

@@ -33,7 +33,7 @@ PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread a cell: cells run side by side instead
 FAMILIES="sklearn-digits skimage-patches generated"  # besides the other MNIST-family set
 if [ "$SMOKE" = 1 ]; then
-    LIMIT="--limit 1000 --val-size 200"; VICTIM_EPOCHS=1; LR_STEP=1; SURROGATE_EPOCHS=1; BUDGET=500
+    LIMIT="--limit 600 --val-size 100"; VICTIM_EPOCHS=1; LR_STEP=1; SURROGATE_EPOCHS=1; BUDGET=300
     SEEDS=0; DATASETS=mnist; OUT=${OUT}-smoke; SMALL="--diagnostic-images 64"
 else
     LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; LR_STEP=${LR_STEP:-20}; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}

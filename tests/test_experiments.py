@@ -1,0 +1,38 @@
+"""The experiment scripts run end to end in smoke mode (small slices, one epoch): the chain, the resumability and
+the report they promise. Real MNIST from ../shared/data."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs ../shared/data (MNIST)")
+
+
+def test_lofo_smoke_runs_end_to_end_and_resumes(tmp_path):
+    out = tmp_path / "lofo"
+    run = subprocess.run(["bash", "experiments/lofo.sh", "--smoke", "--jobs", "2", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    smoke = tmp_path / "lofo-smoke"
+    assert "failed:" not in run.stderr
+    victims = sorted(p.stem for p in (smoke / "victims").glob("*.h5"))
+    # one broad victim per trainable held-out family, plus the one trained on all (sklearn-digits: same task)
+    assert victims == ["mnist-broad-all-s0", "mnist-broad-no-fashionmnist-s0", "mnist-broad-no-generated-s0",
+                       "mnist-broad-no-skimage-patches-s0", "mnist-faithful-s0", "mnist-undefended-s0"]
+    with h5py.File(smoke / "victims/mnist-broad-no-generated-s0.h5") as f:
+        ood = json.loads(f.attrs["params"])["ood"]
+        assert "generated" not in ood and "skimage-patches" in ood and "fashionmnist" in ood
+    stolen = list((smoke / "stolen").glob("*.h5"))
+    assert len(stolen) == 4 * 3 * 2  # 4 pool families x (undefended, faithful, broad) x (soft, hard)
+    assert (smoke / "report/report.md").stat().st_size > 0
+    assert run.stdout.strip() == str(smoke / "metrics.h5")
+    again = subprocess.run(["bash", "experiments/lofo.sh", "--smoke", "--jobs", "2", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "to run" in again.stderr
+    assert all(line.endswith(" 0 to run") for line in again.stderr.splitlines() if line.endswith("to run"))
