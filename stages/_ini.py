@@ -41,7 +41,8 @@ class Objective:
     pcgrad: bool = True
     reduction: str = "mean"  # of PCGrad over shared parameters (the official code can only take the mean)
     bn_mode: str = "mixed"
-    max_grad_norm: float = 10.0  # clipping, only without PCGrad
+    max_grad_norm: float = 10.0  # clipping: without PCGrad (official), or after it with clip_pcgrad
+    clip_pcgrad: bool = False  # beyond the paper: clip PCGrad's merged gradient too (guards against a collapse)
 
     def weights(self) -> dict[str, float]:
         return dict(zip(TERMS, (1.0, self.beta, self.gamma, self.delta, self.epsilon)))
@@ -233,6 +234,8 @@ class ReferenceStep:
                 grads.append(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]))
                 touched.append(flat([torch.full_like(p, gi is not None, dtype=torch.bool) for p, gi in zip(params, g)]))
             merged = pcgrad(comm.sum_(torch.stack(grads)), torch.stack(touched), generator, obj.reduction)
+            if obj.clip_pcgrad:
+                merged = clip_(merged, obj.max_grad_norm)
         else:
             total = sum(weights[t] * terms[t] for t in TERMS)
             g = torch.autograd.grad(total, params, allow_unused=True)

@@ -262,6 +262,8 @@ class FastStep:
             grads = comm.sum_(torch.stack([per_term[t] for t in active]))
             coefficients = _ini.pcgrad_coefficients(grads @ grads.t(), generator, obj.reduction)
             merged = coefficients.to(grads.dtype) @ grads
+            if obj.clip_pcgrad:
+                merged = _ini.clip_(merged, obj.max_grad_norm)
         else:
             merged = 0
             for part, names in ((tape, on_id), (tape_ood, on_ood)):

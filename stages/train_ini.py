@@ -43,8 +43,8 @@ BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-p
 SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
              "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
 # Presets: the paper's recipe, and the one issue 7 measures against pools the defense never saw.
-PRESETS = {"faithful": {"ood_derived": "", "ood_augment": "id"},
-           "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_augment": "heavy"}}
+PRESETS = {"faithful": {"ood_derived": "", "ood_augment": "id", "clip": "official"},
+           "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_augment": "heavy", "clip": "always"}}
 
 # "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
 DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
@@ -90,6 +90,9 @@ def run(
     pcgrad: Annotated[bool, typer.Option(help="Merge the terms' gradients with PCGrad (else clip at norm 10).")] = True,
     pcgrad_reduction: Annotated[Literal["mean", "sum"], typer.Option(
         help="PCGrad over shared parameters: mean (the official code's only reachable choice) or sum.")] = "mean",
+    clip: Annotated[Optional[Literal["official", "always"]], typer.Option(
+        help="Gradient clipping at norm 10: official (only without PCGrad) or always (also PCGrad's merged gradient; "
+             "a broad-preset run collapsed to one class without it) [default: the preset's].")] = None,
     bn_mode: Annotated[Literal["mixed", "separate", "eval-ood"], typer.Option(
         help="Victim BatchNorm on OOD batches: mixed (official, test-time statistics blend ID and OOD), separate "
              "(own batch statistics, running ones ID-only) or eval-ood (running statistics).")] = "mixed",
@@ -139,7 +142,9 @@ def run(
     recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
                           _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
     comm = _loop.distributed(recipe.device)
-    objective = _ini.Objective(beta, gamma, delta, epsilon, distance, kl_direction, pcgrad, pcgrad_reduction, bn_mode)
+    clip = clip or PRESETS[preset]["clip"]
+    objective = _ini.Objective(beta, gamma, delta, epsilon, distance, kl_direction, pcgrad, pcgrad_reduction, bn_mode,
+                               clip_pcgrad=clip == "always")
 
     torch.manual_seed(seed)
     victim = _victim.build_for(arch, data).to(recipe.device)
@@ -150,7 +155,7 @@ def run(
         raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
     use_fast = fast and implementation != "reference"
     params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
-                  ood_augment=ood_augment, device=recipe.device.split(":")[0], augment=recipe.augment,
+                  ood_augment=ood_augment, clip=clip, device=recipe.device.split(":")[0], augment=recipe.augment,
                   surrogate_archs=archs, processes=comm.world)
 
     ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(recipe.device) for o in ood_sets]

@@ -167,6 +167,7 @@ class _DoubleOod(_ini.OodStream):
     (_ini.Objective(), 1, (1, 28)),
     (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2, (1, 28)),
     (_ini.Objective(pcgrad=False), 1, (1, 28)),
+    (_ini.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28)),  # the clip binds
     (_ini.Objective(), 1, (3, 32)),  # the RGB variant: no conv1 padding
 ])
 def test_fast_step_equals_reference(objective, k, shape):
