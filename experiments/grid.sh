@@ -43,6 +43,11 @@ else
     DFME_BUDGET=${DFME_BUDGET:-200000}; JBDA=${JBDA:-}; UNSEEN_POOLS=${UNSEEN_POOLS:-sklearn-digits skimage-patches generated}
 fi
 DATASETS=${DATASETS:-mnist fashionmnist}; UNSEEN_EPOCHS=${UNSEEN_EPOCHS:-$SURROGATE_EPOCHS}
+# (victim, defense) pairs; UNSEEN_FOR and JBDA_FOR (default: all pairs) narrow which get the unseen pools and jbda
+PAIRS=${PAIRS:-undefended:none undefended:reverse-sigmoid undefended:mad undefended:top1 undefended:grad2 ini:none \
+am:adaptive-misinformation}
+UNSEEN_FOR=${UNSEEN_FOR:-$PAIRS}; JBDA_FOR=${JBDA_FOR:-$PAIRS}
+in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
 source experiments/_cells.sh
@@ -71,10 +76,10 @@ for s in $SEEDS; do
     : > "$cells"
     for d in $DATASETS; do
         seen=$(other_family "$d")
-        for pair in "undefended:none" "undefended:reverse-sigmoid" "undefended:mad" "undefended:top1" \
-                    "undefended:grad2" "ini:none" "am:adaptive-misinformation"; do
+        for pair in $PAIRS; do
             v=${pair%%:*}; defense=${pair#*:}; victim=$OUT/victims/$d-$v-s$s.h5; tag=$d-$v-$defense-s$s
-            for pool in $seen $UNSEEN_POOLS; do
+            pools=$seen; in_list "$pair" "$UNSEEN_FOR" && pools="$seen $UNSEEN_POOLS"
+            for pool in $pools; do
                 epochs=$UNSEEN_EPOCHS; [ "$pool" = "$seen" ] && epochs=$SURROGATE_EPOCHS
                 for label in soft hard; do
                     [ "$defense" = top1 ] && [ "$label" = soft ] && continue  # top1 answers labels only
@@ -83,7 +88,7 @@ for s in $SEEDS; do
                         --device cpu --seed "$s" >> "$cells"
                 done
             done
-            cell "$OUT/stolen/$tag-jbda.h5" steal --victim "$victim" --defense "$defense" --attack jbda \
+            in_list "$pair" "$JBDA_FOR" && cell "$OUT/stolen/$tag-jbda.h5" steal --victim "$victim" --defense "$defense" --attack jbda \
                 --device cpu $JBDA --seed "$s" >> "$cells"
             [ "$defense" = top1 ] || [ "$DFME_BUDGET" = 0 ] || cell "$OUT/stolen/$tag-dfme.h5" steal --victim "$victim" --defense "$defense" \
                 --attack dfme --budget "$DFME_BUDGET" --device cpu --seed "$s" >> "$cells"

@@ -10,7 +10,8 @@
 #                       [--out DIR]
 #
 # Reductions from the environment, each to be stated with the results: VICTIM_EPOCHS (50), LR_STEP (20),
-# SURROGATE_EPOCHS (20), BUDGET (50000; knockoff asks at most one query per pool image).
+# BUDGET (50000; knockoff asks at most one query per pool image), STEPS (7800: the surrogate's SGD steps, so the
+# epochs are STEPS x 128 / transfer-set size: 20 epochs at 50,000 queries, more for a small pool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,14 +34,19 @@ PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread a cell: cells run side by side instead
 FAMILIES="sklearn-digits skimage-patches generated"  # besides the other MNIST-family set
 if [ "$SMOKE" = 1 ]; then
-    LIMIT="--limit 600 --val-size 100"; VICTIM_EPOCHS=1; LR_STEP=1; SURROGATE_EPOCHS=1; BUDGET=300
+    LIMIT="--limit 600 --val-size 100"; VICTIM_EPOCHS=1; LR_STEP=1; STEPS=3; BUDGET=300
     SEEDS=0; DATASETS=mnist; OUT=${OUT}-smoke; SMALL="--diagnostic-images 64"
 else
-    LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; LR_STEP=${LR_STEP:-20}; SURROGATE_EPOCHS=${SURROGATE_EPOCHS:-20}
+    LIMIT=""; VICTIM_EPOCHS=${VICTIM_EPOCHS:-50}; LR_STEP=${LR_STEP:-20}; STEPS=${STEPS:-7800}
     BUDGET=${BUDGET:-50000}; SMALL=""
 fi
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 source experiments/_cells.sh
+
+epochs_for() {  # epochs_for POOL.h5: surrogate epochs that give about STEPS steps of batch 128
+    $PY -c "import h5py, math, sys; n = min($BUDGET, len(h5py.File(sys.argv[1], 'r')['train/labels']));
+print(max(1, math.ceil($STEPS * 128 / n)))" "$1"
+}
 
 same_task() { [ "$1" = mnist ] && [ "$2" = sklearn-digits ]; }  # digits: a defense should answer them
 
@@ -71,12 +77,13 @@ for s in $SEEDS; do
     : > "$cells"
     for d in $DATASETS; do
         for pool in $(other_family "$d") $FAMILIES; do
+            epochs=$(epochs_for "$OUT/data/$pool.h5")
             broad=$PRESET-no-$pool; same_task "$d" "$pool" && broad=$PRESET-all
             for v in undefended faithful "$broad"; do
                 for label in soft hard; do
                     cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" steal --victim "$OUT/victims/$d-$v-s$s.h5" \
                         --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
-                        --epochs "$SURROGATE_EPOCHS" --device cpu --seed "$s" >> "$cells"
+                        --epochs "$epochs" --device cpu --seed "$s" >> "$cells"
                 done
             done
         done

@@ -42,7 +42,7 @@ class Objective:
     reduction: str = "mean"  # of PCGrad over shared parameters (the official code can only take the mean)
     bn_mode: str = "mixed"
     max_grad_norm: float = 10.0  # clipping: without PCGrad (official), or after it with clip_pcgrad
-    clip_pcgrad: bool = False  # beyond the paper: clip PCGrad's merged gradient too (guards against a collapse)
+    clip_pcgrad: bool = False  # beyond the paper: clip PCGrad's merged gradient too
 
     def weights(self) -> dict[str, float]:
         return dict(zip(TERMS, (1.0, self.beta, self.gamma, self.delta, self.epsilon)))

@@ -146,3 +146,20 @@ def summarise(title: str, data: _data.Dataset, result: _loop.Result, out: Path) 
     table.add_row("train time", f"{result.seconds:.1f} s")
     table.add_row("victim", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
     console.print(table)
+    collapsed = collapse_epoch(result.history.get("val_accuracy", []), len(data.classes))
+    if collapsed:
+        console.print(f"warning: val accuracy fell to chance at epoch {collapsed} and stayed there (the network "
+                      f"collapsed); the victim is epoch {result.chosen_epoch}'s. Try a lower --lr or another seed.")
+
+
+def collapse_epoch(val_accuracy: list[float], num_classes: int) -> int:
+    """The 1-based epoch from which val accuracy stayed at chance (under 1.5 / classes) after having been at least
+    twice that, or 0."""
+    chance = 1.5 / num_classes
+    start = 0
+    for i, acc in enumerate(val_accuracy):
+        if acc >= chance:
+            start = 0
+        elif not start and max(val_accuracy[:i], default=0) >= 2 * chance:
+            start = i + 1
+    return start

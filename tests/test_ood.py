@@ -106,7 +106,7 @@ def test_train_ini_broad_preset_on_tiny_data(tiny, tmp_path):
     with h5py.File(out) as f:
         params = f.attrs["params"]
         assert '"ood_derived": "shuffle,mix,corrupt"' in params and '"ood_augment": "heavy"' in params
-        assert '"clip": "always"' in params
+        assert '"clip": "official"' in params
         assert f["history/train_vanishing"].shape == (1,)
 
 
@@ -114,3 +114,15 @@ def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
     result = invoke("train-ini", "--dataset", tiny, "--ood-derived", "shuffle,blur", "--out", tmp_path / "v.h5")
     assert "blur" in assert_one_line_error(result)
     assert not (tmp_path / "v.h5").exists()
+
+
+@pytest.mark.parametrize("history,expected", [
+    ([0.96, 0.10, 0.10, 0.10], 2),  # the broad run that collapsed at epoch 2
+    ([0.96, 0.97, 0.98], 0),
+    ([0.10, 0.11, 0.50], 0),  # never good yet: not a collapse
+    ([0.9, 0.1, 0.9, 0.1], 4),  # recovered once, then fell again
+])
+def test_collapse_is_detected_from_val_history(history, expected):
+    from stages import train
+
+    assert train.collapse_epoch(history, 10) == expected
