@@ -66,7 +66,10 @@ def main() -> None:
     parser.add_argument("metrics")
     parser.add_argument("--dataset")
     args = parser.parse_args()
-    print(pivot(args.metrics, args.dataset))
+    try:
+        print(pivot(args.metrics, args.dataset))
+    except (OSError, KeyError) as e:
+        raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 
 
 if __name__ == "__main__":

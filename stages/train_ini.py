@@ -43,8 +43,9 @@ BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-p
 SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
              "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
 # Presets: the paper's recipe, and the one issue 7 measures against pools the defense never saw.
-# broad derives a quarter of each OOD batch: at a half, one of four MNIST runs collapsed to one class at epoch 2; the
-# same run at a quarter did not, and ended 0.2 pt higher (docs/results.md)
+# broad derives a quarter of each OOD batch: at a half, one of four MNIST runs collapsed to one class at epoch 2 and
+# stayed there; at a quarter the same run collapsed at epoch 2 too but recovered at epoch 3, and the quarter's victims
+# end 0.2-0.4 pt higher, for somewhat weaker induction on a held-out family (docs/results.md)
 PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official"},
            "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
                      "clip": "official"}}
