@@ -75,12 +75,12 @@ for s in $SEEDS; do
     run_cells "$cells"
 
     : > "$cells"
-    for d in $DATASETS; do
-        for pool in $(other_family "$d") $FAMILIES; do
-            epochs=$(epochs_for "$OUT/data/$pool.h5")
-            broad=$PRESET-no-$pool; same_task "$d" "$pool" && broad=$PRESET-all
-            for v in undefended faithful "$broad"; do
-                for label in soft hard; do
+    for label in soft hard; do  # soft first: the headline; an interrupted run then holds every soft cell
+        for d in $DATASETS; do
+            for pool in $(other_family "$d") $FAMILIES; do
+                epochs=$(epochs_for "$OUT/data/$pool.h5")
+                broad=$PRESET-no-$pool; same_task "$d" "$pool" && broad=$PRESET-all
+                for v in undefended faithful "$broad"; do
                     cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" steal --victim "$OUT/victims/$d-$v-s$s.h5" \
                         --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
                         --epochs "$epochs" --device cpu --seed "$s" >> "$cells"
@@ -92,4 +92,6 @@ for s in $SEEDS; do
 done
 rm -f "$cells"
 
-$PY cli.py evaluate "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 --out "$OUT/metrics.h5" --report "$OUT/report"
+# (a checkpoint left by an interrupted cell is not a result)
+$PY cli.py evaluate $(ls "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 | grep -v '\.ckpt\.h5$') --out "$OUT/metrics.h5" \
+    --report "$OUT/report"
