@@ -156,10 +156,11 @@ def collapse_epoch(val_accuracy: list[float], num_classes: int) -> int:
     """The 1-based epoch from which val accuracy stayed at chance (under 1.5 / classes) after having been at least
     twice that, or 0."""
     chance = 1.5 / num_classes
-    start = 0
+    best, start = 0.0, 0
     for i, acc in enumerate(val_accuracy):
         if acc >= chance:
             start = 0
-        elif not start and max(val_accuracy[:i], default=0) >= 2 * chance:
+        elif not start and best >= 2 * chance:
             start = i + 1
+        best = max(best, acc)
     return start

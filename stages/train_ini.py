@@ -205,8 +205,8 @@ def run(
         _loop.leave(comm)
         return None
     params["implementation"] = "fast" if use_fast else "reference"
-    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)], seed,
-                 started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
+    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)],
+                 seed, started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
     _loop.leave(comm)
     train.summarise(f"train-ini {arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out)
