@@ -30,7 +30,7 @@ import models  # noqa: E402
 from stages import _data, _ini, _ini_fast, _ood  # noqa: E402
 from stages._loop import Dist  # noqa: E402
 
-KINDS = ("plain", "reference", "fast", "broad")
+KINDS = ("plain", "reference", "fast", "compiled", "broad")
 
 
 def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,6 +64,11 @@ def steps(size: int = 128) -> dict[str, callable]:
                            derived=_ood.DERIVED, heavy=True)
     broad.begin(torch.Generator().manual_seed(0))
     ini["broad"] = _ini_fast.FastStep(victim, [surrogate], broad, _ini.Objective(), Dist(), 28)
+    # the production step with its forward and jvp kernels fused by torch.compile (train-ini --compile on), where a
+    # C++ compiler is found
+    if _ini_fast.compiler_available():
+        ini["compiled"] = _ini_fast.FastStep(victim, [surrogate], stream, _ini.Objective(), Dist(), 28,
+                                             _ini_fast.compiled_kernels(strict=True))
 
     def plain():
         optimizer.zero_grad(set_to_none=True)
@@ -77,7 +82,7 @@ def steps(size: int = 128) -> dict[str, callable]:
             optimizer.step()
         return run
 
-    fns = {"plain": plain, **{kind: make(ini[kind]) for kind in KINDS[1:]}}
+    fns = {"plain": plain, **{kind: make(ini[kind]) for kind in KINDS[1:] if kind in ini}}
     for fn in fns.values():
         fn.victim = victim
     return fns
@@ -138,11 +143,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     times = time_steps(args.rounds, args.iterations)
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    memory = {k: peak_memory(k, args.threads) for k in KINDS}
+    memory = {k: peak_memory(k, args.threads) for k in times}
     print(f"LeNet-5, MNIST batch 128, {args.threads} thread(s), "
           f"median of {args.rounds} interleaved rounds x {args.iterations}")
     print(f"{'step':<10} {'ms':>8} {'min ms':>8} {'x plain':>8} {'peak MB':>8}")
-    for kind in KINDS:
+    for kind in times:
         print(f"{kind:<10} {median[kind]:8.1f} {min(times[kind]) * 1000:8.1f} {median[kind] / median['plain']:8.2f} "
               f"{memory[kind]:8.1f}")
     print(f"reference / fast: {median['reference'] / median['fast']:.2f}x")

@@ -6,11 +6,20 @@ victim's logits. Isolation and vanishing need J^T u (one vector-Jacobian product
 gradient back to the victim, J t (one Jacobian-vector product): no second-order autograd graph. `Tape` computes
 both by hand for LeNet-5, which also lets the victim give all its per-term gradients in one batched pass, and
 PCGrad runs on the Gram matrix of those gradients (`_ini.pcgrad_coefficients`).
+
+Optionally (`compile=True`), the tape's forward pass and its Jacobian-vector product, which are mostly the max-pools'
+elementwise work, run as kernels fused by `torch.compile` (a C++ compiler at run time, tens of seconds of compiling
+on the first steps, then each about twice as fast). The vector-Jacobian product stays eager: its convolutions and
+batched matrix products gain nothing from compiling (measured).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import os
+import shutil
+import warnings
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +27,7 @@ from torch import nn
 
 from models.lenet import LeNet5
 from stages import _ini
+from stages._artifacts import UserError
 from stages._loop import Dist
 
 FINAL_MAP = 5  # LeNet5.resize is an identity exactly when conv2's pooled map is already 5x5
@@ -39,7 +49,7 @@ def _quarters(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return t[..., 0:h:2, 0:w:2], t[..., 0:h:2, 1:w:2], t[..., 1:h:2, 0:w:2], t[..., 1:h:2, 1:w:2]
 
 
-def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """max_pool2d(relu(h), 2), and per window a 0/1 mask for each corner: 1 at the corner the pool's gradient goes
     to (the first maximum in scan order, as max_pool2d picks it) when that maximum is positive (relu lets it pass).
     The masks get a broadcast axis at dim 1 for the stacked tangents and cotangents."""
@@ -50,10 +60,10 @@ def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     top, left_top, left_bottom = ab >= cd, a >= b, c >= d
     top_pos, bottom_pos = top & pos, ~top & pos
     masks = [top_pos & left_top, top_pos & ~left_top, bottom_pos & left_bottom, bottom_pos & ~left_bottom]
-    return m.clamp_min(0), [mask.unsqueeze(1).to(h.dtype) for mask in masks]
+    return m.clamp_min(0), tuple(mask.unsqueeze(1).to(h.dtype) for mask in masks)
 
 
-def pool_jvp(t: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+def pool_jvp(t: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
     q = _quarters(t)
     out = q[0] * masks[0]
     for corner, mask in zip(q[1:], masks[1:]):
@@ -61,7 +71,7 @@ def pool_jvp(t: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def pool_vjp(d: torch.Tensor, masks: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+def pool_vjp(d: torch.Tensor, masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     even = size[0] % 2 == 0 and size[1] % 2 == 0
     out = (d.new_empty if even else d.new_zeros)(*d.shape[:-2], *size)
     for corner, mask in zip(_quarters(out), masks):
@@ -103,37 +113,103 @@ def conv1_all(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tenso
     return cols, [h[:, i * c : (i + 1) * c].view(len(x), c, side, side) for i in range(len(models))]
 
 
+def lenet_forward(h1: torch.Tensor, W2, b2, W3, b3, W4, b4, W5, b5) -> tuple:
+    """From conv1's pre-activations to the logits, keeping what the Jacobian products need: conv1's pooled map, both
+    pools' masks, the flattened features, the fc gates and activations, the logits. Pure, so that it compiles."""
+    m1, masks1 = relu_pool(h1)
+    m2, masks2 = relu_pool(F.conv2d(m1, W2, b2))
+    f = m2.flatten(1)
+    h3 = torch.addmm(b3, f, W3.t())
+    g3 = (h3 > 0).to(h3.dtype)
+    r3 = h3 * g3
+    h4 = torch.addmm(b4, r3, W4.t())
+    g4 = (h4 > 0).to(h4.dtype)
+    r4 = h4 * g4
+    return m1, masks1, masks2, f, g3, r3, g4, r4, torch.addmm(b5, r4, W5.t())
+
+
+def lenet_jvp(cols: torch.Tensor, m1: torch.Tensor, masks1: Sequence[torch.Tensor], masks2: Sequence[torch.Tensor],
+              f, g3, r3, g4, r4, W2, W3, W4, W5, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4, tW5, tb5) -> torch.Tensor:
+    """J t for T stacked tangents (per parameter (T, *shape)) -> (N, T, K). Pure, so that it compiles."""
+    t, n = tW1.shape[0], m1.shape[0]
+    size1 = (2 * m1.shape[-2], 2 * m1.shape[-1])
+    size2 = (m1.shape[-2] - W2.shape[-2] + 1, m1.shape[-1] - W2.shape[-1] + 1)
+    z1 = torch.matmul(tW1.reshape(t * tW1.shape[1], -1), cols) + tb1.reshape(-1, 1)
+    zm1 = pool_jvp(z1.view(n, t, -1, *size1), masks1)
+    z2 = F.conv2d(zm1.reshape(n * t, *zm1.shape[2:]), W2).view(n, t, -1, *size2)
+    z2 = z2 + F.conv2d(m1, tW2.reshape(-1, *W2.shape[1:]), tb2.reshape(-1)).view(n, t, -1, *size2)
+    z = pool_jvp(z2, masks2).flatten(2)
+    for act, gate, W, tW, tb in ((f, g3, W3, tW3, tb3), (r3, g4, W4, tW4, tb4), (r4, None, W5, tW5, tb5)):
+        z = z @ W.t() + torch.matmul(act, tW.transpose(1, 2)).transpose(0, 1) + tb
+        if gate is not None:
+            z = z * gate[:, None]
+    return z
+
+
+class Kernels(NamedTuple):
+    forward: Callable[..., tuple]
+    jvp: Callable[..., torch.Tensor]
+
+
+EAGER = Kernels(lenet_forward, lenet_jvp)
+
+
+class _Compiled:
+    """`torch.compile(fn)` that, when compiling fails (no C++ compiler, an unsupported platform), warns once through
+    `on_failure` and runs the eager `fn` from then on; with `strict`, the failure propagates instead."""
+
+    def __init__(self, fn: Callable, strict: bool, on_failure: Callable[[str], None]):
+        self.fn, self.strict, self.on_failure = fn, strict, on_failure
+        self.compiled: Callable | None = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real bugs
+                why = f"torch.compile failed ({type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]})"
+                if self.strict:
+                    raise UserError(why) from None
+                self.compiled = None
+                self.on_failure(f"{why}; running the InI step eagerly")
+        return self.fn(*args)
+
+
+@functools.cache
+def compiled_kernels(strict: bool = False, on_failure: Callable[[str], None] = warnings.warn) -> Kernels:
+    """The tape's kernels compiled once per process (and per strictness), shared by every tape."""
+    return Kernels(_Compiled(lenet_forward, strict, on_failure), _Compiled(lenet_jvp, strict, on_failure))
+
+
+def compiler_available() -> bool:
+    """Whether torch.compile's CPU backend can find a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
 class Tape:
     """A LeNet-5 forward pass on a batch that keeps what the Jacobian J of its logits in its parameters needs:
     `vjp` gives J^T u for T stacked cotangents (N, T, K) at once, `jvp` gives J t for T stacked tangents.
-    `cols` and `h1` (from `conv1_all`) let networks that see the same batch share its patches."""
+    `cols` and `h1` (from `conv1_all`) let networks that see the same batch share its patches; `kernels` picks
+    eager or compiled forward and jvp."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, cols: torch.Tensor | None = None,
-                 h1: torch.Tensor | None = None):
+                 h1: torch.Tensor | None = None, kernels: Kernels = EAGER):
         net = model.net
         layers = (net.conv1, net.conv2, net.fc1, net.fc2, net.fc)
         self.params = [p for layer in layers for p in (layer.weight, layer.bias)]
         self.w = [p.detach() for p in self.params]
-        W1, b1, W2, b2, W3, b3, W4, b4, W5, b5 = self.w
+        self.kernels = kernels
         with torch.no_grad():
             if cols is None:
                 cols, (h1,) = conv1_all([model], x)
             self.cols = cols
             self.size1 = h1.shape[-2:]
-            self.m1, self.masks1 = relu_pool(h1)
-            h2 = F.conv2d(self.m1, W2, b2)
-            self.size2 = h2.shape[-2:]
-            m2, self.masks2 = relu_pool(h2)
-            if m2.shape[-2:] != (FINAL_MAP, FINAL_MAP):
-                raise ValueError(f"fast InI step needs a {FINAL_MAP}x{FINAL_MAP} final map, got {tuple(m2.shape[-2:])}")
-            self.f = m2.flatten(1)
-            h3 = torch.addmm(b3, self.f, W3.t())
-            self.g3 = (h3 > 0).to(h3.dtype)
-            self.r3 = h3 * self.g3
-            h4 = torch.addmm(b4, self.r3, W4.t())
-            self.g4 = (h4 > 0).to(h4.dtype)
-            self.r4 = h4 * self.g4
-            self.z = torch.addmm(b5, self.r4, W5.t())
+            side = (self.size1[0] // 2 - self.w[2].shape[-1] + 1) // 2
+            if side != FINAL_MAP:
+                raise ValueError(f"fast InI step needs a {FINAL_MAP}x{FINAL_MAP} final map, got {side}x{side}")
+            (self.m1, self.masks1, self.masks2, self.f, self.g3, self.r3, self.g4, self.r4,
+             self.z) = kernels.forward(h1, *self.w[2:])
+            self.size2 = (self.m1.shape[-2] - self.w[2].shape[-2] + 1, self.m1.shape[-1] - self.w[2].shape[-1] + 1)
 
     @torch.no_grad()
     def vjp(self, dz: torch.Tensor) -> list[torch.Tensor]:
@@ -160,20 +236,9 @@ class Tape:
     @torch.no_grad()
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         """tangents: per parameter (T, *shape) -> (N, T, K)."""
-        W1, _, W2, _, W3, _, W4, _, W5, _ = self.w
-        tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4, tW5, tb5 = tangents
-        t, n = tW1.shape[0], self.m1.shape[0]
-        z1 = torch.matmul(tW1.reshape(t * W1.shape[0], -1), self.cols) + tb1.reshape(-1, 1)
-        zm1 = pool_jvp(z1.view(n, t, -1, *self.size1), self.masks1)
-        z2 = F.conv2d(zm1.reshape(n * t, *zm1.shape[2:]), W2).view(n, t, -1, *self.size2)
-        z2 += F.conv2d(self.m1, tW2.reshape(-1, *W2.shape[1:]), tb2.reshape(-1)).view(n, t, -1, *self.size2)
-        z = pool_jvp(z2, self.masks2).flatten(2)
-        for act, gate, W, tW, tb in ((self.f, self.g3, W3, tW3, tb3), (self.r3, self.g4, W4, tW4, tb4),
-                                     (self.r4, None, W5, tW5, tb5)):
-            z = z @ W.t() + torch.matmul(act, tW.transpose(1, 2)).transpose(0, 1) + tb
-            if gate is not None:
-                z = z * gate[:, None]
-        return z
+        _, _, W2, _, W3, _, W4, _, W5, _ = self.w
+        return self.kernels.jvp(self.cols, self.m1, self.masks1, self.masks2, self.f, self.g3, self.r3, self.g4,
+                                self.r4, W2, W3, W4, W5, *tangents)
 
 
 def _unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -186,11 +251,11 @@ class FastStep:
     reduces_gradients = True
 
     def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: _ini.OodStream,
-                 objective: _ini.Objective, comm: Dist, image_size: int):
+                 objective: _ini.Objective, comm: Dist, image_size: int, kernels: Kernels = EAGER):
         if not all(supports(m, image_size) for m in (victim, *surrogates)):
             raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
-        self.objective, self.comm = objective, comm
+        self.objective, self.comm, self.kernels = objective, comm, kernels
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
@@ -202,16 +267,17 @@ class FastStep:
         cols, h1 = conv1_all(nets, x)
         cols_ood, h1_ood = conv1_all(nets, x_ood)
         shared = cols is not None
-        tape = Tape(self.victim, x, cols, h1[0] if shared else None)
-        tape_ood = Tape(self.victim, x_ood, cols_ood, h1_ood[0] if shared else None)
+        tape = Tape(self.victim, x, cols, h1[0] if shared else None, self.kernels)
+        tape_ood = Tape(self.victim, x_ood, cols_ood, h1_ood[0] if shared else None, self.kernels)
         z = tape.z.requires_grad_()
         z_ood = tape_ood.z.requires_grad_()
         terms = {"benign": F.cross_entropy(z, y, reduction="sum") / n}
         terms.update({t: z.new_zeros(()) for t in _ini.TERMS[1:]})
         iso_cot, van_cot = torch.zeros_like(z), torch.zeros_like(z_ood)
         for i, surrogate in enumerate(self.surrogates, 1):
-            s_tape = Tape(surrogate, x, cols, h1[i] if shared else None)
-            s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None)
+            s_tape = Tape(surrogate, x, cols, h1[i] if shared else None, self.kernels)
+            s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None,
+                              self.kernels)
             terms["id_distance"] = terms["id_distance"] - _ini.distance_sum(z, s_tape.z, obj.distance) / n / k
             terms["ood_distance"] = (terms["ood_distance"]
                                      + _ini.distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k)

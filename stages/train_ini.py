@@ -7,6 +7,7 @@ Faithful to the official code by default (INI_SPEC §2); the options past `--bn-
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -46,6 +47,7 @@ SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digit
 # broad derives a quarter of each OOD batch: at a half, one of four MNIST runs collapsed to one class at epoch 2 and
 # stayed there; at a quarter the same run collapsed at epoch 2 too but recovered at epoch 3, and the quarter's victims
 # end 0.2-0.4 pt higher, for somewhat weaker induction on a held-out family (docs/results.md)
+COMPILE_MIN_STEPS = 1000  # ~25 ms saved a step on CPU against ~30 s of compiling (measured, 2 cores)
 PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official"},
            "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
                      "clip": "official"}}
@@ -113,6 +115,10 @@ def run(
     refresh_steps: Annotated[int, typer.Option(min=1, help="SGD steps of one distill refresh.")] = 100,
     implementation: Annotated[Literal["auto", "fast", "reference"], typer.Option(
         help="fast (LeNet-5 only, same maths) or reference; auto picks fast when it can.")] = "auto",
+    compile_mode: Annotated[Literal["auto", "on", "off"], typer.Option(
+        "--compile", help="Fuse the fast step's forward and Jacobian-vector kernels with torch.compile (same maths; "
+        "needs a C++ compiler; tens of seconds of compiling, then faster steps). auto: on for CPU runs of "
+        f"{COMPILE_MIN_STEPS:,} steps or more, where it pays back.")] = "auto",
     diagnostic_images: Annotated[int, typer.Option(
         min=0, help="Val and OOD-test images for the per-epoch diagnostics (0: none).")] = 2048,
 ) -> Optional[Path]:
@@ -161,6 +167,8 @@ def run(
     if implementation == "fast" and not fast:
         raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
     use_fast = fast and implementation != "reference"
+    steps = epochs * math.ceil(len(data.splits["train"][1]) / batch_size)
+    kernels = step_kernels(compile_mode, use_fast, recipe.device.split(":")[0], steps)
     params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
                   ood_derived_fraction=ood_derived_fraction,
                   ood_augment=ood_augment, clip=clip, device=recipe.device.split(":")[0], augment=recipe.augment,
@@ -172,7 +180,7 @@ def run(
             raise UserError(f"{o.path}: the OOD train split holds no images")
     stream = _ood.OodStream(ood_train, batch_size, recipe.augment, comm, derived, ood_derived_fraction,
                             heavy=ood_augment == "heavy")
-    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1]) if use_fast
+    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1], kernels) if use_fast
             else _ini.ReferenceStep(victim, nets, stream, objective, comm))
 
     def begin_epoch(epoch: int, gen: torch.Generator) -> None:
@@ -205,6 +213,7 @@ def run(
         _loop.leave(comm)
         return None
     params["implementation"] = "fast" if use_fast else "reference"
+    params["compile_mode"] = "off" if kernels is _ini_fast.EAGER or kernels.forward.compiled is None else "on"
     _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)],
                  seed, started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
@@ -214,6 +223,21 @@ def run(
     if last:
         console.print("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
     return out
+
+
+def step_kernels(mode: str, use_fast: bool, device: str, steps: int) -> _ini_fast.Kernels:
+    """The fast step's kernels for --compile: compiled when asked (on), or (auto) on CPU for runs long enough to pay
+    back the compiling, when a C++ compiler is found; eager otherwise."""
+    if mode == "on":
+        if not use_fast:
+            raise UserError("--compile on needs the fast step (LeNet-5 victim and surrogates on 28x28 or 32x32 images)")
+        if not _ini_fast.compiler_available():
+            raise UserError("--compile on: no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
+    elif not (mode == "auto" and use_fast and device == "cpu" and steps >= COMPILE_MIN_STEPS
+              and _ini_fast.compiler_available()):
+        return _ini_fast.EAGER
+    console.print("compiling the InI step's kernels with torch.compile: the first steps take tens of seconds")
+    return _ini_fast.compiled_kernels(mode == "on", lambda message: console.print(f"[yellow]warning:[/] {message}"))
 
 
 def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:

@@ -3,6 +3,7 @@ reference, resume equal to an uninterrupted run, a two-process torchrun, and one
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -18,7 +19,7 @@ from torch import nn
 import models
 from conftest import assert_one_line_error, invoke
 from stages import _ini, _ini_fast, _loop
-from stages._artifacts import load_state
+from stages._artifacts import UserError, load_state
 from stages._loop import Dist
 from tiny_data import write_dataset
 
@@ -196,6 +197,51 @@ def test_fast_step_equals_reference(objective, k, shape):
         assert torch.allclose(a - p0, b - p0, rtol=1e-5, atol=1e-12)
 
 
+needs_compiler = pytest.mark.skipif(not _ini_fast.compiler_available(), reason="torch.compile needs a C++ compiler")
+
+
+@needs_compiler
+def test_compiled_fast_step_equals_reference(monkeypatch):
+    """The compiled kernels (train-ini --compile on) keep the maths: same check as the eager fast step."""
+    kernels = _ini_fast.compiled_kernels(strict=True)
+    eager_init = _ini_fast.FastStep.__init__
+    monkeypatch.setattr(_ini_fast.FastStep, "__init__", lambda self, *a: eager_init(self, *a, kernels))
+    test_fast_step_equals_reference(_ini.Objective(), 1, (1, 28))
+    assert kernels.forward.compiled is not None and kernels.jvp.compiled is not None  # compiled, not fallen back
+
+
+def test_compile_auto_only_where_it_pays_back(monkeypatch):
+    from stages import train_ini
+
+    monkeypatch.setattr(_ini_fast, "compiler_available", lambda: True)
+    monkeypatch.setattr(_ini_fast, "compiled_kernels", lambda *a: "compiled")
+    long = train_ini.COMPILE_MIN_STEPS
+    assert train_ini.step_kernels("auto", True, "cpu", long) == "compiled"
+    assert train_ini.step_kernels("auto", True, "cpu", long - 1) is _ini_fast.EAGER  # short runs: not worth it
+    assert train_ini.step_kernels("auto", False, "cpu", long) is _ini_fast.EAGER  # reference step: nothing to fuse
+    assert train_ini.step_kernels("auto", True, "cuda", long) is _ini_fast.EAGER  # measured on CPU only
+    assert train_ini.step_kernels("off", True, "cpu", long) is _ini_fast.EAGER
+    assert train_ini.step_kernels("on", True, "cpu", 1) == "compiled"
+    monkeypatch.setattr(_ini_fast, "compiler_available", lambda: False)
+    assert train_ini.step_kernels("auto", True, "cpu", long) is _ini_fast.EAGER
+    with pytest.raises(UserError, match="no C\\+\\+ compiler"):
+        train_ini.step_kernels("on", True, "cpu", long)
+
+
+def test_compile_failure_falls_back_to_eager_or_fails_in_one_line():
+    def broken(*args):
+        raise RuntimeError("InductorError: no compiler\nlong trace")
+
+    said = []
+    kernel = _ini_fast._Compiled(lambda a: a + 1, False, said.append)
+    kernel.compiled = broken
+    assert kernel(1) == 2 and kernel.compiled is None and "no compiler" in said[0]  # auto: eager from now on
+    strict = _ini_fast._Compiled(lambda a: a + 1, True, said.append)
+    strict.compiled = broken
+    with pytest.raises(UserError, match="torch.compile failed .RuntimeError: InductorError: no compiler.$"):
+        strict(1)
+
+
 def test_tape_matches_autograd_jacobian_products():
     from torch.func import functional_call, jvp, vjp
 
@@ -237,6 +283,17 @@ def test_stage_writes_a_victim_with_history_and_diagnostics(tiny, tmp_path):
             assert len(history[key]) == 2 and np.all(np.isfinite(history[key][()])), key
         assert "ini_surrogate0" in f
     assert not _loop.checkpoint_path(out).exists()
+
+
+@needs_compiler
+def test_compile_on_trains_and_records_it(tiny, tmp_path):
+    out = tmp_path / "v.h5"
+    result = _train(tiny, out, "--compile", "on", "--epochs", 1)
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        params = json.loads(f.attrs["params"])
+        assert params["compile_mode"] == "on" and params["implementation"] == "fast"
+        assert 0.05 < f["history/test_accuracy"][-1] <= 1 and np.isfinite(f["history/train_isolation"][()]).all()
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path, monkeypatch):
@@ -289,7 +346,7 @@ def _victim_file(tiny, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["unknown-ood", "ood-wrong-schema", "ood-not-hdf5", "ood-is-id", "bad-surrogate-arch",
-                                  "fast-needs-lenet", "bad-distance"])
+                                  "fast-needs-lenet", "bad-distance", "compile-needs-fast", "bad-compile"])
 def test_bad_input_is_one_line(case, tiny, tmp_path):
     data, _ = tiny
     out = tmp_path / "v.h5"
@@ -303,6 +360,8 @@ def test_bad_input_is_one_line(case, tiny, tmp_path):
         "bad-surrogate-arch": ("--surrogate-archs", "lenet5,alexnet"),
         "fast-needs-lenet": ("--arch", "resnet18", "--implementation", "fast"),
         "bad-distance": ("--distance", "l2"),
+        "compile-needs-fast": ("--implementation", "reference", "--compile", "on"),
+        "bad-compile": ("--compile", "sometimes"),
     }[case]
     result = invoke("train-ini", "--dataset", data, "--epochs", 1, "--device", "cpu", "--out", out,
                     *(["--ood", tiny[1]] if args[0] != "--ood" else []), *args)
