@@ -6,8 +6,9 @@ PCGrad on), with peak memory; optionally full epochs.
 
 Steps are timed in interleaved rounds (plain, reference, fast, plain, ...) so that load from other processes hits
 all three alike; the median round is reported. Peak memory is each step's own, measured in a fresh process
-(the kernel's resident high-water mark, reset after setup). `--epoch` also times one full MNIST epoch of `train`
-and of `train-ini` (the official code: 48 s per InI epoch on our 2-core machines).
+(the kernel's resident high-water mark, reset after setup). `--epoch` also times full MNIST epochs of `train` and
+`train-ini`, eager and compiled, in one process and as 2 DDP processes (the official code: 48 s per InI epoch on our
+2-core machines).
 """
 
 from __future__ import annotations
@@ -116,20 +117,33 @@ def peak_memory(kind: str, threads: int) -> float:
     return int(out.split()[-1]) / 1024
 
 
+EPOCH_RUNS = {  # label: (processes, stage, extra flags)
+    "train": (1, "train", []),
+    "train-ini (eager)": (1, "train-ini", ["--compile", "off"]),
+    "train-ini (compiled)": (1, "train-ini", ["--compile", "on"]),
+    "train, 2 processes": (2, "train", []),
+    "train-ini (compiled), 2 processes": (2, "train-ini", ["--compile", "on"]),
+}
+
+
 def time_epochs(threads: int) -> dict[str, float]:
-    """Seconds of one full MNIST epoch (55,000 images) of train and of train-ini, through the CLI."""
+    """Seconds of a full MNIST epoch (55,000 images, batch 128) of train and of train-ini through the CLI, in one
+    process with `threads` threads or under torchrun with 2 processes of one thread each (DDP, gloo; the global
+    batch stays 128). Each run trains 2 epochs and reports the second: steady state, after compiling."""
     out = {}
-    for stage, extra in (("train", []), ("train-ini", ["--ood", "fashionmnist", "--diagnostic-images", "0"])):
-        tic = time.time()
-        result = subprocess.run([sys.executable, str(ROOT / "cli.py"), stage, "--dataset", "mnist", "--epochs", "1",
-                                 "--device", "cpu", "--out", f"/tmp/bench_ini_{stage}.h5", *extra], cwd=ROOT,
-                                env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}, capture_output=True,
-                                text=True)
+    for label, (processes, stage, extra) in EPOCH_RUNS.items():
+        path = f"/tmp/bench_ini_{stage}_{processes}.h5"
+        launch = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        flags = ["--ood", "fashionmnist", "--diagnostic-images", "0"] if stage == "train-ini" else []
+        env = {"OMP_NUM_THREADS": str(threads if processes == 1 else 1), "PATH": "/usr/bin:/bin"}
+        result = subprocess.run([*launch, str(ROOT / "cli.py"), stage, "--dataset", "mnist", "--epochs", "2",
+                                 "--device", "cpu", "--out", path, *flags, *extra], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(result.stderr[-2000:])
-        with __import__("h5py").File(f"/tmp/bench_ini_{stage}.h5", "r") as f:
-            out[stage] = float(f["history/epoch_seconds"][0])
-        out[f"{stage} (process)"] = time.time() - tic
+        with __import__("h5py").File(path, "r") as f:
+            out[label] = float(f["history/epoch_seconds"][1])
     return out
 
 
@@ -138,7 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--epoch", action="store_true", help="also time one full MNIST epoch of train and train-ini")
+    parser.add_argument("--epoch", action="store_true",
+                        help="also time full MNIST epochs of train and train-ini (eager, compiled, 2 processes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     times = time_steps(args.rounds, args.iterations)

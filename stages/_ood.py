@@ -8,14 +8,20 @@ OOD batch can mix several prepared sets (balanced per family, whatever their siz
 - mix: two ID images of different classes blended half and half (ambiguous overlays);
 - corrupt: strong Gaussian noise (sigma 0.5) and half the image erased.
 
+A `Synthetic` searcher can then turn part of each batch into synthetic outliers: inputs where the victim is still most
+informative to a thief, found by a few steps of projected gradient ascent on the victim-surrogate disagreement (the
+objective data-free attacks such as DFME search with), so that induction covers them too.
+
 Every random draw comes from the epoch's generator, so a resumed run replays the same batches.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from stages import _data
 from stages._loop import Dist
@@ -46,6 +52,7 @@ class OodStream:
             self.n_derived = batch_size
         self.orders = [torch.arange(len(s)) for s in self.sources]
         self.cursors = [0] * len(self.sources)
+        self.synthesize: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None  # see `Synthetic`
 
     def begin(self, generator: torch.Generator) -> None:
         self.orders = [torch.randperm(len(s), generator=generator) for s in self.sources]
@@ -73,7 +80,46 @@ class OodStream:
             local = self.n_derived if self.comm.world == 1 else round(self.n_derived * len(id_images) / self.batch_size)
             made = derive(id_images, id_labels, self.derived, local, generator)
             x = made if x is None else torch.cat([x, made.to(x.dtype)])
-        return x
+        return x if self.synthesize is None else self.synthesize(x, generator)
+
+
+class Synthetic:
+    """Replaces the first `fraction` of each (rank's) OOD batch by synthetic outliers: from each image, `steps` of
+    signed gradient ascent (step eps/2, random start, L-inf ball of radius `eps`, pixels kept in [0, 1]) on the L1
+    distance between the victim's and the surrogates' softmax outputs. eps 1 leaves the search unbounded. Networks
+    run in eval mode while searching, so BatchNorm statistics see none of it; no parameter gradient is touched."""
+
+    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], fraction: float, steps: int, eps: float):
+        if not 0 < fraction <= 1 or steps < 1 or not 0 < eps <= 1:
+            raise ValueError("synthetic outliers need 0 < fraction <= 1, steps >= 1 and 0 < eps <= 1")
+        self.victim, self.surrogates = victim, list(surrogates)
+        self.fraction, self.steps, self.eps = fraction, steps, eps
+
+    def gap(self, x: torch.Tensor) -> torch.Tensor:
+        """Per image, the mean over surrogates of || softmax(V(x)) - softmax(C(x)) ||_1."""
+        p = F.softmax(self.victim(x), 1)
+        return torch.stack([(p - F.softmax(c(x), 1)).abs().sum(1) for c in self.surrogates]).mean(0)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count = round(self.fraction * len(x))
+        if not count:
+            return x
+        start = x[:count]
+        noise = torch.rand(start.shape, generator=generator, dtype=start.dtype).to(start.device)
+        delta = (2 * noise - 1) * self.eps
+        modes = [(m, m.training) for m in (self.victim, *self.surrogates)]
+        try:
+            for m, _ in modes:
+                m.eval()
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    probe = (start + delta).clamp(0, 1).requires_grad_()
+                    (grad,) = torch.autograd.grad(self.gap(probe).sum(), probe)
+                    delta = (delta + self.eps / 2 * grad.sign()).clamp(-self.eps, self.eps)
+        finally:
+            for m, training in modes:
+                m.train(training)
+        return torch.cat([(start + delta).clamp(0, 1).detach(), x[count:]])
 
 
 def _split(total: int, parts: int) -> list[int]:

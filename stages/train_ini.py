@@ -78,6 +78,13 @@ def run(
     ood_augment: Annotated[Optional[Literal["id", "heavy"]], typer.Option(
         help="OOD augmentation: id (as ID images) or heavy (flips, transposition, inversion, gamma) "
              "[default: the preset's].")] = None,
+    ood_synthetic: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of each OOD batch turned into synthetic outliers: a few steps of gradient "
+                               "ascent on the victim-surrogate disagreement (what data-free thieves search for), "
+                               "then induced like the rest; 0: none.")] = 0.0,
+    ood_synthetic_steps: Annotated[int, typer.Option(min=1, help="Ascent steps per synthetic outlier.")] = 3,
+    ood_synthetic_eps: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="L-inf radius of the search around each OOD image (1: unbounded).")] = 0.25,
     epochs: _loop.Epochs = 50,
     batch_size: _loop.BatchSize = 128,
     lr: _loop.LR = 0.1,
@@ -139,6 +146,8 @@ def run(
         if k not in _ood.DERIVED:
             raise UserError(f"--ood-derived: unknown outlier kind {k!r}; choose from {', '.join(_ood.DERIVED)}")
     ood_augment = ood_augment or PRESETS[preset]["ood_augment"]
+    if ood_synthetic and not ood_synthetic_eps:
+        raise UserError("--ood-synthetic-eps must be above 0")
     if ood_derived_fraction is None:
         ood_derived_fraction = PRESETS[preset]["ood_derived_fraction"]
     out = prepare_output(out)
@@ -168,7 +177,7 @@ def run(
         raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
     use_fast = fast and implementation != "reference"
     steps = epochs * math.ceil(len(data.splits["train"][1]) / batch_size)
-    kernels = step_kernels(compile_mode, use_fast, recipe.device.split(":")[0], steps)
+    kernels = step_kernels(compile_mode, use_fast, recipe.device.split(":")[0], steps, say=comm.main)
     params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
                   ood_derived_fraction=ood_derived_fraction,
                   ood_augment=ood_augment, clip=clip, device=recipe.device.split(":")[0], augment=recipe.augment,
@@ -180,6 +189,8 @@ def run(
             raise UserError(f"{o.path}: the OOD train split holds no images")
     stream = _ood.OodStream(ood_train, batch_size, recipe.augment, comm, derived, ood_derived_fraction,
                             heavy=ood_augment == "heavy")
+    if ood_synthetic:
+        stream.synthesize = _ood.Synthetic(victim, nets, ood_synthetic, ood_synthetic_steps, ood_synthetic_eps)
     step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1], kernels) if use_fast
             else _ini.ReferenceStep(victim, nets, stream, objective, comm))
 
@@ -225,7 +236,7 @@ def run(
     return out
 
 
-def step_kernels(mode: str, use_fast: bool, device: str, steps: int) -> _ini_fast.Kernels:
+def step_kernels(mode: str, use_fast: bool, device: str, steps: int, say: bool = True) -> _ini_fast.Kernels:
     """The fast step's kernels for --compile: compiled when asked (on), or (auto) on CPU for runs long enough to pay
     back the compiling, when a C++ compiler is found; eager otherwise."""
     if mode == "on":
@@ -236,7 +247,8 @@ def step_kernels(mode: str, use_fast: bool, device: str, steps: int) -> _ini_fas
     elif not (mode == "auto" and use_fast and device == "cpu" and steps >= COMPILE_MIN_STEPS
               and _ini_fast.compiler_available()):
         return _ini_fast.EAGER
-    console.print("compiling the InI step's kernels with torch.compile: the first steps take tens of seconds")
+    if say:
+        console.print("compiling the InI step's kernels with torch.compile: the first steps take tens of seconds")
     return _ini_fast.compiled_kernels(mode == "on", lambda message: console.print(f"[yellow]warning:[/] {message}"))
 
 

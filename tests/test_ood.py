@@ -126,3 +126,51 @@ def test_collapse_is_detected_from_val_history(history, expected):
     from stages import train
 
     assert train.collapse_epoch(history, 10) == expected
+
+
+def _nets(seed: int = 0):
+    import models
+
+    torch.manual_seed(seed)
+    victim = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).train()
+    torch.manual_seed(seed + 1)
+    surrogate = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).eval().requires_grad_(False)
+    return victim, surrogate
+
+
+def test_synthetic_outliers_raise_the_disagreement_inside_the_ball():
+    victim, surrogate = _nets()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    synth = _ood.Synthetic(victim, [surrogate], fraction=0.5, steps=5, eps=0.2)
+    out = synth(x, torch.Generator().manual_seed(4))
+    again = synth(x, torch.Generator().manual_seed(4))
+    assert torch.equal(out, again)  # same generator, same outliers
+    assert torch.equal(out[8:], x[8:])  # only the first half is replaced
+    assert (out[:8] - x[:8]).abs().max() <= 0.2 + 1e-6 and out.min() >= 0 and out.max() <= 1
+    with torch.no_grad():
+        before, after = synth.gap(x[:8]), synth.gap(out[:8])
+    assert after.mean() > 1.2 * before.mean()  # ascent found where the victim tells more than the surrogate
+    assert victim.training and not surrogate.training  # modes restored
+    assert all(p.grad is None for p in victim.parameters())  # only input gradients
+
+
+def test_ood_stream_hands_its_batch_to_the_synthesizer():
+    stream = _ood.OodStream(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), 10, False, Dist())
+    stream.begin(torch.Generator().manual_seed(0))
+    seen = []
+    stream.synthesize = lambda x, g: seen.append(x.shape) or x * 0
+    assert stream.next(torch.Generator()).abs().sum() == 0 and seen == [(10, 1, 28, 28)]
+
+
+def test_train_ini_with_synthetic_outliers_on_tiny_data(tiny, tmp_path):
+    out = tmp_path / "v.h5"
+    result = invoke("train-ini", "--dataset", tiny, "--ood-synthetic", 0.5, "--ood-synthetic-steps", 2, "--epochs", 1,
+                    "--out", out, "--diagnostic-images", 32, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        assert '"ood_synthetic": 0.5' in f.attrs["params"] and '"ood_synthetic_steps": 2' in f.attrs["params"]
+        assert f["history/train_vanishing"].shape == (1,)
+    for bad in (("--ood-synthetic", 1.5), ("--ood-synthetic", 0.5, "--ood-synthetic-eps", 0)):
+        result = invoke("train-ini", "--dataset", tiny, *bad, "--out", tmp_path / "w.h5")
+        assert_one_line_error(result)
+        assert not (tmp_path / "w.h5").exists()
