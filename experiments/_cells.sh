@@ -2,6 +2,7 @@
 # Needs PY (the python to run cli.py with), OUT (logs go to $OUT/logs) and JOBS.
 
 # run_cells FILE: each line "OUTPUT<TAB>COMMAND"; skip cells whose OUTPUT exists, run the rest JOBS at a time.
+# A cell checks again just before it starts, so an output another run (or a copy) made meanwhile is not redone.
 run_cells() {
     local todo; todo=$(mktemp)
     while IFS=$'\t' read -r output command; do
@@ -14,7 +15,7 @@ run_cells() {
 
 cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the other logs
     local output=$1; shift
-    printf '%s\t%s\n' "$output" "$PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
+    printf '%s\t%s\n' "$output" "[ -e $output ] || $PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
 }
 
 other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }
