@@ -47,7 +47,7 @@ SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digit
 # broad derives a quarter of each OOD batch: at a half, one of four MNIST runs collapsed to one class at epoch 2 and
 # stayed there; at a quarter the same run collapsed at epoch 2 too but recovered at epoch 3, and the quarter's victims
 # end 0.2-0.4 pt higher, for somewhat weaker induction on a held-out family (docs/results.md)
-COMPILE_MIN_STEPS = 1000  # ~25 ms saved a step on CPU against ~30 s of compiling (measured, 2 cores)
+COMPILE_MIN_STEPS = 1000  # 7-30 ms saved a CPU step (2 threads / 1 thread) against 5-30 s of compiling (measured)
 PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official"},
            "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
                      "clip": "official"}}
