@@ -2,13 +2,20 @@
 defense), one column per (attack, label, pool), cells "stealing mean ± std (n)"; a first column gives the benign
 accuracy as deployed. Victims are told apart by their recipe's hash (seeds share one).
 
+`--lofo` reads the leave-one-family-out run's rows instead (experiments/lofo.sh's file names): per victim dataset and
+held-out pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over
+seeds (n), the broad victims' benign accuracy, and a last row averaging the families within each seed first.
+
     python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
+    python experiments/summarise.py --lofo artifacts/lofo/metrics.h5
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
+import statistics
 from collections import defaultdict
 
 import h5py
@@ -61,13 +68,63 @@ def pivot(path: str, dataset: str | None) -> str:
     return "\n".join(lines)
 
 
+LOFO_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|faithful|broad-no-[a-z-]+|broad-all)-s(?P<seed>\d+)"
+                       r"-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
+KINDS = ("undefended", "faithful", "broad")
+
+
+def _spread(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    std = f" ± {100 * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{100 * statistics.mean(values):.{digits}f}{std} ({len(values)})"
+
+
+def lofo(path: str) -> str:
+    """The leave-one-family-out table: stealing (final epoch) per held-out family and victim kind."""
+    with h5py.File(path, "r") as f:
+        r = f["rows"]
+        files, accuracy, benign = _text(r["file"][:]), r["stealing_accuracy"][:], r["benign_accuracy"][:]
+    steal: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracy
+    benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
+    for name, acc, ben in zip(files, accuracy, benign):
+        m = LOFO_FILE.search(name)
+        if not m:
+            continue
+        kind = m["victim"].split("-")[0]
+        steal[m["dataset"], m["pool"], kind, m["label"]][m["seed"]] = float(acc)
+        benigns[m["dataset"], kind][f"{m['victim']}-s{m['seed']}"] = float(ben)
+    lines = ["| victim data | held-out pool | undefended soft / hard | InI paper recipe soft / hard | "
+             "InI broad soft / hard |", "|---|---|---|---|---|"]
+    for dataset in sorted({k[0] for k in steal}):
+        pools = sorted({k[1] for k in steal if k[0] == dataset})
+        for pool in pools:
+            cells = [" / ".join(_spread(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
+                     for kind in KINDS]
+            lines.append(f"| {dataset} | {pool} | " + " | ".join(cells) + " |")
+        means = []
+        for kind in KINDS:
+            per_label = []
+            for label in ("soft", "hard"):
+                seeds = set.intersection(*(set(steal[dataset, p, kind, label]) for p in pools))
+                per_label.append(_spread([statistics.mean(steal[dataset, p, kind, label][s] for p in pools)
+                                          for s in sorted(seeds)]))
+            means.append(" / ".join(per_label))
+        lines.append(f"| {dataset} | **mean over families** | " + " | ".join(means) + " |")
+    lines += ["", "| victim data | victim | benign accuracy |", "|---|---|---|"]
+    for (dataset, kind), values in sorted(benigns.items()):
+        lines.append(f"| {dataset} | {kind} | {_spread(list(values.values()), 2)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics")
     parser.add_argument("--dataset")
+    parser.add_argument("--lofo", action="store_true", help="the leave-one-family-out table (experiments/lofo.sh)")
     args = parser.parse_args()
     try:
-        print(pivot(args.metrics, args.dataset))
+        print(lofo(args.metrics) if args.lofo else pivot(args.metrics, args.dataset))
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 

@@ -3,6 +3,7 @@ the report they promise. Real MNIST from ../shared/data."""
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -36,3 +37,11 @@ def test_lofo_smoke_runs_end_to_end_and_resumes(tmp_path):
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "to run" in again.stderr
     assert all(line.endswith(" 0 to run") for line in again.stderr.splitlines() if line.endswith("to run"))
+    # the docs' leave-one-family-out table, from that run's metrics: one row per held-out family plus the mean
+    table = subprocess.run([sys.executable, "experiments/summarise.py", "--lofo", str(smoke / "metrics.h5")], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| mnist |")]
+    assert [r.split(" | ")[1] for r in rows[:5]] == ["fashionmnist", "generated", "skimage-patches", "sklearn-digits",
+                                                     "**mean over families**"]
+    assert all(r.count("(1)") == 6 for r in rows[:5])  # 3 victims x soft/hard, one seed each
+    assert {r.split(" | ")[1] for r in rows[5:]} == {"broad", "faithful", "undefended"}
