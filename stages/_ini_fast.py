@@ -16,6 +16,7 @@ batched matrix products gain nothing from compiling (measured).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import warnings
@@ -178,6 +179,8 @@ class _Compiled:
 @functools.cache
 def compiled_kernels(strict: bool = False, on_failure: Callable[[str], None] = warnings.warn) -> Kernels:
     """The tape's kernels compiled once per process (and per strictness), shared by every tape."""
+    # inductor's first import logs that a CUDA build found no CUDA runtime: true on CPU machines, and not news
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return Kernels(_Compiled(lenet_forward, strict, on_failure), _Compiled(lenet_jvp, strict, on_failure))
 
 
