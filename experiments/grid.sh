@@ -43,10 +43,11 @@ else
     DFME_BUDGET=${DFME_BUDGET:-200000}; JBDA=${JBDA:-}; UNSEEN_POOLS=${UNSEEN_POOLS:-sklearn-digits skimage-patches generated}
 fi
 DATASETS=${DATASETS:-mnist fashionmnist}; UNSEEN_EPOCHS=${UNSEEN_EPOCHS:-$SURROGATE_EPOCHS}
-# (victim, defense) pairs; UNSEEN_FOR and JBDA_FOR (default: all pairs) narrow which get the unseen pools and jbda
+# (victim, defense) pairs; UNSEEN_FOR, JBDA_FOR and DFME_FOR (default: all pairs) narrow which get the unseen pools,
+# jbda and dfme
 PAIRS=${PAIRS:-undefended:none undefended:reverse-sigmoid undefended:mad undefended:top1 undefended:grad2 ini:none \
 am:adaptive-misinformation}
-UNSEEN_FOR=${UNSEEN_FOR:-$PAIRS}; JBDA_FOR=${JBDA_FOR:-$PAIRS}
+UNSEEN_FOR=${UNSEEN_FOR:-$PAIRS}; JBDA_FOR=${JBDA_FOR:-$PAIRS}; DFME_FOR=${DFME_FOR:-$PAIRS}
 in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
@@ -90,7 +91,7 @@ for s in $SEEDS; do
             done
             in_list "$pair" "$JBDA_FOR" && cell "$OUT/stolen/$tag-jbda.h5" steal --victim "$victim" --defense "$defense" --attack jbda \
                 --device cpu $JBDA --seed "$s" >> "$cells"
-            [ "$defense" = top1 ] || [ "$DFME_BUDGET" = 0 ] || cell "$OUT/stolen/$tag-dfme.h5" steal --victim "$victim" --defense "$defense" \
+            [ "$defense" = top1 ] || [ "$DFME_BUDGET" = 0 ] || ! in_list "$pair" "$DFME_FOR" || cell "$OUT/stolen/$tag-dfme.h5" steal --victim "$victim" --defense "$defense" \
                 --attack dfme --budget "$DFME_BUDGET" --device cpu --seed "$s" >> "$cells"
         done
     done
