@@ -94,8 +94,8 @@ def lofo(path: str) -> str:
         kind = m["victim"].split("-")[0]
         steal[m["dataset"], m["pool"], kind, m["label"]][m["seed"]] = float(acc)
         benigns[m["dataset"], kind][f"{m['victim']}-s{m['seed']}"] = float(ben)
-    lines = ["| victim data | held-out pool | undefended soft / hard | InI paper recipe soft / hard | "
-             "InI broad soft / hard |", "|---|---|---|---|---|"]
+    head = "| victim data | held-out pool | undefended soft / hard | InI paper recipe soft / hard | InI broad soft / hard |"
+    lines = [head, "|---|---|---|---|---|"]
     for dataset in sorted({k[0] for k in steal}):
         pools = sorted({k[1] for k in steal if k[0] == dataset})
         for pool in pools:
