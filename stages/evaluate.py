@@ -186,11 +186,30 @@ def _victim_facts(path: Path, cache: dict) -> dict:
             with open_artifact(path, "victim") as f:
                 params, objective = attr_json(f, "params"), str(f.attrs["objective"])
                 seed, wall = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
-        recipe = {k: v for k, v in params.items() if k not in ("seed", "out", "resume", "dataset", "device")}
-        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        digest = hashlib.sha256(json.dumps(recipe_of(params), sort_keys=True, default=str).encode()).hexdigest()[:6]
         setting = f"{params.get('arch', '?')}/{params.get('preset') or objective}#{digest}"
         cache[key] = dict(victim=setting, seed=seed, victim_seconds=wall)
     return cache[key]
+
+
+NOT_RECIPE = ("seed", "out", "resume", "dataset", "device", "compile_mode", "implementation", "processes")
+# train-ini options added after victims were trained: the value older code behaved as, so that seeds trained before
+# and after an option existed still group together
+ADDED_LATER = {"preset": "faithful", "ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id",
+               "clip": "official", "ood_synthetic": 0.0, "ood_synthetic_steps": 3, "ood_synthetic_eps": 0.25}
+
+
+def recipe_of(params: dict) -> dict:
+    """The parameters that make a victim what it is, seed aside: not where files lay (OOD sets by file name), how
+    the maths was executed (compiled, fast or reference, processes) or where it ran."""
+    recipe = {k: v for k, v in params.items() if k not in NOT_RECIPE}
+    if "ood" in recipe and "gamma" in recipe:  # train-ini: options that came later, as older code behaved
+        recipe = {**ADDED_LATER, **recipe}
+        if not recipe["ood_synthetic"]:
+            recipe.update(ood_synthetic_steps=3, ood_synthetic_eps=0.25)
+    if isinstance(recipe.get("ood"), str):
+        recipe["ood"] = ",".join(Path(o).name for o in recipe["ood"].split(","))
+    return recipe
 
 
 def _pool_name(params: dict) -> str:
