@@ -187,7 +187,7 @@ def _victim_facts(path: Path, cache: dict) -> dict:
                 params, objective = attr_json(f, "params"), str(f.attrs["objective"])
                 seed, wall = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
         digest = hashlib.sha256(json.dumps(recipe_of(params), sort_keys=True, default=str).encode()).hexdigest()[:6]
-        setting = f"{params.get('arch', '?')}/{params.get('preset') or objective}#{digest}"
+        setting = f"{params.get('arch', '?')}/{recipe_of(params).get('preset') or objective}#{digest}"
         cache[key] = dict(victim=setting, seed=seed, victim_seconds=wall)
     return cache[key]
 
