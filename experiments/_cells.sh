@@ -18,4 +18,8 @@ cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the othe
     printf '%s\t%s\n' "$output" "[ -e $output ] || $PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
 }
 
+results_in() {  # results_in DIR: the result files for evaluate (a checkpoint left by an interrupted cell is not one)
+    ls "$1"/stolen/*.h5 "$1"/victims/*.h5 | grep -v '\.ckpt\.h5$'
+}
+
 other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }

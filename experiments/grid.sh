@@ -100,7 +100,6 @@ done
 rm -f "$cells"
 
 # 4. evaluate everything that exists into one report (failed cells are simply absent, and listed above)
-# (a checkpoint left by an interrupted cell is not a result)
-$PY cli.py evaluate $(ls "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 | grep -v '\.ckpt\.h5$') --out "$OUT/metrics.h5" \
+$PY cli.py evaluate $(results_in "$OUT") --out "$OUT/metrics.h5" \
     --report "$OUT/report" \
     ${BENCHMARK_JSON:+--benchmark "$BENCHMARK_JSON"}

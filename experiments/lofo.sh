@@ -92,6 +92,5 @@ for s in $SEEDS; do
 done
 rm -f "$cells"
 
-# (a checkpoint left by an interrupted cell is not a result)
-$PY cli.py evaluate $(ls "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 | grep -v '\.ckpt\.h5$') --out "$OUT/metrics.h5" \
+$PY cli.py evaluate $(results_in "$OUT") --out "$OUT/metrics.h5" \
     --report "$OUT/report"

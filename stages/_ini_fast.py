@@ -7,7 +7,7 @@ gradient back to the victim, J t (one Jacobian-vector product): no second-order 
 both by hand for LeNet-5, which also lets the victim give all its per-term gradients in one batched pass, and
 PCGrad runs on the Gram matrix of those gradients (`_ini.pcgrad_coefficients`).
 
-Optionally (`compile=True`), the tape's forward pass and its Jacobian-vector product, which are mostly the max-pools'
+Optionally (`kernels=compiled_kernels()`), the tape's forward pass and its Jacobian-vector product, which are mostly the max-pools'
 elementwise work, run as kernels fused by `torch.compile` (a C++ compiler at run time, tens of seconds of compiling
 on the first steps, then each about twice as fast). The vector-Jacobian product stays eager: its convolutions and
 batched matrix products gain nothing from compiling (measured).
@@ -182,6 +182,11 @@ def compiled_kernels(strict: bool = False, on_failure: Callable[[str], None] = w
     # inductor's first import logs that a CUDA build found no CUDA runtime: true on CPU machines, and not news
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return Kernels(_Compiled(lenet_forward, strict, on_failure), _Compiled(lenet_jvp, strict, on_failure))
+
+
+def compiled_throughout(kernels: Kernels) -> bool:
+    """Whether every kernel ran compiled: none is eager, and none fell back to eager."""
+    return all(getattr(k, "compiled", None) is not None for k in kernels)
 
 
 def compiler_available() -> bool:

@@ -186,8 +186,9 @@ def _victim_facts(path: Path, cache: dict) -> dict:
             with open_artifact(path, "victim") as f:
                 params, objective = attr_json(f, "params"), str(f.attrs["objective"])
                 seed, wall = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
-        digest = hashlib.sha256(json.dumps(recipe_of(params), sort_keys=True, default=str).encode()).hexdigest()[:6]
-        setting = f"{params.get('arch', '?')}/{recipe_of(params).get('preset') or objective}#{digest}"
+        recipe = recipe_of(params)
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        setting = f"{params.get('arch', '?')}/{recipe.get('preset') or objective}#{digest}"
         cache[key] = dict(victim=setting, seed=seed, victim_seconds=wall)
     return cache[key]
 
@@ -205,8 +206,8 @@ def recipe_of(params: dict) -> dict:
     recipe = {k: v for k, v in params.items() if k not in NOT_RECIPE}
     if "ood" in recipe and "gamma" in recipe:  # train-ini: options that came later, as older code behaved
         recipe = {**ADDED_LATER, **recipe}
-        if not recipe["ood_synthetic"]:
-            recipe.update(ood_synthetic_steps=3, ood_synthetic_eps=0.25)
+        if not recipe["ood_synthetic"]:  # no synthetic outliers: their search settings mean nothing
+            recipe.update({k: ADDED_LATER[k] for k in ("ood_synthetic_steps", "ood_synthetic_eps")})
     if isinstance(recipe.get("ood"), str):
         recipe["ood"] = ",".join(Path(o).name for o in recipe["ood"].split(","))
     return recipe

@@ -224,7 +224,7 @@ def run(
         _loop.leave(comm)
         return None
     params["implementation"] = "fast" if use_fast else "reference"
-    params["compile_mode"] = "off" if kernels is _ini_fast.EAGER or kernels.forward.compiled is None else "on"
+    params["compile_mode"] = "on" if _ini_fast.compiled_throughout(kernels) else "off"
     _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)],
                  seed, started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
