@@ -1,5 +1,6 @@
 """The training loop shared by `train` and `train-ini`: SGD + StepLR, per-epoch val/test, model selection on
-val only, an atomic checkpoint after every epoch, exact `--resume`, and a stop on a non-finite loss."""
+val only, an atomic checkpoint after every epoch, exact `--resume`, a stop on a non-finite loss, and (on request) a
+rollback when the network collapses to chance."""
 
 from __future__ import annotations
 
@@ -186,8 +187,14 @@ def fit(
     begin_epoch: Optional[Callable[[int, torch.Generator], None]] = None,
     diagnostics: Optional[Callable[[], dict[str, float]]] = None,
     title: str = "train",
+    rollbacks: int = 0,
 ) -> Result:
     """Train `model` in place; on return it holds the weights of the epoch with the best val accuracy.
+
+    With `rollbacks` > 0, an epoch that ends with val accuracy at chance after a good one (a collapse: every ReLU
+    dead, one class for everything, from which SGD does not come back) restores the best epoch's weights, drops the
+    momentum and halves the learning rate from then on, at most `rollbacks` times. History column `rolled_back`
+    records it; the learning rate is a function of that history, so `--resume` stays exact.
 
     Under torchrun every rank runs this loop on its shard of each batch. A step that sums its gradients over ranks
     itself says so with a true `step.reduces_gradients`; otherwise the loop averages them, as DDP would."""
@@ -221,7 +228,9 @@ def fit(
         batch_task = progress.add_task("  batches", total=steps_per_epoch, info="")
         for epoch in range(start, recipe.epochs):
             tic = time.time()
-            lr = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step)  # StepLR, stateless so resume is exact
+            # StepLR, stateless so resume is exact; halved once per rollback so far
+            halvings = sum(result.history.get("rolled_back", []))
+            lr = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step) * 0.5 ** halvings
             for group in optimizer.param_groups:
                 group["lr"] = lr
             gen = epoch_generator(recipe.seed, epoch)
@@ -257,11 +266,20 @@ def fit(
             if diagnostics is not None:
                 row.update(diagnostics())
             row["lr"] = lr
+            roll = rollbacks and collapsed(row["val_accuracy"], result, len(data.classes), rollbacks)
+            if rollbacks:
+                row["rolled_back"] = float(roll)
             row["epoch_seconds"] = time.time() - tic
             for k, v in row.items():
                 result.history.setdefault(k, []).append(v)
             result.seconds += row["epoch_seconds"]
-            if epoch == 0 or row["val_accuracy"] > result.val_accuracy:
+            if roll:
+                model.load_state_dict(best)
+                optimizer.state.clear()  # momentum of the collapsed trajectory
+                if comm.main:
+                    console.log(f"epoch {epoch + 1}: val accuracy fell to chance ({row['val_accuracy']:.4f}), the "
+                                f"network collapsed: back to epoch {result.chosen_epoch}'s weights, learning rate halved")
+            elif epoch == 0 or row["val_accuracy"] > result.val_accuracy:
                 result.chosen_epoch, result.val_accuracy, result.test_accuracy = epoch + 1, row["val_accuracy"], row["test_accuracy"]
                 best = copy.deepcopy(model.state_dict())
             if comm.main:
@@ -273,6 +291,15 @@ def fit(
                     f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_")) + f" {info}")
     model.load_state_dict(best)
     return result
+
+
+def collapsed(val_accuracy: float, result: Result, num_classes: int, rollbacks: int) -> bool:
+    """Whether this epoch's val accuracy is a collapse to roll back from: at chance (under 1.5 / classes, as
+    train.collapse_epoch) after an epoch of at least twice that, with rollbacks left."""
+    chance = 1.5 / num_classes
+    used = sum(result.history.get("rolled_back", []))
+    seen_good = bool(result.history.get("val_accuracy")) and result.val_accuracy >= 2 * chance
+    return seen_good and val_accuracy < chance and used < rollbacks
 
 
 def _average_gradients(model: torch.nn.Module, terms: dict[str, torch.Tensor], comm: Dist) -> None:

@@ -193,7 +193,8 @@ def _victim_facts(path: Path, cache: dict) -> dict:
     return cache[key]
 
 
-NOT_RECIPE = ("seed", "out", "resume", "dataset", "device", "compile_mode", "implementation", "processes")
+# on_collapse is a safeguard that changes nothing unless a run collapses (its history then says rolled_back)
+NOT_RECIPE = ("seed", "out", "resume", "dataset", "device", "compile_mode", "implementation", "processes", "on_collapse")
 # train-ini options added after victims were trained: the value older code behaved as, so that seeds trained before
 # and after an option existed still group together
 ADDED_LATER = {"preset": "faithful", "ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id",

@@ -146,6 +146,10 @@ def summarise(title: str, data: _data.Dataset, result: _loop.Result, out: Path) 
     table.add_row("train time", f"{result.seconds:.1f} s")
     table.add_row("victim", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
     console.print(table)
+    rolled = int(sum(result.history.get("rolled_back", [])))
+    if rolled:
+        console.print(f"note: the network collapsed {rolled} time(s) and was rolled back to its best epoch each time, "
+                      f"with the learning rate halved (history column rolled_back)")
     collapsed = collapse_epoch(result.history.get("val_accuracy", []), len(data.classes))
     if collapsed:
         console.print(f"warning: val accuracy fell to chance at epoch {collapsed} and stayed there (the network "

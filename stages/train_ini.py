@@ -48,9 +48,12 @@ SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digit
 # stayed there; at a quarter the same run collapsed at epoch 2 too but recovered at epoch 3, and the quarter's victims
 # end 0.2-0.4 pt higher, for somewhat weaker induction on a held-out family (docs/results.md)
 COMPILE_MIN_STEPS = 1000  # 7-30 ms saved a CPU step (2 threads / 1 thread) against 5-30 s of compiling (measured)
-PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official"},
+# broad also rolls back a collapse (--on-collapse): 2 of 10 broad MNIST runs collapsed at epoch 2, one for good.
+PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official",
+                        "on_collapse": "warn"},
            "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
-                     "clip": "official"}}
+                     "clip": "official", "on_collapse": "rollback"}}
+MAX_ROLLBACKS = 3
 
 # "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
 DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
@@ -107,6 +110,10 @@ def run(
     clip: Annotated[Optional[Literal["official", "always"]], typer.Option(
         help="Gradient clipping at norm 10: official (only without PCGrad) or always (also PCGrad's merged "
              "gradient) [default: the preset's].")] = None,
+    on_collapse: Annotated[Optional[Literal["warn", "rollback"]], typer.Option(
+        help="When val accuracy falls to chance after a good epoch (the network collapsed): warn at the end, or roll "
+             f"back to the best epoch with the learning rate halved (at most {MAX_ROLLBACKS} times) "
+             "[default: the preset's].")] = None,
     bn_mode: Annotated[Literal["mixed", "separate", "eval-ood"], typer.Option(
         help="Victim BatchNorm on OOD batches: mixed (official, test-time statistics blend ID and OOD), separate "
              "(own batch statistics, running ones ID-only) or eval-ood (running statistics).")] = "mixed",
@@ -165,6 +172,7 @@ def run(
                           _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
     comm = _loop.distributed(recipe.device)
     clip = clip or PRESETS[preset]["clip"]
+    on_collapse = on_collapse or PRESETS[preset]["on_collapse"]
     objective = _ini.Objective(beta, gamma, delta, epsilon, distance, kl_direction, pcgrad, pcgrad_reduction, bn_mode,
                                clip_pcgrad=clip == "always")
 
@@ -180,7 +188,7 @@ def run(
     kernels = step_kernels(compile_mode, use_fast, recipe.device.split(":")[0], steps, say=comm.main)
     params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
                   ood_derived_fraction=ood_derived_fraction,
-                  ood_augment=ood_augment, clip=clip, device=recipe.device.split(":")[0], augment=recipe.augment,
+                  ood_augment=ood_augment, clip=clip, on_collapse=on_collapse, device=recipe.device.split(":")[0], augment=recipe.augment,
                   surrogate_archs=archs, processes=comm.world)
 
     ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(recipe.device) for o in ood_sets]
@@ -219,7 +227,8 @@ def run(
 
     modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
     result = _loop.fit(victim, data, step, recipe, out, _loop.fingerprint(params), resume, modules=modules,
-                       begin_epoch=begin_epoch, diagnostics=diagnostics, title="train-ini")
+                       begin_epoch=begin_epoch, diagnostics=diagnostics, title="train-ini",
+                       rollbacks=MAX_ROLLBACKS if on_collapse == "rollback" else 0)
     if not comm.main:
         _loop.leave(comm)
         return None

@@ -107,7 +107,15 @@ def test_train_ini_broad_preset_on_tiny_data(tiny, tmp_path):
         params = f.attrs["params"]
         assert '"ood_derived": "shuffle,mix,corrupt"' in params and '"ood_augment": "heavy"' in params
         assert '"clip": "official"' in params and '"ood_derived_fraction": 0.25' in params
+        assert '"on_collapse": "rollback"' in params
         assert f["history/train_vanishing"].shape == (1,)
+        assert list(f["history/rolled_back"][()]) == [0.0]
+
+
+def test_unknown_collapse_policy_is_one_line(tiny, tmp_path):
+    result = invoke("train-ini", "--dataset", tiny, "--on-collapse", "retry", "--out", tmp_path / "v.h5")
+    assert "retry" in assert_one_line_error(result, code=2)
+    assert not (tmp_path / "v.h5").exists()
 
 
 def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
@@ -174,3 +182,55 @@ def test_train_ini_with_synthetic_outliers_on_tiny_data(tiny, tmp_path):
         result = invoke("train-ini", "--dataset", tiny, *bad, "--out", tmp_path / "w.h5")
         assert_one_line_error(result)
         assert not (tmp_path / "w.h5").exists()
+
+
+def _sabotaging_fit(tiny, out, rollbacks: int, resume: bool = False, stop_after: int = 6):
+    """A small ReLU network that learns `tiny` in one epoch, trained by the real loop with a step that kills it at
+    the end of epoch 2 as a real collapse does: every hidden ReLU dead (no gradient flows back through them ever
+    again), one class's bias ahead, so one answer for everything."""
+    from stages import _data, _loop
+
+    data = _data.load(tiny)
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 32), nn.ReLU(), nn.Linear(32, 10))
+    calls = {"n": 0}
+    steps = -(-len(data.splits["train"][1]) // 32)
+
+    def step(x, y, gen):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if calls["n"] == 2 * steps and not resume:
+            with torch.no_grad():
+                model[1].weight.zero_()
+                model[1].bias.fill_(-1.0)
+                model[3].bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+            for p in model.parameters():
+                p.grad = None
+        return {"benign": loss.detach()}
+
+    recipe = _loop.Recipe(epochs=stop_after, batch_size=32, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20)
+    return model, _loop.fit(model, data, step, recipe, out, "fp", resume=resume, rollbacks=rollbacks)
+
+
+def test_collapse_is_rolled_back_to_the_best_epoch_with_the_learning_rate_halved(tiny, tmp_path, one_thread):
+    _, kept = _sabotaging_fit(tiny, tmp_path / "warn.h5", rollbacks=0, stop_after=4)
+    assert "rolled_back" not in kept.history
+    assert kept.history["val_accuracy"][0] >= 0.5 and max(kept.history["val_accuracy"][1:]) <= 0.1  # dead for good
+
+    _, rolled = _sabotaging_fit(tiny, tmp_path / "roll.h5", rollbacks=3, stop_after=4)
+    assert rolled.history["rolled_back"] == [0.0, 1.0, 0.0, 0.0]
+    assert rolled.history["lr"] == pytest.approx([0.1, 0.1, 0.05, 0.05])
+    assert min(rolled.history["val_accuracy"][2:]) >= 0.5  # trained on from epoch 1's weights
+    assert rolled.chosen_epoch != 2
+
+
+def test_rollback_resumes_exactly(tiny, tmp_path, one_thread):
+    out = tmp_path / "v.h5"
+    whole, _ = _sabotaging_fit(tiny, tmp_path / "whole.h5", rollbacks=3, stop_after=4)
+    _sabotaging_fit(tiny, out, rollbacks=3, stop_after=3)  # the checkpoint after epoch 3 (rolled back at 2)
+    resumed, result = _sabotaging_fit(tiny, out, rollbacks=3, resume=True, stop_after=4)
+    assert result.history["lr"][-1] == pytest.approx(0.05)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
