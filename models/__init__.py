@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.lenet import LeNet5
+from models.lenet import LeNet5, LeNet5BN
 from models.resnet import ResNet18, ResNet34
 from models.vgg import VGG16
 from models.wrn import WRN16_4
@@ -17,6 +17,7 @@ from stages._artifacts import UserError
 
 MODELS: dict[str, type] = {
     "lenet5": LeNet5,
+    "lenet5_bn": LeNet5BN,
     "resnet18": ResNet18,
     "resnet34": ResNet34,
     "vgg16": VGG16,

@@ -32,3 +32,36 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+
+class LeNet5BN(nn.Module):
+    """LeNet-5 with BatchNorm after every hidden layer: the small network on which InI's BatchNorm handling
+    (`train-ini --bn-mode`) can be measured on CPU, where ResNets take hours."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int):
+        super().__init__()
+        padding = 2 if image_size < 32 else 0
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=padding, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 16, 5, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(2)
+        self.resize = nn.AdaptiveAvgPool2d(5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120, bias=False)
+        self.bn3 = nn.BatchNorm1d(120)
+        self.fc2 = nn.Linear(120, 84, bias=False)
+        self.bn4 = nn.BatchNorm1d(84)
+        self.fc = nn.Linear(84, num_classes)
+
+    @torch.jit.export
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        if x.shape[-2] != 5 or x.shape[-1] != 5:
+            x = self.resize(x)
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.bn3(self.fc1(x)))
+        return torch.relu(self.bn4(self.fc2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))

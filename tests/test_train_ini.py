@@ -390,6 +390,24 @@ def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
         assert torch.allclose(out, expected, atol=1e-6)  # normalised by its own batch statistics
 
 
+def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one_thread):
+    """lenet5_bn (the network the BatchNorm modes are measured on) through the CLI: the reference step, and with
+    `separate` the victim's running statistics see ID batches only."""
+    from stages import _victim
+
+    out = tmp_path / "bn.h5"
+    result = invoke("train-ini", "--dataset", tiny[0], "--ood", tiny[1], "--arch", "lenet5_bn", "--bn-mode", "separate",
+                    "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--diagnostic-images", 16, "--out", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out) as f:
+        params = json.loads(f.attrs["params"])
+    assert params["implementation"] == "reference" and params["bn_mode"] == "separate"
+    model, _ = _victim.load(out)
+    bn = model.net.bn1
+    assert int(bn.num_batches_tracked) == 5  # 160 ID images in batches of 32: OOD batches never counted
+    assert 0 < float(bn.running_var.min()) and float(bn.running_var.max()) < 10
+
+
 def test_default_ood_is_the_papers_when_offline_else_the_next(monkeypatch, tmp_path):
     from stages import prepare, train_ini
 
