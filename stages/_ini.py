@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,37 @@ def clip_(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
     return grad.mul_(coef) if coef < 1 else grad
 
 
+class SpikeClip(nn.Module):
+    """Beyond the paper (`--clip spike`): clip the merged gradient at `factor` times the running mean of the norms of
+    the steps before it (after `warmup` steps), AutoClip-style. A broad-preset victim died of one such spike: the
+    norm went from ~0.7 to 2.8 then 7.9 within two steps (under the official clip at 10) and the last hidden layer's
+    ReLUs all died. The mean (a plain mean over the first 1 / (1 - decay) steps, then exponential) lives in buffers,
+    so checkpoints carry it and --resume stays exact; every rank sees the same summed gradient, so they agree."""
+
+    def __init__(self, factor: float = 2.0, decay: float = 0.99, warmup: int = 20):
+        super().__init__()
+        self.factor, self.decay, self.warmup = factor, decay, warmup
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("clipped", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, grad: torch.Tensor) -> torch.Tensor:
+        norm = grad.norm().to(torch.float64)
+        limit = torch.where(self.steps >= self.warmup, self.factor * self.mean, torch.full_like(norm, float("inf")))
+        scale = torch.clamp(limit / (norm + 1e-12), max=1.0)
+        self.clipped += (scale < 1).to(torch.float64)
+        self.steps += 1
+        self.mean += torch.clamp(1 / self.steps, min=1 - self.decay) * (norm * scale - self.mean)
+        return grad.mul_(scale.to(grad.dtype))
+
+
+def clip_merged(merged: torch.Tensor, objective: Objective, spike: Optional[SpikeClip]) -> torch.Tensor:
+    """PCGrad's merged gradient, clipped as asked: at the fixed norm (clip_pcgrad) and/or at a spike."""
+    if objective.clip_pcgrad:
+        merged = clip_(merged, objective.max_grad_norm)
+    return merged if spike is None else spike(merged)
+
+
 def finish(terms: dict[str, torch.Tensor], local: Sequence[str], weights: dict[str, float],
            comm: Dist) -> dict[str, torch.Tensor]:
     """Detached term values summed over ranks where they are local shares, plus the weighted total."""
@@ -196,9 +227,9 @@ class ReferenceStep:
     reduces_gradients = True  # it sums gradients over ranks itself (PCGrad needs each term's global gradient)
 
     def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective,
-                 comm: Dist):
+                 comm: Dist, spike: Optional[SpikeClip] = None):
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
-        self.objective, self.comm = objective, comm
+        self.objective, self.comm, self.spike = objective, comm, spike
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
@@ -234,13 +265,13 @@ class ReferenceStep:
                 grads.append(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]))
                 touched.append(flat([torch.full_like(p, gi is not None, dtype=torch.bool) for p, gi in zip(params, g)]))
             merged = pcgrad(comm.sum_(torch.stack(grads)), torch.stack(touched), generator, obj.reduction)
-            if obj.clip_pcgrad:
-                merged = clip_(merged, obj.max_grad_norm)
+            merged = clip_merged(merged, obj, self.spike)
         else:
             total = sum(weights[t] * terms[t] for t in TERMS)
             g = torch.autograd.grad(total, params, allow_unused=True)
             merged = clip_(comm.sum_(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)])),
                            obj.max_grad_norm)
+            merged = merged if self.spike is None else self.spike(merged)
         set_gradients(params, merged)
         return finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)
 

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import warnings
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -259,11 +259,12 @@ class FastStep:
     reduces_gradients = True
 
     def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: _ini.OodStream,
-                 objective: _ini.Objective, comm: Dist, image_size: int, kernels: Kernels = EAGER):
+                 objective: _ini.Objective, comm: Dist, image_size: int, kernels: Kernels = EAGER,
+                 spike: Optional[_ini.SpikeClip] = None):
         if not all(supports(m, image_size) for m in (victim, *surrogates)):
             raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
-        self.objective, self.comm, self.kernels = objective, comm, kernels
+        self.objective, self.comm, self.kernels, self.spike = objective, comm, kernels, spike
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
@@ -335,9 +336,7 @@ class FastStep:
                     per_term.update(zip(names, rows))
             grads = comm.sum_(torch.stack([per_term[t] for t in active]))
             coefficients = _ini.pcgrad_coefficients(grads @ grads.t(), generator, obj.reduction)
-            merged = coefficients.to(grads.dtype) @ grads
-            if obj.clip_pcgrad:
-                merged = _ini.clip_(merged, obj.max_grad_norm)
+            merged = _ini.clip_merged(coefficients.to(grads.dtype) @ grads, obj, self.spike)
         else:
             merged = 0
             for part, names in ((tape, on_id), (tape_ood, on_ood)):
@@ -345,6 +344,7 @@ class FastStep:
                     grads = part.vjp(sum(cot[t] for t in names)[:, None])
                     merged = merged + torch.cat([grads[order[id(p)]].reshape(-1) for p in params])
             merged = _ini.clip_(comm.sum_(merged), obj.max_grad_norm)
+            merged = merged if self.spike is None else self.spike(merged)
         _ini.set_gradients(params, merged)
         terms = {t: v.detach() for t, v in terms.items()}
         return _ini.finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)

@@ -54,6 +54,7 @@ PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_aug
            "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
                      "clip": "official", "on_collapse": "rollback"}}
 MAX_ROLLBACKS = 3
+SPIKE_FACTOR = 2.0  # --clip spike: the norm of the step that killed a broad victim was 11x the running mean
 
 # "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
 DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
@@ -107,9 +108,10 @@ def run(
     pcgrad: Annotated[bool, typer.Option(help="Merge the terms' gradients with PCGrad (else clip at norm 10).")] = True,
     pcgrad_reduction: Annotated[Literal["mean", "sum"], typer.Option(
         help="PCGrad over shared parameters: mean (the official code's only reachable choice) or sum.")] = "mean",
-    clip: Annotated[Optional[Literal["official", "always"]], typer.Option(
-        help="Gradient clipping at norm 10: official (only without PCGrad) or always (also PCGrad's merged "
-             "gradient) [default: the preset's].")] = None,
+    clip: Annotated[Optional[Literal["official", "always", "spike"]], typer.Option(
+        help="Gradient clipping: official (at norm 10, only without PCGrad), always (also PCGrad's merged gradient) "
+             f"or spike (official, plus the merged gradient clipped at {SPIKE_FACTOR:g}x the running mean of the "
+             "norms before it) [default: the preset's].")] = None,
     on_collapse: Annotated[Optional[Literal["warn", "rollback"]], typer.Option(
         help="When val accuracy falls to chance after a good epoch (the network collapsed): warn at the end, or roll "
              f"back to the best epoch with the learning rate halved (at most {MAX_ROLLBACKS} times) "
@@ -199,8 +201,9 @@ def run(
                             heavy=ood_augment == "heavy")
     if ood_synthetic:
         stream.synthesize = _ood.Synthetic(victim, nets, ood_synthetic, ood_synthetic_steps, ood_synthetic_eps)
-    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1], kernels) if use_fast
-            else _ini.ReferenceStep(victim, nets, stream, objective, comm))
+    spike = _ini.SpikeClip(SPIKE_FACTOR).to(recipe.device) if clip == "spike" else None
+    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1], kernels, spike) if use_fast
+            else _ini.ReferenceStep(victim, nets, stream, objective, comm, spike))
 
     def begin_epoch(epoch: int, gen: torch.Generator) -> None:
         if refresh_every and epoch and epoch % refresh_every == 0:
@@ -217,15 +220,19 @@ def run(
     ood_test = _data.fit_images(ood_sets[0].splits["test"][0][:n_diag], data.shape)
 
     def diagnostics() -> dict[str, float]:
-        if not n_diag or not comm.main:  # only rank 0 keeps history
+        if not comm.main:  # only rank 0 keeps history
             return {}
-        row = {}
+        row = {} if spike is None else {"clipped_steps": float(spike.clipped)}  # so far, all epochs together
+        if not n_diag:
+            return row
         for tag, group in (("", nets), ("_fresh", fresh)):
             scores = _ini.diagnose(victim, group, val_x, val_y, ood_test, recipe.device, batch_size, kl_direction)
             row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
         return row
 
     modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
+    if spike is not None:  # its running mean is training state: checkpointed, so resume is exact
+        modules["spike_clip"] = spike
     result = _loop.fit(victim, data, step, recipe, out, _loop.fingerprint(params), resume, modules=modules,
                        begin_epoch=begin_epoch, diagnostics=diagnostics, title="train-ini",
                        rollbacks=MAX_ROLLBACKS if on_collapse == "rollback" else 0)

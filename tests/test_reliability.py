@@ -152,10 +152,11 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, t
     assert a.chosen_epoch == b.chosen_epoch and not ckpt.exists()
 
 
-def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, tmp_path, one_thread):
+@pytest.mark.parametrize("clip", ["official", "spike"])
+def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(clip, tiny, tmp_path, one_thread):
     ood = write_dataset(tmp_path / "ood.h5", name="ood", shape=(3, 32, 32), seed=3)
     args = ("train-ini", "--dataset", tiny, "--ood", ood, "--epochs", 2, "--batch-size", 64, "--diagnostic-images", 32,
-            "--device", "cpu")
+            "--device", "cpu", "--clip", clip)
     full = tmp_path / "full.h5"
     assert invoke(*args, "--out", full).exit_code == 0
 
@@ -164,6 +165,8 @@ def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupt
     ckpt = _loop.checkpoint_path(out)
     with open_artifact(ckpt, "checkpoint") as f:
         assert f.attrs["epoch"] == 1
+        if clip == "spike":  # the running mean of gradient norms is training state: in the checkpoint
+            assert f["modules/spike_clip/steps"][()] == 3 and f["modules/spike_clip/mean"][()] > 0
     assert not out.exists()
 
     result = invoke(*args, "--out", out, "--resume")

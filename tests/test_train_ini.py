@@ -164,14 +164,23 @@ class _DoubleOod(_ini.OodStream):
         return super().next(generator, *id_batch).double()
 
 
-@pytest.mark.parametrize("objective,k,shape", [
-    (_ini.Objective(), 1, (1, 28)),
-    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2, (1, 28)),
-    (_ini.Objective(pcgrad=False), 1, (1, 28)),
-    (_ini.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28)),  # the clip binds
-    (_ini.Objective(), 1, (3, 32)),  # the RGB variant: no conv1 padding
+def _spike(mean: float) -> _ini.SpikeClip:
+    """A spike clip past its warm-up whose running mean makes it bind (limit = 2 x mean)."""
+    spike = _ini.SpikeClip(2.0, warmup=3)
+    spike.mean.fill_(mean)
+    spike.steps.fill_(3)
+    return spike
+
+
+@pytest.mark.parametrize("objective,k,shape,spike_mean", [
+    (_ini.Objective(), 1, (1, 28), None),
+    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2, (1, 28), None),
+    (_ini.Objective(pcgrad=False), 1, (1, 28), None),
+    (_ini.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28), None),  # the clip binds
+    (_ini.Objective(), 1, (1, 28), 1e-4),  # --clip spike binds
+    (_ini.Objective(), 1, (3, 32), None),  # the RGB variant: no conv1 padding
 ])
-def test_fast_step_equals_reference(objective, k, shape):
+def test_fast_step_equals_reference(objective, k, shape, spike_mean):
     channels, size = shape
     g = torch.Generator().manual_seed(0)
     x = torch.rand(24, channels, size, size, generator=g, dtype=torch.float64)
@@ -184,9 +193,12 @@ def test_fast_step_equals_reference(objective, k, shape):
         surrogates = [_lenet(2 + i, channels=channels, size=size).eval().requires_grad_(False) for i in range(k)]
         stream = _DoubleOod(ood, 20, False, Dist())
         stream.begin(torch.Generator().manual_seed(5))
-        extra = (size,) if cls is _ini_fast.FastStep else ()
+        extra = (size, _ini_fast.EAGER) if cls is _ini_fast.FastStep else ()
+        spike = None if spike_mean is None else _spike(spike_mean)
         optimizer = torch.optim.SGD(victim.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
-        terms = cls(victim, surrogates, stream, objective, Dist(), *extra)(x, y, torch.Generator().manual_seed(7))
+        terms = cls(victim, surrogates, stream, objective, Dist(), *extra, spike=spike)(x, y, torch.Generator().manual_seed(7))
+        if spike is not None:
+            assert spike.clipped == 1 and spike.mean == pytest.approx(1e-4 + (2e-4 - 1e-4) / 4)  # clipped, then averaged
         optimizer.step()
         results.append((terms, [p.detach().clone() for p in victim.parameters()]))
     (ref_terms, ref_params), (fast_terms, fast_params) = results
@@ -205,8 +217,8 @@ def test_compiled_fast_step_equals_reference(monkeypatch):
     """The compiled kernels (train-ini --compile on) keep the maths: same check as the eager fast step."""
     kernels = _ini_fast.compiled_kernels(strict=True)
     eager_init = _ini_fast.FastStep.__init__
-    monkeypatch.setattr(_ini_fast.FastStep, "__init__", lambda self, *a: eager_init(self, *a, kernels))
-    test_fast_step_equals_reference(_ini.Objective(), 1, (1, 28))
+    monkeypatch.setattr(_ini_fast.FastStep, "__init__", lambda self, *a, spike=None: eager_init(self, *a[:-1], kernels))
+    test_fast_step_equals_reference(_ini.Objective(), 1, (1, 28), None)
     assert kernels.forward.compiled is not None and kernels.jvp.compiled is not None  # compiled, not fallen back
 
 
@@ -432,3 +444,22 @@ def test_default_ood_is_the_papers_when_offline_else_the_next(monkeypatch, tmp_p
     names = [Path(p).stem for p in broad]
     assert names[:2] == ["fashionmnist", "kmnist"] and "skimage-patches" in names and "generated" in names
     assert "mnist" not in names and "sklearn-digits" not in names
+
+
+def test_spike_clip_averages_during_warmup_then_clips_spikes_and_resumes_from_its_buffers():
+    spike = _ini.SpikeClip(2.0, decay=0.9, warmup=3)
+    for norm in (1.0, 3.0, 2.0):  # warm-up: nothing clipped, a plain mean
+        assert spike(torch.tensor([norm, 0.0])).norm() == pytest.approx(norm)
+    assert float(spike.mean) == pytest.approx(2.0) and float(spike.clipped) == 0
+    copy = _ini.SpikeClip(2.0, decay=0.9, warmup=3)
+    copy.load_state_dict(spike.state_dict())  # what a checkpoint carries
+    for clip in (spike, copy):
+        out = clip(torch.tensor([0.0, 40.0]))  # a spike: 20x the mean
+        assert out.norm() == pytest.approx(4.0) and float(clip.clipped) == 1  # cut to 2x the mean, direction kept
+        assert out[0] == 0
+        assert float(clip.mean) == pytest.approx(2.0 + (4.0 - 2.0) / 4)  # averaged as clipped: one spike moves it little
+    small = spike(torch.tensor([1.0]))
+    assert small.item() == pytest.approx(1.0)  # under the limit: untouched
+    for _ in range(100):  # after 1 / (1 - decay) steps the mean turns exponential (weight 0.1)
+        spike(torch.tensor([1.0]))
+    assert float(spike.mean) == pytest.approx(1.0, abs=1e-3)
