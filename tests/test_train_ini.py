@@ -414,6 +414,7 @@ def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one
     with h5py.File(out) as f:
         params = json.loads(f.attrs["params"])
     assert params["implementation"] == "reference" and params["bn_mode"] == "separate"
+    assert params["pcgrad_reduction"] == "mean" and params["clip"] == "official"  # the faithful preset: as published
     model, _ = _victim.load(out)
     bn = model.net.bn1
     assert int(bn.num_batches_tracked) == 5  # 160 ID images in batches of 32: OOD batches never counted
