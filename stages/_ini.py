@@ -23,7 +23,7 @@ from stages._ood import OodStream  # noqa: F401 - the steps' OOD batches, part o
 TERMS = ("benign", "id_distance", "ood_distance", "isolation", "vanishing")
 DISTANCES = ("l1", "kl")
 KL_DIRECTIONS = ("official", "attacker")
-BN_MODES = ("mixed", "separate", "eval-ood")
+BN_MODES = ("mixed", "separate", "eval-ood", "joint")
 REDUCTIONS = ("mean", "sum")
 COSINE_EPS = 1e-8  # F.cosine_similarity's, as the official isolation term uses
 
@@ -122,13 +122,26 @@ def pcgrad_coefficients(gram: torch.Tensor, generator: torch.Generator, reductio
 # ------------------------------------------------------------------------------------------------ data and helpers
 
 
+def victim_logits(victim: nn.Module, x: torch.Tensor, x_ood: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The victim's logits on the ID and the OOD batch. joint (beyond the paper): one forward of both, so BatchNorm's
+    batch statistics are the ID+OOD mixture, which is also what its running statistics become: the network is
+    trained under the normalisation it is deployed with. The other modes: two forwards (`ood_batchnorm`)."""
+    if bn_mode == "joint":
+        both = victim(torch.cat([x, x_ood]))
+        return both[: len(x)], both[len(x):]
+    logits = victim(x)
+    with ood_batchnorm(victim, bn_mode):
+        return logits, victim(x_ood)
+
+
 @contextlib.contextmanager
 def ood_batchnorm(model: nn.Module, mode: str) -> Iterator[None]:
     """How the victim's BatchNorm treats OOD batches. mixed (official): like ID batches, so the running statistics
     used at test time blend ID and OOD; separate: normalised by their own batch statistics without touching the
-    running ones; eval-ood: normalised by the running (ID-only) statistics."""
+    running ones; eval-ood: normalised by the running (ID-only) statistics; joint: ID and OOD go through one forward
+    (`victim_logits`), so this is a no-op."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if mode == "mixed" or not norms or not model.training:
+    if mode in ("mixed", "joint") or not norms or not model.training:
         yield
         return
     saved = [(m.training, m.track_running_stats) for m in norms]
@@ -235,9 +248,7 @@ class ReferenceStep:
         obj, comm, k = self.objective, self.comm, len(self.surrogates)
         x_ood = self.ood.next(generator, x, y)
         n, n_ood = global_counts(comm, len(x), len(x_ood))
-        logits = self.victim(x)
-        with ood_batchnorm(self.victim, obj.bn_mode):
-            logits_ood = self.victim(x_ood)
+        logits, logits_ood = victim_logits(self.victim, x, x_ood, obj.bn_mode)
         terms = {"benign": F.cross_entropy(logits, y, reduction="sum") / n}
         terms.update({t: logits.new_zeros(()) for t in TERMS[1:]})
         for surrogate in self.surrogates:

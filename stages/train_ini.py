@@ -121,9 +121,10 @@ def run(
         help="When val accuracy falls to chance after a good epoch (the network collapsed): warn at the end, or roll "
              f"back to the best epoch with the learning rate halved (at most {MAX_ROLLBACKS} times) "
              "[default: the preset's].")] = None,
-    bn_mode: Annotated[Literal["mixed", "separate", "eval-ood"], typer.Option(
+    bn_mode: Annotated[Literal["mixed", "separate", "eval-ood", "joint"], typer.Option(
         help="Victim BatchNorm on OOD batches: mixed (official, test-time statistics blend ID and OOD), separate "
-             "(own batch statistics, running ones ID-only) or eval-ood (running statistics).")] = "mixed",
+             "(own batch statistics, running ones ID-only), eval-ood (running statistics) or joint (ID and OOD in one "
+             "forward: trained under the mixture statistics it is deployed with).")] = "mixed",
     kl_direction: Annotated[Literal["official", "attacker"], typer.Option(
         help="Divergence of the gradient terms: official KL(p_C||p_V), or attacker KL(p_V||p_C) as soft-label "
              "thieves train.")] = "official",

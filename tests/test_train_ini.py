@@ -391,7 +391,7 @@ def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
     after_id = bn.running_mean.clone()
     with _ini.ood_batchnorm(net, mode):
         out = net(x_ood)
-    assert torch.equal(bn.running_mean, after_id) == (mode != "mixed")  # only the official mode blends OOD in
+    assert torch.equal(bn.running_mean, after_id) == (mode not in ("mixed", "joint"))  # these blend OOD in
     assert bn.training and bn.track_running_stats  # restored
     if mode == "eval-ood":
         assert torch.allclose(out, net.eval()(x_ood))  # normalised by the (ID) running statistics
@@ -400,6 +400,22 @@ def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
         fresh.load_state_dict(bn.state_dict())
         expected = net[3:](net[2](fresh(net[0](x_ood))))
         assert torch.allclose(out, expected, atol=1e-6)  # normalised by its own batch statistics
+
+
+def test_joint_bn_mode_forwards_id_and_ood_as_one_batch():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).train()
+    x, x_ood = torch.rand(8, 1, 6, 6), 3 + torch.rand(5, 1, 6, 6)
+    logits, logits_ood = _ini.victim_logits(net, x, x_ood, "joint")
+    assert int(net[1].num_batches_tracked) == 1 and logits.shape == (8, 2) and logits_ood.shape == (5, 2)
+    reference = nn.BatchNorm2d(3).train()
+    reference.load_state_dict({k: v for k, v in net[1].state_dict().items()} | {"running_mean": torch.zeros(3),
+                              "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0)})
+    both = net[3:](net[2](reference(net[0](torch.cat([x, x_ood])))))  # the mixture's batch statistics
+    assert torch.allclose(logits, both[:8], atol=1e-6) and torch.allclose(logits_ood, both[8:], atol=1e-6)
+    assert torch.allclose(net[1].running_mean, reference.running_mean)  # running statistics: the mixture's too
+    _ini.victim_logits(net, x, x_ood, "mixed")
+    assert int(net[1].num_batches_tracked) == 3  # two forwards
 
 
 def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one_thread):
