@@ -122,7 +122,8 @@ def pcgrad_coefficients(gram: torch.Tensor, generator: torch.Generator, reductio
 # ------------------------------------------------------------------------------------------------ data and helpers
 
 
-def victim_logits(victim: nn.Module, x: torch.Tensor, x_ood: torch.Tensor, bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def victim_logits(victim: nn.Module, x: torch.Tensor, x_ood: torch.Tensor,
+                  bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The victim's logits on the ID and the OOD batch. joint (beyond the paper): one forward of both, so BatchNorm's
     batch statistics are the ID+OOD mixture, which is also what its running statistics become: the network is
     trained under the normalisation it is deployed with. The other modes: two forwards (`ood_batchnorm`)."""
@@ -212,8 +213,9 @@ class SpikeClip(nn.Module):
 
 
 def clip_merged(merged: torch.Tensor, objective: Objective, spike: Optional[SpikeClip]) -> torch.Tensor:
-    """PCGrad's merged gradient, clipped as asked: at the fixed norm (clip_pcgrad) and/or at a spike."""
-    if objective.clip_pcgrad:
+    """The merged (global) gradient, clipped as asked: at the fixed norm without PCGrad (official) or with
+    clip_pcgrad, then at a spike when `spike` is given."""
+    if objective.clip_pcgrad or not objective.pcgrad:
         merged = clip_(merged, objective.max_grad_norm)
     return merged if spike is None else spike(merged)
 
@@ -276,14 +278,11 @@ class ReferenceStep:
                 grads.append(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]))
                 touched.append(flat([torch.full_like(p, gi is not None, dtype=torch.bool) for p, gi in zip(params, g)]))
             merged = pcgrad(comm.sum_(torch.stack(grads)), torch.stack(touched), generator, obj.reduction)
-            merged = clip_merged(merged, obj, self.spike)
         else:
             total = sum(weights[t] * terms[t] for t in TERMS)
             g = torch.autograd.grad(total, params, allow_unused=True)
-            merged = clip_(comm.sum_(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)])),
-                           obj.max_grad_norm)
-            merged = merged if self.spike is None else self.spike(merged)
-        set_gradients(params, merged)
+            merged = comm.sum_(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]))
+        set_gradients(params, clip_merged(merged, obj, self.spike))
         return finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)
 
 

@@ -7,9 +7,9 @@ gradient back to the victim, J t (one Jacobian-vector product): no second-order 
 both by hand for LeNet-5, which also lets the victim give all its per-term gradients in one batched pass, and
 PCGrad runs on the Gram matrix of those gradients (`_ini.pcgrad_coefficients`).
 
-Optionally (`kernels=compiled_kernels()`), the tape's forward pass and its Jacobian-vector product, which are mostly the max-pools'
-elementwise work, run as kernels fused by `torch.compile` (a C++ compiler at run time, tens of seconds of compiling
-on the first steps, then each about twice as fast). The vector-Jacobian product stays eager: its convolutions and
+Optionally (`kernels=compiled_kernels()`), the tape's forward pass and its Jacobian-vector product, which are
+mostly the max-pools' elementwise work, run as kernels fused by `torch.compile` (a C++ compiler at run time, tens
+of seconds of compiling on the first steps, then each about twice as fast). The vector-Jacobian product stays eager: its convolutions and
 batched matrix products gain nothing from compiling (measured).
 """
 
@@ -336,15 +336,14 @@ class FastStep:
                     per_term.update(zip(names, rows))
             grads = comm.sum_(torch.stack([per_term[t] for t in active]))
             coefficients = _ini.pcgrad_coefficients(grads @ grads.t(), generator, obj.reduction)
-            merged = _ini.clip_merged(coefficients.to(grads.dtype) @ grads, obj, self.spike)
+            merged = coefficients.to(grads.dtype) @ grads
         else:
             merged = 0
             for part, names in ((tape, on_id), (tape_ood, on_ood)):
                 if names:
                     grads = part.vjp(sum(cot[t] for t in names)[:, None])
                     merged = merged + torch.cat([grads[order[id(p)]].reshape(-1) for p in params])
-            merged = _ini.clip_(comm.sum_(merged), obj.max_grad_norm)
-            merged = merged if self.spike is None else self.spike(merged)
-        _ini.set_gradients(params, merged)
+            merged = comm.sum_(merged)
+        _ini.set_gradients(params, _ini.clip_merged(merged, obj, self.spike))
         terms = {t: v.detach() for t, v in terms.items()}
         return _ini.finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)

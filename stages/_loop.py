@@ -293,10 +293,16 @@ def fit(
     return result
 
 
+def chance_level(num_classes: int) -> float:
+    """Val accuracy under this is "at chance" for collapse detection (here and in train.collapse_epoch): a network
+    that answers one class scores about 1 / classes."""
+    return 1.5 / num_classes
+
+
 def collapsed(val_accuracy: float, result: Result, num_classes: int, rollbacks: int) -> bool:
-    """Whether this epoch's val accuracy is a collapse to roll back from: at chance (under 1.5 / classes, as
-    train.collapse_epoch) after an epoch of at least twice that, with rollbacks left."""
-    chance = 1.5 / num_classes
+    """Whether this epoch's val accuracy is a collapse to roll back from: at chance after an epoch of at least twice
+    that, with rollbacks left."""
+    chance = chance_level(num_classes)
     used = sum(result.history.get("rolled_back", []))
     seen_good = bool(result.history.get("val_accuracy")) and result.val_accuracy >= 2 * chance
     return seen_good and val_accuracy < chance and used < rollbacks

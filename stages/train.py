@@ -159,7 +159,7 @@ def summarise(title: str, data: _data.Dataset, result: _loop.Result, out: Path) 
 def collapse_epoch(val_accuracy: list[float], num_classes: int) -> int:
     """The 1-based epoch from which val accuracy stayed at chance (under 1.5 / classes) after having been at least
     twice that, or 0."""
-    chance = 1.5 / num_classes
+    chance = _loop.chance_level(num_classes)
     best, start = 0.0, 0
     for i, acc in enumerate(val_accuracy):
         if acc >= chance:
