@@ -75,15 +75,23 @@ for s in $SEEDS; do
     run_cells "$cells"
 
     : > "$cells"
-    for label in soft hard; do  # soft first: the headline; an interrupted run then holds every soft cell
-        for d in $DATASETS; do
-            for pool in $(other_family "$d") $FAMILIES; do
-                epochs=$(epochs_for "$OUT/data/$pool.h5")
-                broad=$PRESET-no-$pool; same_task "$d" "$pool" && broad=$PRESET-all
-                for v in undefended faithful "$broad"; do
-                    cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" steal --victim "$OUT/victims/$d-$v-s$s.h5" \
-                        --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
-                        --epochs "$epochs" --device cpu --seed "$s" >> "$cells"
+    # The preset's cells first, soft before hard (the headline), then the undefended and paper-recipe references:
+    # an interrupted run holds the columns the claim rests on.
+    for group in preset references; do
+        for label in soft hard; do
+            for d in $DATASETS; do
+                for pool in $(other_family "$d") $FAMILIES; do
+                    epochs=$(epochs_for "$OUT/data/$pool.h5")
+                    victims="undefended faithful"
+                    if [ "$group" = preset ]; then
+                        victims=$PRESET-no-$pool; same_task "$d" "$pool" && victims=$PRESET-all
+                    fi
+                    for v in $victims; do
+                        cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" steal \
+                            --victim "$OUT/victims/$d-$v-s$s.h5" --attack knockoff --label "$label" \
+                            --pool "$OUT/data/$pool.h5" --budget "$BUDGET" --epochs "$epochs" --device cpu \
+                            --seed "$s" >> "$cells"
+                    done
                 done
             done
         done
