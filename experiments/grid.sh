@@ -43,11 +43,11 @@ else
     DFME_BUDGET=${DFME_BUDGET:-200000}; JBDA=${JBDA:-}; UNSEEN_POOLS=${UNSEEN_POOLS:-sklearn-digits skimage-patches generated}
 fi
 DATASETS=${DATASETS:-mnist fashionmnist}; UNSEEN_EPOCHS=${UNSEEN_EPOCHS:-$SURROGATE_EPOCHS}
-# (victim, defense) pairs; UNSEEN_FOR, JBDA_FOR and DFME_FOR (default: all pairs) narrow which get the unseen pools,
-# jbda and dfme
+# (victim, defense) pairs; UNSEEN_FOR, JBDA_FOR and DFME_FOR (unset: all pairs; set but empty: none) narrow which
+# get the unseen pools, jbda and dfme
 PAIRS=${PAIRS:-undefended:none undefended:reverse-sigmoid undefended:mad undefended:top1 undefended:grad2 ini:none \
 am:adaptive-misinformation}
-UNSEEN_FOR=${UNSEEN_FOR:-$PAIRS}; JBDA_FOR=${JBDA_FOR:-$PAIRS}; DFME_FOR=${DFME_FOR:-$PAIRS}
+UNSEEN_FOR=${UNSEEN_FOR-$PAIRS}; JBDA_FOR=${JBDA_FOR-$PAIRS}; DFME_FOR=${DFME_FOR-$PAIRS}
 in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 

@@ -4,7 +4,8 @@ accuracy as deployed. Victims are told apart by their recipe's hash (seeds share
 
 `--lofo` reads the leave-one-family-out run's rows instead (experiments/lofo.sh's file names): per victim dataset and
 held-out pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over
-seeds (n), the broad victims' benign accuracy, and a last row averaging the families within each seed first.
+seeds (n), a last row averaging the families within each seed first, the same for the perturbation baselines when
+the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
     python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
     python experiments/summarise.py --lofo artifacts/lofo/metrics.h5
@@ -68,9 +69,12 @@ def pivot(path: str, dataset: str | None) -> str:
     return "\n".join(lines)
 
 
-LOFO_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|faithful|broad-no-[a-z-]+|broad-all)-s(?P<seed>\d+)"
-                       r"-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
+BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
+LOFO_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|faithful|broad-no-[a-z-]+|broad-all"
+                       r"|undefended-(?P<defense>" + "|".join(BASELINES[:-1]) + r")|am-adaptive-misinformation)"
+                       r"-s(?P<seed>\d+)-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
 KINDS = ("undefended", "faithful", "broad")
+KIND_NAMES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad"}
 
 
 def _spread(values: list[float], digits: int = 1) -> str:
@@ -80,8 +84,36 @@ def _spread(values: list[float], digits: int = 1) -> str:
     return f"{100 * statistics.mean(values):.{digits}f}{std} ({len(values)})"
 
 
+def _kind(victim: str, defense: str | None) -> str:
+    if victim.startswith("am-"):
+        return "adaptive-misinformation"
+    return defense or victim.split("-")[0]
+
+
+def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
+    """Rows per held-out pool of one victim dataset, soft / hard per kind, and the mean over families (taken within
+    each seed first, over the seeds that have every family)."""
+    pools = sorted({k[1] for k in steal if k[0] == dataset})
+    lines = []
+    for pool in pools:
+        cells = [" / ".join(_spread(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
+                 for kind in kinds]
+        lines.append(f"| {dataset} | {pool} | " + " | ".join(cells) + " |")
+    means = []
+    for kind in kinds:
+        per_label = []
+        for label in ("soft", "hard"):
+            seeds = set.intersection(*(set(steal[dataset, p, kind, label]) for p in pools))
+            per_label.append(_spread([statistics.mean(steal[dataset, p, kind, label][s] for p in pools)
+                                      for s in sorted(seeds)]))
+        means.append(" / ".join(per_label))
+    lines.append(f"| {dataset} | **mean over families** | " + " | ".join(means) + " |")
+    return lines
+
+
 def lofo(path: str) -> str:
-    """The leave-one-family-out table: stealing (final epoch) per held-out family and victim kind."""
+    """The leave-one-family-out tables: stealing (final epoch) per held-out family and victim kind, then the
+    perturbation baselines' (if any), then benign accuracy as deployed."""
     with h5py.File(path, "r") as f:
         r = f["rows"]
         files, accuracy, benign = _text(r["file"][:]), r["stealing_accuracy"][:], r["benign_accuracy"][:]
@@ -91,28 +123,23 @@ def lofo(path: str) -> str:
         m = LOFO_FILE.search(name)
         if not m:
             continue
-        kind = m["victim"].split("-")[0]
+        kind = _kind(m["victim"], m["defense"])
         steal[m["dataset"], m["pool"], kind, m["label"]][m["seed"]] = float(acc)
         benigns[m["dataset"], kind][f"{m['victim']}-s{m['seed']}"] = float(ben)
-    head = "| victim data | held-out pool | undefended soft / hard | InI paper recipe soft / hard | InI broad soft / hard |"
-    lines = [head, "|---|---|---|---|---|"]
-    for dataset in sorted({k[0] for k in steal}):
-        pools = sorted({k[1] for k in steal if k[0] == dataset})
-        for pool in pools:
-            cells = [" / ".join(_spread(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
-                     for kind in KINDS]
-            lines.append(f"| {dataset} | {pool} | " + " | ".join(cells) + " |")
-        means = []
-        for kind in KINDS:
-            per_label = []
-            for label in ("soft", "hard"):
-                seeds = set.intersection(*(set(steal[dataset, p, kind, label]) for p in pools))
-                per_label.append(_spread([statistics.mean(steal[dataset, p, kind, label][s] for p in pools)
-                                          for s in sorted(seeds)]))
-            means.append(" / ".join(per_label))
-        lines.append(f"| {dataset} | **mean over families** | " + " | ".join(means) + " |")
+    datasets = sorted({k[0] for k in steal})
+    head = "| victim data | held-out pool | " + " | ".join(f"{KIND_NAMES[k]} soft / hard" for k in KINDS) + " |"
+    lines = [head, "|---|---|" + "---|" * len(KINDS)]
+    for dataset in datasets:
+        lines += _family_table(steal, dataset, list(KINDS))
+    baselines = [b for b in BASELINES if any(k[2] == b for k in steal)]
+    if baselines:
+        lines += ["", "| victim data | pool | " + " | ".join(f"{b} soft / hard" for b in baselines) + " |",
+                  "|---|---|" + "---|" * len(baselines)]
+        for dataset in datasets:
+            lines += _family_table(steal, dataset, baselines)
     lines += ["", "| victim data | victim | benign accuracy |", "|---|---|---|"]
-    for (dataset, kind), values in sorted(benigns.items()):
+    order = {k: i for i, k in enumerate([*KINDS, *BASELINES])}
+    for (dataset, kind), values in sorted(benigns.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         lines.append(f"| {dataset} | {kind} | {_spread(list(values.values()), 2)} |")
     return "\n".join(lines)
 

@@ -24,13 +24,20 @@ def test_lofo_smoke_runs_end_to_end_and_resumes(tmp_path):
     assert "failed:" not in run.stderr
     victims = sorted(p.stem for p in (smoke / "victims").glob("*.h5"))
     # one broad victim per trainable held-out family, plus the one trained on all (sklearn-digits: same task)
-    assert victims == ["mnist-broad-all-s0", "mnist-broad-no-fashionmnist-s0", "mnist-broad-no-generated-s0",
-                       "mnist-broad-no-skimage-patches-s0", "mnist-faithful-s0", "mnist-undefended-s0"]
+    assert victims == ["mnist-am-s0", "mnist-broad-all-s0", "mnist-broad-no-fashionmnist-s0",
+                       "mnist-broad-no-generated-s0", "mnist-broad-no-skimage-patches-s0", "mnist-faithful-s0",
+                       "mnist-undefended-s0"]
     with h5py.File(smoke / "victims/mnist-broad-no-generated-s0.h5") as f:
         ood = json.loads(f.attrs["params"])["ood"]
         assert "generated" not in ood and "skimage-patches" in ood and "fashionmnist" in ood
-    stolen = list((smoke / "stolen").glob("*.h5"))
-    assert len(stolen) == 4 * 3 * 2  # 4 pool families x (undefended, faithful, broad) x (soft, hard)
+    stolen = sorted(p.name for p in (smoke / "stolen").glob("*.h5"))
+    # 4 pool families x (undefended, faithful, broad; smoke's baselines: reverse sigmoid, AM) x (soft, hard)
+    assert len(stolen) == 4 * 5 * 2
+    assert "mnist-undefended-reverse-sigmoid-s0-knockoff-soft-generated.h5" in stolen
+    assert "mnist-am-adaptive-misinformation-s0-knockoff-hard-sklearn-digits.h5" in stolen
+    with h5py.File(smoke / "stolen/mnist-am-adaptive-misinformation-s0-knockoff-soft-generated.h5") as f:
+        params = json.loads(f.attrs["params"])
+        assert params["defense"] == "adaptive-misinformation" and params["victim"].endswith("mnist-am-s0.h5")
     assert (smoke / "report/report.md").stat().st_size > 0
     assert run.stdout.strip() == str(smoke / "metrics.h5")
     again = subprocess.run(["bash", "experiments/lofo.sh", "--smoke", "--jobs", "2", "--out", str(out)], cwd=ROOT,
@@ -41,7 +48,11 @@ def test_lofo_smoke_runs_end_to_end_and_resumes(tmp_path):
     table = subprocess.run([sys.executable, "experiments/summarise.py", "--lofo", str(smoke / "metrics.h5")], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout
     rows = [line for line in table.splitlines() if line.startswith("| mnist |")]
-    assert [r.split(" | ")[1] for r in rows[:5]] == ["fashionmnist", "generated", "skimage-patches", "sklearn-digits",
-                                                     "**mean over families**"]
+    families = ["fashionmnist", "generated", "skimage-patches", "sklearn-digits", "**mean over families**"]
+    assert [r.split(" | ")[1] for r in rows[:5]] == families
     assert all(r.count("(1)") == 6 for r in rows[:5])  # 3 victims x soft/hard, one seed each
-    assert {r.split(" | ")[1] for r in rows[5:]} == {"broad", "faithful", "undefended"}
+    assert "reverse-sigmoid soft / hard | adaptive-misinformation soft / hard |" in table
+    assert [r.split(" | ")[1] for r in rows[5:10]] == families
+    assert all(r.count("(1)") == 4 for r in rows[5:10])  # 2 baselines x soft/hard
+    assert [r.split(" | ")[1] for r in rows[10:]] == ["undefended", "faithful", "broad", "reverse-sigmoid",
+                                                      "adaptive-misinformation"]
