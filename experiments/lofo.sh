@@ -2,11 +2,11 @@
 # Leave-one-family-out (issue 7): does InI's induction hold against attacker pools the defense never saw?
 # For each pool family, an InI victim is trained with that family left out of its OOD data (--preset, default
 # broad) and attacked with it: KnockoffNets, soft and hard labels. Beside it, the same attacks on the undefended
-# victim and on the paper's recipe (faithful InI, OOD = the other MNIST-family set), and the perturbation
-# baselines: each defense of BASELINES wrapped around the undefended victim, adaptive misinformation around its own
-# victim (outlier exposure on the other MNIST-family set, as in experiments/grid.sh, so its file names match). Families the preset never trains
-# on (sklearn-digits for an MNIST victim: same task) attack the victim trained on all the others. Resumable: a cell
-# whose artifact exists is skipped. Then `evaluate` writes one report.
+# victim and on the paper's recipe (faithful InI, OOD = the other MNIST-family set), and on the perturbation
+# baselines: each defense of BASELINES wrapped around the undefended victim, adaptive misinformation around its
+# own victim (outlier exposure on the other MNIST-family set; file names as in experiments/grid.sh). Families the
+# preset never trains on (sklearn-digits for an MNIST victim: same task) attack the victim trained on all the
+# others. Resumable: a cell whose artifact exists is skipped. Then `evaluate` writes one report.
 #
 #   experiments/lofo.sh [--smoke] [--jobs N] [--seeds "0 1 2"] [--datasets "mnist fashionmnist"] [--preset broad]
 #                       [--out DIR]
