@@ -254,6 +254,8 @@ def test_compile_failure_falls_back_to_eager_or_fails_in_one_line():
         strict(1)
 
 
+# torch.func.jvp's first call loads forward-mode decompositions through torch.jit.script (torch's own call, not ours)
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
 def test_tape_matches_autograd_jacobian_products():
     from torch.func import functional_call, jvp, vjp
 
