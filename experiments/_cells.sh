@@ -23,3 +23,5 @@ results_in() {  # results_in DIR: the result files for evaluate (a checkpoint le
 }
 
 other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }
+
+in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }  # in_list WORD "LIST"

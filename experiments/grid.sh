@@ -48,7 +48,6 @@ DATASETS=${DATASETS:-mnist fashionmnist}; UNSEEN_EPOCHS=${UNSEEN_EPOCHS:-$SURROG
 PAIRS=${PAIRS:-undefended:none undefended:reverse-sigmoid undefended:mad undefended:top1 undefended:grad2 ini:none \
 am:adaptive-misinformation}
 UNSEEN_FOR=${UNSEEN_FOR-$PAIRS}; JBDA_FOR=${JBDA_FOR-$PAIRS}; DFME_FOR=${DFME_FOR-$PAIRS}
-in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
 source experiments/_cells.sh

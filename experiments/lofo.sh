@@ -49,7 +49,6 @@ fi
 REFERENCE_SEEDS=${REFERENCE_SEEDS-$SEEDS}
 BASELINES=${BASELINES-reverse-sigmoid mad mad-argmax top1 grad2 adaptive-misinformation}
 BASELINE_SEEDS=${BASELINE_SEEDS-$REFERENCE_SEEDS}
-in_list() { case " $2 " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 references_for() { in_list "$1" "$REFERENCE_SEEDS"; }
 baselines_for() { in_list "$1" "$BASELINE_SEEDS" && [ -n "$BASELINES" ]; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
@@ -65,6 +64,8 @@ same_task() { [ "$1" = mnist ] && [ "$2" = sklearn-digits ]; }  # digits: a defe
 cells=$(mktemp)
 for name in mnist fashionmnist $FAMILIES; do cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT >> "$cells"; done
 run_cells "$cells"
+declare -A epochs  # surrogate epochs per pool, read once
+for name in mnist fashionmnist $FAMILIES; do epochs[$name]=$(epochs_for "$OUT/data/$name.h5"); done
 
 recipe="--epochs $VICTIM_EPOCHS --lr-step $LR_STEP --device cpu"
 for s in $SEEDS; do
@@ -73,8 +74,8 @@ for s in $SEEDS; do
         data=$OUT/data/$d.h5; pools="$(other_family "$d") $FAMILIES"
         trainable=""; for p in $pools; do same_task "$d" "$p" || trainable="$trainable $p"; done
         cell "$OUT/victims/$d-undefended-s$s.h5" train --dataset "$data" $recipe --seed "$s" >> "$cells"
-        references_for "$s" && cell "$OUT/victims/$d-faithful-s$s.h5" train-ini --dataset "$data" --ood "$OUT/data/$(other_family "$d").h5" \
-            $recipe $SMALL --seed "$s" >> "$cells"
+        references_for "$s" && cell "$OUT/victims/$d-faithful-s$s.h5" train-ini --dataset "$data" \
+            --ood "$OUT/data/$(other_family "$d").h5" $recipe $SMALL --seed "$s" >> "$cells"
         baselines_for "$s" && in_list adaptive-misinformation "$BASELINES" && cell "$OUT/victims/$d-am-s$s.h5" train \
             --objective outlier-exposure --dataset "$data" --ood "$OUT/data/$(other_family "$d").h5" $recipe \
             --seed "$s" >> "$cells"
@@ -97,7 +98,6 @@ for s in $SEEDS; do
         for label in soft hard; do
             for d in $DATASETS; do
                 for pool in $(other_family "$d") $FAMILIES; do
-                    epochs=$(epochs_for "$OUT/data/$pool.h5")
                     case $group in  # victim:defense pairs
                         preset) pairs=$PRESET-no-$pool:none; same_task "$d" "$pool" && pairs=$PRESET-all:none ;;
                         references) pairs="undefended:none faithful:none" ;;
@@ -110,7 +110,8 @@ for s in $SEEDS; do
                         [ "$defense" = top1 ] && [ "$label" = soft ] && continue  # top1 answers labels only
                         cell "$OUT/stolen/$name-knockoff-$label-$pool.h5" steal \
                             --victim "$OUT/victims/$d-$v-s$s.h5" --defense "$defense" --attack knockoff \
-                            --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" --epochs "$epochs" \
+                            --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
+                            --epochs "${epochs[$pool]}" \
                             --device cpu --seed "$s" >> "$cells"
                     done
                 done
