@@ -1,5 +1,22 @@
-# Shared by the experiment scripts (source it): resumable cells run side by side.
-# Needs PY (the python to run cli.py with), OUT (logs go to $OUT/logs) and JOBS.
+# Shared by the experiment scripts (source it): their options, and resumable cells run side by side.
+# The cell functions need OUT (logs go to $OUT/logs) and JOBS; PY is the python that runs cli.py.
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+# parse_options "NAMES" ARGS...: --smoke sets SMOKE=1; --NAME VALUE sets NAME's variable (upper case, - as _) for
+# each NAME in NAMES; anything else is a one-line error and exit 2.
+parse_options() {
+    local allowed=$1 name; shift
+    while [ $# -gt 0 ]; do
+        name=${1#--}
+        if [ "$1" = --smoke ]; then SMOKE=1
+        elif [ "$1" = "$name" ] || ! in_list "$name" "$allowed"; then echo "error: unknown option $1" >&2; exit 2
+        elif [ $# -lt 2 ]; then echo "error: option $1 needs a value" >&2; exit 2
+        else name=${name//-/_}; printf -v "${name^^}" '%s' "$2"; shift
+        fi
+        shift
+    done
+}
 
 # run_cells FILE: each line "OUTPUT<TAB>COMMAND"; skip cells whose OUTPUT exists, run the rest JOBS at a time.
 # A cell checks again just before it starts, so an output another run (or a copy) made meanwhile is not redone.
@@ -18,8 +35,22 @@ cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the othe
     printf '%s\t%s\n' "$output" "[ -e $output ] || $PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
 }
 
+knockoff_cell() {  # knockoff_cell STOLEN VICTIM DEFENSE LABEL POOL.h5 EPOCHS SEED: a KnockoffNets cell, BUDGET queries
+    cell "$1" steal --victim "$2" --defense "$3" --attack knockoff --label "$4" --pool "$5" --budget "$BUDGET" \
+        --epochs "$6" --device cpu --seed "$7"
+}
+
+epochs_for() {  # epochs_for POOL.h5: surrogate epochs that give about STEPS steps of batch 128 at BUDGET queries
+    $PY -c "import h5py, math, sys; n = min($BUDGET, len(h5py.File(sys.argv[1], 'r')['train/labels']));
+print(max(1, math.ceil($STEPS * 128 / n)))" "$1"
+}
+
 results_in() {  # results_in DIR: the result files for evaluate (a checkpoint left by an interrupted cell is not one)
     ls "$1"/stolen/*.h5 "$1"/victims/*.h5 | grep -v '\.ckpt\.h5$'
+}
+
+evaluate_all() {  # evaluate_all [ARGS...]: every result in OUT into OUT/metrics.h5 and OUT/report; prints the path
+    $PY cli.py evaluate $(results_in "$OUT") --out "$OUT/metrics.h5" --report "$OUT/report" "$@"
 }
 
 other_family() { [ "$1" = mnist ] && echo fashionmnist || echo mnist; }

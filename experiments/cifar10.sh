@@ -12,18 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0; SEEDS="0 1 2"; DEVICE=auto; OUT=artifacts/cifar10
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --smoke) SMOKE=1 ;;
-        --seeds) SEEDS=$2; shift ;;
-        --device) DEVICE=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        *) echo "error: unknown option $1" >&2; exit 2 ;;
-    esac
-    shift
-done
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+source experiments/_cells.sh
+parse_options "seeds device out" "$@"
 
 if [ "$SMOKE" = 1 ]; then
     OUT=${OUT}-smoke; SEEDS=0; LIMIT="--limit 1000 --val-size 200"; EPOCHS=1; LR_STEP=1; BUDGET=500; SURROGATE_EPOCHS=1
@@ -74,4 +64,4 @@ for s in $SEEDS; do
         done
     done
 done
-$PY cli.py evaluate "$OUT"/stolen/*.h5 "$OUT"/victims/*.h5 --out "$OUT/metrics.h5" --report "$OUT/report"
+evaluate_all

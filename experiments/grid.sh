@@ -13,20 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0; JOBS=2; SEEDS="0 1 2"; DATASETS=""; OUT=artifacts/grid
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --smoke) SMOKE=1 ;;
-        --jobs) JOBS=$2; shift ;;
-        --seeds) SEEDS=$2; shift ;;
-        --datasets) DATASETS=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        *) echo "error: unknown option $1" >&2; exit 2 ;;
-    esac
-    shift
-done
+source experiments/_cells.sh
+parse_options "jobs seeds datasets out" "$@"
 
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread a cell: cells run side by side instead
 if [ "$SMOKE" = 1 ]; then
     # The same chain on 2,000-image slices, one seed, one epoch, one unseen pool: minutes, for testing the script.
@@ -50,7 +39,6 @@ am:adaptive-misinformation}
 UNSEEN_FOR=${UNSEEN_FOR-$PAIRS}; JBDA_FOR=${JBDA_FOR-$PAIRS}; DFME_FOR=${DFME_FOR-$PAIRS}
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
-source experiments/_cells.sh
 
 # 1. data
 cells=$(mktemp)
@@ -83,9 +71,8 @@ for s in $SEEDS; do
                 epochs=$UNSEEN_EPOCHS; [ "$pool" = "$seen" ] && epochs=$SURROGATE_EPOCHS
                 for label in soft hard; do
                     [ "$defense" = top1 ] && [ "$label" = soft ] && continue  # top1 answers labels only
-                    cell "$OUT/stolen/$tag-knockoff-$label-$pool.h5" steal --victim "$victim" --defense "$defense" \
-                        --attack knockoff --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" --epochs "$epochs" \
-                        --device cpu --seed "$s" >> "$cells"
+                    knockoff_cell "$OUT/stolen/$tag-knockoff-$label-$pool.h5" "$victim" "$defense" "$label" \
+                        "$OUT/data/$pool.h5" "$epochs" "$s" >> "$cells"
                 done
             done
             in_list "$pair" "$JBDA_FOR" && cell "$OUT/stolen/$tag-jbda.h5" steal --victim "$victim" --defense "$defense" --attack jbda \
@@ -99,6 +86,4 @@ done
 rm -f "$cells"
 
 # 4. evaluate everything that exists into one report (failed cells are simply absent, and listed above)
-$PY cli.py evaluate $(results_in "$OUT") --out "$OUT/metrics.h5" \
-    --report "$OUT/report" \
-    ${BENCHMARK_JSON:+--benchmark "$BENCHMARK_JSON"}
+evaluate_all ${BENCHMARK_JSON:+--benchmark "$BENCHMARK_JSON"}

@@ -21,21 +21,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SMOKE=0; JOBS=2; SEEDS="0 1 2"; DATASETS="mnist fashionmnist"; PRESET=broad; OUT=artifacts/lofo
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --smoke) SMOKE=1 ;;
-        --jobs) JOBS=$2; shift ;;
-        --seeds) SEEDS=$2; shift ;;
-        --datasets) DATASETS=$2; shift ;;
-        --preset) PRESET=$2; shift ;;
-        --out) OUT=$2; shift ;;
-        *) echo "error: unknown option $1" >&2; exit 2 ;;
-    esac
-    shift
-done
+source experiments/_cells.sh
+parse_options "jobs seeds datasets preset out" "$@"
 
-PY=${PYTHON:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # one thread a cell: cells run side by side instead
 FAMILIES="sklearn-digits skimage-patches generated"  # besides the other MNIST-family set
 if [ "$SMOKE" = 1 ]; then
@@ -52,12 +40,6 @@ BASELINE_SEEDS=${BASELINE_SEEDS-$REFERENCE_SEEDS}
 references_for() { in_list "$1" "$REFERENCE_SEEDS"; }
 baselines_for() { in_list "$1" "$BASELINE_SEEDS" && [ -n "$BASELINES" ]; }
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
-source experiments/_cells.sh
-
-epochs_for() {  # epochs_for POOL.h5: surrogate epochs that give about STEPS steps of batch 128
-    $PY -c "import h5py, math, sys; n = min($BUDGET, len(h5py.File(sys.argv[1], 'r')['train/labels']));
-print(max(1, math.ceil($STEPS * 128 / n)))" "$1"
-}
 
 same_task() { [ "$1" = mnist ] && [ "$2" = sklearn-digits ]; }  # digits: a defense should answer them
 
@@ -108,11 +90,8 @@ for s in $SEEDS; do
                     for pair in $pairs; do
                         v=${pair%%:*}; defense=${pair#*:}; name=$d-$v-s$s; [ "$defense" = none ] || name=$d-$v-$defense-s$s
                         [ "$defense" = top1 ] && [ "$label" = soft ] && continue  # top1 answers labels only
-                        cell "$OUT/stolen/$name-knockoff-$label-$pool.h5" steal \
-                            --victim "$OUT/victims/$d-$v-s$s.h5" --defense "$defense" --attack knockoff \
-                            --label "$label" --pool "$OUT/data/$pool.h5" --budget "$BUDGET" \
-                            --epochs "${epochs[$pool]}" \
-                            --device cpu --seed "$s" >> "$cells"
+                        knockoff_cell "$OUT/stolen/$name-knockoff-$label-$pool.h5" "$OUT/victims/$d-$v-s$s.h5" \
+                            "$defense" "$label" "$OUT/data/$pool.h5" "${epochs[$pool]}" "$s" >> "$cells"
                     done
                 done
             done
@@ -122,5 +101,4 @@ for s in $SEEDS; do
 done
 rm -f "$cells"
 
-$PY cli.py evaluate $(results_in "$OUT") --out "$OUT/metrics.h5" \
-    --report "$OUT/report"
+evaluate_all

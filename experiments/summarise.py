@@ -8,7 +8,15 @@ seeds (n), a last row averaging the families within each seed first, the same fo
 the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
     python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
+`--variants` reads experiments/variants.sh's run: one row per victim (the undefended ones, the paper recipe and each
+train-ini option), its benign accuracy, the diagnostics of its chosen epoch (read from the victim files beside the
+metrics: mean L1 between victim and surrogate outputs on held-out OOD images, lower is induced; mean cosine
+between the distillation and true-label gradients on held-out ID images, lower is isolated), and knockoff stealing
+per pool, soft / hard, mean ± std over seeds (n).
+
+    python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
     python experiments/summarise.py --lofo artifacts/lofo/metrics.h5
+    python experiments/summarise.py --variants artifacts/variants/metrics.h5
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 import h5py
 
@@ -144,14 +153,60 @@ def lofo(path: str) -> str:
     return "\n".join(lines)
 
 
+VARIANT_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|undefended-bn|faithful|ini-[a-z0-9-]+)"
+                          r"-s(?P<seed>\d+)-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
+
+
+def _diagnostics(victim: Path) -> tuple[float, float]:
+    """(OOD L1, ID cosine) of a victim's chosen epoch; NaN for a victim without them (an undefended one)."""
+    with h5py.File(victim, "r") as f:
+        h, epoch = f.get("history"), int(f.attrs["chosen_epoch"])
+        if h is None or "diag_ood_l1" not in h:
+            return math.nan, math.nan
+        return float(h["diag_ood_l1"][epoch - 1]), float(h["diag_id_cosine"][epoch - 1])
+
+
+def variants(path: str) -> str:
+    """The train-ini options' table: benign accuracy, diagnostics and stealing per pool, one row per victim."""
+    with h5py.File(path, "r") as f:
+        r = f["rows"]
+        files, accuracy, benign = _text(r["file"][:]), r["stealing_accuracy"][:], r["benign_accuracy"][:]
+    steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, victim, pool, label) -> per seed
+    found: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, victim) -> seed -> (benign, l1, cosine)
+    pools: list[str] = []
+    for name, acc, ben in zip(files, accuracy, benign):
+        m = VARIANT_FILE.search(name)
+        if not m:
+            continue
+        steal[m["dataset"], m["victim"], m["pool"], m["label"]].append(float(acc))
+        pools += [] if m["pool"] in pools else [m["pool"]]
+        if m["seed"] not in found[m["dataset"], m["victim"]]:
+            victim = Path(name).parent.parent / "victims" / f"{m['dataset']}-{m['victim']}-s{m['seed']}.h5"
+            found[m["dataset"], m["victim"]][m["seed"]] = (float(ben), *_diagnostics(victim))
+    head = "| victim data | victim | benign | OOD L1 | ID cosine | " + " | ".join(f"{p} soft / hard" for p in pools)
+    lines = [head + " |", "|---|---|---|---|---|" + "---|" * len(pools)]
+    order = ["undefended", "undefended-bn", "faithful"]
+    for dataset, victim in sorted(found, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 3, k[1])):
+        per_seed = list(found[dataset, victim].values())
+        diag = [f"{statistics.mean(v[i] for v in per_seed):.3f}" if all(math.isfinite(v[i]) for v in per_seed)
+                else "-" for i in (1, 2)]
+        stolen = [" / ".join(_spread(steal[dataset, victim, p, label]) for label in ("soft", "hard")) for p in pools]
+        lines.append(f"| {dataset} | {victim} | {_spread([v[0] for v in per_seed], 2)} | " + " | ".join(diag + stolen)
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics")
     parser.add_argument("--dataset")
-    parser.add_argument("--lofo", action="store_true", help="the leave-one-family-out table (experiments/lofo.sh)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--lofo", action="store_true", help="the leave-one-family-out table (experiments/lofo.sh)")
+    mode.add_argument("--variants", action="store_true", help="the train-ini options' table (experiments/variants.sh)")
     args = parser.parse_args()
     try:
-        print(lofo(args.metrics) if args.lofo else pivot(args.metrics, args.dataset))
+        print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants
+              else pivot(args.metrics, args.dataset))
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 
