@@ -53,19 +53,41 @@ def write(folder: Path, groups: list[dict], latency: list[dict] | None, params: 
     return [md, *files]
 
 
+MARKERS = "osD^vP*Xhp<>"
+
+
 def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
+    """Benign against stealing accuracy, one panel per victim dataset: a colour per (victim recipe, defense), a
+    marker per (label, pool), both legends outside the axes."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for g in groups:
-        label = f"{g['victim'].split('#')[0]} | {g['defense']} | {g['label']} | pool {g['pool']}"
-        ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
-                    xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], fmt="o", capsize=3,
-                    label=label)
-    ax.set_xlabel("benign accuracy as deployed (%)")
-    ax.set_ylabel("stealing accuracy, final epoch (%)")
-    ax.set_title(f"{attack}: lower right is better for the defender")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    from matplotlib.lines import Line2D
+
+    datasets = sorted({g["dataset"] for g in groups})
+    series = sorted({(g["victim"].split("#")[0], g["defense"]) for g in groups})
+    styles = sorted({(g["label"], g["pool"]) for g in groups})
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    color = {k: cmap(i % cmap.N) for i, k in enumerate(series)}
+    marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(styles)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), 4.5), squeeze=False, sharey=True)
+    for ax, dataset in zip(axes[0], datasets):
+        for g in (g for g in groups if g["dataset"] == dataset):
+            ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
+                        xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], capsize=3,
+                        fmt=marker[g["label"], g["pool"]], color=color[g["victim"].split("#")[0], g["defense"]],
+                        alpha=0.85)
+        ax.set_title(f"{attack} against {dataset} victims")
+        ax.set_xlabel("benign accuracy as deployed (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("stealing accuracy, final epoch (%)\nlower right is better for the defender")
+    by_color = [Line2D([], [], ls="", marker="o", color=color[k], label=f"{k[0]} | {k[1]}") for k in series]
+    by_marker = [Line2D([], [], ls="", marker=marker[k], color="0.3", label=f"{k[0]} labels, pool {k[1]}")
+                 for k in styles]
+    first = fig.legend(handles=by_color, title="victim | defense", fontsize=7, title_fontsize=7,
+                       loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.add_artist(first)
+    fig.legend(handles=by_marker, title="attack", fontsize=7, title_fontsize=7, loc="lower left",
+               bbox_to_anchor=(1.0, 0.0))
+    fig.tight_layout()
     return _save(fig, path)
 
 
