@@ -35,6 +35,12 @@ cell() {  # cell OUTPUT ARGS...: one line for run_cells, its log beside the othe
     printf '%s\t%s\n' "$output" "[ -e $output ] || $PY cli.py $* --out $output > /dev/null 2> $OUT/logs/$(basename "${output%.*}").log || echo \"failed: $output (see $OUT/logs)\" >&2"
 }
 
+prepare_all() {  # prepare_all NAME...: each dataset once into OUT/data/NAME.h5 (LIMIT applies), side by side
+    local list; list=$(mktemp)
+    for name in "$@"; do cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT; done | sort -u > "$list"
+    run_cells "$list"; rm -f "$list"
+}
+
 knockoff_cell() {  # knockoff_cell STOLEN VICTIM DEFENSE LABEL POOL.h5 EPOCHS SEED: a KnockoffNets cell, BUDGET queries
     cell "$1" steal --victim "$2" --defense "$3" --attack knockoff --label "$4" --pool "$5" --budget "$BUDGET" \
         --epochs "$6" --device cpu --seed "$7"

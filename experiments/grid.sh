@@ -39,13 +39,9 @@ am:adaptive-misinformation}
 UNSEEN_FOR=${UNSEEN_FOR-$PAIRS}; JBDA_FOR=${JBDA_FOR-$PAIRS}; DFME_FOR=${DFME_FOR-$PAIRS}
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
-
 # 1. data
+prepare_all $DATASETS $(for d in $DATASETS; do other_family "$d"; done) $UNSEEN_POOLS
 cells=$(mktemp)
-for name in $DATASETS $(for d in $DATASETS; do other_family "$d"; done) $UNSEEN_POOLS; do
-    cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT >> "$cells"
-done
-sort -u "$cells" -o "$cells"; run_cells "$cells"
 
 # 2-3. per seed (so that an interrupted grid holds whole seeds): the victims, trained once and reused by every
 # attack, then the attacks: (victim, defense) pairs x attacks x pools

@@ -43,9 +43,8 @@ mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
 same_task() { [ "$1" = mnist ] && [ "$2" = sklearn-digits ]; }  # digits: a defense should answer them
 
+prepare_all mnist fashionmnist $FAMILIES
 cells=$(mktemp)
-for name in mnist fashionmnist $FAMILIES; do cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT >> "$cells"; done
-run_cells "$cells"
 declare -A epochs  # surrogate epochs per pool, read once
 for name in mnist fashionmnist $FAMILIES; do epochs[$name]=$(epochs_for "$OUT/data/$name.h5"); done
 

@@ -7,7 +7,6 @@ held-out pool family, soft and hard stealing of the undefended, paper-recipe and
 seeds (n), a last row averaging the families within each seed first, the same for the perturbation baselines when
 the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
-    python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
 `--variants` reads experiments/variants.sh's run: one row per victim (the undefended ones, the paper recipe and each
 train-ini option), its benign accuracy, the diagnostics of its chosen epoch (read from the victim files beside the
 metrics: mean L1 between victim and surrogate outputs on held-out OOD images, lower is induced; mean cosine

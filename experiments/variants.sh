@@ -52,25 +52,22 @@ for v in $VARIANTS; do flags_of "$v" > /dev/null; done  # an unknown name fails 
 
 mkdir -p "$OUT/data" "$OUT/victims" "$OUT/stolen" "$OUT/logs"
 
-cells=$(mktemp)
-for name in $DATASETS $(for d in $DATASETS; do other_family "$d"; done) $POOLS; do
-    cell "$OUT/data/$name.h5" prepare --dataset "$name" $LIMIT >> "$cells"
-done
-sort -u "$cells" -o "$cells"; run_cells "$cells"
+prepare_all $DATASETS $(for d in $DATASETS; do other_family "$d"; done) $POOLS
 declare -A epochs
 for name in $POOLS; do epochs[$name]=$(epochs_for "$OUT/data/$name.h5"); done
 
 recipe="--epochs $VICTIM_EPOCHS --lr-step $LR_STEP --device cpu"
-victims="undefended faithful"; case " $VARIANTS " in *" bn-"*) victims="$victims undefended-bn" ;; esac
+victims="undefended faithful"  # the references, then the options
+case " $VARIANTS " in *" bn-"*) victims="$victims undefended-bn" ;; esac
+for v in $VARIANTS; do victims="$victims ini-$v"; done
+cells=$(mktemp)
 for s in $SEEDS; do
     : > "$cells"
     for d in $DATASETS; do
         data=$OUT/data/$d.h5; ood=$OUT/data/$(other_family "$d").h5
         cell "$OUT/victims/$d-undefended-s$s.h5" train --dataset "$data" $recipe --seed "$s" >> "$cells"
-        case " $VARIANTS " in *" bn-"*)
-            cell "$OUT/victims/$d-undefended-bn-s$s.h5" train --arch lenet5_bn --dataset "$data" $recipe \
-                --seed "$s" >> "$cells" ;;
-        esac
+        in_list undefended-bn "$victims" && cell "$OUT/victims/$d-undefended-bn-s$s.h5" train --arch lenet5_bn \
+            --dataset "$data" $recipe --seed "$s" >> "$cells"
         cell "$OUT/victims/$d-faithful-s$s.h5" train-ini --dataset "$data" --ood "$ood" --compile "$COMPILE" \
             $recipe $SMALL --seed "$s" >> "$cells"
         for v in $VARIANTS; do
@@ -84,7 +81,7 @@ for s in $SEEDS; do
     for pool in $POOLS; do
         for label in $LABELS; do
             for d in $DATASETS; do
-                for v in $victims $(for v in $VARIANTS; do echo "ini-$v"; done); do
+                for v in $victims; do
                     knockoff_cell "$OUT/stolen/$d-$v-s$s-knockoff-$label-$pool.h5" "$OUT/victims/$d-$v-s$s.h5" none \
                         "$label" "$OUT/data/$pool.h5" "${epochs[$pool]}" "$s" >> "$cells"
                 done
