@@ -11,10 +11,11 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import h5py
 import numpy as np
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -69,7 +70,8 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     if path.suffix == ".pt" or _kind(path) == "victim":
         graph, info = _open(path, device, cache)
         dataset = _dataset(data or info.dataset_path, info, cache)
-        accuracy = _accuracy(graph, dataset, device)
+        accuracy = float((_top1(cache, (path, dataset.path, "raw"), lambda: graph, dataset, device)
+                          == dataset.splits["test"][1]).float().mean())
         facts = _victim_facts(path, cache)
         return dict(file=str(path), dataset=info.dataset, victim=facts["victim"], defense=info.baked_defense,
                     attack="-", label="-", pool="-", seed=facts["seed"], benign_accuracy=accuracy,
@@ -96,15 +98,18 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
         raise UserError(f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
                         f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})")
 
-    deployed = _blackbox.defend(graph, info, str(attrs["defense"]), attrs["defense_params"], device)
     c, h, _ = attrs["input_shape"]
     surrogate = models.build_model(str(attrs["arch"]), len(attrs["classes"]), c, h, attrs["mean"], attrs["std"])
     surrogate.load_state_dict(state)
     surrogate.to(device).eval()
     x, y = _data.to_float(dataset.splits["test"][0]), dataset.splits["test"][1]
     stolen = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
-    victim_top1 = _blackbox.predict(graph, x, device).argmax(1).cpu()
-    benign = _accuracy(deployed, dataset, device)
+    victim_top1 = _top1(cache, (victim, dataset.path, "raw"), lambda: graph, dataset, device)
+    defense_key = ((victim, dataset.path, "raw") if attrs["defense"] == "none" else
+                   (victim, dataset.path, str(attrs["defense"]), json.dumps(attrs["defense_params"], sort_keys=True)))
+    deployed_top1 = _top1(cache, defense_key, lambda: _blackbox.defend(graph, info, str(attrs["defense"]),
+                                                                       attrs["defense_params"], device), dataset, device)
+    benign = float((deployed_top1 == y).float().mean())
     stealing = float((stolen == y).float().mean())
     defense = str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense
     if attrs["defense_params"]:
@@ -167,9 +172,15 @@ def _dataset(name: str, info, cache: dict) -> _data.Dataset:
     return dataset
 
 
-def _accuracy(graph, dataset: _data.Dataset, device: str) -> float:
-    x, y = dataset.splits["test"]
-    return float((_blackbox.predict(graph, _data.to_float(x), device).argmax(1).cpu() == y).float().mean())
+def _top1(cache: dict, key: tuple, graph: Callable[[], torch.nn.Module], dataset: _data.Dataset,
+          device: str) -> torch.Tensor:
+    """A victim's (or a defended victim's) top-1 answers on the test split, computed once per (victim, data,
+    defense) and shared by every surrogate stolen from it: every defense is deterministic, and a grid holds a dozen
+    surrogates per victim, each of which needed two of these passes besides its own."""
+    key = ("top1", str(key[0]), *key[1:])
+    if key not in cache:
+        cache[key] = _blackbox.predict(graph(), _data.to_float(dataset.splits["test"][0]), device).argmax(1).cpu()
+    return cache[key]
 
 
 def _victim_facts(path: Path, cache: dict) -> dict:

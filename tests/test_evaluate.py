@@ -142,3 +142,19 @@ def test_seeds_group_across_code_versions_and_folders():
     assert recipe_of(old) == recipe_of(new)  # options added later, as older code behaved; file places aside
     assert recipe_of(old) != recipe_of({**new, "ood_synthetic": 0.25})  # a real recipe change still splits
     assert recipe_of(old) != recipe_of({**new, "epochs": 50})
+
+
+def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, monkeypatch):
+    root, data, victim = world
+    model, info = _victim.load(victim)
+    cells = [("none", {})] * 2 + [("mad", {"eps": 1.1, "seed": 0})] * 2
+    paths = [write_surrogate(root / f"shared{i}.h5", victim, model.state_dict(), defense=d, defense_params=p)
+             for i, (d, p) in enumerate(cells)]
+    alone = [evaluate._evaluate(path, None, "cpu", {})["benign_accuracy"] for path in paths]
+    passes, predict = [], evaluate._blackbox.predict
+    monkeypatch.setattr(evaluate._blackbox, "predict", lambda *a: passes.append(1) or predict(*a))
+    cache = {}
+    rows = [evaluate._evaluate(path, None, "cpu", cache) for path in paths]
+    assert len(passes) == 4 + 2  # each surrogate's own pass; the victim's once, the MAD-defended victim's once
+    assert [r["benign_accuracy"] for r in rows] == alone
+    assert alone[0] == pytest.approx(info.test_accuracy) and alone[2] != alone[0]  # MAD's answers differ
