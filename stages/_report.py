@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,16 @@ def write(folder: Path, groups: list[dict], latency: list[dict] | None, params: 
 MARKERS = "osD^vP*Xhp<>"
 
 
+def _short_names(groups: list[dict]) -> dict[str, str]:
+    """Victim settings ("arch/objective#recipe-hash") without the hash, unless two settings of one victim dataset
+    would then read the same (train-ini options differ only by their hash): those keep it, as in the report's
+    table."""
+    settings = {(g["dataset"], g["victim"]) for g in groups}
+    counts = collections.Counter((d, v.split("#")[0]) for d, v in settings)
+    clash = {v for d, v in settings if counts[d, v.split("#")[0]] > 1}
+    return {v: v if v in clash else v.split("#")[0] for _, v in settings}
+
+
 def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
     """Benign against stealing accuracy, one panel per victim dataset: a colour per (victim recipe, defense), a
     marker per (label, pool), both legends outside the axes."""
@@ -63,7 +74,8 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
     from matplotlib.lines import Line2D
 
     datasets = sorted({g["dataset"] for g in groups})
-    series = sorted({(g["victim"].split("#")[0], g["defense"]) for g in groups})
+    name = _short_names(groups)
+    series = sorted({(name[g["victim"]], g["defense"]) for g in groups})
     styles = sorted({(g["label"], g["pool"]) for g in groups})
     cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
     color = {k: cmap(i % cmap.N) for i, k in enumerate(series)}
@@ -73,7 +85,7 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
         for g in (g for g in groups if g["dataset"] == dataset):
             ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
                         xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], capsize=3,
-                        fmt=marker[g["label"], g["pool"]], color=color[g["victim"].split("#")[0], g["defense"]],
+                        fmt=marker[g["label"], g["pool"]], color=color[name[g["victim"]], g["defense"]],
                         alpha=0.85)
         ax.set_title(f"{attack} against {dataset} victims")
         ax.set_xlabel("benign accuracy as deployed (%)")

@@ -158,3 +158,13 @@ def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, mo
     assert len(passes) == 4 + 2  # each surrogate's own pass; the victim's once, the MAD-defended victim's once
     assert [r["benign_accuracy"] for r in rows] == alone
     assert alone[0] == pytest.approx(info.test_accuracy) and alone[2] != alone[0]  # MAD's answers differ
+
+
+def test_plot_legend_drops_the_recipe_hash_only_where_names_stay_apart():
+    from stages import _report
+    settings = (("mnist", "lenet5/ce#aaaaaa"), ("mnist", "lenet5/faithful#bbbbbb"), ("mnist", "lenet5/faithful#cccccc"),
+                ("fashionmnist", "lenet5/ini#dddddd"), ("mnist", "lenet5/ini#eeeeee"))
+    names = _report._short_names([dict(dataset=d, victim=v) for d, v in settings])
+    assert names == {"lenet5/ce#aaaaaa": "lenet5/ce", "lenet5/faithful#bbbbbb": "lenet5/faithful#bbbbbb",
+                     "lenet5/faithful#cccccc": "lenet5/faithful#cccccc", "lenet5/ini#dddddd": "lenet5/ini",
+                     "lenet5/ini#eeeeee": "lenet5/ini"}  # one name per victim dataset's panel is enough
