@@ -80,7 +80,9 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
     cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
     color = {k: cmap(i % cmap.N) for i, k in enumerate(series)}
     marker = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(styles)}
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), 4.5), squeeze=False, sharey=True)
+    # tall enough for both legends, one above the other, at about 0.16 inch an entry (font size 7)
+    height = max(4.5, 0.16 * (len(series) + len(styles)) + 1.0)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), height), squeeze=False, sharey=True)
     for ax, dataset in zip(axes[0], datasets):
         for g in (g for g in groups if g["dataset"] == dataset):
             ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
