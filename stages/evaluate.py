@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import h5py
 import numpy as np
@@ -70,8 +70,7 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     if path.suffix == ".pt" or _kind(path) == "victim":
         graph, info = _open(path, device, cache)
         dataset = _dataset(data or info.dataset_path, info, cache)
-        accuracy = float((_top1(cache, (path, dataset.path, "raw"), lambda: graph, dataset, device)
-                          == dataset.splits["test"][1]).float().mean())
+        accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
         facts = _victim_facts(path, cache)
         return dict(file=str(path), dataset=info.dataset, victim=facts["victim"], defense=info.baked_defense,
                     attack="-", label="-", pool="-", seed=facts["seed"], benign_accuracy=accuracy,
@@ -104,11 +103,8 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     surrogate.to(device).eval()
     x, y = _data.to_float(dataset.splits["test"][0]), dataset.splits["test"][1]
     stolen = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
-    victim_top1 = _top1(cache, (victim, dataset.path, "raw"), lambda: graph, dataset, device)
-    defense_key = ((victim, dataset.path, "raw") if attrs["defense"] == "none" else
-                   (victim, dataset.path, str(attrs["defense"]), json.dumps(attrs["defense_params"], sort_keys=True)))
-    deployed_top1 = _top1(cache, defense_key, lambda: _blackbox.defend(graph, info, str(attrs["defense"]),
-                                                                       attrs["defense_params"], device), dataset, device)
+    victim_top1 = _top1(cache, victim, graph, info, dataset, device)
+    deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
     benign = float((deployed_top1 == y).float().mean())
     stealing = float((stolen == y).float().mean())
     defense = str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense
@@ -172,14 +168,16 @@ def _dataset(name: str, info, cache: dict) -> _data.Dataset:
     return dataset
 
 
-def _top1(cache: dict, key: tuple, graph: Callable[[], torch.nn.Module], dataset: _data.Dataset,
-          device: str) -> torch.Tensor:
-    """A victim's (or a defended victim's) top-1 answers on the test split, computed once per (victim, data,
-    defense) and shared by every surrogate stolen from it: every defense is deterministic, and a grid holds a dozen
-    surrogates per victim, each of which needed two of these passes besides its own."""
-    key = ("top1", str(key[0]), *key[1:])
+def _top1(cache: dict, path: Path, graph: torch.nn.Module, info, dataset: _data.Dataset, device: str,
+          defense: str = "none", params: Optional[dict] = None) -> torch.Tensor:
+    """The victim's top-1 answers on the test split behind `defense` (none: the graph as opened), computed once
+    per (victim, data, defense) and shared by every surrogate stolen from it: every defense is deterministic, and a
+    grid holds a dozen surrogates per victim, each of which needed two of these passes besides its own."""
+    settings = json.dumps(params or {}, sort_keys=True) if defense != "none" else ""
+    key = ("top1", str(path), dataset.path, defense, settings)
     if key not in cache:
-        cache[key] = _blackbox.predict(graph(), _data.to_float(dataset.splits["test"][0]), device).argmax(1).cpu()
+        deployed = graph if defense == "none" else _blackbox.defend(graph, info, defense, params, device)
+        cache[key] = _blackbox.predict(deployed, _data.to_float(dataset.splits["test"][0]), device).argmax(1).cpu()
     return cache[key]
 
 
