@@ -116,6 +116,7 @@ def run(
             graph, local = _blackbox.open_victim(victim, device)
             if local.sha256 != info.sha256:
                 raise UserError(f"--victim {victim} is not the model {target} serves (sha256 differs)")
+            info.dataset_path = local.dataset_path
     needs_train = kind.POOL == "seeds" and pool is None
     victim_data = _data.load(data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
     if (victim_data.name, tuple(victim_data.shape), victim_data.num_classes) != (info.dataset, tuple(info.input_shape),
