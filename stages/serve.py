@@ -75,10 +75,7 @@ def run(
     served = served_model.load(model, defense, defense_params, threads)
     settings = Settings(ood_quantile=ood_quantile, ood_window=ood_window, min_images=min_images, alpha=alpha,
                         volume_limit=volume_limit, volume_window=volume_window)
-    try:  # bound before calibration, so a port in use fails in one line before any work
-        listener = socket.create_server((host, port), backlog=2048)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
 
     source = calibration_data or served.dataset_path
     benign = _data.load(source, splits=(calibration_split,))
@@ -109,6 +106,21 @@ def run(
                   f"{calibration.benign_prada_min:.3f})")
     config = uvicorn.Config(api.build(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
     _Server(config).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Its protocol must say IPPROTO_TCP: asyncio sets TCP_NODELAY only on connections of
+    such sockets, and without it a kept-alive connection waits out the client's delayed ACK (40 ms) per answer."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             proto=socket.IPPROTO_TCP)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return listener
 
 
 class _Server(uvicorn.Server):
