@@ -23,10 +23,11 @@ def prefixes(used: int, points: int) -> list[int]:
     return [n for n in sizes if 2 <= n < used]
 
 
-def measure(images, answers, label: str, attack: str, points: int, build: Callable[[], torch.nn.Module],
+def measure(images, answers, label: str, attack: str, sizes: list[int], build: Callable[[], torch.nn.Module],
             recipe: Recipe, num_classes: int, input_shape: tuple, seed: int, device: str,
             test_x: torch.Tensor, test_y: torch.Tensor, log: Callable[[str], None]) -> dict[str, list[float]]:
-    """{queries, stealing_accuracy} of a surrogate trained on each prefix of the recorded transfer set.
+    """{queries, stealing_accuracy} of a surrogate trained on the first n queries of the recorded transfer set, for
+    each n of `sizes`.
 
     `images` and `answers` as the black box stores them (uint8 or float images; probabilities or labels);
     adaptive's answers are cut to each view's top-1 label, as that attack keeps only labels."""
@@ -35,7 +36,7 @@ def measure(images, answers, label: str, attack: str, points: int, build: Callab
     if attack == "adaptive" and y.dim() == 2:
         y = y.argmax(1)
     curve: dict[str, list[float]] = {"queries": [], "stealing_accuracy": []}
-    for n in prefixes(len(x), points):
+    for n in sizes:
         surrogate = build()
         thief = Thief(surrogate, recipe, num_classes, tuple(input_shape), torch.Generator().manual_seed(seed), device)
         train_surrogate(thief, x[:n], y[:n], recipe.epochs)

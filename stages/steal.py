@@ -215,7 +215,8 @@ def run(
             end_epoch({})
         box.close()
         if budget_curve:
-            curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], label, attack, budget_curve,
+            curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], label, attack,
+                                          _budget_curve.prefixes(box.used, budget_curve),
                                           build_surrogate, recipe, len(info.classes), info.input_shape, seed, device,
                                           test_float, test_y, console.log)
             save_history(f.create_group("curve"), {"queries": curve["queries"] + [float(box.used)],

@@ -121,33 +121,31 @@ class Watch:
         self.armed = {"ood_share": True, "prada": True, "volume": True}
 
     def observe(self, images: np.ndarray, answers: np.ndarray, now: float) -> list[dict]:
+        """Signals are judged after every image (an alert says at which query it fired); volume per request."""
         alerts = []
-        self.total += len(answers)
         self.volume.append((now, len(answers)))
         self.in_window += len(answers)
         while self.volume and self.volume[0][0] < now - self.s.volume_window:
             self.in_window -= self.volume.popleft()[1]
-        self._judge(alerts, "volume", self.in_window, self.s.volume_limit, self.in_window > self.s.volume_limit,
-                    window_seconds=self.s.volume_window)
-
         flags = ood_scores(answers) < self.c.ood_threshold
-        for flag in flags:
+        flat = images.reshape(len(images), -1).astype(np.float32, copy=False)
+        for x, c, flag in zip(flat, answers.argmax(1), flags):
+            self.total += 1
             if len(self.flags) == self.flags.maxlen:
                 self.flagged -= self.flags[0]
             self.flags.append(bool(flag))
             self.flagged += bool(flag)
-        n = len(self.flags)
-        if self.total >= self.s.min_images:
-            cutoff = float(self.cutoffs[n])
-            self._judge(alerts, "ood_share", self.flagged / n, cutoff / n, self.flagged >= cutoff, window=n,
-                        ood_threshold=self.c.ood_threshold)
-
-        flat = images.reshape(len(images), -1).astype(np.float32, copy=False)
-        for x, c in zip(flat, answers.argmax(1)):
+            if self.total >= self.s.min_images:
+                n = len(self.flags)
+                cutoff = float(self.cutoffs[n])
+                self._judge(alerts, "ood_share", self.flagged / n, cutoff / n, self.flagged >= cutoff, window=n,
+                            ood_threshold=self.c.ood_threshold)
             w = self.prada.add(x, int(c))
             if w is not None:
                 self._judge(alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta,
                             distances=len(self.prada.distances))
+        self._judge(alerts, "volume", self.in_window, self.s.volume_limit, self.in_window > self.s.volume_limit,
+                    window_seconds=self.s.volume_window)
         return alerts
 
     def _judge(self, alerts: list[dict], signal: str, value: float, threshold: float, crossed: bool, **details) -> None:
