@@ -22,7 +22,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-PRADA_MARGIN = 0.02  # delta = lowest benign W minus this: W of natural distance windows varies by about 0.01
+# delta = the lowest W of the benign replay minus this. Measured on MNIST LeNet-5 victims, windows of 2,000
+# distances: the val split (the default calibration) bottoms at W 0.951, the test split at 0.918 (shuffled) to
+# 0.927 (in file order), DFME's queries sit at 0.58-0.69, JBDA's at 0.91-0.98.
+PRADA_MARGIN = 0.05
 
 
 @dataclass
