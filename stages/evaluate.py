@@ -87,7 +87,7 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
                      mean=[float(v) for v in f.attrs["mean"]], std=[float(v) for v in f.attrs["std"]])
         curve = f["history/stealing_accuracy"][()]
         budget = f["curve"] if "curve" in f else f["history"]  # --budget-curve's prefixes, else rounds or slices
-        spent = (budget["queries"][()], budget["stealing_accuracy"][()])
+        spent = (budget["queries"][()], budget["stealing_accuracy"][()]) if "queries" in budget else (np.zeros(0),) * 2
         state = load_state(f["weights"])
         seed, steal_seconds = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
     if params.get("victim") is None:
