@@ -9,6 +9,8 @@ the InI row serves the undefended victim's graph, which is what InI deploys (its
 same architecture, one plain forward pass). Each server is `python cli.py serve` in its own process with one
 forward thread, its clients asyncio httpx in this process; every request goes to 127.0.0.1 and every load lasts
 `--seconds`. The target of micro-batching: 8 clients of batch 1 served at half the in-process batch-64 rate or more.
+Throughput on a shared machine depends on the share of CPU it gets, so the table also gives the server's and the
+clients' CPU time per request (the server's read from /proc), which do not.
 """
 
 from __future__ import annotations
@@ -52,7 +54,16 @@ def start(model: Path, keys: Path, ledger: Path) -> tuple[subprocess.Popen, str]
     return proc, line[0].strip()
 
 
-async def load(url: str, key: str, images: np.ndarray, batch: int, clients: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+async def load(url: str, key: str, images: np.ndarray, batch: int, clients: int, seconds: float, pid: int) -> dict:
     import httpx
 
     buffer = io.BytesIO()
@@ -72,10 +83,12 @@ async def load(url: str, key: str, images: np.ndarray, batch: int, clients: int,
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - t)
 
-        began = time.perf_counter()
+        began, server, own = time.perf_counter(), cpu_seconds(pid), time.process_time()
         await asyncio.gather(*(one() for _ in range(clients)))
         elapsed = time.perf_counter() - began
-    return summary(latencies, batch, elapsed)
+        server, own = cpu_seconds(pid) - server, time.process_time() - own
+    return {**summary(latencies, batch, elapsed), "server_cpu_ms": 1000 * server / max(1, len(latencies)),
+            "client_cpu_ms": 1000 * own / max(1, len(latencies))}
 
 
 def summary(latencies: list[float], batch: int, elapsed: float) -> dict:
@@ -133,11 +146,12 @@ def main() -> None:
             proc, url = start(model, keys, work / f"{name}-{fmt}.sqlite")
             try:
                 for batch, clients in LOADS:
-                    served = asyncio.run(load(url, key, images, batch, clients, seconds))
+                    served = asyncio.run(load(url, key, images, batch, clients, seconds, proc.pid))
                     local = in_process(model, images, batch, seconds)
                     rows.append(dict(graph=name, runtime=fmt, batch=batch, clients=clients, served=served, local=local))
                     print(f"{name:<10} {fmt:<11} batch {batch:>2} clients {clients}: {served['images_per_s']:9.0f} img/s "
-                          f"p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms | in-process "
+                          f"p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms server CPU "
+                          f"{served['server_cpu_ms']:.2f} ms/request | in-process "
                           f"{local['images_per_s']:9.0f} img/s", file=sys.stderr, flush=True)
             finally:
                 proc.terminate()
@@ -151,13 +165,14 @@ def export_data(victim: Path) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| graph | runtime | batch | clients | served img/s | p50 ms | p99 ms | in-process img/s | served / in-process "
-             "batch 64 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| graph | runtime | batch | clients | served img/s | p50 ms | p99 ms | server CPU ms/request | client CPU "
+             "ms/request | in-process img/s | served / in-process batch 64 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ceiling = {(r["graph"], r["runtime"]): r["local"]["images_per_s"] for r in rows if r["batch"] == 64 and r["clients"] == 1}
     for r in rows:
         s, top = r["served"], ceiling.get((r["graph"], r["runtime"]), float("nan"))
         lines.append(f"| {r['graph']} | {r['runtime']} | {r['batch']} | {r['clients']} | {s['images_per_s']:,.0f} | "
-                     f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {r['local']['images_per_s']:,.0f} | "
+                     f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['server_cpu_ms']:.2f} | {s['client_cpu_ms']:.2f} | "
+                     f"{r['local']['images_per_s']:,.0f} | "
                      f"{s['images_per_s'] / top:.3f} |")
     return "\n".join(lines)
 
