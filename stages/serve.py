@@ -18,7 +18,7 @@ import uvicorn
 from rich.console import Console
 
 from stages import _data, _defense
-from stages._artifacts import UserError, prepare_output, versions
+from stages._artifacts import UserError, describe_inputs, prepare_output, versions
 from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
@@ -91,9 +91,9 @@ def run(
     monitor = Monitor(settings, calibration, int(images[0].numel()))
 
     book = Ledger(ledger)
-    book.put_meta({f"run.{time.time():.0f}": dict(model=str(model), sha256=served.sha256, defense=served.defense,
-                                                  defense_params=defense_params, keys=str(keys), **monitor.describe(),
-                                                  versions=versions())})
+    book.put_meta({f"run.{time.time():.0f}": dict(
+        model=str(model), sha256=served.sha256, defense=served.defense, defense_params=defense_params,
+        inputs=describe_inputs([model, keys, benign.path]), **monitor.describe(), versions=versions())})
     options = api.Options(max_images=max_images, max_body=int(max_body_mb * 2**20), batch_images=batch_images,
                           max_wait=max_wait_ms / 1000.0, global_rate=global_rate, global_burst=global_rate,
                           max_pending=max_pending, throttle_factor=throttle_factor, alerts_path=alerts)
@@ -105,7 +105,10 @@ def run(
                   f"PRADA alerts below W = {calibration.prada_delta:.3f} (benign minimum "
                   f"{calibration.benign_prada_min:.3f})")
     config = uvicorn.Config(api.build(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
-    _Server(config).run(sockets=[listener])
+    try:
+        _Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down gracefully on: the run is complete
+        pass
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -382,7 +382,7 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
     third = Server(world["victim"], world["keys"], ledger)  # a restart resumes every principal's spend
     with third.client(key) as c:
         assert c.get("/v1/usage").json()["spent"] == total
-    third.stop(signal.SIGINT)
+    assert third.stop(signal.SIGINT) == 0
 
 
 def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):
