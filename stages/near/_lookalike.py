@@ -5,6 +5,8 @@ to their own nearest reference. An image nearer than the QUANTILE of those reads
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,3 +47,17 @@ class Lookalike:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """True where an image reads as a real one."""
         return self.nearest(images) < self.threshold
+
+    def draw(self, n: int, make: Callable[[int], np.ndarray], rounds: int) -> tuple[np.ndarray, int]:
+        """n images `make(k)` (uint8 28 x 28, k the slot); one that reads as real is made again, up to `rounds`
+        times. Also returns how many were."""
+        out = np.empty((n, 1, 28, 28), np.uint8)
+        todo, redrawn = np.arange(n), 0
+        for round_ in range(rounds + 1):
+            for k in todo:
+                out[k, 0] = make(int(k))
+            if round_ == rounds:
+                break
+            todo = todo[self(out[todo, 0])]
+            redrawn += len(todo)
+        return out, redrawn

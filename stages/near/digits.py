@@ -123,17 +123,14 @@ def transform(digits: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gen
     """n images from `digits` (float (N, 28, 28) in [0, 1]), the kinds in equal shares; an image that still looks
     like a real digit is drawn again (same kind, another digit), up to ROUNDS times. Also returns how many were."""
     kinds = rng.integers(len(KINDS), size=n)
-    out = np.empty((n, 1, _frame.SIZE, _frame.SIZE), np.uint8)
     allowed = {kind: np.flatnonzero(~np.isin(labels, EXCLUDED.get(kind, ()))) for kind in KINDS}
     by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
-    todo, redrawn = np.arange(n), 0
-    for round_ in range(ROUNDS + 1):
-        for k in todo:
-            out[k, 0] = _one(KINDS[kinds[k]], digits, labels, int(rng.choice(allowed[KINDS[kinds[k]]])), by_class, rng)
-        if round_ == ROUNDS:
-            break
-        todo = todo[lookalike(out[todo, 0])]
-        redrawn += len(todo)
+
+    def make(k: int) -> np.ndarray:
+        kind = KINDS[kinds[k]]
+        return _one(kind, digits, labels, int(rng.choice(allowed[kind])), by_class, rng)
+
+    out, redrawn = lookalike.draw(n, make, ROUNDS)
     return out, kinds, redrawn
 
 

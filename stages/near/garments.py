@@ -124,15 +124,8 @@ def derive(kinds_list: list[str], images: np.ndarray, labels: np.ndarray, n: int
     by_group = [np.flatnonzero(groups == g) for g in range(len(GROUPS))]
     allowed = {k: np.flatnonzero(~np.isin(labels, EXCLUDED.get(k, ()))) for k in WARPS}
     kinds = rng.integers(len(kinds_list), size=n)
-    out = np.empty((n, 1, _frame.SIZE, _frame.SIZE), np.uint8)
-    todo, redrawn = np.arange(n), 0
-    for round_ in range(ROUNDS + 1):
-        for k in todo:
-            out[k, 0] = _one(kinds_list[kinds[k]], images, labels, groups, by_group, allowed, rng)
-        if round_ == ROUNDS:
-            break
-        todo = todo[lookalike(out[todo, 0])]
-        redrawn += len(todo)
+    out, redrawn = lookalike.draw(
+        n, lambda k: _one(kinds_list[kinds[k]], images, labels, groups, by_group, allowed, rng), ROUNDS)
     return out, kinds, redrawn
 
 

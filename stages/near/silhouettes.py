@@ -195,20 +195,8 @@ def image(kind: int, rng: np.random.Generator) -> np.ndarray:
     return np.round(texture(framed, rng) * 255).astype(np.uint8)
 
 
-def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    labels = rng.integers(len(CLASSES), size=n)
-    images = np.empty((n, 1, _frame.SIZE, _frame.SIZE), np.uint8)
-    for i, kind in enumerate(labels):
-        images[i, 0] = image(int(kind), rng)
-    return images, labels
-
-
 def load_silhouettes(name: str, seed: int, n_train: int, n_test: int, **_):
-    from stages._sources import _raw
-
-    train_x, train_y = generate(n_train, np.random.default_rng([seed, 1]))
-    test_x, test_y = generate(n_test, np.random.default_rng([seed, 2]))
-    raw = _raw(name, train_x, train_y, test_x, test_y, CLASSES, [])
+    raw = _frame.drawn_family(name, CLASSES, image, seed, n_train, n_test)
     raw.attrs["generator"] = (
         "closed shapes (label: " + ", ".join(CLASSES) + "): Fourier-contour blobs, star polygons and compositions "
         f"of ellipses, bars and polygons drawn at {CANVAS}x{CANVAS}, framed as FashionMNIST (longest side 28, "

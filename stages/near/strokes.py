@@ -85,20 +85,8 @@ def image(rng: np.random.Generator, count: int) -> np.ndarray:
     return _frame.mnist_like(mask, tuple(rng.choice(shifts, 2, p=weights)))
 
 
-def generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    labels = rng.integers(len(CLASSES), size=n)
-    images = np.empty((n, 1, _frame.SIZE, _frame.SIZE), np.uint8)
-    for i, label in enumerate(labels):
-        images[i, 0] = image(rng, int(label) + 1)
-    return images, labels
-
-
 def load_pen_strokes(name: str, seed: int, n_train: int, n_test: int, **_):
-    from stages._sources import _raw
-
-    train_x, train_y = generate(n_train, np.random.default_rng([seed, 1]))
-    test_x, test_y = generate(n_test, np.random.default_rng([seed, 2]))
-    raw = _raw(name, train_x, train_y, test_x, test_y, CLASSES, [])
+    raw = _frame.drawn_family(name, CLASSES, lambda label, rng: image(rng, label + 1), seed, n_train, n_test)
     raw.attrs["generator"] = (
         f"1-3 pen strokes (label: how many), each {'-'.join(map(str, SEGMENTS))} smoothly joined random cubic Bezier "
         f"segments in the unit square, each a loop with probability {LOOP:g}, drawn with a pen-pressure width profile "
