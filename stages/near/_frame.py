@@ -1,8 +1,7 @@
-"""Framing as the two datasets frame their images: MNIST fits the ink's bounding box into 20 x 20 (aspect kept,
-anti-aliased) and puts its centre of mass on the centre pixel of 28 x 28; FashionMNIST scales the object's longest
-side to 28 and centres its bounding box. Measured on 10,000 train images each: MNIST's centre of mass sits at
-(14.00, 14.00) with std 0.29 (integer shifts), bounding boxes 19.7 x 15.7; FashionMNIST's longest side is 28 in 94%.
-Also the loop of the families drawn image by image.
+"""Framing as the two datasets frame their images, and the loop of families drawn image by image. MNIST fits the
+ink's bounding box into 20 x 20 (aspect kept, anti-aliased) with its centre of mass on the centre pixel of 28 x 28
+(measured: (14.00, 14.00), std 0.29, boxes 19.7 x 15.7); FashionMNIST scales the object's longest side to 28 and
+centres its bounding box (measured: longest side 28 in 94%). Measured on 10,000 train images each.
 """
 
 from __future__ import annotations

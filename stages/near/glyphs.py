@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageFont, features
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, features
 
 from stages.near import _frame
 
@@ -96,8 +96,6 @@ def render(path: Path, char: str) -> np.ndarray | None:
     """The character drawn white on black, cropped to its ink, as float32 in [0, 1]; None if it draws nothing."""
     font = _font(str(path))
     canvas = Image.new("L", (4 * RENDER_SIZE, 4 * RENDER_SIZE))
-    from PIL import ImageDraw
-
     ImageDraw.Draw(canvas).text((2 * RENDER_SIZE, 2 * RENDER_SIZE), char, font=font, fill=255, anchor="mm")
     box = canvas.getbbox()
     if box is None:
@@ -209,8 +207,12 @@ def glyph_bank(latin: bool = False) -> Bank:
             for char in members:
                 if ord(char) in cmap:
                     mask = render(path, char)
-                    if mask is not None and mask.max() > 0.5:  # a glyph of only faint pixels is a placeholder
-                        chars.append(char), labels.append(label), fonts.append(f), masks.append(mask)
+                    if mask is None or mask.max() <= 0.5:  # a glyph of only faint pixels is a placeholder
+                        continue
+                    chars.append(char)
+                    labels.append(label)
+                    fonts.append(f)
+                    masks.append(mask)
     fonts_arr, removed = np.asarray(fonts), []
     if not latin:
         removed = _removed(chars, homoglyph_scores(chars, fonts_arr, masks))
