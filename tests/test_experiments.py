@@ -63,9 +63,9 @@ def flag(tokens: list[str], name: str) -> str:
 EXPECTED = {
     "grid": dict(prepare=3, train=2 * 3 * 2, train_ini=2 * 3, steal=2 * 3 * (15 + 6), steal_own_queries=2 * 3 * 6,
                  evaluate=1, summarise=1, publish=1, all=1),
-    # grid-smoke: mnist, seed 0; 7 pairs x 2 labels x 2 pools less top1's soft (2); jbda for 7 pairs, DFME for 6
-    "grid-smoke": dict(prepare=3, train=2, train_ini=1, steal=7 * 2 * 2 - 2, steal_own_queries=7 + 6, evaluate=1,
-                       summarise=1, all=1),
+    # grid-smoke: the grid's cells for mnist and seed 0, the generated pool as the unseen one
+    "grid-smoke": dict(prepare=3, train=2, train_ini=1, steal=15 + 6, steal_own_queries=6, evaluate=1, summarise=1,
+                       all=1),
     # lofo: per dataset, 4 broad victims a seed (MNIST: 3 held-out families + all, sklearn-digits being its task;
     # FashionMNIST: 4 held out) x 3 seeds, plus undefended (every seed), faithful and AM on the reference seeds
     # (MNIST 0-1, FashionMNIST 0). Cells: broad 2 x 3 seeds x 4 pools x 2 labels (48, undefended names); references
@@ -116,14 +116,20 @@ def test_cells_carry_the_drivers_flags(tmp_path):
     assert (flag(joint, "--arch"), flag(joint, "--bn-mode"), flag(joint, "--compile")) == ("lenet5_bn", "joint", "off")
     assert flag(variants["artifacts/variants-smoke/victims/mnist-undefended-bn-s0.h5"], "--arch") == "lenet5_bn"
 
-    sweep = tmp_path / "sweep.yaml"  # a defense swept over its strength: one cell per point, named by it
-    sweep.write_text("defenses:\n  none: {}\n  mad: {params: {eps: [0.5, 1.1]}}\ncells:\n  - pairs: [undefended:mad]\n"
+    # sweeps: a defense over its strength, InI victims over a train-ini option; one file per point, named by it
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("victims:\n  ini-g: {stage: train-ini, ood: [seen], options: {gamma: [0.1, 1.0]}}\n"
+                     "defenses:\n  none: {}\n  mad: {params: {eps: [0.5, 1.1]}}\nalways_train: []\n"
+                     "cells:\n  - pairs: [undefended:mad, ini-g:none]\n"
                      "    attacks: [knockoff]\n    labels: [soft]\n    pools: [seen]\n")
     cells = commands(tmp_path, "--configfile", str(CONFIG / "grid-smoke.yaml"), str(sweep))
     stolen = {Path(out).name: cmd for out, cmd in cells.items() if "/stolen/" in out}
-    assert sorted(stolen) == ["mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5",
+    assert sorted(stolen) == ["mnist-ini-g-gamma0.1-none-s0-knockoff-soft-fashionmnist.h5",
+                              "mnist-ini-g-gamma1.0-none-s0-knockoff-soft-fashionmnist.h5",
+                              "mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5",
                               "mnist-undefended-mad-eps1.1-s0-knockoff-soft-fashionmnist.h5"]
     assert flag(stolen["mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5"], "--defense-param") == "eps=0.5"
+    assert flag(cells["artifacts/grid-smoke/victims/mnist-ini-g-gamma0.1-s0.h5"], "--gamma") == "0.1"
 
 
 def test_a_configuration_naming_nothing_it_defines_is_refused(tmp_path):
@@ -149,8 +155,8 @@ def test_smoke_study_runs_end_to_end_into_a_report(smoke):
     out = smoke / "artifacts" / "grid-smoke"
     stolen = sorted(p.name for p in (out / "stolen").glob("*.h5"))
     assert len(stolen) == EXPECTED["grid-smoke"]["steal"] + EXPECTED["grid-smoke"]["steal_own_queries"]
-    assert "mnist-undefended-top1-s0-knockoff-soft-generated.h5" not in stolen  # top1 answers labels only
-    assert "mnist-undefended-top1-s0-dfme.h5" not in stolen and "mnist-undefended-top1-s0-jbda.h5" in stolen
+    assert "mnist-undefended-top1-s0-knockoff-hard-fashionmnist.h5" in stolen
+    assert "mnist-undefended-top1-s0-knockoff-soft-fashionmnist.h5" not in stolen  # top1 answers labels only
     for name in stolen:  # each file is the cell its name says
         with h5py.File(out / "stolen" / name) as f:
             params = json.loads(f.attrs["params"])
@@ -168,7 +174,8 @@ def test_smoke_study_runs_end_to_end_into_a_report(smoke):
     assert "| mnist |" in report and (out / "report" / "tradeoff-knockoff.png").stat().st_size > 0
     table = (out / "tables.md").read_text().splitlines()
     assert table[0].startswith("| dataset | victim | defense | benign (as deployed) |")
-    assert len([row for row in table if row.startswith("| mnist |")]) == 7  # one row per (victim, defense) pair
+    # a row per (victim, defense) pair, and the AM victim alone, undefended
+    assert len([row for row in table if row.startswith("| mnist |")]) == 8 + 1
 
 
 @needs_mnist
@@ -195,7 +202,7 @@ def _start(cwd: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_for(path: Path, seconds: float = 60) -> None:
+def _wait_for(path: Path, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
@@ -213,7 +220,7 @@ def test_killed_run_leaves_nothing_taken_for_finished(smoke, killed):
     cell, log = out / "stolen" / f"{name}.h5", out / "logs" / f"{name}.log"
     cell.unlink()
     log.unlink()
-    run = _start(smoke, *config, "--cores", "1", str(cell))
+    run = _start(smoke, *config, "--cores", "1", str(cell.relative_to(smoke)))
     _wait_for(log)  # the job's shell has started
     if killed == "everything":
         os.killpg(run.pid, signal.SIGKILL)
@@ -223,8 +230,9 @@ def test_killed_run_leaves_nothing_taken_for_finished(smoke, killed):
     else:
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
-        _wait_for(cell, 300)  # the orphaned job finishes and renames its file into place
+        _wait_for(cell)  # the orphaned job finishes and renames its file into place
         time.sleep(1)
+    snakemake(smoke, *config, "--unlock")  # the killed run's lock on the folder
     jobs = planned(smoke, *config)
     assert jobs["steal_own_queries"] == 1 and jobs["evaluate"] == 1
     snakemake(smoke, *config, "--cores", "2")
@@ -232,3 +240,51 @@ def test_killed_run_leaves_nothing_taken_for_finished(smoke, killed):
         assert f.attrs["queries"] == f.attrs["budget"] and "weights" in f
     assert not list(out.glob("*/*.partial"))
     assert planned(smoke, *config) == Counter()
+
+
+@needs_mnist
+def test_leave_one_family_out_smoke_study_and_its_table(tmp_path):
+    snakemake(tmp_path, "--configfile", str(CONFIG / "lofo-smoke.yaml"), "--cores", "2")
+    out = tmp_path / "artifacts" / "lofo-smoke"
+    victims = sorted(p.stem for p in (out / "victims").glob("*.h5"))
+    # one broad victim per trainable held-out family, plus the one trained on all (sklearn-digits: same task)
+    assert victims == ["mnist-am-s0", "mnist-broad-all-s0", "mnist-broad-no-fashionmnist-s0",
+                       "mnist-broad-no-generated-s0", "mnist-broad-no-skimage-patches-s0", "mnist-faithful-s0",
+                       "mnist-undefended-s0"]
+    with h5py.File(out / "victims/mnist-broad-no-generated-s0.h5") as f:
+        ood = json.loads(f.attrs["params"])["ood"]
+    assert "generated" not in ood and "skimage-patches" in ood and "fashionmnist" in ood
+    stolen = sorted(p.name for p in (out / "stolen").glob("*.h5"))
+    assert len(stolen) == 4 * 5 * 2  # 4 pool families x (broad, undefended, faithful, 2 baselines) x soft/hard
+    with h5py.File(out / "stolen/mnist-am-adaptive-misinformation-s0-knockoff-soft-generated.h5") as f:
+        params = json.loads(f.attrs["params"])
+    assert params["defense"] == "adaptive-misinformation" and params["victim"].endswith("mnist-am-s0.h5")
+    table = (out / "tables.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| mnist |")]
+    families = ["fashionmnist", "generated", "skimage-patches", "sklearn-digits", "**mean over families**"]
+    assert [r.split(" | ")[1] for r in rows[:5]] == families
+    assert all(r.count("(1)") == 6 for r in rows[:5])  # 3 victims x soft/hard, one seed each
+    assert "reverse-sigmoid soft / hard | adaptive-misinformation soft / hard |" in table
+    assert [r.split(" | ")[1] for r in rows[5:10]] == families
+    assert all(r.count("(1)") == 4 for r in rows[5:10])  # 2 baselines x soft/hard
+    assert (out / "report" / "report.md").stat().st_size > 0
+
+
+@needs_mnist
+def test_options_study_tabulates_benign_diagnostics_and_theft(tmp_path):
+    """The options study's chain on three of its victims (the rest are the same rules with other flags)."""
+    few = tmp_path / "few.yaml"
+    few.write_text("cells:\n  - pairs: [undefended:none, faithful:none, ini-kl-attacker:none]\n"
+                   "    attacks: [knockoff]\n    labels: [soft]\n    pools: [sklearn-digits]\n")
+    snakemake(tmp_path, "--configfile", str(CONFIG / "variants-smoke.yaml"), str(few), "--cores", "2")
+    out = tmp_path / "artifacts" / "variants-smoke"
+    with h5py.File(out / "victims/mnist-ini-kl-attacker-s0.h5") as f:
+        params = json.loads(f.attrs["params"])
+    assert (params["kl_direction"], params["compile_mode"], params["diagnostic_images"]) == ("attacker", "off", 64)
+    rows = [line.strip("| ").split(" | ") for line in (out / "tables.md").read_text().splitlines()
+            if line.startswith("| mnist |")]
+    assert [r[1] for r in rows] == ["undefended", "faithful", "ini-kl-attacker"]
+    for r in rows:
+        defended = r[1] != "undefended"
+        assert (r[3] != "-" and r[4] != "-") if defended else (r[3] == r[4] == "-"), r  # diagnostics: InI only
+        assert r[5].endswith("(1) / -"), r  # soft stealing from one seed; no hard labels asked
