@@ -17,11 +17,12 @@ class Param(NamedTuple):
     help: str
 
 
-def describe(registry: dict) -> str:
-    """`name (key=default, ...)` for every entry whose class has `PARAMS`: the --help text of the flag."""
+def describe(registry: dict, details: bool = False) -> str:
+    """`name (key=default, ...)` for every entry whose class has `PARAMS`: the --help text of the flag; with
+    `details`, each parameter's help follows its default (`key=default: help`)."""
     parts = []
     for name, cls in registry.items():
-        keys = ", ".join(f"{k}={p.default:g}" for k, p in cls.PARAMS.items())
+        keys = ", ".join(f"{k}={p.default:g}" + (f": {p.help}" if details else "") for k, p in cls.PARAMS.items())
         parts.append(f"{name} ({keys})" if keys else name)
     return "; ".join(parts)
 
