@@ -4,12 +4,11 @@ knockoff-confident leaves those answers out and its second phase queries where t
 confidence search moves its queries to where the victim answers confidently; the seeded thief's labelled images
 are not queries."""
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import cli
 import models
 from stages import _blackbox, _data, prepare, steal, train
 from stages._artifacts import open_artifact
@@ -149,3 +148,13 @@ def test_seeded_thief_spends_no_query_on_its_labelled_images(world, tmp_path):
     plain, _ = _steal(world, tmp_path, "knockoff", 100, epochs=20)
     # the same 100 queries, but 100 labelled digits beside them (measured: 81% against 45%)
     assert summary["stealing_accuracy"] > plain["stealing_accuracy"] + 0.15
+
+
+def test_steal_help_documents_every_parameter_of_the_new_thieves():
+    result = CliRunner().invoke(cli.app, ["steal", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for attack in NEW:
+        assert attack in text
+        for key, spec in ATTACKS[attack].PARAMS.items():
+            assert f"{key}={spec.default:g} ({' '.join(spec.help.split())})" in text, key
