@@ -122,7 +122,7 @@ def run(
     if images is not None and len(images) == 0:
         raise UserError(f"the pool ({pool or 'victim train split'}) holds no images")
     if labelled and len(victim_data.splits["train"][0]) == 0:
-        raise UserError(f"{attack} draws labelled images from the victim's train split, and {victim_data.path} has none")
+        raise UserError(f"{attack} draws labelled images from the victim's train split; {victim_data.path} has none")
 
     arch = arch or info.arch
     if lr is None:

@@ -20,7 +20,7 @@ import torch
 from stages import _data
 from stages._params import Param
 from stages.attacks._thief import Query, Thief, set_params, train_surrogate
-from stages.attacks.knockoff_confident import ask_all, certainty
+from stages.attacks.knockoff_confident import KnockoffConfident, ask_all, certainty
 
 MOVE_BATCH = 512  # candidates per gradient pass
 
@@ -31,7 +31,7 @@ class ConfidenceSearch:
                                         "after each"),
         "steps": Param(10, 0, 1000, True, "gradient steps moving each candidate (0: no search)"),
         "radius": Param(0.25, 0.0, 1.0, False, "largest change of a pixel from its pool image"),
-        "min_score": Param(0.1, 0.0, 1.0, False, "answers of lower certainty are left out of training"),
+        "min_score": KnockoffConfident.PARAMS["min_score"],  # the same cut
     }
     POOL = "required"
     LABELS = ("soft",)  # the certainty needs probabilities
@@ -65,7 +65,8 @@ class ConfidenceSearch:
                 if r > 0:
                     candidates = self._move(thief, candidates)
                 answers = ask_all(query, thief, candidates)
-                images[size : size + len(answers)], targets[size : size + len(answers)] = candidates[: len(answers)], answers
+                images[size : size + len(answers)] = candidates[: len(answers)]
+                targets[size : size + len(answers)] = answers
                 size += len(answers)
             keep = {"round": r, "order": order, "size": size, "images": images[:size], "targets": targets[:size]}
             if not state:
