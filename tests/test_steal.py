@@ -171,6 +171,8 @@ BAD = [
     (["--defense", "nope"], "unknown defense"),
     (["--attack", "nope"], "unknown attack"),
     (["--attack", "dfme", "--label", "hard"], "needs --label soft"),
+    (["--attack", "knockoff-confident", "--label", "hard"], "needs --label soft"),  # top-1 labels show no confidence
+    (["--attack", "confidence-search", "--label", "hard"], "needs --label soft"),
     (["--attack-param", "smoothing=2"], "no parameter 'smoothing'"),
     (["--arch", "alexnet"], "unknown architecture"),
     (["--defense", "adaptive-misinformation"], "no misinformation network"),

@@ -31,7 +31,8 @@ from stages.attacks._thief import Query, Thief, ask, set_params, train_surrogate
 from stages.attacks.adaptive import shift_flip
 
 FEATURES, PIXELS, SHIFTS = 0, 1, 2  # values of `near`
-CHUNK = 2048  # candidate images per distance block
+CHUNK = 2048  # images per distance block and per feature pass
+STATE = ("phase", "order", "targets", "unasked", "shifted")  # what a checkpoint keeps of the attack
 
 
 def certainty(probs: torch.Tensor, entropy: bool = True) -> torch.Tensor:
@@ -140,7 +141,8 @@ class KnockoffConfident:
         weights = None
         if self.weighted and kept.any():
             weights = scores[kept] / scores[kept].mean()  # mean 1: the learning rate means what it meant
-        train_surrogate(thief, images[kept], state["targets"][kept], thief.recipe.epochs, state, state, weights)
+        keep = {key: state[key] for key in STATE if key in state}
+        train_surrogate(thief, images[kept], state["targets"][kept], thief.recipe.epochs, keep, state, weights)
 
     def _second_phase(self, query: Query, thief: Thief, state: dict) -> dict[str, torch.Tensor]:
         """Phase 2: the rest of the budget near the confidently answered phase-1 images (random if there are none)."""
