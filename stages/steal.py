@@ -1,6 +1,6 @@
 """Steal a victim as a thief would: through a budgeted black box, optionally behind a posterior defense, with
-KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack, or a
-thief that adapts to InI's uninformative answers (confidence-aware knockoff, confidence search, a labelled seed).
+KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack, or a thief that adapts to
+InI's uninformative answers (confidence-aware knockoff, confidence search, a labelled seed).
 
 Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
 accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer). Checkpoints

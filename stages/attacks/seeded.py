@@ -1,5 +1,5 @@
 """A thief with a small labelled seed: KnockoffNets on the pool plus cross-entropy on k labelled in-distribution
-images it already holds (drawn with its seed from the victim's train split, as jbda draws its seeds).
+images it already holds (drawn with the thief's --seed from the victim's train split, as jbda draws its seeds).
 
 The labelled images are never sent to the victim and spend no budget; every training step adds `seed_weight` x
 the cross-entropy of a batch of them (min(k, --batch-size) images, drawn with replacement each step) to the
