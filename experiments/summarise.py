@@ -2,16 +2,16 @@
 defense), one column per (attack, label, pool), cells "stealing mean ± std (n)"; a first column gives the benign
 accuracy as deployed. Victims are told apart by their recipe's hash (seeds share one).
 
-`--lofo` reads the leave-one-family-out run's rows instead (experiments/lofo.sh's file names): per victim dataset and
-held-out pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over
-seeds (n), a last row averaging the families within each seed first, the same for the perturbation baselines when
-the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
+`--lofo` reads the leave-one-family-out run's rows instead (the file names of experiments/config/lofo.yaml): per
+victim dataset and held-out pool family, soft and hard stealing of the undefended, paper-recipe and broad victims,
+mean ± std over seeds (n), a last row averaging the families within each seed first, the same for the perturbation
+baselines when the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
-`--variants` reads experiments/variants.sh's run: one row per victim (the undefended ones, the paper recipe and each
-train-ini option), its benign accuracy, the diagnostics of its chosen epoch (read from the victim files beside the
-metrics: mean L1 between victim and surrogate outputs on held-out OOD images, lower is induced; mean cosine
-between the distillation and true-label gradients on held-out ID images, lower is isolated), and knockoff stealing
-per pool, soft / hard, mean ± std over seeds (n).
+`--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended
+ones, the paper recipe and each train-ini option), its benign accuracy, the diagnostics of its chosen epoch (read
+from the victim files beside the metrics: mean L1 between victim and surrogate outputs on held-out OOD images, lower
+is induced; mean cosine between the distillation and true-label gradients on held-out ID images, lower is isolated),
+and knockoff stealing per pool, soft / hard, mean ± std over seeds (n).
 
     python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
     python experiments/summarise.py --lofo artifacts/lofo/metrics.h5
@@ -200,8 +200,10 @@ def main() -> None:
     parser.add_argument("metrics")
     parser.add_argument("--dataset")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--lofo", action="store_true", help="the leave-one-family-out table (experiments/lofo.sh)")
-    mode.add_argument("--variants", action="store_true", help="the train-ini options' table (experiments/variants.sh)")
+    mode.add_argument("--lofo", action="store_true",
+                      help="the leave-one-family-out table (experiments/config/lofo.yaml)")
+    mode.add_argument("--variants", action="store_true",
+                      help="the train-ini options' table (experiments/config/variants.yaml)")
     args = parser.parse_args()
     try:
         print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants

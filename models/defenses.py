@@ -255,6 +255,38 @@ class Noise(nn.Module):
         return _move_towards(probs, target, self.l1)
 
 
+class Gate(nn.Module):
+    """Confidence gate: an answer whose top probability falls below `threshold` is replaced, and every other answer
+    passes untouched. The replacement is the uniform distribution (decoy=0), or a decoy (decoy=1): the answer rolled
+    one class on (class k's probability given to class k + 1 mod K), so the top class's mass lands on a fixed other
+    class, the same for every input, and the decoy keeps the shape of a real answer. A thief who knows the gate can
+    spot a decoy (its top probability is below the threshold) and roll it back; uniform answers carry nothing.
+    With quantile > 0 the threshold is calibrated when the defense is built: that quantile of the victim's top
+    probabilities on its own val split, so about that share of benign queries is gated (stages/_defense.py).
+    """
+
+    PARAMS = {
+        "threshold": Param(0.5, 0.0, 1.0, False, "top probability below which an answer is gated"),
+        "quantile": Param(0.0, 0.0, 1.0, False, "if above 0: the threshold is this quantile of benign (val) top "
+                          "probabilities, replacing threshold"),
+        "decoy": Param(0, 0, 1, True, "gated answers: 0 uniform, 1 rolled one class on"),
+    }
+    NEEDS = ("benign_confidence",)
+
+    def __init__(self, threshold: float = 0.5, decoy: int = 0):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.decoy = bool(decoy)
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        gated = probs.max(1, keepdim=True)[0] < self.threshold
+        if self.decoy:
+            replacement = probs.roll(1, 1)
+        else:
+            replacement = torch.full_like(probs, 1.0 / probs.shape[1])
+        return torch.where(gated, replacement, probs)
+
+
 class Deployed(nn.Module):
     """The one graph a prediction API serves."""
 
@@ -289,6 +321,7 @@ DEFENSES: dict[str, type[nn.Module]] = {
     "top1": Top1,
     "rounding": Rounding,
     "noise": Noise,
+    "gate": Gate,
 }
 
 # Defenses whose answer keeps the victim's top-1 label (reverse-sigmoid: when the top probability exceeds 1/2).

@@ -52,6 +52,24 @@ def resolve(dataset: str, auto_prepare: bool = True) -> Path:
     return path
 
 
+def refuse_evaluation_only(dataset: str, flag: str) -> None:
+    """Sets marked evaluation-only (rendered Latin letters, EMNIST: the pools a digit thief would most likely use) are
+    measured against and never trained on; `dataset` is a name or a prepared file (judged by its name and mark)."""
+    from stages import _sources
+
+    name, marked = dataset, False
+    path = Path(dataset)
+    if path.suffix in (".h5", ".hdf5") or path.exists():
+        try:
+            with open_artifact(path, "dataset") as f:
+                name, marked = str(f.attrs.get("name", "")), bool(f.attrs.get("evaluation_only", False))
+        except UserError:
+            return  # not a readable dataset: loading it reports why
+    if marked or name in _sources.EVALUATION_ONLY:
+        raise UserError(f"{flag} {dataset}: {name} is an evaluation-only set (a digit thief's likeliest pool); "
+                        "no recipe may train on it")
+
+
 def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     path = resolve(str(dataset))
     with open_artifact(path, "dataset") as f:

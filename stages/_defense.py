@@ -2,11 +2,13 @@
 
 Parameters are validated against the defense's `PARAMS` (unknown keys, non-numbers and out-of-range values are
 user errors); victim-side inputs (`NEEDS`: a random-init proxy of the victim's architecture, the misinformation
-network stored in victim.h5, the class count, the input shape) are supplied here, never by the user.
+network stored in victim.h5, the class count, the input shape, the victim's confidence on its val split) are
+supplied here, never by the user.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional, Sequence
 
@@ -16,7 +18,7 @@ from torch import nn
 
 import models
 from models.defenses import DEFENSES
-from stages import _params
+from stages import _data, _params, _victim
 from stages._artifacts import UserError, load_state, open_artifact
 
 MISINFORMATION_GROUP = "misinformation"
@@ -58,9 +60,26 @@ def load_misinformation(victim_h5: Optional[Path], arch: str, num_classes: int, 
     return net.eval()
 
 
+def benign_threshold(victim_h5: Optional[Path], quantile: float) -> float:
+    """The `quantile` of the victim's top probabilities on the val split of the data it was trained on."""
+    if victim_h5 is None or Path(victim_h5).suffix not in (".h5", ".hdf5"):
+        raise UserError("gate quantile=Q calibrates on the victim's val split: give the victim.h5, or set threshold=T")
+    model, info = _victim.load(victim_h5)
+    data = _data.load(str(json.loads(info.provenance.get("params", "{}")).get("dataset", info.dataset)), splits=("val",))
+    _victim.check_matches(info, data)
+    images = data.splits["val"][0]
+    if not len(images):
+        raise UserError(f"{data.path}: empty val split; the gate's quantile needs benign images (or set threshold=T)")
+    with torch.no_grad():
+        top = torch.cat([torch.softmax(model(_data.to_float(images[i : i + 1024])), 1).max(1).values
+                         for i in range(0, len(images), 1024)])
+    return float(torch.quantile(top.double(), quantile))
+
+
 def build(name: str, params: dict, arch: str, num_classes: int, input_shape: Sequence[int], mean, std,
           victim_h5: Optional[Path] = None) -> nn.Module:
-    """Instantiate DEFENSES[name] with `params` (from `parse`) and the victim-side inputs it needs."""
+    """Instantiate DEFENSES[name] with `params` (from `parse`) and the victim-side inputs it needs. A threshold the
+    gate calibrates is written back into `params`, so the outputs that record them record it."""
     cls = DEFENSES[name]
     kwargs = {k: v for k, v in params.items() if k != "seed" or "proxy" not in cls.NEEDS}
     for need in cls.NEEDS:
@@ -72,6 +91,10 @@ def build(name: str, params: dict, arch: str, num_classes: int, input_shape: Seq
             kwargs["num_classes"] = num_classes
         elif need == "input_shape":
             kwargs["input_shape"] = tuple(input_shape)
+        elif need == "benign_confidence":
+            quantile = kwargs.pop("quantile")
+            if quantile > 0:
+                kwargs["threshold"] = params["threshold"] = benign_threshold(victim_h5, quantile)
         else:
             raise AssertionError(f"defense {name} needs unknown input {need!r}")
     return cls(**kwargs).eval()

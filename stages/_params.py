@@ -17,13 +17,18 @@ class Param(NamedTuple):
     help: str
 
 
-def describe(registry: dict) -> str:
-    """`name (key=default, ...)` for every entry whose class has `PARAMS`: the --help text of the flag."""
+def describe(registry: dict, details: bool = False) -> str:
+    """`name (key=default, ...)` for every entry whose class has `PARAMS`: the --help text of the flag; with
+    `details`, `name: key=default (help) / ...`, entries apart by ` | `."""
     parts = []
     for name, cls in registry.items():
+        if details:
+            keys = " / ".join(f"{k}={p.default:g} ({p.help})" for k, p in cls.PARAMS.items())
+            parts.append(f"{name}: {keys}" if keys else name)
+            continue
         keys = ", ".join(f"{k}={p.default:g}" for k, p in cls.PARAMS.items())
         parts.append(f"{name} ({keys})" if keys else name)
-    return "; ".join(parts)
+    return (" | " if details else "; ").join(parts)
 
 
 def parse(owner: str, flag: str, specs: dict[str, Param], pairs: Optional[Sequence[str]]) -> dict[str, float | int]:

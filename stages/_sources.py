@@ -14,7 +14,7 @@ import shutil
 import socket
 import string
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,10 +39,18 @@ class RawDataset:
     test_labels: np.ndarray  # int64, (M,)
     classes: list[str]
     files: list[Path]  # the input files actually read (hashed for provenance); empty for built-in data
+    attrs: dict = field(default_factory=dict)  # root attributes a generated set adds to its artifact (its generator)
 
 
+# Near-distribution families (stages/near): generated, or derived from MNIST / FashionMNIST's raw files.
+NEAR_DATASETS = ("glyphs", "digits-transformed", "pen-strokes", "latin-letters", "silhouettes", "garments-recombined",
+                 "garments-transformed")
 # Pools that need no file and no network: the CLI's safe choices on an offline machine.
-OFFLINE_DATASETS = ("sklearn-digits", "skimage-patches", "generated")
+OFFLINE_DATASETS = ("sklearn-digits", "skimage-patches", "generated", "glyphs", "pen-strokes", "latin-letters",
+                    "silhouettes")
+# Sets a thief of a digit classifier would most likely query with: measured against, never trained on (no OOD set,
+# no outlier exposure); their artifacts carry evaluation_only = true.
+EVALUATION_ONLY = ("latin-letters", "emnist-letters", "emnist-digits")
 
 # Debian packages that install raw files system-wide (dataset-fashion-mnist: the gzipped IDX files).
 DEBIAN_DIRS = {"fashionmnist": [Path("/usr/share/datasets/fashion-mnist")]}
@@ -562,6 +570,14 @@ def load_generated(name: str, seed: int, **_) -> RawDataset:
                 list(GENERATORS), [])
 
 
+def load_near(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int,
+              limit: int | None = None) -> RawDataset:
+    """A near-distribution family; `limit` makes only that many train images (limit // 5 test)."""
+    from stages import near  # imports matplotlib and the family generators: only when asked for
+
+    return near.load(name, source, data_roots, download, seed, limit)
+
+
 # ---------------------------------------------------------------------------------------------- registry
 
 
@@ -578,11 +594,14 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
     "sklearn-digits": partial(load_sklearn_digits, "sklearn-digits"),
     "skimage-patches": partial(load_skimage_patches, "skimage-patches"),
     "generated": partial(load_generated, "generated"),
+    **{name: partial(load_near, name) for name in NEAR_DATASETS},
 }
 
 
-def load(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int) -> RawDataset:
-    """Read dataset `name` into memory; every failure is a one-line UserError saying what to do."""
+def load(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int,
+         limit: int | None = None) -> RawDataset:
+    """Read dataset `name` into memory; every failure is a one-line UserError saying what to do. Generated families
+    make only `limit` train images when given (others are cut by `prepare`)."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     if source is not None:
@@ -591,8 +610,9 @@ def load(name: str, source: Path | None, data_roots: list[Path], download: bool,
             raise UserError(f"{name} is built in and reads no files; drop --source")
         if not source.is_dir():
             raise UserError(f"{name}: --source {source} is not a folder")
+    sized = {"limit": limit} if name in NEAR_DATASETS else {}
     raw = DATASETS[name](source=source, data_roots=[Path(r).expanduser() for r in data_roots],
-                         download=download, seed=seed)
+                         download=download, seed=seed, **sized)
     for split, images, labels in (("train", raw.train_images, raw.train_labels),
                                   ("test", raw.test_images, raw.test_labels)):
         if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) != len(labels):

@@ -83,7 +83,7 @@ def run(
     if channels == 2:
         raise UserError("--channels must be 1 (gray) or 3 (RGB)")
     out = prepare_output(out or default_path(dataset))
-    raw = _sources.load(dataset, source, default_data_roots(data_root), download, seed)
+    raw = _sources.load(dataset, source, default_data_roots(data_root), download, seed, limit)
 
     train_x, train_y, test_x, test_y = raw.train_images, raw.train_labels, raw.test_images, raw.test_labels
     if limit is not None:
@@ -118,6 +118,9 @@ def run(
         f.attrs["shape"] = list(train_x.shape[1:])
         f.attrs["mean"] = mean
         f.attrs["std"] = std
+        f.attrs["evaluation_only"] = dataset in _sources.EVALUATION_ONLY
+        for key, value in raw.attrs.items():  # a generated family's generator and its measurements
+            f.attrs[key] = value
         for split, (x, y, index) in splits.items():
             group = f.create_group(split)
             group.create_dataset("images", data=np.ascontiguousarray(x, dtype=np.uint8), chunks=True, compression="lzf")

@@ -1,5 +1,6 @@
 """Steal a victim as a thief would: through a budgeted black box, optionally behind a posterior defense, with
-KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack (INI_SPEC §3-§4).
+KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack, or a thief that adapts to
+InI's uninformative answers (confidence-aware knockoff, confidence search, a labelled seed).
 
 Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
 accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer). Checkpoints
@@ -45,13 +46,15 @@ def run(
         help="What the black box answers: probabilities or top-1 labels (default: the attack's).")] = None,
     pool: Annotated[Optional[str], typer.Option(
         help="The thief's images, a prepared dataset (.h5) or name: knockoff and adaptive query it, jbda takes its "
-             "seeds from it (default: the victim's train split).")] = None,
+             "seeds from it (default: the victim's train split); seeded takes its labelled images from the "
+             "victim's train split, whatever the pool.")] = None,
     pool_split: Annotated[Literal["train", "val", "test"], typer.Option(help="Split of --pool used.")] = "train",
     convert: Annotated[bool, typer.Option(help="Resize / convert pool images to the victim's input shape.")] = True,
     arch: Annotated[Optional[str], typer.Option(
         help=f"Surrogate architecture: {', '.join(models.MODELS)} (default: the victim's).")] = None,
     epochs: Annotated[Optional[int], typer.Option(
-        min=1, help="Surrogate epochs; jbda: per round; dfme: budget slices (default: the attack's).")] = None,
+        min=1, help="Surrogate epochs; jbda, confidence-search: per round; knockoff-confident with near=0: per "
+                    "phase; dfme: budget slices (default: the attack's).")] = None,
     batch_size: _loop.BatchSize = 128,
     lr: Annotated[Optional[float], typer.Option(
         min=0.0, help="SGD learning rate (default: KnockoffNets' 0.1, but 0.03 for a lenet5 surrogate, which "
@@ -64,7 +67,7 @@ def run(
                             "transfer set (K of them), for stealing accuracy against queries spent.")] = 0,
     attack_param: Annotated[Optional[list[str]], typer.Option(
         "--attack-param", metavar="KEY=VALUE",
-        help=f"Attack parameter, repeatable. Defaults: {_params.describe(ATTACKS)}.")] = None,
+        help=f"Attack parameter, repeatable. Defaults: {_params.describe(ATTACKS, details=True)}.")] = None,
     defense: _defense.DefenseName = "none",
     defense_param: _defense.DefenseParams = None,
     data: Annotated[Optional[str], typer.Option(
@@ -117,7 +120,8 @@ def run(
             if local.sha256 != info.sha256:
                 raise UserError(f"--victim {victim} is not the model {target} serves (sha256 differs)")
             info.dataset_path = local.dataset_path
-    needs_train = kind.POOL == "seeds" and pool is None
+    labelled = getattr(kind, "LABELLED", False)  # the thief holds a few labelled images of the victim's train split
+    needs_train = kind.POOL == "seeds" and pool is None or labelled
     victim_data = _data.load(data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
     if (victim_data.name, tuple(victim_data.shape), victim_data.num_classes) != (info.dataset, tuple(info.input_shape),
                                                                               len(info.classes)):
@@ -142,6 +146,8 @@ def run(
         images = victim_data.splits["train"][0]
     if images is not None and len(images) == 0:
         raise UserError(f"the pool ({pool or 'victim train split'}) holds no images")
+    if labelled and len(victim_data.splits["train"][0]) == 0:
+        raise UserError(f"{attack} draws labelled images from the victim's train split; {victim_data.path} has none")
 
     arch = arch or info.arch
     if lr is None:
@@ -205,7 +211,8 @@ def run(
             _steal_checkpoint.write(ckpt, fingerprint, epoch, surrogate, generator, history, box, state)
 
         thief = Thief(surrogate, recipe, len(info.classes), tuple(info.input_shape), generator, device, query_batch,
-                      images, end_epoch, checkpoint, saved.attack if saved is not None else {})
+                      images, end_epoch, checkpoint, saved.attack if saved is not None else {},
+                      labelled=victim_data.splits["train"] if labelled else None)
         saved = None  # the transfer set is in the box now
         try:
             runner.run(box, thief)

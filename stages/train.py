@@ -56,6 +56,8 @@ def run(
         raise UserError("--objective outlier-exposure needs --ood DATASET")
     if objective == "ce" and ood is not None:
         raise UserError("--ood only applies to --objective outlier-exposure")
+    if ood is not None:
+        _data.refuse_evaluation_only(ood, "--ood")
     out = prepare_output(out)
     data = _data.load(dataset)
     recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,

@@ -165,6 +165,9 @@ def run(
         raise UserError("--ood-synthetic-eps must be above 0")
     if ood_derived_fraction is None:
         ood_derived_fraction = PRESETS[preset]["ood_derived_fraction"]
+    for name in (ood or "").split(","):
+        if name.strip():
+            _data.refuse_evaluation_only(name.strip(), "--ood")
     out = prepare_output(out)
     data = _data.load(dataset)
     names = [n.strip() for n in ood.split(",") if n.strip()] if ood else default_ood(data, preset)

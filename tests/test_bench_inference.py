@@ -19,7 +19,7 @@ from models.defenses import AdaptiveMisinformation, Deployed
 from stages import _defense, _jit
 
 ARCH, CLASSES, SHAPE, MEAN, STD = "lenet5", 10, (1, 28, 28), [0.1307], [0.3081]
-DEFENSES = ["none", "ini", "reverse-sigmoid", "adaptive-misinformation", "grad2", "mad", "top1"]
+DEFENSES = ["none", "ini", "reverse-sigmoid", "adaptive-misinformation", "grad2", "mad", "top1", "gate"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 RESULTS: dict[tuple[str, str, int], float] = {}  # (device, defense, batch) -> median seconds, for the summary
 

@@ -93,7 +93,9 @@ GOLDEN = {
     "top1": [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
     "rounding": [0.75, 0.1, 0.06, 0.04, 0.02, 0.01, 0.01, 0.01, 0.0, 0.0],
     "noise": [0.5187, 0.0785, 0.0749, 0.066, 0.0535, 0.1026, 0.0509, 0.0419, 0.0101, 0.0029],
+    "gate": [0.1] * 10,
 }
+GOLDEN_PARAMS = {"adaptive-misinformation": ["tau=0.9"], "gate": ["threshold=0.8"]}
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))
@@ -101,7 +103,7 @@ def test_golden_value(name):
     assert set(GOLDEN) == set(DEFENSES)
     x = torch.linspace(0, 1, 784).view(1, *SHAPE)
     p = torch.softmax(torch.tensor([[3.0, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -2.5, -3.0]]), 1)
-    defense = make(name, ["tau=0.9"] if name == "adaptive-misinformation" else [])
+    defense = make(name, GOLDEN_PARAMS.get(name, []))
     with torch.no_grad():
         out = defense(x, p)[0]
     torch.testing.assert_close(out, torch.tensor(GOLDEN[name]), atol=1e-4, rtol=0)
@@ -138,6 +140,21 @@ def test_adaptive_misinformation_switches_on_confidence():
     assert confident.any() and doubtful.any()
     torch.testing.assert_close(out[confident], p[confident], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[doubtful], misinformation[doubtful], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("decoy", [0, 1])
+def test_gate_answers_uniform_or_decoy_below_its_threshold_and_passes_the_rest(decoy):
+    x, p = batch(256)
+    x, p = x[2:], p[2:]  # without the uniform row, whose top class is a tie
+    with torch.no_grad():
+        out = make("gate", ["threshold=0.6", f"decoy={decoy}"])(x, p)
+    gated = p.max(1).values < 0.6
+    assert 20 < gated.sum() < 234
+    assert torch.equal(out[~gated], p[~gated])
+    expected = p[gated].roll(1, 1) if decoy else torch.full_like(p[gated], 0.1)
+    assert torch.equal(out[gated], expected)
+    if decoy:  # the top class's mass went to the next class
+        assert torch.equal(out[gated].argmax(1), (p[gated].argmax(1) + 1) % K)
 
 
 def test_rounding_keeps_k_decimals():
@@ -231,3 +248,52 @@ def test_outlier_exposure_step_computes_its_three_terms():
     torch.testing.assert_close(terms["loss"], torch.nn.functional.cross_entropy(victim(x), y).detach(), atol=1e-5, rtol=0)
     torch.testing.assert_close(terms["oe_loss"], uniform, atol=1e-5, rtol=1e-4)
     assert all(p.grad is not None for p in misinformation.parameters())
+
+
+@pytest.fixture(scope="module")
+def mnist_victim(mnist_small, tmp_path_factory):
+    """LeNet-5 after three epochs on 800 real MNIST images (val 200, test 200)."""
+    torch.manual_seed(0)
+    return train.run(dataset=str(mnist_small), out=tmp_path_factory.mktemp("gate") / "victim.h5", epochs=3,
+                     batch_size=32, device="cpu")
+
+
+def test_gate_quantile_gates_that_share_of_benign_queries(mnist_victim):
+    """Calibrated on the victim's val split, the gate catches the requested share of val and of held-out test."""
+    from stages import _data, _victim
+
+    model, info = _victim.load(mnist_victim)
+    data = _data.load(str(mnist_small_path(info)))
+    for quantile in (0.1, 0.3):
+        params = _defense.parse("gate", [f"quantile={quantile}"])
+        gate = _defense.build("gate", params, "lenet5", K, SHAPE, info.mean, info.std, victim_h5=mnist_victim)
+        assert params["threshold"] == gate.threshold and 0.1 < gate.threshold < 1  # recorded for the outputs
+        for split, tolerance in (("val", 0.01), ("test", 0.08)):  # 200 images each; test is held out
+            with torch.no_grad():
+                top = torch.softmax(model(_data.to_float(data.splits[split][0])), 1).max(1).values
+            share = float((top < gate.threshold).float().mean())
+            print(f"quantile {quantile}: threshold {gate.threshold:.3f}, {split} gated {share:.3f}")
+            assert abs(share - quantile) <= tolerance, (split, share)
+
+
+def mnist_small_path(info) -> str:
+    import json
+
+    return json.loads(info.provenance["params"])["dataset"]
+
+
+def test_gate_export_records_the_calibrated_threshold(mnist_victim, tmp_path):
+    out = tmp_path / "gated.pt"
+    result = CliRunner().invoke(cli.app, ["export", "--victim", str(mnist_victim), "--out", str(out),
+                                          "--defense", "gate", "--defense-param", "quantile=0.05",
+                                          "--defense-param", "decoy=1"])
+    assert result.exit_code == 0, result.output
+    _, metadata = _jit.load(out)
+    params = metadata["defense_params"]
+    assert params["quantile"] == 0.05 and params["decoy"] == 1 and 0.1 < params["threshold"] < 1
+    assert params["threshold"] != _defense.parse("gate", [])["threshold"]
+
+
+def test_gate_quantile_needs_the_victim_h5():
+    with pytest.raises(UserError, match="victim.h5"):
+        _defense.build("gate", _defense.parse("gate", ["quantile=0.1"]), "lenet5", K, SHAPE, [0.5], [0.25])

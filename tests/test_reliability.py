@@ -188,6 +188,17 @@ STEAL_RESUMES = {
     "jbda-tr": (("--attack", "jbda-tr", "--pool", "{tiny}", "--budget", 200, "--epochs", 2, "--batch-size", 32,
                  "--attack-param", "seeds=20", "--attack-param", "rounds=2"), 2),
     "adaptive": (("--attack", "adaptive", "--pool", "{tiny}", "--budget", 150, "--epochs", 2, "--batch-size", 32), 1),
+    # killed at the end of phase 1's training: the resumed run picks phase 2's pool images in the restored
+    # surrogate's feature space
+    "knockoff-confident": (("--attack", "knockoff-confident", "--pool", "{tiny}", "--budget", 120, "--epochs", 2,
+                            "--batch-size", 32, "--attack-param", "explore=0.5", "--attack-param", "min_score=0",
+                            "--attack-param", "keep=0.5"), 2),
+    # killed at the end of round 1: the resumed run moves round 2's candidates with the restored surrogate
+    "confidence-search": (("--attack", "confidence-search", "--pool", "{tiny}", "--budget", 120, "--epochs", 2,
+                           "--batch-size", 32, "--attack-param", "rounds=3", "--attack-param", "min_score=0"), 2),
+    # the labelled batches draw from the thief's generator between the pool batches
+    "seeded": (("--attack", "seeded", "--pool", "{tiny}", "--budget", 120, "--epochs", 3, "--batch-size", 32,
+                "--attack-param", "seeds=30"), 1),
     # 112 queries per iteration, slices of 60: slices 2 and 3 end in the same iteration, killed between them
     "dfme": (("--attack", "dfme", "--budget", 300, "--epochs", 5, "--batch-size", 16, "--attack-param", "width=8",
               "--attack-param", "noise_dim=16"), 2),

@@ -62,7 +62,7 @@ def check_raw(raw, n_train: int, n_test: int, shape: tuple[int, int, int], n_cla
 def test_registry_keys():
     assert list(_sources.DATASETS) == ["mnist", "fashionmnist", "kmnist", "emnist-letters", "emnist-digits", "cifar10",
                                        "cifar100", "svhn", "tinyimagenet", "sklearn-digits", "skimage-patches",
-                                       "generated"]
+                                       "generated", *_sources.NEAR_DATASETS]
     assert set(_sources.OFFLINE_DATASETS) <= set(_sources.DATASETS)
 
 

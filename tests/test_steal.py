@@ -106,7 +106,9 @@ def test_attacks_hold_only_the_query_callable(attack):
     surrogate = models.build_model("lenet5", k, 1, 28, [0.5], [0.25])
     before = [p.detach().clone() for p in surrogate.parameters()]
     pool = torch.randint(0, 256, (300, *shape), dtype=torch.uint8) if cls.POOL != "none" else None
-    thief = Thief(surrogate, Recipe(1, 16), k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool)
+    labelled = (torch.randint(0, 256, (50, *shape), dtype=torch.uint8), torch.arange(50) % k)
+    thief = Thief(surrogate, Recipe(1, 16), k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool,
+                  labelled=labelled if getattr(cls, "LABELLED", False) else None)
     query = _FakeQuery(150, cls.LABELS[0], shape, k)
     params = {"dfme": {"width": 8, "noise_dim": 16}, "jbda": {"seeds": 30}, "jbda-tr": {"seeds": 30}}.get(attack, {})
     cls(**params).run(query, thief)
@@ -169,6 +171,8 @@ BAD = [
     (["--defense", "nope"], "unknown defense"),
     (["--attack", "nope"], "unknown attack"),
     (["--attack", "dfme", "--label", "hard"], "needs --label soft"),
+    (["--attack", "knockoff-confident", "--label", "hard"], "needs --label soft"),  # top-1 labels show no confidence
+    (["--attack", "confidence-search", "--label", "hard"], "needs --label soft"),
     (["--attack-param", "smoothing=2"], "no parameter 'smoothing'"),
     (["--arch", "alexnet"], "unknown architecture"),
     (["--defense", "adaptive-misinformation"], "no misinformation network"),

@@ -6,16 +6,20 @@
 An attack never sees the victim: `query` is its only way to it, and `thief` holds only the thief's own things
 (its surrogate, pool, recipe and seed). Class attributes tell `steal` what to supply: POOL (required, seeds or
 none), LABELS (label modes it accepts, first = default), UINT8_QUERIES (its queries are pool images, so the
-transfer set is stored as uint8), DEFAULT_EPOCHS.
+transfer set is stored as uint8), DEFAULT_EPOCHS, and LABELLED where the thief holds a few labelled images of the
+victim's train split (`thief.labelled`; they are not queries).
 """
 
 from __future__ import annotations
 
 from stages.attacks._thief import Query, Thief
 from stages.attacks.adaptive import Adaptive
+from stages.attacks.confidence_search import ConfidenceSearch
 from stages.attacks.dfme import DFME
 from stages.attacks.jbda import JBDA, JBDATR
 from stages.attacks.knockoff import Knockoff
+from stages.attacks.knockoff_confident import KnockoffConfident
+from stages.attacks.seeded import Seeded
 
 ATTACKS: dict[str, type] = {
     "knockoff": Knockoff,
@@ -23,6 +27,10 @@ ATTACKS: dict[str, type] = {
     "jbda-tr": JBDATR,
     "dfme": DFME,
     "adaptive": Adaptive,
+    # thieves that adapt to defenses answering outliers uninformatively, as InI does
+    "knockoff-confident": KnockoffConfident,
+    "confidence-search": ConfidenceSearch,
+    "seeded": Seeded,
 }
 
 __all__ = ["ATTACKS", "Query", "Thief"]

@@ -52,6 +52,8 @@ class Thief:
     # The stage saves {name: tensor | number} beside the surrogate, the generator, the history and the transfer set.
     checkpoint: Callable[[dict[str, Any]], None] = field(default=lambda state: None)
     resumed: dict[str, Any] = field(default_factory=dict)  # the state of the checkpoint this run resumes from
+    # The victim's train split, uint8 images and labels, for an attack that holds a few labelled images (LABELLED).
+    labelled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def optimizer(self) -> torch.optim.SGD:
         r = self.recipe
@@ -83,11 +85,17 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total)))
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Soft targets: KL(p_victim || p_surrogate), batch mean; labels: cross-entropy."""
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Soft targets: KL(p_victim || p_surrogate), batch mean; labels: cross-entropy; `weights` scale each answer."""
+    if weights is None:
+        if targets.dtype.is_floating_point:
+            return F.kl_div(torch.log_softmax(logits, 1), targets, reduction="batchmean")
+        return F.cross_entropy(logits, targets)
     if targets.dtype.is_floating_point:
-        return F.kl_div(torch.log_softmax(logits, 1), targets, reduction="batchmean")
-    return F.cross_entropy(logits, targets)
+        per_answer = F.kl_div(torch.log_softmax(logits, 1), targets, reduction="none").sum(1)
+    else:
+        per_answer = F.cross_entropy(logits, targets, reduction="none")
+    return (weights * per_answer).mean()
 
 
 def query_then_train(query: Query, thief: Thief, collect, index: str) -> None:
@@ -102,10 +110,13 @@ def query_then_train(query: Query, thief: Thief, collect, index: str) -> None:
 
 
 def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int,
-                    keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None) -> None:
+                    keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None,
+                    weights: Optional[torch.Tensor] = None,
+                    extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> None:
     """Fit thief.surrogate on a transfer set for `epochs` (cosine schedule); `thief.end_epoch` after each epoch.
 
-    `images`: uint8 (pool images) or float in [0, 1]; `targets`: probabilities (N, K) or labels (N,).
+    `images`: uint8 (pool images) or float in [0, 1]; `targets`: probabilities (N, K) or labels (N,); `weights`:
+    a loss weight per answer; `extra_loss(surrogate)`: a term added at every step (e.g. on labelled images).
     After each epoch `thief.checkpoint` gets `keep` (the attack's state, enough to rebuild these arguments) with the
     epoch and the momentum buffers; given such a checkpoint's state as `resumed`, training continues after it.
     """
@@ -125,7 +136,10 @@ def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, e
                 continue
             x = images[idx].to(thief.device)
             x = _data.to_float(x) if x.dtype == torch.uint8 else x
-            loss = loss_fn(model(x), targets[idx].to(thief.device))
+            w = weights[idx].to(thief.device) if weights is not None else None
+            loss = loss_fn(model(x), targets[idx].to(thief.device), w)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -145,3 +159,13 @@ def ask(query: Query, images: torch.Tensor, batch: int):
         yield start, answers
         if len(answers) < len(chunk):
             return
+
+
+def set_params(attack: Any, params: dict[str, float | int]) -> None:
+    """Every entry of `attack.PARAMS` as an attribute: the value given, else the entry's default."""
+    unknown = set(params) - set(attack.PARAMS)
+    if unknown:
+        raise TypeError(f"{type(attack).__name__} has no parameters {sorted(unknown)}")
+    for key, spec in attack.PARAMS.items():
+        value = params.get(key, spec.default)
+        setattr(attack, key, int(value) if spec.integer else float(value))
