@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from stages import evaluate, export, prepare, steal, train, train_ini
+from stages import evaluate, export, prepare, serve, serve_key, steal, train, train_ini
 from stages._artifacts import UserError
 
 
@@ -62,6 +62,8 @@ app.command("train-ini")(train_ini.run)
 app.command("steal")(steal.run)
 app.command("evaluate")(evaluate.run)
 app.command("export")(export.run)
+app.command("serve")(serve.run)
+app.command("serve-key")(serve_key.run)
 
 if __name__ == "__main__":
     app()

@@ -137,6 +137,19 @@ def _markdown(groups: list[dict], latency: list[dict] | None, files: list[Path],
                                        + [str(g["n"]), pm(g, "benign_accuracy"), pm(g, "stealing_accuracy"),
                                           pm(g, "max_stealing_accuracy"), relative, pm(g, "fidelity"),
                                           f"{g['queries_mean']:,.0f}"]) + " |")
+    stolen = [g for g in groups if g["attack"] != "-"]
+    if stolen:
+        lines += ["", "## Queries a thief needed", "",
+                  "Fewest queries after which a surrogate reached 50 / 80 / 95 % of the victim's benign accuracy "
+                  "(read from `steal --budget-curve` prefixes, jbda rounds or dfme slices; mean over the seeds that "
+                  "reached it; - : not within the budget). A principal's budget belongs below the 50 % column.", "",
+                  "| dataset | victim | defense | attack | label | pool | 50 % | 80 % | 95 % | budget |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for g in stolen:
+            reach = [f"{g[f'queries_to_{p}_mean']:,.0f}" if math.isfinite(g[f"queries_to_{p}_mean"]) else "-"
+                     for p in (50, 80, 95)]
+            lines.append("| " + " | ".join([str(g[k]) for k in ("dataset", "victim", "defense", "attack", "label",
+                                                                  "pool")] + reach + [f"{g['queries_mean']:,.0f}"]) + " |")
     if latency:
         lines += ["", "## Inference latency", "", "| device | batch | defense | median ms | × undefended |", "|---|---|---|---|---|"]
         base = {(r["device"], r["batch"]): r["median_ms"] for r in latency if r["defense"] == "none"}

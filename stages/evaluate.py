@@ -26,8 +26,9 @@ from stages._artifacts import UserError, attr_json, load_state, open_artifact, p
 
 console = Console(stderr=True, width=160)  # the table is wide; stderr is often a log file
 
+SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
 NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "relative_accuracy", "fidelity",
-           "queries", "victim_seconds", "steal_seconds")
+           "queries", "victim_seconds", "steal_seconds") + tuple(f"queries_to_{round(100 * s)}" for s in SHARES)
 LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
 
 
@@ -75,7 +76,8 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
         return dict(file=str(path), dataset=info.dataset, victim=facts["victim"], defense=info.baked_defense,
                     attack="-", label="-", pool="-", seed=facts["seed"], benign_accuracy=accuracy,
                     stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan,
-                    fidelity=np.nan, queries=0, victim_seconds=facts["victim_seconds"], steal_seconds=np.nan)
+                    fidelity=np.nan, queries=0, victim_seconds=facts["victim_seconds"], steal_seconds=np.nan,
+                    **queries_to(np.zeros(0), np.zeros(0), accuracy))
 
     with open_artifact(path, "surrogate") as f:
         params = attr_json(f, "params")
@@ -84,8 +86,13 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
                      input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
                      mean=[float(v) for v in f.attrs["mean"]], std=[float(v) for v in f.attrs["std"]])
         curve = f["history/stealing_accuracy"][()]
+        budget = f["curve"] if "curve" in f else f["history"]  # --budget-curve's prefixes, else rounds or slices
+        spent = (budget["queries"][()], budget["stealing_accuracy"][()]) if "queries" in budget else (np.zeros(0),) * 2
         state = load_state(f["weights"])
         seed, steal_seconds = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
+    if params.get("victim") is None:
+        raise UserError(f"{path}: stolen over HTTP from {params.get('target')} without its --victim file; evaluate "
+                        "re-queries the victim, so steal with --victim naming the served model")
     victim = Path(params["victim"])
     if not victim.exists():
         raise UserError(f"{path}: its victim {victim} is missing (evaluate re-queries the victim)")
@@ -115,7 +122,19 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
                 benign_accuracy=benign, stealing_accuracy=stealing, max_stealing_accuracy=float(np.max(curve)),
                 relative_accuracy=stealing / benign if benign else np.nan,
                 fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
-                victim_seconds=_victim_facts(victim, cache)["victim_seconds"], steal_seconds=steal_seconds)
+                victim_seconds=_victim_facts(victim, cache)["victim_seconds"], steal_seconds=steal_seconds,
+                **queries_to(*spent, benign))
+
+
+def queries_to(queries: np.ndarray, accuracy: np.ndarray, benign: float) -> dict[str, float]:
+    """The fewest queries after which a surrogate reached each share of the benign accuracy (nan: never, within
+    the budget), from (queries, stealing accuracy) points of surrogates trained on that many queries."""
+    order = np.argsort(queries, kind="stable")
+    out = {}
+    for share in SHARES:
+        reached = [q for q, a in zip(queries[order], accuracy[order]) if a >= share * benign]
+        out[f"queries_to_{round(100 * share)}"] = float(reached[0]) if reached else np.nan
+    return out
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -1,7 +1,8 @@
-"""Export a victim for deployment: `victim.h5` -> `victim.pt`, one TorchScript graph
-(images in [0, 1] -> normalise -> network -> softmax -> defense) with its metadata inside.
+"""Export a victim for deployment: `victim.h5` -> `victim.pt`, one TorchScript graph (or `--format onnx`:
+`victim.onnx`), images in [0, 1] -> normalise -> network -> softmax -> defense, with its metadata inside.
 
-The file is loaded back and checked against the eager model on a real batch before success is reported.
+The file is loaded back (ONNX: by ONNX Runtime) and checked against the eager model on a real batch before it
+replaces the output.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 import typer
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.defenses import DEFENSES, Deployed
-from stages import _data, _defense, _jit, _victim
+from stages import _data, _defense, _jit, _onnx, _victim
 from stages._artifacts import UserError, describe_inputs, prepare_output, versions
 
 console = Console(stderr=True)
@@ -26,16 +27,22 @@ TOLERANCE = 1e-5
 
 def run(
     victim: Annotated[Path, typer.Option(help="Victim HDF5 written by train or train-ini.")] = Path("artifacts/victim.h5"),
-    out: Annotated[Optional[Path], typer.Option(help="Output TorchScript file [default: the victim path with .pt].")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output file [default: the victim path with .pt, or .onnx for --format onnx].")] = None,
+    format: Annotated[Literal["torchscript", "onnx"], typer.Option(
+        help="torchscript (victim.pt) or onnx (victim.onnx, checked with ONNX Runtime).")] = "torchscript",
     data: Annotated[Optional[str], typer.Option(help="Prepared dataset for the check batch [default: the victim's].")] = None,
     defense: Annotated[str, typer.Option(help=f"Posterior defense baked into the graph: {', '.join(DEFENSES)}.")] = "none",
     defense_param: _defense.DefenseParams = None,
     check_images: Annotated[int, typer.Option(min=1, help="Test images compared scripted vs eager.")] = 256,
 ) -> Path:
-    """Script the victim (plus defense) to TorchScript and verify it against the eager model."""
+    """Script the victim (plus defense) to TorchScript or ONNX and verify it against the eager model."""
     started = time.time()
     defense_params = _defense.parse(defense, defense_param)
-    out = prepare_output(out or Path(victim).with_suffix(".pt"))
+    if format == "onnx" and defense in _onnx.UNSUPPORTED:
+        raise UserError(f"--defense {defense} cannot be exported to ONNX: {_onnx.UNSUPPORTED[defense]}; "
+                        "use --format torchscript")
+    out = prepare_output(out or Path(victim).with_suffix(".onnx" if format == "onnx" else ".pt"))
     model, info = _victim.load(victim)
     dataset = _data.load(data or _json_param(info, "dataset"), splits=("test",))
     _victim.check_matches(info, dataset)
@@ -47,7 +54,7 @@ def run(
         schema="deployed/1", stage="export", arch=info.arch, dataset=info.dataset, classes=info.classes,
         input_shape=list(info.input_shape), mean=info.mean, std=info.std, objective=info.objective, defense=defense,
         defense_params=defense_params,
-        output="probabilities", input_range=[0.0, 1.0], inputs=describe_inputs([victim]),
+        output="probabilities", input_range=[0.0, 1.0], format=format, inputs=describe_inputs([victim]),
         victim_provenance=info.provenance, versions=versions(),
     )
     x = _data.to_float(dataset.splits["test"][0][:check_images])
@@ -55,15 +62,20 @@ def run(
         eager = deployed(x)
     checked = {}
 
-    def check(loaded: torch.jit.ScriptModule) -> None:  # on the written file, before it replaces --out
-        with torch.no_grad():
-            checked["scripted"] = loaded(x)
-        checked["delta"] = float((eager - checked["scripted"]).abs().max())
+    def compare(answers: torch.Tensor) -> None:  # on the written file, before it replaces --out
+        checked["scripted"], checked["delta"] = answers, float((eager - answers).abs().max())
         if not checked["delta"] <= TOLERANCE:
-            raise UserError(f"exported graph differs from the eager model by {checked['delta']:.2e} > {TOLERANCE:g}; "
-                            "nothing written")
+            raise UserError(f"exported graph differs from the eager model by {checked['delta']:.2e} > {TOLERANCE:g}"
+                            f"{' (' + defense + ' in ONNX)' if format == 'onnx' else ''}; nothing written")
 
-    _jit.save(deployed, out, metadata, check)
+    def check(loaded: torch.jit.ScriptModule) -> None:
+        with torch.no_grad():
+            compare(loaded(x))
+
+    if format == "onnx":
+        _onnx.save(deployed, out, x[:2], metadata, lambda path: compare(torch.from_numpy(_onnx.Session(path)(x.numpy()))))
+    else:
+        _jit.save(deployed, out, metadata, check)
     delta, scripted = checked["delta"], checked["scripted"]
     accuracy = float((scripted.argmax(1) == dataset.splits["test"][1][:check_images]).float().mean())
 
@@ -71,7 +83,8 @@ def run(
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("defense", " ".join([defense, *(f"{k}={v:g}" for k, v in defense_params.items())]))
-    table.add_row("max |scripted - eager|", f"{delta:.2e} on {len(x)} test images")
+    table.add_row(f"max |{'onnxruntime' if format == 'onnx' else 'scripted'} - eager|",
+                  f"{delta:.2e} on {len(x)} test images")
     table.add_row("accuracy on that batch", f"{accuracy:.2%}")
     table.add_row("file", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
     table.add_row("time", f"{time.time() - started:.1f} s")

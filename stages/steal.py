@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import models
-from stages import _blackbox, _data, _defense, _loop, _params, _steal_checkpoint
+from stages import _blackbox, _budget_curve, _data, _defense, _loop, _params, _remote, _steal_checkpoint
 from stages._artifacts import UserError, check_memory, prepare_output, save_history, save_state, write_artifact
 from stages.attacks import ATTACKS
 from stages.attacks._thief import Recipe, Thief
@@ -31,8 +31,15 @@ LENET_LR = 0.03  # measured: a LeNet-5 surrogate (no BatchNorm) at 0.1 / momentu
 
 
 def run(
-    victim: Annotated[Path, typer.Option(
-        help="victim.h5, or a deployed victim.pt (TorchScript: only load files you trust).")] = Path("artifacts/victim.h5"),
+    victim: Annotated[Optional[Path], typer.Option(
+        help="victim.h5, or a deployed victim.pt (TorchScript: only load files you trust) [default: "
+             "artifacts/victim.h5]. With --target: optional, the served model's file, never queried: it scores "
+             "fidelity and lets evaluate recompute the row.")] = None,
+    target: Annotated[Optional[str], typer.Option(
+        help="Steal through a prediction API (`serve`) at this URL instead of a local victim; --budget is cut to "
+             "what the key has left.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="INI_API_KEY", help="The API key for --target (or $INI_API_KEY); never recorded.")] = None,
     attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.")] = "knockoff",
     budget: Annotated[int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).")] = 50_000,
     label: Annotated[Optional[Literal["soft", "hard"]], typer.Option(
@@ -55,6 +62,9 @@ def run(
     momentum: _loop.Momentum = 0.9,
     weight_decay: _loop.WeightDecay = 5e-4,
     query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.")] = 500,
+    budget_curve: Annotated[int, typer.Option(
+        min=0, max=12, help="knockoff, adaptive: also train surrogates on the first 1/2, 1/4, ... 1/2^K of the "
+                            "transfer set (K of them), for stealing accuracy against queries spent.")] = 0,
     attack_param: Annotated[Optional[list[str]], typer.Option(
         "--attack-param", metavar="KEY=VALUE",
         help=f"Attack parameter, repeatable. Defaults: {_params.describe(ATTACKS, details=True)}.")] = None,
@@ -71,6 +81,7 @@ def run(
     started = time.time()
     params = dict(locals())
     params.pop("started")
+    params.pop("api_key")
     if budget < 1:
         raise UserError(f"--budget must be at least 1, got {budget}")
     if attack not in ATTACKS:
@@ -85,6 +96,8 @@ def run(
         raise UserError(f"{attack} is data-free: it takes no --pool")
     if kind.POOL == "required" and pool is None:
         raise UserError(f"{attack} needs --pool: a prepared dataset or a dataset name")
+    if budget_curve and kind.POOL != "required":
+        raise UserError(f"--budget-curve: {attack} records stealing accuracy per round or budget slice already")
     if arch is not None and arch not in models.MODELS:
         raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
     out = prepare_output(out)
@@ -93,8 +106,20 @@ def run(
         raise UserError(f"--resume: no checkpoint at {ckpt}")
     device = _loop.pick_device(device)
 
-    graph, info = _blackbox.open_victim(victim, device)
-    answering = _blackbox.defend(graph, info, defense, defense_params, device)
+    if target is None:
+        victim = victim or Path("artifacts/victim.h5")
+        graph, info = _blackbox.open_victim(victim, device)
+        answering = _blackbox.defend(graph, info, defense, defense_params, device)
+    else:  # the API answers; a local copy of the served model, if given, only scores
+        if defense != "none":
+            raise UserError("--defense with --target: the server applies its own defense; serve the model with it")
+        answering, info, budget = _remote.open_target(target, api_key, budget)
+        graph = None
+        if victim is not None:
+            graph, local = _blackbox.open_victim(victim, device)
+            if local.sha256 != info.sha256:
+                raise UserError(f"--victim {victim} is not the model {target} serves (sha256 differs)")
+            info.dataset_path = local.dataset_path
     labelled = getattr(kind, "LABELLED", False)  # the thief holds a few labelled images of the victim's train split
     needs_train = kind.POOL == "seeds" and pool is None or labelled
     victim_data = _data.load(data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
@@ -103,7 +128,7 @@ def run(
         raise UserError(f"victim {victim} was trained on {info.dataset} {list(info.input_shape)} "
                         f"({len(info.classes)} classes), not on {victim_data.path} ({victim_data.name} "
                         f"{list(victim_data.shape)})")
-    inputs = [victim, victim_data.path]
+    inputs = [path for path in (victim, victim_data.path) if path is not None]
     hashes = [info.sha256, victim_data.sha256]  # in the fingerprint: a checkpoint keeps pool indices, not images
     images = None
     if pool is not None:
@@ -129,24 +154,29 @@ def run(
         lr = LENET_LR if arch == "lenet5" else 0.1
     recipe = Recipe(epochs or kind.DEFAULT_EPOCHS, batch_size, lr, momentum, weight_decay)
     runner = kind(**attack_params)
-    params.update(victim=str(victim), lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
+    params.update(victim=str(victim) if victim is not None else None, lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
                   epochs=recipe.epochs, data=str(victim_data.path), device=device)
     fingerprint = _loop.fingerprint({**params, "input_sha256": hashes})
     c, h, _ = info.input_shape
     # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
     check_memory(budget * 4 * (c * h * h + len(info.classes)), f"steal: a transfer set of {budget:,} queries")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        surrogate = models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)
+    def build_surrogate() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)
+
+    surrogate = build_surrogate()
     generator = torch.Generator().manual_seed(seed)
     saved = _steal_checkpoint.read(ckpt, fingerprint, surrogate, generator) if resume else None
 
     test_x, test_y = victim_data.splits["test"]
     test_float = _data.to_float(test_x)
-    victim_top1 = _blackbox.predict(graph, test_float, device).argmax(1).cpu()
-    defended_top1 = _blackbox.predict(answering, test_float, device).argmax(1).cpu()
-    victim_accuracy = float((victim_top1 == test_y).float().mean())
-    defended_accuracy = float((defended_top1 == test_y).float().mean())
+    victim_top1 = defended_top1 = None  # over HTTP without the served file: unknown, asking would spend budget
+    if graph is not None:
+        victim_top1 = _blackbox.predict(graph, test_float, device).argmax(1).cpu()
+        defended_top1 = victim_top1 if target else _blackbox.predict(answering, test_float, device).argmax(1).cpu()
+    victim_accuracy = float((victim_top1 == test_y).float().mean()) if graph is not None else float("nan")
+    defended_accuracy = float((defended_top1 == test_y).float().mean()) if graph is not None else float("nan")
 
     history: dict[str, list[float]] = {}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -168,7 +198,8 @@ def run(
             predicted = _blackbox.predict(surrogate.eval(), test_float, device).argmax(1).cpu()
             surrogate.train(was_training)
             row = {"stealing_accuracy": float((predicted == test_y).float().mean()),
-                   "fidelity": float((predicted == victim_top1).float().mean()), "queries": float(box.used), **stats}
+                   "fidelity": float((predicted == victim_top1).float().mean()) if graph is not None else float("nan"),
+                   "queries": float(box.used), **stats}
             for key, value in row.items():
                 history.setdefault(key, []).append(float(value))
             text = f"stealing {row['stealing_accuracy']:.4f} fidelity {row['fidelity']:.4f}"
@@ -190,6 +221,14 @@ def run(
         if not history:
             end_epoch({})
         box.close()
+        if budget_curve:
+            curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], label, attack,
+                                          _budget_curve.prefixes(box.used, budget_curve),
+                                          build_surrogate, recipe, len(info.classes), info.input_shape, seed, device,
+                                          test_float, test_y, console.log)
+            save_history(f.create_group("curve"), {"queries": curve["queries"] + [float(box.used)],
+                                                   "stealing_accuracy": curve["stealing_accuracy"]
+                                                   + [history["stealing_accuracy"][-1]]})
         final, best = history["stealing_accuracy"][-1], max(history["stealing_accuracy"])
         summary = dict(
             stealing_accuracy=final, fidelity=history["fidelity"][-1], max_stealing_accuracy=best,
@@ -206,7 +245,8 @@ def run(
         save_state(f.create_group("weights"), surrogate.state_dict())
         save_history(f.create_group("history"), history)
     ckpt.unlink(missing_ok=True)
-    shown = defense if info.baked_defense == "none" else f"{info.baked_defense} (baked into {Path(victim).name})"
+    shown = defense if info.baked_defense == "none" else f"{info.baked_defense} (baked into {Path(str(victim)).name})"
+    shown = f"the API at {target}" if target else shown
     _summarise(attack, label, shown, defense_params, summary, out, time.time() - started)
     return out
 

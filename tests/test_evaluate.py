@@ -77,8 +77,9 @@ def test_top1_defense_keeps_benign_accuracy_and_rounding_is_recorded(world):
 def test_aggregate_mean_std_n():
     rows = [dict(dataset="d", victim="v", defense="none", attack="a", label="soft", pool="p", seed=s,
                  benign_accuracy=b, stealing_accuracy=st, max_stealing_accuracy=st, relative_accuracy=st / b,
-                 fidelity=st, queries=10, victim_seconds=1.0, steal_seconds=np.nan)
-            for s, b, st in ((0, 0.9, 0.2), (1, 0.8, 0.4), (2, 1.0, 0.6))]
+                 fidelity=st, queries=10, victim_seconds=1.0, steal_seconds=np.nan, queries_to_50=q, queries_to_80=np.nan,
+                 queries_to_95=np.nan)
+            for s, b, st, q in ((0, 0.9, 0.2, 100.0), (1, 0.8, 0.4, 300.0), (2, 1.0, 0.6, np.nan))]
     rows.append(dict(rows[0], defense="mad", seed=0))
     groups = evaluate.aggregate(rows)
     assert [g["n"] for g in groups] == [1, 3]  # sorted: "mad" before "none"
@@ -86,6 +87,15 @@ def test_aggregate_mean_std_n():
     assert g["benign_accuracy_mean"] == pytest.approx(0.9) and g["benign_accuracy_std"] == pytest.approx(0.1)
     assert g["stealing_accuracy_mean"] == pytest.approx(0.4) and g["stealing_accuracy_std"] == pytest.approx(0.2)
     assert np.isnan(g["steal_seconds_mean"]) and groups[0]["benign_accuracy_std"] == 0.0
+    assert g["queries_to_50_mean"] == 200.0 and np.isnan(g["queries_to_80_mean"])  # over the seeds that reached it
+
+
+def test_queries_to_reach_a_share_of_benign_accuracy_reads_the_first_point_that_does():
+    queries, accuracy = np.array([400.0, 100.0, 200.0, 800.0]), np.array([0.9, 0.3, 0.6, 0.85])
+    reached = evaluate.queries_to(queries, accuracy, benign=0.95)
+    assert reached["queries_to_50"] == 200.0  # 0.475: the 100-query surrogate falls short
+    assert reached["queries_to_80"] == 400.0  # 0.76, and the later dip to 0.85 does not move it
+    assert np.isnan(reached["queries_to_95"])  # 0.9025 was never reached
 
 
 def test_cli_writes_metrics_and_report_with_latency(world):

@@ -25,7 +25,8 @@ def images_for(labels: np.ndarray, shape: tuple[int, int, int], rng: np.random.G
 
 
 def write_dataset(path: Path, name: str = "synth", shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10,
-                  seed: int = 0, edit: Optional[Callable[[h5py.File], None]] = None) -> Path:
+                  seed: int = 0, edit: Optional[Callable[[h5py.File], None]] = None,
+                  sizes: Optional[dict[str, int]] = None) -> Path:
     """A valid dataset artifact, then `edit(f)` on it opened read-write (to damage it on purpose)."""
     rng = np.random.default_rng(seed)
     params = dict(dataset=name, shape=list(shape), classes=classes, seed=seed)
@@ -36,7 +37,7 @@ def write_dataset(path: Path, name: str = "synth", shape: tuple[int, int, int] =
         f.attrs["shape"] = list(shape)
         f.attrs["mean"] = [0.2] * shape[0]
         f.attrs["std"] = [0.3] * shape[0]
-        for split, n in SIZES.items():
+        for split, n in (sizes or SIZES).items():
             labels = np.arange(n) % classes
             group = f.create_group(split)
             group.create_dataset("images", data=images_for(labels, shape, rng))

@@ -1,0 +1,417 @@
+"""`serve` as a real uvicorn server on 127.0.0.1 (an ephemeral port), started by the CLI in a subprocess: keys,
+malformed payloads, budgets under concurrent clients, rate limits, restarts, kill -9, extraction alerts, metrics,
+ONNX, and `steal --target` through it. All traffic stays on the loopback, every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, invoke
+from stages import _onnx, _victim, serve_key, train
+from stages._artifacts import open_artifact
+from stages.serving import keys as principals_file
+from tiny_data import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+NPY = "application/x-npy"
+PRINCIPALS = {  # name: budget, rate, burst, action
+    "benign": (100_000, 10_000.0, 10_000.0, "log"),
+    "thief": (100_000, 10_000.0, 10_000.0, "block"),
+    "racer": (300, 10_000.0, 10_000.0, "log"),
+    "slow": (100_000, 20.0, 20.0, "log"),
+    "stealer": (90, 10_000.0, 10_000.0, "log"),
+    "spare": (100_000, 10_000.0, 10_000.0, "log"),
+}
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class Server:
+    """`python cli.py serve ... --port 0` in a subprocess; its URL is the line it prints on stdout."""
+
+    def __init__(self, model: Path, keys: Path, ledger: Path, *flags: str):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.stderr = open(ledger.with_suffix(f".{time.time_ns()}.stderr"), "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(model), "--keys", str(keys), "--ledger",
+             str(ledger), "--host", "127.0.0.1", "--port", "0", *flags],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        line = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        if not line or not line[0].startswith("http://127.0.0.1:"):
+            self.proc.kill()
+            self.stderr.seek(0)
+            raise AssertionError(f"serve did not start: {line} {self.stderr.read()[-2000:]}")
+        self.url = line[0].strip()
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"X-API-Key": key} if key else {}, timeout=30.0)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.stderr.close()
+        return code
+
+    def log(self) -> str:
+        return Path(self.stderr.name).read_text()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A LeNet-5 victim on 28x28 bar images (600 train, 300 val, 300 test) and a keys file with every principal."""
+    root = tmp_path_factory.mktemp("serve")
+    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 300, "test": 300})
+    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {name: serve_key.run(name, keys, *spec) for name, spec in PRINCIPALS.items()}
+    with h5py.File(data, "r") as f:
+        test = f["test/images"][()]
+    return dict(root=root, data=data, victim=victim, keys=keys, tokens=tokens, test=test)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    s = Server(world["victim"], world["keys"], world["root"] / "ledger.sqlite")
+    yield s
+    assert s.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+def spent_in_ledger(path: Path, name: str) -> tuple[int, int]:
+    """(principal's spent counter, sum of its query rows' images), read by a separate connection."""
+    with sqlite3.connect(path) as db:
+        spent = db.execute("SELECT spent FROM principals WHERE name = ?", (name,)).fetchone()[0]
+        rows = db.execute("SELECT COALESCE(SUM(images), 0) FROM queries WHERE principal = ?", (name,)).fetchone()[0]
+    return int(spent), int(rows)
+
+
+def test_keys_file_holds_hashes_only(world):
+    text = world["keys"].read_text()
+    assert all(token not in text for token in world["tokens"].values())
+    table = principals_file.read(world["keys"])
+    assert sorted(p.name for p in table.values()) == sorted(PRINCIPALS)
+    auth = principals_file.Authenticator(table)
+    assert auth.identify(world["tokens"]["racer"]).budget == 300
+    assert auth.identify(world["tokens"]["racer"][:-1] + "x") is None
+    assert_one_line_error(invoke("serve-key", "racer", "--keys", world["keys"]))  # exists already
+
+
+def test_answers_match_the_model_and_auth_is_enforced(world, server):
+    model, _ = _victim.load(world["victim"])
+    x = world["test"][:5]
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x).float() / 255.0), 1).numpy()
+    with server.client(world["tokens"]["spare"]) as c:
+        r = c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["answers"]), expected, atol=1e-5)
+        assert int(r.headers["x-budget-remaining"]) == 100_000 - 5
+        r = c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY, "Accept": NPY})
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), expected, atol=1e-5)
+        body = json.dumps({"images": base64.b64encode(npy(x)).decode()})
+        r = c.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+        np.testing.assert_allclose(np.array(r.json()["answers"]), expected, atol=1e-5)
+        assert c.get("/v1/usage").json()["spent"] == 15
+    with server.client() as anonymous:
+        assert anonymous.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY}).status_code == 401
+    with server.client(world["tokens"]["spare"][:-2] + "zz") as wrong:
+        r = wrong.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY})
+        assert r.status_code == 401 and set(r.json()) == {"error"}
+    with server.client("not-even-a-key") as wrong:
+        assert wrong.get("/v1/usage").status_code == 401
+
+
+def _malformed(shape=(1, 28, 28)) -> list[tuple[str, dict, bytes, int]]:
+    ok = np.zeros((2, *shape), dtype=np.uint8)
+    bad_float = np.full((2, *shape), 0.5, dtype=np.float32)
+    nan, big, negative = bad_float.copy(), bad_float.copy(), bad_float.copy()
+    nan[0, 0, 0, 0], big[1, 0, 3, 3], negative[0, 0, 1, 1] = np.nan, 1.5, -0.1
+    inf = bad_float.copy()
+    inf[0, 0, 0, 0] = np.inf
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    b64 = lambda a: json.dumps({"images": base64.b64encode(npy(a)).decode()}).encode()
+    return [
+        ("no content type", {}, npy(ok), 415),
+        ("text/plain", {"Content-Type": "text/plain"}, npy(ok), 415),
+        ("image/png", {"Content-Type": "image/png"}, b"\x89PNG....", 415),
+        ("not npy", {"Content-Type": NPY}, b"hello world", 422),
+        ("truncated npy", {"Content-Type": NPY}, npy(ok)[:150], 422),
+        ("pickled objects", {"Content-Type": NPY}, pickled.getvalue(), 422),
+        ("float64", {"Content-Type": NPY}, npy(ok.astype(np.float64)), 422),
+        ("int32", {"Content-Type": NPY}, npy(ok.astype(np.int32)), 422),
+        ("three dims", {"Content-Type": NPY}, npy(ok[0]), 422),
+        ("wrong size", {"Content-Type": NPY}, npy(np.zeros((2, 1, 32, 32), np.uint8)), 422),
+        ("wrong channels", {"Content-Type": NPY}, npy(np.zeros((2, 3, 28, 28), np.uint8)), 422),
+        ("empty batch", {"Content-Type": NPY}, npy(ok[:0]), 422),
+        ("nan", {"Content-Type": NPY}, npy(nan), 422),
+        ("inf", {"Content-Type": NPY}, npy(inf), 422),
+        ("above one", {"Content-Type": NPY}, npy(big), 422),
+        ("negative", {"Content-Type": NPY}, npy(negative), 422),
+        ("bad json", {"Content-Type": "application/json"}, b"{not json", 422),
+        ("json without images", {"Content-Type": "application/json"}, b'{"pixels": []}', 422),
+        ("bad base64", {"Content-Type": "application/json"}, b'{"images": "@@@"}', 422),
+        ("json nan", {"Content-Type": "application/json"}, b64(nan), 422),
+        ("too many images", {"Content-Type": NPY}, npy(np.zeros((1025, *shape), np.uint8)), 413),
+        ("body too large", {"Content-Type": NPY}, b"\x93NUMPY" + b"\0" * (17 * 2**20), 413),
+    ]
+
+
+def test_malformed_payloads_each_get_their_status_and_the_server_keeps_serving(world, server):
+    cases = _malformed()
+    assert len(cases) >= 15
+    with server.client(world["tokens"]["spare"]) as c:
+        before = c.get("/v1/usage").json()["spent"]
+        for name, headers, body, status in cases:
+            r = c.post("/v1/predict", content=body, headers=headers)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            assert set(r.json()) == {"error"} and "\n" not in r.text and r.json()["error"], name
+            assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/v1/usage").json()["spent"] == before  # nothing malformed was counted
+        r = c.post("/v1/predict", content=npy(world["test"][:3]), headers={"Content-Type": NPY})
+        assert r.status_code == 200 and len(r.json()["answers"]) == 3
+        assert c.get("/nowhere").status_code == 404 and c.get("/v1/predict").status_code == 405
+
+
+def test_eight_clients_racing_past_the_budget_spend_exactly_what_was_answered(world, server):
+    key, budget = world["tokens"]["racer"], PRINCIPALS["racer"][0]
+    sizes = [1, 3, 7, 11]  # a mix, so the last requests do not fit exactly
+
+    def client(i: int) -> tuple[int, int]:
+        answered, refused = 0, 0
+        with server.client(key) as c:
+            for j in range(40):  # bounded: 8 x 40 requests at most
+                n = sizes[(i + j) % len(sizes)]
+                r = c.post("/v1/predict", content=npy(world["test"][:n]), headers={"Content-Type": NPY})
+                if r.status_code == 200:
+                    answered += len(r.json()["answers"])
+                else:
+                    assert r.status_code == 429 and "budget" in r.json()["error"], r.text
+                    assert "retry-after" not in r.headers  # a lifetime budget: waiting does not help
+                    refused += 1
+                    if int(r.headers["x-budget-remaining"]) == 0:
+                        break
+        return answered, refused
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client, range(8)))
+    answered = sum(a for a, _ in results)
+    assert sum(r for _, r in results) > 0  # they did race past it
+    with server.client(key) as c:
+        usage = c.get("/v1/usage").json()
+    assert usage["spent"] == answered <= budget
+    assert usage["remaining"] == budget - answered < max(sizes)
+    assert spent_in_ledger(server_ledger(world), "racer") == (answered, answered)
+
+
+def server_ledger(world) -> Path:
+    return world["root"] / "ledger.sqlite"
+
+
+def test_rate_limit_answers_429_with_retry_after(world, server):
+    x = world["test"][:20]  # the whole bucket of `slow` (20 images, 20 per second)
+    with server.client(world["tokens"]["slow"]) as c:
+        assert c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY}).status_code == 200
+        r = c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY})
+        assert r.status_code == 429 and "rate" in r.json()["error"]
+        wait = float(r.headers["retry-after"])
+        assert 1 <= wait <= 2
+        time.sleep(wait)
+        assert c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY}).status_code == 200
+        assert c.get("/v1/usage").json()["spent"] == 40
+
+
+def _wait_for_alerts(ledger: Path, name: str, seconds: float = 20.0) -> list[tuple]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with sqlite3.connect(ledger) as db:
+            rows = db.execute("SELECT signal, value, threshold, queries, action FROM alerts WHERE principal = ?",
+                              (name,)).fetchall()
+        if rows:
+            return rows
+        time.sleep(0.2)
+    return []
+
+
+def test_a_knockoff_style_client_is_alerted_and_blocked_and_the_benign_replay_is_not(world, server):
+    ledger = server_ledger(world)
+    with server.client(world["tokens"]["benign"]) as c:
+        for start in range(0, len(world["test"]), 10):  # the test split replayed, 10 images a request
+            assert c.post("/v1/predict", content=npy(world["test"][start : start + 10]),
+                          headers={"Content-Type": NPY}).status_code == 200
+    pool = np.random.default_rng(0).integers(0, 256, (300, 1, 28, 28), dtype=np.uint8)  # images unlike the victim's
+    refused = None
+    with server.client(world["tokens"]["thief"]) as c:
+        for start in range(0, len(pool), 10):
+            r = c.post("/v1/predict", content=npy(pool[start : start + 10]), headers={"Content-Type": NPY})
+            if r.status_code == 403:
+                refused = start
+                break
+            assert r.status_code == 200
+            time.sleep(0.02)  # the monitor runs beside the answers; a thief this slow meets the block
+    alerts = _wait_for_alerts(ledger, "thief")
+    assert alerts and alerts[0][0] == "ood_share" and alerts[0][4] == "block"
+    assert alerts[0][1] > alerts[0][2]  # the share crossed its threshold
+    assert refused is not None and refused < len(pool)
+    with server.client(world["tokens"]["thief"]) as c:
+        r = c.get("/v1/usage")
+        assert r.status_code == 403 and "blocked" in r.json()["error"]
+    assert _wait_for_alerts(ledger, "benign", seconds=1.0) == []
+    alert_lines = [json.loads(line) for line in ledger.with_suffix(".alerts.jsonl").read_text().splitlines()]
+    assert [a["principal"] for a in alert_lines if a["principal"] in ("thief", "benign")] == ["thief"] * len(alerts)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'ini_alerts_total{{principal="thief",signal="ood_share"}} {float(len(alerts))}' in metrics
+
+
+def test_metrics_count_what_the_ledger_holds(world, server):
+    text = httpx.get(server.url + "/metrics").text
+    with sqlite3.connect(server_ledger(world)) as db:
+        answered = db.execute("SELECT SUM(images) FROM queries").fetchone()[0]
+    assert f"ini_images_answered_total {float(answered)}" in text
+    assert "ini_batch_images_bucket" in text and "ini_predict_seconds_bucket" in text
+    assert 'ini_principal_spent_images{principal="racer"}' in text
+
+
+def test_steal_through_the_api_spends_its_budget_once(world, server, tmp_path):
+    out = tmp_path / "stolen.h5"
+    result = invoke("steal", "--target", server.url, "--api-key", world["tokens"]["stealer"], "--attack", "knockoff",
+                    "--pool", world["data"], "--budget", 500, "--epochs", 1, "--batch-size", 32, "--query-batch", 40,
+                    "--budget-curve", 2, "--device", "cpu", "--out", out, "--victim", world["victim"])
+    assert result.exit_code == 0, result.stderr
+    with open_artifact(out, "surrogate") as f:
+        assert int(f.attrs["queries"]) == PRINCIPALS["stealer"][0]  # --budget cut to the key's 90
+        assert f["transfer/images"].shape[0] == 90
+        assert list(f["curve/queries"][()]) == [23.0, 45.0, 90.0]
+        assert "api_key" not in json.loads(f.attrs["params"])
+        assert world["tokens"]["stealer"] not in f.attrs["params"]
+        assert 0.0 <= f.attrs["fidelity"] <= 1.0
+    assert spent_in_ledger(server_ledger(world), "stealer") == (90, 90)
+    result = invoke("steal", "--target", server.url, "--api-key", world["tokens"]["stealer"], "--pool",
+                    world["data"], "--out", tmp_path / "again.h5")
+    assert "budget is spent" in assert_one_line_error(result)
+    metrics = tmp_path / "metrics.h5"
+    assert invoke("evaluate", out, "--out", metrics, "--device", "cpu").exit_code == 0
+    with open_artifact(metrics, "metrics") as f:
+        assert f["rows/queries"][0] == 90
+
+
+def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(world, tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    first = Server(world["victim"], world["keys"], ledger)
+    key, x = world["tokens"]["spare"], world["test"]
+    received: dict[str, int] = {}  # request id -> images received
+    broken: dict[str, np.ndarray] = {}  # request id -> images, the connection broke
+    lock = threading.Lock()
+
+    def burst(i: int) -> None:
+        with httpx.Client(base_url=first.url, headers={"X-API-Key": key}, timeout=10.0) as c:
+            for j in range(200):  # bounded; the kill ends it sooner
+                images = x[(i * 7 + j) % 290 : (i * 7 + j) % 290 + 1 + j % 8]
+                request_id = uuid.uuid4().hex
+                try:
+                    r = c.post("/v1/predict", content=npy(images),
+                               headers={"Content-Type": NPY, "Idempotency-Key": request_id})
+                except httpx.TransportError:
+                    with lock:
+                        broken[request_id] = images
+                    return
+                assert r.status_code == 200, r.text
+                with lock:
+                    received[request_id] = len(r.json()["answers"])
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(burst, i) for i in range(8)]
+        deadline = time.monotonic() + 30
+        while len(received) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.proc.send_signal(signal.SIGKILL)
+        for f in futures:
+            f.result(timeout=30)
+    first.stop()
+    assert len(received) >= 100 and broken  # the kill hit requests in flight
+
+    second = Server(world["victim"], world["keys"], ledger)
+    replayed = 0
+    with second.client(key) as c:
+        for request_id, images in broken.items():  # the clients resend what broke, with the same key
+            r = c.post("/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id})
+            assert r.status_code == 200
+            replayed += r.headers.get("idempotent-replayed") == "true"
+            received[request_id] = len(r.json()["answers"])
+        again = c.post("/v1/predict", content=npy(x[:4]), headers={"Content-Type": NPY, "Idempotency-Key": "twice"})
+        assert c.post("/v1/predict", content=npy(x[:4]),
+                      headers={"Content-Type": NPY, "Idempotency-Key": "twice"}).headers["idempotent-replayed"] == "true"
+        assert c.post("/v1/predict", content=npy(x[4:8]),
+                      headers={"Content-Type": NPY, "Idempotency-Key": "twice"}).status_code == 422
+        received["twice"] = len(again.json()["answers"])
+        usage = c.get("/v1/usage").json()
+    total = sum(received.values())
+    assert usage["spent"] == total
+    assert spent_in_ledger(ledger, "spare") == (total, total)
+    with sqlite3.connect(ledger) as db:
+        ids = {row[0] for row in db.execute("SELECT request_id FROM queries WHERE principal = 'spare'")}
+    assert ids == set(received)  # every answer the clients hold is recorded, and nothing else
+    assert second.stop() in (0, -signal.SIGTERM, 128 + signal.SIGTERM)  # graceful on SIGTERM
+    assert "Traceback" not in second.log()
+
+    third = Server(world["victim"], world["keys"], ledger)  # a restart resumes every principal's spend
+    with third.client(key) as c:
+        assert c.get("/v1/usage").json()["spent"] == total
+    assert third.stop(signal.SIGINT) == 0
+
+
+def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):
+    onnx_path = tmp_path / "victim.onnx"
+    result = invoke("export", "--victim", world["victim"], "--format", "onnx", "--out", onnx_path)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(onnx_path)
+    model, _ = _victim.load(world["victim"])
+    x = world["test"][:64]
+    with torch.no_grad():
+        eager = torch.softmax(model(torch.from_numpy(x).float() / 255.0), 1).numpy()
+    session = _onnx.load(onnx_path)
+    assert np.abs(session(x.astype(np.float32) / 255.0) - eager).max() <= 1e-5
+    assert session.metadata["format"] == "onnx" and session.metadata["defense"] == "none"
+    refused = invoke("export", "--victim", world["victim"], "--format", "onnx", "--defense", "noise",
+                     "--out", tmp_path / "noise.onnx")
+    assert "noise" in assert_one_line_error(refused) and not (tmp_path / "noise.onnx").exists()
+
+    served = Server(onnx_path, world["keys"], tmp_path / "ledger.sqlite")
+    with served.client(world["tokens"]["spare"]) as c:
+        r = c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY, "Accept": NPY})
+        assert np.abs(np.load(io.BytesIO(r.content)) - eager).max() <= 1e-5
+    served.stop()
+
+
+def test_serve_refuses_bad_setups_in_one_line(world, tmp_path):
+    assert "no such keys file" in assert_one_line_error(
+        invoke("serve", "--model", world["victim"], "--keys", tmp_path / "none.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[principals.x]\nkey_id = "zz"\n')
+    assert_one_line_error(invoke("serve", "--model", world["victim"], "--keys", bad))
+    assert_one_line_error(invoke("serve", "--model", tmp_path / "victim.txt", "--keys", world["keys"]))
