@@ -13,8 +13,8 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
+from models.params import UserError
 from stages import evaluate, export, prepare, steal, train, train_ini
-from stages._artifacts import UserError
 
 
 class _Stages(TyperGroup):

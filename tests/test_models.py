@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import MODELS, Classifier, build_model
-from stages._artifacts import UserError
+from models.params import UserError
 
 SHAPES = [(1, 28), (3, 32)]
 

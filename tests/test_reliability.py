@@ -20,7 +20,8 @@ import torch
 
 from conftest import assert_one_line_error, invoke
 from stages import _artifacts, _blackbox, _data, _jit, _loop, _victim
-from stages._artifacts import UserError, load_state, open_artifact, sha256
+from models.params import UserError
+from stages._artifacts import load_state, open_artifact, sha256
 from tiny_data import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,23 +1,22 @@
-"""Model-stealing attacks, one per file, each a class with one small interface:
+"""Model-stealing attacks, one per file, each an `Attack` with one small interface:
 
     attack = ATTACKS[name](**params)      # params: the attack's PARAMS, from --attack-param KEY=VALUE
     attack.run(query, thief)              # query(images) -> probabilities | labels; thief: what the thief has
 
 An attack never sees the victim: `query` is its only way to it, and `thief` holds only the thief's own things
-(its surrogate, pool, recipe and seed). Class attributes tell `steal` what to supply: POOL (required, seeds or
-none), LABELS (label modes it accepts, first = default), UINT8_QUERIES (its queries are pool images, so the
-transfer set is stored as uint8), DEFAULT_EPOCHS.
+(its surrogate, pool, recipe and random generator). `Attack`'s class attributes tell `steal` what to supply.
+The papers behind each: docs/method.md, "Attacks".
 """
 
 from __future__ import annotations
 
-from stages.attacks._thief import Query, Thief
+from stages.attacks._thief import Attack, Query, Thief
 from stages.attacks.adaptive import Adaptive
 from stages.attacks.dfme import DFME
 from stages.attacks.jbda import JBDA, JBDATR
 from stages.attacks.knockoff import Knockoff
 
-ATTACKS: dict[str, type] = {
+ATTACKS: dict[str, type[Attack]] = {
     "knockoff": Knockoff,
     "jbda": JBDA,
     "jbda-tr": JBDATR,
@@ -25,4 +24,4 @@ ATTACKS: dict[str, type] = {
     "adaptive": Adaptive,
 }
 
-__all__ = ["ATTACKS", "Query", "Thief"]
+__all__ = ["ATTACKS", "Attack", "Query", "Thief"]

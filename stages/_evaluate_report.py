@@ -1,4 +1,4 @@
-"""The human report of `evaluate`: a Markdown file with the aggregated table and PNG plots (matplotlib)."""
+"""`evaluate`'s report for people: a Markdown file with the aggregated table and PNG plots (matplotlib)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from stages._artifacts import UserError, atomic_path
+from models.params import UserError
+from stages._artifacts import atomic_path
 
 
 def _pyplot():
@@ -58,13 +59,14 @@ MARKERS = "osD^vP*Xhp<>"
 
 
 def _short_names(groups: list[dict]) -> dict[str, str]:
-    """Victim settings ("arch/objective#recipe-hash") without the hash, unless two settings of one victim dataset
-    would then read the same (train-ini options differ only by their hash): those keep it, as in the report's
-    table."""
+    """Victim settings as architecture/kind, unless two settings of one victim dataset would then read the same
+    (train-ini options differ only by their recipe): those keep their full name, recipe hash and all, as in the
+    report's table."""
+    short = {g["victim"]: f"{g['victim_arch']}/{g['victim_kind']}" for g in groups}
     settings = {(g["dataset"], g["victim"]) for g in groups}
-    counts = collections.Counter((d, v.split("#")[0]) for d, v in settings)
-    clash = {v for d, v in settings if counts[d, v.split("#")[0]] > 1}
-    return {v: v if v in clash else v.split("#")[0] for _, v in settings}
+    counts = collections.Counter((d, short[v]) for d, v in settings)
+    clash = {v for d, v in settings if counts[d, short[v]] > 1}
+    return {v: v if v in clash else name for v, name in short.items()}
 
 
 def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
