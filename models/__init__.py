@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from models.lenet import LeNet5, LeNet5BN
+from models.params import UserError
 from models.resnet import ResNet18, ResNet34
 from models.vgg import VGG16
 from models.wrn import WRN16_4
-from models.params import UserError
 
 MODELS: dict[str, type] = {
     "lenet5": LeNet5,

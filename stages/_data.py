@@ -152,6 +152,11 @@ def prepare(dataset: str, out: Optional[Path] = None, *, source: Optional[Path] 
             if index is not None:  # position in the source's train set: proves val and train are disjoint
                 group.create_dataset("index", data=index.astype(np.int64))
 
+    _show(dataset, splits, out)
+    return out
+
+
+def _show(dataset: str, splits: dict, out: Path) -> None:
     table = Table(title=f"prepare {dataset}", title_justify="left")
     for column in ("split", "images", "shape", "classes"):
         table.add_column(column)
@@ -159,7 +164,6 @@ def prepare(dataset: str, out: Optional[Path] = None, *, source: Optional[Path] 
         table.add_row(split, f"{len(x):,}", "x".join(map(str, x.shape[1:])), str(len(np.unique(y))))
     console.print(table)
     console.print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- reading

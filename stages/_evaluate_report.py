@@ -85,7 +85,7 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
     # tall enough for both legends, one above the other, at about 0.16 inch an entry (font size 7)
     height = max(4.5, 0.16 * (len(series) + len(styles)) + 1.0)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), height), squeeze=False, sharey=True)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         for g in (g for g in groups if g["dataset"] == dataset):
             ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
                         xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], capsize=3,
@@ -111,7 +111,7 @@ def _latency(path: Path, latency: list[dict]) -> Path:
     keys = sorted({(r["device"], r["batch"]) for r in latency})
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
-    for ax, (device, batch) in zip(axes[0], keys):
+    for ax, (device, batch) in zip(axes[0], keys, strict=True):
         rows = sorted((r for r in latency if (r["device"], r["batch"]) == (device, batch)), key=lambda r: r["median_ms"])
         ax.barh([r["defense"] for r in rows], [r["median_ms"] for r in rows])
         ax.set_xlabel("median latency (ms)")

@@ -16,8 +16,16 @@ import torch
 import models
 from models.params import UserError
 from stages import _data, _jit, _loop
-from stages._artifacts import (attr_json, load_history, load_state, open_artifact, save_history, save_state, sha256,
-                               write_artifact)
+from stages._artifacts import (
+    attr_json,
+    load_history,
+    load_state,
+    open_artifact,
+    save_history,
+    save_state,
+    sha256,
+    write_artifact,
+)
 
 PROVENANCE = ("stage", "params", "inputs", "seed", "versions", "created_utc", "wall_seconds")
 # Flags that place files, choose how the maths runs or how much is measured, not what the victim is. on_collapse is

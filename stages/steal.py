@@ -39,6 +39,11 @@ def run(
     victim: Annotated[Path, typer.Option(
         help="victim.h5, or a deployed victim.pt (TorchScript: only load files you trust).",
         rich_help_panel=VICTIM)] = Path("artifacts/victim.h5"),
+    data: Annotated[Optional[str], typer.Option(
+        help="The victim's dataset, for its test split [default: the one it was trained on].",
+        rich_help_panel=VICTIM)] = None,
+    defense: _options.DefenseName = "none",
+    defense_param: _options.DefenseParams = None,
     attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.", rich_help_panel=ATTACK)] = "knockoff",
     budget: Annotated[int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).",
                                         rich_help_panel=ATTACK)] = 50_000,
@@ -52,6 +57,10 @@ def run(
         help="Split of --pool used.", rich_help_panel=ATTACK)] = "train",
     convert: Annotated[bool, typer.Option(
         help="Resize / convert pool images to the victim's input shape.", rich_help_panel=ATTACK)] = True,
+    query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.", rich_help_panel=ATTACK)] = 500,
+    attack_param: Annotated[Optional[list[str]], typer.Option(
+        "--attack-param", metavar="KEY=VALUE", rich_help_panel=ATTACK,
+        help=f"Attack parameter, repeatable. Defaults: {describe(ATTACKS)}.")] = None,
     arch: Annotated[Optional[str], typer.Option(
         help=f"Surrogate architecture: {', '.join(models.MODELS)} [default: the victim's].",
         rich_help_panel=RECIPE)] = None,
@@ -65,17 +74,8 @@ def run(
     ] = None,
     momentum: _options.Momentum = 0.9,
     weight_decay: _options.WeightDecay = 5e-4,
-    query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.", rich_help_panel=ATTACK)] = 500,
-    attack_param: Annotated[Optional[list[str]], typer.Option(
-        "--attack-param", metavar="KEY=VALUE", rich_help_panel=ATTACK,
-        help=f"Attack parameter, repeatable. Defaults: {describe(ATTACKS)}.")] = None,
-    defense: _options.DefenseName = "none",
-    defense_param: _options.DefenseParams = None,
-    data: Annotated[Optional[str], typer.Option(
-        help="The victim's dataset, for its test split [default: the one it was trained on].",
-        rich_help_panel=VICTIM)] = None,
-    out: Annotated[Path, typer.Option(help="Output surrogate HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/surrogate.h5"),
     seed: _options.Seed = 0,
+    out: Annotated[Path, typer.Option(help="Output surrogate HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/surrogate.h5"),
     device: _options.Device = "auto",
     resume: _options.Resume = False,
 ) -> Path:
@@ -234,19 +234,26 @@ def _attack(f, p: dict, target: _Target, strategy: Attack, surrogate: nn.Module,
         if not history:
             end_epoch({})
         box.close()
-    victim_accuracy = float((victim_top1 == test_y).float().mean())
+    return _record(f, p, info, surrogate, history, box.used, victim_top1 == test_y, defended_top1 == test_y)
+
+
+def _record(f, p: dict, info: _victim.VictimInfo, surrogate: nn.Module, history: dict[str, list[float]], queries: int,
+            victim_right: torch.Tensor, defended_right: torch.Tensor) -> dict:
+    """The surrogate, its history and the summary into `f`; the summary returned. `victim_right` and
+    `defended_right`: where the victim's top-1 on the test split is right, plain and behind the defense."""
+    victim_accuracy = float(victim_right.float().mean())
     final, best = history["stealing_accuracy"][-1], max(history["stealing_accuracy"])
     summary = dict(
         stealing_accuracy=final, fidelity=history["fidelity"][-1], max_stealing_accuracy=best,
         max_stealing_epoch=history["stealing_accuracy"].index(best) + 1, victim_accuracy=victim_accuracy,
-        defended_accuracy=float((defended_top1 == test_y).float().mean()),
-        relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0, queries=box.used, budget=p["budget"])
+        defended_accuracy=float(defended_right.float().mean()),
+        relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0, queries=queries, budget=p["budget"])
     f.attrs.update(summary)
     f.attrs.update(attack=p["attack"], label=p["label"], defense=p["defense"], arch=p["arch"], dataset=info.dataset,
                    attack_params=json.dumps(p["attack_params"]), defense_params=json.dumps(p["defense_params"]),
                    classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
                    std=info.std, victim_sha256=info.sha256, baked_defense=info.baked_defense,
-                   eval_split="test", eval_images=len(test_y),
+                   eval_split="test", eval_images=len(victim_right),
                    max_stealing_note="max over epochs on the test split: peeks at test, not a headline")
     save_state(f.create_group("weights"), surrogate.state_dict())
     save_history(f.create_group("history"), history)

@@ -26,8 +26,13 @@ from stages._options import DATA, RECIPE, RUNTIME
 
 def run(
     dataset: _options.Dataset = "mnist",
+    ood: Annotated[Optional[str], typer.Option(
+        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.",
+        rich_help_panel=DATA)] = None,
     arch: _options.Arch = "lenet5",
-    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim.h5"),
+    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
+        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.",
+        rich_help_panel=RECIPE)] = "ce",
     epochs: _options.Epochs = 10,
     batch_size: _options.BatchSize = 128,
     lr: _options.LR = 0.1,
@@ -36,15 +41,10 @@ def run(
     lr_step: _options.LRStep = 20,
     lr_gamma: _options.LRGamma = 0.1,
     seed: _options.Seed = 0,
-    device: _options.Device = "auto",
     augment: _options.Augment = None,
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim.h5"),
+    device: _options.Device = "auto",
     resume: _options.Resume = False,
-    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
-        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.",
-        rich_help_panel=RECIPE)] = "ce",
-    ood: Annotated[Optional[str], typer.Option(
-        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.",
-        rich_help_panel=DATA)] = None,
 ) -> Path:
     """Train an undefended victim with cross-entropy (or outlier exposure); choose the epoch on val."""
     params = dict(locals())

@@ -54,13 +54,6 @@ INERT = {"ood_synthetic": ("ood_synthetic_steps", "ood_synthetic_eps"), "ood_der
 
 def run(
     dataset: _options.Dataset = "mnist",
-    arch: _options.Arch = "lenet5",
-    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim-ini.h5"),
-    preset: Annotated[Literal["faithful", "broad"], typer.Option(
-        help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
-             "heavily augmented, plus outliers derived from ID images, merged with PCGrad's sum, spikes clipped, "
-             "collapses rolled back (any of those flags given explicitly overrides it).", rich_help_panel=RECIPE)
-    ] = "faithful",
     ood: Annotated[Optional[str], typer.Option(
         help="OOD set(s) (.h5 or names, comma-separated: a mixture balanced per set) for the induction and vanishing "
              "terms [default: faithful: per dataset, the paper's, prepared like the victim's own dataset (offline, "
@@ -77,15 +70,12 @@ def run(
     ood_augment: Annotated[Optional[Literal["id", "heavy"]], typer.Option(
         help="OOD augmentation: id (as ID images) or heavy (flips, transposition, inversion, gamma) "
              "[default: the preset's].", rich_help_panel=DATA)] = None,
-    ood_synthetic: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Share of each OOD batch turned into synthetic outliers: a few steps of gradient "
-                               "ascent on the victim-surrogate disagreement (what data-free thieves search for), "
-                               "then induced like the rest; 0: none.", rich_help_panel=BEYOND)] = 0.0,
-    ood_synthetic_steps: Annotated[int, typer.Option(
-        min=1, help="Ascent steps per synthetic outlier.", rich_help_panel=BEYOND)] = 3,
-    ood_synthetic_eps: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="L-inf radius of the search around each OOD image (1: unbounded).",
-        rich_help_panel=BEYOND)] = 0.25,
+    arch: _options.Arch = "lenet5",
+    preset: Annotated[Literal["faithful", "broad"], typer.Option(
+        help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
+             "heavily augmented, plus outliers derived from ID images, merged with PCGrad's sum, spikes clipped, "
+             "collapses rolled back (any of those flags given explicitly overrides it).", rich_help_panel=RECIPE)
+    ] = "faithful",
     epochs: _options.Epochs = 50,
     batch_size: _options.BatchSize = 128,
     lr: _options.LR = 0.1,
@@ -94,9 +84,7 @@ def run(
     lr_step: _options.LRStep = 20,
     lr_gamma: _options.LRGamma = 0.1,
     seed: _options.Seed = 0,
-    device: _options.Device = "auto",
     augment: _options.Augment = None,
-    resume: _options.Resume = False,
     beta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID distance term.",
                                         rich_help_panel=INI_TERMS)] = PAPER.beta,
     gamma: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD induction term.",
@@ -118,6 +106,15 @@ def run(
         help=f"Gradient clipping: official (at norm {PAPER.max_grad_norm:g}, only without PCGrad), always (also "
              f"PCGrad's merged gradient) or spike (official, plus the merged gradient clipped at {SPIKE_FACTOR:g}x "
              "the running mean of the norms before it) [default: the preset's].", rich_help_panel=INI_TERMS)] = None,
+    ood_synthetic: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of each OOD batch turned into synthetic outliers: a few steps of gradient "
+                               "ascent on the victim-surrogate disagreement (what data-free thieves search for), "
+                               "then induced like the rest; 0: none.", rich_help_panel=BEYOND)] = 0.0,
+    ood_synthetic_steps: Annotated[int, typer.Option(
+        min=1, help="Ascent steps per synthetic outlier.", rich_help_panel=BEYOND)] = 3,
+    ood_synthetic_eps: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="L-inf radius of the search around each OOD image (1: unbounded).",
+        rich_help_panel=BEYOND)] = 0.25,
     on_collapse: Annotated[Optional[Literal["warn", "rollback"]], typer.Option(
         help="When val accuracy falls to chance after a good epoch (the network collapsed): warn at the end, or roll "
              f"back to the best epoch with the learning rate halved (at most {MAX_ROLLBACKS} times) "
@@ -142,6 +139,9 @@ def run(
         rich_help_panel=BEYOND)] = "reinit",
     refresh_steps: Annotated[int, typer.Option(
         min=1, help="SGD steps of one distill refresh.", rich_help_panel=BEYOND)] = 100,
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim-ini.h5"),
+    device: _options.Device = "auto",
+    resume: _options.Resume = False,
     implementation: Annotated[Literal["auto", "fast", "reference"], typer.Option(
         help="fast (LeNet-5 only, same maths) or reference; auto picks fast when it can.",
         rich_help_panel=RUNTIME)] = "auto",

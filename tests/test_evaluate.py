@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
+
 from stages import _victim, evaluate, train
 from stages._artifacts import save_history, save_state, sha256, write_artifact
-from tiny_data import write_dataset
 
 
 @pytest.fixture(scope="module")

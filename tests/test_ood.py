@@ -234,5 +234,5 @@ def test_rollback_resumes_exactly(tiny, tmp_path, one_thread):
     _sabotaging_fit(tiny, out, rollbacks=3, stop_after=3)  # the checkpoint after epoch 3 (rolled back at 2)
     resumed, result = _sabotaging_fit(tiny, out, rollbacks=3, resume=True, stop_after=4)
     assert result.history["lr"][-1] == pytest.approx(0.05)
-    for a, b in zip(whole.parameters(), resumed.parameters()):
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

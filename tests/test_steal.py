@@ -112,7 +112,7 @@ def test_attacks_hold_only_the_query_callable(attack):
     params = {"dfme": {"width": 8, "noise_dim": 16}, "jbda": {"seeds": 30}, "jbda-tr": {"seeds": 30}}.get(attack, {})
     cls(**params).run(query, thief)
     assert 0 < query.used <= 150
-    assert any(not torch.equal(a, b) for a, b in zip(before, surrogate.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, surrogate.parameters(), strict=True))
 
 
 def test_attack_code_cannot_reach_the_victim():

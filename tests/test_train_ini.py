@@ -14,16 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
 from torch import nn
 
 import models
-from conftest import assert_one_line_error, invoke
 from models.params import UserError
 from stages import _loop
 from stages._artifacts import load_state
 from stages._torchrun import Ranks
 from stages.ini import fast, objective, ood, reference
-from tiny_data import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_each_term_against_a_hand_computation():
         return z - np.log(np.exp(z).sum(1, keepdims=True))
 
     lv, lc, lvo, lco = map(log_softmax, (zv, zc, zvo, zco))
-    centred = lambda l: l - l.mean(1, keepdims=True)  # noqa: E731
+    centred = lambda z: z - z.mean(1, keepdims=True)  # noqa: E731
     assert terms["benign"].item() == pytest.approx(-lv[np.arange(5), y.numpy()].mean())
     assert terms["id_distance"].item() == pytest.approx(-np.abs(zc - centred(lv)).mean())
     assert terms["ood_distance"].item() == pytest.approx(np.abs(zco - centred(lvo)).mean())
@@ -207,7 +207,7 @@ def test_fast_step_equals_reference(weights, k, shape, spike_mean):
     for key in ref_terms:
         assert fast_terms[key].item() == pytest.approx(ref_terms[key].item(), rel=1e-5, abs=1e-10), key
     before = [p.detach() for p in _lenet(1, channels=channels, size=size).parameters()]
-    for p0, a, b in zip(before, ref_params, fast_params):
+    for p0, a, b in zip(before, ref_params, fast_params, strict=True):
         assert torch.allclose(a - p0, b - p0, rtol=1e-5, atol=1e-12)
 
 
@@ -275,10 +275,10 @@ def test_tape_matches_autograd_jacobian_products():
     cot = torch.randn(6, 2, 10, dtype=torch.float64)
     mine = tape.vjp(cot)
     for t in range(2):
-        for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values()):
+        for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values(), strict=True):
             assert torch.allclose(mine_p[t], ref_p, atol=1e-12)
     tangent = [torch.randn(1, *p.shape, dtype=torch.float64) for p in params.values()]
-    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent)},))
+    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent, strict=True)},))
     assert torch.allclose(tape.jvp(tangent)[:, 0], ref, atol=1e-12)
 
 
@@ -452,8 +452,9 @@ def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_fi
     """train-ini without --ood on an MNIST victim: on a machine that is online, KMNIST (the paper's choice) is
     downloaded the way the victim's own dataset would be; offline the download fails and FashionMNIST, whose raw
     files are at hand, is prepared instead. Downloads are stubbed: online writes KMNIST's raw files."""
-    from stages import _data, _prepare_readers
     from test_sources import idx_arrays, write_mnist
+
+    from stages import _data, _prepare_readers
 
     root = tmp_path / "data"
     monkeypatch.chdir(tmp_path)  # prepared sets go to artifacts/data/ here
@@ -519,3 +520,11 @@ def test_spike_clip_averages_during_warmup_then_clips_spikes_and_resumes_from_it
     for _ in range(100):  # after 1 / (1 - decay) steps the mean turns exponential (weight 0.1)
         spike(torch.tensor([1.0]))
     assert float(spike.mean) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_help_groups_the_options_in_panels_and_shows_every_default():
+    text = invoke("train-ini", "--help").stdout
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Data and OOD", "Recipe", "InI terms", "Beyond the paper", "Runtime"]
+    flat = " ".join(text.replace("│", " ").split())
+    assert "[default: the preset's]" in flat and "[default: 50]" in flat and "[default: --arch]" in flat

@@ -31,8 +31,19 @@ import models
 from models.lenet import LeNet5
 from models.params import UserError
 from stages._torchrun import Ranks
-from stages.ini.objective import (TERMS, Objective, SpikeClip, clip_merged, cosine, distance_sum, divergence_sum,
-                                  finish, global_counts, pcgrad_coefficients, set_gradients)
+from stages.ini.objective import (
+    TERMS,
+    Objective,
+    SpikeClip,
+    clip_merged,
+    cosine,
+    distance_sum,
+    divergence_sum,
+    finish,
+    global_counts,
+    pcgrad_coefficients,
+    set_gradients,
+)
 from stages.ini.ood import OodStream
 
 FINAL_MAP = 5  # LeNet5.resize is an identity exactly when conv2's pooled map is already 5x5
@@ -77,7 +88,7 @@ def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
 def pool_jvp(t: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
     q = _quarters(t)
     out = q[0] * masks[0]
-    for corner, mask in zip(q[1:], masks[1:]):
+    for corner, mask in zip(q[1:], masks[1:], strict=True):
         out.addcmul_(corner, mask)
     return out
 
@@ -85,7 +96,7 @@ def pool_jvp(t: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
 def pool_vjp(d: torch.Tensor, masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     even = size[0] % 2 == 0 and size[1] % 2 == 0
     out = (d.new_empty if even else d.new_zeros)(*d.shape[:-2], *size)
-    for corner, mask in zip(_quarters(out), masks):
+    for corner, mask in zip(_quarters(out), masks, strict=True):
         torch.mul(d, mask, out=corner)
     return out
 
@@ -272,7 +283,7 @@ class Tape:
 
 
 def _unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [part.view(1, *p.shape) for part, p in zip(vector.split([p.numel() for p in like]), like)]
+    return [part.view(1, *p.shape) for part, p in zip(vector.split([p.numel() for p in like]), like, strict=True)]
 
 
 class FastStep:
@@ -288,83 +299,92 @@ class FastStep:
         self.objective, self.ranks, self.kernels, self.spike = objective, ranks, kernels, spike
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        obj, ranks, k = self.objective, self.ranks, len(self.surrogates)
-        weights = obj.weights()
+        weights = self.objective.weights()
         x_ood = self.ood.next(generator, x, y)
-        n, n_ood = global_counts(ranks, len(x), len(x_ood))
+        n, n_ood = global_counts(self.ranks, len(x), len(x_ood))
         # LeNet-5 has no BatchNorm or dropout: train and eval forwards agree, every bn_mode is the same.
         nets = [self.victim, *self.surrogates]
-        cols, h1 = conv1_all(nets, x)
-        cols_ood, h1_ood = conv1_all(nets, x_ood)
-        shared = cols is not None
-        tape = Tape(self.victim, x, cols, h1[0] if shared else None, self.kernels)
-        tape_ood = Tape(self.victim, x_ood, cols_ood, h1_ood[0] if shared else None, self.kernels)
-        z = tape.z.requires_grad_()
-        z_ood = tape_ood.z.requires_grad_()
+        tapes, tapes_ood = _tapes(nets, x, self.kernels), _tapes(nets, x_ood, self.kernels)
+        z, z_ood = tapes[0].z.requires_grad_(), tapes_ood[0].z.requires_grad_()
         terms = {"benign": F.cross_entropy(z, y, reduction="sum") / n}
         terms.update({t: z.new_zeros(()) for t in TERMS[1:]})
-        iso_cot, van_cot = torch.zeros_like(z), torch.zeros_like(z_ood)
-        for i, surrogate in enumerate(self.surrogates, 1):
-            s_tape = Tape(surrogate, x, cols, h1[i] if shared else None, self.kernels)
-            s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None,
-                              self.kernels)
-            terms["id_distance"] = terms["id_distance"] - distance_sum(z, s_tape.z, obj.distance) / n / k
-            terms["ood_distance"] = (terms["ood_distance"]
-                                     + distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k)
-            # u = d divergence / d C-logits, kept differentiable in the victim's logits
-            s = s_tape.z.requires_grad_()
-            u = torch.autograd.grad(divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
-            e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
-            s_ood = s_tape_ood.z.requires_grad_()
-            u_ood = torch.autograd.grad(divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
-                                        create_graph=True)[0]
-            g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
-            g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
-            sizes = [p.numel() for p in s_tape.w]
-            packed = ranks.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
-                                          for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
-            g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(sizes)))
-            isolation = cosine(g_adv, g_exp.detach())
-            vanishing = g_van.abs().mean()
-            terms["isolation"] = terms["isolation"] + isolation.detach() / k
-            terms["vanishing"] = terms["vanishing"] + vanishing.detach() / k
-            if weights["isolation"]:
-                t_adv = torch.autograd.grad(isolation, g_adv)[0] * (weights["isolation"] / k)
-                j = s_tape.jvp(_unflatten(t_adv, s_tape.w))[:, 0]
-                iso_cot = iso_cot + torch.autograd.grad(u, z, j, retain_graph=True)[0]
-            if weights["vanishing"]:
-                t_van = torch.autograd.grad(vanishing, g_van)[0] * (weights["vanishing"] / k)
-                j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
-                van_cot = van_cot + torch.autograd.grad(u_ood, z_ood, j)[0]
-
+        cot = {"isolation": torch.zeros_like(z), "vanishing": torch.zeros_like(z_ood)}
+        for s_tape, s_tape_ood in zip(tapes[1:], tapes_ood[1:], strict=True):
+            self._add_surrogate(tapes[0], s_tape, tapes_ood[0], s_tape_ood, y, (n, n_ood), terms, cot)
         # d(weighted term)/d(victim logits), per term; the victim's Jacobian turns them into parameter gradients.
-        cot = {"benign": torch.autograd.grad(terms["benign"], z, retain_graph=True)[0], "isolation": iso_cot,
-               "vanishing": van_cot}
+        cot["benign"] = torch.autograd.grad(terms["benign"], z, retain_graph=True)[0]
         for t, logits in (("id_distance", z), ("ood_distance", z_ood)):
             if weights[t]:
                 cot[t] = torch.autograd.grad(weights[t] * terms[t], logits, retain_graph=True)[0]
+        params = list(self.victim.parameters())
+        set_gradients(params, clip_merged(self._merge(tapes[0], tapes_ood[0], cot, generator), self.objective,
+                                          self.spike))
+        terms = {t: v.detach() for t, v in terms.items()}
+        return finish(terms, ("benign", "id_distance", "ood_distance"), weights, self.ranks)
+
+    def _add_surrogate(self, tape: Tape, s_tape: Tape, tape_ood: Tape, s_tape_ood: Tape, y: torch.Tensor,
+                       counts: tuple[float, float], terms: dict[str, torch.Tensor],
+                       cot: dict[str, torch.Tensor]) -> None:
+        """One surrogate's share (1/k) of the four surrogate terms, and of the cotangents that carry isolation and
+        vanishing back to the victim's logits (`tape` and `tape_ood`: the victim's on the ID and OOD batch)."""
+        obj, weights, k = self.objective, self.objective.weights(), len(self.surrogates)
+        (n, n_ood), z, z_ood = counts, tape.z, tape_ood.z
+        terms["id_distance"] = terms["id_distance"] - distance_sum(z, s_tape.z, obj.distance) / n / k
+        terms["ood_distance"] = terms["ood_distance"] + distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k
+        # u = d divergence / d C-logits, kept differentiable in the victim's logits
+        s = s_tape.z.requires_grad_()
+        u = torch.autograd.grad(divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
+        e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
+        s_ood = s_tape_ood.z.requires_grad_()
+        u_ood = torch.autograd.grad(divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
+                                    create_graph=True)[0]
+        g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
+        g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
+        packed = self.ranks.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
+                                            for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
+        g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(p.numel() for p in s_tape.w)))
+        isolation = cosine(g_adv, g_exp.detach())
+        vanishing = g_van.abs().mean()
+        terms["isolation"] = terms["isolation"] + isolation.detach() / k
+        terms["vanishing"] = terms["vanishing"] + vanishing.detach() / k
+        if weights["isolation"]:
+            t_adv = torch.autograd.grad(isolation, g_adv)[0] * (weights["isolation"] / k)
+            j = s_tape.jvp(_unflatten(t_adv, s_tape.w))[:, 0]
+            cot["isolation"] = cot["isolation"] + torch.autograd.grad(u, z, j, retain_graph=True)[0]
+        if weights["vanishing"]:
+            t_van = torch.autograd.grad(vanishing, g_van)[0] * (weights["vanishing"] / k)
+            j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
+            cot["vanishing"] = cot["vanishing"] + torch.autograd.grad(u_ood, z_ood, j)[0]
+
+    def _merge(self, tape: Tape, tape_ood: Tape, cot: dict[str, torch.Tensor],
+               generator: torch.Generator) -> torch.Tensor:
+        """The victim's merged gradient, flat and summed over ranks: the active terms' gradients through its
+        Jacobians on the ID and OOD batch, merged by PCGrad on their Gram matrix (or summed without PCGrad)."""
+        obj = self.objective
         active = obj.active()
         on_id = [t for t in active if t in ("benign", "id_distance", "isolation")]
         on_ood = [t for t in active if t in ("ood_distance", "vanishing")]
-        params = [p for p in self.victim.parameters()]
+        params = list(self.victim.parameters())
         order = {id(p): i for i, p in enumerate(tape.params)}
-        if obj.pcgrad:
-            per_term = {}
-            for part, names in ((tape, on_id), (tape_ood, on_ood)):
-                if names:
-                    grads = part.vjp(torch.stack([cot[t] for t in names], 1))
-                    rows = torch.cat([grads[order[id(p)]].reshape(len(names), -1) for p in params], 1)
-                    per_term.update(zip(names, rows))
-            grads = ranks.sum_(torch.stack([per_term[t] for t in active]))
-            coefficients = pcgrad_coefficients(grads @ grads.t(), generator, obj.pcgrad_reduction)
-            merged = coefficients.to(grads.dtype) @ grads
-        else:
+        if not obj.pcgrad:
             merged = 0
             for part, names in ((tape, on_id), (tape_ood, on_ood)):
                 if names:
                     grads = part.vjp(sum(cot[t] for t in names)[:, None])
                     merged = merged + torch.cat([grads[order[id(p)]].reshape(-1) for p in params])
-            merged = ranks.sum_(merged)
-        set_gradients(params, clip_merged(merged, obj, self.spike))
-        terms = {t: v.detach() for t, v in terms.items()}
-        return finish(terms, ("benign", "id_distance", "ood_distance"), weights, ranks)
+            return self.ranks.sum_(merged)
+        per_term = {}
+        for part, names in ((tape, on_id), (tape_ood, on_ood)):
+            if names:
+                grads = part.vjp(torch.stack([cot[t] for t in names], 1))
+                rows = torch.cat([grads[order[id(p)]].reshape(len(names), -1) for p in params], 1)
+                per_term.update(zip(names, rows, strict=True))
+        grads = self.ranks.sum_(torch.stack([per_term[t] for t in active]))
+        coefficients = pcgrad_coefficients(grads @ grads.t(), generator, obj.pcgrad_reduction)
+        return coefficients.to(grads.dtype) @ grads
+
+
+def _tapes(nets: Sequence[nn.Module], x: torch.Tensor, kernels: Kernels) -> list[Tape]:
+    """Every network's tape on one batch, sharing conv1's patches when the networks normalise and pad alike."""
+    cols, h1 = conv1_all(nets, x)
+    return [Tape(net, x, cols, h1[i] if cols is not None else None, kernels) for i, net in enumerate(nets)]

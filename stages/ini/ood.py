@@ -76,6 +76,8 @@ def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
             continue
         path = _data.default_path(name)
         if not path.exists():
+            console.print(f"preparing the OOD set {name} for {data.name} from raw files"
+                          + (" (offline only)" if preset == "broad" else ", else by download"))
             try:
                 _data.prepare(name, path, download=preset != "broad")
             except UserError as e:

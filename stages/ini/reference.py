@@ -12,8 +12,22 @@ from torch import nn
 from torch.func import functional_call
 
 from stages._torchrun import Ranks
-from stages.ini.objective import (TERMS, Objective, SpikeClip, clip_merged, cosine, distance_sum, divergence_sum,
-                                  finish, flat, forward_id_and_ood, global_counts, pcgrad, set_gradients, spread)
+from stages.ini.objective import (
+    TERMS,
+    Objective,
+    SpikeClip,
+    clip_merged,
+    cosine,
+    distance_sum,
+    divergence_sum,
+    finish,
+    flat,
+    forward_id_and_ood,
+    global_counts,
+    pcgrad,
+    set_gradients,
+    spread,
+)
 from stages.ini.ood import OodStream
 
 
