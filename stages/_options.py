@@ -4,6 +4,7 @@ help panels `--help` groups every stage's options into."""
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -23,6 +24,10 @@ RUNTIME = "Runtime"
 
 Dataset = Annotated[str, typer.Option(help="Prepared dataset (.h5) or dataset name.", rich_help_panel=DATA)]
 Arch = Annotated[str, typer.Option(help=f"Architecture: {', '.join(models.MODELS)}.", rich_help_panel=RECIPE)]
+
+# The victim recipe of the paper's official code (SGD + StepLR): the default of `train` and `train-ini` alike, so
+# that the baseline and the defense compare like with like.
+PAPER_SGD = SimpleNamespace(batch_size=128, lr=0.1, momentum=0.5, weight_decay=1e-3, lr_step=20, lr_gamma=0.1)
 
 # the training recipe of `train`, `train-ini` and (some of it) `steal`
 Epochs = Annotated[int, typer.Option(min=1, help="Training epochs.", rich_help_panel=RECIPE)]
