@@ -13,8 +13,8 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
+from models.params import UserError
 from stages import evaluate, export, prepare, serve, serve_key, steal, train, train_ini
-from stages._artifacts import UserError
 
 
 class _Stages(TyperGroup):
@@ -53,7 +53,7 @@ def _fail(message: str, code: int) -> None:
 
 
 app = typer.Typer(cls=_Stages, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,  # help texts are plain: "[default: ...]" must show, not parse as markup
+                  rich_markup_mode="markdown",  # help texts read as Markdown: "[default: ...]" shows as written
                   help=__doc__.splitlines()[0])
 
 app.command("prepare")(prepare.run)

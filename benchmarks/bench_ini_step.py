@@ -7,8 +7,8 @@ PCGrad on), with peak memory; optionally full epochs.
 Steps are timed in interleaved rounds (plain, reference, fast, plain, ...) so that load from other processes hits
 all three alike; the median round is reported. Peak memory is each step's own, measured in a fresh process
 (the kernel's resident high-water mark, reset after setup). `--epoch` also times full MNIST epochs of `train` and
-`train-ini`, eager and compiled, in one process and as 2 DDP processes (the official code: 48 s per InI epoch on our
-2-core machines).
+`train-ini`, eager and compiled, in one process and as 2 DDP processes (the official code: 48 s per InI epoch on a
+2-core machine).
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import h5py  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402
-from stages import _data, _ini, _ini_fast, _ood  # noqa: E402
-from stages._loop import Dist  # noqa: E402
+from stages import _data  # noqa: E402
+from stages._torchrun import Ranks  # noqa: E402
+from stages.ini import fast, ood  # noqa: E402
+from stages.ini.objective import Objective  # noqa: E402
+from stages.ini.reference import ReferenceStep  # noqa: E402
 
 KINDS = ("plain", "reference", "fast", "compiled", "broad")
 
@@ -48,28 +52,28 @@ def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def steps(size: int = 128) -> dict[str, callable]:
     """One callable per kind: a full optimiser step (zero_grad, gradients, SGD) on the same batch."""
-    images, labels, ood = batch(size)
+    images, labels, outliers = batch(size)
     x = _data.to_float(images)
     torch.manual_seed(0)
     victim = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081])
     torch.manual_seed(1)
     surrogate = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).eval().requires_grad_(False)
     optimizer = torch.optim.SGD(victim.parameters(), lr=1e-3, momentum=0.5, weight_decay=1e-3)
-    stream = _ini.OodStream(ood, size, False, Dist())
+    stream = ood.OodStream(outliers, size, False, Ranks())
     gen = torch.Generator().manual_seed(0)
     stream.begin(gen)
-    ini = {"reference": _ini.ReferenceStep(victim, [surrogate], stream, _ini.Objective(), Dist()),
-           "fast": _ini_fast.FastStep(victim, [surrogate], stream, _ini.Objective(), Dist(), 28)}
-    # the broad preset (issue 7): the same production step, fed a heavily augmented mixture and derived outliers
-    broad = _ood.OodStream([ood[: len(ood) // 2], ood[len(ood) // 2 :]], size, False, Dist(),
-                           derived=_ood.DERIVED, heavy=True)
+    ini = {"reference": ReferenceStep(victim, [surrogate], stream, Objective(), Ranks()),
+           "fast": fast.FastStep(victim, [surrogate], stream, Objective(), Ranks(), 28)}
+    # the broad preset: the same production step, fed a heavily augmented mixture and derived outliers
+    broad = ood.OodStream([outliers[: len(outliers) // 2], outliers[len(outliers) // 2 :]], size, False, Ranks(),
+                          derived=ood.DERIVED, heavy=True)
     broad.begin(torch.Generator().manual_seed(0))
-    ini["broad"] = _ini_fast.FastStep(victim, [surrogate], broad, _ini.Objective(), Dist(), 28)
+    ini["broad"] = fast.FastStep(victim, [surrogate], broad, Objective(), Ranks(), 28)
     # the production step with its forward and jvp kernels fused by torch.compile (train-ini --compile on), where a
     # C++ compiler is found
-    if _ini_fast.compiler_available():
-        ini["compiled"] = _ini_fast.FastStep(victim, [surrogate], stream, _ini.Objective(), Dist(), 28,
-                                             _ini_fast.compiled_kernels(strict=True))
+    if fast.compiler_available():
+        ini["compiled"] = fast.FastStep(victim, [surrogate], stream, Objective(), Ranks(), 28,
+                                        fast.compiled_kernels(strict=True))
 
     def plain():
         optimizer.zero_grad(set_to_none=True)
@@ -142,7 +146,7 @@ def time_epochs(threads: int) -> dict[str, float]:
                                 capture_output=True, text=True, check=False)
         if result.returncode:
             raise SystemExit(result.stderr[-2000:])
-        with __import__("h5py").File(path, "r") as f:
+        with h5py.File(path, "r") as f:
             out[label] = float(f["history/epoch_seconds"][1])
     return out
 

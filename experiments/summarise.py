@@ -1,40 +1,69 @@
 """Pivot an `evaluate` metrics.h5 into the compact Markdown tables of docs/results.md: one row per (victim recipe,
 defense), one column per (attack, label, pool), cells "stealing mean ± std (n)"; a first column gives the benign
-accuracy as deployed. Victims are told apart by their recipe's hash (seeds share one).
+accuracy as deployed. Everything comes from the metrics' columns: a victim is named by its kind (undefended, AM,
+faithful or broad InI) and the recipe entries that set it apart from the other victims of its kind.
 
-`--lofo` reads the leave-one-family-out run's rows instead (the file names of experiments/config/lofo.yaml): per
-victim dataset and held-out pool family, soft and hard stealing of the undefended, paper-recipe and broad victims,
-mean ± std over seeds (n), a last row averaging the families within each seed first, the same for the perturbation
-baselines when the run has them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
+`--lofo` reads the leave-one-family-out run's rows instead (experiments/config/lofo.yaml): per victim dataset and held-out
+pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over seeds (n), a
+last row averaging the families within each seed first, the same for the perturbation baselines when the run has
+them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
-`--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended
-ones, the paper recipe and each train-ini option), its benign accuracy, the diagnostics of its chosen epoch (read
-from the victim files beside the metrics: mean L1 between victim and surrogate outputs on held-out OOD images, lower
-is induced; mean cosine between the distillation and true-label gradients on held-out ID images, lower is isolated),
-and knockoff stealing per pool, soft / hard, mean ± std over seeds (n).
-
-    python experiments/summarise.py artifacts/grid/metrics.h5 [--dataset mnist]
-    python experiments/summarise.py --lofo artifacts/lofo/metrics.h5
-    python experiments/summarise.py --variants artifacts/variants/metrics.h5
+`--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended ones, the paper recipe and each
+train-ini option), its benign accuracy, the diagnostics of its chosen epoch (mean L1 between victim and surrogate
+outputs on held-out OOD images, lower is induced; mean cosine between the distillation and true-label gradients on
+held-out ID images, lower is isolated), and knockoff stealing per pool, soft / hard, mean ± std over seeds (n).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import re
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import h5py
 
-RECIPES = {"ce": "undefended", "outlier-exposure": "AM victim", "faithful": "InI (paper recipe)",
-           "broad": "InI broad preset", "ini": "InI"}
+KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM", "faithful": "faithful", "broad": "broad"}
+KIND_ORDER = ("ce", "outlier-exposure", "faithful", "broad")
+BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
+KINDS = ("undefended", "faithful", "broad")
+KIND_TITLES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad"}
 
 
 def _text(values) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _columns(path: str, group: str, names: tuple[str, ...]) -> list[dict]:
+    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns."""
+    with h5py.File(path, "r") as f:
+        g = f[group]
+        cols = {k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist()) for k in names}
+    return [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+
+
+def victim_names(entries: list[dict]) -> dict[str, str]:
+    """A name per victim recipe (`victim`): its kind, plus the recipe entries that set it apart from the other
+    victims of its kind and dataset (what every one of them changed from the defaults goes unsaid)."""
+    recipes = {e["victim"]: e for e in entries}
+    common: dict[tuple, set] = {}
+    for e in recipes.values():
+        items = {(k, json.dumps(v)) for k, v in json.loads(e["victim_changes"]).items()}
+        key = (e["dataset"], e["victim_kind"])
+        common[key] = items if key not in common else common[key] & items
+    names = {}
+    for victim, e in recipes.items():
+        shared = common[e["dataset"], e["victim_kind"]]
+        apart = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                 for k, v in sorted(json.loads(e["victim_changes"]).items()) if (k, json.dumps(v)) not in shared]
+        names[victim] = " ".join([KIND_NAMES.get(e["victim_kind"], e["victim_kind"]), *apart])
+    return names
+
+
+def _order(e: dict, name: str) -> tuple:
+    kind = e["victim_kind"]
+    return e["dataset"], KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), name
 
 
 def _cell(mean: float, std: float, n: int) -> str:
@@ -44,47 +73,6 @@ def _cell(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.1f}{spread} ({n})"
 
 
-def pivot(path: str, dataset: str | None) -> str:
-    with h5py.File(path, "r") as f:
-        g = f["groups"]
-        cols = {k: _text(g[k][:]) for k in ("dataset", "victim", "defense", "attack", "label", "pool", "n")}
-        nums = {k: g[k][:] for k in ("benign_accuracy_mean", "benign_accuracy_std", "stealing_accuracy_mean",
-                                      "stealing_accuracy_std")}
-    table: dict[tuple, dict[tuple, str]] = defaultdict(dict)
-    benign: dict[tuple, str] = {}
-    columns: list[tuple] = []
-    for i in range(len(cols["victim"])):
-        if dataset and cols["dataset"][i] != dataset:
-            continue
-        setting, _, digest = cols["victim"][i].partition("#")
-        recipe = setting.split("/")[-1]
-        row = (cols["dataset"][i], f"{RECIPES.get(recipe, recipe)} #{digest}", cols["defense"][i])
-        n = int(cols["n"][i])
-        if cols["attack"][i] == "-":
-            benign[row] = _cell(nums["benign_accuracy_mean"][i], nums["benign_accuracy_std"][i], n)
-            continue
-        col = (cols["attack"][i], cols["label"][i], cols["pool"][i])
-        if col not in columns:
-            columns.append(col)
-        table[row][col] = _cell(nums["stealing_accuracy_mean"][i], nums["stealing_accuracy_std"][i], n)
-        benign.setdefault(row, _cell(nums["benign_accuracy_mean"][i], nums["benign_accuracy_std"][i], n))
-    columns.sort()
-    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [" ".join(c for c in col if c != "-")
-                                                                      for col in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in sorted(benign):
-        lines.append("| " + " | ".join([*row, benign[row], *(table[row].get(col, "") for col in columns)]) + " |")
-    return "\n".join(lines)
-
-
-BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
-LOFO_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|faithful|broad-no-[a-z-]+|broad-all"
-                       r"|undefended-(?P<defense>" + "|".join(BASELINES[:-1]) + r")|am-adaptive-misinformation)"
-                       r"-s(?P<seed>\d+)-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
-KINDS = ("undefended", "faithful", "broad")
-KIND_NAMES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad"}
-
-
 def _spread(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
@@ -92,10 +80,35 @@ def _spread(values: list[float], digits: int = 1) -> str:
     return f"{100 * statistics.mean(values):.{digits}f}{std} ({len(values)})"
 
 
-def _kind(victim: str, defense: str | None) -> str:
-    if victim.startswith("am-"):
-        return "adaptive-misinformation"
-    return defense or victim.split("-")[0]
+def pivot(path: str, dataset: str | None) -> str:
+    groups = _columns(path, "groups", ("dataset", "victim", "victim_kind", "victim_changes", "defense", "attack",
+                                       "label", "pool", "n", "benign_accuracy_mean", "benign_accuracy_std",
+                                       "stealing_accuracy_mean", "stealing_accuracy_std"))
+    groups = [g for g in groups if not dataset or g["dataset"] == dataset]
+    names = victim_names(groups)
+    table: dict[tuple, dict[tuple, str]] = defaultdict(dict)
+    benign: dict[tuple, str] = {}
+    order: dict[tuple, tuple] = {}
+    columns: list[tuple] = []
+    for g in groups:
+        row = (g["dataset"], names[g["victim"]], g["defense"])
+        order[row] = (*_order(g, names[g["victim"]]), g["defense"])
+        n = int(g["n"])
+        if g["attack"] == "-":
+            benign[row] = _cell(g["benign_accuracy_mean"], g["benign_accuracy_std"], n)
+            continue
+        col = (g["attack"], g["label"], g["pool"])
+        if col not in columns:
+            columns.append(col)
+        table[row][col] = _cell(g["stealing_accuracy_mean"], g["stealing_accuracy_std"], n)
+        benign.setdefault(row, _cell(g["benign_accuracy_mean"], g["benign_accuracy_std"], n))
+    columns.sort()
+    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [" ".join(c for c in col if c != "-")
+                                                                      for col in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in sorted(benign, key=order.get):
+        lines.append("| " + " | ".join([*row, benign[row], *(table[row].get(col, "") for col in columns)]) + " |")
+    return "\n".join(lines)
 
 
 def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
@@ -121,21 +134,21 @@ def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
 
 def lofo(path: str) -> str:
     """The leave-one-family-out tables: stealing (final epoch) per held-out family and victim kind, then the
-    perturbation baselines' (if any), then benign accuracy as deployed."""
-    with h5py.File(path, "r") as f:
-        r = f["rows"]
-        files, accuracy, benign = _text(r["file"][:]), r["stealing_accuracy"][:], r["benign_accuracy"][:]
+    perturbation baselines' (if any), then benign accuracy as deployed. A row's kind is its defense's name where a
+    perturbation defense answers, else its victim's kind; the held-out family is the pool."""
+    rows = _columns(path, "rows", ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool",
+                                   "seed", "stealing_accuracy", "benign_accuracy"))
     steal: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracy
     benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
-    for name, acc, ben in zip(files, accuracy, benign):
-        m = LOFO_FILE.search(name)
-        if not m:
+    for r in rows:
+        defense = r["defense"].split(" ")[0]
+        kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"]) if defense == "none" else defense
+        if r["attack"] != "knockoff" or kind not in (*KINDS, *BASELINES):
             continue
-        kind = _kind(m["victim"], m["defense"])
-        steal[m["dataset"], m["pool"], kind, m["label"]][m["seed"]] = float(acc)
-        benigns[m["dataset"], kind][f"{m['victim']}-s{m['seed']}"] = float(ben)
+        steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = float(r["stealing_accuracy"])
+        benigns[r["dataset"], kind][r["victim_file"]] = float(r["benign_accuracy"])
     datasets = sorted({k[0] for k in steal})
-    head = "| victim data | held-out pool | " + " | ".join(f"{KIND_NAMES[k]} soft / hard" for k in KINDS) + " |"
+    head = "| victim data | held-out pool | " + " | ".join(f"{KIND_TITLES[k]} soft / hard" for k in KINDS) + " |"
     lines = [head, "|---|---|" + "---|" * len(KINDS)]
     for dataset in datasets:
         lines += _family_table(steal, dataset, list(KINDS))
@@ -152,40 +165,26 @@ def lofo(path: str) -> str:
     return "\n".join(lines)
 
 
-VARIANT_FILE = re.compile(r"(?P<dataset>[a-z]+)-(?P<victim>undefended|undefended-bn|faithful|ini-[a-z0-9-]+)"
-                          r"-s(?P<seed>\d+)-knockoff-(?P<label>soft|hard)-(?P<pool>[a-z-]+)\.h5$")
-
-
-def _diagnostics(victim: Path) -> tuple[float, float]:
-    """(OOD L1, ID cosine) of a victim's chosen epoch; NaN for a victim without them (an undefended one)."""
-    with h5py.File(victim, "r") as f:
-        h, epoch = f.get("history"), int(f.attrs["chosen_epoch"])
-        if h is None or "diag_ood_l1" not in h:
-            return math.nan, math.nan
-        return float(h["diag_ood_l1"][epoch - 1]), float(h["diag_id_cosine"][epoch - 1])
-
-
 def variants(path: str) -> str:
     """The train-ini options' table: benign accuracy, diagnostics and stealing per pool, one row per victim."""
-    with h5py.File(path, "r") as f:
-        r = f["rows"]
-        files, accuracy, benign = _text(r["file"][:]), r["stealing_accuracy"][:], r["benign_accuracy"][:]
+    rows = _columns(path, "rows", ("dataset", "victim", "victim_kind", "victim_changes", "victim_file", "attack",
+                                   "label", "pool", "stealing_accuracy", "benign_accuracy", "victim_ood_l1",
+                                   "victim_id_cosine"))
+    rows = [r for r in rows if r["attack"] == "knockoff"]
+    names = victim_names(rows)
     steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, victim, pool, label) -> per seed
-    found: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, victim) -> seed -> (benign, l1, cosine)
+    found: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, victim) -> victim file -> (benign, l1, cos)
+    order: dict[tuple, tuple] = {}
     pools: list[str] = []
-    for name, acc, ben in zip(files, accuracy, benign):
-        m = VARIANT_FILE.search(name)
-        if not m:
-            continue
-        steal[m["dataset"], m["victim"], m["pool"], m["label"]].append(float(acc))
-        pools += [] if m["pool"] in pools else [m["pool"]]
-        if m["seed"] not in found[m["dataset"], m["victim"]]:
-            victim = Path(name).parent.parent / "victims" / f"{m['dataset']}-{m['victim']}-s{m['seed']}.h5"
-            found[m["dataset"], m["victim"]][m["seed"]] = (float(ben), *_diagnostics(victim))
+    for r in rows:
+        victim = (r["dataset"], names[r["victim"]])
+        order[victim] = _order(r, names[r["victim"]])
+        steal[(*victim, r["pool"], r["label"])].append(float(r["stealing_accuracy"]))
+        pools += [] if r["pool"] in pools else [r["pool"]]
+        found[victim].setdefault(r["victim_file"], (r["benign_accuracy"], r["victim_ood_l1"], r["victim_id_cosine"]))
     head = "| victim data | victim | benign | OOD L1 | ID cosine | " + " | ".join(f"{p} soft / hard" for p in pools)
     lines = [head + " |", "|---|---|---|---|---|" + "---|" * len(pools)]
-    order = ["undefended", "undefended-bn", "faithful"]
-    for dataset, victim in sorted(found, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 3, k[1])):
+    for dataset, victim in sorted(found, key=order.get):
         per_seed = list(found[dataset, victim].values())
         diag = [f"{statistics.mean(v[i] for v in per_seed):.3f}" if all(math.isfinite(v[i]) for v in per_seed)
                 else "-" for i in (1, 2)]

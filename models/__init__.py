@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from models.lenet import LeNet5, LeNet5BN
+from models.params import UserError
 from models.resnet import ResNet18, ResNet34
 from models.vgg import VGG16
 from models.wrn import WRN16_4
-from stages._artifacts import UserError
 
 MODELS: dict[str, type] = {
     "lenet5": LeNet5,
@@ -56,6 +56,13 @@ class Classifier(nn.Module):
         return self.net.forward_features(self.normalize(x))
 
 
+def check_arch(arch: str, flag: str = "") -> None:
+    """The one check that an architecture name is in the registry; `flag` names where it came from."""
+    if arch not in MODELS:
+        where = f"{flag}: " if flag else ""
+        raise UserError(f"{where}unknown architecture {arch!r}; choose from {', '.join(MODELS)}")
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -65,8 +72,7 @@ def build_model(
     std: Sequence[float],
 ) -> Classifier:
     """Build `arch` for the given image shape and class count, normalising with `mean` and `std`."""
-    if arch not in MODELS:
-        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(MODELS)}")
+    check_arch(arch)
     if len(mean) != in_channels or len(std) != in_channels:
         raise UserError(f"mean and std need {in_channels} values, one per channel; got {len(mean)} and {len(std)}")
     net = MODELS[arch](num_classes, in_channels, image_size)

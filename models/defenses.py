@@ -2,8 +2,10 @@
 
 Every defense maps a batch (images, probabilities) to probabilities on the simplex and scripts to TorchScript,
 so `export --defense` bakes it, with any network it needs, into one graph. `DEFENSES` is the registry the CLI
-offers; each class lists its CLI parameters in `PARAMS` and the victim-side inputs it is built from in `NEEDS`.
-InI needs none of this: its victim is deployed with `none`, one plain forward pass.
+offers; each class lists its CLI parameters, with their defaults, in `PARAMS` (its constructor takes every one of
+them, so a defense that takes a seed says so there) and the victim-side inputs it is built from in `NEEDS`.
+InI needs none of this: its victim is deployed with `none`, one plain forward pass. The papers behind each:
+docs/method.md, "Defenses".
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from stages._params import Param
+from models.params import Param
 
 
 class NoDefense(nn.Module):
@@ -65,7 +67,7 @@ class ReverseSigmoid(nn.Module):
     }
     NEEDS: tuple[str, ...] = ()
 
-    def __init__(self, beta: float = 0.8, gamma: float = 0.2):
+    def __init__(self, beta: float, gamma: float):
         super().__init__()
         self.beta = float(beta)
         self.gamma = float(gamma)
@@ -92,10 +94,11 @@ class MAD(nn.Module):
     NEEDS = ("proxy",)
     ARGMAX = False
 
-    def __init__(self, proxy: nn.Module, eps: float = 1.1):
+    def __init__(self, proxy: nn.Module, eps: float, seed: int):
         super().__init__()
-        self.proxy = proxy.eval().requires_grad_(False)
+        self.proxy = proxy.eval().requires_grad_(False)  # drawn with `seed` by whoever builds the defense
         self.eps = float(eps)
+        self.seed = int(seed)
         self.argmax = bool(self.ARGMAX)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,7 @@ class AdaptiveMisinformation(nn.Module):
     }
     NEEDS = ("misinformation",)
 
-    def __init__(self, misinformation: nn.Module, tau: float = 0.5, nu: float = 1000.0):
+    def __init__(self, misinformation: nn.Module, tau: float, nu: float):
         super().__init__()
         self.misinformation = misinformation.eval().requires_grad_(False)
         self.tau = float(tau)
@@ -172,10 +175,11 @@ class Grad2(nn.Module):
     }
     NEEDS = ("proxy",)
 
-    def __init__(self, proxy: nn.Module, eps: float = 1.0):
+    def __init__(self, proxy: nn.Module, eps: float, seed: int):
         super().__init__()
-        self.proxy = proxy.eval().requires_grad_(False)
+        self.proxy = proxy.eval().requires_grad_(False)  # drawn with `seed` by whoever builds the defense
         self.eps = float(eps)
+        self.seed = int(seed)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         features = self.proxy.features(x)
@@ -214,7 +218,7 @@ class Rounding(nn.Module):
     PARAMS = {"decimals": Param(2, 0, 6, True, "decimal places kept")}
     NEEDS: tuple[str, ...] = ()
 
-    def __init__(self, decimals: int = 2):
+    def __init__(self, decimals: int):
         super().__init__()
         self.scale = float(10 ** int(decimals))
 
@@ -239,7 +243,7 @@ class Noise(nn.Module):
     }
     NEEDS = ("num_classes", "input_shape")
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], l1: float = 0.5, seed: int = 0):
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], l1: float, seed: int):
         super().__init__()
         generator = torch.Generator().manual_seed(int(seed))
         numel = int(math.prod(input_shape))
@@ -273,9 +277,9 @@ class Gate(nn.Module):
     }
     NEEDS = ("benign_confidence",)
 
-    def __init__(self, threshold: float = 0.5, decoy: int = 0):
+    def __init__(self, threshold: float, quantile: float, decoy: int):
         super().__init__()
-        self.threshold = float(threshold)
+        self.threshold = float(threshold)  # already calibrated from `quantile` when that is above 0
         self.decoy = bool(decoy)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

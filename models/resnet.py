@@ -37,7 +37,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         blocks = []
         in_planes = 64
-        for stage, (planes, count) in enumerate(zip([64, 128, 256, 512], num_blocks)):
+        for stage, (planes, count) in enumerate(zip([64, 128, 256, 512], num_blocks, strict=True)):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
                 blocks.append(BasicBlock(in_planes, planes, stride))

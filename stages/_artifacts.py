@@ -21,10 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit code 1, no traceback."""
-
+from models.params import UserError
 
 SCHEMA_VERSIONS = {"dataset": 1, "victim": 1, "surrogate": 1, "metrics": 1, "checkpoint": 1}
 

@@ -7,8 +7,6 @@ left, and every answered query is written straight into a preallocated transfer 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,8 +16,9 @@ import torch
 from torch import nn
 
 from models.defenses import Defended, Deployed, NoDefense
-from stages import _defense, _jit, _victim
-from stages._artifacts import UserError, sha256
+from models.params import UserError
+from stages import _defense, _victim
+from stages._victim import VictimInfo
 
 EVAL_CHUNK = 1024  # images per victim forward pass, whatever the attack asks at once
 
@@ -28,52 +27,25 @@ class BudgetExhausted(Exception):
     """Raised when an attack queries again after its budget is spent: the attack is over."""
 
 
-@dataclass
-class VictimMeta:
-    path: Path
-    sha256: str
-    arch: str
-    dataset: str
-    dataset_path: str  # where train/train-ini read the data: the default evaluation set
-    classes: list[str]
-    input_shape: tuple[int, int, int]
-    mean: list[float]
-    std: list[float]
-    objective: str
-    baked_defense: str  # the defense already inside a victim.pt ("none" for victim.h5)
-
-
-def open_victim(path: Path, device: str) -> tuple[nn.Module, VictimMeta]:
+def open_victim(path: Path, device: str) -> tuple[nn.Module, VictimInfo]:
     """The victim as a graph images -> probabilities (undefended for .h5, as deployed for .pt) and what it declares."""
     path = Path(path)
     if path.suffix == ".pt":
-        module, meta = _jit.load(path, device)
-        try:
-            provenance = meta.get("victim_provenance") or {}
-            params = json.loads(provenance.get("params", "{}"))
-            info = VictimMeta(path, sha256(path), meta["arch"], meta["dataset"], str(params.get("dataset", meta["dataset"])),
-                              list(meta["classes"]), tuple(meta["input_shape"]), list(meta["mean"]), list(meta["std"]),
-                              str(meta.get("objective", "?")), str(meta.get("defense", "none")))
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: metadata lacks {e}") from None
-        return module, info
-    classifier, vinfo = _victim.load(path, device)
-    params = json.loads(vinfo.provenance.get("params", "{}"))
-    info = VictimMeta(path, sha256(path), vinfo.arch, vinfo.dataset, str(params.get("dataset", vinfo.dataset)),
-                      vinfo.classes, vinfo.input_shape, vinfo.mean, vinfo.std, vinfo.objective, "none")
+        return _victim.load_deployed(path, device)
+    classifier, info = _victim.load(path, device)
     return Deployed(classifier, NoDefense()).eval(), info
 
 
-def defend(graph: nn.Module, info: VictimMeta, name: str, params: dict, device: str) -> nn.Module:
+def defend(graph: nn.Module, info: VictimInfo, name: str, params: dict, device: str) -> nn.Module:
     """The graph the thief queries: the victim behind `--defense`."""
     if name != "none" and info.baked_defense != "none":
         raise UserError(f"{info.path} already has the defense {info.baked_defense!r} baked in; "
                         "use --defense none, or give the victim.h5 to choose another")
-    guard = _defense.build(name, params, info.arch, len(info.classes), info.input_shape, info.mean, info.std,
-                           victim_h5=info.path if info.path.suffix in (".h5", ".hdf5") else None).to(device)
+    defense = _defense.build(name, params, info.arch, len(info.classes), info.input_shape, info.mean, info.std,
+                             victim_h5=info.path if info.path.suffix in (".h5", ".hdf5") else None).to(device)
     if isinstance(graph, Deployed):
-        return Deployed(graph.classifier, guard).eval()
-    return Defended(graph, guard).eval()
+        return Deployed(graph.classifier, defense).eval()
+    return Defended(graph, defense).eval()
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from stages import _blackbox
-from stages.attacks._thief import Recipe, Thief, train_surrogate
+from stages.attacks._thief import SurrogateRecipe, Thief, train_surrogate
 
 
 def prefixes(used: int, points: int) -> list[int]:
@@ -24,7 +24,7 @@ def prefixes(used: int, points: int) -> list[int]:
 
 
 def measure(images, answers, label: str, attack: str, sizes: list[int], build: Callable[[], torch.nn.Module],
-            recipe: Recipe, num_classes: int, input_shape: tuple, seed: int, device: str,
+            recipe: SurrogateRecipe, num_classes: int, input_shape: tuple, seed: int, device: str,
             test_x: torch.Tensor, test_y: torch.Tensor, log: Callable[[str], None]) -> dict[str, list[float]]:
     """{queries, stealing_accuracy} of a surrogate trained on the first n queries of the recorded transfer set, for
     each n of `sizes`.

@@ -1,39 +1,43 @@
-"""Build a posterior defense from `--defense NAME --defense-param KEY=VALUE ...`, shared by `export` and `steal`.
+"""Build a posterior defense from `--defense NAME --defense-param KEY=VALUE ...`, shared by `export`, `steal` and
+`evaluate`, and the one label that names a defense with its parameters.
 
 Parameters are validated against the defense's `PARAMS` (unknown keys, non-numbers and out-of-range values are
-user errors); victim-side inputs (`NEEDS`: a random-init proxy of the victim's architecture, the misinformation
-network stored in victim.h5, the class count, the input shape, the victim's confidence on its val split) are
-supplied here, never by the user.
+user errors) and all go to its constructor; victim-side inputs (`NEEDS`: a random-init proxy of the victim's
+architecture, seeded by the defense's own `seed` parameter; the misinformation network stored in victim.h5; the
+class count; the input shape; the victim's confidence on its val split) are supplied here, never by the user.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import typer
 from torch import nn
 
 import models
+from models import params as registry_params
 from models.defenses import DEFENSES
-from stages import _data, _params, _victim
-from stages._artifacts import UserError, load_state, open_artifact
+from models.params import UserError
+from stages import _data, _victim
+from stages._artifacts import load_state, open_artifact
 
 MISINFORMATION_GROUP = "misinformation"
-
-DefenseName = Annotated[str, typer.Option(help=f"Posterior defense: {', '.join(DEFENSES)}.")]
-DefenseParams = Annotated[Optional[list[str]], typer.Option(
-    "--defense-param", metavar="KEY=VALUE",
-    help=f"Defense parameter, repeatable. Defaults: {_params.describe(DEFENSES)}.")]
 
 
 def parse(name: str, pairs: Optional[Sequence[str]]) -> dict[str, float | int]:
     """Every parameter of the defense, with the user's values checked and the rest at their defaults."""
     if name not in DEFENSES:
         raise UserError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-    return _params.parse(f"defense {name!r}", "--defense-param", DEFENSES[name].PARAMS, pairs)
+    return registry_params.parse(f"defense {name!r}", "--defense-param", DEFENSES[name].PARAMS, pairs)
+
+
+def label(name: str, params: Optional[dict] = None) -> str:
+    """`name key=value,...` (keys sorted): how reports, tables and metrics name a defense with its parameters."""
+    if not params:
+        return name
+    return name + " " + ",".join(f"{k}={v:g}" for k, v in sorted(params.items()))
 
 
 def random_proxy(arch: str, num_classes: int, input_shape: Sequence[int], mean, std, seed: int) -> models.Classifier:
@@ -78,23 +82,24 @@ def benign_threshold(victim_h5: Optional[Path], quantile: float) -> float:
 
 def build(name: str, params: dict, arch: str, num_classes: int, input_shape: Sequence[int], mean, std,
           victim_h5: Optional[Path] = None) -> nn.Module:
-    """Instantiate DEFENSES[name] with `params` (from `parse`) and the victim-side inputs it needs. A threshold the
-    gate calibrates is written back into `params`, so the outputs that record them record it."""
+    """DEFENSES[name] built from `params` (from `parse`) and the victim-side inputs it needs. A threshold the gate
+    calibrates is written back into `params`, so the outputs that record them record it."""
     cls = DEFENSES[name]
-    kwargs = {k: v for k, v in params.items() if k != "seed" or "proxy" not in cls.NEEDS}
+    inputs = {}
     for need in cls.NEEDS:
-        if need == "proxy":
-            kwargs["proxy"] = random_proxy(arch, num_classes, input_shape, mean, std, int(params["seed"]))
+        if need == "proxy":  # the defenses that need a proxy declare the `seed` it is drawn with
+            inputs["proxy"] = random_proxy(arch, num_classes, input_shape, mean, std, int(params["seed"]))
         elif need == "misinformation":
-            kwargs["misinformation"] = load_misinformation(victim_h5, arch, num_classes, input_shape, mean, std)
+            inputs["misinformation"] = load_misinformation(victim_h5, arch, num_classes, input_shape, mean, std)
         elif need == "num_classes":
-            kwargs["num_classes"] = num_classes
+            inputs["num_classes"] = num_classes
         elif need == "input_shape":
-            kwargs["input_shape"] = tuple(input_shape)
+            inputs["input_shape"] = tuple(input_shape)
         elif need == "benign_confidence":
-            quantile = kwargs.pop("quantile")
+            quantile = params.pop("quantile")
             if quantile > 0:
-                kwargs["threshold"] = params["threshold"] = benign_threshold(victim_h5, quantile)
+                params["threshold"] = benign_threshold(victim_h5, quantile)
+            params["quantile"] = quantile
         else:
             raise AssertionError(f"defense {name} needs unknown input {need!r}")
-    return cls(**kwargs).eval()
+    return cls(**params, **inputs).eval()

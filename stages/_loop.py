@@ -1,6 +1,6 @@
 """The training loop shared by `train` and `train-ini`: SGD + StepLR, per-epoch val/test, model selection on
 val only, an atomic checkpoint after every epoch, exact `--resume`, a stop on a non-finite loss, and (on request) a
-rollback when the network collapses to chance."""
+rollback when the network collapses to chance; then the summary table both stages print."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
-from stages import _data
-from stages._artifacts import UserError, load_history, load_state, open_artifact, save_history, save_state, write_artifact
+from models.params import UserError
+from stages import _data, _torchrun
+from stages._artifacts import load_history, load_state, open_artifact, save_history, save_state, write_artifact
+from stages._torchrun import Ranks
 
 console = Console(stderr=True, log_path=False)
 
@@ -28,18 +29,20 @@ console = Console(stderr=True, log_path=False)
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 
 
-@dataclass
-class Recipe:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.5
-    weight_decay: float = 1e-3
-    lr_step: int = 20
-    lr_gamma: float = 0.1
-    seed: int = 0
-    device: str = "cpu"
-    augment: bool = False
+@dataclass(frozen=True)
+class VictimRecipe:
+    """How a victim is trained, resolved from the stage's flags (whose defaults are the stage's)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_step: int
+    lr_gamma: float
+    seed: int
+    device: str
+    augment: bool
 
 
 @dataclass
@@ -61,55 +64,6 @@ def pick_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]")
     return device
-
-
-@dataclass
-class Dist:
-    """This process's place in a `torchrun` job (rank 0 of 1 otherwise). Every rank holds the same weights and draws
-    the same random numbers; each takes its shard of every batch; only rank 0 writes files and prints."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, n: int) -> slice:
-        """This rank's contiguous part of a batch of n (sizes differ by at most one)."""
-        base, extra = divmod(n, self.world)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (self.rank < extra))
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """In-place sum over ranks (a no-op on one process)."""
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
-        """Rank 0's values into every rank's tensors, in one message."""
-        if self.world > 1 and tensors:
-            flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-            dist.broadcast(flat, 0)
-            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-                t.data.copy_(part.view_as(t))
-
-
-def distributed(device: str) -> Dist:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU), once."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def leave(comm: Dist) -> None:
-    """End a torchrun job cleanly: wait for every rank (rank 0 has written its files), then close the group."""
-    if comm.world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -179,7 +133,7 @@ def fit(
     model: torch.nn.Module,
     data: _data.Dataset,
     step: Step,
-    recipe: Recipe,
+    recipe: VictimRecipe,
     out: Path,
     fingerprint: str,
     resume: bool = False,
@@ -198,9 +152,8 @@ def fit(
 
     Under torchrun every rank runs this loop on its shard of each batch. A step that sums its gradients over ranks
     itself says so with a true `step.reduces_gradients`; otherwise the loop averages them, as DDP would."""
-    device = recipe.device
-    modules = modules or {}
-    comm = distributed(device)
+    device, modules = recipe.device, modules or {}
+    ranks = _torchrun.join(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     ckpt = checkpoint_path(out)
     start, best, result = 0, copy.deepcopy(model.state_dict()), Result()
@@ -208,21 +161,17 @@ def fit(
         if not ckpt.exists():
             raise UserError(f"--resume: no checkpoint at {ckpt}")
         start, best, result = _read_checkpoint(ckpt, fingerprint, model, optimizer, modules, device)
-        if comm.main:
+        if ranks.main:
             console.print(f"resumed from {ckpt} after epoch {start}")
     states = [model.state_dict()] + [m.state_dict() for m in modules.values()]
-    comm.broadcast_([t for state in states for t in state.values() if t.is_floating_point()])
+    ranks.broadcast_([t for state in states for t in state.values() if t.is_floating_point()])
     if not len(data.splits["train"][1]):
         raise UserError(f"{data.path}: the train split holds no images")
-    train_x, train_y = (t.to(device) for t in data.splits["train"])
-    val_x, val_y = data.splits["val"]
-    test_x, test_y = data.splits["test"]
-    steps_per_epoch = -(-len(train_x) // recipe.batch_size)
+    train = tuple(t.to(device) for t in data.splits["train"])
+    steps_per_epoch = -(-len(train[1]) // recipe.batch_size)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not comm.main)
-    reduces = comm.world > 1 and getattr(step, "reduces_gradients", False)
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
+                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not ranks.main)
     with progress:
         epochs_task = progress.add_task(f"{title} epochs", total=recipe.epochs, completed=start, info="")
         batch_task = progress.add_task("  batches", total=steps_per_epoch, info="")
@@ -236,66 +185,81 @@ def fit(
             gen = epoch_generator(recipe.seed, epoch)
             if begin_epoch is not None:
                 begin_epoch(epoch, gen)
-            model.train()
-            sums: dict[str, float] = {}
             progress.reset(batch_task, total=steps_per_epoch)
-            for i, idx in enumerate(_data.batches(len(train_x), recipe.batch_size, gen)):
-                x = _data.to_float(train_x[idx.to(device)])
-                if recipe.augment:  # before sharding, so every rank draws the same numbers
-                    x = _data.augment_crop_flip(x, gen)
-                y = train_y[idx.to(device)]
-                if comm.world > 1:
-                    x, y = x[comm.shard(len(x))], y[comm.shard(len(y))]
-                optimizer.zero_grad(set_to_none=True)
-                terms = step(x, y, gen)
-                if comm.world > 1 and not reduces:
-                    _average_gradients(model, terms, comm)
-                values = {k: float(v) for k, v in terms.items()}
-                if not all(np.isfinite(v) for v in values.values()):
-                    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
-                    kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint written yet"
-                    raise UserError(f"training diverged at epoch {epoch + 1} step {i + 1} ({bad}); {kept}")
-                optimizer.step()
-                comm.broadcast_(buffers)  # BatchNorm running statistics: rank 0's, as DDP does
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                progress.advance(batch_task)
+            sums = _train_epoch(model, train, step, optimizer, recipe, gen, ranks, ckpt, epoch,
+                                lambda: progress.advance(batch_task))
             row = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
-            row["val_accuracy"] = accuracy(model, val_x, val_y, device)
-            row["test_accuracy"] = accuracy(model, test_x, test_y, device)
-            if diagnostics is not None:
-                row.update(diagnostics())
+            row["val_accuracy"] = accuracy(model, *data.splits["val"], device)
+            row["test_accuracy"] = accuracy(model, *data.splits["test"], device)
+            row.update(diagnostics() if diagnostics is not None else {})
             row["lr"] = lr
             roll = rollbacks and collapsed(row["val_accuracy"], result, len(data.classes), rollbacks)
             if rollbacks:
                 row["rolled_back"] = float(roll)
             row["epoch_seconds"] = time.time() - tic
-            for k, v in row.items():
-                result.history.setdefault(k, []).append(v)
-            result.seconds += row["epoch_seconds"]
-            if roll:
-                model.load_state_dict(best)
-                optimizer.state.clear()  # momentum of the collapsed trajectory
-                if comm.main:
-                    console.log(f"epoch {epoch + 1}: val accuracy fell to chance ({row['val_accuracy']:.4f}), the "
-                                f"network collapsed: back to epoch {result.chosen_epoch}'s weights, learning rate halved")
-            elif epoch == 0 or row["val_accuracy"] > result.val_accuracy:
-                result.chosen_epoch, result.val_accuracy, result.test_accuracy = epoch + 1, row["val_accuracy"], row["test_accuracy"]
-                best = copy.deepcopy(model.state_dict())
-            if comm.main:
+            best = _select(model, optimizer, result, row, epoch, best, roll, ranks)
+            if ranks.main:
                 _write_checkpoint(ckpt, fingerprint, epoch + 1, model, optimizer, modules, best, result)
             info = f"val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f}"
             progress.update(epochs_task, advance=1, info=info)
-            if comm.main:
+            if ranks.main:
                 console.log(f"epoch {epoch + 1}/{recipe.epochs} " + " ".join(
                     f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_")) + f" {info}")
     model.load_state_dict(best)
     return result
 
 
+def _train_epoch(model, train, step, optimizer, recipe, gen, ranks, ckpt, epoch, advance) -> dict[str, float]:
+    """One pass over the train split; the sums of the step's terms. Stops the run on a non-finite term."""
+    model.train()
+    train_x, train_y = train
+    reduces = ranks.world > 1 and getattr(step, "reduces_gradients", False)
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    sums: dict[str, float] = {}
+    for i, idx in enumerate(_data.batches(len(train_x), recipe.batch_size, gen)):
+        x = _data.to_float(train_x[idx.to(recipe.device)])
+        if recipe.augment:  # before sharding, so every rank draws the same numbers
+            x = _data.augment_crop_flip(x, gen)
+        y = train_y[idx.to(recipe.device)]
+        if ranks.world > 1:
+            x, y = x[ranks.shard(len(x))], y[ranks.shard(len(y))]
+        optimizer.zero_grad(set_to_none=True)
+        terms = step(x, y, gen)
+        if ranks.world > 1 and not reduces:
+            _average_gradients(model, terms, ranks)
+        values = {k: float(v) for k, v in terms.items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
+            kept = f"last good checkpoint kept at {ckpt}" if ckpt.exists() else "no checkpoint written yet"
+            raise UserError(f"training diverged at epoch {epoch + 1} step {i + 1} ({bad}); {kept}")
+        optimizer.step()
+        ranks.broadcast_(buffers)  # BatchNorm running statistics: rank 0's, as DDP does
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        advance()
+    return sums
+
+
+def _select(model, optimizer, result: Result, row: dict, epoch: int, best: dict, roll: bool, ranks: Ranks) -> dict:
+    """Record the epoch's row; keep the weights of the best val epoch, or go back to them after a collapse."""
+    for k, v in row.items():
+        result.history.setdefault(k, []).append(v)
+    result.seconds += row["epoch_seconds"]
+    if roll:
+        model.load_state_dict(best)
+        optimizer.state.clear()  # momentum of the collapsed trajectory
+        if ranks.main:
+            console.log(f"epoch {epoch + 1}: val accuracy fell to chance ({row['val_accuracy']:.4f}), the "
+                        f"network collapsed: back to epoch {result.chosen_epoch}'s weights, learning rate halved")
+    elif epoch == 0 or row["val_accuracy"] > result.val_accuracy:
+        result.chosen_epoch, result.val_accuracy, result.test_accuracy = epoch + 1, row["val_accuracy"], row["test_accuracy"]
+        best = copy.deepcopy(model.state_dict())
+    return best
+
+
 def chance_level(num_classes: int) -> float:
-    """Val accuracy under this is "at chance" for collapse detection (here and in train.collapse_epoch): a network
-    that answers one class scores about 1 / classes."""
+    """Val accuracy under this is "at chance" for collapse detection: a network that answers one class scores about
+    1 / classes."""
     return 1.5 / num_classes
 
 
@@ -308,16 +272,29 @@ def collapsed(val_accuracy: float, result: Result, num_classes: int, rollbacks: 
     return seen_good and val_accuracy < chance and used < rollbacks
 
 
-def _average_gradients(model: torch.nn.Module, terms: dict[str, torch.Tensor], comm: Dist) -> None:
+def collapse_epoch(val_accuracy: list[float], num_classes: int) -> int:
+    """The 1-based epoch from which val accuracy stayed at chance after having been at least twice that, or 0."""
+    chance = chance_level(num_classes)
+    best, start = 0.0, 0
+    for i, acc in enumerate(val_accuracy):
+        if acc >= chance:
+            start = 0
+        elif not start and best >= 2 * chance:
+            start = i + 1
+        best = max(best, acc)
+    return start
+
+
+def _average_gradients(model: torch.nn.Module, terms: dict[str, torch.Tensor], ranks: Ranks) -> None:
     """Mean of every rank's gradients and logged terms, in one all-reduce (what DDP's buckets do)."""
     params = [p for p in model.parameters() if p.grad is not None]
     values = [v.detach().reshape(1).to(torch.float64) for v in terms.values()]
     flat = torch.cat([p.grad.reshape(-1).to(torch.float64) for p in params] + values)
-    comm.sum_(flat).div_(comm.world)
+    ranks.sum_(flat).div_(ranks.world)
     parts = flat.split([p.numel() for p in params] + [1] * len(values))
-    for p, part in zip(params, parts):
+    for p, part in zip(params, parts, strict=False):
         p.grad.copy_(part.view_as(p.grad))
-    for key, part in zip(terms, parts[len(params):]):
+    for key, part in zip(terms, parts[len(params):], strict=True):
         terms[key] = part[0]
 
 
@@ -327,20 +304,24 @@ def fingerprint(params: dict) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
-def recipe_params(recipe: Recipe) -> dict:
-    return asdict(recipe)
-
-
-# Recipe flags, declared once for every training stage (Typer reads the Annotated metadata).
-
-Epochs = Annotated[int, typer.Option(min=1, help="Training epochs.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Batch size.")]
-LR = Annotated[float, typer.Option(min=0.0, help="SGD learning rate.")]
-Momentum = Annotated[float, typer.Option(min=0.0, max=1.0, help="SGD momentum.")]
-WeightDecay = Annotated[float, typer.Option(min=0.0, help="SGD weight decay.")]
-LRStep = Annotated[int, typer.Option(min=1, help="StepLR: decay the learning rate every N epochs.")]
-LRGamma = Annotated[float, typer.Option(min=0.0, max=1.0, help="StepLR decay factor.")]
-Seed = Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
-Augment = Annotated[Optional[bool], typer.Option(help="Random crop + flip [default: on for RGB data].")]
-Resume = Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.")]
+def summarise(title: str, data: _data.Dataset, result: Result, out: Path) -> None:
+    """The table `train` and `train-ini` end with, and what went wrong along the way (a collapse)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for split in _data.SPLITS:
+        table.add_row(f"{split} images", f"{len(data.splits[split][1]):,}")
+    table.add_row("chosen epoch (val)", f"{result.chosen_epoch} / {len(result.history.get('val_accuracy', []))}")
+    table.add_row("val accuracy", f"{result.val_accuracy:.2%}")
+    table.add_row("test accuracy", f"{result.test_accuracy:.2%}")
+    table.add_row("train time", f"{result.seconds:.1f} s")
+    table.add_row("victim", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
+    console.print(table)
+    rolled = int(sum(result.history.get("rolled_back", [])))
+    if rolled:
+        console.print(f"note: the network collapsed {rolled} time(s) and was rolled back to its best epoch each time, "
+                      f"with the learning rate halved (history column rolled_back)")
+    collapsed_at = collapse_epoch(result.history.get("val_accuracy", []), len(data.classes))
+    if collapsed_at:
+        console.print(f"warning: val accuracy fell to chance at epoch {collapsed_at} and stayed there (the network "
+                      f"collapsed); the victim is epoch {result.chosen_epoch}'s. Try a lower --lr or another seed.")

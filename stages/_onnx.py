@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stages._artifacts import UserError, atomic_path
+from models.params import UserError
+from stages._artifacts import atomic_path
 
 METADATA = "metadata.json"
 INPUT = "images"

@@ -18,8 +18,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from stages._artifacts import UserError
-from stages._blackbox import BudgetExhausted, VictimMeta
+from models.params import UserError
+from stages._blackbox import BudgetExhausted
+from stages._victim import VictimInfo
 from stages.serving.payload import NPY, to_npy
 
 TIMEOUT = 120.0  # seconds for one request: a busy server answers a large batch late, not never
@@ -91,7 +92,7 @@ def _error(r) -> str:
         return r.text[:200]
 
 
-def open_target(url: str, key: Optional[str], budget: int) -> tuple[Endpoint, VictimMeta, int]:
+def open_target(url: str, key: Optional[str], budget: int) -> tuple[Endpoint, VictimInfo, int]:
     """The endpoint, the victim as its model card declares it, and the budget cut to what the key has left."""
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--target {url!r}: give the API's URL, http://HOST:PORT")
@@ -104,7 +105,7 @@ def open_target(url: str, key: Optional[str], budget: int) -> tuple[Endpoint, Vi
         raise UserError(f"{url}: the key's budget is spent")
     try:
         endpoint.max_images = int(card["max_images"])
-        info = VictimMeta(Path(url), str(card["sha256"]), str(card["arch"]), str(card["dataset"]), str(card["dataset"]),
+        info = VictimInfo(Path(url), str(card["sha256"]), str(card["arch"]), str(card["dataset"]), str(card["dataset"]),
                           list(card["classes"]), tuple(card["input_shape"]), list(card["mean"]), list(card["std"]),
                           "?", "served")
     except (KeyError, TypeError, ValueError) as e:

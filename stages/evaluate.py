@@ -1,5 +1,6 @@
 """Evaluate victims and stolen surrogates: benign accuracy as deployed, stealing accuracy (final; max over epochs
-labelled apart), relative accuracy, fidelity, queries and stage wall times, aggregated over seeds (mean ± std, n).
+labelled apart), relative accuracy, fidelity, queries and stage wall times, aggregated over seeds (mean ± std, n);
+the metrics' definitions are docs/method.md, "Metrics".
 
 Reads victim.h5/.pt and surrogate.h5 files (metrics are recomputed from weights, not copied); writes
 `metrics.h5` and a Markdown + PNG report (trade-off scatter per attack, latency bars from a benchmark JSON).
@@ -7,7 +8,6 @@ Reads victim.h5/.pt and surrogate.h5 files (metrics are recomputed from weights,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,15 +21,19 @@ from rich.console import Console
 from rich.table import Table
 
 import models
-from stages import _blackbox, _data, _jit, _loop, _report
-from stages._artifacts import UserError, attr_json, load_state, open_artifact, prepare_output, write_artifact
+from models.params import UserError
+from stages import _blackbox, _data, _defense, _evaluate_report, _loop, _options, _victim
+from stages._artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
 
 console = Console(stderr=True, width=160)  # the table is wide; stderr is often a log file
 
 SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
 NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "relative_accuracy", "fidelity",
-           "queries", "victim_seconds", "steal_seconds") + tuple(f"queries_to_{round(100 * s)}" for s in SHARES)
+           "queries", "victim_seconds", "steal_seconds", "victim_ood_l1", "victim_id_cosine") + tuple(
+               f"queries_to_{round(100 * s)}" for s in SHARES)
 LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
+# What a row says of its victim's recipe, which `victim` names: the same for every seed, so groups carry it too.
+VICTIM = ("victim_arch", "victim_kind", "victim_recipe", "victim_changes")
 
 
 def run(
@@ -38,14 +42,14 @@ def run(
     report: Annotated[Optional[Path], typer.Option(help="Folder for report.md and its plots [default: beside --out].")] = None,
     data: Annotated[Optional[str], typer.Option(help="The victims' dataset [default: the one each was trained on].")] = None,
     benchmark: Annotated[Optional[Path], typer.Option(help="pytest-benchmark JSON for the latency chart.")] = None,
-    device: _loop.Device = "auto",
+    device: _options.Device = "auto",
 ) -> Path:
     """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, write metrics.h5 and a report."""
     started = time.time()
     out = prepare_output(out)
     report = report or out.parent / "report"
     device = _loop.pick_device(device)
-    latency = _report.read_benchmark(benchmark) if benchmark is not None else None
+    latency = _evaluate_report.read_benchmark(benchmark) if benchmark is not None else None
 
     rows, inputs, cache = [], [], {}
     for path in artifacts:
@@ -57,12 +61,12 @@ def run(
                   device=device)
     with write_artifact(out, "metrics", "evaluate", params, inputs + ([benchmark] if benchmark else []), None,
                         started) as f:
-        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + ("seed",), NUMBERS)
-        _write_table(f.create_group("groups"), groups, LABELS + ("n",),
+        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + VICTIM + ("victim_file", "seed"), NUMBERS)
+        _write_table(f.create_group("groups"), groups, LABELS + VICTIM + ("n",),
                      tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")))
         if latency:
             f.attrs["latency"] = json.dumps(latency)
-    files = _report.write(report, groups, latency, params)
+    files = _evaluate_report.write(report, groups, latency, params)
     _show(groups, out, files)
     return out
 
@@ -72,12 +76,10 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
         graph, info = _open(path, device, cache)
         dataset = _dataset(data or info.dataset_path, info, cache)
         accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
-        facts = _victim_facts(path, cache)
-        return dict(file=str(path), dataset=info.dataset, victim=facts["victim"], defense=info.baked_defense,
-                    attack="-", label="-", pool="-", seed=facts["seed"], benign_accuracy=accuracy,
-                    stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan,
-                    fidelity=np.nan, queries=0, victim_seconds=facts["victim_seconds"], steal_seconds=np.nan,
-                    **queries_to(np.zeros(0), np.zeros(0), accuracy))
+        return {**_victim_facts(info), **dict(
+            file=str(path), defense=info.baked_defense, attack="-", label="-", pool="-", benign_accuracy=accuracy,
+            stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan, fidelity=np.nan,
+            queries=0, steal_seconds=np.nan), **queries_to(np.zeros(0), np.zeros(0), accuracy)}
 
     with open_artifact(path, "surrogate") as f:
         params = attr_json(f, "params")
@@ -114,16 +116,14 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
     benign = float((deployed_top1 == y).float().mean())
     stealing = float((stolen == y).float().mean())
-    defense = str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense
-    if attrs["defense_params"]:
-        defense += " " + ",".join(f"{k}={v:g}" for k, v in sorted(attrs["defense_params"].items()))
-    return dict(file=str(path), dataset=info.dataset, victim=_victim_facts(victim, cache)["victim"], defense=defense,
-                attack=str(attrs["attack"]), label=str(attrs["label"]), pool=_pool_name(params), seed=seed,
-                benign_accuracy=benign, stealing_accuracy=stealing, max_stealing_accuracy=float(np.max(curve)),
-                relative_accuracy=stealing / benign if benign else np.nan,
-                fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
-                victim_seconds=_victim_facts(victim, cache)["victim_seconds"], steal_seconds=steal_seconds,
-                **queries_to(*spent, benign))
+    defense = (_defense.label(str(attrs["defense"]), attrs["defense_params"]) if info.baked_defense == "none"
+               else _defense.label(info.baked_defense, attrs["defense_params"]))
+    return {**_victim_facts(info), **dict(
+        file=str(path), seed=seed, defense=defense, attack=str(attrs["attack"]), label=str(attrs["label"]),
+        pool=_pool_name(params), benign_accuracy=benign, stealing_accuracy=stealing,
+        max_stealing_accuracy=float(np.max(curve)), relative_accuracy=stealing / benign if benign else np.nan,
+        fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
+        steal_seconds=steal_seconds), **queries_to(*spent, benign)}
 
 
 def queries_to(queries: np.ndarray, accuracy: np.ndarray, benign: float) -> dict[str, float]:
@@ -132,7 +132,7 @@ def queries_to(queries: np.ndarray, accuracy: np.ndarray, benign: float) -> dict
     order = np.argsort(queries, kind="stable")
     out = {}
     for share in SHARES:
-        reached = [q for q, a in zip(queries[order], accuracy[order]) if a >= share * benign]
+        reached = [q for q, a in zip(queries[order], accuracy[order], strict=True) if a >= share * benign]
         out[f"queries_to_{round(100 * share)}"] = float(reached[0]) if reached else np.nan
     return out
 
@@ -144,9 +144,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault(tuple(row[k] for k in LABELS), []).append(row)
     out = []
     for key, members in groups.items():
-        group = dict(zip(LABELS, key), n=len(members))
+        group = dict(zip(LABELS, key, strict=True), **{k: members[0].get(k, "-") for k in VICTIM}, n=len(members))
         for name in NUMBERS:
-            values = np.array([m[name] for m in members], dtype=np.float64)
+            values = np.array([m.get(name, np.nan) for m in members], dtype=np.float64)
             finite = values[np.isfinite(values)]
             group[f"{name}_mean"] = float(finite.mean()) if len(finite) else np.nan
             group[f"{name}_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else 0.0 if len(finite) else np.nan
@@ -175,20 +175,16 @@ def _open(path: Path, device: str, cache: dict):
     return cache[key]
 
 
-def _dataset(name: str, info, cache: dict) -> _data.Dataset:
+def _dataset(name: str, info: _victim.VictimInfo, cache: dict) -> _data.Dataset:
     key = ("data", name)
     if key not in cache:
         cache[key] = _data.load(name, splits=("test",))
-    dataset = cache[key]
-    if (dataset.name, tuple(dataset.shape), dataset.num_classes) != (info.dataset, tuple(info.input_shape),
-                                                                     len(info.classes)):
-        raise UserError(f"victim {info.path} was trained on {info.dataset} {list(info.input_shape)}, "
-                        f"not on {dataset.path} ({dataset.name} {list(dataset.shape)})")
-    return dataset
+    _victim.check_matches(info, cache[key])
+    return cache[key]
 
 
-def _top1(cache: dict, path: Path, graph: torch.nn.Module, info, dataset: _data.Dataset, device: str,
-          defense: str = "none", params: Optional[dict] = None) -> torch.Tensor:
+def _top1(cache: dict, path: Path, graph: torch.nn.Module, info: _victim.VictimInfo, dataset: _data.Dataset,
+          device: str, defense: str = "none", params: Optional[dict] = None) -> torch.Tensor:
     """The victim's top-1 answers on the test split behind `defense` (none: the graph as opened), computed once
     per (victim, data, defense) and shared by every surrogate stolen from it: every defense is deterministic, and a
     grid holds a dozen surrogates per victim, each of which needed two of these passes besides its own."""
@@ -200,46 +196,35 @@ def _top1(cache: dict, path: Path, graph: torch.nn.Module, info, dataset: _data.
     return cache[key]
 
 
-def _victim_facts(path: Path, cache: dict) -> dict:
-    """What a row says of its victim, read once per victim: its setting (the recipe without seed and paths, so
-    victims differing only by seed share it), seed and training wall time (unknown for a .pt)."""
-    key = ("facts", str(path))
-    if key not in cache:
-        if path.suffix == ".pt":
-            _, meta = _jit.load(path)
-            provenance = meta.get("victim_provenance") or {}
-            params, objective = json.loads(provenance.get("params", "{}")), meta.get("objective", "?")
-            seed, wall = -1, np.nan
-        else:
-            with open_artifact(path, "victim") as f:
-                params, objective = attr_json(f, "params"), str(f.attrs["objective"])
-                seed, wall = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
-        recipe = recipe_of(params)
-        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        setting = f"{params.get('arch', '?')}/{recipe.get('preset') or objective}#{digest}"
-        cache[key] = dict(victim=setting, seed=seed, victim_seconds=wall)
-    return cache[key]
+def _victim_facts(info: _victim.VictimInfo) -> dict:
+    """What a row says of its victim: its setting (`victim`: architecture, kind and the hash of its recipe, so
+    victims differing only by seed share it), the recipe itself, its file, seed and training wall time (unknown for
+    a .pt), and the diagnostics of its chosen epoch (InI victims; NaN for others)."""
+    if info.recipe is None:
+        info.recipe, info.recipe_changes = _derived_recipe(info)
+    kind = info.recipe.get("preset") or info.objective
+    chosen = info.chosen_epoch - 1
+
+    def diagnostic(key: str) -> float:
+        values = info.history.get(key, [])
+        return float(values[chosen]) if 0 <= chosen < len(values) else np.nan
+
+    return dict(dataset=info.dataset, victim=f"{info.arch}/{kind}#{info.recipe_id}", victim_arch=info.arch,
+                victim_kind=kind, victim_recipe=json.dumps(info.recipe, sort_keys=True),
+                victim_changes=json.dumps(info.recipe_changes, sort_keys=True), victim_file=str(info.path),
+                seed=info.seed, victim_seconds=info.wall_seconds, victim_ood_l1=diagnostic("diag_ood_l1"),
+                victim_id_cosine=diagnostic("diag_id_cosine"))
 
 
-# on_collapse is a safeguard that changes nothing unless a run collapses (its history then says rolled_back)
-NOT_RECIPE = ("seed", "out", "resume", "dataset", "device", "compile_mode", "implementation", "processes", "on_collapse")
-# train-ini options added after victims were trained: the value older code behaved as, so that seeds trained before
-# and after an option existed still group together
-ADDED_LATER = {"preset": "faithful", "ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id",
-               "clip": "official", "ood_synthetic": 0.0, "ood_synthetic_steps": 3, "ood_synthetic_eps": 0.25}
+def _derived_recipe(info: _victim.VictimInfo) -> tuple[dict, dict]:
+    """The recipe identity of a victim trained before victims recorded theirs, derived from its recorded flags by
+    the stage that trained it: the stage's own defaults stand in for flags that did not exist yet."""
+    from stages import train, train_ini  # the stages that write victims know their flags
 
-
-def recipe_of(params: dict) -> dict:
-    """The parameters that make a victim what it is, seed aside: not where files lay (OOD sets by file name), how
-    the maths was executed (compiled, fast or reference, processes) or where it ran."""
-    recipe = {k: v for k, v in params.items() if k not in NOT_RECIPE}
-    if "ood" in recipe and "gamma" in recipe:  # train-ini: options that came later, as older code behaved
-        recipe = {**ADDED_LATER, **recipe}
-        if not recipe["ood_synthetic"]:  # no synthetic outliers: their search settings mean nothing
-            recipe.update({k: ADDED_LATER[k] for k in ("ood_synthetic_steps", "ood_synthetic_eps")})
-    if isinstance(recipe.get("ood"), str):
-        recipe["ood"] = ",".join(Path(o).name for o in recipe["ood"].split(","))
-    return recipe
+    derive = {"train": train.recipe_identity, "train-ini": train_ini.recipe_identity}.get(info.provenance.get("stage"))
+    if derive is None:
+        raise UserError(f"{info.path}: records neither its recipe nor the stage that trained it; retrain it")
+    return derive(info.params, info.input_shape[0])
 
 
 def _pool_name(params: dict) -> str:
@@ -259,11 +244,12 @@ def _show(groups: list[dict], out: Path, files: list[Path]) -> None:
     table = Table(title="evaluate: accuracies in %, mean ± std over seeds (max peeks at test)", title_justify="left")
     for column in ("victim", "defense", "attack", "n", "benign", "stealing", "max", "relative", "fidelity", "queries"):
         table.add_column(column, justify="left" if column in ("victim", "defense", "attack") else "right")
+    pm = _evaluate_report.pm
     for g in groups:
         relative = "-" if not np.isfinite(g["relative_accuracy_mean"]) else f"{g['relative_accuracy_mean']:.3f}"
         attack = "-" if g["attack"] == "-" else f"{g['attack']} {g['label']} pool={g['pool']}"
-        table.add_row(f"{g['dataset']} {g['victim'].split('#')[0]}", g["defense"], attack, str(g["n"]),
-                      *(_report.pm(g, k) for k in ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy")),
-                      relative, _report.pm(g, "fidelity"), f"{g['queries_mean']:,.0f}")
+        table.add_row(f"{g['dataset']} {g['victim_arch']}/{g['victim_kind']}", g["defense"], attack, str(g["n"]),
+                      *(pm(g, k) for k in ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy")),
+                      relative, pm(g, "fidelity"), f"{g['queries_mean']:,.0f}")
     console.print(table)
     console.print(f"wrote {out} and {', '.join(str(p) for p in files)}")

@@ -7,7 +7,6 @@ replaces the output.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -17,9 +16,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models.defenses import DEFENSES, Deployed
-from stages import _data, _defense, _jit, _onnx, _victim
-from stages._artifacts import UserError, describe_inputs, prepare_output, versions
+from models.defenses import Deployed
+from models.params import UserError
+from stages import _data, _defense, _jit, _onnx, _options, _victim
+from stages._artifacts import describe_inputs, prepare_output, versions
 
 console = Console(stderr=True)
 TOLERANCE = 1e-5
@@ -32,11 +32,12 @@ def run(
     format: Annotated[Literal["torchscript", "onnx"], typer.Option(
         help="torchscript (victim.pt) or onnx (victim.onnx, checked with ONNX Runtime).")] = "torchscript",
     data: Annotated[Optional[str], typer.Option(help="Prepared dataset for the check batch [default: the victim's].")] = None,
-    defense: Annotated[str, typer.Option(help=f"Posterior defense baked into the graph: {', '.join(DEFENSES)}.")] = "none",
-    defense_param: _defense.DefenseParams = None,
+    defense: _options.DefenseName = "none",
+    defense_param: _options.DefenseParams = None,
     check_images: Annotated[int, typer.Option(min=1, help="Test images compared scripted vs eager.")] = 256,
 ) -> Path:
-    """Script the victim (plus defense) to TorchScript or ONNX and verify it against the eager model."""
+    """Script the victim (plus a defense baked into the graph) to TorchScript or ONNX; verify it against the eager
+    model."""
     started = time.time()
     defense_params = _defense.parse(defense, defense_param)
     if format == "onnx" and defense in _onnx.UNSUPPORTED:
@@ -44,18 +45,19 @@ def run(
                         "use --format torchscript")
     out = prepare_output(out or Path(victim).with_suffix(".onnx" if format == "onnx" else ".pt"))
     model, info = _victim.load(victim)
-    dataset = _data.load(data or _json_param(info, "dataset"), splits=("test",))
+    dataset = _data.load(data or info.dataset_path, splits=("test",))
     _victim.check_matches(info, dataset)
 
-    guard = _defense.build(defense, defense_params, info.arch, len(info.classes), info.input_shape, info.mean, info.std,
-                           victim_h5=victim)
-    deployed = Deployed(model, guard).eval()
+    posterior = _defense.build(defense, defense_params, info.arch, len(info.classes), info.input_shape, info.mean,
+                               info.std, victim_h5=victim)
+    deployed = Deployed(model, posterior).eval()
     metadata = dict(
         schema="deployed/1", stage="export", arch=info.arch, dataset=info.dataset, classes=info.classes,
         input_shape=list(info.input_shape), mean=info.mean, std=info.std, objective=info.objective, defense=defense,
         defense_params=defense_params,
         output="probabilities", input_range=[0.0, 1.0], format=format, inputs=describe_inputs([victim]),
-        victim_provenance=info.provenance, versions=versions(),
+        victim_provenance=info.provenance, recipe=info.recipe, recipe_changes=info.recipe_changes,
+        versions=versions(),
     )
     x = _data.to_float(dataset.splits["test"][0][:check_images])
     with torch.no_grad():
@@ -82,7 +84,7 @@ def run(
     table = Table(title=f"export {info.arch} ({info.objective}) on {info.dataset}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("defense", " ".join([defense, *(f"{k}={v:g}" for k, v in defense_params.items())]))
+    table.add_row("defense", _defense.label(defense, defense_params))
     table.add_row(f"max |{'onnxruntime' if format == 'onnx' else 'scripted'} - eager|",
                   f"{delta:.2e} on {len(x)} test images")
     table.add_row("accuracy on that batch", f"{accuracy:.2%}")
@@ -91,6 +93,3 @@ def run(
     console.print(table)
     return out
 
-
-def _json_param(info: _victim.VictimInfo, key: str) -> str:
-    return str(json.loads(info.provenance["params"])[key])

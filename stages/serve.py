@@ -17,8 +17,9 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from stages import _data, _defense
-from stages._artifacts import UserError, describe_inputs, prepare_output, versions
+from stages import _data, _defense, _options
+from models.params import UserError
+from stages._artifacts import describe_inputs, prepare_output, versions
 from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
@@ -36,8 +37,8 @@ def run(
         "artifacts/ledger.sqlite"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port; the URL printed says which).")] = 8000,
-    defense: _defense.DefenseName = "none",
-    defense_param: _defense.DefenseParams = None,
+    defense: _options.DefenseName = "none",
+    defense_param: _options.DefenseParams = None,
     calibration_data: Annotated[Optional[str], typer.Option(
         help="Benign images the alert thresholds are calibrated on: a prepared dataset [default: the victim's].")] = None,
     calibration_split: Annotated[Literal["train", "val", "test"], typer.Option(

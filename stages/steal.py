@@ -1,6 +1,7 @@
 """Steal a victim as a thief would: through a budgeted black box, optionally behind a posterior defense, with
 KnockoffNets, JBDA, JBDA-TR, DFME or the adaptive (hard-label, query-smoothing) attack, or a thief that adapts to
-InI's uninformative answers (confidence-aware knockoff, confidence search, a labelled seed).
+InI's uninformative answers (confidence-aware knockoff, confidence search, a labelled seed) (docs/method.md,
+"Attacks"). The black box is a local victim file, or a prediction API (`serve`) reached over HTTP with --target.
 
 Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
 accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer). Checkpoints
@@ -10,23 +11,30 @@ beside it after querying and after every epoch (`stages/_steal_checkpoint.py`); 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import nn
 
 import models
-from stages import _blackbox, _budget_curve, _data, _defense, _loop, _params, _remote, _steal_checkpoint
-from stages._artifacts import UserError, check_memory, prepare_output, save_history, save_state, write_artifact
-from stages.attacks import ATTACKS
-from stages.attacks._thief import Recipe, Thief
+from models.params import UserError, describe
+from models.params import parse as parse_params
+from stages import _blackbox, _budget_curve, _data, _defense, _loop, _options, _remote, _steal_checkpoint, _victim
+from stages._artifacts import check_memory, prepare_output, save_history, save_state, write_artifact
+from stages._options import ATTACK, RECIPE, RUNTIME, VICTIM
+from stages.attacks import ATTACKS, Attack
+from stages.attacks._thief import SurrogateRecipe, Thief
 
 console = Console(stderr=True)
+KNOCKOFF_LR = 0.1  # KnockoffNets' surrogate learning rate
 LENET_LR = 0.03  # measured: a LeNet-5 surrogate (no BatchNorm) at 0.1 / momentum 0.9 predicts one class (11.35%)
 
 
@@ -34,158 +42,213 @@ def run(
     victim: Annotated[Optional[Path], typer.Option(
         help="victim.h5, or a deployed victim.pt (TorchScript: only load files you trust) [default: "
              "artifacts/victim.h5]. With --target: optional, the served model's file, never queried: it scores "
-             "fidelity and lets evaluate recompute the row.")] = None,
+             "fidelity and lets evaluate recompute the row.", rich_help_panel=VICTIM)] = None,
     target: Annotated[Optional[str], typer.Option(
         help="Steal through a prediction API (`serve`) at this URL instead of a local victim; --budget is cut to "
-             "what the key has left.")] = None,
+             "what the key has left.", rich_help_panel=VICTIM)] = None,
     api_key: Annotated[Optional[str], typer.Option(
-        envvar="INI_API_KEY", help="The API key for --target (or $INI_API_KEY); never recorded.")] = None,
-    attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.")] = "knockoff",
-    budget: Annotated[int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).")] = 50_000,
+        envvar="INI_API_KEY", help="The API key for --target (or $INI_API_KEY); never recorded.",
+        rich_help_panel=VICTIM)] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="The victim's dataset, for its test split [default: the one it was trained on].",
+        rich_help_panel=VICTIM)] = None,
+    defense: _options.DefenseName = "none",
+    defense_param: _options.DefenseParams = None,
+    attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.", rich_help_panel=ATTACK)] = "knockoff",
+    budget: Annotated[int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).",
+                                        rich_help_panel=ATTACK)] = 50_000,
     label: Annotated[Optional[Literal["soft", "hard"]], typer.Option(
-        help="What the black box answers: probabilities or top-1 labels (default: the attack's).")] = None,
+        help="What the black box answers: probabilities or top-1 labels [default: the attack's].",
+        rich_help_panel=ATTACK)] = None,
     pool: Annotated[Optional[str], typer.Option(
         help="The thief's images, a prepared dataset (.h5) or name: knockoff and adaptive query it, jbda takes its "
-             "seeds from it (default: the victim's train split); seeded takes its labelled images from the "
-             "victim's train split, whatever the pool.")] = None,
-    pool_split: Annotated[Literal["train", "val", "test"], typer.Option(help="Split of --pool used.")] = "train",
-    convert: Annotated[bool, typer.Option(help="Resize / convert pool images to the victim's input shape.")] = True,
-    arch: Annotated[Optional[str], typer.Option(
-        help=f"Surrogate architecture: {', '.join(models.MODELS)} (default: the victim's).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        min=1, help="Surrogate epochs; jbda, confidence-search: per round; knockoff-confident with near=0: per "
-                    "phase; dfme: budget slices (default: the attack's).")] = None,
-    batch_size: _loop.BatchSize = 128,
-    lr: Annotated[Optional[float], typer.Option(
-        min=0.0, help="SGD learning rate (default: KnockoffNets' 0.1, but 0.03 for a lenet5 surrogate, which "
-                      "collapses to one class at 0.1 with momentum 0.9).")] = None,
-    momentum: _loop.Momentum = 0.9,
-    weight_decay: _loop.WeightDecay = 5e-4,
-    query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.")] = 500,
+             "seeds from it [default: the victim's train split]; seeded takes its labelled images from the "
+             "victim's train split, whatever the pool.", rich_help_panel=ATTACK)] = None,
+    pool_split: Annotated[Literal["train", "val", "test"], typer.Option(
+        help="Split of --pool used.", rich_help_panel=ATTACK)] = "train",
+    convert: Annotated[bool, typer.Option(
+        help="Resize / convert pool images to the victim's input shape.", rich_help_panel=ATTACK)] = True,
+    query_batch: Annotated[int, typer.Option(min=1, help="Images per query call.", rich_help_panel=ATTACK)] = 500,
+    attack_param: Annotated[Optional[list[str]], typer.Option(
+        "--attack-param", metavar="KEY=VALUE", rich_help_panel=ATTACK,
+        help=f"Attack parameter, repeatable. Defaults: {describe(ATTACKS, details=True)}.")] = None,
     budget_curve: Annotated[int, typer.Option(
         min=0, max=12, help="knockoff, adaptive: also train surrogates on the first 1/2, 1/4, ... 1/2^K of the "
-                            "transfer set (K of them), for stealing accuracy against queries spent.")] = 0,
-    attack_param: Annotated[Optional[list[str]], typer.Option(
-        "--attack-param", metavar="KEY=VALUE",
-        help=f"Attack parameter, repeatable. Defaults: {_params.describe(ATTACKS, details=True)}.")] = None,
-    defense: _defense.DefenseName = "none",
-    defense_param: _defense.DefenseParams = None,
-    data: Annotated[Optional[str], typer.Option(
-        help="The victim's dataset, for its test split (default: the one it was trained on).")] = None,
-    out: Annotated[Path, typer.Option(help="Output surrogate HDF5.")] = Path("artifacts/surrogate.h5"),
-    seed: _loop.Seed = 0,
-    device: _loop.Device = "auto",
-    resume: _loop.Resume = False,
+                            "transfer set (K of them), for stealing accuracy against queries spent.",
+        rich_help_panel=ATTACK)] = 0,
+    arch: Annotated[Optional[str], typer.Option(
+        help=f"Surrogate architecture: {', '.join(models.MODELS)} [default: the victim's].",
+        rich_help_panel=RECIPE)] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Surrogate epochs; jbda, confidence-search: per round; knockoff-confident with near=0: per "
+                    "phase; dfme: budget slices [default: the attack's].",
+        rich_help_panel=RECIPE)] = None,
+    batch_size: _options.BatchSize = 128,
+    lr: Annotated[Optional[float], typer.Option(
+        min=0.0, help=f"SGD learning rate [default: KnockoffNets' {KNOCKOFF_LR:g}, but {LENET_LR:g} for a lenet5 "
+                      "surrogate, which collapses to one class at 0.1 with momentum 0.9].", rich_help_panel=RECIPE)
+    ] = None,
+    momentum: _options.Momentum = 0.9,
+    weight_decay: _options.WeightDecay = 5e-4,
+    seed: _options.Seed = 0,
+    out: Annotated[Path, typer.Option(help="Output surrogate HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/surrogate.h5"),
+    device: _options.Device = "auto",
+    resume: _options.Resume = False,
 ) -> Path:
     """Steal the victim through a budgeted black box and write the surrogate and the transfer set."""
+    params = _resolve(locals())
     started = time.time()
-    params = dict(locals())
-    params.pop("started")
-    params.pop("api_key")
-    if budget < 1:
-        raise UserError(f"--budget must be at least 1, got {budget}")
-    if attack not in ATTACKS:
-        raise UserError(f"unknown attack {attack!r}; choose from {', '.join(ATTACKS)}")
-    kind = ATTACKS[attack]
-    attack_params = _params.parse(f"attack {attack!r}", "--attack-param", kind.PARAMS, attack_param)
-    defense_params = _defense.parse(defense, defense_param)
-    label = label or kind.LABELS[0]
-    if label not in kind.LABELS:
-        raise UserError(f"{attack} needs --label {' or '.join(kind.LABELS)}")
-    if kind.POOL == "none" and pool is not None:
-        raise UserError(f"{attack} is data-free: it takes no --pool")
-    if kind.POOL == "required" and pool is None:
-        raise UserError(f"{attack} needs --pool: a prepared dataset or a dataset name")
-    if budget_curve and kind.POOL != "required":
-        raise UserError(f"--budget-curve: {attack} records stealing accuracy per round or budget slice already")
-    if arch is not None and arch not in models.MODELS:
-        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
     out = prepare_output(out)
     ckpt = _loop.checkpoint_path(out)
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
-    device = _loop.pick_device(device)
+    target = _load(params, api_key)
+    arch = params["arch"] = arch or target.info.arch
+    params["lr"] = lr if lr is not None else LENET_LR if arch == "lenet5" else KNOCKOFF_LR
+    recipe = SurrogateRecipe(epochs=epochs or ATTACKS[attack].DEFAULT_EPOCHS, batch_size=batch_size, lr=params["lr"],
+                             momentum=momentum, weight_decay=weight_decay)
+    params.update(victim=None if target.file is None else str(target.file), epochs=recipe.epochs,
+                  data=str(target.data.path))
+    fingerprint = _loop.fingerprint({**params, "input_sha256": target.hashes})
+    c, h, _ = target.info.input_shape
+    # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
+    check_memory(budget * 4 * (c * h * h + len(target.info.classes)), f"steal: a transfer set of {budget:,} queries")
 
-    if target is None:
-        victim = victim or Path("artifacts/victim.h5")
-        graph, info = _blackbox.open_victim(victim, device)
-        answering = _blackbox.defend(graph, info, defense, defense_params, device)
+    def build_surrogate() -> nn.Module:  # the thief's network as initialised (the budget curve trains fresh ones)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = models.build_model(arch, len(target.info.classes), c, h, target.info.mean, target.info.std)
+        return net.to(params["device"])
+
+    surrogate = build_surrogate()
+    rng = torch.Generator().manual_seed(seed)
+    strategy = ATTACKS[attack](**params["attack_params"])
+    with write_artifact(out, "surrogate", "steal", params, target.inputs, seed, started) as f:
+        summary = _attack(f, params, target, strategy, surrogate, recipe, rng, ckpt, fingerprint,
+                          _steal_checkpoint.read(ckpt, fingerprint, surrogate, rng) if resume else None)
+        if budget_curve:
+            _record_curve(f, params, target, build_surrogate, recipe)
+    ckpt.unlink(missing_ok=True)
+    _summarise(params, target, summary, out, time.time() - started)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def _resolve(flags: dict) -> dict:
+    """The flags as the run uses and records them (attack and defense parameters with their defaults, the attack's
+    label, the device), with every combination the flags alone can refute. The API key is used, never recorded."""
+    if flags["budget"] < 1:
+        raise UserError(f"--budget must be at least 1, got {flags['budget']}")
+    name = flags["attack"]
+    if name not in ATTACKS:
+        raise UserError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    kind = ATTACKS[name]
+    params = dict(flags, attack_params=parse_params(f"attack {name!r}", "--attack-param", kind.PARAMS,
+                                                    flags["attack_param"]),
+                  defense_params=_defense.parse(flags["defense"], flags["defense_param"]),
+                  label=flags["label"] or kind.LABELS[0])
+    if params["label"] not in kind.LABELS:
+        raise UserError(f"{name} needs --label {' or '.join(kind.LABELS)}")
+    if kind.POOL == "none" and flags["pool"] is not None:
+        raise UserError(f"{name} is data-free: it takes no --pool")
+    if kind.POOL == "required" and flags["pool"] is None:
+        raise UserError(f"{name} needs --pool: a prepared dataset or a dataset name")
+    if flags["budget_curve"] and kind.POOL != "required":
+        raise UserError(f"--budget-curve: {name} records stealing accuracy per round or budget slice already")
+    if flags["target"] is not None and flags["defense"] != "none":
+        raise UserError("--defense with --target: the server applies its own defense; serve the model with it")
+    if flags["arch"] is not None:
+        models.check_arch(flags["arch"])
+    params["device"] = _loop.pick_device(flags["device"])
+    params.pop("api_key")
+    return params
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+@dataclass
+class _Target:
+    """The victim as the thief meets it, the data it is scored on, and the thief's pool."""
+
+    graph: Optional[nn.Module]  # the victim, undefended (a victim.pt: as deployed); over HTTP the served file, if given
+    info: _victim.VictimInfo
+    defended: nn.Module  # what the black box answers with: the victim behind --defense, or the API
+    file: Optional[Path]  # the victim's file (None over HTTP without one)
+    data: _data.Dataset  # the victim's dataset: its test split scores the surrogate
+    pool: Optional[torch.Tensor]  # uint8, at the victim's input shape
+    labelled: bool  # the attack holds a few labelled images of the victim's train split
+    inputs: list[Path]
+    hashes: list[str]  # in the fingerprint: a checkpoint keeps pool indices, not images
+
+
+def _load(p: dict, api_key: Optional[str]) -> _Target:
+    file = p["victim"]
+    if p["target"] is None:
+        file = file or Path("artifacts/victim.h5")
+        graph, info = _blackbox.open_victim(file, p["device"])
+        defended = _blackbox.defend(graph, info, p["defense"], p["defense_params"], p["device"])
     else:  # the API answers; a local copy of the served model, if given, only scores
-        if defense != "none":
-            raise UserError("--defense with --target: the server applies its own defense; serve the model with it")
-        answering, info, budget = _remote.open_target(target, api_key, budget)
+        defended, info, p["budget"] = _remote.open_target(p["target"], api_key, p["budget"])
         graph = None
-        if victim is not None:
-            graph, local = _blackbox.open_victim(victim, device)
+        if file is not None:
+            graph, local = _blackbox.open_victim(file, p["device"])
             if local.sha256 != info.sha256:
-                raise UserError(f"--victim {victim} is not the model {target} serves (sha256 differs)")
+                raise UserError(f"--victim {file} is not the model {p['target']} serves (sha256 differs)")
             info.dataset_path = local.dataset_path
-    labelled = getattr(kind, "LABELLED", False)  # the thief holds a few labelled images of the victim's train split
-    needs_train = kind.POOL == "seeds" and pool is None or labelled
-    victim_data = _data.load(data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
-    if (victim_data.name, tuple(victim_data.shape), victim_data.num_classes) != (info.dataset, tuple(info.input_shape),
-                                                                              len(info.classes)):
-        raise UserError(f"victim {victim} was trained on {info.dataset} {list(info.input_shape)} "
-                        f"({len(info.classes)} classes), not on {victim_data.path} ({victim_data.name} "
-                        f"{list(victim_data.shape)})")
-    inputs = [path for path in (victim, victim_data.path) if path is not None]
-    hashes = [info.sha256, victim_data.sha256]  # in the fingerprint: a checkpoint keeps pool indices, not images
-    images = None
-    if pool is not None:
-        pool_data = _data.load(pool, splits=(pool_split,))
-        images = pool_data.splits[pool_split][0]
+    kind = ATTACKS[p["attack"]]
+    needs_train = kind.POOL == "seeds" and p["pool"] is None or kind.LABELLED
+    data = _data.load(p["data"] or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
+    _victim.check_matches(info, data)
+    inputs = [path for path in (file, data.path) if path is not None]
+    hashes, images = [info.sha256, data.sha256], None
+    if p["pool"] is not None:
+        pool_data = _data.load(p["pool"], splits=(p["pool_split"],))
+        images = pool_data.splits[p["pool_split"]][0]
         if tuple(images.shape[1:]) != tuple(info.input_shape):
-            if not convert:
+            if not p["convert"]:
                 raise UserError(f"pool {pool_data.path} holds {list(images.shape[1:])} images but the victim takes "
                                 f"{list(info.input_shape)}; drop --no-convert to resize them")
             images = _data.fit_images(images, info.input_shape)
         inputs.append(pool_data.path)
-        params["pool"] = str(pool_data.path)
+        p["pool"] = str(pool_data.path)
         hashes.append(pool_data.sha256)
     elif needs_train:
-        images = victim_data.splits["train"][0]
+        images = data.splits["train"][0]
     if images is not None and len(images) == 0:
-        raise UserError(f"the pool ({pool or 'victim train split'}) holds no images")
-    if labelled and len(victim_data.splits["train"][0]) == 0:
-        raise UserError(f"{attack} draws labelled images from the victim's train split; {victim_data.path} has none")
+        raise UserError(f"the pool ({p['pool'] or 'victim train split'}) holds no images")
+    if kind.LABELLED and len(data.splits["train"][0]) == 0:
+        raise UserError(f"{p['attack']} draws labelled images from the victim's train split; {data.path} has none")
+    return _Target(graph=graph, info=info, defended=defended, file=file, data=data, pool=images,
+                   labelled=kind.LABELLED, inputs=inputs, hashes=hashes)
 
-    arch = arch or info.arch
-    if lr is None:
-        lr = LENET_LR if arch == "lenet5" else 0.1
-    recipe = Recipe(epochs or kind.DEFAULT_EPOCHS, batch_size, lr, momentum, weight_decay)
-    runner = kind(**attack_params)
-    params.update(victim=str(victim) if victim is not None else None, lr=lr, attack_params=attack_params, defense_params=defense_params, label=label, arch=arch,
-                  epochs=recipe.epochs, data=str(victim_data.path), device=device)
-    fingerprint = _loop.fingerprint({**params, "input_sha256": hashes})
-    c, h, _ = info.input_shape
-    # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
-    check_memory(budget * 4 * (c * h * h + len(info.classes)), f"steal: a transfer set of {budget:,} queries")
-    def build_surrogate() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return models.build_model(arch, len(info.classes), c, h, info.mean, info.std).to(device)
 
-    surrogate = build_surrogate()
-    generator = torch.Generator().manual_seed(seed)
-    saved = _steal_checkpoint.read(ckpt, fingerprint, surrogate, generator) if resume else None
+# ------------------------------------------------------------------------------------------------ attack
 
-    test_x, test_y = victim_data.splits["test"]
+
+def _attack(f, p: dict, target: _Target, strategy: Attack, surrogate: nn.Module, recipe: SurrogateRecipe,
+            rng: torch.Generator, ckpt: Path, fingerprint: str, saved: Optional[_steal_checkpoint.Saved]) -> dict:
+    """Run the attack into the open surrogate.h5 `f`: the transfer set as it is answered, the surrogate scored on
+    the victim's test split after every epoch; then the summary, as attributes and returned. `saved`: the checkpoint
+    resumed from, if any."""
+    device, info = p["device"], target.info
+    test_x, test_y = target.data.splits["test"]
     test_float = _data.to_float(test_x)
     victim_top1 = defended_top1 = None  # over HTTP without the served file: unknown, asking would spend budget
-    if graph is not None:
-        victim_top1 = _blackbox.predict(graph, test_float, device).argmax(1).cpu()
-        defended_top1 = victim_top1 if target else _blackbox.predict(answering, test_float, device).argmax(1).cpu()
-    victim_accuracy = float((victim_top1 == test_y).float().mean()) if graph is not None else float("nan")
-    defended_accuracy = float((defended_top1 == test_y).float().mean()) if graph is not None else float("nan")
-
+    if target.graph is not None:
+        victim_top1 = _blackbox.predict(target.graph, test_float, device).argmax(1).cpu()
+        defended_top1 = (victim_top1 if p["target"] else
+                         _blackbox.predict(target.defended, test_float, device).argmax(1).cpu())
     history: dict[str, list[float]] = {}
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
-    with write_artifact(out, "surrogate", "steal", params, inputs, seed, started) as f, progress:
-        queries_task = progress.add_task("queries", total=budget, info="")
-        epochs_task = progress.add_task("surrogate epochs", total=runner.planned_epochs(recipe.epochs), info="")
-        box = _blackbox.BlackBox(answering, budget, label, info.input_shape, len(info.classes), device,
-                                 f.create_group("transfer"), kind.UINT8_QUERIES,
+    with progress:
+        queries_task = progress.add_task("queries", total=p["budget"], info="")
+        epochs_task = progress.add_task("surrogate epochs", total=strategy.planned_epochs(recipe.epochs), info="")
+        box = _blackbox.BlackBox(target.defended, p["budget"], p["label"], info.input_shape, len(info.classes), device,
+                                 f.create_group("transfer"), ATTACKS[p["attack"]].UINT8_QUERIES,
                                  on_answer=lambda n: progress.advance(queries_task, n))
         if saved is not None:
             box.replay(saved.images, saved.answers)
@@ -198,65 +261,83 @@ def run(
             predicted = _blackbox.predict(surrogate.eval(), test_float, device).argmax(1).cpu()
             surrogate.train(was_training)
             row = {"stealing_accuracy": float((predicted == test_y).float().mean()),
-                   "fidelity": float((predicted == victim_top1).float().mean()) if graph is not None else float("nan"),
+                   "fidelity": math.nan if victim_top1 is None else float((predicted == victim_top1).float().mean()),
                    "queries": float(box.used), **stats}
             for key, value in row.items():
                 history.setdefault(key, []).append(float(value))
             text = f"stealing {row['stealing_accuracy']:.4f} fidelity {row['fidelity']:.4f}"
             progress.update(epochs_task, advance=1, info=text)
-            console.log(f"epoch {len(history['queries'])} queries {box.used:,} loss {stats.get('train_loss', float('nan')):.4g} {text}")
+            console.log(f"epoch {len(history['queries'])} queries {box.used:,} "
+                        f"loss {stats.get('train_loss', float('nan')):.4g} {text}")
 
         def checkpoint(state: dict) -> None:
             epoch = len(history.get("queries", []))
-            _steal_checkpoint.write(ckpt, fingerprint, epoch, surrogate, generator, history, box, state)
+            _steal_checkpoint.write(ckpt, fingerprint, epoch, surrogate, rng, history, box, state)
 
-        thief = Thief(surrogate, recipe, len(info.classes), tuple(info.input_shape), generator, device, query_batch,
-                      images, end_epoch, checkpoint, saved.attack if saved is not None else {},
-                      labelled=victim_data.splits["train"] if labelled else None)
+        thief = Thief(surrogate, recipe, len(info.classes), tuple(info.input_shape), rng, device, p["query_batch"],
+                      target.pool, end_epoch, checkpoint, saved.attack if saved is not None else {},
+                      labelled=target.data.splits["train"] if target.labelled else None)
         saved = None  # the transfer set is in the box now
         try:
-            runner.run(box, thief)
+            strategy.run(box, thief)
         except _blackbox.BudgetExhausted:
             pass  # the attack asked past its budget: it is over, and what it learnt so far stands
         if not history:
             end_epoch({})
         box.close()
-        if budget_curve:
-            curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], label, attack,
-                                          _budget_curve.prefixes(box.used, budget_curve),
-                                          build_surrogate, recipe, len(info.classes), info.input_shape, seed, device,
-                                          test_float, test_y, console.log)
-            save_history(f.create_group("curve"), {"queries": curve["queries"] + [float(box.used)],
-                                                   "stealing_accuracy": curve["stealing_accuracy"]
-                                                   + [history["stealing_accuracy"][-1]]})
-        final, best = history["stealing_accuracy"][-1], max(history["stealing_accuracy"])
-        summary = dict(
-            stealing_accuracy=final, fidelity=history["fidelity"][-1], max_stealing_accuracy=best,
-            max_stealing_epoch=history["stealing_accuracy"].index(best) + 1, victim_accuracy=victim_accuracy,
-            defended_accuracy=defended_accuracy, relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0,
-            queries=box.used, budget=budget)
-        f.attrs.update(summary)
-        f.attrs.update(attack=attack, label=label, defense=defense, arch=arch, dataset=info.dataset,
-                       attack_params=json.dumps(attack_params), defense_params=json.dumps(defense_params),
-                       classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
-                       std=info.std, victim_sha256=info.sha256, baked_defense=info.baked_defense,
-                       eval_split="test", eval_images=len(test_y),
-                       max_stealing_note="max over epochs on the test split: peeks at test, not a headline")
-        save_state(f.create_group("weights"), surrogate.state_dict())
-        save_history(f.create_group("history"), history)
-    ckpt.unlink(missing_ok=True)
-    shown = defense if info.baked_defense == "none" else f"{info.baked_defense} (baked into {Path(str(victim)).name})"
-    shown = f"the API at {target}" if target else shown
-    _summarise(attack, label, shown, defense_params, summary, out, time.time() - started)
-    return out
+    right = (None, None) if victim_top1 is None else (victim_top1 == test_y, defended_top1 == test_y)
+    return _record(f, p, info, surrogate, history, box.used, *right, eval_images=len(test_y))
 
 
-def _summarise(attack: str, label: str, defense: str, defense_params: dict, s: dict, out: Path, seconds: float) -> None:
-    table = Table(title=f"steal: {attack} ({label} labels) against {defense}", title_justify="left")
+def _record(f, p: dict, info: _victim.VictimInfo, surrogate: nn.Module, history: dict[str, list[float]], queries: int,
+            victim_right: Optional[torch.Tensor], defended_right: Optional[torch.Tensor], eval_images: int) -> dict:
+    """The surrogate, its history and the summary into `f`; the summary returned. `victim_right` and
+    `defended_right`: where the victim's top-1 on the test split is right, plain and behind the defense (None over
+    HTTP without the served file: then unknown, NaN)."""
+    victim_accuracy = math.nan if victim_right is None else float(victim_right.float().mean())
+    final, best = history["stealing_accuracy"][-1], max(history["stealing_accuracy"])
+    summary = dict(
+        stealing_accuracy=final, fidelity=history["fidelity"][-1], max_stealing_accuracy=best,
+        max_stealing_epoch=history["stealing_accuracy"].index(best) + 1, victim_accuracy=victim_accuracy,
+        defended_accuracy=math.nan if defended_right is None else float(defended_right.float().mean()),
+        relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0, queries=queries, budget=p["budget"])
+    f.attrs.update(summary)
+    f.attrs.update(attack=p["attack"], label=p["label"], defense=p["defense"], arch=p["arch"], dataset=info.dataset,
+                   attack_params=json.dumps(p["attack_params"]), defense_params=json.dumps(p["defense_params"]),
+                   classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
+                   std=info.std, victim_sha256=info.sha256, baked_defense=info.baked_defense,
+                   eval_split="test", eval_images=eval_images,
+                   max_stealing_note="max over epochs on the test split: peeks at test, not a headline")
+    save_state(f.create_group("weights"), surrogate.state_dict())
+    save_history(f.create_group("history"), history)
+    return summary
+
+
+def _record_curve(f, p: dict, target: _Target, build: Callable[[], nn.Module], recipe: SurrogateRecipe) -> None:
+    """Group `curve`: stealing accuracy against queries spent, from fresh surrogates trained on prefixes of the
+    transfer set (the attack's own surrogate is the last point)."""
+    test_x, test_y = target.data.splits["test"]
+    used = int(f.attrs["queries"])
+    curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], p["label"], p["attack"],
+                                  _budget_curve.prefixes(used, p["budget_curve"]), build, recipe,
+                                  len(target.info.classes), target.info.input_shape, p["seed"], p["device"],
+                                  _data.to_float(test_x), test_y, console.log)
+    save_history(f.create_group("curve"), {"queries": curve["queries"] + [float(used)],
+                                           "stealing_accuracy": curve["stealing_accuracy"]
+                                           + [float(f.attrs["stealing_accuracy"])]})
+
+
+# ------------------------------------------------------------------------------------------------ summarise
+
+
+def _summarise(p: dict, target: _Target, s: dict, out: Path, seconds: float) -> None:
+    info = target.info
+    defense = (_defense.label(p["defense"], p["defense_params"]) if info.baked_defense == "none"
+               else f"{info.baked_defense} (baked into {Path(str(p['victim'])).name})")
+    defense = f"the API at {p['target']}" if p["target"] else defense
+    table = Table(title=f"steal: {p['attack']} ({p['label']} labels) against {defense}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
-    if defense_params:
-        table.add_row("defense parameters", " ".join(f"{k}={v:g}" for k, v in defense_params.items()))
     table.add_row("queries", f"{s['queries']:,} / {s['budget']:,}")
     table.add_row("stealing accuracy (final)", f"{s['stealing_accuracy']:.2%}")
     table.add_row("max over epochs (test-peeking)", f"{s['max_stealing_accuracy']:.2%} at epoch {s['max_stealing_epoch']}")

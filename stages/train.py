@@ -16,42 +16,40 @@ import torch
 import torch.nn.functional as F
 import typer
 from torch import nn
-from rich.console import Console
-from rich.table import Table
 
 import models
-from stages import _data, _defense, _loop, _victim
-from stages._artifacts import UserError, prepare_output
-
-console = Console(stderr=True)
+from models.params import UserError
+from stages import _data, _defense, _loop, _options, _victim
+from stages._artifacts import prepare_output
+from stages._options import DATA, RECIPE, RUNTIME
 
 
 def run(
-    dataset: Annotated[str, typer.Option(help="Prepared dataset (.h5) or dataset name.")] = "mnist",
-    arch: Annotated[str, typer.Option(help=f"Architecture: {', '.join(models.MODELS)}.")] = "lenet5",
-    out: Annotated[Path, typer.Option(help="Output victim HDF5.")] = Path("artifacts/victim.h5"),
-    epochs: _loop.Epochs = 10,
-    batch_size: _loop.BatchSize = 128,
-    lr: _loop.LR = 0.1,
-    momentum: _loop.Momentum = 0.5,
-    weight_decay: _loop.WeightDecay = 1e-3,
-    lr_step: _loop.LRStep = 20,
-    lr_gamma: _loop.LRGamma = 0.1,
-    seed: _loop.Seed = 0,
-    device: _loop.Device = "auto",
-    augment: _loop.Augment = None,
-    resume: _loop.Resume = False,
-    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
-        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.")] = "ce",
+    dataset: _options.Dataset = "mnist",
     ood: Annotated[Optional[str], typer.Option(
-        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.")] = None,
+        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.",
+        rich_help_panel=DATA)] = None,
+    arch: _options.Arch = "lenet5",
+    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
+        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.",
+        rich_help_panel=RECIPE)] = "ce",
+    epochs: _options.Epochs = 10,
+    batch_size: _options.BatchSize = _options.PAPER_SGD.batch_size,
+    lr: _options.LR = _options.PAPER_SGD.lr,
+    momentum: _options.Momentum = _options.PAPER_SGD.momentum,
+    weight_decay: _options.WeightDecay = _options.PAPER_SGD.weight_decay,
+    lr_step: _options.LRStep = _options.PAPER_SGD.lr_step,
+    lr_gamma: _options.LRGamma = _options.PAPER_SGD.lr_gamma,
+    seed: _options.Seed = 0,
+    augment: _options.Augment = None,
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim.h5"),
+    device: _options.Device = "auto",
+    resume: _options.Resume = False,
 ) -> Path:
     """Train an undefended victim with cross-entropy (or outlier exposure); choose the epoch on val."""
-    started = time.time()
     params = dict(locals())
-    params.pop("started")
-    if arch not in models.MODELS:
-        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
+    started = time.time()
+    models.check_arch(arch)
     if objective == "outlier-exposure" and ood is None:
         raise UserError("--objective outlier-exposure needs --ood DATASET")
     if objective == "ce" and ood is not None:
@@ -60,8 +58,9 @@ def run(
         _data.refuse_evaluation_only(ood, "--ood")
     out = prepare_output(out)
     data = _data.load(dataset)
-    recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
-                          _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
+    recipe = _loop.VictimRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma, seed=seed,
+                                device=_loop.pick_device(device), augment=data.shape[0] == 3 if augment is None else augment)
     params.update(dataset=str(data.path), device=recipe.device, augment=recipe.augment)
 
     torch.manual_seed(seed)
@@ -72,9 +71,9 @@ def run(
         loss.backward()
         return {"loss": loss.detach()}
 
+    inputs, extra = [data.path], {}
     if objective == "ce":
         result = _loop.fit(model, data, step, recipe, out, _loop.fingerprint(params), resume, title="train")
-        _victim.save(out, model, arch, data, "ce", result, "train", params, [data.path], seed, started)
     else:
         ood_data = _data.load(ood, splits=("train",))
         params["ood"] = str(ood_data.path)
@@ -82,11 +81,19 @@ def run(
         ood_step, begin_epoch = _outlier_exposure(pair, _data.fit_images(ood_data.splits["train"][0], data.shape), recipe)
         result = _loop.fit(pair, data, ood_step, recipe, out, _loop.fingerprint(params), resume,
                            begin_epoch=begin_epoch, title="train (outlier exposure)")
-        _victim.save(out, pair.victim, arch, data, objective, result, "train", params, [data.path, ood_data.path], seed,
-                     started, extra={_defense.MISINFORMATION_GROUP: pair.misinformation})
+        inputs, extra = [data.path, ood_data.path], {_defense.MISINFORMATION_GROUP: pair.misinformation}
+    _victim.save(out, model, arch=arch, data=data, objective=objective, result=result, stage="train", params=params,
+                 recipe=recipe_identity(params, data.shape[0]), inputs=inputs, seed=seed, started=started, extra=extra)
     _loop.checkpoint_path(out).unlink(missing_ok=True)
-    summarise(f"train {arch} on {data.name}" + ("" if objective == "ce" else f" ({objective})"), data, result, out)
+    _loop.summarise(f"train {arch} on {data.name}" + ("" if objective == "ce" else f" ({objective})"), data, result, out)
     return out
+
+
+def recipe_identity(params: dict, channels: int) -> tuple[dict, dict]:
+    """The recipe identity (`_victim.identity`) of a victim `train` made with these flags, on images of
+    `channels` channels (augmentation's default depends on them)."""
+    defaults = {**_options.defaults(run), "augment": channels == 3}
+    return _victim.identity(params.get("objective", "ce"), params, defaults)
 
 
 OE_WEIGHT = 1.0  # lambda of outlier exposure, as Adaptive Misinformation trains its victim
@@ -104,7 +111,7 @@ class _WithMisinformation(nn.Module):
         return self.victim(x)
 
 
-def _outlier_exposure(pair: _WithMisinformation, ood_images: torch.Tensor, recipe: _loop.Recipe):
+def _outlier_exposure(pair: _WithMisinformation, ood_images: torch.Tensor, recipe: _loop.VictimRecipe):
     """Step: CE(V(x), y) + lambda * CE(V(x_ood), uniform) for the victim; CE(log(1 - softmax(M(x))), y) for M."""
     if len(ood_images) == 0:
         raise UserError("--ood dataset has no training images")
@@ -134,39 +141,3 @@ def _outlier_exposure(pair: _WithMisinformation, ood_images: torch.Tensor, recip
         return {"loss": benign.detach(), "oe_loss": uniform.detach(), "misinformation_loss": misinformation.detach()}
 
     return step, begin_epoch
-
-
-def summarise(title: str, data: _data.Dataset, result: _loop.Result, out: Path) -> None:
-    table = Table(title=title, title_justify="left")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for split in _data.SPLITS:
-        table.add_row(f"{split} images", f"{len(data.splits[split][1]):,}")
-    table.add_row("chosen epoch (val)", f"{result.chosen_epoch} / {len(result.history.get('val_accuracy', []))}")
-    table.add_row("val accuracy", f"{result.val_accuracy:.2%}")
-    table.add_row("test accuracy", f"{result.test_accuracy:.2%}")
-    table.add_row("train time", f"{result.seconds:.1f} s")
-    table.add_row("victim", f"{out} ({out.stat().st_size / 1e6:.2f} MB)")
-    console.print(table)
-    rolled = int(sum(result.history.get("rolled_back", [])))
-    if rolled:
-        console.print(f"note: the network collapsed {rolled} time(s) and was rolled back to its best epoch each time, "
-                      f"with the learning rate halved (history column rolled_back)")
-    collapsed = collapse_epoch(result.history.get("val_accuracy", []), len(data.classes))
-    if collapsed:
-        console.print(f"warning: val accuracy fell to chance at epoch {collapsed} and stayed there (the network "
-                      f"collapsed); the victim is epoch {result.chosen_epoch}'s. Try a lower --lr or another seed.")
-
-
-def collapse_epoch(val_accuracy: list[float], num_classes: int) -> int:
-    """The 1-based epoch from which val accuracy stayed at chance (under 1.5 / classes) after having been at least
-    twice that, or 0."""
-    chance = _loop.chance_level(num_classes)
-    best, start = 0.0, 0
-    for i, acc in enumerate(val_accuracy):
-        if acc >= chance:
-            start = 0
-        elif not start and best >= 2 * chance:
-            start = i + 1
-        best = max(best, acc)
-    return start

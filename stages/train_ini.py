@@ -1,362 +1,341 @@
-"""Train a victim with InI, Isolation and Induction (Guo et al., arXiv 2308.00958), and write `victim.h5`.
+"""Train a victim with InI, Isolation and Induction (Guo et al., ACM MM 2023, arXiv 2308.00958): write `victim.h5`.
 
-Reads a prepared dataset and an OOD set (any prepared dataset, converted to the victim's input shape); writes the
-same `victim/1` artifact as `train` (objective "ini"), with per-epoch loss terms and held-out diagnostics.
-Faithful to the official code by default (INI_SPEC §2); the options past `--bn-mode` go beyond the paper.
+Reads a prepared dataset and OOD set(s) (any prepared dataset, converted to the victim's input shape); writes the
+same `victim/1` artifact as `train` (objective "ini"), with per-epoch loss terms and held-out diagnostics. The
+method is the package `stages/ini/` (in equations: docs/method.md); this stage reads the flags, builds the parts
+and trains them. `--preset faithful` is the paper's recipe as its official code runs it; the options of the
+"Beyond the paper" panel are not in the paper.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 import typer
 from rich.console import Console
+from torch import nn
 
 import models
-from stages import _data, _ini, _ini_fast, _loop, _ood, _victim, train
-from stages._artifacts import UserError, prepare_output
+from models.params import UserError
+from stages import _data, _loop, _options, _torchrun, _victim
+from stages._artifacts import prepare_output
+from stages._options import BEYOND, DATA, INI_TERMS, RECIPE, RUNTIME
+from stages.ini import diagnose, fast, ood, surrogates
+from stages.ini.objective import PAPER, SPIKE_FACTOR, Objective, SpikeClip
+from stages.ini.reference import ReferenceStep
 
 console = Console(stderr=True)
 
-# OOD set per victim dataset, best first: the paper's choice, then what `prepare` makes offline.
-DEFAULT_OOD = {
-    "mnist": ("kmnist", "fashionmnist"),
-    "fashionmnist": ("kmnist", "mnist"),
-    "kmnist": ("fashionmnist", "mnist"),
-    "emnist-letters": ("kmnist", "fashionmnist"),
-    "emnist-digits": ("kmnist", "fashionmnist"),
-    "cifar10": ("tinyimagenet", "cifar100", "skimage-patches"),
-    "cifar100": ("tinyimagenet", "cifar10", "skimage-patches"),
-    "svhn": ("tinyimagenet", "cifar10", "skimage-patches"),
-    "tinyimagenet": ("cifar100", "skimage-patches"),
+# The presets (docs/method.md, "Presets"), merged once with the flags given explicitly.
+PRESETS = {
+    # the paper's recipe as its official code runs it: one OOD set, augmented as ID images are, PCGrad's mean
+    "faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official",
+                 "on_collapse": "warn", "pcgrad_reduction": "mean"},
+    # induction meant to hold on pools the defense never saw: a mixture of every offline family, heavily augmented,
+    # with a quarter of each OOD batch derived from ID images (at a half, one of four MNIST runs collapsed to one
+    # class for good; at a quarter the same run recovered, and victims ended 0.2-0.4 pt higher for somewhat weaker
+    # induction on a held-out family). The official mean divides the benign gradient by the number of terms; the sum
+    # took 5-epoch victims from 85.4% to 88.7% (FashionMNIST; undefended 89.0%) and from 98.6% to 99.0% (MNIST;
+    # 99.1%). Its larger steps collapsed 3 of 12 runs (every last-layer ReLU dead after a gradient spike): the spike
+    # clip prevents that, the rollback repairs it.
+    "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
+              "clip": "spike", "on_collapse": "rollback", "pcgrad_reduction": "sum"},
 }
-FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
-                3: ("tinyimagenet", "skimage-patches", "generated")}
-# The "broad" preset's OOD mixture: every family of the victim's channel count that prepare can make, except the
-# victim's own and the sets of the same task (digits for a digit victim: a thief's digits should be answered).
-BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-patches", "generated"),
-             3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated")}
-SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
-             "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
-# Presets: the paper's recipe, and the one issue 7 measures against pools the defense never saw.
-# broad derives a quarter of each OOD batch: at a half, one of four MNIST runs collapsed to one class at epoch 2 and
-# stayed there; at a quarter the same run collapsed at epoch 2 too but recovered at epoch 3, and the quarter's victims
-# end 0.2-0.4 pt higher, for somewhat weaker induction on a held-out family (docs/results.md)
-COMPILE_MIN_STEPS = 1000  # 7-30 ms saved a CPU step (2 threads / 1 thread) against 5-30 s of compiling (measured)
-# broad (stop 11) also merges with PCGrad's sum, clips gradient spikes and rolls a collapse back. The official mean
-# divides the benign gradient by the number of terms: at 5 epochs, sum took broad victims from 85.4% to 88.7%
-# (FashionMNIST; undefended 89.0%) and from 98.6% to 99.0% (MNIST; 99.1%), and lowered a held-out pool's theft. With
-# the sum, steps are larger: 3 of 12 broad runs collapsed (every last-layer ReLU dead after a gradient spike), which
-# --clip spike prevents and --on-collapse rollback repairs.
-PRESETS = {"faithful": {"ood_derived": "", "ood_derived_fraction": 0.5, "ood_augment": "id", "clip": "official",
-                        "on_collapse": "warn", "pcgrad_reduction": "mean"},
-           "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
-                     "clip": "spike", "on_collapse": "rollback", "pcgrad_reduction": "sum"}}
 MAX_ROLLBACKS = 3
-SPIKE_FACTOR = 2.0  # --clip spike: the norm of the step that killed a broad victim was 11x the running mean
-
-# "distill" refresh: a few SGD steps of KL(p_V || p_C) on OOD images, KnockoffNets' loss at a gentle rate.
-DISTILL_LR, DISTILL_MOMENTUM, DISTILL_WD = 0.01, 0.9, 5e-4
+# Flags that mean nothing while the flag they refine is off: left out of a victim's recipe identity.
+INERT = {"ood_synthetic": ("ood_synthetic_steps", "ood_synthetic_eps"), "ood_derived": ("ood_derived_fraction",),
+         "refresh_every": ("refresh", "refresh_steps"), "pcgrad": ("pcgrad_reduction",)}
 
 
 def run(
-    dataset: Annotated[str, typer.Option(help="Prepared dataset (.h5) or dataset name.")] = "mnist",
-    arch: Annotated[str, typer.Option(help=f"Architecture: {', '.join(models.MODELS)}.")] = "lenet5",
-    out: Annotated[Path, typer.Option(help="Output victim HDF5.")] = Path("artifacts/victim-ini.h5"),
-    preset: Annotated[Literal["faithful", "broad"], typer.Option(
-        help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
-             "heavily augmented, plus outliers derived from ID images (--ood, --ood-derived and --ood-augment "
-             "override it).")] = "faithful",
+    dataset: _options.Dataset = "mnist",
     ood: Annotated[Optional[str], typer.Option(
         help="OOD set(s) (.h5 or names, comma-separated: a mixture balanced per set) for the induction and vanishing "
-             "terms [default: faithful: per dataset, the paper's when prepare can make it offline: mnist -> kmnist, "
-             "else fashionmnist; cifar10 -> tinyimagenet, else cifar100, else skimage-patches; broad: every offline "
-             "family of the victim's channel count but its own and same-task sets].")] = None,
+             "terms [default: faithful: per dataset, the paper's, prepared like the victim's own dataset (offline, "
+             "else downloaded), else the next that can be: mnist -> kmnist, else fashionmnist; cifar10 -> "
+             "tinyimagenet, else cifar100, else skimage-patches; broad: every offline family of the victim's channel "
+             "count but its own and same-task sets].", rich_help_panel=DATA)] = None,
     ood_derived: Annotated[Optional[str], typer.Option(
         help="Outliers derived from each ID batch, comma-separated: shuffle (patches in a random order), mix (two "
-             "classes blended), corrupt (noise and half erased); '' for none [default: the preset's].")] = None,
+             "classes blended), corrupt (noise and half erased); '' for none [default: the preset's].",
+        rich_help_panel=DATA)] = None,
     ood_derived_fraction: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="Share of each OOD batch made of derived outliers, when there are any "
-                               "[default: the preset's; 0.25 for broad].")] = None,
+                               "[default: the preset's; 0.25 for broad].", rich_help_panel=DATA)] = None,
     ood_augment: Annotated[Optional[Literal["id", "heavy"]], typer.Option(
         help="OOD augmentation: id (as ID images) or heavy (flips, transposition, inversion, gamma) "
-             "[default: the preset's].")] = None,
+             "[default: the preset's].", rich_help_panel=DATA)] = None,
+    arch: _options.Arch = "lenet5",
+    preset: Annotated[Literal["faithful", "broad"], typer.Option(
+        help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
+             "heavily augmented, plus outliers derived from ID images, merged with PCGrad's sum, spikes clipped, "
+             "collapses rolled back (any of those flags given explicitly overrides it).", rich_help_panel=RECIPE)
+    ] = "faithful",
+    epochs: _options.Epochs = 50,
+    batch_size: _options.BatchSize = _options.PAPER_SGD.batch_size,
+    lr: _options.LR = _options.PAPER_SGD.lr,
+    momentum: _options.Momentum = _options.PAPER_SGD.momentum,
+    weight_decay: _options.WeightDecay = _options.PAPER_SGD.weight_decay,
+    lr_step: _options.LRStep = _options.PAPER_SGD.lr_step,
+    lr_gamma: _options.LRGamma = _options.PAPER_SGD.lr_gamma,
+    seed: _options.Seed = 0,
+    augment: _options.Augment = None,
+    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID distance term.",
+                                        rich_help_panel=INI_TERMS)] = PAPER.beta,
+    gamma: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD induction term.",
+                                         rich_help_panel=INI_TERMS)] = PAPER.gamma,
+    delta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID gradient isolation term.",
+                                         rich_help_panel=INI_TERMS)] = PAPER.delta,
+    epsilon: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD gradient vanishing term.",
+                                           rich_help_panel=INI_TERMS)] = PAPER.epsilon,
+    distance: Annotated[Literal["l1", "kl"], typer.Option(
+        help="Distance of the ID/OOD distance terms.", rich_help_panel=INI_TERMS)] = PAPER.distance,
+    pcgrad: Annotated[bool, typer.Option(
+        help=f"Merge the terms' gradients with PCGrad (else clip at norm {PAPER.max_grad_norm:g}).",
+        rich_help_panel=INI_TERMS)] = PAPER.pcgrad,
+    pcgrad_reduction: Annotated[Optional[Literal["mean", "sum"]], typer.Option(
+        help="PCGrad over shared parameters: mean (the official code's only reachable choice; every term's gradient, "
+             "the benign one too, divided by the number of terms) or sum [default: the preset's].",
+        rich_help_panel=INI_TERMS)] = None,
+    clip: Annotated[Optional[Literal["official", "always", "spike"]], typer.Option(
+        help=f"Gradient clipping: official (at norm {PAPER.max_grad_norm:g}, only without PCGrad), always (also "
+             f"PCGrad's merged gradient) or spike (official, plus the merged gradient clipped at {SPIKE_FACTOR:g}x "
+             "the running mean of the norms before it) [default: the preset's].", rich_help_panel=INI_TERMS)] = None,
     ood_synthetic: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of each OOD batch turned into synthetic outliers: a few steps of gradient "
                                "ascent on the victim-surrogate disagreement (what data-free thieves search for), "
-                               "then induced like the rest; 0: none.")] = 0.0,
-    ood_synthetic_steps: Annotated[int, typer.Option(min=1, help="Ascent steps per synthetic outlier.")] = 3,
+                               "then induced like the rest; 0: none.", rich_help_panel=BEYOND)] = 0.0,
+    ood_synthetic_steps: Annotated[int, typer.Option(
+        min=1, help="Ascent steps per synthetic outlier.", rich_help_panel=BEYOND)] = 3,
     ood_synthetic_eps: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="L-inf radius of the search around each OOD image (1: unbounded).")] = 0.25,
-    epochs: _loop.Epochs = 50,
-    batch_size: _loop.BatchSize = 128,
-    lr: _loop.LR = 0.1,
-    momentum: _loop.Momentum = 0.5,
-    weight_decay: _loop.WeightDecay = 1e-3,
-    lr_step: _loop.LRStep = 20,
-    lr_gamma: _loop.LRGamma = 0.1,
-    seed: _loop.Seed = 0,
-    device: _loop.Device = "auto",
-    augment: _loop.Augment = None,
-    resume: _loop.Resume = False,
-    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID distance term.")] = 0.0,
-    gamma: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD induction term.")] = 0.3,
-    delta: Annotated[float, typer.Option(min=0.0, help="Weight of the ID gradient isolation term.")] = 1.0,
-    epsilon: Annotated[float, typer.Option(min=0.0, help="Weight of the OOD gradient vanishing term.")] = 1000.0,
-    distance: Annotated[Literal["l1", "kl"], typer.Option(help="Distance of the ID/OOD distance terms.")] = "l1",
-    pcgrad: Annotated[bool, typer.Option(help="Merge the terms' gradients with PCGrad (else clip at norm 10).")] = True,
-    pcgrad_reduction: Annotated[Optional[Literal["mean", "sum"]], typer.Option(
-        help="PCGrad over shared parameters: mean (the official code's only reachable choice; every term's gradient, "
-             "the benign one too, divided by the number of terms) or sum [default: the preset's].")] = None,
-    clip: Annotated[Optional[Literal["official", "always", "spike"]], typer.Option(
-        help="Gradient clipping: official (at norm 10, only without PCGrad), always (also PCGrad's merged gradient) "
-             f"or spike (official, plus the merged gradient clipped at {SPIKE_FACTOR:g}x the running mean of the "
-             "norms before it) [default: the preset's].")] = None,
+        min=0.0, max=1.0, help="L-inf radius of the search around each OOD image (1: unbounded).",
+        rich_help_panel=BEYOND)] = 0.25,
     on_collapse: Annotated[Optional[Literal["warn", "rollback"]], typer.Option(
         help="When val accuracy falls to chance after a good epoch (the network collapsed): warn at the end, or roll "
              f"back to the best epoch with the learning rate halved (at most {MAX_ROLLBACKS} times) "
-             "[default: the preset's].")] = None,
+             "[default: the preset's].", rich_help_panel=BEYOND)] = None,
     bn_mode: Annotated[Literal["mixed", "separate", "eval-ood", "joint"], typer.Option(
         help="Victim BatchNorm on OOD batches: mixed (official, test-time statistics blend ID and OOD), separate "
              "(own batch statistics, running ones ID-only), eval-ood (running statistics) or joint (ID and OOD in one "
-             "forward: trained under the mixture statistics it is deployed with).")] = "mixed",
+             "forward: trained under the mixture statistics it is deployed with).",
+        rich_help_panel=BEYOND)] = PAPER.bn_mode,
     kl_direction: Annotated[Literal["official", "attacker"], typer.Option(
         help="Divergence of the gradient terms: official KL(p_C||p_V), or attacker KL(p_V||p_C) as soft-label "
-             "thieves train.")] = "official",
-    surrogates: Annotated[int, typer.Option(min=1, help="Frozen random surrogates (an ensemble; terms averaged).")] = 1,
+             "thieves train.", rich_help_panel=BEYOND)] = PAPER.kl_direction,
+    surrogates: Annotated[int, typer.Option(
+        min=1, help="Frozen random surrogates (an ensemble; terms averaged).", rich_help_panel=BEYOND)] = 1,
     surrogate_archs: Annotated[Optional[str], typer.Option(
-        help="Comma-separated surrogate architectures, cycled over --surrogates [default: --arch].")] = None,
-    refresh_every: Annotated[int, typer.Option(min=0, help="Refresh the surrogates every N epochs (0: never).")] = 0,
+        help="Comma-separated surrogate architectures, cycled over --surrogates [default: --arch].",
+        rich_help_panel=BEYOND)] = None,
+    refresh_every: Annotated[int, typer.Option(
+        min=0, help="Refresh the surrogates every N epochs (0: never).", rich_help_panel=BEYOND)] = 0,
     refresh: Annotated[Literal["reinit", "distill"], typer.Option(
-        help="reinit: new random surrogates; distill: train them briefly on the victim's OOD outputs.")] = "reinit",
-    refresh_steps: Annotated[int, typer.Option(min=1, help="SGD steps of one distill refresh.")] = 100,
+        help="reinit: new random surrogates; distill: train them briefly on the victim's OOD outputs.",
+        rich_help_panel=BEYOND)] = "reinit",
+    refresh_steps: Annotated[int, typer.Option(
+        min=1, help="SGD steps of one distill refresh.", rich_help_panel=BEYOND)] = 100,
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim-ini.h5"),
+    device: _options.Device = "auto",
+    resume: _options.Resume = False,
     implementation: Annotated[Literal["auto", "fast", "reference"], typer.Option(
-        help="fast (LeNet-5 only, same maths) or reference; auto picks fast when it can.")] = "auto",
+        help="fast (LeNet-5 only, same maths) or reference; auto picks fast when it can.",
+        rich_help_panel=RUNTIME)] = "auto",
     compile_mode: Annotated[Literal["auto", "on", "off"], typer.Option(
         "--compile", help="Fuse the fast step's forward and Jacobian-vector kernels with torch.compile (same maths; "
         "needs a C++ compiler; tens of seconds of compiling, then faster steps). auto: on for CPU runs of "
-        f"{COMPILE_MIN_STEPS:,} steps or more, where it pays back.")] = "auto",
+        f"{fast.COMPILE_MIN_STEPS:,} steps or more, where it pays back.", rich_help_panel=RUNTIME)] = "auto",
     diagnostic_images: Annotated[int, typer.Option(
-        min=0, help="Val and OOD-test images for the per-epoch diagnostics (0: none).")] = 2048,
+        min=0, help="Val and OOD-test images for the per-epoch diagnostics (0: none).",
+        rich_help_panel=RUNTIME)] = 2048,
 ) -> Optional[Path]:
     """Train a victim with InI (isolation and induction); choose the epoch on val."""
+    params = _resolve(locals())
     started = time.time()
-    params = dict(locals())
-    params.pop("started")
-    if arch not in models.MODELS:
-        raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(models.MODELS)}")
-    archs = [a.strip() for a in (surrogate_archs or arch).split(",")]
-    for a in archs:
-        if a not in models.MODELS:
-            raise UserError(f"--surrogate-archs: unknown architecture {a!r}; choose from {', '.join(models.MODELS)}")
-    archs = [archs[i % len(archs)] for i in range(surrogates)]
-    ood_derived = PRESETS[preset]["ood_derived"] if ood_derived is None else ood_derived
-    derived = [k.strip() for k in ood_derived.split(",") if k.strip()]
-    for k in derived:
-        if k not in _ood.DERIVED:
-            raise UserError(f"--ood-derived: unknown outlier kind {k!r}; choose from {', '.join(_ood.DERIVED)}")
-    ood_augment = ood_augment or PRESETS[preset]["ood_augment"]
-    if ood_synthetic and not ood_synthetic_eps:
-        raise UserError("--ood-synthetic-eps must be above 0")
-    if ood_derived_fraction is None:
-        ood_derived_fraction = PRESETS[preset]["ood_derived_fraction"]
-    for name in (ood or "").split(","):
-        if name.strip():
-            _data.refuse_evaluation_only(name.strip(), "--ood")
     out = prepare_output(out)
-    data = _data.load(dataset)
-    names = [n.strip() for n in ood.split(",") if n.strip()] if ood else default_ood(data, preset)
-    if not names:
+    data, ood_sets = _load(params)
+    recipe = _loop.VictimRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                                weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma, seed=seed,
+                                device=_loop.pick_device(device), augment=data.shape[0] == 3 if augment is None else augment)
+    ranks = _torchrun.join(recipe.device)
+    params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets),
+                  device=recipe.device.split(":")[0], augment=recipe.augment, processes=ranks.world)
+    parts = _build(params, data, ood_sets, recipe, ranks)
+    result = _loop.fit(parts.victim, data, parts.step, recipe, out, _loop.fingerprint(params), resume,
+                       modules=parts.modules, begin_epoch=parts.begin_epoch, diagnostics=parts.diagnostics,
+                       title="train-ini", rollbacks=MAX_ROLLBACKS if params["on_collapse"] == "rollback" else 0)
+    if ranks.main:
+        _save(out, params, data, ood_sets, parts, result, started)
+    _torchrun.leave(ranks)
+    return out if ranks.main else None
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+
+def _resolve(flags: dict) -> dict:
+    """The flags as the run uses and records them: the preset's value for every flag of it not given (one merge),
+    surrogate architectures cycled over --surrogates; then every combination the flags alone can refute."""
+    preset = PRESETS[flags["preset"]]
+    params = {**flags, **{k: v for k, v in preset.items() if flags[k] is None}}
+    params["ood_derived"] = ",".join(_names(params["ood_derived"]))
+    _check(params)
+    archs = _names(params["surrogate_archs"] or params["arch"])
+    params["surrogate_archs"] = [archs[i % len(archs)] for i in range(params["surrogates"])]
+    return params
+
+
+def _check(p: dict) -> None:
+    """Every invalid combination of flags, with the flag to change."""
+    models.check_arch(p["arch"])
+    archs = _names(p["surrogate_archs"] or p["arch"])
+    for arch in archs:
+        models.check_arch(arch, "--surrogate-archs")
+    for kind in filter(None, p["ood_derived"].split(",")):
+        if kind not in ood.DERIVED:
+            raise UserError(f"--ood-derived: unknown outlier kind {kind!r}; choose from {', '.join(ood.DERIVED)}")
+    if p["ood_synthetic"] and not p["ood_synthetic_eps"]:
+        raise UserError("--ood-synthetic-eps must be above 0")
+    if p["ood"] is not None and not _names(p["ood"]):
         raise UserError("--ood names no set")
+    for name in _names(p["ood"] or ""):
+        _data.refuse_evaluation_only(name, "--ood")
+    lenets = all(a == "lenet5" for a in (p["arch"], *archs))
+    if p["implementation"] == "fast" and not lenets:
+        raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
+    if p["compile_mode"] == "on":
+        if p["implementation"] == "reference" or not lenets:
+            raise UserError("--compile on needs the fast step (LeNet-5 victim and surrogates on 28x28 or 32x32 images)")
+        if not fast.compiler_available():
+            raise UserError("--compile on: no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
+    _loop.pick_device(p["device"])
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def recipe_identity(params: dict, channels: int) -> tuple[dict, dict]:
+    """The recipe identity (`_victim.identity`) of a victim train-ini made with these resolved flags, on images of
+    `channels` channels (augmentation's default depends on them)."""
+    flags = dict(params)
+    if set(flags.get("surrogate_archs") or ()) <= {flags.get("arch", "lenet5")}:
+        flags["surrogate_archs"] = None  # --arch for every surrogate: the default
+    defaults = {**_options.defaults(run), **PRESETS[flags.get("preset", "faithful")], "augment": channels == 3}
+    return _victim.identity("ini", flags, defaults, INERT)
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def _load(p: dict) -> tuple[_data.Dataset, list[_data.Dataset]]:
+    """The victim's dataset and the OOD sets, checked against each other and against the fast step."""
+    data = _data.load(p["dataset"])
+    names = _names(p["ood"]) if p["ood"] else ood.default_ood(data, p["preset"])
     ood_sets = [_data.load(name, splits=("train", "test")) for name in names]
     for ood_data in ood_sets:
         if ood_data.sha256 == data.sha256:
             raise UserError(f"--ood {ood_data.path} is the victim's own dataset; InI needs out-of-distribution images")
+        if not len(ood_data.splits["train"][1]):
+            raise UserError(f"{ood_data.path}: the OOD train split holds no images")
     if len({o.sha256 for o in ood_sets}) < len(ood_sets):
         raise UserError("--ood names the same set twice")
-    recipe = _loop.Recipe(epochs, batch_size, lr, momentum, weight_decay, lr_step, lr_gamma, seed,
-                          _loop.pick_device(device), data.shape[0] == 3 if augment is None else augment)
-    comm = _loop.distributed(recipe.device)
-    clip = clip or PRESETS[preset]["clip"]
-    pcgrad_reduction = pcgrad_reduction or PRESETS[preset]["pcgrad_reduction"]
-    on_collapse = on_collapse or PRESETS[preset]["on_collapse"]
-    objective = _ini.Objective(beta, gamma, delta, epsilon, distance, kl_direction, pcgrad, pcgrad_reduction, bn_mode,
-                               clip_pcgrad=clip == "always")
+    needs_fast = p["implementation"] == "fast" or p["compile_mode"] == "on"
+    if needs_fast and not fast.fits("lenet5", data.shape[1]):
+        raise UserError("the fast step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images; "
+                        f"{data.path} holds {data.shape[1]}x{data.shape[2]}")
+    return data, ood_sets
 
-    torch.manual_seed(seed)
-    victim = _victim.build_for(arch, data).to(recipe.device)
-    nets = [build_surrogate(a, data, seed, j).to(recipe.device) for j, a in enumerate(archs)]
-    fresh = [build_surrogate(arch, data, seed, -1).to(recipe.device)]  # never trained against: held-out diagnostics
-    fast = all(_ini_fast.supports(m, data.shape[1]) for m in (victim, *nets))
-    if implementation == "fast" and not fast:
-        raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
-    use_fast = fast and implementation != "reference"
-    steps = epochs * math.ceil(len(data.splits["train"][1]) / batch_size)
-    kernels = step_kernels(compile_mode, use_fast, recipe.device.split(":")[0], steps, say=comm.main)
-    params.update(dataset=str(data.path), ood=",".join(str(o.path) for o in ood_sets), ood_derived=",".join(derived),
-                  ood_derived_fraction=ood_derived_fraction, ood_augment=ood_augment, clip=clip, on_collapse=on_collapse,
-                  pcgrad_reduction=pcgrad_reduction, device=recipe.device.split(":")[0], augment=recipe.augment,
-                  surrogate_archs=archs, processes=comm.world)
 
-    ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(recipe.device) for o in ood_sets]
-    for o, images in zip(ood_sets, ood_train):
-        if not len(images):
-            raise UserError(f"{o.path}: the OOD train split holds no images")
-    stream = _ood.OodStream(ood_train, batch_size, recipe.augment, comm, derived, ood_derived_fraction,
-                            heavy=ood_augment == "heavy")
-    if ood_synthetic:
-        stream.synthesize = _ood.Synthetic(victim, nets, ood_synthetic, ood_synthetic_steps, ood_synthetic_eps)
-    spike = _ini.SpikeClip(SPIKE_FACTOR).to(recipe.device) if clip == "spike" else None
-    step = (_ini_fast.FastStep(victim, nets, stream, objective, comm, data.shape[1], kernels, spike) if use_fast
-            else _ini.ReferenceStep(victim, nets, stream, objective, comm, spike))
+# ------------------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class _Parts:
+    """What `_build` makes for the training loop."""
+
+    victim: nn.Module
+    nets: list[nn.Module]  # the frozen surrogates the victim trains against
+    step: Callable
+    kernels: fast.Kernels
+    use_fast: bool
+    modules: dict[str, nn.Module]  # training state beside the victim, checkpointed
+    begin_epoch: Callable[[int, torch.Generator], None]
+    diagnostics: Callable[[], dict[str, float]]
+
+
+def _build(p: dict, data: _data.Dataset, ood_sets: list[_data.Dataset], recipe: _loop.VictimRecipe,
+           ranks: _torchrun.Ranks) -> _Parts:
+    """The victim, the surrogates, the OOD stream, the training step and the epoch hooks."""
+    device = recipe.device
+    torch.manual_seed(p["seed"])
+    victim = _victim.build_for(p["arch"], data).to(device)
+    nets = [surrogates.build(a, data, p["seed"], j).to(device) for j, a in enumerate(p["surrogate_archs"])]
+    fresh = [surrogates.build(p["arch"], data, p["seed"], surrogates.HELD_OUT).to(device)]
+    objective = Objective(beta=p["beta"], gamma=p["gamma"], delta=p["delta"], epsilon=p["epsilon"],
+                          distance=p["distance"], kl_direction=p["kl_direction"], pcgrad=p["pcgrad"],
+                          pcgrad_reduction=p["pcgrad_reduction"], bn_mode=p["bn_mode"], clip_pcgrad=p["clip"] == "always")
+    use_fast = p["implementation"] != "reference" and all(fast.supports(m, data.shape[1]) for m in (victim, *nets))
+    steps = p["epochs"] * math.ceil(len(data.splits["train"][1]) / p["batch_size"])
+    kernels = fast.kernels_for(p["compile_mode"], use_fast, device.split(":")[0], steps,
+                               say=console.print if ranks.main else lambda _: None,
+                               warn=lambda message: console.print(f"[yellow]warning:[/] {message}"))
+    ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(device) for o in ood_sets]
+    stream = ood.OodStream(ood_train, p["batch_size"], recipe.augment, ranks, p["ood_derived"].split(",") if
+                           p["ood_derived"] else (), p["ood_derived_fraction"], heavy=p["ood_augment"] == "heavy")
+    if p["ood_synthetic"]:
+        stream.synthesize = ood.Synthetic(victim, nets, p["ood_synthetic"], p["ood_synthetic_steps"],
+                                          p["ood_synthetic_eps"])
+    spike = SpikeClip(SPIKE_FACTOR).to(device) if p["clip"] == "spike" else None
+    step = (fast.FastStep(victim, nets, stream, objective, ranks, data.shape[1], kernels, spike) if use_fast
+            else ReferenceStep(victim, nets, stream, objective, ranks, spike))
 
     def begin_epoch(epoch: int, gen: torch.Generator) -> None:
-        if refresh_every and epoch and epoch % refresh_every == 0:
-            if refresh == "reinit":
-                for j, (net, a) in enumerate(zip(nets, archs)):
-                    net.load_state_dict(build_surrogate(a, data, seed, j, generation=epoch).state_dict())
-            else:
-                distill(nets, victim, torch.cat(ood_train), refresh_steps, batch_size, gen)
+        if p["refresh_every"] and epoch and epoch % p["refresh_every"] == 0:
+            surrogates.refresh(nets, p["surrogate_archs"], p["refresh"], epoch, data, p["seed"], victim,
+                               torch.cat(ood_train), p["refresh_steps"], p["batch_size"], gen)
         stream.begin(gen)
 
-    n_diag = diagnostic_images
-    val_x, val_y = (t[:n_diag] for t in data.splits["val"])
-    # held-out OOD images for the diagnostics: the first --ood set's test split (the faithful recipe's one set)
-    ood_test = _data.fit_images(ood_sets[0].splits["test"][0][:n_diag], data.shape)
+    val_x, val_y = (t[: p["diagnostic_images"]] for t in data.splits["val"])
+    # held-out OOD images for the diagnostics: the first OOD set's test split (the faithful recipe's one set)
+    ood_test = _data.fit_images(ood_sets[0].splits["test"][0][: p["diagnostic_images"]], data.shape)
 
     def diagnostics() -> dict[str, float]:
-        if not comm.main:  # only rank 0 keeps history
+        if not ranks.main:  # only rank 0 keeps history
             return {}
         row = {} if spike is None else {"clipped_steps": float(spike.clipped)}  # so far, all epochs together
-        if not n_diag:
+        if not p["diagnostic_images"]:
             return row
         for tag, group in (("", nets), ("_fresh", fresh)):
-            scores = _ini.diagnose(victim, group, val_x, val_y, ood_test, recipe.device, batch_size, kl_direction)
+            scores = diagnose.diagnose(victim, group, val_x, val_y, ood_test, device, p["batch_size"],
+                                       p["kl_direction"])
             row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
         return row
 
     modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
     if spike is not None:  # its running mean is training state: checkpointed, so resume is exact
         modules["spike_clip"] = spike
-    result = _loop.fit(victim, data, step, recipe, out, _loop.fingerprint(params), resume, modules=modules,
-                       begin_epoch=begin_epoch, diagnostics=diagnostics, title="train-ini",
-                       rollbacks=MAX_ROLLBACKS if on_collapse == "rollback" else 0)
-    if not comm.main:
-        _loop.leave(comm)
-        return None
-    params["implementation"] = "fast" if use_fast else "reference"
-    params["compile_mode"] = "on" if _ini_fast.compiled_throughout(kernels) else "off"
-    _victim.save(out, victim, arch, data, "ini", result, "train-ini", params, [data.path, *(o.path for o in ood_sets)],
-                 seed, started, extra={f"ini_surrogate{j}": net for j, net in enumerate(nets)})
+    return _Parts(victim=victim, nets=nets, step=step, kernels=kernels, use_fast=use_fast, modules=modules,
+                  begin_epoch=begin_epoch, diagnostics=diagnostics)
+
+
+# ------------------------------------------------------------------------------------------------ save, summarise
+
+
+def _save(out: Path, p: dict, data: _data.Dataset, ood_sets: list[_data.Dataset], parts: _Parts,
+          result: _loop.Result, started: float) -> None:
+    p["implementation"] = "fast" if parts.use_fast else "reference"
+    p["compile_mode"] = "on" if fast.compiled_throughout(parts.kernels) else "off"
+    _victim.save(out, parts.victim, arch=p["arch"], data=data, objective="ini", result=result, stage="train-ini",
+                 params=p, recipe=recipe_identity(p, data.shape[0]), inputs=[data.path, *(o.path for o in ood_sets)],
+                 seed=p["seed"], started=started, extra={f"ini_surrogate{j}": net for j, net in enumerate(parts.nets)})
     _loop.checkpoint_path(out).unlink(missing_ok=True)
-    _loop.leave(comm)
-    train.summarise(f"train-ini {arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out)
+    _loop.summarise(f"train-ini {p['arch']} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result,
+                    out)
     last = {k: v[-1] for k, v in result.history.items() if k.startswith("diag_")}
     if last:
         console.print("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
-    return out
-
-
-def step_kernels(mode: str, use_fast: bool, device: str, steps: int, say: bool = True) -> _ini_fast.Kernels:
-    """The fast step's kernels for --compile: compiled when asked (on), or (auto) on CPU for runs long enough to pay
-    back the compiling, when a C++ compiler is found; eager otherwise."""
-    if mode == "on":
-        if not use_fast:
-            raise UserError("--compile on needs the fast step (LeNet-5 victim and surrogates on 28x28 or 32x32 images)")
-        if not _ini_fast.compiler_available():
-            raise UserError("--compile on: no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
-    elif not (mode == "auto" and use_fast and device == "cpu" and steps >= COMPILE_MIN_STEPS
-              and _ini_fast.compiler_available()):
-        return _ini_fast.EAGER
-    if say:
-        console.print("compiling the InI step's kernels with torch.compile: the first steps take tens of seconds")
-    return _ini_fast.compiled_kernels(mode == "on", lambda message: console.print(f"[yellow]warning:[/] {message}"))
-
-
-def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
-    """faithful: the first candidate already prepared, or that `prepare` can make without the network; broad: every
-    such candidate of the broad mixture."""
-    from stages import _sources, prepare
-
-    if preset == "broad":
-        channels = 1 if data.shape[0] == 1 else 3
-        candidates = [n for n in BROAD_OOD[channels] if n != data.name and n not in SAME_TASK.get(data.name, ())]
-    else:
-        candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
-    found = []
-    for name in candidates:
-        if name == data.name or name not in _sources.DATASETS:
-            continue
-        path = prepare.default_path(name)
-        if not path.exists():
-            try:
-                prepare.run(dataset=name, out=path, download=False)
-            except UserError as e:
-                console.print(f"OOD candidate {name} unavailable offline ({e}); trying the next")
-                continue
-        found.append(str(path))
-        if preset != "broad":
-            break
-    if not found:
-        raise UserError(f"no OOD set for {data.name} could be prepared offline; pass --ood")
-    return found
-
-
-def surrogate_seed(seed: int, index: int, generation: int = 0) -> int:
-    """Seed of surrogate `index` (-1: the held-out one) in refresh `generation`, derived from --seed."""
-    return (seed * 1_000_003 + 7_919 * (index + 2) + 104_729 * generation) % (2**63)
-
-
-def build_surrogate(arch: str, data: _data.Dataset, seed: int, index: int, generation: int = 0) -> torch.nn.Module:
-    """A randomly initialised network, frozen in eval mode (the paper's 'clone'; our word for it is surrogate)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(surrogate_seed(seed, index, generation))
-        net = _victim.build_for(arch, data)
-    return net.eval().requires_grad_(False)
-
-
-def distill(nets: list[torch.nn.Module], victim: torch.nn.Module, ood_images: torch.Tensor, steps: int,
-            batch_size: int, gen: torch.Generator) -> None:
-    """Train each surrogate for `steps` SGD steps to match the victim's probabilities on OOD images, as a thief
-    querying with OOD data would (soft labels, KL(p_V || p_C)); then freeze it again."""
-    was_training = victim.training
-    victim.eval()
-    for net in nets:
-        net.train().requires_grad_(True)
-        opt = torch.optim.SGD(net.parameters(), lr=DISTILL_LR, momentum=DISTILL_MOMENTUM, weight_decay=DISTILL_WD)
-        for _ in range(steps):
-            idx = torch.randint(len(ood_images), (batch_size,), generator=gen)
-            x = _data.to_float(ood_images[idx.to(ood_images.device)])
-            with torch.no_grad():
-                target = victim(x).softmax(-1)
-            loss = F.kl_div(net(x).log_softmax(-1), target, reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        net.eval().requires_grad_(False)
-    victim.train(was_training)
-
-
-def diagnose_victim(victim_path: Path, dataset: str, ood: str, seed: int = 0, surrogates: int = 1,
-                    images: int = 2048, device: str = "cpu") -> dict[str, float]:
-    """The per-epoch diagnostics for any victim (an undefended one too), against the surrogates train-ini would
-    build with `seed` and the held-out one: comparable numbers for defended and undefended victims."""
-    victim, info = _victim.load(Path(victim_path), device)
-    data = _data.load(dataset)
-    _victim.check_matches(info, data)
-    ood_data = _data.load(ood, splits=("test",))
-    val_x, val_y = (t[:images] for t in data.splits["val"])
-    ood_test = _data.fit_images(ood_data.splits["test"][0][:images], data.shape)
-    row = {}
-    groups = (("", [build_surrogate(info.arch, data, seed, j).to(device) for j in range(surrogates)]),
-              ("_fresh", [build_surrogate(info.arch, data, seed, -1).to(device)]))
-    for tag, group in groups:
-        scores = _ini.diagnose(victim, group, val_x, val_y, ood_test, device)
-        row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
-    return row
-

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.defenses import DEFENSES, MAD, AdaptiveMisinformation
+from models.params import defaults
 from stages import _defense
 
 SHAPE, K, BATCH = (1, 28, 28), 10, 256
@@ -21,7 +22,8 @@ def _inputs(n: int = BATCH):
 
 def _defense_for(name: str) -> torch.nn.Module:
     if name == "adaptive-misinformation":
-        return AdaptiveMisinformation(_defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1))
+        return AdaptiveMisinformation(_defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1),
+                                      **defaults(AdaptiveMisinformation.PARAMS))
     return _defense.build(name, _defense.parse(name, []), "lenet5", K, SHAPE, [0.5], [0.25])
 
 

@@ -16,6 +16,7 @@ import torch
 
 import models
 from models.defenses import AdaptiveMisinformation, Deployed
+from models.params import defaults
 from stages import _defense, _jit
 
 ARCH, CLASSES, SHAPE, MEAN, STD = "lenet5", 10, (1, 28, 28), [0.1307], [0.3081]
@@ -29,12 +30,13 @@ def deployed_graph(defense: str, device: str) -> torch.jit.ScriptModule:
     torch.manual_seed(0)
     victim = models.build_model(ARCH, CLASSES, SHAPE[0], SHAPE[1], MEAN, STD)
     if defense in ("none", "ini"):
-        guard = _defense.build("none", {}, ARCH, CLASSES, SHAPE, MEAN, STD)
+        posterior = _defense.build("none", {}, ARCH, CLASSES, SHAPE, MEAN, STD)
     elif defense == "adaptive-misinformation":  # the misinformation net is a second network of the same size
-        guard = AdaptiveMisinformation(_defense.random_proxy(ARCH, CLASSES, SHAPE, MEAN, STD, 1))
+        posterior = AdaptiveMisinformation(_defense.random_proxy(ARCH, CLASSES, SHAPE, MEAN, STD, 1),
+                                           **defaults(AdaptiveMisinformation.PARAMS))
     else:
-        guard = _defense.build(defense, _defense.parse(defense, []), ARCH, CLASSES, SHAPE, MEAN, STD)
-    return _jit.script(Deployed(victim, guard).eval().to(device))
+        posterior = _defense.build(defense, _defense.parse(defense, []), ARCH, CLASSES, SHAPE, MEAN, STD)
+    return _jit.script(Deployed(victim, posterior).eval().to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)

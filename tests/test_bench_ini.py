@@ -31,4 +31,4 @@ def test_step_speed(benchmark, steps, kind):
     benchmark(step)
     after = list(step.victim.parameters())
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the step moved the victim
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # the step moved the victim

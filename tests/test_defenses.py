@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import cli
 from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, greedy_mass_move
 from stages import _defense, _jit, prepare, train
-from stages._artifacts import UserError
+from models.params import UserError
 
 SHAPE = (1, 28, 28)
 K = 10
@@ -235,7 +235,9 @@ def test_outlier_exposure_step_computes_its_three_terms():
     misinformation = _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1)
     pair = train._WithMisinformation(victim, misinformation)
     ood = torch.randint(0, 256, (8, *SHAPE), dtype=torch.uint8)
-    step, begin_epoch = train._outlier_exposure(pair, ood, _loop.Recipe(augment=False))
+    recipe = _loop.VictimRecipe(epochs=1, batch_size=4, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20,
+                                lr_gamma=0.1, seed=0, device="cpu", augment=False)
+    step, begin_epoch = train._outlier_exposure(pair, ood, recipe)
     begin_epoch(0, torch.Generator().manual_seed(0))
     x, y = torch.rand(4, *SHAPE), torch.tensor([0, 1, 2, 3])
     terms = step(x, y, torch.Generator())

@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
+
 from stages import _victim, evaluate, train
 from stages._artifacts import save_history, save_state, sha256, write_artifact
-from tiny_data import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +143,36 @@ def test_changed_victim_and_wrong_kind_are_refused(world, tmp_path):
     assert not (tmp_path / "m.h5").exists()
 
 
-def test_seeds_group_across_code_versions_and_folders():
-    from stages.evaluate import recipe_of
+def test_victims_record_their_recipe_and_older_victims_get_the_same_by_derivation(world, tmp_path):
+    root, data, victim = world
+    _, info = _victim.load(victim)
+    assert info.recipe["objective"] == "ce" and info.recipe["epochs"] == 2 and "seed" not in info.recipe
+    assert info.recipe_changes == {"batch_size": 16, "epochs": 2}  # what the world's victim was trained with
+    legacy = tmp_path / "legacy.h5"  # as code from before victims recorded their recipe wrote it
+    legacy.write_bytes(victim.read_bytes())
+    with h5py.File(legacy, "r+") as f:
+        del f.attrs["recipe"], f.attrs["recipe_changes"]
+    old, new = (evaluate._evaluate(path, None, "cpu", {}) for path in (legacy, victim))
+    assert old["victim"] == new["victim"] == f"lenet5/ce#{info.recipe_id}"
+    assert json.loads(old["victim_recipe"]) == info.recipe and json.loads(old["victim_changes"]) == info.recipe_changes
 
-    old = {"arch": "lenet5", "gamma": 0.3, "ood": "artifacts/grid/data/fashionmnist.h5", "seed": 0, "epochs": 5}
+
+def test_seeds_group_across_code_versions_and_folders():
+    """A train-ini flag added after a victim was trained reads as its default; where files lay, how the maths ran
+    and search settings of a search that is off do not split a recipe; a real change does."""
+    from stages import train_ini
+
+    old = {"arch": "lenet5", "gamma": 0.3, "ood": "artifacts/grid/data/fashionmnist.h5", "seed": 0, "epochs": 5,
+           "surrogates": 1, "surrogate_archs": ["lenet5"]}
     new = {**old, "ood": "/elsewhere/fashionmnist.h5", "seed": 1, "preset": "faithful", "clip": "official",
-           "compile_mode": "on", "ood_synthetic": 0.0, "ood_synthetic_steps": 3, "ood_synthetic_eps": 0.25}
-    assert recipe_of(old) == recipe_of(new)  # options added later, as older code behaved; file places aside
-    assert recipe_of(old) != recipe_of({**new, "ood_synthetic": 0.25})  # a real recipe change still splits
-    assert recipe_of(old) != recipe_of({**new, "epochs": 50})
+           "compile_mode": "on", "ood_synthetic": 0.0, "ood_synthetic_steps": 3, "ood_synthetic_eps": 0.25,
+           "pcgrad_reduction": "mean", "augment": False}
+    recipe, changes = train_ini.recipe_identity(old, 1)
+    assert (recipe, changes) == train_ini.recipe_identity(new, 1)
+    assert changes == {"epochs": 5, "ood": "fashionmnist"}
+    assert recipe == train_ini.recipe_identity({**new, "ood_synthetic_steps": 9}, 1)[0]
+    assert recipe != train_ini.recipe_identity({**new, "ood_synthetic": 0.25}, 1)[0]
+    assert recipe != train_ini.recipe_identity({**new, "epochs": 50}, 1)[0]
 
 
 def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, monkeypatch):
@@ -171,10 +192,12 @@ def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, mo
 
 
 def test_plot_legend_drops_the_recipe_hash_only_where_names_stay_apart():
-    from stages import _report
+    from stages import _evaluate_report
     settings = (("mnist", "lenet5/ce#aaaaaa"), ("mnist", "lenet5/faithful#bbbbbb"), ("mnist", "lenet5/faithful#cccccc"),
                 ("fashionmnist", "lenet5/ini#dddddd"), ("mnist", "lenet5/ini#eeeeee"))
-    names = _report._short_names([dict(dataset=d, victim=v) for d, v in settings])
+    groups = [dict(dataset=d, victim=v, victim_arch=v.split("/")[0], victim_kind=v.split("/")[1].split("#")[0])
+              for d, v in settings]
+    names = _evaluate_report._short_names(groups)
     assert names == {"lenet5/ce#aaaaaa": "lenet5/ce", "lenet5/faithful#bbbbbb": "lenet5/faithful#bbbbbb",
                      "lenet5/faithful#cccccc": "lenet5/faithful#cccccc", "lenet5/ini#dddddd": "lenet5/ini",
                      "lenet5/ini#eeeeee": "lenet5/ini"}  # one name per victim dataset's panel is enough

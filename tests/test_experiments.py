@@ -283,7 +283,7 @@ def test_options_study_tabulates_benign_diagnostics_and_theft(tmp_path):
     assert (params["kl_direction"], params["compile_mode"], params["diagnostic_images"]) == ("attacker", "off", 64)
     rows = [line.strip("| ").split(" | ") for line in (out / "tables.md").read_text().splitlines()
             if line.startswith("| mnist |")]
-    assert [r[1] for r in rows] == ["undefended", "faithful", "ini-kl-attacker"]
+    assert [r[1] for r in rows] == ["undefended", "faithful", "faithful kl_direction=attacker"]
     for r in rows:
         defended = r[1] != "undefended"
         assert (r[3] != "-" and r[4] != "-") if defended else (r[3] == r[4] == "-"), r  # diagnostics: InI only

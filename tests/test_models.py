@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import MODELS, Classifier, build_model
-from stages._artifacts import UserError
+from models.params import UserError
 
 SHAPES = [(1, 28), (3, 32)]
 
@@ -65,7 +65,7 @@ def test_normalisation_is_inside_the_model(arch):
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_initialisation_is_deterministic(arch):
     a, b = _model(arch, 1, 28, 10), _model(arch, 1, 28, 10)
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
 
 

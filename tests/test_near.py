@@ -30,7 +30,7 @@ def make(name: str, seed: int = 0, n: int = N):
         pytest.skip(f"real {DERIVED[name]} not found under {SHARED_DATA}")
     key = (name, seed, n)
     if key not in _made:
-        _made[key] = _sources.load(name, None, [SHARED_DATA], False, seed, limit=n)
+        _made[key] = _prepare_readers.load(name, None, [SHARED_DATA], False, seed, limit=n)
     return _made[key]
 
 
@@ -41,10 +41,10 @@ def centre_of_mass(images: np.ndarray) -> np.ndarray:
     return np.stack([(x * ys).sum((1, 2)) / mass, (x * xs).sum((1, 2)) / mass], 1)
 
 
-@pytest.mark.parametrize("name", _sources.NEAR_DATASETS)
+@pytest.mark.parametrize("name", _prepare_readers.NEAR_DATASETS)
 def test_same_seed_same_bytes_other_seed_other_images(name):
     a, c = make(name), make(name, seed=1)
-    again = _sources.load(name, None, [SHARED_DATA], False, 0, limit=N)
+    again = _prepare_readers.load(name, None, [SHARED_DATA], False, 0, limit=N)
     for split in ("train_images", "train_labels", "test_images", "test_labels"):
         assert getattr(again, split).tobytes() == getattr(a, split).tobytes(), split
     assert not np.array_equal(a.train_images, c.train_images)
@@ -53,7 +53,7 @@ def test_same_seed_same_bytes_other_seed_other_images(name):
     assert a.attrs["generator"] and a.attrs == again.attrs
 
 
-@pytest.mark.parametrize("name", _sources.NEAR_DATASETS)
+@pytest.mark.parametrize("name", _prepare_readers.NEAR_DATASETS)
 def test_images_and_labels_are_valid(name):
     raw = make(name)
     for images, labels in ((raw.train_images, raw.train_labels), (raw.test_images, raw.test_labels)):

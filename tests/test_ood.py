@@ -1,12 +1,12 @@
-"""The OOD stream of train-ini (issue 7): mixtures balanced per set, heavy augmentation, outliers derived from ID
-images, and the broad preset end to end on tiny data."""
+"""The OOD stream of train-ini (induction meant to hold on pools the defense never saw): mixtures balanced per set,
+heavy augmentation, outliers derived from ID images, and the broad preset end to end on tiny data."""
 
 import h5py
 import pytest
 import torch
 
-from stages import _ood
-from stages._loop import Dist
+from stages._torchrun import Ranks
+from stages.ini import ood as _ood
 from tests.conftest import assert_one_line_error, invoke
 
 
@@ -22,7 +22,7 @@ def _digits(n: int = 32, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mixture_is_balanced_per_set_whatever_their_sizes():
     big = torch.full((1000, 1, 28, 28), 10, dtype=torch.uint8)
     small = torch.full((7, 1, 28, 28), 200, dtype=torch.uint8)
-    stream = _ood.OodStream([big, small], 64, False, Dist())
+    stream = _ood.OodStream([big, small], 64, False, Ranks())
     stream.begin(torch.Generator().manual_seed(0))
     batch = stream.next(torch.Generator().manual_seed(1))
     values = (batch[:, 0, 0, 0] * 255).round()
@@ -33,7 +33,7 @@ def test_mixture_is_balanced_per_set_whatever_their_sizes():
 def test_derived_fraction_and_kinds():
     x, y = _digits()
     src = torch.zeros(50, 1, 28, 28, dtype=torch.uint8)
-    stream = _ood.OodStream([src], 40, False, Dist(), derived=("shuffle", "mix", "corrupt"), derived_fraction=0.5)
+    stream = _ood.OodStream([src], 40, False, Ranks(), derived=("shuffle", "mix", "corrupt"), derived_fraction=0.5)
     stream.begin(torch.Generator().manual_seed(0))
     batch = stream.next(torch.Generator().manual_seed(1), x, y)
     assert batch.shape == (40, 1, 28, 28)
@@ -86,7 +86,7 @@ def test_same_seed_same_batches():
     src = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     batches = []
     for _ in range(2):
-        stream = _ood.OodStream([src], 32, True, Dist(), derived=("mix", "corrupt"), heavy=True)
+        stream = _ood.OodStream([src], 32, True, Ranks(), derived=("mix", "corrupt"), heavy=True)
         g = torch.Generator().manual_seed(7)
         stream.begin(g)
         batches.append(torch.cat([stream.next(g, x, y) for _ in range(3)]))
@@ -132,9 +132,9 @@ def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
     ([0.9, 0.1, 0.9, 0.1], 4),  # recovered once, then fell again
 ])
 def test_collapse_is_detected_from_val_history(history, expected):
-    from stages import train
+    from stages import _loop
 
-    assert train.collapse_epoch(history, 10) == expected
+    assert _loop.collapse_epoch(history, 10) == expected
 
 
 def _nets(seed: int = 0):
@@ -164,7 +164,7 @@ def test_synthetic_outliers_raise_the_disagreement_inside_the_ball():
 
 
 def test_ood_stream_hands_its_batch_to_the_synthesizer():
-    stream = _ood.OodStream(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), 10, False, Dist())
+    stream = _ood.OodStream(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), 10, False, Ranks())
     stream.begin(torch.Generator().manual_seed(0))
     seen = []
     stream.synthesize = lambda x, g: seen.append(x.shape) or x * 0
@@ -211,7 +211,8 @@ def _sabotaging_fit(tiny, out, rollbacks: int, resume: bool = False, stop_after:
                 p.grad = None
         return {"benign": loss.detach()}
 
-    recipe = _loop.Recipe(epochs=stop_after, batch_size=32, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20)
+    recipe = _loop.VictimRecipe(epochs=stop_after, batch_size=32, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20,
+                                lr_gamma=0.1, seed=0, device="cpu", augment=False)
     return model, _loop.fit(model, data, step, recipe, out, "fp", resume=resume, rollbacks=rollbacks)
 
 
@@ -233,5 +234,5 @@ def test_rollback_resumes_exactly(tiny, tmp_path, one_thread):
     _sabotaging_fit(tiny, out, rollbacks=3, stop_after=3)  # the checkpoint after epoch 3 (rolled back at 2)
     resumed, result = _sabotaging_fit(tiny, out, rollbacks=3, resume=True, stop_after=4)
     assert result.history["lr"][-1] == pytest.approx(0.05)
-    for a, b in zip(whole.parameters(), resumed.parameters()):
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)

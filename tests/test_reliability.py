@@ -17,11 +17,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, invoke
-from stages import _artifacts, _blackbox, _data, _jit, _loop, _victim
-from stages._artifacts import UserError, load_state, open_artifact, sha256
 from tiny_data import write_dataset
+
+from models.params import UserError
+from stages import _artifacts, _blackbox, _data, _jit, _loop, _victim
+from stages._artifacts import load_state, open_artifact, sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("train", "--epochs", 2, "--batch-size", 32, "--device", "cpu")

@@ -15,9 +15,9 @@ import scipy.io
 import torchvision.datasets as tvd
 from PIL import Image
 
-from stages import _sources
-from stages._artifacts import UserError
-from stages._sources import convert, load
+from models.params import UserError
+from stages import _prepare_readers as _sources
+from stages._prepare_readers import convert, load
 
 SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

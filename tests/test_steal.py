@@ -16,7 +16,7 @@ import models
 from stages import _blackbox, _data, prepare, steal, train
 from stages._artifacts import load_state, open_artifact
 from stages.attacks import ATTACKS, Thief
-from stages.attacks._thief import Recipe
+from stages.attacks._thief import SurrogateRecipe
 
 # Small enough for seconds per attack on one core; budgets chosen so every last query batch is partial.
 FAST = {"epochs": 1, "batch_size": 32, "query_batch": 40, "device": "cpu"}
@@ -107,13 +107,14 @@ def test_attacks_hold_only_the_query_callable(attack):
     before = [p.detach().clone() for p in surrogate.parameters()]
     pool = torch.randint(0, 256, (300, *shape), dtype=torch.uint8) if cls.POOL != "none" else None
     labelled = (torch.randint(0, 256, (50, *shape), dtype=torch.uint8), torch.arange(50) % k)
-    thief = Thief(surrogate, Recipe(1, 16), k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool,
-                  labelled=labelled if getattr(cls, "LABELLED", False) else None)
+    recipe = SurrogateRecipe(epochs=1, batch_size=16, lr=0.03, momentum=0.9, weight_decay=5e-4)
+    thief = Thief(surrogate, recipe, k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool,
+                  labelled=labelled if cls.LABELLED else None)
     query = _FakeQuery(150, cls.LABELS[0], shape, k)
     params = {"dfme": {"width": 8, "noise_dim": 16}, "jbda": {"seeds": 30}, "jbda-tr": {"seeds": 30}}.get(attack, {})
     cls(**params).run(query, thief)
     assert 0 < query.used <= 150
-    assert any(not torch.equal(a, b) for a, b in zip(before, surrogate.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, surrogate.parameters(), strict=True))
 
 
 def test_attack_code_cannot_reach_the_victim():

@@ -14,14 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
 from torch import nn
 
 import models
-from conftest import assert_one_line_error, invoke
-from stages import _ini, _ini_fast, _loop
-from stages._artifacts import UserError, load_state
-from stages._loop import Dist
-from tiny_data import write_dataset
+from models.params import UserError
+from stages import _loop
+from stages._artifacts import load_state
+from stages._torchrun import Ranks
+from stages.ini import fast, objective, ood, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,14 +42,14 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 def test_distances_by_hand():
     v = torch.tensor([[0.0, math.log(2.0)]])  # p_V = (1/3, 2/3); centred log p_V = (-ln2/2, +ln2/2)
     c = torch.tensor([[1.0, -1.0]])
-    assert _ini.distance_sum(v, c, "l1").item() == pytest.approx(1 + math.log(2) / 2)
+    assert objective.distance_sum(v, c, "l1").item() == pytest.approx(1 + math.log(2) / 2)
     c0 = torch.zeros(1, 2)  # p_C = (1/2, 1/2)
     kl_v_c = 1 / 3 * math.log(2 / 3) + 2 / 3 * math.log(4 / 3)
     kl_c_v = 0.5 * math.log(1.5) + 0.5 * math.log(0.75)
-    assert _ini.distance_sum(v, c0, "kl").item() == pytest.approx(kl_v_c)
-    assert _ini.divergence_sum(c0, v, "official").item() == pytest.approx(kl_c_v)
-    assert _ini.divergence_sum(c0, v, "attacker").item() == pytest.approx(kl_v_c)
-    assert _ini.distance_sum(v.repeat(3, 1), c.repeat(3, 1), "l1").item() == pytest.approx(3 * (1 + math.log(2) / 2))
+    assert objective.distance_sum(v, c0, "kl").item() == pytest.approx(kl_v_c)
+    assert objective.divergence_sum(c0, v, "official").item() == pytest.approx(kl_c_v)
+    assert objective.divergence_sum(c0, v, "attacker").item() == pytest.approx(kl_v_c)
+    assert objective.distance_sum(v.repeat(3, 1), c.repeat(3, 1), "l1").item() == pytest.approx(3 * (1 + math.log(2) / 2))
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
@@ -80,8 +82,8 @@ def test_each_term_against_a_hand_computation():
     Wv, bv = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     Wc, bc = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
     victim, surrogate = _linear(Wv, bv), _linear(Wc, bc).eval().requires_grad_(False)
-    objective = _ini.Objective(beta=0.5, pcgrad=False, max_grad_norm=1e9)
-    terms = _ini.ReferenceStep(victim, [surrogate], _FixedOod(x_ood), objective, Dist())(x, y, torch.Generator())
+    weights = objective.Objective(beta=0.5, pcgrad=False, max_grad_norm=1e9)
+    terms = reference.ReferenceStep(victim, [surrogate], _FixedOod(x_ood), weights, Ranks())(x, y, torch.Generator())
 
     X, Xo = x.flatten(1).numpy(), x_ood.flatten(1).numpy()
     zv, zc = X @ Wv.numpy().T + bv.numpy(), X @ Wc.numpy().T + bc.numpy()
@@ -92,7 +94,7 @@ def test_each_term_against_a_hand_computation():
         return z - np.log(np.exp(z).sum(1, keepdims=True))
 
     lv, lc, lvo, lco = map(log_softmax, (zv, zc, zvo, zco))
-    centred = lambda l: l - l.mean(1, keepdims=True)  # noqa: E731
+    centred = lambda z: z - z.mean(1, keepdims=True)  # noqa: E731
     assert terms["benign"].item() == pytest.approx(-lv[np.arange(5), y.numpy()].mean())
     assert terms["id_distance"].item() == pytest.approx(-np.abs(zc - centred(lv)).mean())
     assert terms["ood_distance"].item() == pytest.approx(np.abs(zco - centred(lvo)).mean())
@@ -119,9 +121,9 @@ def test_each_term_against_a_hand_computation():
 def test_pcgrad_leaves_agreeing_gradients_alone():
     grads = torch.tensor([[1.0, 0.0, 1.0], [0.5, 1.0, 0.0], [0.0, 2.0, 1.0]])
     touched = torch.ones_like(grads, dtype=torch.bool)
-    merged = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(0), "mean")
+    merged = objective.pcgrad(grads, touched, torch.Generator().manual_seed(0), "mean")
     assert torch.allclose(merged, grads.mean(0))
-    assert torch.allclose(_ini.pcgrad(grads, touched, torch.Generator(), "sum"), grads.sum(0))
+    assert torch.allclose(objective.pcgrad(grads, touched, torch.Generator(), "sum"), grads.sum(0))
 
 
 def test_pcgrad_projects_conflicts_onto_the_normal_plane():
@@ -130,24 +132,24 @@ def test_pcgrad_projects_conflicts_onto_the_normal_plane():
     p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2  # (0.5, 0.5)
     p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1  # (0, 1)
     assert p1 @ g2 == pytest.approx(0) and p2 @ g1 == pytest.approx(0)  # each is orthogonal to the other term
-    merged_sum = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(1), "sum")
-    merged_mean = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(1), "mean")
+    merged_sum = objective.pcgrad(grads, touched, torch.Generator().manual_seed(1), "sum")
+    merged_mean = objective.pcgrad(grads, touched, torch.Generator().manual_seed(1), "mean")
     assert torch.allclose(merged_sum, p1 + p2) and torch.allclose(merged_mean, (p1 + p2) / 2)
 
 
 def test_pcgrad_sums_parameters_not_every_term_touches():
     grads = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
     touched = torch.tensor([[True, True], [True, False]])  # the second term never reaches parameter 1
-    merged = _ini.pcgrad(grads, touched, torch.Generator(), "mean")
+    merged = objective.pcgrad(grads, touched, torch.Generator(), "mean")
     assert torch.allclose(merged, torch.tensor([2.0, 2.0]))  # shared: mean; unshared: sum
 
 
 def test_pcgrad_from_the_gram_matrix_matches_the_flat_one():
     grads = torch.randn(5, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     touched = torch.ones_like(grads, dtype=torch.bool)
-    for reduction in _ini.REDUCTIONS:
-        flat = _ini.pcgrad(grads, touched, torch.Generator().manual_seed(3), reduction)
-        mixed = _ini.pcgrad_coefficients(grads @ grads.T, torch.Generator().manual_seed(3), reduction) @ grads
+    for reduction in objective.REDUCTIONS:
+        flat = objective.pcgrad(grads, touched, torch.Generator().manual_seed(3), reduction)
+        mixed = objective.pcgrad_coefficients(grads @ grads.T, torch.Generator().manual_seed(3), reduction) @ grads
         assert torch.allclose(flat, mixed, atol=1e-12)
 
 
@@ -159,28 +161,28 @@ def _lenet(seed: int, dtype=torch.float64, channels: int = 1, size: int = 28) ->
     return models.build_model("lenet5", 10, channels, size, [0.3] * channels, [0.3] * channels).to(dtype)
 
 
-class _DoubleOod(_ini.OodStream):
+class _DoubleOod(ood.OodStream):
     def next(self, generator, *id_batch):
         return super().next(generator, *id_batch).double()
 
 
-def _spike(mean: float) -> _ini.SpikeClip:
+def _spike(mean: float) -> objective.SpikeClip:
     """A spike clip past its warm-up whose running mean makes it bind (limit = 2 x mean)."""
-    spike = _ini.SpikeClip(2.0, warmup=3)
+    spike = objective.SpikeClip(2.0, warmup=3)
     spike.mean.fill_(mean)
     spike.steps.fill_(3)
     return spike
 
 
-@pytest.mark.parametrize("objective,k,shape,spike_mean", [
-    (_ini.Objective(), 1, (1, 28), None),
-    (_ini.Objective(beta=0.2, distance="kl", kl_direction="attacker", reduction="sum"), 2, (1, 28), None),
-    (_ini.Objective(pcgrad=False), 1, (1, 28), None),
-    (_ini.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28), None),  # the clip binds
-    (_ini.Objective(), 1, (1, 28), 1e-4),  # --clip spike binds
-    (_ini.Objective(), 1, (3, 32), None),  # the RGB variant: no conv1 padding
+@pytest.mark.parametrize("weights,k,shape,spike_mean", [
+    (objective.Objective(), 1, (1, 28), None),
+    (objective.Objective(beta=0.2, distance="kl", kl_direction="attacker", pcgrad_reduction="sum"), 2, (1, 28), None),
+    (objective.Objective(pcgrad=False), 1, (1, 28), None),
+    (objective.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28), None),  # the clip binds
+    (objective.Objective(), 1, (1, 28), 1e-4),  # --clip spike binds
+    (objective.Objective(), 1, (3, 32), None),  # the RGB variant: no conv1 padding
 ])
-def test_fast_step_equals_reference(objective, k, shape, spike_mean):
+def test_fast_step_equals_reference(weights, k, shape, spike_mean):
     channels, size = shape
     g = torch.Generator().manual_seed(0)
     x = torch.rand(24, channels, size, size, generator=g, dtype=torch.float64)
@@ -188,15 +190,15 @@ def test_fast_step_equals_reference(objective, k, shape, spike_mean):
     y = torch.randint(0, 10, (24,), generator=g)
     ood = torch.randint(0, 256, (40, channels, size, size), dtype=torch.uint8, generator=g)
     results = []
-    for cls in (_ini.ReferenceStep, _ini_fast.FastStep):
+    for cls in (reference.ReferenceStep, fast.FastStep):
         victim = _lenet(1, channels=channels, size=size)
         surrogates = [_lenet(2 + i, channels=channels, size=size).eval().requires_grad_(False) for i in range(k)]
-        stream = _DoubleOod(ood, 20, False, Dist())
+        stream = _DoubleOod(ood, 20, False, Ranks())
         stream.begin(torch.Generator().manual_seed(5))
-        extra = (size, _ini_fast.EAGER) if cls is _ini_fast.FastStep else ()
+        extra = (size, fast.EAGER) if cls is fast.FastStep else ()
         spike = None if spike_mean is None else _spike(spike_mean)
         optimizer = torch.optim.SGD(victim.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
-        terms = cls(victim, surrogates, stream, objective, Dist(), *extra, spike=spike)(x, y, torch.Generator().manual_seed(7))
+        terms = cls(victim, surrogates, stream, weights, Ranks(), *extra, spike=spike)(x, y, torch.Generator().manual_seed(7))
         if spike is not None:
             assert spike.clipped == 1 and spike.mean == pytest.approx(1e-4 + (2e-4 - 1e-4) / 4)  # clipped, then averaged
         optimizer.step()
@@ -205,39 +207,44 @@ def test_fast_step_equals_reference(objective, k, shape, spike_mean):
     for key in ref_terms:
         assert fast_terms[key].item() == pytest.approx(ref_terms[key].item(), rel=1e-5, abs=1e-10), key
     before = [p.detach() for p in _lenet(1, channels=channels, size=size).parameters()]
-    for p0, a, b in zip(before, ref_params, fast_params):
+    for p0, a, b in zip(before, ref_params, fast_params, strict=True):
         assert torch.allclose(a - p0, b - p0, rtol=1e-5, atol=1e-12)
 
 
-needs_compiler = pytest.mark.skipif(not _ini_fast.compiler_available(), reason="torch.compile needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(not fast.compiler_available(), reason="torch.compile needs a C++ compiler")
 
 
 @needs_compiler
 def test_compiled_fast_step_equals_reference(monkeypatch):
     """The compiled kernels (train-ini --compile on) keep the maths: same check as the eager fast step."""
-    kernels = _ini_fast.compiled_kernels(strict=True)
-    eager_init = _ini_fast.FastStep.__init__
-    monkeypatch.setattr(_ini_fast.FastStep, "__init__", lambda self, *a, spike=None: eager_init(self, *a[:-1], kernels))
-    test_fast_step_equals_reference(_ini.Objective(), 1, (1, 28), None)
+    kernels = fast.compiled_kernels(strict=True)
+    eager_init = fast.FastStep.__init__
+    monkeypatch.setattr(fast.FastStep, "__init__", lambda self, *a, spike=None: eager_init(self, *a[:-1], kernels))
+    test_fast_step_equals_reference(objective.Objective(), 1, (1, 28), None)
     assert kernels.forward.compiled is not None and kernels.jvp.compiled is not None  # compiled, not fallen back
 
 
 def test_compile_auto_only_where_it_pays_back(monkeypatch):
-    from stages import train_ini
+    monkeypatch.setattr(fast, "compiler_available", lambda: True)
+    monkeypatch.setattr(fast, "compiled_kernels", lambda *a: "compiled")
+    long = fast.COMPILE_MIN_STEPS
+    said = []
+    assert fast.kernels_for("auto", True, "cpu", long, said.append) == "compiled" and len(said) == 1
+    assert fast.kernels_for("auto", True, "cpu", long - 1) is fast.EAGER  # short runs: not worth it
+    assert fast.kernels_for("auto", False, "cpu", long) is fast.EAGER  # reference step: nothing to fuse
+    assert fast.kernels_for("auto", True, "cuda", long) is fast.EAGER  # measured on CPU only
+    assert fast.kernels_for("off", True, "cpu", long) is fast.EAGER
+    assert fast.kernels_for("on", True, "cpu", 1, said.append) == "compiled"
+    monkeypatch.setattr(fast, "compiler_available", lambda: False)
+    assert fast.kernels_for("auto", True, "cpu", long) is fast.EAGER
 
-    monkeypatch.setattr(_ini_fast, "compiler_available", lambda: True)
-    monkeypatch.setattr(_ini_fast, "compiled_kernels", lambda *a: "compiled")
-    long = train_ini.COMPILE_MIN_STEPS
-    assert train_ini.step_kernels("auto", True, "cpu", long) == "compiled"
-    assert train_ini.step_kernels("auto", True, "cpu", long - 1) is _ini_fast.EAGER  # short runs: not worth it
-    assert train_ini.step_kernels("auto", False, "cpu", long) is _ini_fast.EAGER  # reference step: nothing to fuse
-    assert train_ini.step_kernels("auto", True, "cuda", long) is _ini_fast.EAGER  # measured on CPU only
-    assert train_ini.step_kernels("off", True, "cpu", long) is _ini_fast.EAGER
-    assert train_ini.step_kernels("on", True, "cpu", 1) == "compiled"
-    monkeypatch.setattr(_ini_fast, "compiler_available", lambda: False)
-    assert train_ini.step_kernels("auto", True, "cpu", long) is _ini_fast.EAGER
-    with pytest.raises(UserError, match="no C\\+\\+ compiler"):
-        train_ini.step_kernels("on", True, "cpu", long)
+
+def test_compile_on_without_a_compiler_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(fast, "compiler_available", lambda: False)
+    out = tmp_path / "v.h5"
+    line = assert_one_line_error(invoke("train-ini", "--dataset", tiny[0], "--ood", tiny[1], "--compile", "on",
+                                        "--device", "cpu", "--out", out))
+    assert "no C++ compiler" in line and not out.exists()
 
 
 def test_compile_failure_falls_back_to_eager_or_fails_in_one_line():
@@ -245,10 +252,10 @@ def test_compile_failure_falls_back_to_eager_or_fails_in_one_line():
         raise RuntimeError("InductorError: no compiler\nlong trace")
 
     said = []
-    kernel = _ini_fast._Compiled(lambda a: a + 1, False, said.append)
+    kernel = fast._Compiled(lambda a: a + 1, False, said.append)
     kernel.compiled = broken
     assert kernel(1) == 2 and kernel.compiled is None and "no compiler" in said[0]  # auto: eager from now on
-    strict = _ini_fast._Compiled(lambda a: a + 1, True, said.append)
+    strict = fast._Compiled(lambda a: a + 1, True, said.append)
     strict.compiled = broken
     with pytest.raises(UserError, match="torch.compile failed .RuntimeError: InductorError: no compiler.$"):
         strict(1)
@@ -261,17 +268,17 @@ def test_tape_matches_autograd_jacobian_products():
 
     model = _lenet(4)
     x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
-    tape = _ini_fast.Tape(model, x)
+    tape = fast.Tape(model, x)
     params = {k: v.detach() for k, v in model.named_parameters()}
     assert torch.allclose(tape.z, model(x))
     _, pullback = vjp(lambda p: functional_call(model, p, (x,)), params)
     cot = torch.randn(6, 2, 10, dtype=torch.float64)
     mine = tape.vjp(cot)
     for t in range(2):
-        for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values()):
+        for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values(), strict=True):
             assert torch.allclose(mine_p[t], ref_p, atol=1e-12)
     tangent = [torch.randn(1, *p.shape, dtype=torch.float64) for p in params.values()]
-    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent)},))
+    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent, strict=True)},))
     assert torch.allclose(tape.jvp(tangent)[:, 0], ref, atol=1e-12)
 
 
@@ -383,7 +390,7 @@ def test_bad_input_is_one_line(case, tiny, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("mode", _ini.BN_MODES)
+@pytest.mark.parametrize("mode", objective.BN_MODES)
 def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).train()
@@ -391,7 +398,7 @@ def test_bn_mode_decides_what_ood_batches_do_to_batchnorm(mode):
     x, x_ood = torch.rand(8, 1, 6, 6), 3 + torch.rand(8, 1, 6, 6)
     net(x)
     after_id = bn.running_mean.clone()
-    with _ini.ood_batchnorm(net, mode):
+    with objective.ood_batchnorm(net, mode):
         out = net(x_ood)
     assert torch.equal(bn.running_mean, after_id) == (mode not in ("mixed", "joint"))  # these blend OOD in
     assert bn.training and bn.track_running_stats  # restored
@@ -408,7 +415,7 @@ def test_joint_bn_mode_forwards_id_and_ood_as_one_batch():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).train()
     x, x_ood = torch.rand(8, 1, 6, 6), 3 + torch.rand(5, 1, 6, 6)
-    logits, logits_ood = _ini.victim_logits(net, x, x_ood, "joint")
+    logits, logits_ood = objective.forward_id_and_ood(net, x, x_ood, "joint")
     assert int(net[1].num_batches_tracked) == 1 and logits.shape == (8, 2) and logits_ood.shape == (5, 2)
     reference = nn.BatchNorm2d(3).train()
     reference.load_state_dict({k: v for k, v in net[1].state_dict().items()} | {"running_mean": torch.zeros(3),
@@ -416,7 +423,7 @@ def test_joint_bn_mode_forwards_id_and_ood_as_one_batch():
     both = net[3:](net[2](reference(net[0](torch.cat([x, x_ood])))))  # the mixture's batch statistics
     assert torch.allclose(logits, both[:8], atol=1e-6) and torch.allclose(logits_ood, both[8:], atol=1e-6)
     assert torch.allclose(net[1].running_mean, reference.running_mean)  # running statistics: the mixture's too
-    _ini.victim_logits(net, x, x_ood, "mixed")
+    objective.forward_id_and_ood(net, x, x_ood, "mixed")
     assert int(net[1].num_batches_tracked) == 3  # two forwards
 
 
@@ -439,38 +446,69 @@ def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one
     assert 0 < float(bn.running_var.min()) and float(bn.running_var.max()) < 10
 
 
-def test_default_ood_is_the_papers_when_offline_else_the_next(monkeypatch, tmp_path):
-    from stages import prepare, train_ini
+@pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
+def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_first_found(online, monkeypatch,
+                                                                                          tmp_path):
+    """train-ini without --ood on an MNIST victim: on a machine that is online, KMNIST (the paper's choice) is
+    downloaded the way the victim's own dataset would be; offline the download fails and FashionMNIST, whose raw
+    files are at hand, is prepared instead. Downloads are stubbed: online writes KMNIST's raw files."""
+    from test_sources import idx_arrays, write_mnist
 
-    monkeypatch.setattr(prepare, "default_path", lambda name: tmp_path / f"{name}.h5")
+    from stages import _data, _prepare_readers
+
+    root = tmp_path / "data"
+    monkeypatch.chdir(tmp_path)  # prepared sets go to artifacts/data/ here
+    monkeypatch.setattr(_data, "default_data_roots", lambda data_root: [root])
+    write_mnist(root / "FashionMNIST" / "raw", idx_arrays(np.random.default_rng(0), n_train=20), gz=True)
+    asked = []
+
+    def download(name, data_roots, fetch):
+        asked.append(name)
+        if not online:
+            return "network unreachable"
+        write_mnist(data_roots[0] / "KMNIST" / "raw", idx_arrays(np.random.default_rng(1), n_train=30), gz=True)
+        return ""
+
+    monkeypatch.setattr(_prepare_readers, "_download", download)
+    mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
+    chosen = ood.default_ood(mnist)
+    expected = "kmnist" if online else "fashionmnist"
+    assert asked == ["kmnist"] and chosen == [str(Path("artifacts/data") / f"{expected}.h5")]
+    with h5py.File(chosen[0], "r") as f:
+        assert f.attrs["name"] == expected
+        assert len(f["train/labels"]) + len(f["val/labels"]) == (30 if online else 20)
+    again = ood.default_ood(mnist)  # online, KMNIST is prepared now; offline, the paper's set is asked for again
+    assert again == chosen and asked == ["kmnist"] * (1 if online else 2)
+
+
+def test_default_ood_of_the_broad_preset_is_every_offline_family_but_the_victims_task(monkeypatch, tmp_path):
+    from stages import _data
+
+    monkeypatch.setattr(_data, "default_path", lambda name: tmp_path / f"{name}.h5")
     made = []
 
     def fake_prepare(dataset, out, download):
-        assert download is False  # never the network
-        if dataset == "kmnist":
-            raise _loop.UserError("kmnist: no raw files found")
+        assert download is False  # a mixture of many downloads would be a surprise
+        if dataset == "emnist-letters":
+            raise UserError("emnist-letters: no raw files found")
         made.append(dataset)
         out.write_bytes(b"")
         return out
 
-    monkeypatch.setattr(prepare, "run", fake_prepare)
+    monkeypatch.setattr(_data, "prepare", fake_prepare)
+    (tmp_path / "kmnist.h5").write_bytes(b"")  # prepared already
     mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
-    assert train_ini.default_ood(mnist) == [str(tmp_path / "fashionmnist.h5")] and made == ["fashionmnist"]
-    (tmp_path / "kmnist.h5").write_bytes(b"")  # once KMNIST is prepared, it is the choice
-    assert train_ini.default_ood(mnist) == [str(tmp_path / "kmnist.h5")]
-    # broad: every family that can be made, but the victim's own and same-task digits
-    broad = train_ini.default_ood(mnist, "broad")
-    names = [Path(p).stem for p in broad]
-    assert names[:2] == ["fashionmnist", "kmnist"] and "skimage-patches" in names and "generated" in names
-    assert "mnist" not in names and "sklearn-digits" not in names
+    names = [Path(p).stem for p in ood.default_ood(mnist, "broad")]
+    assert names == ["fashionmnist", "kmnist", "skimage-patches", "generated"]
+    assert made == ["fashionmnist", "skimage-patches", "generated"]  # not the victim's own, nor same-task digits
 
 
 def test_spike_clip_averages_during_warmup_then_clips_spikes_and_resumes_from_its_buffers():
-    spike = _ini.SpikeClip(2.0, decay=0.9, warmup=3)
+    spike = objective.SpikeClip(2.0, decay=0.9, warmup=3)
     for norm in (1.0, 3.0, 2.0):  # warm-up: nothing clipped, a plain mean
         assert spike(torch.tensor([norm, 0.0])).norm() == pytest.approx(norm)
     assert float(spike.mean) == pytest.approx(2.0) and float(spike.clipped) == 0
-    copy = _ini.SpikeClip(2.0, decay=0.9, warmup=3)
+    copy = objective.SpikeClip(2.0, decay=0.9, warmup=3)
     copy.load_state_dict(spike.state_dict())  # what a checkpoint carries
     for clip in (spike, copy):
         out = clip(torch.tensor([0.0, 40.0]))  # a spike: 20x the mean
@@ -482,3 +520,11 @@ def test_spike_clip_averages_during_warmup_then_clips_spikes_and_resumes_from_it
     for _ in range(100):  # after 1 / (1 - decay) steps the mean turns exponential (weight 0.1)
         spike(torch.tensor([1.0]))
     assert float(spike.mean) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_help_groups_the_options_in_panels_and_shows_every_default():
+    text = invoke("train-ini", "--help").stdout
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in text.splitlines() if line.startswith("╭─ ")]
+    assert panels == ["Options", "Data and OOD", "Recipe", "InI terms", "Beyond the paper", "Runtime"]
+    flat = " ".join(text.replace("│", " ").split())
+    assert "[default: the preset's]" in flat and "[default: 50]" in flat and "[default: --arch]" in flat

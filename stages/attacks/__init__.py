@@ -1,18 +1,17 @@
-"""Model-stealing attacks, one per file, each a class with one small interface:
+"""Model-stealing attacks, one per file, each an `Attack` with one small interface:
 
     attack = ATTACKS[name](**params)      # params: the attack's PARAMS, from --attack-param KEY=VALUE
     attack.run(query, thief)              # query(images) -> probabilities | labels; thief: what the thief has
 
 An attack never sees the victim: `query` is its only way to it, and `thief` holds only the thief's own things
-(its surrogate, pool, recipe and seed). Class attributes tell `steal` what to supply: POOL (required, seeds or
-none), LABELS (label modes it accepts, first = default), UINT8_QUERIES (its queries are pool images, so the
-transfer set is stored as uint8), DEFAULT_EPOCHS, and LABELLED where the thief holds a few labelled images of the
-victim's train split (`thief.labelled`; they are not queries).
+(its surrogate, pool, recipe and random generator). `Attack`'s class attributes tell `steal` what to supply;
+LABELLED marks a thief that holds a few labelled images of the victim's train split (`thief.labelled`; they are
+not queries). The papers behind each: docs/method.md, "Attacks".
 """
 
 from __future__ import annotations
 
-from stages.attacks._thief import Query, Thief
+from stages.attacks._thief import Attack, Query, Thief
 from stages.attacks.adaptive import Adaptive
 from stages.attacks.confidence_search import ConfidenceSearch
 from stages.attacks.dfme import DFME
@@ -21,7 +20,7 @@ from stages.attacks.knockoff import Knockoff
 from stages.attacks.knockoff_confident import KnockoffConfident
 from stages.attacks.seeded import Seeded
 
-ATTACKS: dict[str, type] = {
+ATTACKS: dict[str, type[Attack]] = {
     "knockoff": Knockoff,
     "jbda": JBDA,
     "jbda-tr": JBDATR,
@@ -33,4 +32,4 @@ ATTACKS: dict[str, type] = {
     "seeded": Seeded,
 }
 
-__all__ = ["ATTACKS", "Query", "Thief"]
+__all__ = ["ATTACKS", "Attack", "Query", "Thief"]

@@ -1,17 +1,18 @@
-"""What an attack is given: the budgeted query callable, and the thief's own surrogate, pool and recipe; and how
-it checkpoints: `thief.checkpoint(state)` hands the stage what the attack needs to come back to that point, and a
-resumed run gets it back once from `thief.resume()`."""
+"""The attack contract (`Attack`), what an attack is given (the budgeted query callable, and the thief's own
+surrogate, pool, recipe and random generator), and how it checkpoints: `thief.checkpoint(state)` hands the stage
+what the attack needs to come back to that point, and a resumed run gets it back once from `thief.resume()`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.params import Param, defaults
 from stages import _data
 
 
@@ -27,24 +28,25 @@ class Query(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
-@dataclass
-class Recipe:
-    """The surrogate's training recipe (KnockoffNets: SGD lr 0.1, momentum 0.9, wd 5e-4, cosine, batch 128)."""
+@dataclass(frozen=True)
+class SurrogateRecipe:
+    """How the thief trains its surrogate: SGD with a cosine schedule (KnockoffNets'), resolved from `steal`'s
+    flags (whose defaults are `steal`'s)."""
 
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
 
 
 @dataclass
 class Thief:
     surrogate: nn.Module  # randomly initialised, the thief's architecture
-    recipe: Recipe
+    recipe: SurrogateRecipe
     num_classes: int
     input_shape: tuple[int, int, int]
-    generator: torch.Generator  # every random choice of the attack
+    rng: torch.Generator  # every random choice of the attack
     device: str = "cpu"
     query_batch: int = 500  # images per query call
     pool: Optional[torch.Tensor] = None  # uint8 (N, C, H, W) at the victim's input shape
@@ -131,7 +133,7 @@ def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, e
             group["lr"] = cosine_lr(recipe.lr, epoch, epochs)
         model.train()
         total, steps = 0.0, 0
-        for idx in _data.batches(n, recipe.batch_size, thief.generator, drop_last=n > recipe.batch_size):
+        for idx in _data.batches(n, recipe.batch_size, thief.rng, drop_last=n > recipe.batch_size):
             if len(idx) < 2:  # one image cannot train BatchNorm; only a one-query transfer set has such a batch
                 continue
             x = images[idx].to(thief.device)
@@ -161,11 +163,36 @@ def ask(query: Query, images: torch.Tensor, batch: int):
             return
 
 
-def set_params(attack: Any, params: dict[str, float | int]) -> None:
-    """Every entry of `attack.PARAMS` as an attribute: the value given, else the entry's default."""
-    unknown = set(params) - set(attack.PARAMS)
-    if unknown:
-        raise TypeError(f"{type(attack).__name__} has no parameters {sorted(unknown)}")
-    for key, spec in attack.PARAMS.items():
-        value = params.get(key, spec.default)
-        setattr(attack, key, int(value) if spec.integer else float(value))
+class Attack:
+    """What every attack is. `steal` reads the class attributes to know what to supply:
+
+    PARAMS: its `--attack-param` parameters with their defaults (the constructor sets each as an attribute);
+    POOL: "required" (it queries pool images), "seeds" (it grows its queries from a few pool images, the victim's
+    train split by default) or "none" (data-free);
+    LABELS: the answers it accepts, "soft" and/or "hard", the first the default;
+    UINT8_QUERIES: its queries are pool images, so the transfer set is stored as uint8;
+    DEFAULT_EPOCHS: surrogate epochs when `--epochs` is not given;
+    LABELLED: it holds a few labelled images of the victim's train split (`thief.labelled`; they are not queries).
+    """
+
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    POOL: ClassVar[str] = "required"
+    LABELS: ClassVar[tuple[str, ...]] = ("soft", "hard")
+    UINT8_QUERIES: ClassVar[bool] = True
+    DEFAULT_EPOCHS: ClassVar[int] = 50
+    LABELLED: ClassVar[bool] = False
+
+    def __init__(self, **params: float | int):
+        unknown = set(params) - set(self.PARAMS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no parameters {sorted(unknown)}")
+        for key, value in {**defaults(self.PARAMS), **params}.items():
+            setattr(self, key, int(value) if self.PARAMS[key].integer else float(value))
+
+    def planned_epochs(self, epochs: int) -> int:
+        """Surrogate evaluations the stage will see for `--epochs` (jbda: per round)."""
+        return epochs
+
+    def run(self, query: Query, thief: Thief) -> None:
+        """Spend the budget through `query` and train `thief.surrogate`; call `thief.end_epoch` after every epoch."""
+        raise NotImplementedError

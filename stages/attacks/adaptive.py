@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, query_then_train
+from models.params import Param
+from stages.attacks._thief import Attack, Query, Thief, ask, query_then_train
 
 
 def shift_flip(images: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
@@ -29,7 +29,7 @@ def shift_flip(images: torch.Tensor, generator: torch.Generator, shift: int, fli
     return out.contiguous()
 
 
-class Adaptive:
+class Adaptive(Attack):
     PARAMS = {
         "smoothing": Param(4, 1, 1000, True, "queries per pool image (1: plain hard-label knockoff)"),
         "shift": Param(2, 0, 16, True, "largest random translation in pixels"),
@@ -38,20 +38,15 @@ class Adaptive:
     LABELS = ("hard", "soft")  # soft answers are cut to their top-1 label all the same
     UINT8_QUERIES = True
     DEFAULT_EPOCHS = 50
-
-    def __init__(self, smoothing: int = 4, shift: int = 2):
-        self.smoothing = int(smoothing)
-        self.shift = int(shift)
-
-    def planned_epochs(self, epochs: int) -> int:
-        return epochs
+    smoothing: int
+    shift: int
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the voted images as pool indices, and their targets) and after every epoch."""
         query_then_train(query, thief, self._vote, "chosen")
 
     def _vote(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
-        pool, k, gen = thief.pool, self.smoothing, thief.generator
+        pool, k, gen = thief.pool, self.smoothing, thief.rng
         n = min(-(-query.remaining // k), len(pool))  # a last image may get fewer than k answers
         order = torch.randperm(len(pool), generator=gen)[:n]
         images = pool[order]

@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 
 from stages import _data
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, set_params, train_surrogate
+from models.params import Param
+from stages.attacks._thief import Attack, Query, Thief, train_surrogate
 from stages.attacks.knockoff_confident import KnockoffConfident, ask_all, certainty
 
 MOVE_BATCH = 512  # candidates per gradient pass
 
 
-class ConfidenceSearch:
+class ConfidenceSearch(Attack):
     PARAMS = {
         "rounds": Param(4, 1, 30, True, "query rounds, the budget split evenly; the surrogate trains --epochs "
                                         "after each"),
@@ -38,8 +38,6 @@ class ConfidenceSearch:
     UINT8_QUERIES = False  # moved images leave the 8-bit grid
     DEFAULT_EPOCHS = 10  # per round
 
-    def __init__(self, **params: float | int):
-        set_params(self, params)
 
     def planned_epochs(self, epochs: int) -> int:
         return epochs * self.rounds
@@ -51,7 +49,7 @@ class ConfidenceSearch:
         if state:
             order, first, size = state["order"], int(state["round"]), int(state["size"])
         else:
-            order = torch.randperm(len(thief.pool), generator=thief.generator)[: min(query.remaining, len(thief.pool))]
+            order = torch.randperm(len(thief.pool), generator=thief.rng)[: min(query.remaining, len(thief.pool))]
             first, size = 0, 0
         total = len(order)
         images = torch.empty(total, *thief.input_shape)  # preallocated: each round fills the next slice

@@ -3,8 +3,9 @@ disagreement between surrogate and victim, the surrogate minimises it (L1 betwee
 gradient is estimated by forward differences, so only queries are spent.
 
 Victim logits are recovered from probabilities as centred log-probabilities. Per iteration: one generator step
-(B images and B*m perturbed copies: B(m+1) queries) and `student_steps` surrogate steps (B queries each). The
+(B images and B*m perturbed copies: B(m+1) queries) and `surrogate_steps` surrogate steps (B queries each). The
 budget is spent in `--epochs` equal slices, the surrogate evaluated (and the attack checkpointed) after each.
+`generator` is the image generator throughout; the thief's random numbers come from `thief.rng`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from models.generator import Generator
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, cosine_lr, load_optimizer_state, optimizer_state
+from models.params import Param
+from stages.attacks._thief import Attack, Query, Thief, cosine_lr, load_optimizer_state, optimizer_state
 
 
-def victim_logits(probs: torch.Tensor) -> torch.Tensor:
+def logits_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
     """log p minus its mean over classes: the logits up to the constant softmax discards."""
     logp = probs.clamp_min(1e-8).log()
     return logp - logp.mean(1, keepdim=True)
@@ -28,12 +29,12 @@ def disagreement(surrogate_logits: torch.Tensor, victim: torch.Tensor) -> torch.
     return (s - victim).abs().sum(1)
 
 
-class DFME:
+class DFME(Attack):
     PARAMS = {
         "noise_dim": Param(100, 1, 4096, True, "generator input size"),
         "directions": Param(1, 1, 100, True, "m: random directions per forward-difference estimate"),
         "fd_eps": Param(1e-3, 1e-6, 1.0, False, "forward-difference step"),
-        "student_steps": Param(5, 1, 100, True, "surrogate steps per generator step"),
+        "surrogate_steps": Param(5, 1, 100, True, "surrogate steps per generator step"),
         "generator_lr": Param(5e-4, 0.0, 1.0, False, "Adam learning rate of the generator"),
         "width": Param(32, 4, 512, True, "generator channels (DFME: 64; 32 keeps CPU runs short)"),
     }
@@ -41,22 +42,20 @@ class DFME:
     LABELS = ("soft",)  # the L1 logit loss and the gradient estimate need probabilities
     UINT8_QUERIES = False
     DEFAULT_EPOCHS = 20
-
-    def __init__(self, noise_dim: int = 100, directions: int = 1, fd_eps: float = 1e-3, student_steps: int = 5,
-                 generator_lr: float = 5e-4, width: int = 32):
-        self.noise_dim, self.directions, self.fd_eps = int(noise_dim), int(directions), float(fd_eps)
-        self.student_steps, self.generator_lr, self.width = int(student_steps), float(generator_lr), int(width)
-
-    def planned_epochs(self, epochs: int) -> int:
-        return epochs
+    noise_dim: int
+    directions: int
+    fd_eps: float
+    surrogate_steps: int
+    generator_lr: float
+    width: int
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after every budget slice: generator, both optimizers, the iteration, the last losses."""
         c, h, _ = thief.input_shape
-        gen, device, b = thief.generator, thief.device, thief.recipe.batch_size
+        rng, device, b = thief.rng, thief.device, thief.recipe.batch_size
         state = thief.resume()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0 if state else int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            torch.manual_seed(0 if state else int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
             generator = Generator(self.noise_dim, c, h, self.width).to(device).train()  # batch statistics throughout, as DFME
         g_opt = torch.optim.Adam(generator.parameters(), lr=self.generator_lr)
         s_opt = thief.optimizer()
@@ -71,7 +70,7 @@ class DFME:
                 group["lr"] = state["lr"]
             total, done, it = int(state["total"]), int(state["slices"]), int(state["iteration"])
             stats = {key: float(state[key]) for key in stats}
-        iterations = -(-total // (b * (self.directions + 1 + self.student_steps)))
+        iterations = -(-total // (b * (self.directions + 1 + self.surrogate_steps)))
 
         def end_slices() -> None:
             nonlocal done
@@ -89,15 +88,15 @@ class DFME:
             for group in s_opt.param_groups:
                 group["lr"] = cosine_lr(thief.recipe.lr, it, iterations)
             stats["generator_loss"] = self._generator_step(query, thief, generator, g_opt, b)
-            for _ in range(self.student_steps):
+            for _ in range(self.surrogate_steps):
                 if query.remaining <= 0:
                     break
-                stats["train_loss"] = self._student_step(query, thief, generator, s_opt, b)
+                stats["train_loss"] = self._surrogate_step(query, thief, generator, s_opt, b)
             it += 1
             end_slices()
 
     def _noise(self, thief: Thief, n: int) -> torch.Tensor:
-        return torch.randn(n, self.noise_dim, generator=thief.generator).to(thief.device)
+        return torch.randn(n, self.noise_dim, generator=thief.rng).to(thief.device)
 
     def _generator_step(self, query: Query, thief: Thief, generator, g_opt, b: int) -> float:
         """Ascend the disagreement: its gradient w.r.t. the images by forward differences, then back through G."""
@@ -105,7 +104,7 @@ class DFME:
         x = generator(self._noise(thief, b))
         dim = x[0].numel()
         with torch.no_grad():
-            u = torch.randn(b, m, dim, generator=thief.generator).to(x.device)
+            u = torch.randn(b, m, dim, generator=thief.rng).to(x.device)
             u = u / u.norm(dim=2, keepdim=True)
             base = x.detach().unsqueeze(1)
             probes = (base + eps * u.view(b, m, *x.shape[1:])).clamp(0.0, 1.0)
@@ -118,7 +117,7 @@ class DFME:
             answers = answers[: groups * (m + 1)].view(groups, m + 1, -1)
             surrogate = thief.surrogate.eval()
             s = surrogate(batch[: groups * (m + 1)]).view(groups, m + 1, -1)
-            loss = disagreement(s.flatten(0, 1), victim_logits(answers.flatten(0, 1))).view(groups, m + 1)
+            loss = disagreement(s.flatten(0, 1), logits_from_probabilities(answers.flatten(0, 1))).view(groups, m + 1)
             # gradient of the mean loss: d/m * sum_i (L(x + eps u_i) - L(x)) / eps * u_i, averaged over the batch
             coeff = (loss[:, 1:] - loss[:, :1]) / eps * (dim / m) / groups
             grad = (coeff.unsqueeze(2) * u[:groups]).sum(1).view(groups, *x.shape[1:])
@@ -127,7 +126,7 @@ class DFME:
         g_opt.step()
         return float(loss[:, 0].mean())
 
-    def _student_step(self, query: Query, thief: Thief, generator, s_opt, b: int) -> float:
+    def _surrogate_step(self, query: Query, thief: Thief, generator, s_opt, b: int) -> float:
         with torch.no_grad():
             x = generator(self._noise(thief, b))
             answers = query(x)
@@ -135,7 +134,7 @@ class DFME:
         if len(x) < 2:  # one image cannot train BatchNorm
             return 0.0
         thief.surrogate.train()
-        loss = disagreement(thief.surrogate(x), victim_logits(answers)).mean()
+        loss = disagreement(thief.surrogate(x), logits_from_probabilities(answers)).mean()
         s_opt.zero_grad(set_to_none=True)
         loss.backward()
         s_opt.step()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, train_surrogate
+from models.params import Param
+from stages.attacks._thief import Attack, Query, Thief, ask, train_surrogate
 
 
-class JBDA:
+class JBDA(Attack):
     PARAMS = {
         "seeds": Param(150, 1, 1e9, True, "seed images (from --pool, else the victim's train split)"),
         "rounds": Param(6, 1, 30, True, "augmentation rounds"),
@@ -25,9 +25,10 @@ class JBDA:
     UINT8_QUERIES = False  # augmented images leave the 8-bit grid
     DEFAULT_EPOCHS = 10  # per round
     TARGETED = False
-
-    def __init__(self, seeds: int = 150, rounds: int = 6, step: float = 0.1, relabel: int = 1):
-        self.seeds, self.rounds, self.step, self.relabel = int(seeds), int(rounds), float(step), bool(relabel)
+    seeds: int
+    rounds: int
+    step: float
+    relabel: int
 
     def planned_epochs(self, epochs: int) -> int:
         return epochs * self.rounds
@@ -44,7 +45,7 @@ class JBDA:
             first_round, size, labelled = int(state["round"]), int(state["size"]), int(state["labelled"])
             images[:size], targets[:labelled] = state["images"], state["targets"]
         else:
-            pick = torch.randperm(len(thief.pool), generator=thief.generator)[:seeds]
+            pick = torch.randperm(len(thief.pool), generator=thief.rng)[:seeds]
             images[:seeds] = thief.pool[pick].float() / 255.0
             first_round, size, labelled = 0, seeds, 0
         for r in range(first_round, self.rounds):
@@ -92,7 +93,7 @@ class JBDATR(JBDA):
 
     def _step(self, thief: Thief, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         k = thief.num_classes
-        offset = torch.randint(1, k, labels.shape, generator=thief.generator).to(labels.device) if k > 1 else 0
+        offset = torch.randint(1, k, labels.shape, generator=thief.rng).to(labels.device) if k > 1 else 0
         target = (labels + offset) % k
         for _ in range(self.SUBSTEPS):
             x = x.clone().requires_grad_(True)

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, query_then_train
+from stages.attacks._thief import Attack, Query, Thief, ask, query_then_train
 
 
-class Knockoff:
-    PARAMS: dict[str, Param] = {}
+class Knockoff(Attack):
     POOL = "required"
     LABELS = ("soft", "hard")
     UINT8_QUERIES = True
     DEFAULT_EPOCHS = 50
-
-    def planned_epochs(self, epochs: int) -> int:
-        return epochs
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the transfer set as pool indices and answers) and after every epoch."""
@@ -26,7 +21,7 @@ class Knockoff:
     def _query(self, query: Query, thief: Thief) -> dict[str, torch.Tensor]:
         pool = thief.pool
         n = min(query.remaining, len(pool))
-        order = torch.randperm(len(pool), generator=thief.generator)[:n]
+        order = torch.randperm(len(pool), generator=thief.rng)[:n]
         images = pool[order]  # one preallocated copy: the transfer set grows linearly, never by concatenation
         soft = query.label == "soft"
         targets = torch.empty((n, thief.num_classes) if soft else (n,), dtype=torch.float32 if soft else torch.long)

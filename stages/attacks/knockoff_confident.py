@@ -26,8 +26,8 @@ import math
 import torch
 
 from stages import _data
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, ask, set_params, train_surrogate
+from models.params import Param
+from stages.attacks._thief import Attack, Query, Thief, ask, train_surrogate
 from stages.attacks.adaptive import shift_flip
 
 FEATURES, PIXELS, SHIFTS = 0, 1, 2  # values of `near`
@@ -83,7 +83,7 @@ def ask_all(query: Query, thief: Thief, images: torch.Tensor) -> torch.Tensor:
     return targets[:filled]
 
 
-class KnockoffConfident:
+class KnockoffConfident(Attack):
     PARAMS = {
         "entropy": Param(1, 0, 1, True, "certainty score: 1: one minus entropy over log K; 0: top probability"),
         "min_score": Param(0.02, 0.0, 1.0, False, "answers of lower certainty are left out (0.02: entropy above "
@@ -101,8 +101,6 @@ class KnockoffConfident:
     UINT8_QUERIES = True  # pool images and their integer shifts
     DEFAULT_EPOCHS = 50
 
-    def __init__(self, **params: float | int):
-        set_params(self, params)
 
     def _two_phase(self) -> bool:
         return self.explore < 1.0
@@ -116,7 +114,7 @@ class KnockoffConfident:
         if not state:
             n = min(query.remaining, len(thief.pool))
             first = max(1, round(self.explore * n)) if self._two_phase() else n
-            order = torch.randperm(len(thief.pool), generator=thief.generator)
+            order = torch.randperm(len(thief.pool), generator=thief.rng)
             state = {"phase": 1, **self._ask(query, thief, order[:first])}
             if self._two_phase():
                 state["unasked"] = order[first:]
@@ -151,7 +149,7 @@ class KnockoffConfident:
         unasked = state["unasked"]
         if self.near == SHIFTS and len(anchors):
             picks = anchors[torch.arange(query.remaining) % len(anchors)]  # round robin over the anchors
-            shifted = shift_flip(thief.pool[picks], thief.generator, self.shift, thief.input_shape[0] == 3)
+            shifted = shift_flip(thief.pool[picks], thief.rng, self.shift, thief.input_shape[0] == 3)
             answers = ask_all(query, thief, shifted)
             return {"phase": 2, "order": state["order"], "shifted": shifted[: len(answers)],
                     "targets": torch.cat([targets, answers])}

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages import _data
-from stages._params import Param
-from stages.attacks._thief import Query, Thief, set_params, train_surrogate
+from models.params import Param
+from stages.attacks._thief import Query, Thief, train_surrogate
 from stages.attacks.knockoff import Knockoff
 
 
@@ -29,15 +29,13 @@ class Seeded(Knockoff):
     }
     LABELLED = True  # steal hands it the victim's train split (thief.labelled)
 
-    def __init__(self, **params: float | int):
-        set_params(self, params)
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the seed's and the queries' indices, the answers) and after every epoch."""
         state = thief.resume()
         if not state:
             images = thief.labelled[0]
-            seed = torch.randperm(len(images), generator=thief.generator)[: min(self.seeds, len(images))]
+            seed = torch.randperm(len(images), generator=thief.rng)[: min(self.seeds, len(images))]
             state = {"seed": seed, **self._query(query, thief)}
             thief.checkpoint(state)
         train_surrogate(thief, thief.pool[state["order"]], state["targets"], thief.recipe.epochs, state, state,
@@ -48,7 +46,7 @@ class Seeded(Knockoff):
         batch = max(2, min(len(seed), thief.recipe.batch_size))  # two at least: one image cannot train BatchNorm
 
         def loss(model: nn.Module) -> torch.Tensor:
-            idx = torch.randint(0, len(seed), (batch,), generator=thief.generator)
+            idx = torch.randint(0, len(seed), (batch,), generator=thief.rng)
             x = _data.to_float(images[idx].to(thief.device))
             return self.seed_weight * F.cross_entropy(model(x), labels[idx].to(thief.device))
 

@@ -102,7 +102,7 @@ def draw_each(n: int, classes: int, draw: Callable[[int, np.random.Generator], n
 def drawn_family(name: str, classes: list[str], draw: Callable[[int, np.random.Generator], np.ndarray], seed: int,
                  n_train: int, n_test: int):
     """A RawDataset drawn image by image, train and test from independent streams of the seed."""
-    from stages._sources import _raw
+    from stages._prepare_readers import _raw
 
     train = draw_each(n_train, len(classes), draw, np.random.default_rng([seed, 1]))
     test = draw_each(n_test, len(classes), draw, np.random.default_rng([seed, 2]))

@@ -130,15 +130,15 @@ def derive(kinds_list: list[str], images: np.ndarray, labels: np.ndarray, n: int
 
 
 def _load(name: str, kinds: list[str], seed: int, n_train: int, n_test: int, source, data_roots, download):
-    from stages import _sources
+    from stages import _prepare_readers
 
-    fashion = _sources.load_mnist_like("fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed)
+    fashion = _prepare_readers.load_mnist_like("fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed)
     lookalike = Lookalike(fashion.train_images[:, 0], np.random.default_rng([seed, 0]))
     train = (fashion.train_images[:, 0] / np.float32(255), fashion.train_labels)
     test = (fashion.test_images[:, 0] / np.float32(255), fashion.test_labels)
     train_x, train_y, train_redrawn = derive(kinds, *train, n_train, np.random.default_rng([seed, 1]), lookalike)
     test_x, test_y, test_redrawn = derive(kinds, *test, n_test, np.random.default_rng([seed, 2]), lookalike)
-    raw = _sources._raw(name, train_x, train_y, test_x, test_y, kinds, fashion.files)
+    raw = _prepare_readers._raw(name, train_x, train_y, test_x, test_y, kinds, fashion.files)
     raw.attrs["redrawn_as_products"] = train_redrawn + test_redrawn
     check = (f"an image nearer to a real FashionMNIST product than {QUANTILE:.0%} of real products are to their "
              f"nearest other (threshold {lookalike.threshold:.3f} on 14x14 pixels) drawn again, up to {ROUNDS} times")

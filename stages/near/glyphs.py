@@ -276,7 +276,7 @@ def _describe(what: str) -> str:
 
 
 def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
-    from stages._sources import _raw
+    from stages._prepare_readers import _raw
 
     bank = glyph_bank()
     train_ids, test_ids = _split_chars(bank, np.random.default_rng(seed))
@@ -295,7 +295,7 @@ def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
 def load_latin_letters(name: str, seed: int, n_train: int, n_test: int, **_):
     """The 52 letters in every font; train and test differ in their jitter only (there are too few letters to
     hold some out)."""
-    from stages._sources import _raw
+    from stages._prepare_readers import _raw
 
     bank = glyph_bank(latin=True)
     every = np.arange(len(bank.chars))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from stages._artifacts import UserError, atomic_path
+from models.params import UserError
+from stages._artifacts import atomic_path
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from stages._artifacts import UserError
+from models.params import UserError
 
 SCHEMA = "ledger/1"
 TABLES = """

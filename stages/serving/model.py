@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from stages import _blackbox, _onnx
-from stages._artifacts import UserError, sha256
+from models.params import UserError
+from stages._artifacts import sha256
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The human report of `evaluate`: a Markdown file with the aggregated table and PNG plots (matplotlib)."""
+"""`evaluate`'s report for people: a Markdown file with the aggregated table and PNG plots (matplotlib)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from stages._artifacts import UserError, atomic_path
+from models.params import UserError
+from stages._artifacts import atomic_path
 
 
 def _pyplot():
@@ -58,13 +59,14 @@ MARKERS = "osD^vP*Xhp<>"
 
 
 def _short_names(groups: list[dict]) -> dict[str, str]:
-    """Victim settings ("arch/objective#recipe-hash") without the hash, unless two settings of one victim dataset
-    would then read the same (train-ini options differ only by their hash): those keep it, as in the report's
-    table."""
+    """Victim settings as architecture/kind, unless two settings of one victim dataset would then read the same
+    (train-ini options differ only by their recipe): those keep their full name, recipe hash and all, as in the
+    report's table."""
+    short = {g["victim"]: f"{g['victim_arch']}/{g['victim_kind']}" for g in groups}
     settings = {(g["dataset"], g["victim"]) for g in groups}
-    counts = collections.Counter((d, v.split("#")[0]) for d, v in settings)
-    clash = {v for d, v in settings if counts[d, v.split("#")[0]] > 1}
-    return {v: v if v in clash else v.split("#")[0] for _, v in settings}
+    counts = collections.Counter((d, short[v]) for d, v in settings)
+    clash = {v for d, v in settings if counts[d, short[v]] > 1}
+    return {v: v if v in clash else name for v, name in short.items()}
 
 
 def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
@@ -83,7 +85,7 @@ def _tradeoff(path: Path, attack: str, groups: list[dict]) -> Path:
     # tall enough for both legends, one above the other, at about 0.16 inch an entry (font size 7)
     height = max(4.5, 0.16 * (len(series) + len(styles)) + 1.0)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.8 * len(datasets), height), squeeze=False, sharey=True)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         for g in (g for g in groups if g["dataset"] == dataset):
             ax.errorbar(100 * g["benign_accuracy_mean"], 100 * g["stealing_accuracy_mean"],
                         xerr=100 * g["benign_accuracy_std"], yerr=100 * g["stealing_accuracy_std"], capsize=3,
@@ -109,7 +111,7 @@ def _latency(path: Path, latency: list[dict]) -> Path:
     keys = sorted({(r["device"], r["batch"]) for r in latency})
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
-    for ax, (device, batch) in zip(axes[0], keys):
+    for ax, (device, batch) in zip(axes[0], keys, strict=True):
         rows = sorted((r for r in latency if (r["device"], r["batch"]) == (device, batch)), key=lambda r: r["median_ms"])
         ax.barh([r["defense"] for r in rows], [r["median_ms"] for r in rows])
         ax.set_xlabel("median latency (ms)")

@@ -1,10 +1,13 @@
-"""`KEY=VALUE` parameters of registry entries (`--defense-param`, `--attack-param`), checked against a spec."""
+"""What `models/` and `stages/` both build on: the error a user's bad input raises, and the `KEY=VALUE`
+parameters registry entries declare (`--defense-param`, `--attack-param`), checked against their spec."""
 
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-from stages._artifacts import UserError
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 1, no traceback."""
 
 
 class Param(NamedTuple):
@@ -31,9 +34,14 @@ def describe(registry: dict, details: bool = False) -> str:
     return (" | " if details else "; ").join(parts)
 
 
+def defaults(specs: dict[str, Param]) -> dict[str, float | int]:
+    """Every parameter at its default, as int or float."""
+    return {k: (int(p.default) if p.integer else float(p.default)) for k, p in specs.items()}
+
+
 def parse(owner: str, flag: str, specs: dict[str, Param], pairs: Optional[Sequence[str]]) -> dict[str, float | int]:
     """Every parameter in `specs`, the user's values checked (known key, number, integer, in range), the rest defaulted."""
-    values: dict[str, float | int] = {k: (int(p.default) if p.integer else float(p.default)) for k, p in specs.items()}
+    values = defaults(specs)
     seen = set()
     for pair in pairs or ():
         key, sep, text = pair.partition("=")

@@ -1,4 +1,5 @@
-"""The OOD images InI's induction and vanishing terms train on (issue 7: induction that generalises).
+"""The OOD images InI's induction and vanishing terms train on (docs/method.md, "OOD data"), and which sets
+`train-ini` takes when `--ood` is not given.
 
 The paper induces on one OOD set, and the defense then holds only against thieves whose pool looks like it. Here the
 OOD batch can mix several prepared sets (balanced per family, whatever their sizes), can be augmented heavily
@@ -21,15 +22,73 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
+from models.params import UserError
 from stages import _data
-from stages._loop import Dist
+from stages._torchrun import Ranks
 
 DERIVED = ("shuffle", "mix", "corrupt")
 GRID = 4  # shuffle: patches per side
 NOISE = 0.5  # corrupt: Gaussian sigma, on [0, 1] images
 MIX = (0.35, 0.65)  # mix: range of the first image's weight
+
+# OOD set per victim dataset, best first: the paper's choice, then what `prepare` makes offline.
+DEFAULT_OOD = {
+    "mnist": ("kmnist", "fashionmnist"),
+    "fashionmnist": ("kmnist", "mnist"),
+    "kmnist": ("fashionmnist", "mnist"),
+    "emnist-letters": ("kmnist", "fashionmnist"),
+    "emnist-digits": ("kmnist", "fashionmnist"),
+    "cifar10": ("tinyimagenet", "cifar100", "skimage-patches"),
+    "cifar100": ("tinyimagenet", "cifar10", "skimage-patches"),
+    "svhn": ("tinyimagenet", "cifar10", "skimage-patches"),
+    "tinyimagenet": ("cifar100", "skimage-patches"),
+}
+FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
+                3: ("tinyimagenet", "skimage-patches", "generated")}
+# The broad preset's OOD mixture: every family of the victim's channel count that prepare can make, except the
+# victim's own and the sets of the same task (digits for a digit victim: a thief's digits should be answered).
+BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-patches", "generated"),
+             3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated")}
+SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
+             "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
+
+console = Console(stderr=True)
+
+
+def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
+    """The OOD sets `train-ini` takes without `--ood`, as prepared files.
+
+    faithful: the first candidate, the paper's first, that is prepared already or that `prepare` can make: from
+    raw files found offline, else downloaded the way the victim's own dataset is (so an online machine gets the
+    paper's set, an offline one the first it has). broad: every family of the mixture that can be made offline
+    (a mixture of many downloads would be a surprise)."""
+    if preset == "broad":
+        channels = 1 if data.shape[0] == 1 else 3
+        candidates = [n for n in BROAD_OOD[channels] if n != data.name and n not in SAME_TASK.get(data.name, ())]
+    else:
+        candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
+    found = []
+    for name in candidates:
+        if name == data.name or name not in _data.names():
+            continue
+        path = _data.default_path(name)
+        if not path.exists():
+            console.print(f"preparing the OOD set {name} for {data.name} from raw files"
+                          + (" (offline only)" if preset == "broad" else ", else by download"))
+            try:
+                _data.prepare(name, path, download=preset != "broad")
+            except UserError as e:
+                console.print(f"OOD candidate {name} unavailable ({e}); trying the next")
+                continue
+        found.append(str(path))
+        if preset != "broad":
+            break
+    if not found:
+        raise UserError(f"no OOD set for {data.name} could be prepared; pass --ood")
+    return found
 
 
 class OodStream:
@@ -37,7 +96,7 @@ class OodStream:
     size, split evenly over the sources and, when `derived` is set, a `derived_fraction` of it made from the ID
     batch; it is augmented (like ID data, or heavily), then cut to this rank's shard."""
 
-    def __init__(self, sources: torch.Tensor | Sequence[torch.Tensor], batch_size: int, augment: bool, comm: Dist,
+    def __init__(self, sources: torch.Tensor | Sequence[torch.Tensor], batch_size: int, augment: bool, ranks: Ranks,
                  derived: Sequence[str] = (), derived_fraction: float = 0.5, heavy: bool = False):
         self.sources = [sources] if isinstance(sources, torch.Tensor) else list(sources)
         unknown = set(derived) - set(DERIVED)
@@ -45,7 +104,7 @@ class OodStream:
             raise ValueError(f"unknown derived outliers {sorted(unknown)}; choose from {', '.join(DERIVED)}")
         if not self.sources and not derived:
             raise ValueError("an OOD stream needs a source or derived outliers")
-        self.batch_size, self.augment, self.comm = batch_size, augment, comm
+        self.batch_size, self.augment, self.ranks = batch_size, augment, ranks
         self.derived, self.heavy = tuple(derived), heavy
         self.n_derived = round(derived_fraction * batch_size) if derived else 0
         if not self.sources:
@@ -72,12 +131,12 @@ class OodStream:
         if x is not None:
             x = heavy_augment(x, generator) if self.heavy else (_data.augment_crop_flip(x, generator)
                                                                  if self.augment else x)
-            x = x[self.comm.shard(len(x))] if self.comm.world > 1 else x
+            x = x[self.ranks.shard(len(x))] if self.ranks.world > 1 else x
         if self.n_derived:
             if id_images is None:
                 raise ValueError("derived OOD outliers need the ID batch")
             # under torchrun each rank derives its share from its own shard of the ID batch
-            local = self.n_derived if self.comm.world == 1 else round(self.n_derived * len(id_images) / self.batch_size)
+            local = self.n_derived if self.ranks.world == 1 else round(self.n_derived * len(id_images) / self.batch_size)
             made = derive(id_images, id_labels, self.derived, local, generator)
             x = made if x is None else torch.cat([x, made.to(x.dtype)])
         return x if self.synthesize is None else self.synthesize(x, generator)

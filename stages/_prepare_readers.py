@@ -27,7 +27,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from stages._artifacts import UserError
+from models.params import UserError
 
 
 @dataclass

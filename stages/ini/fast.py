@@ -1,16 +1,17 @@
-"""The production InI step for LeNet-5: the reference step's maths (`_ini.ReferenceStep`), several times cheaper.
+"""The production InI step for LeNet-5: the reference step's maths (`reference.ReferenceStep`), several times
+cheaper (docs/method.md, "The fast step").
 
 Why it is cheaper. The surrogate C is frozen, so for a batch it is a fixed linear map J (its Jacobian in its
 parameters phi) and the gradient terms are g = J^T u with u = d divergence / d C-logits, a small function of the
 victim's logits. Isolation and vanishing need J^T u (one vector-Jacobian product per term) and, to send their
 gradient back to the victim, J t (one Jacobian-vector product): no second-order autograd graph. `Tape` computes
 both by hand for LeNet-5, which also lets the victim give all its per-term gradients in one batched pass, and
-PCGrad runs on the Gram matrix of those gradients (`_ini.pcgrad_coefficients`).
+PCGrad runs on the Gram matrix of those gradients (`objective.pcgrad_coefficients`).
 
 Optionally (`kernels=compiled_kernels()`), the tape's forward pass and its Jacobian-vector product, which are
 mostly the max-pools' elementwise work, run as kernels fused by `torch.compile` (a C++ compiler at run time, tens
-of seconds of compiling on the first steps, then each about twice as fast). The vector-Jacobian product stays eager: its convolutions and
-batched matrix products gain nothing from compiling (measured).
+of seconds of compiling on the first steps, then each about twice as fast). The vector-Jacobian product stays
+eager: its convolutions and batched matrix products gain nothing from compiling (measured).
 """
 
 from __future__ import annotations
@@ -26,12 +27,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models
 from models.lenet import LeNet5
-from stages import _ini
-from stages._artifacts import UserError
-from stages._loop import Dist
+from models.params import UserError
+from stages._torchrun import Ranks
+from stages.ini.objective import (
+    TERMS,
+    Objective,
+    SpikeClip,
+    clip_merged,
+    cosine,
+    distance_sum,
+    divergence_sum,
+    finish,
+    global_counts,
+    pcgrad_coefficients,
+    set_gradients,
+)
+from stages.ini.ood import OodStream
 
 FINAL_MAP = 5  # LeNet5.resize is an identity exactly when conv2's pooled map is already 5x5
+COMPILE_MIN_STEPS = 1000  # 7-30 ms saved a CPU step (2 threads / 1 thread) against 5-30 s of compiling (measured)
 
 
 def supports(model: nn.Module, image_size: int) -> bool:
@@ -42,6 +58,11 @@ def supports(model: nn.Module, image_size: int) -> bool:
         return False
     size = image_size + 2 * net.conv1.padding[0] - 4
     return size % 2 == 0 and (size // 2 - 4) // 2 == FINAL_MAP
+
+
+def fits(arch: str, image_size: int) -> bool:
+    """Whether networks of `arch` on image_size x image_size images take the fast step."""
+    return arch == "lenet5" and supports(models.build_model(arch, 2, 1, image_size, [0.0], [1.0]), image_size)
 
 
 def _quarters(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -67,7 +88,7 @@ def relu_pool(h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
 def pool_jvp(t: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
     q = _quarters(t)
     out = q[0] * masks[0]
-    for corner, mask in zip(q[1:], masks[1:]):
+    for corner, mask in zip(q[1:], masks[1:], strict=True):
         out.addcmul_(corner, mask)
     return out
 
@@ -75,7 +96,7 @@ def pool_jvp(t: torch.Tensor, masks: Sequence[torch.Tensor]) -> torch.Tensor:
 def pool_vjp(d: torch.Tensor, masks: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     even = size[0] % 2 == 0 and size[1] % 2 == 0
     out = (d.new_empty if even else d.new_zeros)(*d.shape[:-2], *size)
-    for corner, mask in zip(_quarters(out), masks):
+    for corner, mask in zip(_quarters(out), masks, strict=True):
         torch.mul(d, mask, out=corner)
     return out
 
@@ -95,23 +116,23 @@ def patches(x: torch.Tensor, kernel: int, padding: int) -> torch.Tensor:
     return cols.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kernel * kernel, h * w)
 
 
-def conv1_all(models: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+def conv1_all(nets: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """Patches of the normalised batch and every model's conv1 pre-activations (N, C, H', W'), in one matrix
-    product; (None, []) when the models normalise or pad differently."""
-    first = models[0]
+    product; (None, []) when the networks normalise or pad differently."""
+    first = nets[0]
     same = all(torch.equal(m.normalize.mean, first.normalize.mean) and torch.equal(m.normalize.std, first.normalize.std)
-               and m.net.conv1.padding == first.net.conv1.padding for m in models)
+               and m.net.conv1.padding == first.net.conv1.padding for m in nets)
     if not same:
         return None, []
     conv = first.net.conv1
     with torch.no_grad():
         cols = patches(first.normalize(x), conv.kernel_size[0], conv.padding[0])
-        weight = torch.cat([m.net.conv1.weight.detach().flatten(1) for m in models])
-        bias = torch.cat([m.net.conv1.bias.detach() for m in models])
+        weight = torch.cat([m.net.conv1.weight.detach().flatten(1) for m in nets])
+        bias = torch.cat([m.net.conv1.bias.detach() for m in nets])
         h = torch.baddbmm(bias[None, :, None], weight.expand(len(x), -1, -1), cols)
     c = conv.out_channels
     side = int(round(cols.shape[-1] ** 0.5))
-    return cols, [h[:, i * c : (i + 1) * c].view(len(x), c, side, side) for i in range(len(models))]
+    return cols, [h[:, i * c : (i + 1) * c].view(len(x), c, side, side) for i in range(len(nets))]
 
 
 def lenet_forward(h1: torch.Tensor, W2, b2, W3, b3, W4, b4, W5, b5) -> tuple:
@@ -194,6 +215,18 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
+def kernels_for(mode: str, use_fast: bool, device: str, steps: int,
+                say: Callable[[str], None] = print, warn: Callable[[str], None] = warnings.warn) -> Kernels:
+    """The fast step's kernels for `--compile` (checked beforehand: `on` needs the fast step and a compiler):
+    compiled when asked (on), or (auto) on CPU for runs long enough to pay back the compiling, when a C++ compiler
+    is found; eager otherwise. `say` announces the compiling, `warn` a fall back to eager."""
+    auto = mode == "auto" and use_fast and device == "cpu" and steps >= COMPILE_MIN_STEPS and compiler_available()
+    if mode != "on" and not auto:
+        return EAGER
+    say("compiling the InI step's kernels with torch.compile: the first steps take tens of seconds")
+    return compiled_kernels(mode == "on", warn)
+
+
 class Tape:
     """A LeNet-5 forward pass on a batch that keeps what the Jacobian J of its logits in its parameters needs:
     `vjp` gives J^T u for T stacked cotangents (N, T, K) at once, `jvp` gives J t for T stacked tangents.
@@ -250,100 +283,108 @@ class Tape:
 
 
 def _unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [part.view(1, *p.shape) for part, p in zip(vector.split([p.numel() for p in like]), like)]
+    return [part.view(1, *p.shape) for part, p in zip(vector.split([p.numel() for p in like]), like, strict=True)]
 
 
 class FastStep:
-    """`_ini.ReferenceStep`'s maths for a LeNet-5 victim and LeNet-5 surrogates (see the module docstring)."""
+    """`reference.ReferenceStep`'s maths for a LeNet-5 victim and LeNet-5 surrogates (see the module docstring)."""
 
     reduces_gradients = True
 
-    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: _ini.OodStream,
-                 objective: _ini.Objective, comm: Dist, image_size: int, kernels: Kernels = EAGER,
-                 spike: Optional[_ini.SpikeClip] = None):
+    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective,
+                 ranks: Ranks, image_size: int, kernels: Kernels = EAGER, spike: Optional[SpikeClip] = None):
         if not all(supports(m, image_size) for m in (victim, *surrogates)):
             raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
-        self.objective, self.comm, self.kernels, self.spike = objective, comm, kernels, spike
+        self.objective, self.ranks, self.kernels, self.spike = objective, ranks, kernels, spike
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        obj, comm, k = self.objective, self.comm, len(self.surrogates)
-        weights = obj.weights()
+        weights = self.objective.weights()
         x_ood = self.ood.next(generator, x, y)
-        n, n_ood = _ini.global_counts(comm, len(x), len(x_ood))
+        n, n_ood = global_counts(self.ranks, len(x), len(x_ood))
         # LeNet-5 has no BatchNorm or dropout: train and eval forwards agree, every bn_mode is the same.
         nets = [self.victim, *self.surrogates]
-        cols, h1 = conv1_all(nets, x)
-        cols_ood, h1_ood = conv1_all(nets, x_ood)
-        shared = cols is not None
-        tape = Tape(self.victim, x, cols, h1[0] if shared else None, self.kernels)
-        tape_ood = Tape(self.victim, x_ood, cols_ood, h1_ood[0] if shared else None, self.kernels)
-        z = tape.z.requires_grad_()
-        z_ood = tape_ood.z.requires_grad_()
+        tapes, tapes_ood = _tapes(nets, x, self.kernels), _tapes(nets, x_ood, self.kernels)
+        z, z_ood = tapes[0].z.requires_grad_(), tapes_ood[0].z.requires_grad_()
         terms = {"benign": F.cross_entropy(z, y, reduction="sum") / n}
-        terms.update({t: z.new_zeros(()) for t in _ini.TERMS[1:]})
-        iso_cot, van_cot = torch.zeros_like(z), torch.zeros_like(z_ood)
-        for i, surrogate in enumerate(self.surrogates, 1):
-            s_tape = Tape(surrogate, x, cols, h1[i] if shared else None, self.kernels)
-            s_tape_ood = Tape(surrogate, x_ood, cols_ood, h1_ood[i] if shared else None,
-                              self.kernels)
-            terms["id_distance"] = terms["id_distance"] - _ini.distance_sum(z, s_tape.z, obj.distance) / n / k
-            terms["ood_distance"] = (terms["ood_distance"]
-                                     + _ini.distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k)
-            # u = d divergence / d C-logits, kept differentiable in the victim's logits
-            s = s_tape.z.requires_grad_()
-            u = torch.autograd.grad(_ini.divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
-            e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
-            s_ood = s_tape_ood.z.requires_grad_()
-            u_ood = torch.autograd.grad(_ini.divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
-                                        create_graph=True)[0]
-            g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
-            g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
-            sizes = [p.numel() for p in s_tape.w]
-            packed = comm.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
-                                          for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
-            g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(sizes)))
-            isolation = _ini.cosine(g_adv, g_exp.detach())
-            vanishing = g_van.abs().mean()
-            terms["isolation"] = terms["isolation"] + isolation.detach() / k
-            terms["vanishing"] = terms["vanishing"] + vanishing.detach() / k
-            if weights["isolation"]:
-                t_adv = torch.autograd.grad(isolation, g_adv)[0] * (weights["isolation"] / k)
-                j = s_tape.jvp(_unflatten(t_adv, s_tape.w))[:, 0]
-                iso_cot = iso_cot + torch.autograd.grad(u, z, j, retain_graph=True)[0]
-            if weights["vanishing"]:
-                t_van = torch.autograd.grad(vanishing, g_van)[0] * (weights["vanishing"] / k)
-                j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
-                van_cot = van_cot + torch.autograd.grad(u_ood, z_ood, j)[0]
-
+        terms.update({t: z.new_zeros(()) for t in TERMS[1:]})
+        cot = {"isolation": torch.zeros_like(z), "vanishing": torch.zeros_like(z_ood)}
+        for s_tape, s_tape_ood in zip(tapes[1:], tapes_ood[1:], strict=True):
+            self._add_surrogate(tapes[0], s_tape, tapes_ood[0], s_tape_ood, y, (n, n_ood), terms, cot)
         # d(weighted term)/d(victim logits), per term; the victim's Jacobian turns them into parameter gradients.
-        cot = {"benign": torch.autograd.grad(terms["benign"], z, retain_graph=True)[0], "isolation": iso_cot,
-               "vanishing": van_cot}
+        cot["benign"] = torch.autograd.grad(terms["benign"], z, retain_graph=True)[0]
         for t, logits in (("id_distance", z), ("ood_distance", z_ood)):
             if weights[t]:
                 cot[t] = torch.autograd.grad(weights[t] * terms[t], logits, retain_graph=True)[0]
+        params = list(self.victim.parameters())
+        set_gradients(params, clip_merged(self._merge(tapes[0], tapes_ood[0], cot, generator), self.objective,
+                                          self.spike))
+        terms = {t: v.detach() for t, v in terms.items()}
+        return finish(terms, ("benign", "id_distance", "ood_distance"), weights, self.ranks)
+
+    def _add_surrogate(self, tape: Tape, s_tape: Tape, tape_ood: Tape, s_tape_ood: Tape, y: torch.Tensor,
+                       counts: tuple[float, float], terms: dict[str, torch.Tensor],
+                       cot: dict[str, torch.Tensor]) -> None:
+        """One surrogate's share (1/k) of the four surrogate terms, and of the cotangents that carry isolation and
+        vanishing back to the victim's logits (`tape` and `tape_ood`: the victim's on the ID and OOD batch)."""
+        obj, weights, k = self.objective, self.objective.weights(), len(self.surrogates)
+        (n, n_ood), z, z_ood = counts, tape.z, tape_ood.z
+        terms["id_distance"] = terms["id_distance"] - distance_sum(z, s_tape.z, obj.distance) / n / k
+        terms["ood_distance"] = terms["ood_distance"] + distance_sum(z_ood, s_tape_ood.z, obj.distance) / n_ood / k
+        # u = d divergence / d C-logits, kept differentiable in the victim's logits
+        s = s_tape.z.requires_grad_()
+        u = torch.autograd.grad(divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
+        e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
+        s_ood = s_tape_ood.z.requires_grad_()
+        u_ood = torch.autograd.grad(divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
+                                    create_graph=True)[0]
+        g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
+        g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
+        packed = self.ranks.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
+                                            for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
+        g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(p.numel() for p in s_tape.w)))
+        isolation = cosine(g_adv, g_exp.detach())
+        vanishing = g_van.abs().mean()
+        terms["isolation"] = terms["isolation"] + isolation.detach() / k
+        terms["vanishing"] = terms["vanishing"] + vanishing.detach() / k
+        if weights["isolation"]:
+            t_adv = torch.autograd.grad(isolation, g_adv)[0] * (weights["isolation"] / k)
+            j = s_tape.jvp(_unflatten(t_adv, s_tape.w))[:, 0]
+            cot["isolation"] = cot["isolation"] + torch.autograd.grad(u, z, j, retain_graph=True)[0]
+        if weights["vanishing"]:
+            t_van = torch.autograd.grad(vanishing, g_van)[0] * (weights["vanishing"] / k)
+            j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
+            cot["vanishing"] = cot["vanishing"] + torch.autograd.grad(u_ood, z_ood, j)[0]
+
+    def _merge(self, tape: Tape, tape_ood: Tape, cot: dict[str, torch.Tensor],
+               generator: torch.Generator) -> torch.Tensor:
+        """The victim's merged gradient, flat and summed over ranks: the active terms' gradients through its
+        Jacobians on the ID and OOD batch, merged by PCGrad on their Gram matrix (or summed without PCGrad)."""
+        obj = self.objective
         active = obj.active()
         on_id = [t for t in active if t in ("benign", "id_distance", "isolation")]
         on_ood = [t for t in active if t in ("ood_distance", "vanishing")]
-        params = [p for p in self.victim.parameters()]
+        params = list(self.victim.parameters())
         order = {id(p): i for i, p in enumerate(tape.params)}
-        if obj.pcgrad:
-            per_term = {}
-            for part, names in ((tape, on_id), (tape_ood, on_ood)):
-                if names:
-                    grads = part.vjp(torch.stack([cot[t] for t in names], 1))
-                    rows = torch.cat([grads[order[id(p)]].reshape(len(names), -1) for p in params], 1)
-                    per_term.update(zip(names, rows))
-            grads = comm.sum_(torch.stack([per_term[t] for t in active]))
-            coefficients = _ini.pcgrad_coefficients(grads @ grads.t(), generator, obj.reduction)
-            merged = coefficients.to(grads.dtype) @ grads
-        else:
+        if not obj.pcgrad:
             merged = 0
             for part, names in ((tape, on_id), (tape_ood, on_ood)):
                 if names:
                     grads = part.vjp(sum(cot[t] for t in names)[:, None])
                     merged = merged + torch.cat([grads[order[id(p)]].reshape(-1) for p in params])
-            merged = comm.sum_(merged)
-        _ini.set_gradients(params, _ini.clip_merged(merged, obj, self.spike))
-        terms = {t: v.detach() for t, v in terms.items()}
-        return _ini.finish(terms, ("benign", "id_distance", "ood_distance"), weights, comm)
+            return self.ranks.sum_(merged)
+        per_term = {}
+        for part, names in ((tape, on_id), (tape_ood, on_ood)):
+            if names:
+                grads = part.vjp(torch.stack([cot[t] for t in names], 1))
+                rows = torch.cat([grads[order[id(p)]].reshape(len(names), -1) for p in params], 1)
+                per_term.update(zip(names, rows, strict=True))
+        grads = self.ranks.sum_(torch.stack([per_term[t] for t in active]))
+        coefficients = pcgrad_coefficients(grads @ grads.t(), generator, obj.pcgrad_reduction)
+        return coefficients.to(grads.dtype) @ grads
+
+
+def _tapes(nets: Sequence[nn.Module], x: torch.Tensor, kernels: Kernels) -> list[Tape]:
+    """Every network's tape on one batch, sharing conv1's patches when the networks normalise and pad alike."""
+    cols, h1 = conv1_all(nets, x)
+    return [Tape(net, x, cols, h1[i] if cols is not None else None, kernels) for i, net in enumerate(nets)]
