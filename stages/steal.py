@@ -36,6 +36,7 @@ from stages.attacks._thief import SurrogateRecipe, Thief
 console = Console(stderr=True)
 KNOCKOFF_LR = 0.1  # KnockoffNets' surrogate learning rate
 LENET_LR = 0.03  # measured: a LeNet-5 surrogate (no BatchNorm) at 0.1 / momentum 0.9 predicts one class (11.35%)
+ADAM_LR = 1e-3  # Adam's usual rate, and the independent KnockoffNets' (the Adversarial Robustness Toolbox's)
 
 
 def run(
@@ -84,10 +85,15 @@ def run(
                     "phase; dfme: budget slices [default: the attack's].",
         rich_help_panel=RECIPE)] = None,
     batch_size: _options.BatchSize = 128,
+    optimizer: Annotated[Literal["sgd", "adam"], typer.Option(
+        help="The surrogate's optimizer: SGD with momentum (KnockoffNets') or Adam.", rich_help_panel=RECIPE)] = "sgd",
+    schedule: Annotated[Literal["cosine", "constant"], typer.Option(
+        help="The learning rate over the surrogate's epochs: cosine to 0 (KnockoffNets') or constant.",
+        rich_help_panel=RECIPE)] = "cosine",
     lr: Annotated[Optional[float], typer.Option(
-        min=0.0, help=f"SGD learning rate [default: KnockoffNets' {KNOCKOFF_LR:g}, but {LENET_LR:g} for a lenet5 "
-                      "surrogate, which collapses to one class at 0.1 with momentum 0.9].", rich_help_panel=RECIPE)
-    ] = None,
+        min=0.0, help=f"Learning rate [default: SGD: KnockoffNets' {KNOCKOFF_LR:g}, but {LENET_LR:g} for a lenet5 "
+                      f"surrogate, which collapses to one class at 0.1 with momentum 0.9; Adam: {ADAM_LR:g}].",
+        rich_help_panel=RECIPE)] = None,
     momentum: _options.Momentum = 0.9,
     weight_decay: _options.WeightDecay = 5e-4,
     seed: _options.Seed = 0,
@@ -104,9 +110,10 @@ def run(
         raise UserError(f"--resume: no checkpoint at {ckpt}")
     target = _load(params, api_key)
     arch = params["arch"] = arch or target.info.arch
-    params["lr"] = lr if lr is not None else LENET_LR if arch == "lenet5" else KNOCKOFF_LR
+    params["lr"] = (lr if lr is not None else ADAM_LR if optimizer == "adam" else LENET_LR if arch == "lenet5"
+                    else KNOCKOFF_LR)
     recipe = SurrogateRecipe(epochs=epochs or ATTACKS[attack].DEFAULT_EPOCHS, batch_size=batch_size, lr=params["lr"],
-                             momentum=momentum, weight_decay=weight_decay)
+                             momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, schedule=schedule)
     params.update(victim=None if target.file is None else str(target.file), epochs=recipe.epochs,
                   data=str(target.data.path))
     fingerprint = _loop.fingerprint({**params, "input_sha256": target.hashes})

@@ -71,7 +71,9 @@ def _thief_against_dark(world, budget: int, share_dark: float, epochs: int = 2):
     cut = float(_data.to_float(images).mean((1, 2, 3)).quantile(share_dark))
     box = _blackbox.BlackBox(_UniformWhenDark(world["graph"], cut), budget, "soft", info.input_shape, 10, "cpu")
     surrogate = models.build_model("lenet5", 10, 1, 28, info.mean, info.std)
-    thief = Thief(surrogate, SurrogateRecipe(epochs=epochs, batch_size=32, lr=0.03, momentum=0.9, weight_decay=5e-4), 10, tuple(info.input_shape), torch.Generator().manual_seed(0),
+    recipe = SurrogateRecipe(epochs=epochs, batch_size=32, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd",
+                             schedule="cosine")
+    thief = Thief(surrogate, recipe, 10, tuple(info.input_shape), torch.Generator().manual_seed(0),
                   "cpu", 50, images)
     return box, thief, cut
 

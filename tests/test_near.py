@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, assert_one_line_error, invoke
-from stages import _sources, prepare, train
+from stages import _data, _prepare_readers, prepare, train
 from stages.near import confidence, glyphs
 from tiny_data import write_dataset
 

@@ -107,7 +107,8 @@ def test_attacks_hold_only_the_query_callable(attack):
     before = [p.detach().clone() for p in surrogate.parameters()]
     pool = torch.randint(0, 256, (300, *shape), dtype=torch.uint8) if cls.POOL != "none" else None
     labelled = (torch.randint(0, 256, (50, *shape), dtype=torch.uint8), torch.arange(50) % k)
-    recipe = SurrogateRecipe(epochs=1, batch_size=16, lr=0.03, momentum=0.9, weight_decay=5e-4)
+    recipe = SurrogateRecipe(epochs=1, batch_size=16, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd",
+                             schedule="cosine")
     thief = Thief(surrogate, recipe, k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool,
                   labelled=labelled if cls.LABELLED else None)
     query = _FakeQuery(150, cls.LABELS[0], shape, k)

@@ -30,14 +30,20 @@ class Query(Protocol):
 
 @dataclass(frozen=True)
 class SurrogateRecipe:
-    """How the thief trains its surrogate: SGD with a cosine schedule (KnockoffNets'), resolved from `steal`'s
-    flags (whose defaults are `steal`'s)."""
+    """How the thief trains its surrogate, resolved from `steal`'s flags (whose defaults are `steal`'s): SGD with a
+    cosine schedule (KnockoffNets'), or Adam, and a cosine or constant learning rate."""
 
     epochs: int
     batch_size: int
     lr: float
-    momentum: float
+    momentum: float  # SGD only
     weight_decay: float
+    optimizer: str  # "sgd" or "adam"
+    schedule: str  # "cosine" (to 0 over the epochs) or "constant"
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate at `step` of `total` (epochs, or DFME's iterations)."""
+        return cosine_lr(self.lr, step, total) if self.schedule == "cosine" else self.lr
 
 
 @dataclass
@@ -57,8 +63,10 @@ class Thief:
     # The victim's train split, uint8 images and labels, for an attack that holds a few labelled images (LABELLED).
     labelled: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def optimizer(self) -> torch.optim.SGD:
+    def optimizer(self) -> torch.optim.Optimizer:
         r = self.recipe
+        if r.optimizer == "adam":
+            return torch.optim.Adam(self.surrogate.parameters(), lr=r.lr, weight_decay=r.weight_decay)
         return torch.optim.SGD(self.surrogate.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
 
     def resume(self) -> dict[str, Any]:
@@ -115,7 +123,8 @@ def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, e
                     keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None,
                     weights: Optional[torch.Tensor] = None,
                     extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> None:
-    """Fit thief.surrogate on a transfer set for `epochs` (cosine schedule); `thief.end_epoch` after each epoch.
+    """Fit thief.surrogate on a transfer set for `epochs` (the recipe's schedule); `thief.end_epoch` after each
+    epoch.
 
     `images`: uint8 (pool images) or float in [0, 1]; `targets`: probabilities (N, K) or labels (N,); `weights`:
     a loss weight per answer; `extra_loss(surrogate)`: a term added at every step (e.g. on labelled images).
@@ -130,7 +139,7 @@ def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, e
         load_optimizer_state(optimizer, resumed, "optimizer")
     for epoch in range(start, epochs):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(recipe.lr, epoch, epochs)
+            group["lr"] = recipe.lr_at(epoch, epochs)
         model.train()
         total, steps = 0.0, 0
         for idx in _data.batches(n, recipe.batch_size, thief.rng, drop_last=n > recipe.batch_size):

@@ -14,7 +14,7 @@ import torch
 
 from models.generator import Generator
 from models.params import Param
-from stages.attacks._thief import Attack, Query, Thief, cosine_lr, load_optimizer_state, optimizer_state
+from stages.attacks._thief import Attack, Query, Thief, load_optimizer_state, optimizer_state
 
 
 def logits_from_probabilities(probs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class DFME(Attack):
         end_slices()  # resumed between two slices that ended in the same iteration
         while query.remaining > 0:
             for group in s_opt.param_groups:
-                group["lr"] = cosine_lr(thief.recipe.lr, it, iterations)
+                group["lr"] = thief.recipe.lr_at(it, iterations)
             stats["generator_loss"] = self._generator_step(query, thief, generator, g_opt, b)
             for _ in range(self.surrogate_steps):
                 if query.remaining <= 0:
