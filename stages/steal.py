@@ -37,6 +37,7 @@ console = Console(stderr=True)
 KNOCKOFF_LR = 0.1  # KnockoffNets' surrogate learning rate
 LENET_LR = 0.03  # measured: a LeNet-5 surrogate (no BatchNorm) at 0.1 / momentum 0.9 predicts one class (11.35%)
 ADAM_LR = 1e-3  # Adam's usual rate, and the independent KnockoffNets' (the Adversarial Robustness Toolbox's)
+SGD_DECAY = 5e-4  # KnockoffNets' weight decay
 
 
 def run(
@@ -85,17 +86,22 @@ def run(
                     "phase; dfme: budget slices [default: the attack's].",
         rich_help_panel=RECIPE)] = None,
     batch_size: _options.BatchSize = 128,
-    optimizer: Annotated[Literal["sgd", "adam"], typer.Option(
-        help="The surrogate's optimizer: SGD with momentum (KnockoffNets') or Adam.", rich_help_panel=RECIPE)] = "sgd",
-    schedule: Annotated[Literal["cosine", "constant"], typer.Option(
-        help="The learning rate over the surrogate's epochs: cosine to 0 (KnockoffNets') or constant.",
-        rich_help_panel=RECIPE)] = "cosine",
+    optimizer: Annotated[Optional[Literal["sgd", "adam"]], typer.Option(
+        help="The surrogate's optimizer: SGD with momentum (the KnockoffNets paper's) or Adam [default: the "
+             "attack's: adam for the pool thieves (knockoff, knockoff-confident, seeded, adaptive), sgd for the "
+             "others].", rich_help_panel=RECIPE)] = None,
+    schedule: Annotated[Optional[Literal["cosine", "constant"]], typer.Option(
+        help="The learning rate over the surrogate's epochs: cosine to 0 (the KnockoffNets paper's) or constant "
+             "[default: the attack's: constant with adam, cosine with sgd].", rich_help_panel=RECIPE)] = None,
     lr: Annotated[Optional[float], typer.Option(
         min=0.0, help=f"Learning rate [default: SGD: KnockoffNets' {KNOCKOFF_LR:g}, but {LENET_LR:g} for a lenet5 "
                       f"surrogate, which collapses to one class at 0.1 with momentum 0.9; Adam: {ADAM_LR:g}].",
         rich_help_panel=RECIPE)] = None,
     momentum: _options.Momentum = 0.9,
-    weight_decay: _options.WeightDecay = 5e-4,
+    weight_decay: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Weight decay [default: SGD: KnockoffNets' 5e-4; Adam: 0, as the independent KnockoffNets trains "
+                      "(with Adam the decay is normalised like the gradient, and it flattens a surrogate learning "
+                      "from near-uniform answers)].", rich_help_panel=RECIPE)] = None,
     seed: _options.Seed = 0,
     out: Annotated[Path, typer.Option(help="Output surrogate HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/surrogate.h5"),
     device: _options.Device = "auto",
@@ -110,10 +116,7 @@ def run(
         raise UserError(f"--resume: no checkpoint at {ckpt}")
     target = _load(params, api_key)
     arch = params["arch"] = arch or target.info.arch
-    params["lr"] = (lr if lr is not None else ADAM_LR if optimizer == "adam" else LENET_LR if arch == "lenet5"
-                    else KNOCKOFF_LR)
-    recipe = SurrogateRecipe(epochs=epochs or ATTACKS[attack].DEFAULT_EPOCHS, batch_size=batch_size, lr=params["lr"],
-                             momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, schedule=schedule)
+    recipe = _surrogate_recipe(params)
     params.update(victim=None if target.file is None else str(target.file), epochs=recipe.epochs,
                   data=str(target.data.path))
     fingerprint = _loop.fingerprint({**params, "input_sha256": target.hashes})
@@ -171,6 +174,22 @@ def _resolve(flags: dict) -> dict:
     params["device"] = _loop.pick_device(flags["device"])
     params.pop("api_key")
     return params
+
+
+def _surrogate_recipe(p: dict) -> SurrogateRecipe:
+    """The thief's training recipe, each flag not given resolved (and recorded in `p`) from the attack's optimizer
+    and schedule and that optimizer's rate and decay."""
+    kind = ATTACKS[p["attack"]]
+    p["optimizer"] = p["optimizer"] or kind.OPTIMIZER
+    p["schedule"] = p["schedule"] or kind.SCHEDULE
+    adam = p["optimizer"] == "adam"
+    if p["lr"] is None:
+        p["lr"] = ADAM_LR if adam else LENET_LR if p["arch"] == "lenet5" else KNOCKOFF_LR
+    if p["weight_decay"] is None:
+        p["weight_decay"] = 0.0 if adam else SGD_DECAY
+    return SurrogateRecipe(epochs=p["epochs"] or kind.DEFAULT_EPOCHS, batch_size=p["batch_size"], lr=p["lr"],
+                           momentum=p["momentum"], weight_decay=p["weight_decay"], optimizer=p["optimizer"],
+                           schedule=p["schedule"])
 
 
 # ------------------------------------------------------------------------------------------------ load

@@ -146,12 +146,14 @@ def test_confidence_search_raises_the_victims_confidence_over_rounds(world):
 
 def test_seeded_thief_spends_no_query_on_its_labelled_images(world, tmp_path):
     pool = world["images"].numpy()
-    summary, asked = _steal(world, tmp_path, "seeded", 100, epochs=20, attack_param=["seeds=100"])
+    sgd = dict(epochs=20, optimizer="sgd", schedule="cosine")  # the recipe the margin below was measured with
+    summary, asked = _steal(world, tmp_path, "seeded", 100, attack_param=["seeds=100"], **sgd)
     assert summary["queries"] == len(asked) == 100
     rows = {row.tobytes() for row in pool}
     assert all(image.tobytes() in rows for image in asked)  # every query is a pool image
-    plain, _ = _steal(world, tmp_path, "knockoff", 100, epochs=20)
-    # the same 100 queries, but 100 labelled digits beside them (measured: 81% against 45%)
+    plain, _ = _steal(world, tmp_path, "knockoff", 100, **sgd)
+    # the same 100 queries, but 100 labelled digits beside them (measured: 81% against 45%; with Adam at a constant
+    # rate, 85% against 74%)
     assert summary["stealing_accuracy"] > plain["stealing_accuracy"] + 0.15
 
 
@@ -159,8 +161,8 @@ def test_steal_help_documents_every_parameter_of_the_new_thieves():
     result = CliRunner().invoke(cli.app, ["steal", "--help"])
     assert result.exit_code == 0
 
-    def flat(text: str) -> str:  # the help is wrapped, also after hyphens
-        return re.sub(r"-\s+", "-", " ".join(text.split()))
+    def flat(text: str) -> str:  # the help is wrapped inside its panel's borders, also after hyphens
+        return re.sub(r"-\s+", "-", " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split()))
 
     text = flat(result.stdout)
     for attack in NEW:

@@ -181,6 +181,8 @@ class Attack:
     LABELS: the answers it accepts, "soft" and/or "hard", the first the default;
     UINT8_QUERIES: its queries are pool images, so the transfer set is stored as uint8;
     DEFAULT_EPOCHS: surrogate epochs when `--epochs` is not given;
+    OPTIMIZER, SCHEDULE: the surrogate's optimizer and learning-rate schedule when `--optimizer` and `--schedule`
+    are not given;
     LABELLED: it holds a few labelled images of the victim's train split (`thief.labelled`; they are not queries).
     """
 
@@ -189,6 +191,8 @@ class Attack:
     LABELS: ClassVar[tuple[str, ...]] = ("soft", "hard")
     UINT8_QUERIES: ClassVar[bool] = True
     DEFAULT_EPOCHS: ClassVar[int] = 50
+    OPTIMIZER: ClassVar[str] = "sgd"
+    SCHEDULE: ClassVar[str] = "cosine"
     LABELLED: ClassVar[bool] = False
 
     def __init__(self, **params: float | int):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from models.params import Param
+from stages.attacks.knockoff import Knockoff
 from stages.attacks._thief import Attack, Query, Thief, ask, query_then_train
 
 
@@ -38,6 +39,7 @@ class Adaptive(Attack):
     LABELS = ("hard", "soft")  # soft answers are cut to their top-1 label all the same
     UINT8_QUERIES = True
     DEFAULT_EPOCHS = 50
+    OPTIMIZER, SCHEDULE = Knockoff.OPTIMIZER, Knockoff.SCHEDULE  # the calibrated thief's recipe
     smoothing: int
     shift: int
 

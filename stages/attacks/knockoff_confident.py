@@ -27,6 +27,7 @@ import torch
 
 from stages import _data
 from models.params import Param
+from stages.attacks.knockoff import Knockoff
 from stages.attacks._thief import Attack, Query, Thief, ask, train_surrogate
 from stages.attacks.adaptive import shift_flip
 
@@ -100,6 +101,7 @@ class KnockoffConfident(Attack):
     LABELS = ("soft",)  # top-1 labels show no confidence (module docstring)
     UINT8_QUERIES = True  # pool images and their integer shifts
     DEFAULT_EPOCHS = 50
+    OPTIMIZER, SCHEDULE = Knockoff.OPTIMIZER, Knockoff.SCHEDULE  # the calibrated thief's recipe
 
 
     def _two_phase(self) -> bool:
