@@ -6,6 +6,7 @@ recipe, defense, seed, attack, label, pool), so the file alone says which cell i
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -19,7 +20,7 @@ STAGES = ("train", "train-ini")
 RESOURCES = {rule: dict(mem_mb=mem, runtime=minutes, gpu=0) for rule, mem, minutes in (
     ("prepare", 4000, 30), ("train", 4000, 240), ("train_ini", 8000, 480), ("steal", 4000, 240),
     ("evaluate", 8000, 240))}
-SUMMARIES = {"grid": "", "lofo": "--lofo", "variants": "--variants"}  # experiments/summarise.py's tables
+SUMMARIES = {"grid": "", "lofo": "--lofo", "variants": "--variants", "near": "--near"}  # experiments/summarise.py's tables
 
 
 class ConfigError(ValueError):
@@ -28,13 +29,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a victim is trained: the stage, its flags, and its OOD sets (names or `seen`). A leave-one-out recipe
-    names the family it holds out; its OOD sets also drop the victim dataset's same-task sets."""
+    """How a victim is trained: the stage, its flags, and its OOD sets (names or `seen`; `per_dataset` replaces them
+    for the datasets it names). A leave-one-out recipe names the family it holds out; its OOD sets also drop the
+    victim dataset's same-task sets."""
     stage: str
     flags: str = ""
     ood: tuple[str, ...] = ()
     held_out: str | None = None
     leave_one_out: bool = False
+    per_dataset: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,14 @@ def _names(value, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
         raise ConfigError(f"{what} must be a list of names, not {value!r}")
     return [str(v) for v in value]
+
+
+def _by_dataset(value, what: str, datasets: list[str]) -> dict[str, list[str]]:
+    """A list of names for every dataset, or a mapping dataset -> list (a dataset it does not name gets none)."""
+    if isinstance(value, dict):
+        return {str(d): _names(v, f"{what} of {d}") for d, v in value.items()}
+    names = _names(value, what)
+    return {d: names for d in datasets}
 
 
 def _points(name: str, params: dict) -> list[tuple[str, dict]]:
@@ -114,10 +125,10 @@ class Study:
         self.attacks = self._attacks(config["attacks"])
         self.cells: dict[Path, Cell] = {}
         self.victims: set[tuple[str, str, int]] = set()
+        if config.get("leave_one_out"):  # first: cell blocks may name its victims
+            self._add_leave_one_out(config["leave_one_out"])
         for block in config.get("cells") or []:
             self._add_block(block)
-        if config.get("leave_one_out"):
-            self._add_leave_one_out(config["leave_one_out"])
         for victim in _names(config.get("always_train") or [], "always_train"):
             self._recipe(victim)
             for dataset in self.datasets:
@@ -131,14 +142,16 @@ class Study:
             stage = spec.pop("stage", "train")
             if stage not in STAGES:
                 raise ConfigError(f"victim {key}: stage must be train or train-ini, not {stage!r}")
-            flags, ood = str(spec.pop("flags", "") or ""), tuple(_names(spec.pop("ood", []), f"victim {key}: ood"))
+            flags, ood = str(spec.pop("flags", "") or ""), spec.pop("ood", [])
+            per_dataset = tuple((d, tuple(v)) for d, v in _by_dataset(ood, f"victim {key}: ood", []).items())
+            ood = () if isinstance(ood, dict) else tuple(_names(ood, f"victim {key}: ood"))
             options = spec.pop("options", {}) or {}
             if spec:
                 raise ConfigError(f"victim {key}: unknown keys {', '.join(spec)}")
             self.groups[f"victim {key}"] = [name for name, _ in _points(str(key), options)]
             for name, point in _points(str(key), options):
                 extra = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in point.items())
-                recipes[name] = Recipe(stage, " ".join(f for f in (flags, extra) if f), ood)
+                recipes[name] = Recipe(stage, " ".join(f for f in (flags, extra) if f), ood, per_dataset=per_dataset)
         return recipes
 
     def _defenses(self, defenses: dict) -> dict[str, Defense]:
@@ -234,24 +247,33 @@ class Study:
     def _add_leave_one_out(self, spec: dict) -> None:
         """Each victim of the recipe is trained on every family but one and attacked with the family it left out;
         a family of the victim's own task (`same_task`) is never trained on, so it attacks the victim trained on
-        all the others (`<name>-all`)."""
+        all the others (`<name>-all`), as do the `evaluation` pools (sets no recipe trains on). `always`: families
+        every victim trains on and none holds out. Families, `always` and `evaluation` are lists, or mappings
+        dataset -> list where datasets need families of their own."""
         spec = dict(spec)
-        name, families = str(spec.pop("name")), _names(spec.pop("families"), "leave_one_out: families")
+        name = str(spec.pop("name"))
+        families = _by_dataset(spec.pop("families"), "leave_one_out: families", self.datasets)
+        always = _by_dataset(spec.pop("always", []), "leave_one_out: always", self.datasets)
+        evaluation = _by_dataset(spec.pop("evaluation", []), "leave_one_out: evaluation", self.datasets)
         stage, flags = spec.pop("stage", "train-ini"), str(spec.pop("flags", "") or "")
         attacks, labels = _names(spec.pop("attacks"), "attacks"), _names(spec.pop("labels"), "labels")
         seeds = spec.pop("seeds", self.config["seeds"])
         if spec:
             raise ConfigError(f"leave_one_out has unknown keys {', '.join(spec)}")
         for dataset in self.datasets:
-            resolved = [self.resolve(f, dataset) for f in families]
-            for held in resolved:
-                untrained = held in self.same_task.get(dataset, [])
+            trained = (*always.get(dataset, []), *families.get(dataset, []))
+            held_out = [(h, h) for h in (self.resolve(f, dataset) for f in families.get(dataset, []))]
+            for pool, held in held_out + [(p, None) for p in evaluation.get(dataset, [])]:
+                untrained = held is None or held in self.same_task.get(dataset, [])
                 victim = f"{name}-all" if untrained else f"{name}-no-{held}"
-                self.recipes.setdefault(victim, Recipe(stage, flags, tuple(families), None if untrained else held,
-                                                       leave_one_out=True))
+                recipe = self.recipes.get(victim) or Recipe(stage, flags, (), None if untrained else held,
+                                                            leave_one_out=True)
+                lists = dict(recipe.per_dataset)
+                lists.setdefault(dataset, trained)
+                self.recipes[victim] = dataclasses.replace(recipe, per_dataset=tuple(lists.items()))
                 for seed in self._seeds(seeds, dataset):
                     for attack, label in itertools.product(attacks, labels):
-                        self._add(Cell(dataset, victim, "none", seed, attack, label, held))
+                        self._add(Cell(dataset, victim, "none", seed, attack, label, pool))
 
     # --- paths -----------------------------------------------------------------------------------------------------
     def data(self, name: str) -> str:
@@ -268,7 +290,7 @@ class Study:
     def ood(self, dataset: str, victim: str) -> list[str]:
         """The victim's OOD sets, in the recipe's order."""
         recipe = self._recipe(victim)
-        names = [self.resolve(n, dataset) for n in recipe.ood]
+        names = [self.resolve(n, dataset) for n in dict(recipe.per_dataset).get(dataset, recipe.ood)]
         if recipe.leave_one_out:
             names = [n for n in names if n != recipe.held_out and n not in self.same_task.get(dataset, [])]
         return names

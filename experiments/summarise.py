@@ -24,11 +24,11 @@ from collections import defaultdict
 
 import h5py
 
-KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM", "faithful": "faithful", "broad": "broad"}
-KIND_ORDER = ("ce", "outlier-exposure", "faithful", "broad")
+KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM", "faithful": "faithful", "broad": "broad", "near": "near"}
+KIND_ORDER = ("ce", "outlier-exposure", "faithful", "broad", "near")
 BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
-KINDS = ("undefended", "faithful", "broad")
-KIND_TITLES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad"}
+KINDS = ("undefended", "faithful", "broad", "near")
+KIND_TITLES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad", "near": "InI near"}
 
 
 def _text(values) -> list[str]:
@@ -148,10 +148,11 @@ def lofo(path: str) -> str:
         steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = float(r["stealing_accuracy"])
         benigns[r["dataset"], kind][r["victim_file"]] = float(r["benign_accuracy"])
     datasets = sorted({k[0] for k in steal})
-    head = "| victim data | held-out pool | " + " | ".join(f"{KIND_TITLES[k]} soft / hard" for k in KINDS) + " |"
-    lines = [head, "|---|---|" + "---|" * len(KINDS)]
+    kinds = [k for k in KINDS if any(key[2] == k for key in steal)]
+    head = "| victim data | held-out pool | " + " | ".join(f"{KIND_TITLES[k]} soft / hard" for k in kinds) + " |"
+    lines = [head, "|---|---|" + "---|" * len(kinds)]
     for dataset in datasets:
-        lines += _family_table(steal, dataset, list(KINDS))
+        lines += _family_table(steal, dataset, kinds)
     baselines = [b for b in BASELINES if any(k[2] == b for k in steal)]
     if baselines:
         lines += ["", "| victim data | pool | " + " | ".join(f"{b} soft / hard" for b in baselines) + " |",
@@ -162,6 +163,28 @@ def lofo(path: str) -> str:
     order = {k: i for i, k in enumerate([*KINDS, *BASELINES])}
     for (dataset, kind), values in sorted(benigns.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         lines.append(f"| {dataset} | {kind} | {_spread(list(values.values()), 2)} |")
+    return "\n".join(lines)
+
+
+def near(path: str) -> str:
+    """The near-distribution study's tables: the leave-one-family-out table (`lofo`), then the trade-off: per pool
+    a defense's settings are attacked with, one row per victim and setting (benign accuracy as deployed, soft /
+    hard stealing, mean ± std over seeds)."""
+    rows = _columns(path, "rows", ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool",
+                                   "seed", "stealing_accuracy", "benign_accuracy"))
+    swept = [r for r in rows if r["defense"] != "none" and r["attack"] == "knockoff"]
+    steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, pool, victim kind, defense, label)
+    benign: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, defense) -> file -> benign
+    for r in swept:
+        kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"])
+        steal[r["dataset"], r["pool"], kind, r["defense"], r["label"]].append(float(r["stealing_accuracy"]))
+        benign[r["dataset"], r["pool"], kind, r["defense"]][r["victim_file"]] = float(r["benign_accuracy"])
+    lines = [lofo(path)]
+    if benign:
+        lines += ["", "| victim data | pool | victim | defense | benign accuracy | soft / hard |", "|---|---|---|---|---|---|"]
+        for key in sorted(benign, key=lambda k: (k[0], k[1], KINDS.index(k[2]) if k[2] in KINDS else 9, k[3])):
+            stolen = " / ".join(_spread(steal[(*key, label)]) for label in ("soft", "hard"))
+            lines.append(f"| {' | '.join(key)} | {_spread(list(benign[key].values()), 2)} | {stolen} |")
     return "\n".join(lines)
 
 
@@ -203,10 +226,12 @@ def main() -> None:
                       help="the leave-one-family-out table (experiments/config/lofo.yaml)")
     mode.add_argument("--variants", action="store_true",
                       help="the train-ini options' table (experiments/config/variants.yaml)")
+    mode.add_argument("--near", action="store_true",
+                      help="the near-distribution tables (experiments/config/near.yaml)")
     args = parser.parse_args()
     try:
         print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants
-              else pivot(args.metrics, args.dataset))
+              else near(args.metrics) if args.near else pivot(args.metrics, args.dataset))
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 

@@ -46,6 +46,9 @@ PRESETS = {
     "broad": {"ood_derived": "shuffle,mix,corrupt", "ood_derived_fraction": 0.25, "ood_augment": "heavy",
               "clip": "spike", "on_collapse": "rollback", "pcgrad_reduction": "sum"},
 }
+# induction meant to hold on pools that look like the victim's data: broad's recipe on broad's mixture and the
+# near-distribution families of the victim's task (glyphs, transformed digits, pen strokes for a digit victim)
+PRESETS["near"] = dict(PRESETS["broad"])
 MAX_ROLLBACKS = 3
 # Flags that mean nothing while the flag they refine is off: left out of a victim's recipe identity.
 INERT = {"ood_synthetic": ("ood_synthetic_steps", "ood_synthetic_eps"), "ood_derived": ("ood_derived_fraction",),
@@ -71,10 +74,13 @@ def run(
         help="OOD augmentation: id (as ID images) or heavy (flips, transposition, inversion, gamma) "
              "[default: the preset's].", rich_help_panel=DATA)] = None,
     arch: _options.Arch = "lenet5",
-    preset: Annotated[Literal["faithful", "broad"], typer.Option(
+    preset: Annotated[Literal["faithful", "broad", "near"], typer.Option(
         help="faithful: the paper's recipe (one OOD set); broad: induction on a mixture of every offline family, "
              "heavily augmented, plus outliers derived from ID images, merged with PCGrad's sum, spikes clipped, "
-             "collapses rolled back (any of those flags given explicitly overrides it).", rich_help_panel=RECIPE)
+             "collapses rolled back; near: broad, with the families that look like the victim's data added to the "
+             "mixture (glyphs, transformed digits, pen strokes for a digit victim; silhouettes and recombined or "
+             "transformed garments for a garment victim). Any of those flags given explicitly overrides it.",
+        rich_help_panel=RECIPE)
     ] = "faithful",
     epochs: _options.Epochs = 50,
     batch_size: _options.BatchSize = _options.PAPER_SGD.batch_size,

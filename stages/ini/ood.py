@@ -50,8 +50,13 @@ FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
                 3: ("tinyimagenet", "skimage-patches", "generated")}
 # The broad preset's OOD mixture: every family of the victim's channel count that prepare can make, except the
 # victim's own and the sets of the same task (digits for a digit victim: a thief's digits should be answered).
-BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "emnist-letters", "skimage-patches", "generated"),
+BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "skimage-patches", "generated"),
              3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated")}
+# The near preset adds the families that look like the victim's own data without denoting its classes
+# (stages/near/); the evaluation-only sets (Latin letters, EMNIST) are never among them.
+NEAR_OOD = {"mnist": ("glyphs", "digits-transformed", "pen-strokes"),
+            "emnist-digits": ("glyphs", "digits-transformed", "pen-strokes"),
+            "fashionmnist": ("silhouettes", "garments-recombined", "garments-transformed")}
 SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
              "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
 
@@ -64,10 +69,13 @@ def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
     faithful: the first candidate, the paper's first, that is prepared already or that `prepare` can make: from
     raw files found offline, else downloaded the way the victim's own dataset is (so an online machine gets the
     paper's set, an offline one the first it has). broad: every family of the mixture that can be made offline
-    (a mixture of many downloads would be a surprise)."""
-    if preset == "broad":
+    (a mixture of many downloads would be a surprise); near: broad's, and the near families of the victim's task."""
+    mixture = preset in ("broad", "near")
+    if mixture:
         channels = 1 if data.shape[0] == 1 else 3
         candidates = [n for n in BROAD_OOD[channels] if n != data.name and n not in SAME_TASK.get(data.name, ())]
+        if preset == "near":
+            candidates += NEAR_OOD.get(data.name, ())
     else:
         candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
     found = []
@@ -77,14 +85,14 @@ def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
         path = _data.default_path(name)
         if not path.exists():
             console.print(f"preparing the OOD set {name} for {data.name} from raw files"
-                          + (" (offline only)" if preset == "broad" else ", else by download"))
+                          + (" (offline only)" if mixture else ", else by download"))
             try:
-                _data.prepare(name, path, download=preset != "broad")
+                _data.prepare(name, path, download=not mixture)
             except UserError as e:
                 console.print(f"OOD candidate {name} unavailable ({e}); trying the next")
                 continue
         found.append(str(path))
-        if preset != "broad":
+        if not mixture:
             break
     if not found:
         raise UserError(f"no OOD set for {data.name} could be prepared; pass --ood")
