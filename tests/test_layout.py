@@ -1,0 +1,78 @@
+"""The codebase's shape: dependencies point one way (models/ never imports stages/), no module of stages/ or
+models/ imports itself back through others (function-level imports included), and the project speaks of itself,
+not of how it was made."""
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("stages", "models")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports anywhere in its body (`from a import b` counts a.b when that is a module)."""
+    found = set()
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m in modules}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    modules = {_module(p) for p in files}
+    return {_module(p): _imports(p, modules) - {_module(p)} for p in files}
+
+
+def test_models_never_import_stages():
+    offenders = {m: sorted(i for i in deps if i.split(".")[0] == "stages")
+                 for m, deps in _graph().items() if m.split(".")[0] == "models"}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    # a package's __init__ re-exporting its own modules is not a cycle of the code's layers
+    edges = {m: {d for d in deps if not (m in graph and d.startswith(m + "."))} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles
+
+
+def test_the_project_speaks_of_itself():
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.yaml"], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.split()
+    if not tracked:  # not a git checkout (an unpacked archive): read the files themselves
+        tracked = [str(p.relative_to(ROOT)) for ext in ("py", "md", "sh", "yaml") for p in ROOT.rglob(f"*.{ext}")
+                   if ".venv" not in p.parts and "artifacts" not in p.parts]
+    pattern = re.compile(r"stop [0-9]|issue [0-9]|INI_SPEC")
+    hits = [f"{name}:{i}" for name in tracked if (ROOT / name).is_file()
+            for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+            if pattern.search(line) and name != "tests/test_layout.py"]
+    assert not hits
