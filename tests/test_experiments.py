@@ -86,8 +86,9 @@ EXPECTED = {
     "near": dict(prepare=11, train=2 * 3, train_ini=3 * (6 + 5), steal=3 * (8 + 24 + 24 + 6 + 18), evaluate=1,
                  summarise=1, all=1),
     # decide: MNIST seed 0; soft: none, 9 swept defenses x 6 (incl. AM's), faithful, broad, near, gamma x 3,
-    # epsilon x 2, the gate around near x 6 (69); hard: the same less rs-beta and mad-argmax, plus top1 (58)
-    "decide": dict(prepare=2, train=2, train_ini=8, steal=69 + 58, evaluate=1, summarise=1, all=1),
+    # epsilon x 2, the gate around near x 6 (69); hard: the same less rs-beta and mad-argmax, plus top1 (58); the
+    # three adaptive thieves against undefended, faithful, broad and near, soft (12)
+    "decide": dict(prepare=2, train=2, train_ini=8, steal=69 + 58 + 12, evaluate=1, summarise=1, all=1),
     # cifar10: 3 seeds x (undefended, InI) x 4 pairs x 2 labels; data: cifar10, cifar100, tinyimagenet
     "cifar10": dict(prepare=3, train=3, train_ini=3, steal=3 * 4 * 2, evaluate=1, summarise=1, all=1),
     "cifar10-smoke": dict(prepare=2, train=1, train_ini=1, steal=4 * 2, evaluate=1, summarise=1, all=1),
