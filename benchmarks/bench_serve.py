@@ -35,23 +35,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from stages import _data, _jit, _onnx, _victim, export, prepare, serve_key, train  # noqa: E402
+from stages.serving.launch import launch  # noqa: E402
 
 LOADS = ((1, 1), (1, 8), (64, 1), (64, 8))  # (images per request, concurrent clients)
 
 
 def start(model: Path, keys: Path, ledger: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(model), "--keys", str(keys),
-                             "--ledger", str(ledger), "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if not line or not line[0].startswith("http"):
-        proc.kill()
-        raise SystemExit(f"serve did not start for {model}")
-    return proc, line[0].strip()
+    try:
+        return launch(model, keys, ledger)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def cpu_seconds(pid: int) -> float:

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import models  # noqa: E402
 from stages import _budget_curve, _data, serve_key  # noqa: E402
 from stages._artifacts import attr_json, open_artifact  # noqa: E402
-from stages.attacks._thief import Recipe  # noqa: E402
+from stages.attacks._thief import SurrogateRecipe  # noqa: E402
+from stages.serving.launch import launch  # noqa: E402
 
 # (name, attack, pool, label, flags): the attacks of the grid, budgets sized to run in minutes on two cores; the pool
 # attacks train budget-curve surrogates too, so `evaluate` on the outputs reads their queries to accuracy
@@ -56,18 +57,11 @@ def smoke(flags: list[str]) -> list[str]:
 
 
 def start(victim: Path, keys: Path, ledger: Path, data: Path) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(victim), "--keys", str(keys),
-                             "--ledger", str(ledger), "--port", "0", "--calibration-data", str(data)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=open(ledger.with_suffix(".log"), "w"), text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=300)
-    if not line or not line[0].startswith("http"):
-        proc.kill()
-        raise SystemExit(f"serve did not start; see {ledger.with_suffix('.log')}")
-    return proc, line[0].strip()
+    try:
+        return launch(victim, keys, ledger, "--calibration-data", str(data), stderr=open(ledger.with_suffix(".log"), "w"),
+                      timeout=300)
+    except RuntimeError:
+        raise SystemExit(f"serve did not start; see {ledger.with_suffix('.log')}") from None
 
 
 def send(url: str, key: str, images: np.ndarray, batch: int = 100) -> int:
@@ -111,8 +105,10 @@ def accuracy_at(surrogate: Path, queries: int, data: _data.Dataset) -> float:
         mean, std = [float(v) for v in f.attrs["mean"]], [float(v) for v in f.attrs["std"]]
         if queries >= int(f.attrs["queries"]):
             return float(f.attrs["stealing_accuracy"])
-        recipe = Recipe(int(params["epochs"]), int(params["batch_size"]), float(params["lr"]),
-                        float(params["momentum"]), float(params["weight_decay"]))
+        recipe = SurrogateRecipe(epochs=int(params["epochs"]), batch_size=int(params["batch_size"]),
+                                 lr=float(params["lr"]), momentum=float(params["momentum"]),
+                                 weight_decay=float(params["weight_decay"]),
+                                 optimizer=params.get("optimizer", "sgd"), schedule=params.get("schedule", "cosine"))
 
         def build():
             torch.manual_seed(int(params["seed"]))

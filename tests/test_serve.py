@@ -26,6 +26,7 @@ import torch
 
 from conftest import assert_one_line_error, invoke
 from stages import _onnx, _victim, serve_key, train
+from stages.serving.launch import launch
 from stages._artifacts import open_artifact
 from stages.serving import keys as principals_file
 from tiny_data import write_dataset
@@ -52,21 +53,12 @@ class Server:
     """`python cli.py serve ... --port 0` in a subprocess; its URL is the line it prints on stdout."""
 
     def __init__(self, model: Path, keys: Path, ledger: Path, *flags: str):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.stderr = open(ledger.with_suffix(f".{time.time_ns()}.stderr"), "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(model), "--keys", str(keys), "--ledger",
-             str(ledger), "--host", "127.0.0.1", "--port", "0", *flags],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        line = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=60)
-        if not line or not line[0].startswith("http://127.0.0.1:"):
-            self.proc.kill()
+        try:
+            self.proc, self.url = launch(model, keys, ledger, *flags, stderr=self.stderr, timeout=60)
+        except RuntimeError as e:
             self.stderr.seek(0)
-            raise AssertionError(f"serve did not start: {line} {self.stderr.read()[-2000:]}")
-        self.url = line[0].strip()
+            raise AssertionError(f"{e} {self.stderr.read()[-2000:]}") from None
 
     def client(self, key: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": key} if key else {}, timeout=30.0)
