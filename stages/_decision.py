@@ -142,11 +142,12 @@ def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dic
     entry = dict(dataset=dataset, attack=attack, label=label, pool=pool, family=own, setting="", victim="",
                  defense="", note="", budget=budget, benign_cost=math.nan, benign_accuracy=math.nan,
                  undefended_accuracy=math.nan, stealing_mean=math.nan, stealing_std=math.nan, n=0.0, winner=0.0)
-    costed = [(g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"])) for g in options
-              if (dataset, g["victim"]) in base and math.isfinite(g[f"{metric}_mean"])]
+    measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
+    costed = [(g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"])) for g in measured
+              if (dataset, g["victim"]) in base]
     fitting = [(g, cost) for g, cost in costed if cost <= budget + TOLERANCE]
     if not costed:
-        entry["note"] = "no same-recipe undefended victim measured" if options else ""
+        entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
         return entry
     if not fitting:
         entry["note"] = f"no setting within {budget:g} pt"

@@ -76,8 +76,11 @@ def pareto(path: Path, attack: str, panel_points: list[dict], families: list[str
                             yerr=[p["yerr"] for p in curve], fmt="-" + marker[own], color=color[own], ms=5, lw=1,
                             capsize=2, alpha=0.9)
             front = sorted((p for p in members if p["frontier"]), key=lambda p: p["x"])
-            ax.step([p["x"] for p in front], [p["y"] for p in front], where="post", color="0.5", lw=5, alpha=0.3,
+            # for benign accuracy in (x_i-1, x_i] the least a defender can leave is y_i: a step drawn "pre"
+            ax.step([p["x"] for p in front], [p["y"] for p in front], where="pre", color="0.5", lw=5, alpha=0.3,
                     zorder=0)
+            ax.scatter([p["x"] for p in front], [p["y"] for p in front], s=140, facecolors="none", edgecolors="0.35",
+                       linewidths=1.2, zorder=3)
             for p in front:
                 short = p["setting"].removeprefix(p["family"]).strip() or p["setting"]
                 ax.annotate(short, (p["x"], p["y"]), xytext=(4, 4), textcoords="offset points", fontsize=6,
@@ -90,12 +93,13 @@ def pareto(path: Path, attack: str, panel_points: list[dict], families: list[str
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=color[f], marker=marker[f], label=f) for f in families]
-    handles.append(Line2D([], [], color="0.5", lw=5, alpha=0.3, label="Pareto frontier"))
-    fig.legend(handles=handles, title="defense", fontsize=8, title_fontsize=8, loc="upper left",
-               bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"{attack}: what the thief keeps against what the defender pays (lower right is better for the "
-                 "defender; error bars: sample std over seeds)", fontsize=10)
+    handles.append(Line2D([], [], color="0.5", lw=5, alpha=0.3, marker="o", ms=11, mfc="none", mec="0.35",
+                          label="Pareto frontier"))
+    fig.suptitle(f"{attack}: what the thief keeps against what the defender pays\nlower right is better for the "
+                 "defender; error bars: sample std over seeds", fontsize=9)
     fig.tight_layout()
+    fig.legend(handles=handles, title="defense", fontsize=8, title_fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
     return save(fig, path)
 
 

@@ -295,6 +295,7 @@ def hand_built() -> list[dict]:
         ("u", "ce", "ce", "reverse-sigmoid beta=1,gamma=0.2", 0.982, 0.40, {}),  # cost 0.8
         ("f", "faithful", "ini", "none", 0.970, 0.10, {"gamma": 0.3}),  # cost 2.0
         ("g", "faithful", "ini", "none", 0.995, 0.01, {"gamma": 0.3, "epochs": 50}),  # no 50-epoch undefended
+        ("v", "ce", "ce", "gate decoy=0,quantile=0,threshold=0.5", 0.99, 0.2, {"epochs": 50}),  # nor here
     ]
     rows = []
     for victim, kind, objective, defense, benign, stealing, recipe in settings:
@@ -333,6 +334,7 @@ def test_decision_picks_each_defense_within_each_budget_and_the_winner():
     # no setting fits: InI's 5-epoch victim costs 2 pt, its 50-epoch one has no undefended victim to cost it against
     assert at[0.5]["InI"]["setting"] == "" and at[0.5]["InI"]["note"] == "no setting within 0.5 pt"
     assert np.isnan(at[0.5]["InI"]["stealing_mean"]) and not at[0.5]["InI"]["winner"]
+    assert at[2.0]["gate"]["note"] == "no same-recipe undefended victim measured" and not at[2.0]["gate"]["setting"]
     # adaptive misinformation's raw 0 % does not win: after relabelling the thief keeps 95 %
     assert at[0.5]["adaptive-misinformation"]["stealing_mean"] == pytest.approx(0.95)
     assert at[0.5]["none"]["setting"] == "undefended" and at[0.5]["none"]["benign_cost"] == pytest.approx(0.0)
