@@ -9,6 +9,9 @@ pool family, soft and hard stealing of the undefended, paper-recipe and broad vi
 last row averaging the families within each seed first, the same for the perturbation baselines when the run has
 them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
 
+`--decision` prints the decision table evaluate stored (group `decision`): per threat and benign-cost budget, each
+defense's best setting and the winner, as the report shows it.
+
 `--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended ones, the paper recipe and each
 train-ini option), its benign accuracy, the diagnostics of its chosen epoch (mean L1 between victim and surrogate
 outputs on held-out OOD images, lower is induced; mean cosine between the distillation and true-label gradients on
@@ -28,6 +31,7 @@ import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
 
+from stages import _decision  # noqa: E402
 from stages._decision import KIND_NAMES, victim_names  # noqa: E402
 
 RELABELLED = "stealing_accuracy_relabelled"
@@ -207,6 +211,16 @@ def variants(path: str) -> str:
     return "\n".join(lines + ["", NOTE])
 
 
+def decision(path: str) -> str:
+    """The decision table of a metrics file, as evaluate's report prints it."""
+    with h5py.File(path, "r") as f:
+        if "decision" not in f:
+            raise KeyError("no decision group: evaluate ran with --benign-budget none, or before it decided")
+        metric = str(f["decision"].attrs["metric"])
+    entries = _columns(path, "decision", _decision.TEXT + _decision.NUMBERS)
+    return "\n".join(_decision.markdown(entries, metric)[2:])  # without the report's heading
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics")
@@ -216,10 +230,12 @@ def main() -> None:
                       help="the leave-one-family-out table (experiments/config/lofo.yaml)")
     mode.add_argument("--variants", action="store_true",
                       help="the train-ini options' table (experiments/config/variants.yaml)")
+    mode.add_argument("--decision", action="store_true",
+                      help="the decision table: each defense's best setting per benign-cost budget, and the winner")
     args = parser.parse_args()
     try:
         print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants
-              else pivot(args.metrics, args.dataset))
+              else decision(args.metrics) if args.decision else pivot(args.metrics, args.dataset))
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -126,6 +129,14 @@ def test_cli_writes_metrics_and_report_with_latency(world):
     text = (report / "report.md").read_text()
     assert "| cpu | 256 | mad | 30.000 | 30.00 |" in text and "knockoff" in text
     assert text.index("## Decision") < text.index("## Every setting") and "Hungarian assignment" in text
+    summarise = Path(__file__).resolve().parents[1] / "experiments" / "summarise.py"
+    tables = {mode: subprocess.run([sys.executable, summarise, *mode, out], capture_output=True, text=True, check=True)
+              .stdout.splitlines() for mode in ((), ("--decision",))}
+    accuracy = 100 * _victim.load(victim)[1].test_accuracy
+    assert f"{accuracy:.1f} ± 0.0 → {accuracy:.1f} ± 0.0 (2) |" in tables[()][2]  # stealing → relabelled (n)
+    decided = [row for row in tables["--decision",] if row.startswith("| synth | knockoff | soft | pool |")]
+    assert [row.split(" | ")[4] for row in decided[:3]] == ["≤ 0.5 pt", "≤ 1 pt", "≤ 2 pt"]
+    assert all(" | none: undefended | " in row for row in decided[:3])
 
 
 def test_mismatched_dataset_is_one_line(world, tmp_path):
