@@ -74,17 +74,20 @@ def pareto(path: Path, attack: str, panel_points: list[dict], families: list[str
                 curve = sorted((p for p in members if p["family"] == own), key=lambda p: p["x"])
                 ax.errorbar([p["x"] for p in curve], [p["y"] for p in curve], xerr=[p["xerr"] for p in curve],
                             yerr=[p["yerr"] for p in curve], fmt="-" + marker[own], color=color[own], ms=5, lw=1,
-                            capsize=2, alpha=0.9)
+                            elinewidth=0.7, capsize=2, alpha=0.9)
             front = sorted((p for p in members if p["frontier"]), key=lambda p: p["x"])
             # for benign accuracy in (x_i-1, x_i] the least a defender can leave is y_i: a step drawn "pre"
             ax.step([p["x"] for p in front], [p["y"] for p in front], where="pre", color="0.5", lw=5, alpha=0.3,
                     zorder=0)
             ax.scatter([p["x"] for p in front], [p["y"] for p in front], s=140, facecolors="none", edgecolors="0.35",
                        linewidths=1.2, zorder=3)
+            named: dict[tuple, list[dict]] = defaultdict(list)  # settings that coincide share one label
             for p in front:
-                short = p["setting"].removeprefix(p["family"]).strip() or p["setting"]
-                ax.annotate(short, (p["x"], p["y"]), xytext=(4, 4), textcoords="offset points", fontsize=6,
-                            color=color[p["family"]])
+                named[p["x"], p["y"]].append(p)
+            for (x, y), same in named.items():
+                text = " = ".join(p["setting"].removeprefix(p["family"]).strip() or p["setting"] for p in same)
+                ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6,
+                            color=color[same[0]["family"]])
             hidden = sum(not p["shown"] for p in panels[dataset][label, pool])
             note = f" ({hidden} below the zoom, listed)" if hidden else ""
             ax.set_title(f"{dataset}: {label} labels, pool {pool}{note}", fontsize=9)
