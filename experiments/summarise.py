@@ -1,12 +1,16 @@
 """Pivot an `evaluate` metrics.h5 into the compact Markdown tables of docs/results.md: one row per (victim recipe,
-defense), one column per (attack, label, pool), cells "stealing mean ± std (n)"; a first column gives the benign
-accuracy as deployed. Everything comes from the metrics' columns: a victim is named by its kind (undefended, AM,
+defense), one column per (attack, label, pool), cells "stealing mean ± std → relabelled mean ± std (n)" (the
+stealing accuracy, then the same after the best class relabelling from evaluate's k labelled val images, where the
+metrics hold it); a first column gives the benign accuracy as deployed. Everything comes from the metrics' columns: a victim is named by its kind (undefended, AM,
 faithful or broad InI) and the recipe entries that set it apart from the other victims of its kind.
 
 `--lofo` reads the leave-one-family-out run's rows instead (experiments/config/lofo.yaml): per victim dataset and held-out
 pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over seeds (n), a
 last row averaging the families within each seed first, the same for the perturbation baselines when the run has
 them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
+
+`--decision` prints the decision table evaluate stored (group `decision`): per threat and benign-cost budget, each
+defense's best setting and the winner, as the report shows it.
 
 `--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended ones, the paper recipe and each
 train-ini option), its benign accuracy, the diagnostics of its chosen epoch (mean L1 between victim and surrogate
@@ -17,14 +21,22 @@ held-out ID images, lower is isolated), and knockoff stealing per pool, soft / h
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import h5py
 
-KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM", "faithful": "faithful", "broad": "broad", "near": "near"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
+
+from stages import _decision  # noqa: E402
+from stages._decision import KIND_NAMES, victim_names  # noqa: E402
+
+RELABELLED = "stealing_accuracy_relabelled"
+NOTE = ("Stealing accuracy in %, mean ± sample std (n seeds); after →: the same after the best class relabelling a "
+        "thief finds from k labelled val images (evaluate --relabel-k).")
 KIND_ORDER = ("ce", "outlier-exposure", "faithful", "broad", "near")
 BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
 KINDS = ("undefended", "faithful", "broad", "near")
@@ -36,29 +48,14 @@ def _text(values) -> list[str]:
 
 
 def _columns(path: str, group: str, names: tuple[str, ...]) -> list[dict]:
-    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns."""
+    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns; a relabelled column
+    that metrics from before the relabelling lack reads as NaN."""
     with h5py.File(path, "r") as f:
         g = f[group]
-        cols = {k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist()) for k in names}
+        n = len(g[names[0]])
+        cols = {k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist()) if k in g or RELABELLED not in k
+                else [math.nan] * n for k in names}
     return [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
-
-
-def victim_names(entries: list[dict]) -> dict[str, str]:
-    """A name per victim recipe (`victim`): its kind, plus the recipe entries that set it apart from the other
-    victims of its kind and dataset (what every one of them changed from the defaults goes unsaid)."""
-    recipes = {e["victim"]: e for e in entries}
-    common: dict[tuple, set] = {}
-    for e in recipes.values():
-        items = {(k, json.dumps(v)) for k, v in json.loads(e["victim_changes"]).items()}
-        key = (e["dataset"], e["victim_kind"])
-        common[key] = items if key not in common else common[key] & items
-    names = {}
-    for victim, e in recipes.items():
-        shared = common[e["dataset"], e["victim_kind"]]
-        apart = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                 for k, v in sorted(json.loads(e["victim_changes"]).items()) if (k, json.dumps(v)) not in shared]
-        names[victim] = " ".join([KIND_NAMES.get(e["victim_kind"], e["victim_kind"]), *apart])
-    return names
 
 
 def _order(e: dict, name: str) -> tuple:
@@ -66,24 +63,37 @@ def _order(e: dict, name: str) -> tuple:
     return e["dataset"], KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), name
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def _cell(mean: float, std: float, n: int, relabelled: tuple[float, float] = (math.nan, math.nan)) -> str:
+    """`mean ± std (n)`, or `mean ± std → relabelled mean ± std (n)` where the relabelled mean is known."""
     if not math.isfinite(mean):
         return "-"
-    spread = f" ± {100 * std:.1f}" if n > 1 and math.isfinite(std) else ""
-    return f"{100 * mean:.1f}{spread} ({n})"
+
+    def spread(m: float, s: float) -> str:
+        return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if n > 1 and math.isfinite(s) else "")
+
+    after = f" → {spread(*relabelled)}" if math.isfinite(relabelled[0]) else ""
+    return f"{spread(mean, std)}{after} ({n})"
 
 
-def _spread(values: list[float], digits: int = 1) -> str:
+def _spread(values: list[float], digits: int = 1, relabelled: list[float] = ()) -> str:
+    """Mean ± sample std (n) of per-seed values, with `→` the relabelled ones' where every seed has one."""
     if not values:
         return "-"
-    std = f" ± {100 * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{100 * statistics.mean(values):.{digits}f}{std} ({len(values)})"
+
+    def spread(v: list[float]) -> str:
+        return f"{100 * statistics.mean(v):.{digits}f}" + (f" ± {100 * statistics.stdev(v):.{digits}f}" if len(v) > 1
+                                                            else "")
+
+    known = [r for r in relabelled if math.isfinite(r)]
+    after = f" → {spread(known)}" if known and len(known) == len(values) else ""
+    return f"{spread(values)}{after} ({len(values)})"
 
 
 def pivot(path: str, dataset: str | None) -> str:
     groups = _columns(path, "groups", ("dataset", "victim", "victim_kind", "victim_changes", "defense", "attack",
                                        "label", "pool", "n", "benign_accuracy_mean", "benign_accuracy_std",
-                                       "stealing_accuracy_mean", "stealing_accuracy_std"))
+                                       "stealing_accuracy_mean", "stealing_accuracy_std", f"{RELABELLED}_mean",
+                                       f"{RELABELLED}_std"))
     groups = [g for g in groups if not dataset or g["dataset"] == dataset]
     names = victim_names(groups)
     table: dict[tuple, dict[tuple, str]] = defaultdict(dict)
@@ -100,7 +110,8 @@ def pivot(path: str, dataset: str | None) -> str:
         col = (g["attack"], g["label"], g["pool"])
         if col not in columns:
             columns.append(col)
-        table[row][col] = _cell(g["stealing_accuracy_mean"], g["stealing_accuracy_std"], n)
+        table[row][col] = _cell(g["stealing_accuracy_mean"], g["stealing_accuracy_std"], n,
+                                (g[f"{RELABELLED}_mean"], g[f"{RELABELLED}_std"]))
         benign.setdefault(row, _cell(g["benign_accuracy_mean"], g["benign_accuracy_std"], n))
     columns.sort()
     head = ["dataset", "victim", "defense", "benign (as deployed)"] + [" ".join(c for c in col if c != "-")
@@ -108,7 +119,12 @@ def pivot(path: str, dataset: str | None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(benign, key=order.get):
         lines.append("| " + " | ".join([*row, benign[row], *(table[row].get(col, "") for col in columns)]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", NOTE])
+
+
+def _pairs(pairs: list[tuple[float, float]]) -> str:
+    """Per-seed (stealing, relabelled) pairs as one cell."""
+    return _spread([p[0] for p in pairs], relabelled=[p[1] for p in pairs])
 
 
 def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
@@ -117,7 +133,7 @@ def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
     pools = sorted({k[1] for k in steal if k[0] == dataset})
     lines = []
     for pool in pools:
-        cells = [" / ".join(_spread(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
+        cells = [" / ".join(_pairs(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
                  for kind in kinds]
         lines.append(f"| {dataset} | {pool} | " + " | ".join(cells) + " |")
     means = []
@@ -125,8 +141,8 @@ def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
         per_label = []
         for label in ("soft", "hard"):
             seeds = set.intersection(*(set(steal[dataset, p, kind, label]) for p in pools))
-            per_label.append(_spread([statistics.mean(steal[dataset, p, kind, label][s] for p in pools)
-                                      for s in sorted(seeds)]))
+            per_label.append(_pairs([tuple(statistics.mean(steal[dataset, p, kind, label][s][i] for p in pools)
+                                           for i in (0, 1)) for s in sorted(seeds)]))
         means.append(" / ".join(per_label))
     lines.append(f"| {dataset} | **mean over families** | " + " | ".join(means) + " |")
     return lines
@@ -137,15 +153,16 @@ def lofo(path: str) -> str:
     perturbation baselines' (if any), then benign accuracy as deployed. A row's kind is its defense's name where a
     perturbation defense answers, else its victim's kind; the held-out family is the pool."""
     rows = _columns(path, "rows", ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool",
-                                   "seed", "stealing_accuracy", "benign_accuracy"))
-    steal: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracy
+                                   "seed", "stealing_accuracy", RELABELLED, "benign_accuracy"))
+    steal: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracies
     benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
     for r in rows:
         defense = r["defense"].split(" ")[0]
         kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"]) if defense == "none" else defense
         if r["attack"] != "knockoff" or kind not in (*KINDS, *BASELINES):
             continue
-        steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = float(r["stealing_accuracy"])
+        steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = (float(r["stealing_accuracy"]),
+                                                                      float(r[RELABELLED]))
         benigns[r["dataset"], kind][r["victim_file"]] = float(r["benign_accuracy"])
     datasets = sorted({k[0] for k in steal})
     kinds = [k for k in KINDS if any(key[2] == k for key in steal)]
@@ -163,7 +180,7 @@ def lofo(path: str) -> str:
     order = {k: i for i, k in enumerate([*KINDS, *BASELINES])}
     for (dataset, kind), values in sorted(benigns.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         lines.append(f"| {dataset} | {kind} | {_spread(list(values.values()), 2)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", NOTE])
 
 
 def near(path: str) -> str:
@@ -191,18 +208,18 @@ def near(path: str) -> str:
 def variants(path: str) -> str:
     """The train-ini options' table: benign accuracy, diagnostics and stealing per pool, one row per victim."""
     rows = _columns(path, "rows", ("dataset", "victim", "victim_kind", "victim_changes", "victim_file", "attack",
-                                   "label", "pool", "stealing_accuracy", "benign_accuracy", "victim_ood_l1",
-                                   "victim_id_cosine"))
+                                   "label", "pool", "stealing_accuracy", RELABELLED, "benign_accuracy",
+                                   "victim_ood_l1", "victim_id_cosine"))
     rows = [r for r in rows if r["attack"] == "knockoff"]
     names = victim_names(rows)
-    steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, victim, pool, label) -> per seed
+    steal: dict[tuple, list[tuple]] = defaultdict(list)  # (dataset, victim, pool, label) -> per seed
     found: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, victim) -> victim file -> (benign, l1, cos)
     order: dict[tuple, tuple] = {}
     pools: list[str] = []
     for r in rows:
         victim = (r["dataset"], names[r["victim"]])
         order[victim] = _order(r, names[r["victim"]])
-        steal[(*victim, r["pool"], r["label"])].append(float(r["stealing_accuracy"]))
+        steal[(*victim, r["pool"], r["label"])].append((float(r["stealing_accuracy"]), float(r[RELABELLED])))
         pools += [] if r["pool"] in pools else [r["pool"]]
         found[victim].setdefault(r["victim_file"], (r["benign_accuracy"], r["victim_ood_l1"], r["victim_id_cosine"]))
     head = "| victim data | victim | benign | OOD L1 | ID cosine | " + " | ".join(f"{p} soft / hard" for p in pools)
@@ -211,10 +228,20 @@ def variants(path: str) -> str:
         per_seed = list(found[dataset, victim].values())
         diag = [f"{statistics.mean(v[i] for v in per_seed):.3f}" if all(math.isfinite(v[i]) for v in per_seed)
                 else "-" for i in (1, 2)]
-        stolen = [" / ".join(_spread(steal[dataset, victim, p, label]) for label in ("soft", "hard")) for p in pools]
+        stolen = [" / ".join(_pairs(steal[dataset, victim, p, label]) for label in ("soft", "hard")) for p in pools]
         lines.append(f"| {dataset} | {victim} | {_spread([v[0] for v in per_seed], 2)} | " + " | ".join(diag + stolen)
                      + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", NOTE])
+
+
+def decision(path: str) -> str:
+    """The decision table of a metrics file, as evaluate's report prints it."""
+    with h5py.File(path, "r") as f:
+        if "decision" not in f:
+            raise KeyError("no decision group: evaluate ran with --benign-budget none, or before it decided")
+        metric = str(f["decision"].attrs["metric"])
+    entries = _columns(path, "decision", _decision.TEXT + _decision.NUMBERS)
+    return "\n".join(_decision.markdown(entries, metric)[2:])  # without the report's heading
 
 
 def main() -> None:
@@ -228,10 +255,13 @@ def main() -> None:
                       help="the train-ini options' table (experiments/config/variants.yaml)")
     mode.add_argument("--near", action="store_true",
                       help="the near-distribution tables (experiments/config/near.yaml)")
+    mode.add_argument("--decision", action="store_true",
+                      help="the decision table: each defense's best setting per benign-cost budget, and the winner")
     args = parser.parse_args()
     try:
         print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants
-              else near(args.metrics) if args.near else pivot(args.metrics, args.dataset))
+              else near(args.metrics) if args.near else decision(args.metrics) if args.decision
+              else pivot(args.metrics, args.dataset))
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 

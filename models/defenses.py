@@ -55,10 +55,17 @@ def _gradient_gram(features: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class ReverseSigmoid(nn.Module):
-    """Reverse sigmoid (Lee et al., 2019): y~ = normalise(y - beta (sigmoid(gamma logit y) - 1/2)).
+    """Reverse sigmoid (Lee et al., 2019): y~ = normalise(max(0, y - beta (sigmoid(gamma logit y) - 1/2))).
 
-    Keeps the argmax whenever the top probability exceeds 1/2 (beta <= 1); rows whose top probability is low
-    can be reordered, as in the original method. Negative entries are clipped before normalising.
+    Exact at p = 0 and p = 1 without clipping: logit p = log p - log(1 - p) runs to -inf or +inf there, and the
+    sigmoid of it to 0 or 1, as the formula's limit does. The top class's 1 - p is the sum of the other entries:
+    the same for a probability vector, but float32 holds a top probability near 1 only to 6e-8, so 1 - p computed
+    from it is off by up to 100 % where 1 - p is 1e-7 (two runtimes whose softmax differed by one float32 step
+    near 1 answered 2e-4 apart at beta 0.8, gamma 0.2). What stays
+    inexact is the float32 softmax's underflow: an entry below 1e-45 reads 0, where the formula sees p^gamma,
+    0.006 at gamma 0.05; from gamma 0.1 on the answer is within 1e-5 of the formula on the logits in float64.
+    Whether the top class survives depends on beta and gamma together: with beta 1 and gamma 1 every entry becomes
+    1/2 and the answer uniform, and larger gamma reorders most answers (measured: docs/method.md, "Defenses").
     """
 
     PARAMS = {
@@ -73,8 +80,11 @@ class ReverseSigmoid(nn.Module):
         self.gamma = float(gamma)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        p = probs.clamp(1e-7, 1.0 - 1e-7)  # logit(0) and logit(1) are infinite
-        r = self.beta * (torch.sigmoid(self.gamma * torch.log(p / (1.0 - p))) - 0.5)
+        p = probs.clamp(0.0, 1.0)
+        top = p.argmax(1, keepdim=True)
+        rest = p.scatter(1, top, 0.0).sum(1, keepdim=True)  # 1 - p of the top class, without cancellation
+        logit = torch.log(p) - torch.log((1.0 - p).scatter(1, top, rest))  # -inf at p = 0, +inf at p = 1
+        r = self.beta * (torch.sigmoid(self.gamma * logit) - 0.5)
         return _renormalise((probs - r).clamp_min(0.0), probs)
 
 
@@ -213,17 +223,27 @@ class Top1(nn.Module):
 
 
 class Rounding(nn.Module):
-    """Probabilities rounded to `decimals` places by largest remainder, so the rounded answer still sums to 1."""
+    """Probabilities rounded to `decimals` places. By default (renormalise=1) by largest remainder, so the answer
+    still sums to 1: eight entries of 0.125 become two of 0.2 and six of 0.1 at one decimal. renormalise=0 rounds
+    each entry half to even and leaves the sum where it falls, as the prediction-poisoning reference code does
+    (the same eight entries become 0.1 each, summing to 0.8; a flat answer can round to all zeros).
+    """
 
-    PARAMS = {"decimals": Param(2, 0, 6, True, "decimal places kept")}
+    PARAMS = {
+        "decimals": Param(2, 0, 6, True, "decimal places kept"),
+        "renormalise": Param(1, 0, 1, True, "1: largest remainder, summing to 1; 0: plain rounding"),
+    }
     NEEDS: tuple[str, ...] = ()
 
-    def __init__(self, decimals: int):
+    def __init__(self, decimals: int, renormalise: int):
         super().__init__()
         self.scale = float(10 ** int(decimals))
+        self.renormalise = bool(renormalise)
 
     def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         units = probs * self.scale
+        if not self.renormalise:
+            return torch.round(units) / self.scale
         floor = torch.floor(units)
         deficit = torch.round(self.scale - floor.sum(1, keepdim=True)).clamp(0.0, float(probs.shape[1]))
         rank = (units - floor).argsort(1, descending=True).argsort(1)  # 0 = largest remainder
@@ -328,5 +348,6 @@ DEFENSES: dict[str, type[nn.Module]] = {
     "gate": Gate,
 }
 
-# Defenses whose answer keeps the victim's top-1 label (reverse-sigmoid: when the top probability exceeds 1/2).
+# Defenses whose answer keeps the victim's top-1 label (reverse-sigmoid: at its default beta and gamma, when the top
+# probability exceeds 1/2; larger gamma reorders answers, docs/method.md).
 ARGMAX_PRESERVING = ("none", "mad-argmax", "top1", "reverse-sigmoid")

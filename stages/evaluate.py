@@ -1,9 +1,10 @@
 """Evaluate victims and stolen surrogates: benign accuracy as deployed, stealing accuracy (final; max over epochs
-labelled apart), relative accuracy, fidelity, queries and stage wall times, aggregated over seeds (mean ± std, n);
-the metrics' definitions are docs/method.md, "Metrics".
+labelled apart; and after the best class relabelling a thief finds from k labelled images), relative accuracy,
+fidelity, queries and stage wall times, aggregated over seeds (mean ± std, n); then, per benign-cost budget and
+threat, the setting of each defense that leaves the thief least. Definitions: docs/method.md, "Metrics".
 
 Reads victim.h5/.pt and surrogate.h5 files (metrics are recomputed from weights, not copied); writes
-`metrics.h5` and a Markdown + PNG report (trade-off scatter per attack, latency bars from a benchmark JSON).
+`metrics.h5` and a Markdown + PNG report (decision table, Pareto plots per attack, latency bars from a benchmark).
 """
 
 from __future__ import annotations
@@ -17,19 +18,15 @@ import h5py
 import numpy as np
 import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 
 import models
 from models.params import UserError
-from stages import _blackbox, _data, _defense, _evaluate_report, _loop, _options, _victim
+from stages import _blackbox, _data, _decision, _defense, _evaluate_report, _loop, _options, _relabel, _victim
 from stages._artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
 
-console = Console(stderr=True, width=160)  # the table is wide; stderr is often a log file
-
 SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
-NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "relative_accuracy", "fidelity",
-           "queries", "victim_seconds", "steal_seconds", "victim_ood_l1", "victim_id_cosine") + tuple(
+NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "stealing_accuracy_relabelled",
+           "relative_accuracy", "fidelity", "fidelity_relabelled", "queries", "victim_seconds", "steal_seconds", "victim_ood_l1", "victim_id_cosine") + tuple(
                f"queries_to_{round(100 * s)}" for s in SHARES)
 LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
 # What a row says of its victim's recipe, which `victim` names: the same for every seed, so groups carry it too.
@@ -42,44 +39,59 @@ def run(
     report: Annotated[Optional[Path], typer.Option(help="Folder for report.md and its plots [default: beside --out].")] = None,
     data: Annotated[Optional[str], typer.Option(help="The victims' dataset [default: the one each was trained on].")] = None,
     benchmark: Annotated[Optional[Path], typer.Option(help="pytest-benchmark JSON for the latency chart.")] = None,
+    relabel_k: Annotated[int, typer.Option(
+        min=0, help="Labelled images of the victim's val split (drawn with a fixed seed) from which a thief finds the "
+        "best class relabelling: stealing accuracy and fidelity after it; 0: off.")] = 100,
+    benign_budget: Annotated[str, typer.Option(
+        help="Benign costs a defender accepts, in points of benign accuracy below the same-recipe undefended "
+        "victim, comma-separated: the decision table picks each defense's best setting within each; none: no table.")
+    ] = "0.5,1,2",
     device: _options.Device = "auto",
 ) -> Path:
-    """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, write metrics.h5 and a report."""
+    """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, decide, write metrics.h5 and a report."""
     started = time.time()
     out = prepare_output(out)
     report = report or out.parent / "report"
     device = _loop.pick_device(device)
+    budgets = _decision.parse_budgets(benign_budget)
     latency = _evaluate_report.read_benchmark(benchmark) if benchmark is not None else None
 
-    rows, inputs, cache = [], [], {}
+    rows, cache = [], {}
     for path in artifacts:
-        rows.append(_evaluate(Path(path), data, device, cache))
-        inputs.append(path)
+        rows.append(_evaluate(Path(path), data, device, cache, relabel_k))
     groups = aggregate(rows)
+    metric = "stealing_accuracy_relabelled" if relabel_k else "stealing_accuracy"
+    decision = _decision.decide(rows, groups, budgets, metric) if budgets else []
 
     params = dict(artifacts=[str(a) for a in artifacts], out=out, report=report, data=data, benchmark=benchmark,
-                  device=device)
-    with write_artifact(out, "metrics", "evaluate", params, inputs + ([benchmark] if benchmark else []), None,
-                        started) as f:
-        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + VICTIM + ("victim_file", "seed"), NUMBERS)
+                  relabel_k=relabel_k, relabel_seed=_relabel.SEED, benign_budget=budgets, device=device)
+    with write_artifact(out, "metrics", "evaluate", params, list(artifacts) + ([benchmark] if benchmark else []),
+                        None, started) as f:
+        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + VICTIM + ("victim_file", "seed"),
+                     NUMBERS + ("relabel_images",))
         _write_table(f.create_group("groups"), groups, LABELS + VICTIM + ("n",),
                      tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")))
+        if budgets:
+            table = f.create_group("decision")
+            _write_table(table, decision, _decision.TEXT, _decision.NUMBERS)
+            table.attrs.update(metric=metric, budgets=budgets)
         if latency:
             f.attrs["latency"] = json.dumps(latency)
-    files = _evaluate_report.write(report, groups, latency, params)
-    _show(groups, out, files)
+    files = _evaluate_report.write(report, groups, decision, metric, latency, params)
+    _evaluate_report.show(groups, out, files)
     return out
 
 
-def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict:
+def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int = 100) -> dict:
     if path.suffix == ".pt" or _kind(path) == "victim":
         graph, info = _open(path, device, cache)
-        dataset = _dataset(data or info.dataset_path, info, cache)
+        dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
         accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
         return {**_victim_facts(info), **dict(
             file=str(path), defense=info.baked_defense, attack="-", label="-", pool="-", benign_accuracy=accuracy,
-            stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, relative_accuracy=np.nan, fidelity=np.nan,
-            queries=0, steal_seconds=np.nan), **queries_to(np.zeros(0), np.zeros(0), accuracy)}
+            stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, stealing_accuracy_relabelled=np.nan,
+            relative_accuracy=np.nan, fidelity=np.nan, fidelity_relabelled=np.nan, relabel_images=0, queries=0,
+            steal_seconds=np.nan), **queries_to(np.zeros(0), np.zeros(0), accuracy)}
 
     with open_artifact(path, "surrogate") as f:
         params = attr_json(f, "params")
@@ -101,7 +113,7 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     graph, info = _open(victim, device, cache)
     if info.sha256 != attrs["victim_sha256"]:
         raise UserError(f"{path}: victim {victim} changed since it was attacked (sha256 differs)")
-    dataset = _dataset(data or info.dataset_path, info, cache)
+    dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
     if attrs["dataset"] != dataset.name or attrs["input_shape"] != tuple(dataset.shape):
         raise UserError(f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
                         f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})")
@@ -118,12 +130,19 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict) -> dict
     stealing = float((stolen == y).float().mean())
     defense = (_defense.label(str(attrs["defense"]), attrs["defense_params"]) if info.baked_defense == "none"
                else _defense.label(info.baked_defense, attrs["defense_params"]))
+    # relative to a victim that answers at chance is a ratio of noise: blank (docs/method.md, "Metrics")
+    relative = stealing / benign if benign >= _loop.chance_level(dataset.num_classes) else np.nan
+    seen, seen_labels, seen_victim = _seen(cache, victim, graph, info, dataset, device, relabel_k)
+    guesses = _blackbox.predict(surrogate, seen, device).argmax(1).cpu() if len(seen) else seen_labels
     return {**_victim_facts(info), **dict(
         file=str(path), seed=seed, defense=defense, attack=str(attrs["attack"]), label=str(attrs["label"]),
         pool=_pool_name(params), benign_accuracy=benign, stealing_accuracy=stealing,
-        max_stealing_accuracy=float(np.max(curve)), relative_accuracy=stealing / benign if benign else np.nan,
-        fidelity=float((stolen == victim_top1).float().mean()), queries=int(attrs["queries"]),
-        steal_seconds=steal_seconds), **queries_to(*spent, benign)}
+        max_stealing_accuracy=float(np.max(curve)), relative_accuracy=relative,
+        stealing_accuracy_relabelled=_relabel.agreement(stolen, y, guesses, seen_labels, dataset.num_classes),
+        fidelity=float((stolen == victim_top1).float().mean()),
+        fidelity_relabelled=_relabel.agreement(stolen, victim_top1, guesses, seen_victim, dataset.num_classes),
+        relabel_images=len(seen), queries=int(attrs["queries"]), steal_seconds=steal_seconds),
+        **queries_to(*spent, benign)}
 
 
 def queries_to(queries: np.ndarray, accuracy: np.ndarray, benign: float) -> dict[str, float]:
@@ -175,11 +194,27 @@ def _open(path: Path, device: str, cache: dict):
     return cache[key]
 
 
-def _dataset(name: str, info: _victim.VictimInfo, cache: dict) -> _data.Dataset:
-    key = ("data", name)
+def _dataset(name: str, info: _victim.VictimInfo, cache: dict, relabel_k: int) -> _data.Dataset:
+    splits = ("test", "val") if relabel_k else ("test",)
+    key = ("data", name, splits)
     if key not in cache:
-        cache[key] = _data.load(name, splits=("test",))
+        cache[key] = _data.load(name, splits=splits)
     _victim.check_matches(info, cache[key])
+    return cache[key]
+
+
+def _seen(cache: dict, path: Path, graph: torch.nn.Module, info: _victim.VictimInfo, dataset: _data.Dataset,
+          device: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k labelled images a thief holds (of the val split, drawn with a fixed seed; all of it when smaller),
+    their labels, and the victim's top-1 on them (the graph as opened, which fidelity compares with)."""
+    key = ("seen", str(path), dataset.path, k)
+    if key not in cache:
+        images, labels = dataset.splits["val"] if k else (torch.zeros(0, *dataset.shape, dtype=torch.uint8),
+                                                          torch.zeros(0, dtype=torch.long))
+        chosen = _relabel.draw(len(labels), k)
+        x = _data.to_float(images[chosen])
+        victim = _blackbox.predict(graph, x, device).argmax(1).cpu() if len(x) else labels[chosen]
+        cache[key] = (x, labels[chosen], victim)
     return cache[key]
 
 
@@ -238,18 +273,3 @@ def _write_table(group, rows: list[dict], text: tuple[str, ...], numbers: tuple[
         group.create_dataset(key, data=np.array([str(r[key]) for r in rows], dtype=object), dtype=h5py.string_dtype())
     for key in numbers:
         group.create_dataset(key, data=np.array([r[key] for r in rows], dtype=np.float64))
-
-
-def _show(groups: list[dict], out: Path, files: list[Path]) -> None:
-    table = Table(title="evaluate: accuracies in %, mean ± std over seeds (max peeks at test)", title_justify="left")
-    for column in ("victim", "defense", "attack", "n", "benign", "stealing", "max", "relative", "fidelity", "queries"):
-        table.add_column(column, justify="left" if column in ("victim", "defense", "attack") else "right")
-    pm = _evaluate_report.pm
-    for g in groups:
-        relative = "-" if not np.isfinite(g["relative_accuracy_mean"]) else f"{g['relative_accuracy_mean']:.3f}"
-        attack = "-" if g["attack"] == "-" else f"{g['attack']} {g['label']} pool={g['pool']}"
-        table.add_row(f"{g['dataset']} {g['victim_arch']}/{g['victim_kind']}", g["defense"], attack, str(g["n"]),
-                      *(pm(g, k) for k in ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy")),
-                      relative, pm(g, "fidelity"), f"{g['queries_mean']:,.0f}")
-    console.print(table)
-    console.print(f"wrote {out} and {', '.join(str(p) for p in files)}")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linprog
+from scipy.special import expit, logsumexp, softmax
 from typer.testing import CliRunner
 
 import cli
@@ -164,6 +165,55 @@ def test_rounding_keeps_k_decimals():
     assert torch.allclose(out * 10, torch.round(out * 10), atol=1e-5)
 
 
+def test_rounding_renormalises_by_default_and_plain_rounding_leaves_the_sum():
+    eight = torch.full((1, 8), 0.125)
+    with torch.no_grad():
+        summed = make("rounding", ["decimals=1"])(torch.empty(0), eight)[0]
+        plain = make("rounding", ["decimals=1", "renormalise=0"])(torch.empty(0), eight)[0]
+    assert sorted(summed.tolist(), reverse=True) == pytest.approx([0.2, 0.2] + [0.1] * 6)
+    assert plain.tolist() == pytest.approx([0.1] * 8) and float(plain.sum()) == pytest.approx(0.8)
+    x, p = batch(256)
+    with torch.no_grad():
+        plain = make("rounding", ["decimals=2", "renormalise=0"])(x, p)
+    expected = np.round(p.double().numpy(), 2)  # half to even, entry by entry, as numpy rounds
+    assert np.abs(plain.double().numpy() - expected).max() < 1e-6
+    assert (plain.sum(1) - 1).abs().max() > 0.005  # the sums are left where they fall
+
+
+def exact_reverse_sigmoid(logits: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """Lee et al.'s formula in float64 from the victim's logits z, no clipping: logit p_k = z_k - logsumexp of the
+    other z (exact even where 1 - p_k is below float64's resolution near 1)."""
+    z = logits.astype(np.float64)
+    others = np.where(np.eye(z.shape[1], dtype=bool)[None], -np.inf, z[:, None, :])  # (B, K, K): row k without z_k
+    logit = z - logsumexp(others, axis=2)
+    p = softmax(z, axis=1)
+    out = np.maximum(p - beta * (expit(gamma * logit) - 0.5), 0.0)
+    return out / out.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("beta,gamma", [(0.8, 0.2), (0.5, 0.1), (1.0, 0.2), (0.8, 2.0), (1.0, 2.0), (0.3, 5.0)])
+def test_reverse_sigmoid_matches_the_exact_formula(beta, gamma):
+    """Softmax rows as confident as a trained victim's: many entries below 1e-7, some underflowing to 0, top
+    probabilities within a few float32 steps of 1. The defense sees the float32 softmax; the reference is the
+    formula on the same logits in float64."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(512, K, generator=g) * torch.logspace(-0.5, 1.7, 512)[:, None]  # spread up to 50
+    probs = torch.softmax(logits, 1)
+    assert (probs < 1e-7).float().mean() > 0.2 and (probs == 0).any() and (probs.max(1).values > 1 - 1e-6).any()
+    reference = exact_reverse_sigmoid(logits.numpy(), beta, gamma)
+    with torch.no_grad():
+        out = make("reverse-sigmoid", [f"beta={beta}", f"gamma={gamma}"])(torch.empty(0), probs)
+    assert np.abs(out.double().numpy() - reference).max() < 1e-4
+
+
+def test_reverse_sigmoid_at_beta_1_gamma_1_answers_uniformly():
+    """sigmoid(logit p) = p, so every entry becomes p - (p - 1/2) = 1/2: the top class is lost."""
+    x, p = batch()
+    with torch.no_grad():
+        out = make("reverse-sigmoid", ["beta=1", "gamma=1"])(x, p)
+    torch.testing.assert_close(out, torch.full_like(p, 1.0 / K), atol=1e-6, rtol=0)
+
+
 def test_noise_is_seeded_per_image():
     x, p = batch()
     with torch.no_grad():
@@ -294,6 +344,22 @@ def test_gate_export_records_the_calibrated_threshold(mnist_victim, tmp_path):
     params = metadata["defense_params"]
     assert params["quantile"] == 0.05 and params["decoy"] == 1 and 0.1 < params["threshold"] < 1
     assert params["threshold"] != _defense.parse("gate", [])["threshold"]
+
+
+def test_reverse_sigmoid_exports_to_onnx_and_answers_the_exact_formula(mnist_victim, mnist_small, tmp_path):
+    """`export` checks ONNX Runtime against the eager graph (max |diff| <= 1e-5); both stay within 1e-4 of the
+    formula in float64 on the victim's logits."""
+    from stages import _data, _onnx, _victim
+
+    out = tmp_path / "rs.onnx"
+    result = CliRunner().invoke(cli.app, ["export", "--victim", str(mnist_victim), "--out", str(out), "--format",
+                                          "onnx", "--defense", "reverse-sigmoid", "--defense-param", "gamma=0.5"])
+    assert result.exit_code == 0, result.output
+    model, _ = _victim.load(mnist_victim)
+    x = _data.to_float(_data.load(mnist_small, splits=("test",)).splits["test"][0])
+    with torch.no_grad():
+        reference = exact_reverse_sigmoid(model(x).numpy(), 0.8, 0.5)
+    assert np.abs(_onnx.load(out)(x.numpy()) - reference).max() < 1e-4
 
 
 def test_gate_quantile_needs_the_victim_h5():

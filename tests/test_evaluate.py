@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 from conftest import assert_one_line_error, invoke
 from tiny_data import write_dataset
 
-from stages import _victim, evaluate, train
+from stages import _data, _decision, _victim, evaluate, train
 from stages._artifacts import save_history, save_state, sha256, write_artifact
 
 
@@ -115,11 +118,25 @@ def test_cli_writes_metrics_and_report_with_latency(world):
         assert f.attrs["schema"] == "metrics/1"
         assert len(f["rows/file"]) == 3 and list(f["groups/n"].asstr()[()]) == ["1", "2"]
         assert np.allclose(f["groups/fidelity_mean"][()][1], 1.0)
+        assert np.allclose(f["groups/stealing_accuracy_relabelled_mean"][()][1], f["groups/benign_accuracy_mean"][()][1])
+        decision = f["decision"]
+        assert decision.attrs["metric"] == "stealing_accuracy_relabelled" and list(decision.attrs["budgets"]) == [0.5, 1, 2]
+        assert list(decision["family"].asstr()[()]) == ["none"] * 3 and list(decision["winner"][()]) == [1.0] * 3
+        assert list(decision["n"][()]) == [2.0] * 3
     report = root / "report"
     for name in ("report.md", "tradeoff-knockoff.png", "latency.png"):
         assert (report / name).stat().st_size > 1000 or name == "report.md"
     text = (report / "report.md").read_text()
     assert "| cpu | 256 | mad | 30.000 | 30.00 |" in text and "knockoff" in text
+    assert text.index("## Decision") < text.index("## Every setting") and "Hungarian assignment" in text
+    summarise = Path(__file__).resolve().parents[1] / "experiments" / "summarise.py"
+    tables = {mode: subprocess.run([sys.executable, summarise, *mode, out], capture_output=True, text=True, check=True)
+              .stdout.splitlines() for mode in ((), ("--decision",))}
+    accuracy = 100 * _victim.load(victim)[1].test_accuracy
+    assert f"{accuracy:.1f} ± 0.0 → {accuracy:.1f} ± 0.0 (2) |" in tables[()][2]  # stealing → relabelled (n)
+    decided = [row for row in tables["--decision",] if row.startswith("| synth | knockoff | soft | pool |")]
+    assert [row.split(" | ")[4] for row in decided[:3]] == ["≤ 0.5 pt", "≤ 1 pt", "≤ 2 pt"]
+    assert all(" | none: undefended | " in row for row in decided[:3])
 
 
 def test_mismatched_dataset_is_one_line(world, tmp_path):
@@ -186,18 +203,181 @@ def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, mo
     monkeypatch.setattr(evaluate._blackbox, "predict", lambda *a: passes.append(1) or predict(*a))
     cache = {}
     rows = [evaluate._evaluate(path, None, "cpu", cache) for path in paths]
-    assert len(passes) == 4 + 2  # each surrogate's own pass; the victim's once, the MAD-defended victim's once
+    # each surrogate's own two passes (test, and the k val images it is relabelled on); the victim's twice (test,
+    # and the k images: fidelity's reference), the MAD-defended victim's once
+    assert len(passes) == 4 * 2 + 2 + 1
     assert [r["benign_accuracy"] for r in rows] == alone
     assert alone[0] == pytest.approx(info.test_accuracy) and alone[2] != alone[0]  # MAD's answers differ
 
 
-def test_plot_legend_drops_the_recipe_hash_only_where_names_stay_apart():
-    from stages import _evaluate_report
-    settings = (("mnist", "lenet5/ce#aaaaaa"), ("mnist", "lenet5/faithful#bbbbbb"), ("mnist", "lenet5/faithful#cccccc"),
-                ("fashionmnist", "lenet5/ini#dddddd"), ("mnist", "lenet5/ini#eeeeee"))
-    groups = [dict(dataset=d, victim=v, victim_arch=v.split("/")[0], victim_kind=v.split("/")[1].split("#")[0])
-              for d, v in settings]
-    names = _evaluate_report._short_names(groups)
-    assert names == {"lenet5/ce#aaaaaa": "lenet5/ce", "lenet5/faithful#bbbbbb": "lenet5/faithful#bbbbbb",
-                     "lenet5/faithful#cccccc": "lenet5/faithful#cccccc", "lenet5/ini#dddddd": "lenet5/ini",
-                     "lenet5/ini#eeeeee": "lenet5/ini"}  # one name per victim dataset's panel is enough
+# ------------------------------------------------------------------------------------- relabelling-aware metrics
+
+
+def permuted(state: dict, perm: torch.Tensor) -> dict:
+    """The same network with its output layer's rows permuted: it answers class perm^-1(c) where the original
+    answers c, a classifier exactly as good up to a relabelling."""
+    return {**state, "net.fc.weight": state["net.fc.weight"][perm], "net.fc.bias": state["net.fc.bias"][perm]}
+
+
+@pytest.fixture(scope="module")
+def sharp(world):
+    """A victim trained to 100 % on the tiny data, so that every class is answered on val and test."""
+    root, data, _ = world
+    victim = train.run(dataset=str(data), epochs=4, batch_size=16, out=root / "sharp.h5", device="cpu")
+    return root, victim
+
+
+@pytest.mark.parametrize("which", ["sharp", "world"])
+def test_a_permuted_classifier_scores_like_the_original_after_relabelling(which, world, sharp):
+    root, victim = sharp if which == "sharp" else world[::2]
+    model, _ = _victim.load(victim)
+    perm = torch.tensor([3, 7, 0, 9, 1, 8, 2, 6, 5, 4])
+    original = evaluate._evaluate(write_surrogate(root / f"{which}-orig.h5", victim, model.state_dict()), None,
+                                  "cpu", {})
+    shuffled = evaluate._evaluate(write_surrogate(root / f"{which}-perm.h5", victim, permuted(model.state_dict(), perm)),
+                                  None, "cpu", {})
+    assert original["stealing_accuracy_relabelled"] == original["stealing_accuracy"]  # unpermuted: unchanged
+    assert original["fidelity_relabelled"] == original["fidelity"] == 1.0
+    assert shuffled["stealing_accuracy"] < 0.3 < original["stealing_accuracy"]  # the raw metric is fooled
+    assert shuffled["stealing_accuracy_relabelled"] == original["stealing_accuracy"]
+    assert shuffled["fidelity_relabelled"] == 1.0 and shuffled["relabel_images"] == 40  # the whole val split (< k)
+
+
+def test_the_labelled_images_come_from_val_only(world, tmp_path):
+    """Val labels shifted by one class: a thief holding them maps every class one on, and the relabelled accuracy of
+    the victim's own copy falls to 0, while test labels alone would have left it where it was."""
+    root, data, victim = world
+    shifted = tmp_path / "shifted.h5"
+    shifted.write_bytes(data.read_bytes())
+    with h5py.File(shifted, "r+") as f:
+        f["val/labels"][...] = (f["val/labels"][()] + 1) % 10
+    model, _ = _victim.load(victim)
+    path = write_surrogate(tmp_path / "copy.h5", victim, model.state_dict())
+    row = evaluate._evaluate(path, str(shifted), "cpu", {}, relabel_k=25)
+    assert row["stealing_accuracy"] == pytest.approx(0.6) and row["relabel_images"] == 25
+    assert row["stealing_accuracy_relabelled"] < 0.2  # the map learned from val, scored on test
+    assert row["fidelity_relabelled"] == 1.0  # fidelity's reference is the victim, not val's labels
+    cache = {}
+    seen, labels, _ = evaluate._seen(cache, victim, *evaluate._open(victim, "cpu", cache),
+                                     evaluate._dataset(str(shifted), _victim.load(victim)[1], cache, 25), "cpu", 25)
+    val = _data.load(shifted).splits["val"]
+    rows = [int(torch.nonzero((val[0].float() / 255 == image).flatten(1).all(1))[0]) for image in seen]
+    assert len(set(rows)) == 25 and torch.equal(val[1][rows], labels)  # 25 distinct val images with val labels
+    off = evaluate._evaluate(path, str(shifted), "cpu", {}, relabel_k=0)
+    assert np.isnan(off["stealing_accuracy_relabelled"]) and np.isnan(off["fidelity_relabelled"])
+
+
+def test_relative_accuracy_is_blank_where_benign_accuracy_is_near_chance(world):
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    gated = write_surrogate(root / "gated.h5", victim, model.state_dict(), defense="gate",
+                            defense_params={"threshold": 1.0, "quantile": 0.0, "decoy": 0})
+    row = evaluate._evaluate(gated, None, "cpu", {})
+    assert row["benign_accuracy"] < 1.5 / 10 and np.isnan(row["relative_accuracy"])  # every answer uniform
+    plain = evaluate._evaluate(write_surrogate(root / "plain.h5", victim, model.state_dict()), None, "cpu", {})
+    assert plain["relative_accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------- the decision table
+
+TRAINING = {"arch": "lenet5", "epochs": 5, "lr": 0.1, "batch_size": 128}
+
+
+def metrics_row(victim: str, kind: str, objective: str, defense: str, benign: float, stealing: float, seed: int,
+                relabelled: float | None = None, attack: str = "knockoff", **recipe) -> dict:
+    """A row as evaluate writes it, for the numbers the decision reads."""
+    full = {"objective": objective, **TRAINING, "ood": None if objective == "ce" else "fashionmnist", **recipe}
+    return dict(dataset="mnist", victim=victim, victim_arch="lenet5", victim_kind=kind,
+                victim_recipe=json.dumps(full, sort_keys=True), victim_changes=json.dumps(recipe),
+                victim_file=f"{victim}-s{seed}", seed=seed, defense=defense, attack=attack, label="soft",
+                pool="fashionmnist", benign_accuracy=benign, stealing_accuracy=stealing,
+                stealing_accuracy_relabelled=stealing if relabelled is None else relabelled)
+
+
+def hand_built() -> list[dict]:
+    """An undefended victim at 99.0 % (mean of three seeds) and, per setting, its benign accuracy as deployed and
+    the thief's accuracy after relabelling (three seeds each, spread 1 pt)."""
+    settings = [  # victim, kind, objective, defense, benign, relabelled stealing, recipe
+        ("u", "ce", "ce", "none", 0.990, 0.90, {}),
+        ("u", "ce", "ce", "mad eps=0.5,seed=0", 0.985, 0.60, {}),  # cost 0.5 exactly
+        ("u", "ce", "ce", "mad eps=1,seed=0", 0.975, 0.30, {}),  # cost 1.5
+        ("u", "ce", "ce", "mad eps=2,seed=0", 0.500, 0.05, {}),  # cost 49
+        ("u", "ce", "ce", "reverse-sigmoid beta=0.5,gamma=0.2", 0.990, 0.70, {}),
+        ("u", "ce", "ce", "reverse-sigmoid beta=1,gamma=0.2", 0.982, 0.40, {}),  # cost 0.8
+        ("f", "faithful", "ini", "none", 0.970, 0.10, {"gamma": 0.3}),  # cost 2.0
+        ("g", "faithful", "ini", "none", 0.995, 0.01, {"gamma": 0.3, "epochs": 50}),  # no 50-epoch undefended
+        ("v", "ce", "ce", "gate decoy=0,quantile=0,threshold=0.5", 0.99, 0.2, {"epochs": 50}),  # nor here
+    ]
+    rows = []
+    for victim, kind, objective, defense, benign, stealing, recipe in settings:
+        for seed, shift in enumerate((-0.01, 0.0, 0.01)):
+            rows.append(metrics_row(victim, kind, objective, defense, benign + shift / 5, stealing + shift, seed,
+                                    **recipe))
+    # adaptive misinformation: raw 0 % (a systematic relabelling), 95 % once relabelled; cost 0.5
+    rows += [metrics_row("a", "outlier-exposure", "outlier-exposure", "adaptive-misinformation nu=1000,tau=0.5",
+                         0.985, 0.0, seed, relabelled=0.95) for seed in range(3)]
+    rows += [dict(r, attack="-", label="-", pool="-", defense="none", benign_accuracy=0.990, stealing_accuracy=np.nan,
+                  stealing_accuracy_relabelled=np.nan) for r in rows if r["victim"] == "u" and r["defense"] == "none"]
+    return rows
+
+
+def picks(decision: list[dict], budget: float) -> dict[str, dict]:
+    return {e["family"]: e for e in decision if e["budget"] == budget}
+
+
+def test_decision_picks_each_defense_within_each_budget_and_the_winner():
+    rows = hand_built()
+    groups = evaluate.aggregate([{**evaluate.queries_to(np.zeros(0), np.zeros(0), 1.0), **r} for r in rows])
+    decision = _decision.decide(rows, groups, [0.5, 1.0, 2.0], "stealing_accuracy_relabelled")
+    assert {e["budget"] for e in decision} == {0.5, 1.0, 2.0} and all(e["attack"] == "knockoff" for e in decision)
+    at = {b: picks(decision, b) for b in (0.5, 1.0, 2.0)}
+    winners = {b: [f for f, e in at[b].items() if e["winner"]] for b in at}
+    assert winners == {0.5: ["mad"], 1.0: ["reverse-sigmoid"], 2.0: ["InI"]}
+    assert at[0.5]["mad"]["setting"] == "mad eps=0.5,seed=0" and at[0.5]["mad"]["benign_cost"] == pytest.approx(0.5)
+    assert at[1.0]["mad"]["setting"] == "mad eps=0.5,seed=0"  # eps=1 costs 1.5
+    assert at[2.0]["mad"]["setting"] == "mad eps=1,seed=0" and at[2.0]["mad"]["stealing_mean"] == pytest.approx(0.30)
+    assert at[1.0]["reverse-sigmoid"]["setting"] == "reverse-sigmoid beta=1,gamma=0.2"
+    assert at[0.5]["reverse-sigmoid"]["setting"] == "reverse-sigmoid beta=0.5,gamma=0.2"
+    ini = at[2.0]["InI"]
+    assert ini["setting"] == "faithful"  # what sets it apart from the 50-epoch one goes unsaid in its own name
+    assert ini["victim"] == "f" and ini["stealing_mean"] == pytest.approx(0.10) and ini["n"] == 3
+    assert ini["stealing_std"] == pytest.approx(0.01) and ini["benign_cost"] == pytest.approx(2.0)
+    # no setting fits: InI's 5-epoch victim costs 2 pt, its 50-epoch one has no undefended victim to cost it against
+    assert at[0.5]["InI"]["setting"] == "" and at[0.5]["InI"]["note"] == "no setting within 0.5 pt"
+    assert np.isnan(at[0.5]["InI"]["stealing_mean"]) and not at[0.5]["InI"]["winner"]
+    assert at[2.0]["gate"]["note"] == "no same-recipe undefended victim measured" and not at[2.0]["gate"]["setting"]
+    # adaptive misinformation's raw 0 % does not win: after relabelling the thief keeps 95 %
+    assert at[0.5]["adaptive-misinformation"]["stealing_mean"] == pytest.approx(0.95)
+    assert at[0.5]["none"]["setting"] == "undefended" and at[0.5]["none"]["benign_cost"] == pytest.approx(0.0)
+    raw = picks(_decision.decide(rows, groups, [0.5], "stealing_accuracy"), 0.5)
+    assert [f for f, e in raw.items() if e["winner"]] == ["adaptive-misinformation"]  # what the raw metric says
+    text = "\n".join(_decision.markdown(decision, "stealing_accuracy_relabelled"))
+    assert "| mnist | knockoff | soft | fashionmnist | ≤ 1 pt | reverse-sigmoid beta=1,gamma=0.2 | 40.0 ± 1.0 (3) |" in text
+    assert "no setting within 0.5 pt" in text
+
+
+def test_decision_ties_go_to_the_cheaper_setting_then_to_no_defense_then_to_all():
+    def rows_for(settings):
+        rows = []
+        for defense, benign, stealing in settings:
+            rows += [metrics_row("u", "ce", "ce", defense, benign, stealing, seed) for seed in range(2)]
+        return rows
+
+    def winners(settings):
+        rows = rows_for(settings)
+        groups = evaluate.aggregate([{**evaluate.queries_to(np.zeros(0), np.zeros(0), 1.0), **r} for r in rows])
+        return sorted(f for f, e in picks(_decision.decide(rows, groups, [1.0], "stealing_accuracy"), 1.0).items()
+                      if e["winner"])
+
+    plain = ("none", 0.99, 0.9)
+    assert winners([plain, ("mad eps=1", 0.985, 0.5), ("top1", 0.99, 0.5)]) == ["top1"]  # same theft, cheaper
+    assert winners([plain, ("mad eps=1", 0.985, 0.5), ("top1", 0.985, 0.5)]) == ["mad", "top1"]  # a full tie
+    assert winners([plain, ("top1", 0.99, 0.9)]) == ["none"]  # a defense must beat doing nothing
+
+
+def test_benign_budgets_parse_and_bad_ones_are_one_line(world, tmp_path):
+    assert _decision.parse_budgets("2, 0.5,1,1") == [0.5, 1.0, 2.0] and _decision.parse_budgets("none") == []
+    root, data, victim = world
+    for bad in ("1,x", "-1", "nan"):
+        line = assert_one_line_error(invoke("evaluate", victim, "--benign-budget", bad, "--out", tmp_path / "m.h5"))
+        assert "--benign-budget" in line and not (tmp_path / "m.h5").exists()

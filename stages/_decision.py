@@ -1,0 +1,226 @@
+"""The decision table of `evaluate`: for each threat (victim dataset, attack, label mode, pool) and each benign-cost
+budget, the setting of each defense that leaves the thief the least within that budget, and the defense that
+wins (docs/method.md, "Metrics").
+
+A defense is a family and each of its settings a candidate: a posterior defense with its parameters on an
+undefended victim, an InI victim recipe (preset and options), adaptive misinformation on its outlier-exposure
+victim, and `none`, the undefended victim itself. A setting's benign cost is the mean benign accuracy (as deployed)
+of the undefended victim of the same training recipe (same dataset, architecture, epochs, optimiser: every entry
+of the undefended recipe but objective and OOD set) minus its own, each a mean over its seeds, in points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+
+from models.params import UserError
+
+KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM"}
+NOT_TRAINING = ("objective", "ood")  # recipe entries that make a victim undefended, InI or AM, not how it trained
+TOLERANCE = 1e-9  # points: a cost that equals its budget up to rounding fits it
+TEXT = ("dataset", "attack", "label", "pool", "family", "setting", "victim", "defense", "note")
+NUMBERS = ("budget", "benign_cost", "benign_accuracy", "undefended_accuracy", "stealing_mean", "stealing_std", "n",
+           "winner")
+
+
+def parse_budgets(text: str) -> list[float]:
+    """`--benign-budget 0.5,1,2` as sorted points; `none`: no decision table."""
+    if text.strip().lower() == "none":
+        return []
+    budgets = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--benign-budget {text}: {part.strip()!r} is not a number of points") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--benign-budget {text}: budgets are points of benign accuracy, finite and >= 0")
+        budgets.append(value)
+    return sorted(set(budgets))
+
+
+def _recipe(entry: dict) -> dict:
+    return json.loads(entry["victim_recipe"])
+
+
+def family(entry: dict) -> str:
+    """The defense an entry (a row or group of metrics) measures: its posterior defense on an undefended victim
+    (`none`: the undefended victim itself), adaptive misinformation on its own victim, or its victim's kind (InI)."""
+    defense = entry["defense"].split(" ")[0]
+    objective = _recipe(entry).get("objective", entry["victim_kind"])
+    if objective == "ce" or (objective == "outlier-exposure" and defense == "adaptive-misinformation"):
+        return defense
+    kind = "InI" if objective == "ini" else KIND_NAMES.get(objective, objective)
+    return kind if defense == "none" else f"{kind} + {defense}"
+
+
+def victim_names(entries: list[dict]) -> dict[str, str]:
+    """A name per victim recipe (`victim`): its kind, plus the recipe entries that set it apart from the other
+    victims of its kind and dataset (what every one of them changed from the defaults goes unsaid)."""
+    recipes = {e["victim"]: e for e in entries}
+    common: dict[tuple, set] = {}
+    for e in recipes.values():
+        items = {(k, json.dumps(v)) for k, v in json.loads(e["victim_changes"]).items()}
+        key = (e["dataset"], e["victim_kind"])
+        common[key] = items if key not in common else common[key] & items
+    names = {}
+    for victim, e in recipes.items():
+        shared = common[e["dataset"], e["victim_kind"]]
+        apart = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+                 for k, v in sorted(json.loads(e["victim_changes"]).items()) if (k, json.dumps(v)) not in shared]
+        names[victim] = " ".join([KIND_NAMES.get(e["victim_kind"], e["victim_kind"]), *apart])
+    return names
+
+
+def setting_names(groups: list[dict]) -> dict[tuple, str]:
+    """(dataset, victim, defense) -> how the decision table names that setting of its family: the defense with its
+    parameters, the InI victim's name, and the victim's name too wherever a family holds several victims."""
+    names = victim_names(groups)
+    victims: dict[tuple, set] = defaultdict(set)
+    for g in groups:
+        victims[g["dataset"], family(g)].add(g["victim"])
+    out = {}
+    for g in groups:
+        own = family(g)
+        by_victim = _recipe(g).get("objective") not in ("ce", "outlier-exposure") or own == "outlier-exposure"
+        parts = [names[g["victim"]]] if by_victim or len(victims[g["dataset"], own]) > 1 else []
+        parts += [g["defense"]] if g["defense"] != "none" else []
+        out[g["dataset"], g["victim"], g["defense"]] = " ".join(parts) or names[g["victim"]]
+    return out
+
+
+def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, float]:
+    """(dataset, victim) -> mean benign accuracy over the seeds of the undefended victim with its training recipe,
+    for every victim setting that has one."""
+    seeds: dict[tuple, dict[str, float]] = defaultdict(dict)  # undefended (dataset, victim) -> file -> benign
+    recipes: dict[tuple, dict] = {}
+    for r in rows:
+        if _recipe(r).get("objective") == "ce" and r["defense"] == "none":
+            seeds[r["dataset"], r["victim"]][r["victim_file"]] = float(r["benign_accuracy"])
+            recipes[r["dataset"], r["victim"]] = _recipe(r)
+    out = {}
+    for g in groups:
+        recipe = _recipe(g)
+        same = [key for key, base in recipes.items() if key[0] == g["dataset"]
+                and all(k in recipe and recipe[k] == v for k, v in base.items() if k not in NOT_TRAINING)]
+        if len(same) == 1:
+            out[g["dataset"], g["victim"]] = statistics.mean(seeds[same[0]].values())
+    return out
+
+
+def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: str) -> list[dict]:
+    """One entry per (threat, budget, family): its setting of least `metric` (mean over seeds) among those whose
+    benign cost fits the budget, and `winner` 1 for the family of least `metric` over all (ties: the cheaper
+    setting, then the undefended victim, which a defense must beat; a tie beyond that names every tied family). A family with no setting that fits, or none with a
+    same-recipe undefended victim to measure its cost against, gets an entry with an empty setting and a note."""
+    base = undefended_accuracy(rows, groups)
+    names = setting_names(groups)
+    threats: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for g in groups:
+        if g["attack"] != "-":
+            threats[g["dataset"], g["attack"], g["label"], g["pool"]][family(g)].append(g)
+    out = []
+    for threat in sorted(threats):
+        for budget in budgets:
+            entries = [_pick(threat, own, options, budget, base, names, metric)
+                       for own, options in sorted(threats[threat].items())]
+            measured = [e for e in entries if e["setting"]]
+            if measured:
+                rank = {id(e): (e["stealing_mean"], e["benign_cost"], e["family"] != "none") for e in measured}
+                best = min(rank.values())
+                for e in measured:
+                    e["winner"] = float(rank[id(e)] == best)
+            out += entries
+    return out
+
+
+def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dict, names: dict, metric: str) -> dict:
+    dataset, attack, label, pool = threat
+    entry = dict(dataset=dataset, attack=attack, label=label, pool=pool, family=own, setting="", victim="",
+                 defense="", note="", budget=budget, benign_cost=math.nan, benign_accuracy=math.nan,
+                 undefended_accuracy=math.nan, stealing_mean=math.nan, stealing_std=math.nan, n=0.0, winner=0.0)
+    measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
+    costed = [(g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"])) for g in measured
+              if (dataset, g["victim"]) in base]
+    fitting = [(g, cost) for g, cost in costed if cost <= budget + TOLERANCE]
+    if not costed:
+        entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
+        return entry
+    if not fitting:
+        entry["note"] = f"no setting within {budget:g} pt"
+        return entry
+    g, cost = min(fitting, key=lambda gc: (gc[0][f"{metric}_mean"], gc[1],
+                                           names[dataset, gc[0]["victim"], gc[0]["defense"]]))
+    entry.update(setting=names[dataset, g["victim"], g["defense"]], victim=g["victim"], defense=g["defense"],
+                 benign_cost=cost, benign_accuracy=g["benign_accuracy_mean"],
+                 undefended_accuracy=base[dataset, g["victim"]], stealing_mean=g[f"{metric}_mean"],
+                 stealing_std=g[f"{metric}_std"], n=float(g["n"]))
+    return entry
+
+
+METRIC_NAMES = {"stealing_accuracy_relabelled": "stealing accuracy after the best relabelling",
+                "stealing_accuracy": "stealing accuracy"}
+
+
+def _cell(e: dict) -> str:
+    spread = f" ± {100 * e['stealing_std']:.1f}" if e["n"] > 1 else ""
+    return f"{100 * e['stealing_mean']:.1f}{spread} ({e['n']:.0f})"
+
+
+def _short(e: dict) -> str:
+    """The setting without its family's name where it starts with it (`mad eps=0.5` in the row of mad)."""
+    return e["setting"].removeprefix(e["family"]).strip() or e["setting"]
+
+
+def markdown(decision: list[dict], metric: str) -> list[str]:
+    """The decision table (one row per threat and budget: the winner, its setting, the thief's accuracy, its benign
+    cost, the next best defense and the undefended victim's), then each defense's pick per budget."""
+    if not decision:
+        return []
+    what = METRIC_NAMES.get(metric, metric)
+    budgets = sorted({e["budget"] for e in decision})
+    lines = ["## Decision: the defense that leaves the thief least, per benign cost", "",
+             f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
+             f"undefended victim of the same training recipe, each a mean over its seeds), every setting of every "
+             f"defense whose cost fits is a candidate; a defense's pick is its setting of least thief's accuracy "
+             f"({what}, mean over seeds), and the winner the defense whose pick leaves the least (a tie goes to the "
+             f"cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative cost: more benign accuracy than the "
+             f"undefended victim.", "",
+             "| victim data | attack | labels | pool | budget | winner: setting | thief's accuracy | benign cost "
+             "| next best | undefended |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    threats: dict[tuple, list[dict]] = defaultdict(list)
+    for e in decision:
+        threats[e["dataset"], e["attack"], e["label"], e["pool"], e["budget"]].append(e)
+    for (dataset, attack, label, pool, budget), entries in threats.items():
+        won = [e for e in entries if e["winner"]]
+        rest = sorted((e for e in entries if e["setting"] and not e["winner"]), key=lambda e: e["stealing_mean"])
+        plain = [e for e in entries if e["family"] == "none" and e["setting"]]
+        winner = " = ".join(e["setting"] if e["setting"].startswith(e["family"]) else f"{e['family']}: {e['setting']}"
+                            for e in won) or "-"
+        lines.append("| " + " | ".join([
+            dataset, attack, label, pool, f"≤ {budget:g} pt", winner, _cell(won[0]) if won else "-",
+            f"{won[0]['benign_cost']:+.2f} pt" if won else "-",
+            f"{rest[0]['family']}: {_short(rest[0])}, {_cell(rest[0])}" if rest else "-",
+            _cell(plain[0]) if plain else "-"]) + " |")
+    lines += ["", "Each defense's pick per budget (its setting and benign cost in points; **bold**: the winner):", "",
+              "| victim data | attack | labels | pool | defense | " + " | ".join(f"≤ {b:g} pt" for b in budgets) + " |",
+              "|---|---|---|---|---|" + "---|" * len(budgets)]
+    rows: dict[tuple, dict[float, dict]] = defaultdict(dict)
+    for e in decision:
+        rows[e["dataset"], e["attack"], e["label"], e["pool"], e["family"]][e["budget"]] = e
+    order = sorted(rows, key=lambda k: (k[:4], k[4] != "none", k[4]))
+    for key in order:
+        cells = []
+        for budget in budgets:
+            e = rows[key].get(budget)
+            if e is None or not e["setting"]:
+                cells.append(e["note"] if e and e["note"] else "-")
+                continue
+            text = f"{_cell(e)}, {_short(e)} ({e['benign_cost']:+.2f})"
+            cells.append(f"**{text}**" if e["winner"] else text)
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return lines
