@@ -20,7 +20,7 @@ STAGES = ("train", "train-ini")
 RESOURCES = {rule: dict(mem_mb=mem, runtime=minutes, gpu=0) for rule, mem, minutes in (
     ("prepare", 4000, 30), ("train", 4000, 240), ("train_ini", 8000, 480), ("steal", 4000, 240),
     ("evaluate", 8000, 240))}
-SUMMARIES = {"grid": "", "lofo": "--lofo", "variants": "--variants", "near": "--near"}  # experiments/summarise.py's tables
+SUMMARIES = {"grid": "", "lofo": "--lofo", "variants": "--variants", "near": "--near", "decision": "--decision"}  # experiments/summarise.py's tables
 
 
 class ConfigError(ValueError):
@@ -231,7 +231,8 @@ class Study:
         labels, pools = block.pop("labels", None), block.pop("pools", None)
         if (labels is None) != (pools is None):
             raise ConfigError("a cell block names labels and pools together (pool attacks) or neither")
-        datasets = _names(block.pop("datasets", self.datasets), "datasets")
+        # a block's datasets narrow the study's (a run with `--config datasets=[mnist]` skips fashionmnist's blocks)
+        datasets = [d for d in _names(block.pop("datasets", self.datasets), "datasets") if d in self.datasets]
         seeds = block.pop("seeds", self.config["seeds"])
         if block:
             raise ConfigError(f"a cell block has unknown keys {', '.join(block)}")

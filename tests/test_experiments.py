@@ -81,14 +81,15 @@ EXPECTED = {
     "variants-smoke": dict(prepare=3, train=2, train_ini=7, steal_undefended=9, evaluate=1, summarise=1, all=1),
     # near: per MNIST seed, 4 near victims (3 held-out families + all), the paper recipe and broad; cells: the held-out
     # families and Latin letters x soft/hard (8), undefended/faithful/broad x 4 pools x 2 (24), the gate's 6 settings
-    # around the undefended and near-all victims x Latin letters x 2 (24); per FashionMNIST seed, 3 near victims,
-    # the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18); data: 2 + 3 far + 6 near
-    "near": dict(prepare=11, train=2 * 3, train_ini=3 * (6 + 5), steal=3 * (8 + 24 + 24 + 6 + 18), evaluate=1,
+    # around the undefended and near-all victims x Latin letters x 2 (24), reverse sigmoid, MAD-argmax and AM at 3
+    # settings x Latin letters, soft, and AM hard (12; AM's victim per MNIST seed); per FashionMNIST seed, 3 near
+    # victims, the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18); data: 2 + 3 far + 6 near
+    "near": dict(prepare=11, train=3 * 3, train_ini=3 * (6 + 5), steal=3 * (8 + 24 + 24 + 12 + 6 + 18), evaluate=1,
                  summarise=1, all=1),
     # decide: MNIST seed 0; soft: none, 9 swept defenses x 6 (incl. AM's), faithful, broad, near, gamma x 3,
-    # epsilon x 2, the gate around near x 6 (69); hard: the same less rs-beta and mad-argmax, plus top1 (58); the
-    # three adaptive thieves against undefended, faithful, broad and near, soft (12)
-    "decide": dict(prepare=2, train=2, train_ini=8, steal=69 + 58 + 12, evaluate=1, summarise=1, all=1),
+    # epsilon x 2 (63); hard: none, rs-gamma x 6, top1, AM x 6, the 8 InI victims (22); the three adaptive thieves
+    # against undefended, faithful, broad and near, soft (12)
+    "decide": dict(prepare=2, train=2, train_ini=8, steal=63 + 22 + 12, evaluate=1, summarise=1, all=1),
     # cifar10: 3 seeds x (undefended, InI) x 4 pairs x 2 labels; data: cifar10, cifar100, tinyimagenet
     "cifar10": dict(prepare=3, train=3, train_ini=3, steal=3 * 4 * 2, evaluate=1, summarise=1, all=1),
     "cifar10-smoke": dict(prepare=2, train=1, train_ini=1, steal=4 * 2, evaluate=1, summarise=1, all=1),
