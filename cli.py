@@ -52,9 +52,14 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-app = typer.Typer(cls=_Stages, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode="markdown",  # help texts read as Markdown: "[default: ...]" shows as written
-                  help=__doc__.splitlines()[0])
+app = typer.Typer(
+    cls=_Stages,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # help texts read as Markdown: "[default: ...]" shows as written
+    help=__doc__.splitlines()[0],
+)
 
 app.command("prepare")(prepare.run)
 app.command("train")(train.run)

@@ -62,18 +62,27 @@ def steps(size: int = 128) -> dict[str, callable]:
     stream = ood.OodStream(outliers, size, False, Ranks())
     gen = torch.Generator().manual_seed(0)
     stream.begin(gen)
-    ini = {"reference": ReferenceStep(victim, [surrogate], stream, Objective(), Ranks()),
-           "fast": fast.FastStep(victim, [surrogate], stream, Objective(), Ranks(), 28)}
+    ini = {
+        "reference": ReferenceStep(victim, [surrogate], stream, Objective(), Ranks()),
+        "fast": fast.FastStep(victim, [surrogate], stream, Objective(), Ranks(), 28),
+    }
     # the broad preset: the same production step, fed a heavily augmented mixture and derived outliers
-    broad = ood.OodStream([outliers[: len(outliers) // 2], outliers[len(outliers) // 2 :]], size, False, Ranks(),
-                          derived=ood.DERIVED, heavy=True)
+    broad = ood.OodStream(
+        [outliers[: len(outliers) // 2], outliers[len(outliers) // 2 :]],
+        size,
+        False,
+        Ranks(),
+        derived=ood.DERIVED,
+        heavy=True,
+    )
     broad.begin(torch.Generator().manual_seed(0))
     ini["broad"] = fast.FastStep(victim, [surrogate], broad, Objective(), Ranks(), 28)
     # the production step with its forward and jvp kernels fused by torch.compile (train-ini --compile on), where a
     # C++ compiler is found
     if fast.compiler_available():
-        ini["compiled"] = fast.FastStep(victim, [surrogate], stream, Objective(), Ranks(), 28,
-                                        fast.compiled_kernels(strict=True))
+        ini["compiled"] = fast.FastStep(
+            victim, [surrogate], stream, Objective(), Ranks(), 28, fast.compiled_kernels(strict=True)
+        )
 
     def plain():
         optimizer.zero_grad(set_to_none=True)
@@ -85,6 +94,7 @@ def steps(size: int = 128) -> dict[str, callable]:
             optimizer.zero_grad(set_to_none=True)
             step(x, labels, gen)
             optimizer.step()
+
         return run
 
     fns = {"plain": plain, **{kind: make(ini[kind]) for kind in KINDS[1:] if kind in ini}}
@@ -111,12 +121,14 @@ def time_steps(rounds: int, iterations: int) -> dict[str, list[float]]:
 def peak_memory(kind: str, threads: int) -> float:
     """MB that three steps of `kind` add to resident memory at their peak, in a fresh process: after setup and one
     warm-up step, the kernel's high-water mark (VmHWM) is reset and read again after the steps."""
-    code = (f"import sys, ctypes, gc, torch; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
-            f"torch.set_num_threads({threads}); import bench_ini_step as b; fn = b.steps()[{kind!r}]; fn();"
-            "gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0);"
-            "status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
-            "before = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
-            "[fn() for _ in range(3)]; print(status('VmHWM') - before)")
+    code = (
+        f"import sys, ctypes, gc, torch; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
+        f"torch.set_num_threads({threads}); import bench_ini_step as b; fn = b.steps()[{kind!r}]; fn();"
+        "gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0);"
+        "status = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
+        "before = status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
+        "[fn() for _ in range(3)]; print(status('VmHWM') - before)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.split()[-1]) / 1024
 
@@ -137,13 +149,35 @@ def time_epochs(threads: int) -> dict[str, float]:
     out = {}
     for label, (processes, stage, extra) in EPOCH_RUNS.items():
         path = f"/tmp/bench_ini_{stage}_{processes}.h5"
-        launch = [sys.executable] if processes == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        launch = (
+            [sys.executable]
+            if processes == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        )
         flags = ["--ood", "fashionmnist", "--diagnostic-images", "0"] if stage == "train-ini" else []
         env = {"OMP_NUM_THREADS": str(threads if processes == 1 else 1), "PATH": "/usr/bin:/bin"}
-        result = subprocess.run([*launch, str(ROOT / "cli.py"), stage, "--dataset", "mnist", "--epochs", "2",
-                                 "--device", "cpu", "--out", path, *flags, *extra], cwd=ROOT, env=env,
-                                capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            [
+                *launch,
+                str(ROOT / "cli.py"),
+                stage,
+                "--dataset",
+                "mnist",
+                "--epochs",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                path,
+                *flags,
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if result.returncode:
             raise SystemExit(result.stderr[-2000:])
         with h5py.File(path, "r") as f:
@@ -156,19 +190,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--epoch", action="store_true",
-                        help="also time full MNIST epochs of train and train-ini (eager, compiled, 2 processes)")
+    parser.add_argument(
+        "--epoch",
+        action="store_true",
+        help="also time full MNIST epochs of train and train-ini (eager, compiled, 2 processes)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     times = time_steps(args.rounds, args.iterations)
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
     memory = {k: peak_memory(k, args.threads) for k in times}
-    print(f"LeNet-5, MNIST batch 128, {args.threads} thread(s), "
-          f"median of {args.rounds} interleaved rounds x {args.iterations}")
+    print(
+        f"LeNet-5, MNIST batch 128, {args.threads} thread(s), "
+        f"median of {args.rounds} interleaved rounds x {args.iterations}"
+    )
     print(f"{'step':<10} {'ms':>8} {'min ms':>8} {'x plain':>8} {'peak MB':>8}")
     for kind in times:
-        print(f"{kind:<10} {median[kind]:8.1f} {min(times[kind]) * 1000:8.1f} {median[kind] / median['plain']:8.2f} "
-              f"{memory[kind]:8.1f}")
+        print(
+            f"{kind:<10} {median[kind]:8.1f} {min(times[kind]) * 1000:8.1f} {median[kind] / median['plain']:8.2f} "
+            f"{memory[kind]:8.1f}"
+        )
     print(f"reference / fast: {median['reference'] / median['fast']:.2f}x")
     summary = {"median_ms": median, "peak_mb": memory}
     if args.epoch:

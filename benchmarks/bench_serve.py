@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -80,14 +79,21 @@ async def load(url: str, key: str, images: np.ndarray, batch: int, clients: int,
         await asyncio.gather(*(one() for _ in range(clients)))
         elapsed = time.perf_counter() - began
         server, own = cpu_seconds(pid) - server, time.process_time() - own
-    return {**summary(latencies, batch, elapsed), "server_cpu_ms": 1000 * server / max(1, len(latencies)),
-            "client_cpu_ms": 1000 * own / max(1, len(latencies))}
+    return {
+        **summary(latencies, batch, elapsed),
+        "server_cpu_ms": 1000 * server / max(1, len(latencies)),
+        "client_cpu_ms": 1000 * own / max(1, len(latencies)),
+    }
 
 
 def summary(latencies: list[float], batch: int, elapsed: float) -> dict:
     ordered = sorted(latencies)
-    return dict(images_per_s=len(latencies) * batch / elapsed, p50_ms=1000 * statistics.median(ordered),
-                p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], requests=len(ordered))
+    return dict(
+        images_per_s=len(latencies) * batch / elapsed,
+        p50_ms=1000 * statistics.median(ordered),
+        p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        requests=len(ordered),
+    )
 
 
 def in_process(model: Path, images: np.ndarray, batch: int, seconds: float) -> dict:
@@ -102,6 +108,7 @@ def in_process(model: Path, images: np.ndarray, batch: int, seconds: float) -> d
         def forward(_):
             with torch.inference_mode():
                 return graph(tensor)
+
     for _ in range(5):
         forward(x)
     latencies, began = [], time.perf_counter()
@@ -134,18 +141,27 @@ def main() -> None:
     for name, (source, defense) in graphs.items():
         images = _data.load(export_data(source), splits=("test",)).splits["test"][0][:64].numpy()
         for fmt in formats:
-            model = export.run(victim=source, format=fmt, defense=defense,
-                               out=work / f"{name}.{'onnx' if fmt == 'onnx' else 'pt'}", check_images=64)
+            model = export.run(
+                victim=source,
+                format=fmt,
+                defense=defense,
+                out=work / f"{name}.{'onnx' if fmt == 'onnx' else 'pt'}",
+                check_images=64,
+            )
             proc, url = start(model, keys, work / f"{name}-{fmt}.sqlite")
             try:
                 for batch, clients in LOADS:
                     served = asyncio.run(load(url, key, images, batch, clients, seconds, proc.pid))
                     local = in_process(model, images, batch, seconds)
                     rows.append(dict(graph=name, runtime=fmt, batch=batch, clients=clients, served=served, local=local))
-                    print(f"{name:<10} {fmt:<11} batch {batch:>2} clients {clients}: {served['images_per_s']:9.0f} img/s "
-                          f"p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms server CPU "
-                          f"{served['server_cpu_ms']:.2f} ms/request | in-process "
-                          f"{local['images_per_s']:9.0f} img/s", file=sys.stderr, flush=True)
+                    print(
+                        f"{name:<10} {fmt:<11} batch {batch:>2} clients {clients}: {served['images_per_s']:9.0f} img/s "
+                        f"p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms server CPU "
+                        f"{served['server_cpu_ms']:.2f} ms/request | in-process "
+                        f"{local['images_per_s']:9.0f} img/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -158,15 +174,22 @@ def export_data(victim: Path) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| graph | runtime | batch | clients | served img/s | p50 ms | p99 ms | server CPU ms/request | client CPU "
-             "ms/request | in-process img/s | served / in-process batch 64 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ceiling = {(r["graph"], r["runtime"]): r["local"]["images_per_s"] for r in rows if r["batch"] == 64 and r["clients"] == 1}
+    lines = [
+        "| graph | runtime | batch | clients | served img/s | p50 ms | p99 ms | server CPU ms/request | client CPU "
+        "ms/request | in-process img/s | served / in-process batch 64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ceiling = {
+        (r["graph"], r["runtime"]): r["local"]["images_per_s"] for r in rows if r["batch"] == 64 and r["clients"] == 1
+    }
     for r in rows:
         s, top = r["served"], ceiling.get((r["graph"], r["runtime"]), float("nan"))
-        lines.append(f"| {r['graph']} | {r['runtime']} | {r['batch']} | {r['clients']} | {s['images_per_s']:,.0f} | "
-                     f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['server_cpu_ms']:.2f} | {s['client_cpu_ms']:.2f} | "
-                     f"{r['local']['images_per_s']:,.0f} | "
-                     f"{s['images_per_s'] / top:.3f} |")
+        lines.append(
+            f"| {r['graph']} | {r['runtime']} | {r['batch']} | {r['clients']} | {s['images_per_s']:,.0f} | "
+            f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['server_cpu_ms']:.2f} | {s['client_cpu_ms']:.2f} | "
+            f"{r['local']['images_per_s']:,.0f} | "
+            f"{s['images_per_s'] / top:.3f} |"
+        )
     return "\n".join(lines)
 
 

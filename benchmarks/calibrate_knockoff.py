@@ -29,19 +29,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 console = Console(stderr=True)
 
 
-def ours(victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int, params: list[str],
-         folder: Path, recipe: dict) -> float:
+def ours(
+    victim: Path,
+    pool: Path,
+    label: str,
+    budget: int,
+    epochs: int,
+    seed: int,
+    params: list[str],
+    folder: Path,
+    recipe: dict,
+) -> float:
     from stages import steal
 
     out = folder / f"ours-{victim.stem}-{pool.stem}-{label}.h5"
-    steal.run(victim=victim, pool=str(pool), label=label, budget=budget, epochs=epochs, seed=seed, device="cpu",
-              attack_param=params or None, out=out, **recipe)
+    steal.run(
+        victim=victim,
+        pool=str(pool),
+        label=label,
+        budget=budget,
+        epochs=epochs,
+        seed=seed,
+        device="cpu",
+        attack_param=params or None,
+        out=out,
+        **recipe,
+    )
     with h5py.File(out, "r") as f:
         return float(f.attrs["stealing_accuracy"])
 
 
-def art_thief(victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int, optimizer: str,
-              lr: float) -> float:
+def art_thief(
+    victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int, optimizer: str, lr: float
+) -> float:
     """ART's KnockoffNets: constant learning rate, no schedule, soft targets through torch's cross-entropy."""
     from art.attacks.extraction import KnockoffNets
     from art.estimators.classification import PyTorchClassifier
@@ -52,19 +72,37 @@ def art_thief(victim: Path, pool: Path, label: str, budget: int, epochs: int, se
     graph, info = _blackbox.open_victim(victim, "cpu")
     data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
     shape, classes = tuple(data.shape), data.num_classes
-    victim_art = PyTorchClassifier(model=graph, loss=torch.nn.CrossEntropyLoss(), input_shape=shape,
-                                   nb_classes=classes, clip_values=(0.0, 1.0))
+    victim_art = PyTorchClassifier(
+        model=graph, loss=torch.nn.CrossEntropyLoss(), input_shape=shape, nb_classes=classes, clip_values=(0.0, 1.0)
+    )
     torch.manual_seed(seed)
     np.random.seed(seed)
     net = models.build_model(info.arch, classes, shape[0], shape[1], data.mean, data.std)
-    opt = (torch.optim.Adam(net.parameters(), lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4))
-    thief = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), optimizer=opt, input_shape=shape,
-                              nb_classes=classes, clip_values=(0.0, 1.0))
+    opt = (
+        torch.optim.Adam(net.parameters(), lr=lr)
+        if optimizer == "adam"
+        else torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    )
+    thief = PyTorchClassifier(
+        model=net,
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=opt,
+        input_shape=shape,
+        nb_classes=classes,
+        clip_values=(0.0, 1.0),
+    )
     pool_x = _data.fit_images(_data.load(str(pool), splits=("train",)).splits["train"][0], data.shape)
     pool_x = pool_x.float().div(255).numpy()
-    attack = KnockoffNets(victim_art, batch_size_fit=128, batch_size_query=500, nb_epochs=epochs, nb_stolen=budget,
-                          sampling_strategy="random", use_probability=label == "soft", verbose=False)
+    attack = KnockoffNets(
+        victim_art,
+        batch_size_fit=128,
+        batch_size_query=500,
+        nb_epochs=epochs,
+        nb_stolen=budget,
+        sampling_strategy="random",
+        use_probability=label == "soft",
+        verbose=False,
+    )
     stolen = attack.extract(pool_x, thieved_classifier=thief)
     test_x, test_y = data.splits["test"]
     predictions = stolen.predict(test_x.float().div(255).numpy(), batch_size=1000).argmax(1)
@@ -91,6 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         import art  # noqa: F401
+
         have_art = not args.no_art
     except ImportError:
         have_art = False
@@ -105,31 +144,51 @@ def main() -> None:
                 for label in args.label or ["soft", "hard"]:
                     row = {"victim": str(victim), "pool": str(pool), "label": label}
                     started = time.time()
-                    row["ours"] = ours(victim, pool, label, args.budget, args.epochs, args.seed, args.ours_param,
-                                       folder, recipe)
+                    row["ours"] = ours(
+                        victim, pool, label, args.budget, args.epochs, args.seed, args.ours_param, folder, recipe
+                    )
                     row["ours_seconds"] = time.time() - started
                     if have_art:
                         started = time.time()
-                        row["art"] = art_thief(victim, pool, label, args.budget, args.epochs, args.seed,
-                                               args.art_optimizer, args.art_lr)
+                        row["art"] = art_thief(
+                            victim, pool, label, args.budget, args.epochs, args.seed, args.art_optimizer, args.art_lr
+                        )
                         row["art_seconds"] = time.time() - started
                     rows.append(row)
                     console.print(row)
-    table = Table(title=f"knockoff calibration: {args.budget:,} queries, {args.epochs} epochs, seed {args.seed}",
-                  title_justify="left")
+    table = Table(
+        title=f"knockoff calibration: {args.budget:,} queries, {args.epochs} epochs, seed {args.seed}",
+        title_justify="left",
+    )
     for column in ("victim", "pool", "label", "ours", "ART", "ours - ART"):
         table.add_column(column)
     for r in rows:
         art_acc = r.get("art")
-        table.add_row(Path(r["victim"]).stem, Path(r["pool"]).stem, r["label"], f"{100 * r['ours']:.1f}",
-                      "" if art_acc is None else f"{100 * art_acc:.1f}",
-                      "" if art_acc is None else f"{100 * (r['ours'] - art_acc):+.1f}")
+        table.add_row(
+            Path(r["victim"]).stem,
+            Path(r["pool"]).stem,
+            r["label"],
+            f"{100 * r['ours']:.1f}",
+            "" if art_acc is None else f"{100 * art_acc:.1f}",
+            "" if art_acc is None else f"{100 * (r['ours'] - art_acc):+.1f}",
+        )
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"params": vars(args) | {"victim": [str(v) for v in args.victim],
-                                                                    "pool": [str(p) for p in args.pool],
-                                                                    "json": str(args.json), "keep": str(args.keep)},
-                                         "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "params": vars(args)
+                    | {
+                        "victim": [str(v) for v in args.victim],
+                        "pool": [str(p) for p in args.pool],
+                        "json": str(args.json),
+                        "keep": str(args.keep),
+                    },
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

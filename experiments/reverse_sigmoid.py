@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
 
 import numpy as np  # noqa: E402
-from scipy.special import expit, logsumexp, softmax  # noqa: E402
 import torch  # noqa: E402
+from scipy.special import expit, logsumexp, softmax  # noqa: E402
 
 from models.defenses import ReverseSigmoid  # noqa: E402
 from stages import _data, _victim  # noqa: E402
@@ -57,10 +57,14 @@ def main() -> int:
         logits = model(_data.to_float(data.splits["test"][0]))
     probs = torch.softmax(logits, 1)  # what the deployed graph hands the defense
     tiny = float((probs < 1e-7).float().mean())
-    print(f"{args.victim.name} on {len(probs)} {data.name} test images; {100 * tiny:.1f}% of the entries are below "
-          f"1e-7, top class above 1/2 in {100 * float((probs.max(1).values > 0.5).float().mean()):.1f}% of rows\n")
-    print("| beta | gamma | top class kept | uniform answers | max abs diff from the exact formula | the same, "
-          "p clipped at 1e-7 |")
+    print(
+        f"{args.victim.name} on {len(probs)} {data.name} test images; {100 * tiny:.1f}% of the entries are below "
+        f"1e-7, top class above 1/2 in {100 * float((probs.max(1).values > 0.5).float().mean()):.1f}% of rows\n"
+    )
+    print(
+        "| beta | gamma | top class kept | uniform answers | max abs diff from the exact formula | the same, "
+        "p clipped at 1e-7 |"
+    )
     print("|---|---|---|---|---|---|")
     for beta in BETAS:
         for gamma in GAMMAS:

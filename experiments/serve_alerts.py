@@ -19,7 +19,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +37,35 @@ from stages.serving.launch import launch  # noqa: E402
 # (name, attack, pool, label, flags): the attacks of the grid, budgets sized to run in minutes on two cores; the pool
 # attacks train budget-curve surrogates too, so `evaluate` on the outputs reads their queries to accuracy
 ATTACKS = [
-    ("knockoff-soft-digits", "knockoff", "digits", "soft", ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"]),
-    ("knockoff-soft-fashion", "knockoff", "fashion", "soft", ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"]),
-    ("knockoff-hard-digits", "knockoff", "digits", "hard", ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"]),
+    (
+        "knockoff-soft-digits",
+        "knockoff",
+        "digits",
+        "soft",
+        ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"],
+    ),
+    (
+        "knockoff-soft-fashion",
+        "knockoff",
+        "fashion",
+        "soft",
+        ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"],
+    ),
+    (
+        "knockoff-hard-digits",
+        "knockoff",
+        "digits",
+        "hard",
+        ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"],
+    ),
     ("jbda", "jbda", "digits", "soft", ["--budget", "4650", "--epochs", "5", "--attack-param", "rounds=5"]),
-    ("dfme", "dfme", None, "soft", ["--budget", "5000", "--epochs", "5", "--batch-size", "64",
-                                    "--attack-param", "width=16"]),
+    (
+        "dfme",
+        "dfme",
+        None,
+        "soft",
+        ["--budget", "5000", "--epochs", "5", "--batch-size", "64", "--attack-param", "width=16"],
+    ),
     ("adaptive-digits", "adaptive", "digits", "hard", ["--budget", "5000", "--epochs", "10", "--budget-curve", "6"]),
 ]
 
@@ -58,8 +80,15 @@ def smoke(flags: list[str]) -> list[str]:
 
 def start(victim: Path, keys: Path, ledger: Path, data: Path) -> tuple[subprocess.Popen, str]:
     try:
-        return launch(victim, keys, ledger, "--calibration-data", str(data), stderr=open(ledger.with_suffix(".log"), "w"),
-                      timeout=300)
+        return launch(
+            victim,
+            keys,
+            ledger,
+            "--calibration-data",
+            str(data),
+            stderr=open(ledger.with_suffix(".log"), "w"),
+            timeout=300,
+        )
     except RuntimeError:
         raise SystemExit(f"serve did not start; see {ledger.with_suffix('.log')}") from None
 
@@ -92,8 +121,9 @@ def firsts(alerts: list[dict]) -> dict[str, int]:
 
 def alerts_of(ledger: Path, name: str) -> list[dict]:
     with sqlite3.connect(ledger) as db:
-        rows = db.execute("SELECT signal, value, threshold, queries FROM alerts WHERE principal = ? ORDER BY id",
-                          (name,)).fetchall()
+        rows = db.execute(
+            "SELECT signal, value, threshold, queries FROM alerts WHERE principal = ? ORDER BY id", (name,)
+        ).fetchall()
     return [dict(signal=s, value=v, threshold=t, queries=q) for s, v, t, q in rows]
 
 
@@ -105,18 +135,37 @@ def accuracy_at(surrogate: Path, queries: int, data: _data.Dataset) -> float:
         mean, std = [float(v) for v in f.attrs["mean"]], [float(v) for v in f.attrs["std"]]
         if queries >= int(f.attrs["queries"]):
             return float(f.attrs["stealing_accuracy"])
-        recipe = SurrogateRecipe(epochs=int(params["epochs"]), batch_size=int(params["batch_size"]),
-                                 lr=float(params["lr"]), momentum=float(params["momentum"]),
-                                 weight_decay=float(params["weight_decay"]),
-                                 optimizer=params.get("optimizer", "sgd"), schedule=params.get("schedule", "cosine"))
+        recipe = SurrogateRecipe(
+            epochs=int(params["epochs"]),
+            batch_size=int(params["batch_size"]),
+            lr=float(params["lr"]),
+            momentum=float(params["momentum"]),
+            weight_decay=float(params["weight_decay"]),
+            optimizer=params.get("optimizer", "sgd"),
+            schedule=params.get("schedule", "cosine"),
+        )
 
         def build():
             torch.manual_seed(int(params["seed"]))
             return models.build_model(str(params["arch"]), len(classes), shape[0], shape[1], mean, std)
 
         x, y = _data.to_float(data.splits["test"][0]), data.splits["test"][1]
-        curve = _budget_curve.measure(f["transfer/images"], f["transfer/answers"], label, attack, [queries], build,
-                                      recipe, len(classes), shape, int(params["seed"]), "cpu", x, y, lambda _: None)
+        curve = _budget_curve.measure(
+            f["transfer/images"],
+            f["transfer/answers"],
+            label,
+            attack,
+            [queries],
+            build,
+            recipe,
+            len(classes),
+            shape,
+            int(params["seed"]),
+            "cpu",
+            x,
+            y,
+            lambda _: None,
+        )
     return curve["stealing_accuracy"][0]
 
 
@@ -139,37 +188,83 @@ def main() -> None:
         keys, ledger = folder / "keys.toml", folder / "ledger.sqlite"
         for stale in (keys, ledger, ledger.with_suffix(".alerts.jsonl")):
             stale.unlink(missing_ok=True)
-        tokens = {p: serve_key.run(p, keys, budget=10**9, rate=1e6, burst=1e6, action="log")
-                  for p in ["benign", "benign-augmented"] + [a[0] for a in ATTACKS]}
+        tokens = {
+            p: serve_key.run(p, keys, budget=10**9, rate=1e6, burst=1e6, action="log")
+            for p in ["benign", "benign-augmented"] + [a[0] for a in ATTACKS]
+        }
         proc, url = start(Path(path), keys, ledger, args.data)
         try:
-            benign = {"benign": send(url, tokens["benign"], test),
-                      "benign-augmented": send(url, tokens["benign-augmented"], augmented(test[: len(test) // 2]))}
+            benign = {
+                "benign": send(url, tokens["benign"], test),
+                "benign-augmented": send(url, tokens["benign-augmented"], augmented(test[: len(test) // 2])),
+            }
             for client, images in benign.items():
                 found = alerts_of(ledger, client)
-                results.append(dict(victim=name, client=client, images=images, alerts=len(found),
-                                    first=found[0] if found else None, first_by_signal=firsts(found)))
+                results.append(
+                    dict(
+                        victim=name,
+                        client=client,
+                        images=images,
+                        alerts=len(found),
+                        first=found[0] if found else None,
+                        first_by_signal=firsts(found),
+                    )
+                )
                 print(f"{name} {client}: {images} images, {len(found)} alerts", file=sys.stderr, flush=True)
             for thief, attack, pool, label, flags in ATTACKS:
                 out = folder / f"{thief}.h5"
-                command = [sys.executable, str(ROOT / "cli.py"), "steal", "--target", url, "--victim", path,
-                           "--attack", attack, "--label", label, "--data", str(args.data), "--device", "cpu",
-                           "--out", str(out), *(["--pool", pools[pool]] if pool else []),
-                           *(smoke(flags) if args.smoke else flags)]
-                subprocess.run(command, check=True, env={**os.environ, "INI_API_KEY": tokens[thief],
-                                                         "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=open(folder / f"{thief}.log", "w"))
+                command = [
+                    sys.executable,
+                    str(ROOT / "cli.py"),
+                    "steal",
+                    "--target",
+                    url,
+                    "--victim",
+                    path,
+                    "--attack",
+                    attack,
+                    "--label",
+                    label,
+                    "--data",
+                    str(args.data),
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                    *(["--pool", pools[pool]] if pool else []),
+                    *(smoke(flags) if args.smoke else flags),
+                ]
+                subprocess.run(
+                    command,
+                    check=True,
+                    env={**os.environ, "INI_API_KEY": tokens[thief], "OMP_NUM_THREADS": "1"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(folder / f"{thief}.log", "w"),
+                )
                 found = alerts_of(ledger, thief)
                 with open_artifact(out, "surrogate") as f:
                     final, spent = float(f.attrs["stealing_accuracy"]), int(f.attrs["queries"])
                     benign_accuracy = float(f.attrs["victim_accuracy"])
                 first = found[0] if found else None
                 at_alert = accuracy_at(out, first["queries"], data) if first else None
-                results.append(dict(victim=name, client=thief, images=spent, alerts=len(found), first=first,
-                                    first_by_signal=firsts(found), stealing_at_alert=at_alert,
-                                    stealing_final=final, benign_accuracy=benign_accuracy))
-                print(f"{name} {thief}: first alert {first}, at alert {at_alert}, final {final:.4f}", file=sys.stderr,
-                      flush=True)
+                results.append(
+                    dict(
+                        victim=name,
+                        client=thief,
+                        images=spent,
+                        alerts=len(found),
+                        first=first,
+                        first_by_signal=firsts(found),
+                        stealing_at_alert=at_alert,
+                        stealing_final=final,
+                        benign_accuracy=benign_accuracy,
+                    )
+                )
+                print(
+                    f"{name} {thief}: first alert {first}, at alert {at_alert}, final {final:.4f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -178,8 +273,11 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| victim | client | queries sent | alerts | first alert of each signal (at queries) | stealing accuracy at "
-             "first alert | stealing accuracy at full budget |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| victim | client | queries sent | alerts | first alert of each signal (at queries) | stealing accuracy at "
+        "first alert | stealing accuracy at full budget |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         first = ", ".join(f"{signal} {queries:,}" for signal, queries in r["first_by_signal"].items()) or "none"
         at = f"{100 * r['stealing_at_alert']:.1f} %" if r.get("stealing_at_alert") is not None else "-"

@@ -17,10 +17,23 @@ from pathlib import Path
 SEEN = "seen"  # in a list of datasets: the OOD set the victim dataset's defenses train on (config `seen`)
 STAGES = ("train", "train-ini")
 # Cluster requests per rule, for one thread on CPU; a study's `resources` overrides them (cifar10: GPUs, hours).
-RESOURCES = {rule: dict(mem_mb=mem, runtime=minutes, gpu=0) for rule, mem, minutes in (
-    ("prepare", 4000, 30), ("train", 4000, 240), ("train_ini", 8000, 480), ("steal", 4000, 240),
-    ("evaluate", 8000, 240))}
-SUMMARIES = {"grid": "", "lofo": "--lofo", "variants": "--variants", "near": "--near", "decision": "--decision"}  # experiments/summarise.py's tables
+RESOURCES = {
+    rule: dict(mem_mb=mem, runtime=minutes, gpu=0)
+    for rule, mem, minutes in (
+        ("prepare", 4000, 30),
+        ("train", 4000, 240),
+        ("train_ini", 8000, 480),
+        ("steal", 4000, 240),
+        ("evaluate", 8000, 240),
+    )
+}
+SUMMARIES = {
+    "grid": "",
+    "lofo": "--lofo",
+    "variants": "--variants",
+    "near": "--near",
+    "decision": "--decision",
+}  # experiments/summarise.py's tables
 
 
 class ConfigError(ValueError):
@@ -32,6 +45,7 @@ class Recipe:
     """How a victim is trained: the stage, its flags, and its OOD sets (names or `seen`; `per_dataset` replaces them
     for the datasets it names). A leave-one-out recipe names the family it holds out; its OOD sets also drop the
     victim dataset's same-task sets."""
+
     stage: str
     flags: str = ""
     ood: tuple[str, ...] = ()
@@ -93,8 +107,8 @@ def _points(name: str, params: dict) -> list[tuple[str, dict]]:
         return [(name, params)]
     points = []
     for values in itertools.product(*(params[k] for k in swept)):
-        point = {**params, **dict(zip(swept, values))}
-        points.append((name + "".join(f"-{k}{v}" for k, v in zip(swept, values)), point))
+        point = {**params, **dict(zip(swept, values, strict=False))}
+        points.append((name + "".join(f"-{k}{v}" for k, v in zip(swept, values, strict=False)), point))
     return points
 
 
@@ -267,8 +281,9 @@ class Study:
             for pool, held in held_out + [(p, None) for p in evaluation.get(dataset, [])]:
                 untrained = held is None or held in self.same_task.get(dataset, [])
                 victim = f"{name}-all" if untrained else f"{name}-no-{held}"
-                recipe = self.recipes.get(victim) or Recipe(stage, flags, (), None if untrained else held,
-                                                            leave_one_out=True)
+                recipe = self.recipes.get(victim) or Recipe(
+                    stage, flags, (), None if untrained else held, leave_one_out=True
+                )
                 lists = dict(recipe.per_dataset)
                 lists.setdefault(dataset, trained)
                 self.recipes[victim] = dataclasses.replace(recipe, per_dataset=tuple(lists.items()))
@@ -309,11 +324,21 @@ class Study:
 
     def constraints(self) -> dict[str, str]:
         """Wildcard patterns: each name as listed, longest first, so that names with dashes split one way."""
+
         def one_of(names) -> str:
             return "|".join(re.escape(n) for n in sorted(set(names), key=lambda n: (-len(n), n)))
+
         data = set(self.data_names()) | set(self.datasets)
-        return dict(dataset=one_of(data), victim=one_of(self.recipes), defense=one_of(self.defenses),
-                    attack=one_of(self.attacks), label="soft|hard", pool=one_of(data), seed=r"\d+", name=one_of(data))
+        return dict(
+            dataset=one_of(data),
+            victim=one_of(self.recipes),
+            defense=one_of(self.defenses),
+            attack=one_of(self.attacks),
+            label="soft|hard",
+            pool=one_of(data),
+            seed=r"\d+",
+            name=one_of(data),
+        )
 
     def victims_of(self, stage: str) -> str:
         names = [n for n, r in self.recipes.items() if r.stage == stage]
@@ -336,8 +361,9 @@ class Study:
         flags = [f"--attack {a.attack}"]
         if a.budget is not None:
             flags.append(f"--budget {a.budget}")
-        epochs = a.epochs_unseen if a.epochs_unseen is not None and pool and pool != self.seen.get(dataset) \
-            else a.epochs
+        epochs = (
+            a.epochs_unseen if a.epochs_unseen is not None and pool and pool != self.seen.get(dataset) else a.epochs
+        )
         if epochs is not None:
             flags.append(f"--epochs {epochs}")
         if a.flags:

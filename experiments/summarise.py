@@ -1,10 +1,12 @@
 """Pivot an `evaluate` metrics.h5 into the compact Markdown tables of docs/results.md: one row per (victim recipe,
 defense), one column per (attack, label, pool), cells "stealing mean ± std → relabelled mean ± std (n)" (the
 stealing accuracy, then the same after the best class relabelling from evaluate's k labelled val images, where the
-metrics hold it); a first column gives the benign accuracy as deployed. Everything comes from the metrics' columns: a victim is named by its kind (undefended, AM,
+metrics hold it); a first column gives the benign accuracy as deployed. Everything comes from the metrics'
+columns: a victim is named by its kind (undefended, AM,
 faithful or broad InI) and the recipe entries that set it apart from the other victims of its kind.
 
-`--lofo` reads the leave-one-family-out run's rows instead (experiments/config/lofo.yaml): per victim dataset and held-out
+`--lofo` reads the leave-one-family-out run's rows instead (experiments/config/lofo.yaml): per victim dataset
+and held-out
 pool family, soft and hard stealing of the undefended, paper-recipe and broad victims, mean ± std over seeds (n), a
 last row averaging the families within each seed first, the same for the perturbation baselines when the run has
 them, and the victims' benign accuracy (as deployed: a perturbation defense's own).
@@ -12,7 +14,8 @@ them, and the victims' benign accuracy (as deployed: a perturbation defense's ow
 `--decision` prints the decision table evaluate stored (group `decision`): per threat and benign-cost budget, each
 defense's best setting and the winner, as the report shows it.
 
-`--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the undefended ones, the paper recipe and each
+`--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the
+undefended ones, the paper recipe and each
 train-ini option), its benign accuracy, the diagnostics of its chosen epoch (mean L1 between victim and surrogate
 outputs on held-out OOD images, lower is induced; mean cosine between the distillation and true-label gradients on
 held-out ID images, lower is isolated), and knockoff stealing per pool, soft / hard, mean ± std over seeds (n).
@@ -35,8 +38,10 @@ from stages import _decision  # noqa: E402
 from stages._decision import KIND_NAMES, victim_names  # noqa: E402
 
 RELABELLED = "stealing_accuracy_relabelled"
-NOTE = ("Stealing accuracy in %, mean ± sample std (n seeds); after →: the same after the best class relabelling a "
-        "thief finds from k labelled val images (evaluate --relabel-k).")
+NOTE = (
+    "Stealing accuracy in %, mean ± sample std (n seeds); after →: the same after the best class relabelling a "
+    "thief finds from k labelled val images (evaluate --relabel-k)."
+)
 KIND_ORDER = ("ce", "outlier-exposure", "faithful", "broad", "near")
 BASELINES = ("reverse-sigmoid", "mad", "mad-argmax", "top1", "grad2", "adaptive-misinformation")
 KINDS = ("undefended", "faithful", "broad", "near")
@@ -53,8 +58,12 @@ def _columns(path: str, group: str, names: tuple[str, ...]) -> list[dict]:
     with h5py.File(path, "r") as f:
         g = f[group]
         n = len(g[names[0]])
-        cols = {k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist()) if k in g or RELABELLED not in k
-                else [math.nan] * n for k in names}
+        cols = {
+            k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist())
+            if k in g or RELABELLED not in k
+            else [math.nan] * n
+            for k in names
+        }
     return [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
 
 
@@ -81,8 +90,9 @@ def _spread(values: list[float], digits: int = 1, relabelled: list[float] = ()) 
         return "-"
 
     def spread(v: list[float]) -> str:
-        return f"{100 * statistics.mean(v):.{digits}f}" + (f" ± {100 * statistics.stdev(v):.{digits}f}" if len(v) > 1
-                                                            else "")
+        return f"{100 * statistics.mean(v):.{digits}f}" + (
+            f" ± {100 * statistics.stdev(v):.{digits}f}" if len(v) > 1 else ""
+        )
 
     known = [r for r in relabelled if math.isfinite(r)]
     after = f" → {spread(known)}" if known and len(known) == len(values) else ""
@@ -90,10 +100,27 @@ def _spread(values: list[float], digits: int = 1, relabelled: list[float] = ()) 
 
 
 def pivot(path: str, dataset: str | None) -> str:
-    groups = _columns(path, "groups", ("dataset", "victim", "victim_kind", "victim_changes", "defense", "attack",
-                                       "label", "pool", "n", "benign_accuracy_mean", "benign_accuracy_std",
-                                       "stealing_accuracy_mean", "stealing_accuracy_std", f"{RELABELLED}_mean",
-                                       f"{RELABELLED}_std"))
+    groups = _columns(
+        path,
+        "groups",
+        (
+            "dataset",
+            "victim",
+            "victim_kind",
+            "victim_changes",
+            "defense",
+            "attack",
+            "label",
+            "pool",
+            "n",
+            "benign_accuracy_mean",
+            "benign_accuracy_std",
+            "stealing_accuracy_mean",
+            "stealing_accuracy_std",
+            f"{RELABELLED}_mean",
+            f"{RELABELLED}_std",
+        ),
+    )
     groups = [g for g in groups if not dataset or g["dataset"] == dataset]
     names = victim_names(groups)
     table: dict[tuple, dict[tuple, str]] = defaultdict(dict)
@@ -110,12 +137,17 @@ def pivot(path: str, dataset: str | None) -> str:
         col = (g["attack"], g["label"], g["pool"])
         if col not in columns:
             columns.append(col)
-        table[row][col] = _cell(g["stealing_accuracy_mean"], g["stealing_accuracy_std"], n,
-                                (g[f"{RELABELLED}_mean"], g[f"{RELABELLED}_std"]))
+        table[row][col] = _cell(
+            g["stealing_accuracy_mean"],
+            g["stealing_accuracy_std"],
+            n,
+            (g[f"{RELABELLED}_mean"], g[f"{RELABELLED}_std"]),
+        )
         benign.setdefault(row, _cell(g["benign_accuracy_mean"], g["benign_accuracy_std"], n))
     columns.sort()
-    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [" ".join(c for c in col if c != "-")
-                                                                      for col in columns]
+    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [
+        " ".join(c for c in col if c != "-") for col in columns
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(benign, key=order.get):
         lines.append("| " + " | ".join([*row, benign[row], *(table[row].get(col, "") for col in columns)]) + " |")
@@ -133,16 +165,24 @@ def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
     pools = sorted({k[1] for k in steal if k[0] == dataset})
     lines = []
     for pool in pools:
-        cells = [" / ".join(_pairs(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
-                 for kind in kinds]
+        cells = [
+            " / ".join(_pairs(list(steal[dataset, pool, kind, label].values())) for label in ("soft", "hard"))
+            for kind in kinds
+        ]
         lines.append(f"| {dataset} | {pool} | " + " | ".join(cells) + " |")
     means = []
     for kind in kinds:
         per_label = []
         for label in ("soft", "hard"):
             seeds = set.intersection(*(set(steal[dataset, p, kind, label]) for p in pools))
-            per_label.append(_pairs([tuple(statistics.mean(steal[dataset, p, kind, label][s][i] for p in pools)
-                                           for i in (0, 1)) for s in sorted(seeds)]))
+            per_label.append(
+                _pairs(
+                    [
+                        tuple(statistics.mean(steal[dataset, p, kind, label][s][i] for p in pools) for i in (0, 1))
+                        for s in sorted(seeds)
+                    ]
+                )
+            )
         means.append(" / ".join(per_label))
     lines.append(f"| {dataset} | **mean over families** | " + " | ".join(means) + " |")
     return lines
@@ -152,8 +192,23 @@ def lofo(path: str) -> str:
     """The leave-one-family-out tables: stealing (final epoch) per held-out family and victim kind, then the
     perturbation baselines' (if any), then benign accuracy as deployed. A row's kind is its defense's name where a
     perturbation defense answers, else its victim's kind; the held-out family is the pool."""
-    rows = _columns(path, "rows", ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool",
-                                   "seed", "stealing_accuracy", RELABELLED, "benign_accuracy"))
+    rows = _columns(
+        path,
+        "rows",
+        (
+            "dataset",
+            "victim_kind",
+            "victim_file",
+            "defense",
+            "attack",
+            "label",
+            "pool",
+            "seed",
+            "stealing_accuracy",
+            RELABELLED,
+            "benign_accuracy",
+        ),
+    )
     steal: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracies
     benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
     for r in rows:
@@ -161,8 +216,10 @@ def lofo(path: str) -> str:
         kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"]) if defense == "none" else defense
         if r["attack"] != "knockoff" or kind not in (*KINDS, *BASELINES):
             continue
-        steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = (float(r["stealing_accuracy"]),
-                                                                      float(r[RELABELLED]))
+        steal[r["dataset"], r["pool"], kind, r["label"]][r["seed"]] = (
+            float(r["stealing_accuracy"]),
+            float(r[RELABELLED]),
+        )
         benigns[r["dataset"], kind][r["victim_file"]] = float(r["benign_accuracy"])
     datasets = sorted({k[0] for k in steal})
     kinds = [k for k in KINDS if any(key[2] == k for key in steal)]
@@ -172,8 +229,11 @@ def lofo(path: str) -> str:
         lines += _family_table(steal, dataset, kinds)
     baselines = [b for b in BASELINES if any(k[2] == b for k in steal)]
     if baselines:
-        lines += ["", "| victim data | pool | " + " | ".join(f"{b} soft / hard" for b in baselines) + " |",
-                  "|---|---|" + "---|" * len(baselines)]
+        lines += [
+            "",
+            "| victim data | pool | " + " | ".join(f"{b} soft / hard" for b in baselines) + " |",
+            "|---|---|" + "---|" * len(baselines),
+        ]
         for dataset in datasets:
             lines += _family_table(steal, dataset, baselines)
     lines += ["", "| victim data | victim | benign accuracy |", "|---|---|---|"]
@@ -187,8 +247,22 @@ def near(path: str) -> str:
     """The near-distribution study's tables: the leave-one-family-out table (`lofo`), then the trade-off: per pool
     a defense's settings are attacked with, one row per victim and setting (benign accuracy as deployed, soft /
     hard stealing, mean ± std over seeds)."""
-    rows = _columns(path, "rows", ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool",
-                                   "seed", "stealing_accuracy", "benign_accuracy"))
+    rows = _columns(
+        path,
+        "rows",
+        (
+            "dataset",
+            "victim_kind",
+            "victim_file",
+            "defense",
+            "attack",
+            "label",
+            "pool",
+            "seed",
+            "stealing_accuracy",
+            "benign_accuracy",
+        ),
+    )
     swept = [r for r in rows if r["defense"] != "none" and r["attack"] == "knockoff"]
     steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, pool, victim kind, defense, label)
     benign: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, defense) -> file -> benign
@@ -198,7 +272,11 @@ def near(path: str) -> str:
         benign[r["dataset"], r["pool"], kind, r["defense"]][r["victim_file"]] = float(r["benign_accuracy"])
     lines = [lofo(path)]
     if benign:
-        lines += ["", "| victim data | pool | victim | defense | benign accuracy | soft / hard |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| victim data | pool | victim | defense | benign accuracy | soft / hard |",
+            "|---|---|---|---|---|---|",
+        ]
         for key in sorted(benign, key=lambda k: (k[0], k[1], KINDS.index(k[2]) if k[2] in KINDS else 9, k[3])):
             stolen = " / ".join(_spread(steal[(*key, label)]) for label in ("soft", "hard"))
             lines.append(f"| {' | '.join(key)} | {_spread(list(benign[key].values()), 2)} | {stolen} |")
@@ -207,9 +285,25 @@ def near(path: str) -> str:
 
 def variants(path: str) -> str:
     """The train-ini options' table: benign accuracy, diagnostics and stealing per pool, one row per victim."""
-    rows = _columns(path, "rows", ("dataset", "victim", "victim_kind", "victim_changes", "victim_file", "attack",
-                                   "label", "pool", "stealing_accuracy", RELABELLED, "benign_accuracy",
-                                   "victim_ood_l1", "victim_id_cosine"))
+    rows = _columns(
+        path,
+        "rows",
+        (
+            "dataset",
+            "victim",
+            "victim_kind",
+            "victim_changes",
+            "victim_file",
+            "attack",
+            "label",
+            "pool",
+            "stealing_accuracy",
+            RELABELLED,
+            "benign_accuracy",
+            "victim_ood_l1",
+            "victim_id_cosine",
+        ),
+    )
     rows = [r for r in rows if r["attack"] == "knockoff"]
     names = victim_names(rows)
     steal: dict[tuple, list[tuple]] = defaultdict(list)  # (dataset, victim, pool, label) -> per seed
@@ -226,11 +320,14 @@ def variants(path: str) -> str:
     lines = [head + " |", "|---|---|---|---|---|" + "---|" * len(pools)]
     for dataset, victim in sorted(found, key=order.get):
         per_seed = list(found[dataset, victim].values())
-        diag = [f"{statistics.mean(v[i] for v in per_seed):.3f}" if all(math.isfinite(v[i]) for v in per_seed)
-                else "-" for i in (1, 2)]
+        diag = [
+            f"{statistics.mean(v[i] for v in per_seed):.3f}" if all(math.isfinite(v[i]) for v in per_seed) else "-"
+            for i in (1, 2)
+        ]
         stolen = [" / ".join(_pairs(steal[dataset, victim, p, label]) for label in ("soft", "hard")) for p in pools]
-        lines.append(f"| {dataset} | {victim} | {_spread([v[0] for v in per_seed], 2)} | " + " | ".join(diag + stolen)
-                     + " |")
+        lines.append(
+            f"| {dataset} | {victim} | {_spread([v[0] for v in per_seed], 2)} | " + " | ".join(diag + stolen) + " |"
+        )
     return "\n".join(lines + ["", NOTE])
 
 
@@ -249,19 +346,31 @@ def main() -> None:
     parser.add_argument("metrics")
     parser.add_argument("--dataset")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--lofo", action="store_true",
-                      help="the leave-one-family-out table (experiments/config/lofo.yaml)")
-    mode.add_argument("--variants", action="store_true",
-                      help="the train-ini options' table (experiments/config/variants.yaml)")
-    mode.add_argument("--near", action="store_true",
-                      help="the near-distribution tables (experiments/config/near.yaml)")
-    mode.add_argument("--decision", action="store_true",
-                      help="the decision table: each defense's best setting per benign-cost budget, and the winner")
+    mode.add_argument(
+        "--lofo", action="store_true", help="the leave-one-family-out table (experiments/config/lofo.yaml)"
+    )
+    mode.add_argument(
+        "--variants", action="store_true", help="the train-ini options' table (experiments/config/variants.yaml)"
+    )
+    mode.add_argument("--near", action="store_true", help="the near-distribution tables (experiments/config/near.yaml)")
+    mode.add_argument(
+        "--decision",
+        action="store_true",
+        help="the decision table: each defense's best setting per benign-cost budget, and the winner",
+    )
     args = parser.parse_args()
     try:
-        print(lofo(args.metrics) if args.lofo else variants(args.metrics) if args.variants
-              else near(args.metrics) if args.near else decision(args.metrics) if args.decision
-              else pivot(args.metrics, args.dataset))
+        print(
+            lofo(args.metrics)
+            if args.lofo
+            else variants(args.metrics)
+            if args.variants
+            else near(args.metrics)
+            if args.near
+            else decision(args.metrics)
+            if args.decision
+            else pivot(args.metrics, args.dataset)
+        )
     except (OSError, KeyError) as e:
         raise SystemExit(f"error: {args.metrics}: not a readable metrics/1 file ({e})") from None
 

@@ -64,12 +64,7 @@ def check_arch(arch: str, flag: str = "") -> None:
 
 
 def build_model(
-    arch: str,
-    num_classes: int,
-    in_channels: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    arch: str, num_classes: int, in_channels: int, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Classifier:
     """Build `arch` for the given image shape and class count, normalising with `mean` and `std`."""
     check_arch(arch)

@@ -125,7 +125,8 @@ class MADArgmax(MAD):
 
 
 def mad_candidates(probs: torch.Tensor, argmax: bool) -> torch.Tensor:
-    """Candidate targets (B, K, K): the K vertices, or for argmax-preserving MAD e_c and (1/2 + d) e_c + (1/2 - d) e_k."""
+    """Candidate targets (B, K, K): the K vertices, or for argmax-preserving MAD e_c and (1/2 + d) e_c + (1/2 -
+    d) e_k."""
     b, k = probs.shape
     eye = torch.eye(k, dtype=probs.dtype, device=probs.device).expand(b, k, k)
     if not argmax:
@@ -137,7 +138,8 @@ def mad_candidates(probs: torch.Tensor, argmax: bool) -> torch.Tensor:
 
 
 def mad_target(gram: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """The candidate c maximising |u/|u| - a/|a||^2 = 2 - 2 <u, a>/(|u||a|), u = G^T c, a = G^T y, via <G^T u, G^T v> = u M v."""
+    """The candidate c maximising |u/|u| - a/|a||^2 = 2 - 2 <u, a>/(|u||a|), u = G^T c, a = G^T y, via <G^T u,
+    G^T v> = u M v."""
     my = torch.bmm(gram, probs.unsqueeze(2)).squeeze(2)  # (B, K)
     aa = (probs * my).sum(1, keepdim=True)  # |a|^2
     ua = torch.bmm(candidates, my.unsqueeze(2)).squeeze(2)  # (B, J)
@@ -275,7 +277,9 @@ class Noise(nn.Module):
         z = x.flatten(1).double() @ self.projection.t() + self.offset
         uniform = torch.frac(torch.sin(z) * 43758.5453).abs().clamp(1e-9, 1.0 - 1e-9)  # hash -> U(0, 1)
         exponential = -torch.log(uniform)
-        target = (exponential / exponential.sum(1, keepdim=True)).to(probs.dtype)  # Dirichlet(1): uniform on the simplex
+        target = (exponential / exponential.sum(1, keepdim=True)).to(
+            probs.dtype
+        )  # Dirichlet(1): uniform on the simplex
         return _move_towards(probs, target, self.l1)
 
 
@@ -291,8 +295,13 @@ class Gate(nn.Module):
 
     PARAMS = {
         "threshold": Param(0.5, 0.0, 1.0, False, "top probability below which an answer is gated"),
-        "quantile": Param(0.0, 0.0, 1.0, False, "if above 0: the threshold is this quantile of benign (val) top "
-                          "probabilities, replacing threshold"),
+        "quantile": Param(
+            0.0,
+            0.0,
+            1.0,
+            False,
+            "if above 0: the threshold is this quantile of benign (val) top probabilities, replacing threshold",
+        ),
         "decoy": Param(0, 0, 1, True, "gated answers: 0 uniform, 1 rolled one class on"),
     }
     NEEDS = ("benign_confidence",)

@@ -40,7 +40,8 @@ def defaults(specs: dict[str, Param]) -> dict[str, float | int]:
 
 
 def parse(owner: str, flag: str, specs: dict[str, Param], pairs: Optional[Sequence[str]]) -> dict[str, float | int]:
-    """Every parameter in `specs`, the user's values checked (known key, number, integer, in range), the rest defaulted."""
+    """Every parameter in `specs`, the user's values checked (known key, number, integer, in range), the rest
+    defaulted."""
     values = defaults(specs)
     seen = set()
     for pair in pairs or ():

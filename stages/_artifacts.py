@@ -132,8 +132,10 @@ def open_artifact(path: str | Path, kind: str) -> h5py.File:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic[:1] == b"\x80" or magic == b"PK\x03\x04":  # pickle protocol >= 2, or torch.save's zip of pickles
-        raise UserError(f"{path}: a pickle or torch.save file, not an HDF5 {kind} artifact; "
-                        "pickles can run code, so they are never loaded")
+        raise UserError(
+            f"{path}: a pickle or torch.save file, not an HDF5 {kind} artifact; "
+            "pickles can run code, so they are never loaded"
+        )
     try:
         f = h5py.File(path, "r")
     except OSError:
@@ -173,8 +175,10 @@ def check_memory(nbytes: int, what: str) -> None:
     instead of being killed by the kernel hours later. `what` names the job: "reading mnist.h5"."""
     available = available_memory()
     if available is not None and nbytes > available:
-        raise UserError(f"{what} needs ~{_size(nbytes)}, only {_size(available)} available; "
-                        "use a smaller budget, pool or --limit, or free memory")
+        raise UserError(
+            f"{what} needs ~{_size(nbytes)}, only {_size(available)} available; "
+            "use a smaller budget, pool or --limit, or free memory"
+        )
 
 
 def _size(nbytes: float) -> str:

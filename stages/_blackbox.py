@@ -39,10 +39,20 @@ def open_victim(path: Path, device: str) -> tuple[nn.Module, VictimInfo]:
 def defend(graph: nn.Module, info: VictimInfo, name: str, params: dict, device: str) -> nn.Module:
     """The graph the thief queries: the victim behind `--defense`."""
     if name != "none" and info.baked_defense != "none":
-        raise UserError(f"{info.path} already has the defense {info.baked_defense!r} baked in; "
-                        "use --defense none, or give the victim.h5 to choose another")
-    defense = _defense.build(name, params, info.arch, len(info.classes), info.input_shape, info.mean, info.std,
-                             victim_h5=info.path if info.path.suffix in (".h5", ".hdf5") else None).to(device)
+        raise UserError(
+            f"{info.path} already has the defense {info.baked_defense!r} baked in; "
+            "use --defense none, or give the victim.h5 to choose another"
+        )
+    defense = _defense.build(
+        name,
+        params,
+        info.arch,
+        len(info.classes),
+        info.input_shape,
+        info.mean,
+        info.std,
+        victim_h5=info.path if info.path.suffix in (".h5", ".hdf5") else None,
+    ).to(device)
     if isinstance(graph, Deployed):
         return Deployed(graph.classifier, defense).eval()
     return Defended(graph, defense).eval()
@@ -62,9 +72,18 @@ class BlackBox:
     the 1/255 grid (pool images) and are recorded as uint8; otherwise they are recorded as float32.
     """
 
-    def __init__(self, graph: nn.Module, budget: int, label: str, input_shape: tuple[int, int, int], num_classes: int,
-                 device: str, transfer: Optional[h5py.Group] = None, exact_uint8: bool = False,
-                 on_answer: Optional[Callable[[int], None]] = None):
+    def __init__(
+        self,
+        graph: nn.Module,
+        budget: int,
+        label: str,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        device: str,
+        transfer: Optional[h5py.Group] = None,
+        exact_uint8: bool = False,
+        on_answer: Optional[Callable[[int], None]] = None,
+    ):
         if budget < 1:
             raise UserError(f"--budget must be at least 1, got {budget}")
         if label not in ("soft", "hard"):
@@ -82,12 +101,21 @@ class BlackBox:
         if transfer is not None:
             chunk = min(budget, 256)
             self._images = transfer.create_dataset(
-                "images", shape=(budget, *self.input_shape), maxshape=(budget, *self.input_shape),
-                dtype=np.uint8 if exact_uint8 else np.float32, chunks=(chunk, *self.input_shape), compression="lzf")
+                "images",
+                shape=(budget, *self.input_shape),
+                maxshape=(budget, *self.input_shape),
+                dtype=np.uint8 if exact_uint8 else np.float32,
+                chunks=(chunk, *self.input_shape),
+                compression="lzf",
+            )
             shape = (budget, num_classes) if label == "soft" else (budget,)
-            self._answers = transfer.create_dataset("answers", shape=shape, maxshape=shape,
-                                                    dtype=np.float32 if label == "soft" else np.int64,
-                                                    chunks=(chunk, *shape[1:]))
+            self._answers = transfer.create_dataset(
+                "answers",
+                shape=shape,
+                maxshape=shape,
+                dtype=np.float32 if label == "soft" else np.int64,
+                chunks=(chunk, *shape[1:]),
+            )
             self._images.attrs["scale"] = 255.0 if exact_uint8 else 1.0  # stored value / scale = the image queried
             transfer.attrs["label"] = label
 
@@ -134,11 +162,17 @@ class BlackBox:
     def replay(self, images: np.ndarray, answers: np.ndarray) -> None:
         """Take back the transfer set of an interrupted run: its queries stay spent and are never asked again."""
         n = len(images)
-        fits = (n <= self.budget and len(answers) == n and images.shape[1:] == self._images.shape[1:]
-                and answers.shape[1:] == self._answers.shape[1:])
+        fits = (
+            n <= self.budget
+            and len(answers) == n
+            and images.shape[1:] == self._images.shape[1:]
+            and answers.shape[1:] == self._answers.shape[1:]
+        )
         if not fits:
-            raise UserError(f"the checkpoint's transfer set ({n} queries of {list(images.shape[1:])}) does not fit "
-                            "this run; remove it or drop --resume")
+            raise UserError(
+                f"the checkpoint's transfer set ({n} queries of {list(images.shape[1:])}) does not fit "
+                "this run; remove it or drop --resume"
+            )
         if n:
             self._images[:n] = images
             self._answers[:n] = answers

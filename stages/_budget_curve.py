@@ -23,9 +23,22 @@ def prefixes(used: int, points: int) -> list[int]:
     return [n for n in sizes if 2 <= n < used]
 
 
-def measure(images, answers, label: str, attack: str, sizes: list[int], build: Callable[[], torch.nn.Module],
-            recipe: SurrogateRecipe, num_classes: int, input_shape: tuple, seed: int, device: str,
-            test_x: torch.Tensor, test_y: torch.Tensor, log: Callable[[str], None]) -> dict[str, list[float]]:
+def measure(
+    images,
+    answers,
+    label: str,
+    attack: str,
+    sizes: list[int],
+    build: Callable[[], torch.nn.Module],
+    recipe: SurrogateRecipe,
+    num_classes: int,
+    input_shape: tuple,
+    seed: int,
+    device: str,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    log: Callable[[str], None],
+) -> dict[str, list[float]]:
     """{queries, stealing_accuracy} of a surrogate trained on the first n queries of the recorded transfer set, for
     each n of `sizes`.
 

@@ -97,9 +97,19 @@ def _normalisation(name: str, images: np.ndarray) -> tuple[list[float], list[flo
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
-def prepare(dataset: str, out: Optional[Path] = None, *, source: Optional[Path] = None, data_root: Path = DATA_ROOT,
-            download: bool = True, val_size: Optional[int] = None, size: Optional[int] = None,
-            channels: Optional[int] = None, limit: Optional[int] = None, seed: int = 0) -> Path:
+def prepare(
+    dataset: str,
+    out: Optional[Path] = None,
+    *,
+    source: Optional[Path] = None,
+    data_root: Path = DATA_ROOT,
+    download: bool = True,
+    val_size: Optional[int] = None,
+    size: Optional[int] = None,
+    channels: Optional[int] = None,
+    limit: Optional[int] = None,
+    seed: int = 0,
+) -> Path:
     """Read `dataset` from raw files (or torchvision's download) and write it as one `dataset/1` file with train /
     val / test splits (val carved from train with `seed`); print a table of the splits. `prepare`'s flags."""
     from stages import _prepare_readers
@@ -118,8 +128,10 @@ def prepare(dataset: str, out: Optional[Path] = None, *, source: Optional[Path] 
         test_x, test_y = test_x[: max(1, limit // 5)], test_y[: max(1, limit // 5)]
     shape = (channels or train_x.shape[1], size or train_x.shape[2], size or train_x.shape[3])
     # The converted arrays plus the split copies taken from them below.
-    check_memory(2 * (len(train_x) + len(test_x)) * int(np.prod(shape)),
-                 f"preparing {len(train_x) + len(test_x):,} {dataset} images of {'x'.join(map(str, shape))}")
+    check_memory(
+        2 * (len(train_x) + len(test_x)) * int(np.prod(shape)),
+        f"preparing {len(train_x) + len(test_x):,} {dataset} images of {'x'.join(map(str, shape))}",
+    )
     if size is not None or channels is not None:
         train_x = _prepare_readers.convert(train_x, size, channels)
         test_x = _prepare_readers.convert(test_x, size, channels)
@@ -136,8 +148,17 @@ def prepare(dataset: str, out: Optional[Path] = None, *, source: Optional[Path] 
     }
     mean, std = _normalisation(dataset, splits["train"][0])
 
-    params = dict(dataset=dataset, source=source, data_root=data_root, download=download, val_size=n_val,
-                  size=size, channels=channels, limit=limit, seed=seed)
+    params = dict(
+        dataset=dataset,
+        source=source,
+        data_root=data_root,
+        download=download,
+        val_size=n_val,
+        size=size,
+        channels=channels,
+        limit=limit,
+        seed=seed,
+    )
     with write_artifact(out, "dataset", "prepare", params, raw.files, seed, started) as f:
         f.attrs["name"] = dataset
         f.attrs["classes"] = json.dumps(list(raw.classes))
@@ -203,8 +224,10 @@ def refuse_evaluation_only(dataset: str, flag: str) -> None:
         except UserError:
             return  # not a readable dataset: loading it reports why
     if marked or name in _prepare_readers.EVALUATION_ONLY:
-        raise UserError(f"{flag} {dataset}: {name} is an evaluation-only set (a digit thief's likeliest pool); "
-                        "no recipe may train on it")
+        raise UserError(
+            f"{flag} {dataset}: {name} is an evaluation-only set (a digit thief's likeliest pool); "
+            "no recipe may train on it"
+        )
 
 
 def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
@@ -212,7 +235,9 @@ def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     with open_artifact(path, "dataset") as f:
         for split in splits:
             group = f.get(split)
-            if not isinstance(group, h5py.Group) or not all(isinstance(group.get(k), h5py.Dataset) for k in ("images", "labels")):
+            if not isinstance(group, h5py.Group) or not all(
+                isinstance(group.get(k), h5py.Dataset) for k in ("images", "labels")
+            ):
                 raise UserError(f"{path}: missing split {split!r} (images and labels)")
         try:
             classes = attr_json(f, "classes")
@@ -224,13 +249,17 @@ def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
             raise UserError(f"{path}: attribute classes must be a non-empty list of names")
         if len(mean) != len(std) or not np.all(np.isfinite(mean + std)) or min(std, default=0.0) <= 0:
             raise UserError(f"{path}: normalisation constants must be finite with std > 0, got mean {mean} std {std}")
-        check_memory(sum(f[s]["images"].size * f[s]["images"].dtype.itemsize + 8 * f[s]["labels"].size for s in splits),
-                     f"reading {path}")
+        check_memory(
+            sum(f[s]["images"].size * f[s]["images"].dtype.itemsize + 8 * f[s]["labels"].size for s in splits),
+            f"reading {path}",
+        )
         loaded = {}
         for split in splits:
             images, labels = f[split]["images"], f[split]["labels"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-                raise UserError(f"{path}: {split}/images must be uint8 (N, 1|3, H, W), got {images.dtype} {images.shape}")
+                raise UserError(
+                    f"{path}: {split}/images must be uint8 (N, 1|3, H, W), got {images.dtype} {images.shape}"
+                )
             if labels.dtype.kind not in "iu":
                 raise UserError(f"{path}: {split}/labels must be integers, got {labels.dtype}")
             if labels.shape != (images.shape[0],):

@@ -22,8 +22,16 @@ KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM"}
 NOT_TRAINING = ("objective", "ood")  # recipe entries that make a victim undefended, InI or AM, not how it trained
 TOLERANCE = 1e-9  # points: a cost that equals its budget up to rounding fits it
 TEXT = ("dataset", "attack", "label", "pool", "family", "setting", "victim", "defense", "note")
-NUMBERS = ("budget", "benign_cost", "benign_accuracy", "undefended_accuracy", "stealing_mean", "stealing_std", "n",
-           "winner")
+NUMBERS = (
+    "budget",
+    "benign_cost",
+    "benign_accuracy",
+    "undefended_accuracy",
+    "stealing_mean",
+    "stealing_std",
+    "n",
+    "winner",
+)
 
 
 def parse_budgets(text: str) -> list[float]:
@@ -69,8 +77,11 @@ def victim_names(entries: list[dict]) -> dict[str, str]:
     names = {}
     for victim, e in recipes.items():
         shared = common[e["dataset"], e["victim_kind"]]
-        apart = [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                 for k, v in sorted(json.loads(e["victim_changes"]).items()) if (k, json.dumps(v)) not in shared]
+        apart = [
+            f"{k}={v if isinstance(v, str) else json.dumps(v)}"
+            for k, v in sorted(json.loads(e["victim_changes"]).items())
+            if (k, json.dumps(v)) not in shared
+        ]
         names[victim] = " ".join([KIND_NAMES.get(e["victim_kind"], e["victim_kind"]), *apart])
     return names
 
@@ -104,8 +115,12 @@ def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, flo
     out = {}
     for g in groups:
         recipe = _recipe(g)
-        same = [key for key, base in recipes.items() if key[0] == g["dataset"]
-                and all(k in recipe and recipe[k] == v for k, v in base.items() if k not in NOT_TRAINING)]
+        same = [
+            key
+            for key, base in recipes.items()
+            if key[0] == g["dataset"]
+            and all(k in recipe and recipe[k] == v for k, v in base.items() if k not in NOT_TRAINING)
+        ]
         if len(same) == 1:
             out[g["dataset"], g["victim"]] = statistics.mean(seeds[same[0]].values())
     return out
@@ -114,7 +129,8 @@ def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, flo
 def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: str) -> list[dict]:
     """One entry per (threat, budget, family): its setting of least `metric` (mean over seeds) among those whose
     benign cost fits the budget, and `winner` 1 for the family of least `metric` over all (ties: the cheaper
-    setting, then the undefended victim, which a defense must beat; a tie beyond that names every tied family). A family with no setting that fits, or none with a
+    setting, then the undefended victim, which a defense must beat; a tie beyond that names every tied family).
+    A family with no setting that fits, or none with a
     same-recipe undefended victim to measure its cost against, gets an entry with an empty setting and a note."""
     base = undefended_accuracy(rows, groups)
     names = setting_names(groups)
@@ -125,8 +141,10 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
     out = []
     for threat in sorted(threats):
         for budget in budgets:
-            entries = [_pick(threat, own, options, budget, base, names, metric)
-                       for own, options in sorted(threats[threat].items())]
+            entries = [
+                _pick(threat, own, options, budget, base, names, metric)
+                for own, options in sorted(threats[threat].items())
+            ]
             measured = [e for e in entries if e["setting"]]
             if measured:
                 rank = {id(e): (e["stealing_mean"], e["benign_cost"], e["family"] != "none") for e in measured}
@@ -139,12 +157,31 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
 
 def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dict, names: dict, metric: str) -> dict:
     dataset, attack, label, pool = threat
-    entry = dict(dataset=dataset, attack=attack, label=label, pool=pool, family=own, setting="", victim="",
-                 defense="", note="", budget=budget, benign_cost=math.nan, benign_accuracy=math.nan,
-                 undefended_accuracy=math.nan, stealing_mean=math.nan, stealing_std=math.nan, n=0.0, winner=0.0)
+    entry = dict(
+        dataset=dataset,
+        attack=attack,
+        label=label,
+        pool=pool,
+        family=own,
+        setting="",
+        victim="",
+        defense="",
+        note="",
+        budget=budget,
+        benign_cost=math.nan,
+        benign_accuracy=math.nan,
+        undefended_accuracy=math.nan,
+        stealing_mean=math.nan,
+        stealing_std=math.nan,
+        n=0.0,
+        winner=0.0,
+    )
     measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
-    costed = [(g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"])) for g in measured
-              if (dataset, g["victim"]) in base]
+    costed = [
+        (g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"]))
+        for g in measured
+        if (dataset, g["victim"]) in base
+    ]
     fitting = [(g, cost) for g, cost in costed if cost <= budget + TOLERANCE]
     if not costed:
         entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
@@ -152,17 +189,27 @@ def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dic
     if not fitting:
         entry["note"] = f"no setting within {budget:g} pt"
         return entry
-    g, cost = min(fitting, key=lambda gc: (gc[0][f"{metric}_mean"], gc[1],
-                                           names[dataset, gc[0]["victim"], gc[0]["defense"]]))
-    entry.update(setting=names[dataset, g["victim"], g["defense"]], victim=g["victim"], defense=g["defense"],
-                 benign_cost=cost, benign_accuracy=g["benign_accuracy_mean"],
-                 undefended_accuracy=base[dataset, g["victim"]], stealing_mean=g[f"{metric}_mean"],
-                 stealing_std=g[f"{metric}_std"], n=float(g["n"]))
+    g, cost = min(
+        fitting, key=lambda gc: (gc[0][f"{metric}_mean"], gc[1], names[dataset, gc[0]["victim"], gc[0]["defense"]])
+    )
+    entry.update(
+        setting=names[dataset, g["victim"], g["defense"]],
+        victim=g["victim"],
+        defense=g["defense"],
+        benign_cost=cost,
+        benign_accuracy=g["benign_accuracy_mean"],
+        undefended_accuracy=base[dataset, g["victim"]],
+        stealing_mean=g[f"{metric}_mean"],
+        stealing_std=g[f"{metric}_std"],
+        n=float(g["n"]),
+    )
     return entry
 
 
-METRIC_NAMES = {"stealing_accuracy_relabelled": "stealing accuracy after the best relabelling",
-                "stealing_accuracy": "stealing accuracy"}
+METRIC_NAMES = {
+    "stealing_accuracy_relabelled": "stealing accuracy after the best relabelling",
+    "stealing_accuracy": "stealing accuracy",
+}
 
 
 def _cell(e: dict) -> str:
@@ -182,16 +229,21 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
         return []
     what = METRIC_NAMES.get(metric, metric)
     budgets = sorted({e["budget"] for e in decision})
-    lines = ["## Decision: the defense that leaves the thief least, per benign cost", "",
-             f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
-             f"undefended victim of the same training recipe, each a mean over its seeds), every setting of every "
-             f"defense whose cost fits is a candidate; a defense's pick is its setting of least thief's accuracy "
-             f"({what}, mean over seeds), and the winner the defense whose pick leaves the least (a tie goes to the "
-             f"cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative cost: more benign accuracy than the "
-             f"undefended victim.", "",
-             "| victim data | attack | labels | pool | budget | winner: setting | thief's accuracy | benign cost "
-             "| next best | undefended |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Decision: the defense that leaves the thief least, per benign cost",
+        "",
+        f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
+        f"undefended victim of the same training recipe, each a mean over its seeds), every setting of every "
+        f"defense whose cost fits is a candidate; a defense's pick is its setting of least thief's accuracy "
+        f"({what}, mean over seeds), and the winner the defense whose pick leaves the least (a tie goes to the "
+        f"cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative cost: more benign "
+        f"accuracy than the "
+        f"undefended victim.",
+        "",
+        "| victim data | attack | labels | pool | budget | winner: setting | thief's accuracy | benign cost "
+        "| next best | undefended |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     threats: dict[tuple, list[dict]] = defaultdict(list)
     for e in decision:
         threats[e["dataset"], e["attack"], e["label"], e["pool"], e["budget"]].append(e)
@@ -199,16 +251,37 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
         won = [e for e in entries if e["winner"]]
         rest = sorted((e for e in entries if e["setting"] and not e["winner"]), key=lambda e: e["stealing_mean"])
         plain = [e for e in entries if e["family"] == "none" and e["setting"]]
-        winner = " = ".join(e["setting"] if e["setting"].startswith(e["family"]) else f"{e['family']}: {e['setting']}"
-                            for e in won) or "-"
-        lines.append("| " + " | ".join([
-            dataset, attack, label, pool, f"≤ {budget:g} pt", winner, _cell(won[0]) if won else "-",
-            f"{won[0]['benign_cost']:+.2f} pt" if won else "-",
-            f"{rest[0]['family']}: {_short(rest[0])}, {_cell(rest[0])}" if rest else "-",
-            _cell(plain[0]) if plain else "-"]) + " |")
-    lines += ["", "Each defense's pick per budget (its setting and benign cost in points; **bold**: the winner):", "",
-              "| victim data | attack | labels | pool | defense | " + " | ".join(f"≤ {b:g} pt" for b in budgets) + " |",
-              "|---|---|---|---|---|" + "---|" * len(budgets)]
+        winner = (
+            " = ".join(
+                e["setting"] if e["setting"].startswith(e["family"]) else f"{e['family']}: {e['setting']}" for e in won
+            )
+            or "-"
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    dataset,
+                    attack,
+                    label,
+                    pool,
+                    f"≤ {budget:g} pt",
+                    winner,
+                    _cell(won[0]) if won else "-",
+                    f"{won[0]['benign_cost']:+.2f} pt" if won else "-",
+                    f"{rest[0]['family']}: {_short(rest[0])}, {_cell(rest[0])}" if rest else "-",
+                    _cell(plain[0]) if plain else "-",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Each defense's pick per budget (its setting and benign cost in points; **bold**: the winner):",
+        "",
+        "| victim data | attack | labels | pool | defense | " + " | ".join(f"≤ {b:g} pt" for b in budgets) + " |",
+        "|---|---|---|---|---|" + "---|" * len(budgets),
+    ]
     rows: dict[tuple, dict[float, dict]] = defaultdict(dict)
     for e in decision:
         rows[e["dataset"], e["attack"], e["label"], e["pool"], e["family"]][e["budget"]] = e

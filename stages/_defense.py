@@ -47,20 +47,28 @@ def random_proxy(arch: str, num_classes: int, input_shape: Sequence[int], mean, 
         return models.build_model(arch, num_classes, input_shape[0], input_shape[1], mean, std).eval()
 
 
-def load_misinformation(victim_h5: Optional[Path], arch: str, num_classes: int, input_shape, mean, std) -> models.Classifier:
+def load_misinformation(
+    victim_h5: Optional[Path], arch: str, num_classes: int, input_shape, mean, std
+) -> models.Classifier:
     if victim_h5 is None or Path(victim_h5).suffix not in (".h5", ".hdf5"):
-        raise UserError("adaptive-misinformation needs the misinformation network stored in victim.h5: "
-                        "give the .h5 victim (a victim.pt can only carry it baked in by `export`)")
+        raise UserError(
+            "adaptive-misinformation needs the misinformation network stored in victim.h5: "
+            "give the .h5 victim (a victim.pt can only carry it baked in by `export`)"
+        )
     with open_artifact(victim_h5, "victim") as f:
         if MISINFORMATION_GROUP not in f:
-            raise UserError(f"{victim_h5}: no misinformation network; train the victim with "
-                            "`train --objective outlier-exposure --ood DATASET`")
+            raise UserError(
+                f"{victim_h5}: no misinformation network; train the victim with "
+                "`train --objective outlier-exposure --ood DATASET`"
+            )
         state = load_state(f[MISINFORMATION_GROUP])
     net = models.build_model(arch, num_classes, input_shape[0], input_shape[1], mean, std)
     try:
         net.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"{victim_h5}: the misinformation weights do not fit a {arch} for {list(input_shape)}") from None
+        raise UserError(
+            f"{victim_h5}: the misinformation weights do not fit a {arch} for {list(input_shape)}"
+        ) from None
     return net.eval()
 
 
@@ -69,19 +77,33 @@ def benign_threshold(victim_h5: Optional[Path], quantile: float) -> float:
     if victim_h5 is None or Path(victim_h5).suffix not in (".h5", ".hdf5"):
         raise UserError("gate quantile=Q calibrates on the victim's val split: give the victim.h5, or set threshold=T")
     model, info = _victim.load(victim_h5)
-    data = _data.load(str(json.loads(info.provenance.get("params", "{}")).get("dataset", info.dataset)), splits=("val",))
+    data = _data.load(
+        str(json.loads(info.provenance.get("params", "{}")).get("dataset", info.dataset)), splits=("val",)
+    )
     _victim.check_matches(info, data)
     images = data.splits["val"][0]
     if not len(images):
         raise UserError(f"{data.path}: empty val split; the gate's quantile needs benign images (or set threshold=T)")
     with torch.no_grad():
-        top = torch.cat([torch.softmax(model(_data.to_float(images[i : i + 1024])), 1).max(1).values
-                         for i in range(0, len(images), 1024)])
+        top = torch.cat(
+            [
+                torch.softmax(model(_data.to_float(images[i : i + 1024])), 1).max(1).values
+                for i in range(0, len(images), 1024)
+            ]
+        )
     return float(torch.quantile(top.double(), quantile))
 
 
-def build(name: str, params: dict, arch: str, num_classes: int, input_shape: Sequence[int], mean, std,
-          victim_h5: Optional[Path] = None) -> nn.Module:
+def build(
+    name: str,
+    params: dict,
+    arch: str,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean,
+    std,
+    victim_h5: Optional[Path] = None,
+) -> nn.Module:
     """DEFENSES[name] built from `params` (from `parse`) and the victim-side inputs it needs. A threshold the gate
     calibrates is written back into `params`, so the outputs that record them record it."""
     cls = DEFENSES[name]

@@ -29,10 +29,23 @@ def points(groups: list[dict], metric: str) -> list[dict]:
     """Every stolen setting as a point: its threat, family, setting name, benign accuracy (x) and the thief's
     accuracy (y) in %, with their seed spread, and whether the panel's zoom shows it (`shown`)."""
     names = _decision.setting_names(groups)
-    out = [dict(dataset=g["dataset"], attack=g["attack"], label=g["label"], pool=g["pool"], family=_decision.family(g),
-                setting=names[g["dataset"], g["victim"], g["defense"]], n=g["n"], x=100 * g["benign_accuracy_mean"],
-                xerr=100 * g["benign_accuracy_std"], y=100 * g[f"{metric}_mean"], yerr=100 * g[f"{metric}_std"])
-           for g in groups if g["attack"] != "-" and math.isfinite(g[f"{metric}_mean"])]
+    out = [
+        dict(
+            dataset=g["dataset"],
+            attack=g["attack"],
+            label=g["label"],
+            pool=g["pool"],
+            family=_decision.family(g),
+            setting=names[g["dataset"], g["victim"], g["defense"]],
+            n=g["n"],
+            x=100 * g["benign_accuracy_mean"],
+            xerr=100 * g["benign_accuracy_std"],
+            y=100 * g[f"{metric}_mean"],
+            yerr=100 * g[f"{metric}_std"],
+        )
+        for g in groups
+        if g["attack"] != "-" and math.isfinite(g[f"{metric}_mean"])
+    ]
     panels: dict[tuple, list[dict]] = defaultdict(list)
     for p in out:
         panels[p["dataset"], p["attack"], p["label"], p["pool"]].append(p)
@@ -41,9 +54,15 @@ def points(groups: list[dict], metric: str) -> list[dict]:
         floor = max(plain) - ZOOM if plain else -math.inf
         for p in members:
             p["shown"] = p["x"] >= floor
-        frontier = [p for p in members if p["shown"] and not any(
-            q["shown"] and q["x"] >= p["x"] and q["y"] <= p["y"] and (q["x"], q["y"]) != (p["x"], p["y"])
-            for q in members)]
+        frontier = [
+            p
+            for p in members
+            if p["shown"]
+            and not any(
+                q["shown"] and q["x"] >= p["x"] and q["y"] <= p["y"] and (q["x"], q["y"]) != (p["x"], p["y"])
+                for q in members
+            )
+        ]
         for p in members:
             p["frontier"] = p in frontier
     return out
@@ -66,28 +85,47 @@ def pareto(path: Path, attack: str, panel_points: list[dict], families: list[str
     fig, axes = plt.subplots(len(datasets), columns, figsize=(5.2 * columns, 4.4 * len(datasets)), squeeze=False)
     for row, dataset in zip(axes, datasets, strict=True):
         keys = sorted(panels[dataset])
-        for ax in row[len(keys):]:
+        for ax in row[len(keys) :]:
             ax.set_visible(False)
-        for ax, (label, pool) in zip(row, keys):
+        for ax, (label, pool) in zip(row, keys, strict=False):
             members = [p for p in panels[dataset][label, pool] if p["shown"]]
             for own in sorted({p["family"] for p in members}, key=families.index):
                 curve = sorted((p for p in members if p["family"] == own), key=lambda p: p["x"])
-                ax.errorbar([p["x"] for p in curve], [p["y"] for p in curve], xerr=[p["xerr"] for p in curve],
-                            yerr=[p["yerr"] for p in curve], fmt="-" + marker[own], color=color[own], ms=5, lw=1,
-                            elinewidth=0.7, capsize=2, alpha=0.9)
+                ax.errorbar(
+                    [p["x"] for p in curve],
+                    [p["y"] for p in curve],
+                    xerr=[p["xerr"] for p in curve],
+                    yerr=[p["yerr"] for p in curve],
+                    fmt="-" + marker[own],
+                    color=color[own],
+                    ms=5,
+                    lw=1,
+                    elinewidth=0.7,
+                    capsize=2,
+                    alpha=0.9,
+                )
             front = sorted((p for p in members if p["frontier"]), key=lambda p: p["x"])
             # for benign accuracy in (x_i-1, x_i] the least a defender can leave is y_i: a step drawn "pre"
-            ax.step([p["x"] for p in front], [p["y"] for p in front], where="pre", color="0.5", lw=5, alpha=0.3,
-                    zorder=0)
-            ax.scatter([p["x"] for p in front], [p["y"] for p in front], s=140, facecolors="none", edgecolors="0.35",
-                       linewidths=1.2, zorder=3)
+            ax.step(
+                [p["x"] for p in front], [p["y"] for p in front], where="pre", color="0.5", lw=5, alpha=0.3, zorder=0
+            )
+            ax.scatter(
+                [p["x"] for p in front],
+                [p["y"] for p in front],
+                s=140,
+                facecolors="none",
+                edgecolors="0.35",
+                linewidths=1.2,
+                zorder=3,
+            )
             named: dict[tuple, list[dict]] = defaultdict(list)  # settings that coincide share one label
             for p in front:
                 named[p["x"], p["y"]].append(p)
             for (x, y), same in named.items():
                 text = " = ".join(p["setting"].removeprefix(p["family"]).strip() or p["setting"] for p in same)
-                ax.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6,
-                            color=color[same[0]["family"]])
+                ax.annotate(
+                    text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6, color=color[same[0]["family"]]
+                )
             hidden = sum(not p["shown"] for p in panels[dataset][label, pool])
             note = f" ({hidden} below the zoom, listed)" if hidden else ""
             ax.set_title(f"{dataset}: {label} labels, pool {pool}{note}", fontsize=9)
@@ -96,13 +134,18 @@ def pareto(path: Path, attack: str, panel_points: list[dict], families: list[str
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=color[f], marker=marker[f], label=f) for f in families]
-    handles.append(Line2D([], [], color="0.5", lw=5, alpha=0.3, marker="o", ms=11, mfc="none", mec="0.35",
-                          label="Pareto frontier"))
-    fig.suptitle(f"{attack}: what the thief keeps against what the defender pays\nlower right is better for the "
-                 "defender; error bars: sample std over seeds", fontsize=9)
+    handles.append(
+        Line2D([], [], color="0.5", lw=5, alpha=0.3, marker="o", ms=11, mfc="none", mec="0.35", label="Pareto frontier")
+    )
+    fig.suptitle(
+        f"{attack}: what the thief keeps against what the defender pays\nlower right is better for the "
+        "defender; error bars: sample std over seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
-    fig.legend(handles=handles, title="defense", fontsize=8, title_fontsize=8, loc="upper left",
-               bbox_to_anchor=(1.0, 0.9))
+    fig.legend(
+        handles=handles, title="defense", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.9)
+    )
     return save(fig, path)
 
 

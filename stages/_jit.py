@@ -32,8 +32,12 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(module)
 
 
-def save(module: torch.nn.Module, path: Path, metadata: dict[str, Any],
-         check: Callable[[torch.jit.ScriptModule], None] | None = None) -> torch.jit.ScriptModule:
+def save(
+    module: torch.nn.Module,
+    path: Path,
+    metadata: dict[str, Any],
+    check: Callable[[torch.jit.ScriptModule], None] | None = None,
+) -> torch.jit.ScriptModule:
     """Script and save atomically; `check` gets the file loaded back and may raise before it replaces `path`,
     so a failed check leaves any previous file untouched."""
     scripted = script(module)

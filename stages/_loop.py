@@ -72,7 +72,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str, batch: int = 1024) -> float:
+def accuracy(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str, batch: int = 1024
+) -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -110,7 +112,9 @@ def _read_checkpoint(path, fingerprint, model, optimizer, modules, device):
     try:
         return _read_checkpoint_unchecked(path, fingerprint, model, optimizer, modules, device)
     except (KeyError, ValueError, TypeError, RuntimeError, OSError) as e:  # a damaged or hand-edited checkpoint
-        raise UserError(f"{path}: damaged checkpoint ({' '.join(str(e).split())[:200]}); remove it or drop --resume") from None
+        raise UserError(
+            f"{path}: damaged checkpoint ({' '.join(str(e).split())[:200]}); remove it or drop --resume"
+        ) from None
 
 
 def _read_checkpoint_unchecked(path, fingerprint, model, optimizer, modules, device):
@@ -124,8 +128,13 @@ def _read_checkpoint_unchecked(path, fingerprint, model, optimizer, modules, dev
             optimizer.state[params[int(key)]]["momentum_buffer"] = torch.from_numpy(f["momentum"][key][()]).to(device)
         for name, module in modules.items():
             module.load_state_dict(load_state(f[f"modules/{name}"]))
-        result = Result(load_history(f["history"]), int(f.attrs["chosen_epoch"]), float(f.attrs["val_accuracy"]),
-                        float(f.attrs["test_accuracy"]), float(f.attrs["seconds"]))
+        result = Result(
+            load_history(f["history"]),
+            int(f.attrs["chosen_epoch"]),
+            float(f.attrs["val_accuracy"]),
+            float(f.attrs["test_accuracy"]),
+            float(f.attrs["seconds"]),
+        )
         return int(f.attrs["epoch"]), best, result
 
 
@@ -154,7 +163,9 @@ def fit(
     itself says so with a true `step.reduces_gradients`; otherwise the loop averages them, as DDP would."""
     device, modules = recipe.device, modules or {}
     ranks = _torchrun.join(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
     ckpt = checkpoint_path(out)
     start, best, result = 0, copy.deepcopy(model.state_dict()), Result()
     if resume:
@@ -170,8 +181,16 @@ def fit(
     train = tuple(t.to(device) for t in data.splits["train"])
     steps_per_epoch = -(-len(train[1]) // recipe.batch_size)
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console, disable=not ranks.main)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not ranks.main,
+    )
     with progress:
         epochs_task = progress.add_task(f"{title} epochs", total=recipe.epochs, completed=start, info="")
         batch_task = progress.add_task("  batches", total=steps_per_epoch, info="")
@@ -179,15 +198,16 @@ def fit(
             tic = time.time()
             # StepLR, stateless so resume is exact; halved once per rollback so far
             halvings = sum(result.history.get("rolled_back", []))
-            lr = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step) * 0.5 ** halvings
+            lr = recipe.lr * recipe.lr_gamma ** (epoch // recipe.lr_step) * 0.5**halvings
             for group in optimizer.param_groups:
                 group["lr"] = lr
             gen = epoch_generator(recipe.seed, epoch)
             if begin_epoch is not None:
                 begin_epoch(epoch, gen)
             progress.reset(batch_task, total=steps_per_epoch)
-            sums = _train_epoch(model, train, step, optimizer, recipe, gen, ranks, ckpt, epoch,
-                                lambda: progress.advance(batch_task))
+            sums = _train_epoch(
+                model, train, step, optimizer, recipe, gen, ranks, ckpt, epoch, lambda: progress.advance(batch_task)
+            )
             row = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
             row["val_accuracy"] = accuracy(model, *data.splits["val"], device)
             row["test_accuracy"] = accuracy(model, *data.splits["test"], device)
@@ -203,8 +223,11 @@ def fit(
             info = f"val {row['val_accuracy']:.4f} test {row['test_accuracy']:.4f}"
             progress.update(epochs_task, advance=1, info=info)
             if ranks.main:
-                console.log(f"epoch {epoch + 1}/{recipe.epochs} " + " ".join(
-                    f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_")) + f" {info}")
+                console.log(
+                    f"epoch {epoch + 1}/{recipe.epochs} "
+                    + " ".join(f"{k.removeprefix('train_')} {v:.4g}" for k, v in row.items() if k.startswith("train_"))
+                    + f" {info}"
+                )
     model.load_state_dict(best)
     return result
 
@@ -249,10 +272,16 @@ def _select(model, optimizer, result: Result, row: dict, epoch: int, best: dict,
         model.load_state_dict(best)
         optimizer.state.clear()  # momentum of the collapsed trajectory
         if ranks.main:
-            console.log(f"epoch {epoch + 1}: val accuracy fell to chance ({row['val_accuracy']:.4f}), the "
-                        f"network collapsed: back to epoch {result.chosen_epoch}'s weights, learning rate halved")
+            console.log(
+                f"epoch {epoch + 1}: val accuracy fell to chance ({row['val_accuracy']:.4f}), the "
+                f"network collapsed: back to epoch {result.chosen_epoch}'s weights, learning rate halved"
+            )
     elif epoch == 0 or row["val_accuracy"] > result.val_accuracy:
-        result.chosen_epoch, result.val_accuracy, result.test_accuracy = epoch + 1, row["val_accuracy"], row["test_accuracy"]
+        result.chosen_epoch, result.val_accuracy, result.test_accuracy = (
+            epoch + 1,
+            row["val_accuracy"],
+            row["test_accuracy"],
+        )
         best = copy.deepcopy(model.state_dict())
     return best
 
@@ -294,7 +323,7 @@ def _average_gradients(model: torch.nn.Module, terms: dict[str, torch.Tensor], r
     parts = flat.split([p.numel() for p in params] + [1] * len(values))
     for p, part in zip(params, parts, strict=False):
         p.grad.copy_(part.view_as(p.grad))
-    for key, part in zip(terms, parts[len(params):], strict=True):
+    for key, part in zip(terms, parts[len(params) :], strict=True):
         terms[key] = part[0]
 
 
@@ -319,9 +348,13 @@ def summarise(title: str, data: _data.Dataset, result: Result, out: Path) -> Non
     console.print(table)
     rolled = int(sum(result.history.get("rolled_back", [])))
     if rolled:
-        console.print(f"note: the network collapsed {rolled} time(s) and was rolled back to its best epoch each time, "
-                      f"with the learning rate halved (history column rolled_back)")
+        console.print(
+            f"note: the network collapsed {rolled} time(s) and was rolled back to its best epoch each time, "
+            f"with the learning rate halved (history column rolled_back)"
+        )
     collapsed_at = collapse_epoch(result.history.get("val_accuracy", []), len(data.classes))
     if collapsed_at:
-        console.print(f"warning: val accuracy fell to chance at epoch {collapsed_at} and stayed there (the network "
-                      f"collapsed); the victim is epoch {result.chosen_epoch}'s. Try a lower --lr or another seed.")
+        console.print(
+            f"warning: val accuracy fell to chance at epoch {collapsed_at} and stayed there (the network "
+            f"collapsed); the victim is epoch {result.chosen_epoch}'s. Try a lower --lr or another seed."
+        )

@@ -28,20 +28,33 @@ INPUT = "images"
 UNSUPPORTED = {"noise": "its per-image hash of float64 sin() is not reproduced bit for bit by ONNX Runtime"}
 
 
-def save(module: torch.nn.Module, path: Path, example: torch.Tensor, metadata: dict[str, Any],
-         check: Callable[[Path], None] | None = None) -> None:
+def save(
+    module: torch.nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    metadata: dict[str, Any],
+    check: Callable[[Path], None] | None = None,
+) -> None:
     """Export atomically; `check` gets the written file and may raise before it replaces `path`."""
     with atomic_path(path) as partial:
         # the exporter reports its passes as warnings and as lines on stdout, which carries only a stage's output
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             try:
-                program = torch.onnx.export(module.eval(), (example,), dynamo=True, verbose=False,
-                                            input_names=[INPUT], output_names=["probabilities"],
-                                            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+                program = torch.onnx.export(
+                    module.eval(),
+                    (example,),
+                    dynamo=True,
+                    verbose=False,
+                    input_names=[INPUT],
+                    output_names=["probabilities"],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                )
             except Exception as e:  # the exporter raises many types for an operator it cannot express
-                raise UserError(f"torch.onnx cannot export this graph ({type(e).__name__}: "
-                                f"{' '.join(str(e).split())[:200]}); nothing written") from None
+                raise UserError(
+                    f"torch.onnx cannot export this graph ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]}); nothing written"
+                ) from None
         model = program.model_proto
         del model.metadata_props[:]
         entry = model.metadata_props.add()

@@ -35,21 +35,28 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Batch size.", rich_help_pan
 LR = Annotated[float, typer.Option(min=0.0, help="SGD learning rate.", rich_help_panel=RECIPE)]
 Momentum = Annotated[float, typer.Option(min=0.0, max=1.0, help="SGD momentum.", rich_help_panel=RECIPE)]
 WeightDecay = Annotated[float, typer.Option(min=0.0, help="SGD weight decay.", rich_help_panel=RECIPE)]
-LRStep = Annotated[int, typer.Option(min=1, help="StepLR: decay the learning rate every N epochs.",
-                                     rich_help_panel=RECIPE)]
+LRStep = Annotated[
+    int, typer.Option(min=1, help="StepLR: decay the learning rate every N epochs.", rich_help_panel=RECIPE)
+]
 LRGamma = Annotated[float, typer.Option(min=0.0, max=1.0, help="StepLR decay factor.", rich_help_panel=RECIPE)]
-Augment = Annotated[Optional[bool], typer.Option(help="Random crop + flip [default: on for RGB data].",
-                                                 rich_help_panel=RECIPE)]
-Seed = Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.",
-                                   rich_help_panel=RECIPE)]
+Augment = Annotated[
+    Optional[bool], typer.Option(help="Random crop + flip [default: on for RGB data].", rich_help_panel=RECIPE)
+]
+Seed = Annotated[int, typer.Option(help="Seed of initialisation, shuffling and augmentation.", rich_help_panel=RECIPE)]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].", rich_help_panel=RUNTIME)]
 Resume = Annotated[bool, typer.Option(help="Continue from the checkpoint beside --out.", rich_help_panel=RUNTIME)]
 
 # the posterior defense of `steal` and `export`
 DefenseName = Annotated[str, typer.Option(help=f"Posterior defense: {', '.join(DEFENSES)}.", rich_help_panel=VICTIM)]
-DefenseParams = Annotated[Optional[list[str]], typer.Option(
-    "--defense-param", metavar="KEY=VALUE", rich_help_panel=VICTIM,
-    help=f"Defense parameter, repeatable. Defaults: {describe(DEFENSES)}.")]
+DefenseParams = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--defense-param",
+        metavar="KEY=VALUE",
+        rich_help_panel=VICTIM,
+        help=f"Defense parameter, repeatable. Defaults: {describe(DEFENSES)}.",
+    ),
+]
 
 
 def defaults(run: Callable[..., Any]) -> dict[str, Any]:

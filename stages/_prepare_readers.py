@@ -43,11 +43,25 @@ class RawDataset:
 
 
 # Near-distribution families (stages/near): generated, or derived from MNIST / FashionMNIST's raw files.
-NEAR_DATASETS = ("glyphs", "digits-transformed", "pen-strokes", "latin-letters", "silhouettes", "garments-recombined",
-                 "garments-transformed")
+NEAR_DATASETS = (
+    "glyphs",
+    "digits-transformed",
+    "pen-strokes",
+    "latin-letters",
+    "silhouettes",
+    "garments-recombined",
+    "garments-transformed",
+)
 # Pools that need no file and no network: the CLI's safe choices on an offline machine.
-OFFLINE_DATASETS = ("sklearn-digits", "skimage-patches", "generated", "glyphs", "pen-strokes", "latin-letters",
-                    "silhouettes")
+OFFLINE_DATASETS = (
+    "sklearn-digits",
+    "skimage-patches",
+    "generated",
+    "glyphs",
+    "pen-strokes",
+    "latin-letters",
+    "silhouettes",
+)
 # Sets a thief of a digit classifier would most likely query with: measured against, never trained on (no OOD set,
 # no outlier exposure); their artifacts carry evaluation_only = true.
 EVALUATION_ONLY = ("latin-letters", "emnist-letters", "emnist-digits")
@@ -69,8 +83,24 @@ FOLDER_SIZE = 64  # an image folder whose images differ in size is resized to th
 # Photographs scikit-image ships inside its wheel (the others need pooch and the network). Synthetic
 # images (checkerboard, logo, colorwheel, horse, phantom) are left out: the pool stands for natural images.
 SKIMAGE_PHOTOS = (
-    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-    "hubble_deep_field", "immunohistochemistry", "moon", "page", "retina", "rocket", "stereo_motorcycle", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cell",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+    "text",
 )
 PATCH = 32
 MAX_PATCHES_PER_PHOTO = 600  # retina alone has ~1,900 patches; the cap keeps classes comparable
@@ -93,8 +123,17 @@ def _reading(name: str, path: Path) -> Iterator[None]:
         yield
     except UserError:
         raise
-    except (AssertionError, ValueError, TypeError, KeyError, IndexError, OSError, EOFError, pickle.UnpicklingError,
-            NotImplementedError) as e:
+    except (
+        AssertionError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        NotImplementedError,
+    ) as e:
         raise UserError(f"{name}: cannot read {path}: {_one_line(e)}") from None
 
 
@@ -135,9 +174,17 @@ def _download(name: str, data_roots: list[Path], fetch: Callable[[Path], object]
     return ""
 
 
-def _locate(name: str, names: list[str], source: Path | None, data_roots: list[Path], download: bool,
-            layout: str, fetch: Callable[[Path], object] | None, extra_layouts: tuple[str, ...] = (),
-            gzipped: bool = False) -> dict[str, Path]:
+def _locate(
+    name: str,
+    names: list[str],
+    source: Path | None,
+    data_roots: list[Path],
+    download: bool,
+    layout: str,
+    fetch: Callable[[Path], object] | None,
+    extra_layouts: tuple[str, ...] = (),
+    gzipped: bool = False,
+) -> dict[str, Path]:
     """Search order: --source, each data root, Debian's folders, then torchvision's download if allowed."""
     layouts = [layout, *extra_layouts]
     found = _find(names, _search_dirs(source, data_roots, layouts, DEBIAN_DIRS.get(name, [])), gzipped)
@@ -185,15 +232,23 @@ def _split(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarra
 
 
 def _raw(name, train_x, train_y, test_x, test_y, classes, files) -> RawDataset:
-    return RawDataset(name, np.ascontiguousarray(train_x, np.uint8), np.asarray(train_y, np.int64),
-                      np.ascontiguousarray(test_x, np.uint8), np.asarray(test_y, np.int64), list(classes), list(files))
+    return RawDataset(
+        name,
+        np.ascontiguousarray(train_x, np.uint8),
+        np.asarray(train_y, np.int64),
+        np.ascontiguousarray(test_x, np.uint8),
+        np.asarray(test_y, np.int64),
+        list(classes),
+        list(files),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- IDX family
 
 
-def load_mnist_like(name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool,
-                    seed: int) -> RawDataset:
+def load_mnist_like(
+    name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool, seed: int
+) -> RawDataset:
     """MNIST, Fashion-MNIST, KMNIST: four IDX files under <root>/<ClassName>/raw/."""
     layout = f"{dataset_cls.__name__}/raw"
     fetch = lambda root: dataset_cls(str(root), train=True, download=True)  # noqa: E731
@@ -204,15 +259,24 @@ def load_mnist_like(name: str, dataset_cls: type, source: Path | None, data_root
     return _raw(name, train_x[:, None], train_y, test_x[:, None], test_y, dataset_cls.classes, files.values())
 
 
-def load_emnist(name: str, split: str, source: Path | None, data_roots: list[Path], download: bool,
-                seed: int) -> RawDataset:
+def load_emnist(
+    name: str, split: str, source: Path | None, data_roots: list[Path], download: bool, seed: int
+) -> RawDataset:
     """EMNIST 'letters' or 'digits': IDX files named emnist-<split>-{train,test}-{images,labels}-idx?-ubyte."""
-    names = [f"emnist-{split}-{part}" for part in
-             ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "test-images-idx3-ubyte", "test-labels-idx1-ubyte")]
+    names = [
+        f"emnist-{split}-{part}"
+        for part in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "test-images-idx3-ubyte",
+            "test-labels-idx1-ubyte",
+        )
+    ]
     fetch = lambda root: tvd.EMNIST(str(root), split=split, train=True, download=True)  # noqa: E731
     # NIST's own archive unpacks to gzip/; accept that folder as well as torchvision's EMNIST/raw/.
-    files = _locate(name, names, source, data_roots, download, "EMNIST/raw", fetch, extra_layouts=("gzip",),
-                    gzipped=True)
+    files = _locate(
+        name, names, source, data_roots, download, "EMNIST/raw", fetch, extra_layouts=("gzip",), gzipped=True
+    )
     train_x, train_y, test_x, test_y = (
         _read_idx(name, files[n], read_image_file if "images" in n else read_label_file) for n in names
     )
@@ -232,9 +296,15 @@ def load_emnist(name: str, split: str, source: Path | None, data_roots: list[Pat
 class _ArraysOnly(pickle.Unpickler):
     """CIFAR batches hold dicts, lists, strings and numpy arrays; any other global could run code, so refuse it."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -248,16 +318,18 @@ def _read_pickle(name: str, path: Path) -> dict:
         return _ArraysOnly(f, encoding="latin1").load()
 
 
-def load_cifar(name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool,
-               seed: int) -> RawDataset:
+def load_cifar(
+    name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool, seed: int
+) -> RawDataset:
     """CIFAR-10/100 python batches (torchvision's cifar-10-batches-py/ or cifar-100-python/ folder)."""
     train_names = [n for n, _ in dataset_cls.train_list]
     test_names = [n for n, _ in dataset_cls.test_list]
     meta_name = dataset_cls.meta["filename"]
     fetch = lambda root: dataset_cls(str(root), train=True, download=True)  # noqa: E731
     # Our own read, not dataset_cls(root): its md5 check would refuse any file but the official ones.
-    files = _locate(name, train_names + test_names + [meta_name], source, data_roots, download,
-                    dataset_cls.base_folder, fetch)
+    files = _locate(
+        name, train_names + test_names + [meta_name], source, data_roots, download, dataset_cls.base_folder, fetch
+    )
 
     def read(batch_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
@@ -339,9 +411,15 @@ def _tiny_imagenet(name: str, root: Path) -> RawDataset:
             words[wnid] = text.split(",")[0].strip()
     classes = [words.get(wnid, wnid) for wnid in wnids]
     train_paths, val_paths = [Path(p) for p, _ in train], [Path(p) for p, _ in val]
-    return _raw(name, _read_images(name, train_paths, 64), [c for _, c in train],
-                _read_images(name, val_paths, 64), [c for _, c in val], classes,
-                train_paths + val_paths + [annotations])
+    return _raw(
+        name,
+        _read_images(name, train_paths, 64),
+        [c for _, c in train],
+        _read_images(name, val_paths, 64),
+        [c for _, c in val],
+        classes,
+        train_paths + val_paths + [annotations],
+    )
 
 
 def _image_folder(name: str, root: Path, seed: int) -> RawDataset:
@@ -364,6 +442,7 @@ def _image_folder(name: str, root: Path, seed: int) -> RawDataset:
 
 def load_tinyimagenet(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int) -> RawDataset:
     """Tiny ImageNet (64x64, 200 classes, val as test), or any ImageNet-style folder given as --source."""
+
     def is_tiny(folder: Path) -> bool:
         return (folder / "train").is_dir() and (folder / "val" / "val_annotations.txt").is_file()
 
@@ -376,14 +455,17 @@ def load_tinyimagenet(name: str, source: Path | None, data_roots: list[Path], do
     why = ""
     if source is None and download:
         fetch = lambda root: tvd.utils.download_and_extract_archive(  # noqa: E731
-            TINY_IMAGENET_URL, download_root=str(root), md5=TINY_IMAGENET_MD5)
+            TINY_IMAGENET_URL, download_root=str(root), md5=TINY_IMAGENET_MD5
+        )
         why = _download(name, data_roots, fetch)
         if data_roots and is_tiny(data_roots[0] / "tiny-imagenet-200"):
             return _tiny_imagenet(name, data_roots[0] / "tiny-imagenet-200")
         why = f" (download failed: {why})" if why else ""
     root = source or (data_roots[0] if data_roots else Path("<data root>"))
-    raise UserError(f"{name}: no images found{why}; unzip tiny-imagenet-200.zip under {root}/ (train/<wnid>/images/, "
-                    f"val/val_annotations.txt) or pass --source DIR with one folder of images per class")
+    raise UserError(
+        f"{name}: no images found{why}; unzip tiny-imagenet-200.zip under {root}/ (train/<wnid>/images/, "
+        f"val/val_annotations.txt) or pass --source DIR with one folder of images per class"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- offline pools
@@ -420,8 +502,12 @@ def load_skimage_patches(name: str, seed: int, **_) -> RawDataset:
             raise UserError(f"{name}: scikit-image cannot load its sample photo {photo!r}: {_one_line(e)}") from None
         rows, cols = image.shape[0] // PATCH, image.shape[1] // PATCH
         # Non-overlapping grid, so no pixel is shared between a train and a test patch.
-        patches = (image[: rows * PATCH, : cols * PATCH].reshape(rows, PATCH, cols, PATCH, 3)
-                   .transpose(0, 2, 4, 1, 3).reshape(-1, 3, PATCH, PATCH))
+        patches = (
+            image[: rows * PATCH, : cols * PATCH]
+            .reshape(rows, PATCH, cols, PATCH, 3)
+            .transpose(0, 2, 4, 1, 3)
+            .reshape(-1, 3, PATCH, PATCH)
+        )
         patches = patches[patches.reshape(len(patches), -1).std(axis=1) >= FLAT_PATCH_STD]
         if len(patches) > MAX_PATCHES_PER_PHOTO:  # evenly spaced, so the kept ones still cover the photo
             patches = patches[np.linspace(0, len(patches) - 1, MAX_PATCHES_PER_PHOTO).round().astype(int)]
@@ -522,8 +608,9 @@ def _shapes(rng, n, size):
     turn = rng.uniform(0, 2 * np.pi, (n, 1, 1, 1)) + np.arange(3).reshape(3, 1, 1, 1, 1) * 2 * np.pi / 3
     turn = (turn + rng.uniform(-0.4, 0.4, turn.shape)).astype(np.float32)
     px, py = cx + radius * np.cos(turn), cy + radius * np.sin(turn)  # (3, n, 1, 1, 1)
-    sides = np.stack([(px[j] - px[i]) * (y - py[i]) - (py[j] - py[i]) * (x - px[i])
-                      for i, j in ((0, 1), (1, 2), (2, 0))])
+    sides = np.stack(
+        [(px[j] - px[i]) * (y - py[i]) - (py[j] - py[i]) * (x - px[i]) for i, j in ((0, 1), (1, 2), (2, 0))]
+    )
     triangle = (sides >= 0).all(axis=0) | (sides <= 0).all(axis=0)
     kind = rng.integers(0, 3, (n, 1, 1, 1))
     mask = np.where(kind == 0, circle, np.where(kind == 1, rectangle, triangle))
@@ -566,12 +653,14 @@ def load_generated(name: str, seed: int, **_) -> RawDataset:
     test_x = np.concatenate([x[per_train:] for x, _ in parts])
     test_y = np.concatenate([y[per_train:] for _, y in parts])
     train_order, test_order = rng.permutation(len(train_y)), rng.permutation(len(test_y))
-    return _raw(name, train_x[train_order], train_y[train_order], test_x[test_order], test_y[test_order],
-                list(GENERATORS), [])
+    return _raw(
+        name, train_x[train_order], train_y[train_order], test_x[test_order], test_y[test_order], list(GENERATORS), []
+    )
 
 
-def load_near(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int,
-              limit: int | None = None) -> RawDataset:
+def load_near(
+    name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int, limit: int | None = None
+) -> RawDataset:
     """A near-distribution family; `limit` makes only that many train images (limit // 5 test)."""
     from stages import near  # imports matplotlib and the family generators: only when asked for
 
@@ -598,8 +687,9 @@ DATASETS: dict[str, Callable[..., RawDataset]] = {
 }
 
 
-def load(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int,
-         limit: int | None = None) -> RawDataset:
+def load(
+    name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int, limit: int | None = None
+) -> RawDataset:
     """Read dataset `name` into memory; every failure is a one-line UserError saying what to do. Generated families
     make only `limit` train images when given (others are cut by `prepare`)."""
     if name not in DATASETS:
@@ -611,10 +701,13 @@ def load(name: str, source: Path | None, data_roots: list[Path], download: bool,
         if not source.is_dir():
             raise UserError(f"{name}: --source {source} is not a folder")
     sized = {"limit": limit} if name in NEAR_DATASETS else {}
-    raw = DATASETS[name](source=source, data_roots=[Path(r).expanduser() for r in data_roots],
-                         download=download, seed=seed, **sized)
-    for split, images, labels in (("train", raw.train_images, raw.train_labels),
-                                  ("test", raw.test_images, raw.test_labels)):
+    raw = DATASETS[name](
+        source=source, data_roots=[Path(r).expanduser() for r in data_roots], download=download, seed=seed, **sized
+    )
+    for split, images, labels in (
+        ("train", raw.train_images, raw.train_labels),
+        ("test", raw.test_images, raw.test_labels),
+    ):
         if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) != len(labels):
             raise UserError(f"{name}: {split} has images {images.shape} and {len(labels)} labels; files inconsistent")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(raw.classes)):
@@ -642,8 +735,9 @@ def convert(images: np.ndarray, size: int | None, channels: int | None, chunk: i
         if c == 3 and out_c == 1:  # before resizing: a third of the pixels to interpolate
             x = (x * LUMA).sum(dim=1, keepdim=True)
         if (out_h, out_w) != (h, w):
-            x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False,
-                              antialias=out_h < h or out_w < w)
+            x = F.interpolate(
+                x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=out_h < h or out_w < w
+            )
         if c == 1 and out_c == 3:
             x = x.expand(-1, 3, -1, -1)
         out[start : start + len(x)] = x.round().clamp(0, 255).to(torch.uint8).numpy()

@@ -30,8 +30,9 @@ def mapping(predicted: torch.Tensor, reference: torch.Tensor, classes: int) -> t
     return out
 
 
-def agreement(predicted: torch.Tensor, reference: torch.Tensor, seen: torch.Tensor, seen_reference: torch.Tensor,
-              classes: int) -> float:
+def agreement(
+    predicted: torch.Tensor, reference: torch.Tensor, seen: torch.Tensor, seen_reference: torch.Tensor, classes: int
+) -> float:
     """Share of `predicted` equal to `reference` after the relabelling found on (seen, seen_reference): the
     surrogate's predictions and the labels on the k images. NaN without images to find it on."""
     if not len(seen):

@@ -105,9 +105,19 @@ def open_target(url: str, key: Optional[str], budget: int) -> tuple[Endpoint, Vi
         raise UserError(f"{url}: the key's budget is spent")
     try:
         endpoint.max_images = int(card["max_images"])
-        info = VictimInfo(Path(url), str(card["sha256"]), str(card["arch"]), str(card["dataset"]), str(card["dataset"]),
-                          list(card["classes"]), tuple(card["input_shape"]), list(card["mean"]), list(card["std"]),
-                          "?", "served")
+        info = VictimInfo(
+            Path(url),
+            str(card["sha256"]),
+            str(card["arch"]),
+            str(card["dataset"]),
+            str(card["dataset"]),
+            list(card["classes"]),
+            tuple(card["input_shape"]),
+            list(card["mean"]),
+            list(card["std"]),
+            "?",
+            "served",
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{url}/v1/model: not an ini-toolkit model card (lacks {e})") from None
     return endpoint, info, min(budget, left)

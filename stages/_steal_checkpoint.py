@@ -1,5 +1,6 @@
 """steal's checkpoint, `<out stem>.ckpt.h5` (checkpoint/1): the transfer set recorded so far, the surrogate, the
-thief's random generator state, the history and the attack's own state, written atomically wherever an attack checkpoints
+thief's random generator state, the history and the attack's own state, written atomically wherever an attack
+checkpoints
 (after querying, after every epoch or budget slice). `steal --resume` asks none of those queries again and, on CPU,
 ends with the weights of an uninterrupted run; queries made after the last checkpoint are asked again."""
 
@@ -29,8 +30,16 @@ class Saved:
     answers: np.ndarray
 
 
-def write(path: Path, fingerprint: str, epoch: int, surrogate: nn.Module, rng: torch.Generator,
-          history: dict[str, list[float]], box: BlackBox, attack: dict[str, Any]) -> None:
+def write(
+    path: Path,
+    fingerprint: str,
+    epoch: int,
+    surrogate: nn.Module,
+    rng: torch.Generator,
+    history: dict[str, list[float]],
+    box: BlackBox,
+    attack: dict[str, Any],
+) -> None:
     with _artifacts.write_artifact(path, "checkpoint", "steal", {"fingerprint": fingerprint}) as f:
         f.attrs["epoch"] = epoch
         f.attrs["queries"] = box.used
@@ -70,5 +79,10 @@ def _read(path: Path, fingerprint: str, surrogate: nn.Module, rng: torch.Generat
         group = f["attack"]
         attack: dict[str, Any] = {key: torch.from_numpy(np.asarray(group[key][()])) for key in group}
         attack.update({key: value.item() for key, value in group.attrs.items()})  # numpy scalars to int / float
-        return Saved(int(f.attrs["epoch"]), load_history(f["history"]), attack, f["transfer/images"][()],
-                     f["transfer/answers"][()])
+        return Saved(
+            int(f.attrs["epoch"]),
+            load_history(f["history"]),
+            attack,
+            f["transfer/images"][()],
+            f["transfer/answers"][()],
+        )

@@ -30,8 +30,18 @@ from stages._artifacts import (
 PROVENANCE = ("stage", "params", "inputs", "seed", "versions", "created_utc", "wall_seconds")
 # Flags that place files, choose how the maths runs or how much is measured, not what the victim is. on_collapse is
 # a safeguard that changes nothing unless a run collapses (and then the history says rolled_back).
-NOT_RECIPE = ("seed", "out", "resume", "dataset", "device", "compile_mode", "implementation", "processes",
-              "on_collapse", "diagnostic_images")
+NOT_RECIPE = (
+    "seed",
+    "out",
+    "resume",
+    "dataset",
+    "device",
+    "compile_mode",
+    "implementation",
+    "processes",
+    "on_collapse",
+    "diagnostic_images",
+)
 
 
 @dataclass
@@ -73,8 +83,9 @@ class VictimInfo:
         return models.build_model(self.arch, len(self.classes), c, h, self.mean, self.std)
 
 
-def identity(objective: str, params: dict, defaults: dict,
-             inert: Optional[dict[str, tuple[str, ...]]] = None) -> tuple[dict, dict]:
+def identity(
+    objective: str, params: dict, defaults: dict, inert: Optional[dict[str, tuple[str, ...]]] = None
+) -> tuple[dict, dict]:
     """A victim's recipe identity from the flags its training stage resolved: the objective and every flag that
     makes the victim what it is, seed aside. A flag the params lack takes the stage's default (`defaults`): a victim
     trained before a flag existed was trained as its default behaves. Left out: NOT_RECIPE, and the flags that only
@@ -99,9 +110,22 @@ def build_for(arch: str, data: _data.Dataset) -> models.Classifier:
     return models.build_model(arch, data.num_classes, c, h, data.mean, data.std)
 
 
-def save(path: Path, model: torch.nn.Module, *, arch: str, data: _data.Dataset, objective: str,
-         result: _loop.Result, stage: str, params: dict, recipe: tuple[dict, dict], inputs: list, seed: int,
-         started: float, extra: dict[str, torch.nn.Module] | None = None) -> None:
+def save(
+    path: Path,
+    model: torch.nn.Module,
+    *,
+    arch: str,
+    data: _data.Dataset,
+    objective: str,
+    result: _loop.Result,
+    stage: str,
+    params: dict,
+    recipe: tuple[dict, dict],
+    inputs: list,
+    seed: int,
+    started: float,
+    extra: dict[str, torch.nn.Module] | None = None,
+) -> None:
     """Write `victim/1`: the weights, what the victim declares, its recipe identity and `extra` networks."""
     with write_artifact(path, "victim", stage, params, inputs, seed, started) as f:
         f.attrs["arch"] = arch
@@ -132,21 +156,33 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
             params = json.loads(provenance.get("params", "{}"))
             recorded = "recipe" in f.attrs
             info = VictimInfo(
-                path=Path(path), sha256=sha256(path), arch=str(f.attrs["arch"]), dataset=str(f.attrs["dataset"]),
-                dataset_path=str(params.get("dataset", f.attrs["dataset"])), classes=attr_json(f, "classes"),
-                input_shape=tuple(int(v) for v in f.attrs["input_shape"]), mean=[float(v) for v in f.attrs["mean"]],
-                std=[float(v) for v in f.attrs["std"]], objective=str(f.attrs["objective"]),
-                chosen_epoch=int(f.attrs["chosen_epoch"]), test_accuracy=float(f.attrs["test_accuracy"]),
-                seed=int(f.attrs.get("seed", -1)), wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
-                history=load_history(f["history"]), provenance=provenance,
+                path=Path(path),
+                sha256=sha256(path),
+                arch=str(f.attrs["arch"]),
+                dataset=str(f.attrs["dataset"]),
+                dataset_path=str(params.get("dataset", f.attrs["dataset"])),
+                classes=attr_json(f, "classes"),
+                input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
+                mean=[float(v) for v in f.attrs["mean"]],
+                std=[float(v) for v in f.attrs["std"]],
+                objective=str(f.attrs["objective"]),
+                chosen_epoch=int(f.attrs["chosen_epoch"]),
+                test_accuracy=float(f.attrs["test_accuracy"]),
+                seed=int(f.attrs.get("seed", -1)),
+                wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
+                history=load_history(f["history"]),
+                provenance=provenance,
                 recipe=attr_json(f, "recipe") if recorded else None,
-                recipe_changes=attr_json(f, "recipe_changes") if recorded else None)
+                recipe_changes=attr_json(f, "recipe_changes") if recorded else None,
+            )
             state = load_state(f["weights"])
         except KeyError as e:
             raise UserError(f"{path}: victim artifact lacks {e}") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise UserError(f"{path}: weights hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or training diverged")
+        raise UserError(
+            f"{path}: weights hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or training diverged"
+        )
     model = info.build()
     try:
         model.load_state_dict(state)
@@ -162,11 +198,21 @@ def load_deployed(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModu
         provenance = meta.get("victim_provenance") or {}
         params = json.loads(provenance.get("params", "{}"))
         info = VictimInfo(
-            path=Path(path), sha256=sha256(path), arch=meta["arch"], dataset=meta["dataset"],
-            dataset_path=str(params.get("dataset", meta["dataset"])), classes=list(meta["classes"]),
-            input_shape=tuple(meta["input_shape"]), mean=list(meta["mean"]), std=list(meta["std"]),
-            objective=str(meta.get("objective", "?")), baked_defense=str(meta.get("defense", "none")),
-            provenance=provenance, recipe=meta.get("recipe"), recipe_changes=meta.get("recipe_changes"))
+            path=Path(path),
+            sha256=sha256(path),
+            arch=meta["arch"],
+            dataset=meta["dataset"],
+            dataset_path=str(params.get("dataset", meta["dataset"])),
+            classes=list(meta["classes"]),
+            input_shape=tuple(meta["input_shape"]),
+            mean=list(meta["mean"]),
+            std=list(meta["std"]),
+            objective=str(meta.get("objective", "?")),
+            baked_defense=str(meta.get("defense", "none")),
+            provenance=provenance,
+            recipe=meta.get("recipe"),
+            recipe_changes=meta.get("recipe_changes"),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: metadata lacks {e}") from None
     return module, info
@@ -174,6 +220,12 @@ def load_deployed(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModu
 
 def check_matches(info: VictimInfo, data: _data.Dataset) -> None:
     """A victim only makes sense with the data it was trained for: the one check of it."""
-    if info.dataset != data.name or tuple(info.input_shape) != tuple(data.shape) or len(info.classes) != data.num_classes:
-        raise UserError(f"victim {info.path} was trained on {info.dataset} {list(info.input_shape)} "
-                        f"({len(info.classes)} classes), not on {data.path} ({data.name} {list(data.shape)})")
+    if (
+        info.dataset != data.name
+        or tuple(info.input_shape) != tuple(data.shape)
+        or len(info.classes) != data.num_classes
+    ):
+        raise UserError(
+            f"victim {info.path} was trained on {info.dataset} {list(info.input_shape)} "
+            f"({len(info.classes)} classes), not on {data.path} ({data.name} {list(data.shape)})"
+        )

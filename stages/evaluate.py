@@ -25,30 +25,56 @@ from stages import _blackbox, _data, _decision, _defense, _evaluate_report, _loo
 from stages._artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
 
 SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
-NUMBERS = ("benign_accuracy", "stealing_accuracy", "max_stealing_accuracy", "stealing_accuracy_relabelled",
-           "relative_accuracy", "fidelity", "fidelity_relabelled", "queries", "victim_seconds", "steal_seconds", "victim_ood_l1", "victim_id_cosine") + tuple(
-               f"queries_to_{round(100 * s)}" for s in SHARES)
+NUMBERS = (
+    "benign_accuracy",
+    "stealing_accuracy",
+    "max_stealing_accuracy",
+    "stealing_accuracy_relabelled",
+    "relative_accuracy",
+    "fidelity",
+    "fidelity_relabelled",
+    "queries",
+    "victim_seconds",
+    "steal_seconds",
+    "victim_ood_l1",
+    "victim_id_cosine",
+) + tuple(f"queries_to_{round(100 * s)}" for s in SHARES)
 LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
 # What a row says of its victim's recipe, which `victim` names: the same for every seed, so groups carry it too.
 VICTIM = ("victim_arch", "victim_kind", "victim_recipe", "victim_changes")
 
 
 def run(
-    artifacts: Annotated[list[Path], typer.Argument(help="surrogate.h5 files (and victim.h5/.pt files to list alone).")],
+    artifacts: Annotated[
+        list[Path], typer.Argument(help="surrogate.h5 files (and victim.h5/.pt files to list alone).")
+    ],
     out: Annotated[Path, typer.Option(help="Output metrics HDF5.")] = Path("artifacts/metrics.h5"),
-    report: Annotated[Optional[Path], typer.Option(help="Folder for report.md and its plots [default: beside --out].")] = None,
-    data: Annotated[Optional[str], typer.Option(help="The victims' dataset [default: the one each was trained on].")] = None,
+    report: Annotated[
+        Optional[Path], typer.Option(help="Folder for report.md and its plots [default: beside --out].")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="The victims' dataset [default: the one each was trained on].")
+    ] = None,
     benchmark: Annotated[Optional[Path], typer.Option(help="pytest-benchmark JSON for the latency chart.")] = None,
-    relabel_k: Annotated[int, typer.Option(
-        min=0, help="Labelled images of the victim's val split (drawn with a fixed seed) from which a thief finds the "
-        "best class relabelling: stealing accuracy and fidelity after it; 0: off.")] = 100,
-    benign_budget: Annotated[str, typer.Option(
-        help="Benign costs a defender accepts, in points of benign accuracy below the same-recipe undefended "
-        "victim, comma-separated: the decision table picks each defense's best setting within each; none: no table.")
+    relabel_k: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Labelled images of the victim's val split (drawn with a fixed seed) from which a thief finds the "
+            "best class relabelling: stealing accuracy and fidelity after it; 0: off.",
+        ),
+    ] = 100,
+    benign_budget: Annotated[
+        str,
+        typer.Option(
+            help="Benign costs a defender accepts, in points of benign accuracy below the same-recipe undefended "
+            "victim, comma-separated: the decision table picks each defense's best setting within each; none: no table."
+        ),
     ] = "0.5,1,2",
     device: _options.Device = "auto",
 ) -> Path:
-    """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, decide, write metrics.h5 and a report."""
+    """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, decide, write metrics.h5
+    and a report."""
     started = time.time()
     out = prepare_output(out)
     report = report or out.parent / "report"
@@ -63,14 +89,32 @@ def run(
     metric = "stealing_accuracy_relabelled" if relabel_k else "stealing_accuracy"
     decision = _decision.decide(rows, groups, budgets, metric) if budgets else []
 
-    params = dict(artifacts=[str(a) for a in artifacts], out=out, report=report, data=data, benchmark=benchmark,
-                  relabel_k=relabel_k, relabel_seed=_relabel.SEED, benign_budget=budgets, device=device)
-    with write_artifact(out, "metrics", "evaluate", params, list(artifacts) + ([benchmark] if benchmark else []),
-                        None, started) as f:
-        _write_table(f.create_group("rows"), rows, ("file",) + LABELS + VICTIM + ("victim_file", "seed"),
-                     NUMBERS + ("relabel_images",))
-        _write_table(f.create_group("groups"), groups, LABELS + VICTIM + ("n",),
-                     tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")))
+    params = dict(
+        artifacts=[str(a) for a in artifacts],
+        out=out,
+        report=report,
+        data=data,
+        benchmark=benchmark,
+        relabel_k=relabel_k,
+        relabel_seed=_relabel.SEED,
+        benign_budget=budgets,
+        device=device,
+    )
+    with write_artifact(
+        out, "metrics", "evaluate", params, list(artifacts) + ([benchmark] if benchmark else []), None, started
+    ) as f:
+        _write_table(
+            f.create_group("rows"),
+            rows,
+            ("file",) + LABELS + VICTIM + ("victim_file", "seed"),
+            NUMBERS + ("relabel_images",),
+        )
+        _write_table(
+            f.create_group("groups"),
+            groups,
+            LABELS + VICTIM + ("n",),
+            tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")),
+        )
         if budgets:
             table = f.create_group("decision")
             _write_table(table, decision, _decision.TEXT, _decision.NUMBERS)
@@ -87,26 +131,48 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
         graph, info = _open(path, device, cache)
         dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
         accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
-        return {**_victim_facts(info), **dict(
-            file=str(path), defense=info.baked_defense, attack="-", label="-", pool="-", benign_accuracy=accuracy,
-            stealing_accuracy=np.nan, max_stealing_accuracy=np.nan, stealing_accuracy_relabelled=np.nan,
-            relative_accuracy=np.nan, fidelity=np.nan, fidelity_relabelled=np.nan, relabel_images=0, queries=0,
-            steal_seconds=np.nan), **queries_to(np.zeros(0), np.zeros(0), accuracy)}
+        return {
+            **_victim_facts(info),
+            **dict(
+                file=str(path),
+                defense=info.baked_defense,
+                attack="-",
+                label="-",
+                pool="-",
+                benign_accuracy=accuracy,
+                stealing_accuracy=np.nan,
+                max_stealing_accuracy=np.nan,
+                stealing_accuracy_relabelled=np.nan,
+                relative_accuracy=np.nan,
+                fidelity=np.nan,
+                fidelity_relabelled=np.nan,
+                relabel_images=0,
+                queries=0,
+                steal_seconds=np.nan,
+            ),
+            **queries_to(np.zeros(0), np.zeros(0), accuracy),
+        }
 
     with open_artifact(path, "surrogate") as f:
         params = attr_json(f, "params")
         attrs = {k: f.attrs[k] for k in ("attack", "label", "defense", "arch", "dataset", "victim_sha256", "queries")}
-        attrs.update(defense_params=attr_json(f, "defense_params"), classes=attr_json(f, "classes"),
-                     input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
-                     mean=[float(v) for v in f.attrs["mean"]], std=[float(v) for v in f.attrs["std"]])
+        attrs.update(
+            defense_params=attr_json(f, "defense_params"),
+            classes=attr_json(f, "classes"),
+            input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
+            mean=[float(v) for v in f.attrs["mean"]],
+            std=[float(v) for v in f.attrs["std"]],
+        )
         curve = f["history/stealing_accuracy"][()]
         budget = f["curve"] if "curve" in f else f["history"]  # --budget-curve's prefixes, else rounds or slices
         spent = (budget["queries"][()], budget["stealing_accuracy"][()]) if "queries" in budget else (np.zeros(0),) * 2
         state = load_state(f["weights"])
         seed, steal_seconds = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
     if params.get("victim") is None:
-        raise UserError(f"{path}: stolen over HTTP from {params.get('target')} without its --victim file; evaluate "
-                        "re-queries the victim, so steal with --victim naming the served model")
+        raise UserError(
+            f"{path}: stolen over HTTP from {params.get('target')} without its --victim file; evaluate "
+            "re-queries the victim, so steal with --victim naming the served model"
+        )
     victim = Path(params["victim"])
     if not victim.exists():
         raise UserError(f"{path}: its victim {victim} is missing (evaluate re-queries the victim)")
@@ -115,8 +181,10 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
         raise UserError(f"{path}: victim {victim} changed since it was attacked (sha256 differs)")
     dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
     if attrs["dataset"] != dataset.name or attrs["input_shape"] != tuple(dataset.shape):
-        raise UserError(f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
-                        f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})")
+        raise UserError(
+            f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
+            f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})"
+        )
 
     c, h, _ = attrs["input_shape"]
     surrogate = models.build_model(str(attrs["arch"]), len(attrs["classes"]), c, h, attrs["mean"], attrs["std"])
@@ -128,21 +196,37 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
     deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
     benign = float((deployed_top1 == y).float().mean())
     stealing = float((stolen == y).float().mean())
-    defense = (_defense.label(str(attrs["defense"]), attrs["defense_params"]) if info.baked_defense == "none"
-               else _defense.label(info.baked_defense, attrs["defense_params"]))
+    defense = (
+        _defense.label(str(attrs["defense"]), attrs["defense_params"])
+        if info.baked_defense == "none"
+        else _defense.label(info.baked_defense, attrs["defense_params"])
+    )
     # relative to a victim that answers at chance is a ratio of noise: blank (docs/method.md, "Metrics")
     relative = stealing / benign if benign >= _loop.chance_level(dataset.num_classes) else np.nan
     seen, seen_labels, seen_victim = _seen(cache, victim, graph, info, dataset, device, relabel_k)
     guesses = _blackbox.predict(surrogate, seen, device).argmax(1).cpu() if len(seen) else seen_labels
-    return {**_victim_facts(info), **dict(
-        file=str(path), seed=seed, defense=defense, attack=str(attrs["attack"]), label=str(attrs["label"]),
-        pool=_pool_name(params), benign_accuracy=benign, stealing_accuracy=stealing,
-        max_stealing_accuracy=float(np.max(curve)), relative_accuracy=relative,
-        stealing_accuracy_relabelled=_relabel.agreement(stolen, y, guesses, seen_labels, dataset.num_classes),
-        fidelity=float((stolen == victim_top1).float().mean()),
-        fidelity_relabelled=_relabel.agreement(stolen, victim_top1, guesses, seen_victim, dataset.num_classes),
-        relabel_images=len(seen), queries=int(attrs["queries"]), steal_seconds=steal_seconds),
-        **queries_to(*spent, benign)}
+    return {
+        **_victim_facts(info),
+        **dict(
+            file=str(path),
+            seed=seed,
+            defense=defense,
+            attack=str(attrs["attack"]),
+            label=str(attrs["label"]),
+            pool=_pool_name(params),
+            benign_accuracy=benign,
+            stealing_accuracy=stealing,
+            max_stealing_accuracy=float(np.max(curve)),
+            relative_accuracy=relative,
+            stealing_accuracy_relabelled=_relabel.agreement(stolen, y, guesses, seen_labels, dataset.num_classes),
+            fidelity=float((stolen == victim_top1).float().mean()),
+            fidelity_relabelled=_relabel.agreement(stolen, victim_top1, guesses, seen_victim, dataset.num_classes),
+            relabel_images=len(seen),
+            queries=int(attrs["queries"]),
+            steal_seconds=steal_seconds,
+        ),
+        **queries_to(*spent, benign),
+    }
 
 
 def queries_to(queries: np.ndarray, accuracy: np.ndarray, benign: float) -> dict[str, float]:
@@ -203,14 +287,24 @@ def _dataset(name: str, info: _victim.VictimInfo, cache: dict, relabel_k: int) -
     return cache[key]
 
 
-def _seen(cache: dict, path: Path, graph: torch.nn.Module, info: _victim.VictimInfo, dataset: _data.Dataset,
-          device: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _seen(
+    cache: dict,
+    path: Path,
+    graph: torch.nn.Module,
+    info: _victim.VictimInfo,
+    dataset: _data.Dataset,
+    device: str,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k labelled images a thief holds (of the val split, drawn with a fixed seed; all of it when smaller),
     their labels, and the victim's top-1 on them (the graph as opened, which fidelity compares with)."""
     key = ("seen", str(path), dataset.path, k)
     if key not in cache:
-        images, labels = dataset.splits["val"] if k else (torch.zeros(0, *dataset.shape, dtype=torch.uint8),
-                                                          torch.zeros(0, dtype=torch.long))
+        images, labels = (
+            dataset.splits["val"]
+            if k
+            else (torch.zeros(0, *dataset.shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+        )
         chosen = _relabel.draw(len(labels), k)
         x = _data.to_float(images[chosen])
         victim = _blackbox.predict(graph, x, device).argmax(1).cpu() if len(x) else labels[chosen]
@@ -218,8 +312,16 @@ def _seen(cache: dict, path: Path, graph: torch.nn.Module, info: _victim.VictimI
     return cache[key]
 
 
-def _top1(cache: dict, path: Path, graph: torch.nn.Module, info: _victim.VictimInfo, dataset: _data.Dataset,
-          device: str, defense: str = "none", params: Optional[dict] = None) -> torch.Tensor:
+def _top1(
+    cache: dict,
+    path: Path,
+    graph: torch.nn.Module,
+    info: _victim.VictimInfo,
+    dataset: _data.Dataset,
+    device: str,
+    defense: str = "none",
+    params: Optional[dict] = None,
+) -> torch.Tensor:
     """The victim's top-1 answers on the test split behind `defense` (none: the graph as opened), computed once
     per (victim, data, defense) and shared by every surrogate stolen from it: every defense is deterministic, and a
     grid holds a dozen surrogates per victim, each of which needed two of these passes besides its own."""
@@ -244,11 +346,19 @@ def _victim_facts(info: _victim.VictimInfo) -> dict:
         values = info.history.get(key, [])
         return float(values[chosen]) if 0 <= chosen < len(values) else np.nan
 
-    return dict(dataset=info.dataset, victim=f"{info.arch}/{kind}#{info.recipe_id}", victim_arch=info.arch,
-                victim_kind=kind, victim_recipe=json.dumps(info.recipe, sort_keys=True),
-                victim_changes=json.dumps(info.recipe_changes, sort_keys=True), victim_file=str(info.path),
-                seed=info.seed, victim_seconds=info.wall_seconds, victim_ood_l1=diagnostic("diag_ood_l1"),
-                victim_id_cosine=diagnostic("diag_id_cosine"))
+    return dict(
+        dataset=info.dataset,
+        victim=f"{info.arch}/{kind}#{info.recipe_id}",
+        victim_arch=info.arch,
+        victim_kind=kind,
+        victim_recipe=json.dumps(info.recipe, sort_keys=True),
+        victim_changes=json.dumps(info.recipe_changes, sort_keys=True),
+        victim_file=str(info.path),
+        seed=info.seed,
+        victim_seconds=info.wall_seconds,
+        victim_ood_l1=diagnostic("diag_ood_l1"),
+        victim_id_cosine=diagnostic("diag_id_cosine"),
+    )
 
 
 def _derived_recipe(info: _victim.VictimInfo) -> tuple[dict, dict]:

@@ -20,14 +20,29 @@ def run(
     source: Annotated[Optional[Path], typer.Option(help="Folder holding the raw files (gzipped or not).")] = None,
     data_root: Annotated[Path, typer.Option(help="torchvision-style data root searched first.")] = _data.DATA_ROOT,
     download: Annotated[bool, typer.Option(help="Let torchvision download what is not found offline.")] = True,
-    val_size: Annotated[Optional[int], typer.Option(
-        min=0, help="Validation images carved from train [default: 5000 for >=50k-image sets, else 10%].")] = None,
+    val_size: Annotated[
+        Optional[int],
+        typer.Option(min=0, help="Validation images carved from train [default: 5000 for >=50k-image sets, else 10%]."),
+    ] = None,
     size: Annotated[Optional[int], typer.Option(min=8, max=512, help="Resize images to size x size.")] = None,
-    channels: Annotated[Optional[int], typer.Option(min=1, max=3, help="Convert to 1 (gray) or 3 (RGB) channels.")] = None,
-    limit: Annotated[Optional[int], typer.Option(
-        min=1, help="Keep only the first N train and N/5 test images (smoke runs).")] = None,
+    channels: Annotated[
+        Optional[int], typer.Option(min=1, max=3, help="Convert to 1 (gray) or 3 (RGB) channels.")
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=1, help="Keep only the first N train and N/5 test images (smoke runs).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the val split (and of generated pools).")] = 0,
 ) -> Path:
     """Read a dataset and write it as one self-describing HDF5 file with train/val/test splits."""
-    return _data.prepare(dataset, out, source=source, data_root=data_root, download=download, val_size=val_size,
-                         size=size, channels=channels, limit=limit, seed=seed)
+    return _data.prepare(
+        dataset,
+        out,
+        source=source,
+        data_root=data_root,
+        download=download,
+        val_size=val_size,
+        size=size,
+        channels=channels,
+        limit=limit,
+        seed=seed,
+    )

@@ -26,13 +26,21 @@ from stages._options import DATA, RECIPE, RUNTIME
 
 def run(
     dataset: _options.Dataset = "mnist",
-    ood: Annotated[Optional[str], typer.Option(
-        help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.",
-        rich_help_panel=DATA)] = None,
+    ood: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Prepared OOD dataset (.h5) or name for outlier exposure; converted to the victim's input.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
     arch: _options.Arch = "lenet5",
-    objective: Annotated[Literal["ce", "outlier-exposure"], typer.Option(
-        help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.",
-        rich_help_panel=RECIPE)] = "ce",
+    objective: Annotated[
+        Literal["ce", "outlier-exposure"],
+        typer.Option(
+            help="ce, or outlier-exposure: CE + uniform-CE on --ood batches, plus a misinformation network.",
+            rich_help_panel=RECIPE,
+        ),
+    ] = "ce",
     epochs: _options.Epochs = 10,
     batch_size: _options.BatchSize = _options.PAPER_SGD.batch_size,
     lr: _options.LR = _options.PAPER_SGD.lr,
@@ -42,7 +50,9 @@ def run(
     lr_gamma: _options.LRGamma = _options.PAPER_SGD.lr_gamma,
     seed: _options.Seed = 0,
     augment: _options.Augment = None,
-    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path("artifacts/victim.h5"),
+    out: Annotated[Path, typer.Option(help="Output victim HDF5.", rich_help_panel=RUNTIME)] = Path(
+        "artifacts/victim.h5"
+    ),
     device: _options.Device = "auto",
     resume: _options.Resume = False,
 ) -> Path:
@@ -58,9 +68,18 @@ def run(
         _data.refuse_evaluation_only(ood, "--ood")
     out = prepare_output(out)
     data = _data.load(dataset)
-    recipe = _loop.VictimRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                                weight_decay=weight_decay, lr_step=lr_step, lr_gamma=lr_gamma, seed=seed,
-                                device=_loop.pick_device(device), augment=data.shape[0] == 3 if augment is None else augment)
+    recipe = _loop.VictimRecipe(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        seed=seed,
+        device=_loop.pick_device(device),
+        augment=data.shape[0] == 3 if augment is None else augment,
+    )
     params.update(dataset=str(data.path), device=recipe.device, augment=recipe.augment)
 
     torch.manual_seed(seed)
@@ -78,14 +97,40 @@ def run(
         ood_data = _data.load(ood, splits=("train",))
         params["ood"] = str(ood_data.path)
         pair = _WithMisinformation(model, _victim.build_for(arch, data)).to(recipe.device)
-        ood_step, begin_epoch = _outlier_exposure(pair, _data.fit_images(ood_data.splits["train"][0], data.shape), recipe)
-        result = _loop.fit(pair, data, ood_step, recipe, out, _loop.fingerprint(params), resume,
-                           begin_epoch=begin_epoch, title="train (outlier exposure)")
+        ood_step, begin_epoch = _outlier_exposure(
+            pair, _data.fit_images(ood_data.splits["train"][0], data.shape), recipe
+        )
+        result = _loop.fit(
+            pair,
+            data,
+            ood_step,
+            recipe,
+            out,
+            _loop.fingerprint(params),
+            resume,
+            begin_epoch=begin_epoch,
+            title="train (outlier exposure)",
+        )
         inputs, extra = [data.path, ood_data.path], {_defense.MISINFORMATION_GROUP: pair.misinformation}
-    _victim.save(out, model, arch=arch, data=data, objective=objective, result=result, stage="train", params=params,
-                 recipe=recipe_identity(params, data.shape[0]), inputs=inputs, seed=seed, started=started, extra=extra)
+    _victim.save(
+        out,
+        model,
+        arch=arch,
+        data=data,
+        objective=objective,
+        result=result,
+        stage="train",
+        params=params,
+        recipe=recipe_identity(params, data.shape[0]),
+        inputs=inputs,
+        seed=seed,
+        started=started,
+        extra=extra,
+    )
     _loop.checkpoint_path(out).unlink(missing_ok=True)
-    _loop.summarise(f"train {arch} on {data.name}" + ("" if objective == "ce" else f" ({objective})"), data, result, out)
+    _loop.summarise(
+        f"train {arch} on {data.name}" + ("" if objective == "ce" else f" ({objective})"), data, result, out
+    )
     return out
 
 

@@ -14,7 +14,6 @@ import cli
 SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Every test runs on one intra-op thread: tiny tensors gain nothing from more, reductions then match the
@@ -47,8 +46,9 @@ def mnist_small(tmp_path_factory) -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
-    result = invoke("prepare", "--dataset", "mnist", "--data-root", SHARED_DATA, "--limit", 1000,
-                    "--val-size", 200, "--out", out)
+    result = invoke(
+        "prepare", "--dataset", "mnist", "--data-root", SHARED_DATA, "--limit", 1000, "--val-size", 200, "--out", out
+    )
     assert result.exit_code == 0, result.stderr
     return out
 

@@ -28,8 +28,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("thieves")
     data = prepare.run(dataset="sklearn-digits", out=root / "digits.h5", limit=500)
     pool = prepare.run(dataset="sklearn-digits", out=root / "pool16.h5", size=16, seed=1)
-    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=6, lr=0.05, momentum=0.9, batch_size=32,
-                       device="cpu")
+    victim = train.run(
+        dataset=str(data), out=root / "victim.h5", epochs=6, lr=0.05, momentum=0.9, batch_size=32, device="cpu"
+    )
     graph, info = _blackbox.open_victim(victim, "cpu")
     images = _data.fit_images(_data.load(pool, splits=("train",)).splits["train"][0], info.input_shape)
     return {"data": data, "pool": pool, "victim": victim, "graph": graph, "info": info, "images": images}
@@ -38,8 +39,14 @@ def world(tmp_path_factory):
 def _steal(world, tmp_path, attack, budget, **kwargs):
     options = dict(epochs=5, batch_size=32, query_batch=50, device="cpu")
     options.update(kwargs)
-    out = steal.run(victim=world["victim"], attack=attack, budget=budget, pool=str(world["pool"]),
-                    out=tmp_path / f"{attack}.h5", **options)
+    out = steal.run(
+        victim=world["victim"],
+        attack=attack,
+        budget=budget,
+        pool=str(world["pool"]),
+        out=tmp_path / f"{attack}.h5",
+        **options,
+    )
     with open_artifact(out, "surrogate") as f:
         return dict(f.attrs), f["transfer/images"][()]
 
@@ -71,10 +78,10 @@ def _thief_against_dark(world, budget: int, share_dark: float, epochs: int = 2):
     cut = float(_data.to_float(images).mean((1, 2, 3)).quantile(share_dark))
     box = _blackbox.BlackBox(_UniformWhenDark(world["graph"], cut), budget, "soft", info.input_shape, 10, "cpu")
     surrogate = models.build_model("lenet5", 10, 1, 28, info.mean, info.std)
-    recipe = SurrogateRecipe(epochs=epochs, batch_size=32, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd",
-                             schedule="cosine")
-    thief = Thief(surrogate, recipe, 10, tuple(info.input_shape), torch.Generator().manual_seed(0),
-                  "cpu", 50, images)
+    recipe = SurrogateRecipe(
+        epochs=epochs, batch_size=32, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd", schedule="cosine"
+    )
+    thief = Thief(surrogate, recipe, 10, tuple(info.input_shape), torch.Generator().manual_seed(0), "cpu", 50, images)
     return box, thief, cut
 
 
@@ -101,12 +108,17 @@ def test_knockoff_confident_trains_on_none_of_the_uniform_answers(world, monkeyp
     box, thief, cut = _thief_against_dark(world, 300, 0.5)
     trained = []
     real = knockoff_confident.train_surrogate
-    monkeypatch.setattr(knockoff_confident, "train_surrogate",
-                        lambda thief, images, targets, *a, **k: (trained.append((images, targets)),
-                                                                 real(thief, images, targets, *a, **k)))
+    monkeypatch.setattr(
+        knockoff_confident,
+        "train_surrogate",
+        lambda thief, images, targets, *a, **k: (
+            trained.append((images, targets)),
+            real(thief, images, targets, *a, **k),
+        ),
+    )
     ATTACKS["knockoff-confident"]().run(box, thief)
     assert box.used == 300
-    (images, targets), = trained
+    ((images, targets),) = trained
     assert bool((_data.to_float(images).mean((1, 2, 3)) >= cut).all())  # not one uniformly answered (dark) image
     # and every answer the victim gave with some confidence is kept: the order of the pool is the thief's first draw
     order = torch.randperm(len(world["images"]), generator=torch.Generator().manual_seed(0))[:300]

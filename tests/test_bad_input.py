@@ -12,10 +12,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error, invoke
-from stages import _loop
 from tiny_data import replace, write_dataset
+
+from stages import _loop
 
 
 @dataclass
@@ -64,12 +64,14 @@ class Case:
 def _set(attr, value):
     def edit(f):
         f.attrs[attr] = value
+
     return edit
 
 
 def _replace(name, make):
     def edit(f):
         replace(f, name, make(f[name][()]))
+
     return edit
 
 
@@ -79,6 +81,7 @@ def _delete(name):
             del f[name]
         else:
             del f.attrs[name]
+
     return edit
 
 
@@ -115,16 +118,53 @@ CASES = {
     "prepare-size-too-small": lambda c: ("prepare", "--dataset", "sklearn-digits", "--size", 4, "--out", c.out),
     "prepare-limit-zero": lambda c: ("prepare", "--dataset", "sklearn-digits", "--limit", 0, "--out", c.out),
     "prepare-val-size-negative": lambda c: ("prepare", "--dataset", "sklearn-digits", "--val-size", -1, "--out", c.out),
-    "prepare-val-size-beyond-train": lambda c: ("prepare", "--dataset", "sklearn-digits", "--limit", 50,
-                                                "--val-size", 50, "--out", c.out),
+    "prepare-val-size-beyond-train": lambda c: (
+        "prepare",
+        "--dataset",
+        "sklearn-digits",
+        "--limit",
+        50,
+        "--val-size",
+        50,
+        "--out",
+        c.out,
+    ),
     "prepare-source-missing": lambda c: ("prepare", "--dataset", "mnist", "--source", c.tmp / "nope", "--out", c.out),
-    "prepare-source-without-files": lambda c: ("prepare", "--dataset", "cifar10", "--source", c.tmp, "--no-download",
-                                               "--out", c.out),
-    "prepare-truncated-idx": lambda c: ("prepare", "--dataset", "mnist", "--source", _truncated_idx(c), "--no-download",
-                                        "--out", c.out),
+    "prepare-source-without-files": lambda c: (
+        "prepare",
+        "--dataset",
+        "cifar10",
+        "--source",
+        c.tmp,
+        "--no-download",
+        "--out",
+        c.out,
+    ),
+    "prepare-truncated-idx": lambda c: (
+        "prepare",
+        "--dataset",
+        "mnist",
+        "--source",
+        _truncated_idx(c),
+        "--no-download",
+        "--out",
+        c.out,
+    ),
     "prepare-source-for-builtin": lambda c: ("prepare", "--dataset", "generated", "--source", c.tmp, "--out", c.out),
-    "prepare-out-under-a-file": lambda c: ("prepare", "--dataset", "sklearn-digits", "--out", c.regular_file() / "d.h5"),
-    "prepare-out-read-only": lambda c: ("prepare", "--dataset", "sklearn-digits", "--out", c.read_only_folder() / "d.h5"),
+    "prepare-out-under-a-file": lambda c: (
+        "prepare",
+        "--dataset",
+        "sklearn-digits",
+        "--out",
+        c.regular_file() / "d.h5",
+    ),
+    "prepare-out-read-only": lambda c: (
+        "prepare",
+        "--dataset",
+        "sklearn-digits",
+        "--out",
+        c.read_only_folder() / "d.h5",
+    ),
     # train: the dataset file
     "train-missing-file": lambda c: (*TRAIN, "--dataset", c.tmp / "nope.h5", "--out", c.out),
     "train-empty-file": lambda c: (*TRAIN, "--dataset", c.file("empty.h5", b""), "--out", c.out),
@@ -138,26 +178,71 @@ CASES = {
     "train-missing-classes": lambda c: (*TRAIN, "--dataset", c.data(_delete("classes")), "--out", c.out),
     "train-zero-std": lambda c: (*TRAIN, "--dataset", c.data(_set("std", [0.0])), "--out", c.out),
     "train-nan-mean": lambda c: (*TRAIN, "--dataset", c.data(_set("mean", [np.nan])), "--out", c.out),
-    "train-float-images": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/images", lambda x: x / 255.0)),
-                                     "--out", c.out),
+    "train-float-images": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/images", lambda x: x / 255.0)),
+        "--out",
+        c.out,
+    ),
     "train-nan-images": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/images", _with_nan)), "--out", c.out),
     "train-inf-images": lambda c: (*TRAIN, "--dataset", c.data(_replace("test/images", _with_inf)), "--out", c.out),
-    "train-int16-images-out-of-range": lambda c: (*TRAIN, "--dataset", c.data(
-        _replace("train/images", lambda x: x.astype(np.int16) * 4)), "--out", c.out),
-    "train-images-without-channels": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/images", lambda x: x[:, 0])),
-                                                "--out", c.out),
-    "train-two-channel-images": lambda c: (*TRAIN, "--dataset", c.data(
-        _replace("train/images", lambda x: np.concatenate([x, x], 1))), "--out", c.out),
-    "train-splits-differ-in-shape": lambda c: (*TRAIN, "--dataset", c.data(
-        _replace("test/images", lambda x: np.zeros((len(x), 1, 32, 32), np.uint8))), "--out", c.out),
-    "train-labels-out-of-range": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/labels", lambda y: y + 1)),
-                                            "--out", c.out),
-    "train-negative-labels": lambda c: (*TRAIN, "--dataset", c.data(_replace("val/labels", lambda y: y - 1)),
-                                        "--out", c.out),
-    "train-float-labels": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/labels", lambda y: y + 0.5)),
-                                     "--out", c.out),
-    "train-label-count-mismatch": lambda c: (*TRAIN, "--dataset", c.data(_replace("train/labels", lambda y: y[:-1])),
-                                             "--out", c.out),
+    "train-int16-images-out-of-range": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/images", lambda x: x.astype(np.int16) * 4)),
+        "--out",
+        c.out,
+    ),
+    "train-images-without-channels": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/images", lambda x: x[:, 0])),
+        "--out",
+        c.out,
+    ),
+    "train-two-channel-images": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/images", lambda x: np.concatenate([x, x], 1))),
+        "--out",
+        c.out,
+    ),
+    "train-splits-differ-in-shape": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("test/images", lambda x: np.zeros((len(x), 1, 32, 32), np.uint8))),
+        "--out",
+        c.out,
+    ),
+    "train-labels-out-of-range": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/labels", lambda y: y + 1)),
+        "--out",
+        c.out,
+    ),
+    "train-negative-labels": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("val/labels", lambda y: y - 1)),
+        "--out",
+        c.out,
+    ),
+    "train-float-labels": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/labels", lambda y: y + 0.5)),
+        "--out",
+        c.out,
+    ),
+    "train-label-count-mismatch": lambda c: (
+        *TRAIN,
+        "--dataset",
+        c.data(_replace("train/labels", lambda y: y[:-1])),
+        "--out",
+        c.out,
+    ),
     "train-empty-train-split": lambda c: (*TRAIN, "--dataset", c.data(_empty_train), "--out", c.out),
     # train: flags
     "train-unknown-dataset": lambda c: (*TRAIN, "--dataset", "imagenet-21k", "--out", c.out),
@@ -172,10 +257,14 @@ CASES = {
     "train-unknown-option": lambda c: ("train", "--dataset", c.tiny, "--epoch", 1, "--out", c.out),
     # train: resume and output
     "train-resume-without-checkpoint": lambda c: (*TRAIN, "--dataset", c.tiny, "--resume", "--out", c.out),
-    "train-resume-other-parameters": lambda c: (_stale_checkpoint(c), (*TRAIN, "--dataset", c.tiny, "--resume",
-                                                                       "--out", c.out))[1],
-    "train-resume-damaged-checkpoint": lambda c: (_damaged_checkpoint(c), (*TRAIN, "--dataset", c.tiny, "--resume",
-                                                                           "--out", c.out))[1],
+    "train-resume-other-parameters": lambda c: (
+        _stale_checkpoint(c),
+        (*TRAIN, "--dataset", c.tiny, "--resume", "--out", c.out),
+    )[1],
+    "train-resume-damaged-checkpoint": lambda c: (
+        _damaged_checkpoint(c),
+        (*TRAIN, "--dataset", c.tiny, "--resume", "--out", c.out),
+    )[1],
     "train-out-under-a-file": lambda c: (*TRAIN, "--dataset", c.tiny, "--out", c.regular_file() / "victim.h5"),
     "train-out-is-a-folder": lambda c: (*TRAIN, "--dataset", c.tiny, "--out", c.tmp),
     "train-out-read-only": lambda c: (*TRAIN, "--dataset", c.tiny, "--out", c.read_only_folder() / "victim.h5"),
@@ -184,41 +273,117 @@ CASES = {
     "export-empty-victim": lambda c: ("export", "--victim", c.file("empty.h5", b""), "--out", c.out),
     "export-truncated-victim": lambda c: ("export", "--victim", c.truncated(c.victim), "--out", c.out),
     "export-dataset-as-victim": lambda c: ("export", "--victim", c.tiny, "--out", c.out),
-    "export-future-schema": lambda c: ("export", "--victim", c.copy_victim(_set("schema", "victim/99")), "--out", c.out),
+    "export-future-schema": lambda c: (
+        "export",
+        "--victim",
+        c.copy_victim(_set("schema", "victim/99")),
+        "--out",
+        c.out,
+    ),
     "export-victim-lacks-arch": lambda c: ("export", "--victim", c.copy_victim(_delete("arch")), "--out", c.out),
-    "export-unknown-arch-in-victim": lambda c: ("export", "--victim", c.copy_victim(_set("arch", "alexnet")),
-                                                "--out", c.out),
-    "export-weights-of-wrong-shape": lambda c: ("export", "--victim", c.copy_victim(
-        _replace("weights/net.fc.bias", lambda b: np.zeros(3, b.dtype))), "--out", c.out),
-    "export-nan-weights": lambda c: ("export", "--victim", c.copy_victim(
-        _replace("weights/net.fc.weight", lambda w: np.full_like(w, np.nan))), "--out", c.out),
-    "export-data-of-another-dataset": lambda c: ("export", "--victim", c.victim, "--data", c.data(name="other"),
-                                                 "--out", c.out),
-    "export-data-of-another-shape": lambda c: ("export", "--victim", c.victim, "--data", c.data(shape=(3, 32, 32)),
-                                               "--out", c.out),
+    "export-unknown-arch-in-victim": lambda c: (
+        "export",
+        "--victim",
+        c.copy_victim(_set("arch", "alexnet")),
+        "--out",
+        c.out,
+    ),
+    "export-weights-of-wrong-shape": lambda c: (
+        "export",
+        "--victim",
+        c.copy_victim(_replace("weights/net.fc.bias", lambda b: np.zeros(3, b.dtype))),
+        "--out",
+        c.out,
+    ),
+    "export-nan-weights": lambda c: (
+        "export",
+        "--victim",
+        c.copy_victim(_replace("weights/net.fc.weight", lambda w: np.full_like(w, np.nan))),
+        "--out",
+        c.out,
+    ),
+    "export-data-of-another-dataset": lambda c: (
+        "export",
+        "--victim",
+        c.victim,
+        "--data",
+        c.data(name="other"),
+        "--out",
+        c.out,
+    ),
+    "export-data-of-another-shape": lambda c: (
+        "export",
+        "--victim",
+        c.victim,
+        "--data",
+        c.data(shape=(3, 32, 32)),
+        "--out",
+        c.out,
+    ),
     "export-data-missing": lambda c: ("export", "--victim", c.victim, "--data", c.tmp / "nope.h5", "--out", c.out),
     "export-unknown-defense": lambda c: ("export", "--victim", c.victim, "--defense", "magic", "--out", c.out),
     "export-zero-check-images": lambda c: ("export", "--victim", c.victim, "--check-images", 0, "--out", c.out),
     "export-out-under-a-file": lambda c: ("export", "--victim", c.victim, "--out", c.regular_file() / "victim.pt"),
     "export-out-read-only": lambda c: ("export", "--victim", c.victim, "--out", c.read_only_folder() / "victim.pt"),
-    "export-mad-negative-eps": lambda c: ("export", "--victim", c.victim, "--defense", "mad", "--defense-param",
-                                          "eps=-0.1", "--out", c.out),
-    "export-defense-param-not-a-number": lambda c: ("export", "--victim", c.victim, "--defense", "rounding",
-                                                    "--defense-param", "decimals=two", "--out", c.out),
-    "export-defense-param-unknown": lambda c: ("export", "--victim", c.victim, "--defense", "rounding",
-                                               "--defense-param", "digits=2", "--out", c.out),
+    "export-mad-negative-eps": lambda c: (
+        "export",
+        "--victim",
+        c.victim,
+        "--defense",
+        "mad",
+        "--defense-param",
+        "eps=-0.1",
+        "--out",
+        c.out,
+    ),
+    "export-defense-param-not-a-number": lambda c: (
+        "export",
+        "--victim",
+        c.victim,
+        "--defense",
+        "rounding",
+        "--defense-param",
+        "decimals=two",
+        "--out",
+        c.out,
+    ),
+    "export-defense-param-unknown": lambda c: (
+        "export",
+        "--victim",
+        c.victim,
+        "--defense",
+        "rounding",
+        "--defense-param",
+        "digits=2",
+        "--out",
+        c.out,
+    ),
     # steal
     "steal-unknown-attack": lambda c: (*_steal(c), "--attack", "smash", "--out", c.out),
     "steal-zero-budget": lambda c: (*_steal(c), "--budget", 0, "--out", c.out),
     "steal-negative-budget": lambda c: (*_steal(c), "--budget", -5, "--out", c.out),
     "steal-missing-victim": lambda c: ("steal", "--victim", c.tmp / "nope.h5", "--pool", c.tiny, "--out", c.out),
     "steal-dataset-as-victim": lambda c: ("steal", "--victim", c.tiny, "--pool", c.tiny, "--out", c.out),
-    "steal-victim-pt-not-torchscript": lambda c: ("steal", "--victim", c.file("victim.pt", b"a text file"),
-                                                  "--pool", c.tiny, "--out", c.out),
+    "steal-victim-pt-not-torchscript": lambda c: (
+        "steal",
+        "--victim",
+        c.file("victim.pt", b"a text file"),
+        "--pool",
+        c.tiny,
+        "--out",
+        c.out,
+    ),
     "steal-pool-missing": lambda c: ("steal", "--victim", c.victim, "--pool", c.tmp / "nope.h5", "--out", c.out),
     "steal-victim-as-pool": lambda c: ("steal", "--victim", c.victim, "--pool", c.victim, "--out", c.out),
-    "steal-pool-with-float-images": lambda c: ("steal", "--victim", c.victim, "--pool", c.data(
-        _replace("train/images", _with_nan)), "--out", c.out),
+    "steal-pool-with-float-images": lambda c: (
+        "steal",
+        "--victim",
+        c.victim,
+        "--pool",
+        c.data(_replace("train/images", _with_nan)),
+        "--out",
+        c.out,
+    ),
     "steal-unknown-defense": lambda c: (*_steal(c), "--defense", "magic", "--out", c.out),
     "steal-mad-negative-eps": lambda c: (*_steal(c), "--defense", "mad", "--defense-param", "eps=-0.1", "--out", c.out),
     "steal-unknown-attack-param": lambda c: (*_steal(c), "--attack-param", "nope=1", "--out", c.out),
@@ -235,16 +400,29 @@ CASES = {
     "ini-ood-truncated": lambda c: (*_ini(c), "--ood", c.truncated(c.tiny), "--out", c.out),
     "ini-negative-gamma": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--gamma", -1, "--out", c.out),
     "ini-zero-surrogates": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--surrogates", 0, "--out", c.out),
-    "ini-unknown-surrogate-arch": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--surrogate-archs", "alexnet",
-                                             "--out", c.out),
+    "ini-unknown-surrogate-arch": lambda c: (
+        *_ini(c),
+        "--ood",
+        c.data(name="ood"),
+        "--surrogate-archs",
+        "alexnet",
+        "--out",
+        c.out,
+    ),
     "ini-resume-without-checkpoint": lambda c: (*_ini(c), "--ood", c.data(name="ood"), "--resume", "--out", c.out),
     # evaluate
     "evaluate-missing-file": lambda c: ("evaluate", c.tmp / "nope.h5", "--out", c.out),
     "evaluate-dataset-given": lambda c: ("evaluate", c.tiny, "--out", c.out),
     "evaluate-empty-file": lambda c: ("evaluate", c.file("empty.h5", b""), "--out", c.out),
     "evaluate-victim-on-other-data": lambda c: ("evaluate", c.victim, "--data", c.data(name="other"), "--out", c.out),
-    "evaluate-bad-benchmark-json": lambda c: ("evaluate", c.victim, "--benchmark", c.file("bench.json", b"{"),
-                                              "--out", c.out),
+    "evaluate-bad-benchmark-json": lambda c: (
+        "evaluate",
+        c.victim,
+        "--benchmark",
+        c.file("bench.json", b"{"),
+        "--out",
+        c.out,
+    ),
     # the CLI itself
     "unknown-command": lambda c: ("steal-everything", "--out", c.out),
 }
@@ -279,7 +457,12 @@ def _truncated_idx(c: Case) -> Path:
     """MNIST's four IDX files, each cut short (a download that died half-way)."""
     folder = c.tmp / "raw"
     folder.mkdir()
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         header = b"\x00\x00\x08\x03" if "images" in name else b"\x00\x00\x08\x01"
         (folder / name).write_bytes(header + (1000).to_bytes(4, "big") + b"\x1c" * 7)
     return folder

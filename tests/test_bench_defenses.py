@@ -22,8 +22,9 @@ def _inputs(n: int = BATCH):
 
 def _defense_for(name: str) -> torch.nn.Module:
     if name == "adaptive-misinformation":
-        return AdaptiveMisinformation(_defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1),
-                                      **defaults(AdaptiveMisinformation.PARAMS))
+        return AdaptiveMisinformation(
+            _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1), **defaults(AdaptiveMisinformation.PARAMS)
+        )
     return _defense.build(name, _defense.parse(name, []), "lenet5", K, SHAPE, [0.5], [0.25])
 
 
@@ -47,8 +48,10 @@ def mad_per_sample(defense: MAD, x: torch.Tensor, probs: torch.Tensor) -> torch.
         k = len(y)
         c = int(y.argmax())
         eye = torch.eye(k)
-        candidates = [eye[j] if (not defense.argmax or j == c) else (0.5 + 1e-3) * eye[c] + (0.5 - 1e-3) * eye[j]
-                      for j in range(k)]
+        candidates = [
+            eye[j] if (not defense.argmax or j == c) else (0.5 + 1e-3) * eye[c] + (0.5 - 1e-3) * eye[j]
+            for j in range(k)
+        ]
         best, best_objective = candidates[0], -1.0
         for candidate in candidates:
             u = G.t() @ candidate

@@ -32,8 +32,9 @@ def deployed_graph(defense: str, device: str) -> torch.jit.ScriptModule:
     if defense in ("none", "ini"):
         posterior = _defense.build("none", {}, ARCH, CLASSES, SHAPE, MEAN, STD)
     elif defense == "adaptive-misinformation":  # the misinformation net is a second network of the same size
-        posterior = AdaptiveMisinformation(_defense.random_proxy(ARCH, CLASSES, SHAPE, MEAN, STD, 1),
-                                           **defaults(AdaptiveMisinformation.PARAMS))
+        posterior = AdaptiveMisinformation(
+            _defense.random_proxy(ARCH, CLASSES, SHAPE, MEAN, STD, 1), **defaults(AdaptiveMisinformation.PARAMS)
+        )
     else:
         posterior = _defense.build(defense, _defense.parse(defense, []), ARCH, CLASSES, SHAPE, MEAN, STD)
     return _jit.script(Deployed(victim, posterior).eval().to(device))

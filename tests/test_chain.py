@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, invoke
+
 from stages import _jit, _loop, _victim
 from stages._artifacts import load_state
 
@@ -18,7 +18,9 @@ def test_prepare_writes_disjoint_self_describing_splits(mnist_small):
     with h5py.File(mnist_small, "r") as f:
         assert f.attrs["schema"] == "dataset/1"
         assert f.attrs["name"] == "mnist"
-        assert json.loads(f.attrs["classes"]) == [str(i) for i in range(10)] or len(json.loads(f.attrs["classes"])) == 10
+        assert (
+            json.loads(f.attrs["classes"]) == [str(i) for i in range(10)] or len(json.loads(f.attrs["classes"])) == 10
+        )
         assert list(f.attrs["mean"]) == pytest.approx([0.1307]) and list(f.attrs["std"]) == pytest.approx([0.3081])
         inputs = json.loads(f.attrs["inputs"])
         assert inputs and all(len(i["sha256"]) == 64 for i in inputs)
@@ -116,8 +118,20 @@ def test_resume_equals_uninterrupted(mnist_small, tmp_path, monkeypatch):
         assert np.array_equal(a["history/val_accuracy"][()], b["history/val_accuracy"][()])
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong-schema", "unknown-dataset", "unknown-arch", "resume-without-checkpoint",
-                                  "empty", "under-a-file", "export-wrong-schema", "export-missing"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "wrong-schema",
+        "unknown-dataset",
+        "unknown-arch",
+        "resume-without-checkpoint",
+        "empty",
+        "under-a-file",
+        "export-wrong-schema",
+        "export-missing",
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_nothing(case, mnist_small, tmp_path):
     out = tmp_path / "victim.h5"
     args = {
@@ -137,8 +151,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, mnist_small, tmp_path):
 
 def test_nothing_offline_says_where_to_put_files(tmp_path, monkeypatch):
     monkeypatch.setenv("INI_DATA_ROOT", str(tmp_path))
-    line = assert_one_line_error(invoke("prepare", "--dataset", "cifar10", "--data-root", tmp_path, "--no-download",
-                                        "--out", tmp_path / "c.h5"))
+    line = assert_one_line_error(
+        invoke("prepare", "--dataset", "cifar10", "--data-root", tmp_path, "--no-download", "--out", tmp_path / "c.h5")
+    )
     assert "cifar" in line.lower()
     assert not (tmp_path / "c.h5").exists()
 

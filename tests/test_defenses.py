@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 import cli
 from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, greedy_mass_move
-from stages import _defense, _jit, prepare, train
 from models.params import UserError
+from stages import _defense, _jit, prepare, train
 
 SHAPE = (1, 28, 28)
 K = 10
@@ -225,17 +225,20 @@ def test_noise_is_seeded_per_image():
     assert not torch.allclose(a, shifted)
 
 
-@pytest.mark.parametrize("name,pairs,message", [
-    ("mad", ["eps=-0.1"], "must be in"),
-    ("mad", ["eps=nan"], "must be in"),
-    ("mad", ["foo=1"], "no parameter 'foo'"),
-    ("top1", ["eps=1"], "no parameter 'eps'"),
-    ("rounding", ["decimals=1.5"], "must be an integer"),
-    ("noise", ["l1"], "expected KEY=VALUE"),
-    ("noise", ["l1=x"], "not a number"),
-    ("mad", ["eps=1", "eps=2"], "given twice"),
-    ("fancy", [], "unknown defense"),
-])
+@pytest.mark.parametrize(
+    "name,pairs,message",
+    [
+        ("mad", ["eps=-0.1"], "must be in"),
+        ("mad", ["eps=nan"], "must be in"),
+        ("mad", ["foo=1"], "no parameter 'foo'"),
+        ("top1", ["eps=1"], "no parameter 'eps'"),
+        ("rounding", ["decimals=1.5"], "must be an integer"),
+        ("noise", ["l1"], "expected KEY=VALUE"),
+        ("noise", ["l1=x"], "not a number"),
+        ("mad", ["eps=1", "eps=2"], "given twice"),
+        ("fancy", [], "unknown defense"),
+    ],
+)
 def test_bad_parameters_are_user_errors(name, pairs, message):
     with pytest.raises(UserError, match=message):
         _defense.parse(name, pairs)
@@ -247,8 +250,9 @@ def oe_victim(tmp_path_factory):
     digits = prepare.run(dataset="sklearn-digits", out=root / "digits.h5", limit=400)
     ood = prepare.run(dataset="sklearn-digits", out=root / "ood.h5", size=14, limit=200, seed=1)
     plain = train.run(dataset=str(digits), out=root / "plain.h5", epochs=1, device="cpu")
-    oe = train.run(dataset=str(digits), out=root / "oe.h5", epochs=1, device="cpu", objective="outlier-exposure",
-                   ood=str(ood))
+    oe = train.run(
+        dataset=str(digits), out=root / "oe.h5", epochs=1, device="cpu", objective="outlier-exposure", ood=str(ood)
+    )
     return plain, oe
 
 
@@ -258,8 +262,20 @@ def test_export_bakes_networks_into_one_graph(oe_victim, tmp_path):
     runner = CliRunner()
     for victim, defense in [(oe, "adaptive-misinformation"), (plain, "mad-argmax"), (plain, "grad2")]:
         out = tmp_path / f"{defense}.pt"
-        result = runner.invoke(cli.app, ["export", "--victim", str(victim), "--out", str(out), "--defense", defense,
-                                         "--defense-param", "tau=0.9" if defense.startswith("adaptive") else "seed=3"])
+        result = runner.invoke(
+            cli.app,
+            [
+                "export",
+                "--victim",
+                str(victim),
+                "--out",
+                str(out),
+                "--defense",
+                defense,
+                "--defense-param",
+                "tau=0.9" if defense.startswith("adaptive") else "seed=3",
+            ],
+        )
         assert result.exit_code == 0, result.output
         module, metadata = _jit.load(out)
         assert metadata["defense"] == defense
@@ -269,8 +285,10 @@ def test_export_bakes_networks_into_one_graph(oe_victim, tmp_path):
 
 def test_adaptive_misinformation_needs_its_network(oe_victim, tmp_path):
     plain, _ = oe_victim
-    result = CliRunner().invoke(cli.app, ["export", "--victim", str(plain), "--out", str(tmp_path / "v.pt"),
-                                          "--defense", "adaptive-misinformation"])
+    result = CliRunner().invoke(
+        cli.app,
+        ["export", "--victim", str(plain), "--out", str(tmp_path / "v.pt"), "--defense", "adaptive-misinformation"],
+    )
     assert result.exit_code == 1
     assert "no misinformation network" in result.output
     assert not (tmp_path / "v.pt").exists()
@@ -285,8 +303,18 @@ def test_outlier_exposure_step_computes_its_three_terms():
     misinformation = _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1)
     pair = train._WithMisinformation(victim, misinformation)
     ood = torch.randint(0, 256, (8, *SHAPE), dtype=torch.uint8)
-    recipe = _loop.VictimRecipe(epochs=1, batch_size=4, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20,
-                                lr_gamma=0.1, seed=0, device="cpu", augment=False)
+    recipe = _loop.VictimRecipe(
+        epochs=1,
+        batch_size=4,
+        lr=0.1,
+        momentum=0.5,
+        weight_decay=0.0,
+        lr_step=20,
+        lr_gamma=0.1,
+        seed=0,
+        device="cpu",
+        augment=False,
+    )
     step, begin_epoch = train._outlier_exposure(pair, ood, recipe)
     begin_epoch(0, torch.Generator().manual_seed(0))
     x, y = torch.rand(4, *SHAPE), torch.tensor([0, 1, 2, 3])
@@ -297,7 +325,9 @@ def test_outlier_exposure_step_computes_its_three_terms():
         drawn = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:4]  # begin_epoch's shuffle
         uniform = -torch.log_softmax(victim(ood[drawn].float() / 255), 1).mean()
     torch.testing.assert_close(terms["misinformation_loss"], expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(terms["loss"], torch.nn.functional.cross_entropy(victim(x), y).detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        terms["loss"], torch.nn.functional.cross_entropy(victim(x), y).detach(), atol=1e-5, rtol=0
+    )
     torch.testing.assert_close(terms["oe_loss"], uniform, atol=1e-5, rtol=1e-4)
     assert all(p.grad is not None for p in misinformation.parameters())
 
@@ -306,8 +336,13 @@ def test_outlier_exposure_step_computes_its_three_terms():
 def mnist_victim(mnist_small, tmp_path_factory):
     """LeNet-5 after three epochs on 800 real MNIST images (val 200, test 200)."""
     torch.manual_seed(0)
-    return train.run(dataset=str(mnist_small), out=tmp_path_factory.mktemp("gate") / "victim.h5", epochs=3,
-                     batch_size=32, device="cpu")
+    return train.run(
+        dataset=str(mnist_small),
+        out=tmp_path_factory.mktemp("gate") / "victim.h5",
+        epochs=3,
+        batch_size=32,
+        device="cpu",
+    )
 
 
 def test_gate_quantile_gates_that_share_of_benign_queries(mnist_victim):
@@ -336,9 +371,22 @@ def mnist_small_path(info) -> str:
 
 def test_gate_export_records_the_calibrated_threshold(mnist_victim, tmp_path):
     out = tmp_path / "gated.pt"
-    result = CliRunner().invoke(cli.app, ["export", "--victim", str(mnist_victim), "--out", str(out),
-                                          "--defense", "gate", "--defense-param", "quantile=0.05",
-                                          "--defense-param", "decoy=1"])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "export",
+            "--victim",
+            str(mnist_victim),
+            "--out",
+            str(out),
+            "--defense",
+            "gate",
+            "--defense-param",
+            "quantile=0.05",
+            "--defense-param",
+            "decoy=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     _, metadata = _jit.load(out)
     params = metadata["defense_params"]
@@ -352,8 +400,22 @@ def test_reverse_sigmoid_exports_to_onnx_and_answers_the_exact_formula(mnist_vic
     from stages import _data, _onnx, _victim
 
     out = tmp_path / "rs.onnx"
-    result = CliRunner().invoke(cli.app, ["export", "--victim", str(mnist_victim), "--out", str(out), "--format",
-                                          "onnx", "--defense", "reverse-sigmoid", "--defense-param", "gamma=0.5"])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "export",
+            "--victim",
+            str(mnist_victim),
+            "--out",
+            str(out),
+            "--format",
+            "onnx",
+            "--defense",
+            "reverse-sigmoid",
+            "--defense-param",
+            "gamma=0.5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model, _ = _victim.load(mnist_victim)
     x = _data.to_float(_data.load(mnist_small, splits=("test",)).splits["test"][0])

@@ -32,10 +32,20 @@ def write_surrogate(path, victim, state, seed=0, defense="none", defense_params=
     _, info = _victim.load(victim)
     params = dict(victim=str(victim), pool=str(path.parent / "pool.h5"), seed=seed)
     with write_artifact(path, "surrogate", "steal", params, [victim], seed) as f:
-        f.attrs.update(attack="knockoff", label="soft", defense=defense, arch=info.arch, dataset=info.dataset,
-                       victim_sha256=sha256(victim), queries=123, defense_params=json.dumps(defense_params or {}),
-                       classes=json.dumps(info.classes), input_shape=list(info.input_shape), mean=info.mean,
-                       std=info.std)
+        f.attrs.update(
+            attack="knockoff",
+            label="soft",
+            defense=defense,
+            arch=info.arch,
+            dataset=info.dataset,
+            victim_sha256=sha256(victim),
+            queries=123,
+            defense_params=json.dumps(defense_params or {}),
+            classes=json.dumps(info.classes),
+            input_shape=list(info.input_shape),
+            mean=info.mean,
+            std=info.std,
+        )
         save_state(f.create_group("weights"), state)
         save_history(f.create_group("history"), {"stealing_accuracy": list(curve)})
     return path
@@ -71,18 +81,37 @@ def test_other_surrogate_metrics_match_a_direct_computation(world):
 def test_top1_defense_keeps_benign_accuracy_and_rounding_is_recorded(world):
     root, data, victim = world
     model, _ = _victim.load(victim)
-    row = evaluate._evaluate(write_surrogate(root / "top1.h5", victim, model.state_dict(), defense="top1"), None,
-                             "cpu", {})
+    row = evaluate._evaluate(
+        write_surrogate(root / "top1.h5", victim, model.state_dict(), defense="top1"), None, "cpu", {}
+    )
     assert row["defense"] == "top1" and row["fidelity"] == 1.0
     assert row["benign_accuracy"] == row["stealing_accuracy"]
 
 
 def test_aggregate_mean_std_n():
-    rows = [dict(dataset="d", victim="v", defense="none", attack="a", label="soft", pool="p", seed=s,
-                 benign_accuracy=b, stealing_accuracy=st, max_stealing_accuracy=st, relative_accuracy=st / b,
-                 fidelity=st, queries=10, victim_seconds=1.0, steal_seconds=np.nan, queries_to_50=q, queries_to_80=np.nan,
-                 queries_to_95=np.nan)
-            for s, b, st, q in ((0, 0.9, 0.2, 100.0), (1, 0.8, 0.4, 300.0), (2, 1.0, 0.6, np.nan))]
+    rows = [
+        dict(
+            dataset="d",
+            victim="v",
+            defense="none",
+            attack="a",
+            label="soft",
+            pool="p",
+            seed=s,
+            benign_accuracy=b,
+            stealing_accuracy=st,
+            max_stealing_accuracy=st,
+            relative_accuracy=st / b,
+            fidelity=st,
+            queries=10,
+            victim_seconds=1.0,
+            steal_seconds=np.nan,
+            queries_to_50=q,
+            queries_to_80=np.nan,
+            queries_to_95=np.nan,
+        )
+        for s, b, st, q in ((0, 0.9, 0.2, 100.0), (1, 0.8, 0.4, 300.0), (2, 1.0, 0.6, np.nan))
+    ]
     rows.append(dict(rows[0], defense="mad", seed=0))
     groups = evaluate.aggregate(rows)
     assert [g["n"] for g in groups] == [1, 3]  # sorted: "mad" before "none"
@@ -106,10 +135,20 @@ def test_cli_writes_metrics_and_report_with_latency(world):
     model, _ = _victim.load(victim)
     surrogates = [write_surrogate(root / f"s{seed}.h5", victim, model.state_dict(), seed=seed) for seed in (0, 1)]
     bench = root / "bench.json"
-    bench.write_text(json.dumps({"benchmarks": [
-        {"name": f"test_latency[{d}-{b}]", "params": {"defense": d, "batch": b, "device": "cpu"},
-         "stats": {"median": m}} for d, b, m in (("none", 1, 1e-4), ("mad", 1, 2e-3), ("none", 256, 1e-3),
-                                                  ("mad", 256, 3e-2))]}))
+    bench.write_text(
+        json.dumps(
+            {
+                "benchmarks": [
+                    {
+                        "name": f"test_latency[{d}-{b}]",
+                        "params": {"defense": d, "batch": b, "device": "cpu"},
+                        "stats": {"median": m},
+                    }
+                    for d, b, m in (("none", 1, 1e-4), ("mad", 1, 2e-3), ("none", 256, 1e-3), ("mad", 256, 3e-2))
+                ]
+            }
+        )
+    )
     out = root / "metrics.h5"
     result = invoke("evaluate", *surrogates, victim, "--out", out, "--benchmark", bench, "--device", "cpu")
     assert result.exit_code == 0, result.stderr
@@ -118,9 +157,15 @@ def test_cli_writes_metrics_and_report_with_latency(world):
         assert f.attrs["schema"] == "metrics/1"
         assert len(f["rows/file"]) == 3 and list(f["groups/n"].asstr()[()]) == ["1", "2"]
         assert np.allclose(f["groups/fidelity_mean"][()][1], 1.0)
-        assert np.allclose(f["groups/stealing_accuracy_relabelled_mean"][()][1], f["groups/benign_accuracy_mean"][()][1])
+        assert np.allclose(
+            f["groups/stealing_accuracy_relabelled_mean"][()][1], f["groups/benign_accuracy_mean"][()][1]
+        )
         decision = f["decision"]
-        assert decision.attrs["metric"] == "stealing_accuracy_relabelled" and list(decision.attrs["budgets"]) == [0.5, 1, 2]
+        assert decision.attrs["metric"] == "stealing_accuracy_relabelled" and list(decision.attrs["budgets"]) == [
+            0.5,
+            1,
+            2,
+        ]
         assert list(decision["family"].asstr()[()]) == ["none"] * 3 and list(decision["winner"][()]) == [1.0] * 3
         assert list(decision["n"][()]) == [2.0] * 3
     report = root / "report"
@@ -130,8 +175,12 @@ def test_cli_writes_metrics_and_report_with_latency(world):
     assert "| cpu | 256 | mad | 30.000 | 30.00 |" in text and "knockoff" in text
     assert text.index("## Decision") < text.index("## Every setting") and "Hungarian assignment" in text
     summarise = Path(__file__).resolve().parents[1] / "experiments" / "summarise.py"
-    tables = {mode: subprocess.run([sys.executable, summarise, *mode, out], capture_output=True, text=True, check=True)
-              .stdout.splitlines() for mode in ((), ("--decision",))}
+    tables = {
+        mode: subprocess.run(
+            [sys.executable, summarise, *mode, out], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        for mode in ((), ("--decision",))
+    }
     accuracy = 100 * _victim.load(victim)[1].test_accuracy
     assert f"{accuracy:.1f} ± 0.0 → {accuracy:.1f} ± 0.0 (2) |" in tables[()][2]  # stealing → relabelled (n)
     decided = [row for row in tables["--decision",] if row.startswith("| synth | knockoff | soft | pool |")]
@@ -179,11 +228,28 @@ def test_seeds_group_across_code_versions_and_folders():
     and search settings of a search that is off do not split a recipe; a real change does."""
     from stages import train_ini
 
-    old = {"arch": "lenet5", "gamma": 0.3, "ood": "artifacts/grid/data/fashionmnist.h5", "seed": 0, "epochs": 5,
-           "surrogates": 1, "surrogate_archs": ["lenet5"]}
-    new = {**old, "ood": "/elsewhere/fashionmnist.h5", "seed": 1, "preset": "faithful", "clip": "official",
-           "compile_mode": "on", "ood_synthetic": 0.0, "ood_synthetic_steps": 3, "ood_synthetic_eps": 0.25,
-           "pcgrad_reduction": "mean", "augment": False}
+    old = {
+        "arch": "lenet5",
+        "gamma": 0.3,
+        "ood": "artifacts/grid/data/fashionmnist.h5",
+        "seed": 0,
+        "epochs": 5,
+        "surrogates": 1,
+        "surrogate_archs": ["lenet5"],
+    }
+    new = {
+        **old,
+        "ood": "/elsewhere/fashionmnist.h5",
+        "seed": 1,
+        "preset": "faithful",
+        "clip": "official",
+        "compile_mode": "on",
+        "ood_synthetic": 0.0,
+        "ood_synthetic_steps": 3,
+        "ood_synthetic_eps": 0.25,
+        "pcgrad_reduction": "mean",
+        "augment": False,
+    }
     recipe, changes = train_ini.recipe_identity(old, 1)
     assert (recipe, changes) == train_ini.recipe_identity(new, 1)
     assert changes == {"epochs": 5, "ood": "fashionmnist"}
@@ -196,8 +262,10 @@ def test_victim_answers_are_computed_once_per_defense_and_not_mixed_up(world, mo
     root, data, victim = world
     model, info = _victim.load(victim)
     cells = [("none", {})] * 2 + [("mad", {"eps": 1.1, "seed": 0})] * 2
-    paths = [write_surrogate(root / f"shared{i}.h5", victim, model.state_dict(), defense=d, defense_params=p)
-             for i, (d, p) in enumerate(cells)]
+    paths = [
+        write_surrogate(root / f"shared{i}.h5", victim, model.state_dict(), defense=d, defense_params=p)
+        for i, (d, p) in enumerate(cells)
+    ]
     alone = [evaluate._evaluate(path, None, "cpu", {})["benign_accuracy"] for path in paths]
     passes, predict = [], evaluate._blackbox.predict
     monkeypatch.setattr(evaluate._blackbox, "predict", lambda *a: passes.append(1) or predict(*a))
@@ -232,10 +300,12 @@ def test_a_permuted_classifier_scores_like_the_original_after_relabelling(which,
     root, victim = sharp if which == "sharp" else world[::2]
     model, _ = _victim.load(victim)
     perm = torch.tensor([3, 7, 0, 9, 1, 8, 2, 6, 5, 4])
-    original = evaluate._evaluate(write_surrogate(root / f"{which}-orig.h5", victim, model.state_dict()), None,
-                                  "cpu", {})
-    shuffled = evaluate._evaluate(write_surrogate(root / f"{which}-perm.h5", victim, permuted(model.state_dict(), perm)),
-                                  None, "cpu", {})
+    original = evaluate._evaluate(
+        write_surrogate(root / f"{which}-orig.h5", victim, model.state_dict()), None, "cpu", {}
+    )
+    shuffled = evaluate._evaluate(
+        write_surrogate(root / f"{which}-perm.h5", victim, permuted(model.state_dict(), perm)), None, "cpu", {}
+    )
     assert original["stealing_accuracy_relabelled"] == original["stealing_accuracy"]  # unpermuted: unchanged
     assert original["fidelity_relabelled"] == original["fidelity"] == 1.0
     assert shuffled["stealing_accuracy"] < 0.3 < original["stealing_accuracy"]  # the raw metric is fooled
@@ -258,8 +328,14 @@ def test_the_labelled_images_come_from_val_only(world, tmp_path):
     assert row["stealing_accuracy_relabelled"] < 0.2  # the map learned from val, scored on test
     assert row["fidelity_relabelled"] == 1.0  # fidelity's reference is the victim, not val's labels
     cache = {}
-    seen, labels, _ = evaluate._seen(cache, victim, *evaluate._open(victim, "cpu", cache),
-                                     evaluate._dataset(str(shifted), _victim.load(victim)[1], cache, 25), "cpu", 25)
+    seen, labels, _ = evaluate._seen(
+        cache,
+        victim,
+        *evaluate._open(victim, "cpu", cache),
+        evaluate._dataset(str(shifted), _victim.load(victim)[1], cache, 25),
+        "cpu",
+        25,
+    )
     val = _data.load(shifted).splits["val"]
     rows = [int(torch.nonzero((val[0].float() / 255 == image).flatten(1).all(1))[0]) for image in seen]
     assert len(set(rows)) == 25 and torch.equal(val[1][rows], labels)  # 25 distinct val images with val labels
@@ -270,8 +346,13 @@ def test_the_labelled_images_come_from_val_only(world, tmp_path):
 def test_relative_accuracy_is_blank_where_benign_accuracy_is_near_chance(world):
     root, data, victim = world
     model, _ = _victim.load(victim)
-    gated = write_surrogate(root / "gated.h5", victim, model.state_dict(), defense="gate",
-                            defense_params={"threshold": 1.0, "quantile": 0.0, "decoy": 0})
+    gated = write_surrogate(
+        root / "gated.h5",
+        victim,
+        model.state_dict(),
+        defense="gate",
+        defense_params={"threshold": 1.0, "quantile": 0.0, "decoy": 0},
+    )
     row = evaluate._evaluate(gated, None, "cpu", {})
     assert row["benign_accuracy"] < 1.5 / 10 and np.isnan(row["relative_accuracy"])  # every answer uniform
     plain = evaluate._evaluate(write_surrogate(root / "plain.h5", victim, model.state_dict()), None, "cpu", {})
@@ -283,15 +364,37 @@ def test_relative_accuracy_is_blank_where_benign_accuracy_is_near_chance(world):
 TRAINING = {"arch": "lenet5", "epochs": 5, "lr": 0.1, "batch_size": 128}
 
 
-def metrics_row(victim: str, kind: str, objective: str, defense: str, benign: float, stealing: float, seed: int,
-                relabelled: float | None = None, attack: str = "knockoff", **recipe) -> dict:
+def metrics_row(
+    victim: str,
+    kind: str,
+    objective: str,
+    defense: str,
+    benign: float,
+    stealing: float,
+    seed: int,
+    relabelled: float | None = None,
+    attack: str = "knockoff",
+    **recipe,
+) -> dict:
     """A row as evaluate writes it, for the numbers the decision reads."""
     full = {"objective": objective, **TRAINING, "ood": None if objective == "ce" else "fashionmnist", **recipe}
-    return dict(dataset="mnist", victim=victim, victim_arch="lenet5", victim_kind=kind,
-                victim_recipe=json.dumps(full, sort_keys=True), victim_changes=json.dumps(recipe),
-                victim_file=f"{victim}-s{seed}", seed=seed, defense=defense, attack=attack, label="soft",
-                pool="fashionmnist", benign_accuracy=benign, stealing_accuracy=stealing,
-                stealing_accuracy_relabelled=stealing if relabelled is None else relabelled)
+    return dict(
+        dataset="mnist",
+        victim=victim,
+        victim_arch="lenet5",
+        victim_kind=kind,
+        victim_recipe=json.dumps(full, sort_keys=True),
+        victim_changes=json.dumps(recipe),
+        victim_file=f"{victim}-s{seed}",
+        seed=seed,
+        defense=defense,
+        attack=attack,
+        label="soft",
+        pool="fashionmnist",
+        benign_accuracy=benign,
+        stealing_accuracy=stealing,
+        stealing_accuracy_relabelled=stealing if relabelled is None else relabelled,
+    )
 
 
 def hand_built() -> list[dict]:
@@ -311,13 +414,37 @@ def hand_built() -> list[dict]:
     rows = []
     for victim, kind, objective, defense, benign, stealing, recipe in settings:
         for seed, shift in enumerate((-0.01, 0.0, 0.01)):
-            rows.append(metrics_row(victim, kind, objective, defense, benign + shift / 5, stealing + shift, seed,
-                                    **recipe))
+            rows.append(
+                metrics_row(victim, kind, objective, defense, benign + shift / 5, stealing + shift, seed, **recipe)
+            )
     # adaptive misinformation: raw 0 % (a systematic relabelling), 95 % once relabelled; cost 0.5
-    rows += [metrics_row("a", "outlier-exposure", "outlier-exposure", "adaptive-misinformation nu=1000,tau=0.5",
-                         0.985, 0.0, seed, relabelled=0.95) for seed in range(3)]
-    rows += [dict(r, attack="-", label="-", pool="-", defense="none", benign_accuracy=0.990, stealing_accuracy=np.nan,
-                  stealing_accuracy_relabelled=np.nan) for r in rows if r["victim"] == "u" and r["defense"] == "none"]
+    rows += [
+        metrics_row(
+            "a",
+            "outlier-exposure",
+            "outlier-exposure",
+            "adaptive-misinformation nu=1000,tau=0.5",
+            0.985,
+            0.0,
+            seed,
+            relabelled=0.95,
+        )
+        for seed in range(3)
+    ]
+    rows += [
+        dict(
+            r,
+            attack="-",
+            label="-",
+            pool="-",
+            defense="none",
+            benign_accuracy=0.990,
+            stealing_accuracy=np.nan,
+            stealing_accuracy_relabelled=np.nan,
+        )
+        for r in rows
+        if r["victim"] == "u" and r["defense"] == "none"
+    ]
     return rows
 
 
@@ -352,7 +479,10 @@ def test_decision_picks_each_defense_within_each_budget_and_the_winner():
     raw = picks(_decision.decide(rows, groups, [0.5], "stealing_accuracy"), 0.5)
     assert [f for f, e in raw.items() if e["winner"]] == ["adaptive-misinformation"]  # what the raw metric says
     text = "\n".join(_decision.markdown(decision, "stealing_accuracy_relabelled"))
-    assert "| mnist | knockoff | soft | fashionmnist | ≤ 1 pt | reverse-sigmoid beta=1,gamma=0.2 | 40.0 ± 1.0 (3) |" in text
+    assert (
+        "| mnist | knockoff | soft | fashionmnist | ≤ 1 pt | reverse-sigmoid beta=1,gamma=0.2 | 40.0 ± 1.0 (3) |"
+        in text
+    )
     assert "no setting within 0.5 pt" in text
 
 
@@ -366,8 +496,9 @@ def test_decision_ties_go_to_the_cheaper_setting_then_to_no_defense_then_to_all(
     def winners(settings):
         rows = rows_for(settings)
         groups = evaluate.aggregate([{**evaluate.queries_to(np.zeros(0), np.zeros(0), 1.0), **r} for r in rows])
-        return sorted(f for f, e in picks(_decision.decide(rows, groups, [1.0], "stealing_accuracy"), 1.0).items()
-                      if e["winner"])
+        return sorted(
+            f for f, e in picks(_decision.decide(rows, groups, [1.0], "stealing_accuracy"), 1.0).items() if e["winner"]
+        )
 
     plain = ("none", 0.99, 0.9)
     assert winners([plain, ("mad eps=1", 0.985, 0.5), ("top1", 0.99, 0.5)]) == ["top1"]  # same theft, cheaper

@@ -6,7 +6,6 @@ leaves nothing a later run takes for finished. Real MNIST from the shared data f
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,31 +60,73 @@ def flag(tokens: list[str], name: str) -> str:
 # pool for 8 pairs x soft/hard less top1's soft answer (15), on skimage-patches for 3 pairs x 2 (6), jbda and DFME
 # for those 3 pairs (6); data: mnist, fashionmnist, skimage-patches.
 EXPECTED = {
-    "grid": dict(prepare=3, train=2 * 3 * 2, train_ini=2 * 3, steal=2 * 3 * (15 + 6), steal_own_queries=2 * 3 * 6,
-                 evaluate=1, summarise=1, publish=1, all=1),
+    "grid": dict(
+        prepare=3,
+        train=2 * 3 * 2,
+        train_ini=2 * 3,
+        steal=2 * 3 * (15 + 6),
+        steal_own_queries=2 * 3 * 6,
+        evaluate=1,
+        summarise=1,
+        publish=1,
+        all=1,
+    ),
     # grid-smoke: the grid's cells for mnist and seed 0, the generated pool as the unseen one
-    "grid-smoke": dict(prepare=3, train=2, train_ini=1, steal=15 + 6, steal_own_queries=6, evaluate=1, summarise=1,
-                       all=1),
+    "grid-smoke": dict(
+        prepare=3, train=2, train_ini=1, steal=15 + 6, steal_own_queries=6, evaluate=1, summarise=1, all=1
+    ),
     # lofo: per dataset, 4 broad victims a seed (MNIST: 3 held-out families + all, sklearn-digits being its task;
     # FashionMNIST: 4 held out) x 3 seeds, plus undefended (every seed), faithful and AM on the reference seeds
     # (MNIST 0-1, FashionMNIST 0). Cells: broad 2 x 3 seeds x 4 pools x 2 labels (48, undefended names); references
     # 3 dataset-seeds x 4 pools x 2 labels x faithful+undefended (48); baselines 3 x 4 x (6 defenses x 2 - top1 soft)
-    "lofo": dict(prepare=5, train=2 * 3 + 3, train_ini=2 * 4 * 3 + 3, steal_undefended=48 + 48,
-                 steal=3 * 4 * (6 * 2 - 1), evaluate=1, summarise=1, publish=1, all=1),
-    "lofo-smoke": dict(prepare=5, train=2, train_ini=4 + 1, steal_undefended=4 * 2 + 4 * 2 * 2, steal=4 * 2 * 2,
-                       evaluate=1, summarise=1, all=1),
+    "lofo": dict(
+        prepare=5,
+        train=2 * 3 + 3,
+        train_ini=2 * 4 * 3 + 3,
+        steal_undefended=48 + 48,
+        steal=3 * 4 * (6 * 2 - 1),
+        evaluate=1,
+        summarise=1,
+        publish=1,
+        all=1,
+    ),
+    "lofo-smoke": dict(
+        prepare=5,
+        train=2,
+        train_ini=4 + 1,
+        steal_undefended=4 * 2 + 4 * 2 * 2,
+        steal=4 * 2 * 2,
+        evaluate=1,
+        summarise=1,
+        all=1,
+    ),
     # variants: 9 victims x sklearn-digits x soft/hard on seed 0; 6 victims soft on seeds 1-2; the references'
     # seen-pool cells (2 victims x 2 labels) and hard labels on seed 1 (2)
-    "variants": dict(prepare=3, train=2 * 3, train_ini=7 + 4 * 2, steal_undefended=9 * 2 + 6 * 2 + 4 + 2,
-                     evaluate=1, summarise=1, publish=1, all=1),
+    "variants": dict(
+        prepare=3,
+        train=2 * 3,
+        train_ini=7 + 4 * 2,
+        steal_undefended=9 * 2 + 6 * 2 + 4 + 2,
+        evaluate=1,
+        summarise=1,
+        publish=1,
+        all=1,
+    ),
     "variants-smoke": dict(prepare=3, train=2, train_ini=7, steal_undefended=9, evaluate=1, summarise=1, all=1),
     # near: per MNIST seed, 4 near victims (3 held-out families + all), the paper recipe and broad; cells: the held-out
     # families and Latin letters x soft/hard (8), undefended/faithful/broad x 4 pools x 2 (24), the gate's 6 settings
     # around the undefended and near-all victims x Latin letters x 2 (24), reverse sigmoid, MAD-argmax and AM at 3
     # settings x Latin letters, soft, and AM hard (12; AM's victim per MNIST seed); per FashionMNIST seed, 3 near
     # victims, the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18); data: 2 + 3 far + 6 near
-    "near": dict(prepare=11, train=3 * 3, train_ini=3 * (6 + 5), steal=3 * (8 + 24 + 24 + 12 + 6 + 18), evaluate=1,
-                 summarise=1, all=1),
+    "near": dict(
+        prepare=11,
+        train=3 * 3,
+        train_ini=3 * (6 + 5),
+        steal=3 * (8 + 24 + 24 + 12 + 6 + 18),
+        evaluate=1,
+        summarise=1,
+        all=1,
+    ),
     # decide: MNIST seed 0; soft: none, 9 swept defenses x 6 (incl. AM's), faithful, broad, near, gamma x 3,
     # epsilon x 2 (63); hard: none, rs-gamma x 6, top1, AM x 6, the 8 InI victims (22); the three adaptive thieves
     # against undefended, faithful, broad and near, soft (12)
@@ -110,8 +151,11 @@ def test_cells_carry_the_drivers_flags(tmp_path):
     """Leave-one-out victims train on every family but the one they are attacked with; option victims carry their
     option; knockoff's epochs follow from the pool (read once the pool exists)."""
     lofo = commands(tmp_path, "--configfile", str(CONFIG / "lofo-smoke.yaml"))
-    ood = {Path(out).stem: flag(cmd, "--ood").split(",") for out, cmd in lofo.items() if "/victims/" in out and
-           "--ood" in cmd}
+    ood = {
+        Path(out).stem: flag(cmd, "--ood").split(",")
+        for out, cmd in lofo.items()
+        if "/victims/" in out and "--ood" in cmd
+    }
     data = "artifacts/lofo-smoke/data/{}.h5".format
     assert ood["mnist-broad-no-generated-s0"] == [data("fashionmnist"), data("skimage-patches")]
     assert ood["mnist-broad-no-fashionmnist-s0"] == [data("skimage-patches"), data("generated")]
@@ -129,16 +173,20 @@ def test_cells_carry_the_drivers_flags(tmp_path):
 
     # sweeps: a defense over its strength, InI victims over a train-ini option; one file per point, named by it
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("victims:\n  ini-g: {stage: train-ini, ood: [seen], options: {gamma: [0.1, 1.0]}}\n"
-                     "defenses:\n  none: {}\n  mad: {params: {eps: [0.5, 1.1]}}\nalways_train: []\n"
-                     "cells:\n  - pairs: [undefended:mad, ini-g:none]\n"
-                     "    attacks: [knockoff]\n    labels: [soft]\n    pools: [seen]\n")
+    sweep.write_text(
+        "victims:\n  ini-g: {stage: train-ini, ood: [seen], options: {gamma: [0.1, 1.0]}}\n"
+        "defenses:\n  none: {}\n  mad: {params: {eps: [0.5, 1.1]}}\nalways_train: []\n"
+        "cells:\n  - pairs: [undefended:mad, ini-g:none]\n"
+        "    attacks: [knockoff]\n    labels: [soft]\n    pools: [seen]\n"
+    )
     cells = commands(tmp_path, "--configfile", str(CONFIG / "grid-smoke.yaml"), str(sweep))
     stolen = {Path(out).name: cmd for out, cmd in cells.items() if "/stolen/" in out}
-    assert sorted(stolen) == ["mnist-ini-g-gamma0.1-none-s0-knockoff-soft-fashionmnist.h5",
-                              "mnist-ini-g-gamma1.0-none-s0-knockoff-soft-fashionmnist.h5",
-                              "mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5",
-                              "mnist-undefended-mad-eps1.1-s0-knockoff-soft-fashionmnist.h5"]
+    assert sorted(stolen) == [
+        "mnist-ini-g-gamma0.1-none-s0-knockoff-soft-fashionmnist.h5",
+        "mnist-ini-g-gamma1.0-none-s0-knockoff-soft-fashionmnist.h5",
+        "mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5",
+        "mnist-undefended-mad-eps1.1-s0-knockoff-soft-fashionmnist.h5",
+    ]
     assert flag(stolen["mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5"], "--defense-param") == "eps=0.5"
     assert flag(cells["artifacts/grid-smoke/victims/mnist-ini-g-gamma0.1-s0.h5"], "--gamma") == "0.1"
 
@@ -209,8 +257,14 @@ def test_finished_study_reruns_nothing_and_a_deleted_cell_alone(smoke):
 
 def _start(cwd: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([*SNAKEMAKE, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [*SNAKEMAKE, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def _wait_for(path: Path, seconds: float = 600) -> None:
@@ -259,9 +313,15 @@ def test_leave_one_family_out_smoke_study_and_its_table(tmp_path):
     out = tmp_path / "artifacts" / "lofo-smoke"
     victims = sorted(p.stem for p in (out / "victims").glob("*.h5"))
     # one broad victim per trainable held-out family, plus the one trained on all (sklearn-digits: same task)
-    assert victims == ["mnist-am-s0", "mnist-broad-all-s0", "mnist-broad-no-fashionmnist-s0",
-                       "mnist-broad-no-generated-s0", "mnist-broad-no-skimage-patches-s0", "mnist-faithful-s0",
-                       "mnist-undefended-s0"]
+    assert victims == [
+        "mnist-am-s0",
+        "mnist-broad-all-s0",
+        "mnist-broad-no-fashionmnist-s0",
+        "mnist-broad-no-generated-s0",
+        "mnist-broad-no-skimage-patches-s0",
+        "mnist-faithful-s0",
+        "mnist-undefended-s0",
+    ]
     with h5py.File(out / "victims/mnist-broad-no-generated-s0.h5") as f:
         ood = json.loads(f.attrs["params"])["ood"]
     assert "generated" not in ood and "skimage-patches" in ood and "fashionmnist" in ood
@@ -285,15 +345,20 @@ def test_leave_one_family_out_smoke_study_and_its_table(tmp_path):
 def test_options_study_tabulates_benign_diagnostics_and_theft(tmp_path):
     """The options study's chain on three of its victims (the rest are the same rules with other flags)."""
     few = tmp_path / "few.yaml"
-    few.write_text("cells:\n  - pairs: [undefended:none, faithful:none, ini-kl-attacker:none]\n"
-                   "    attacks: [knockoff]\n    labels: [soft]\n    pools: [sklearn-digits]\n")
+    few.write_text(
+        "cells:\n  - pairs: [undefended:none, faithful:none, ini-kl-attacker:none]\n"
+        "    attacks: [knockoff]\n    labels: [soft]\n    pools: [sklearn-digits]\n"
+    )
     snakemake(tmp_path, "--configfile", str(CONFIG / "variants-smoke.yaml"), str(few), "--cores", "2")
     out = tmp_path / "artifacts" / "variants-smoke"
     with h5py.File(out / "victims/mnist-ini-kl-attacker-s0.h5") as f:
         params = json.loads(f.attrs["params"])
     assert (params["kl_direction"], params["compile_mode"], params["diagnostic_images"]) == ("attacker", "off", 64)
-    rows = [line.strip("| ").split(" | ") for line in (out / "tables.md").read_text().splitlines()
-            if line.startswith("| mnist |")]
+    rows = [
+        line.strip("| ").split(" | ")
+        for line in (out / "tables.md").read_text().splitlines()
+        if line.startswith("| mnist |")
+    ]
     assert [r[1] for r in rows] == ["undefended", "faithful", "faithful kl_direction=attacker"]
     for r in rows:
         defended = r[1] != "undefended"

@@ -26,7 +26,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found |= {base} | {f"{base}.{a.name}" for a in node.names}
     return {m for m in found if m in modules}
 
@@ -38,8 +40,11 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_models_never_import_stages():
-    offenders = {m: sorted(i for i in deps if i.split(".")[0] == "stages")
-                 for m, deps in _graph().items() if m.split(".")[0] == "models"}
+    offenders = {
+        m: sorted(i for i in deps if i.split(".")[0] == "stages")
+        for m, deps in _graph().items()
+        if m.split(".")[0] == "models"
+    }
     assert not {m: d for m, d in offenders.items() if d}
 
 
@@ -54,7 +59,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2
@@ -66,13 +71,22 @@ def test_no_import_cycles():
 
 
 def test_the_project_speaks_of_itself():
-    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.yaml"], cwd=ROOT, capture_output=True,
-                             text=True, check=False).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.sh", "*.yaml"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
     if not tracked:  # not a git checkout (an unpacked archive): read the files themselves
-        tracked = [str(p.relative_to(ROOT)) for ext in ("py", "md", "sh", "yaml") for p in ROOT.rglob(f"*.{ext}")
-                   if ".venv" not in p.parts and "artifacts" not in p.parts]
+        tracked = [
+            str(p.relative_to(ROOT))
+            for ext in ("py", "md", "sh", "yaml")
+            for p in ROOT.rglob(f"*.{ext}")
+            if ".venv" not in p.parts and "artifacts" not in p.parts
+        ]
     pattern = re.compile(r"stop [0-9]|issue [0-9]|INI_SPEC")
-    hits = [f"{name}:{i}" for name in tracked if (ROOT / name).is_file()
-            for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
-            if pattern.search(line) and name != "tests/test_layout.py"]
+    hits = [
+        f"{name}:{i}"
+        for name in tracked
+        if (ROOT / name).is_file()
+        for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+        if pattern.search(line) and name != "tests/test_layout.py"
+    ]
     assert not hits

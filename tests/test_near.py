@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA, assert_one_line_error, invoke
+from tiny_data import write_dataset
+
 from stages import _data, _prepare_readers, prepare, train
 from stages.near import confidence, glyphs
-from tiny_data import write_dataset
 
 DIGIT_LIKE = ("glyphs", "digits-transformed", "pen-strokes", "latin-letters")
 GARMENT_LIKE = ("silhouettes", "garments-recombined", "garments-transformed")
@@ -101,7 +101,9 @@ def test_glyphs_exclude_latin_digits_and_their_homoglyphs():
         assert char in bank.removed, char
     assert len(set(bank.removed)) > 400 and len(set(bank.chars)) > 1000
     sample = np.arange(0, len(bank.chars), 25)
-    scores = glyphs.homoglyph_scores([bank.chars[i] for i in sample], bank.fonts[sample], [bank.masks[i] for i in sample])
+    scores = glyphs.homoglyph_scores(
+        [bank.chars[i] for i in sample], bank.fonts[sample], [bank.masks[i] for i in sample]
+    )
     assert scores.max() <= glyphs.HOMOGLYPH_THRESHOLD and scores.mean() > 0.3  # measured, not vacuous
     test_chars = {bank.chars[i] for i in glyphs._split_chars(bank, np.random.default_rng(0))[1]}
     train_chars = {bank.chars[i] for i in glyphs._split_chars(bank, np.random.default_rng(0))[0]}
@@ -156,7 +158,6 @@ def test_a_renamed_copy_keeps_its_evaluation_mark(evaluation_only_file, tiny, tm
         f.attrs["name"] = "innocent"
     assert_one_line_error(invoke("train-ini", "--dataset", tiny, "--ood", copy, "--out", tmp_path / "v.h5"), code=1)
     plain = write_dataset(tmp_path / "plain.h5", name="plain")  # an ordinary set still passes the check
-    from stages import _data
 
     _data.refuse_evaluation_only(str(plain), "--ood")
 
@@ -177,12 +178,15 @@ def test_an_undefended_victim_is_less_sure_on_every_family(dataset, families, tm
     if not raw_dir.is_dir():
         pytest.skip(f"real {dataset} not found under {SHARED_DATA}")
     victim, folder = _victim(tmp_path_factory, dataset)
-    paths = [prepare.run(dataset=name, out=folder / f"{name}.h5", data_root=SHARED_DATA, limit=1000)
-             for name in families]
+    paths = [
+        prepare.run(dataset=name, out=folder / f"{name}.h5", data_root=SHARED_DATA, limit=1000) for name in families
+    ]
     rows = confidence.table(victim, [str(p) for p in paths])
     with capsys.disabled():
-        print(f"\nLeNet-5, 1 epoch (batch 32) on 4,500 {dataset} images; test splits (families: 200 images each)\n"
-              + confidence.format_rows(rows))
+        print(
+            f"\nLeNet-5, 1 epoch (batch 32) on 4,500 {dataset} images; test splits (families: 200 images each)\n"
+            + confidence.format_rows(rows)
+        )
     own = rows[0]
     assert own["own"] and own["images"] == 1000 and own["mean_top"] > 0.5  # it learned (chance: 0.1)
     for row in rows[1:]:

@@ -97,11 +97,39 @@ def test_train_ini_broad_preset_on_tiny_data(tiny, tmp_path):
     gen = tmp_path / "gen.h5"
     assert invoke("prepare", "--dataset", "generated", "--limit", 300, "--out", gen).exit_code == 0
     out = tmp_path / "v.h5"
-    result = invoke("train-ini", "--dataset", tiny, "--preset", "broad", "--ood", f"{gen},{gen.with_name('gen2.h5')}",
-                    "--epochs", 1, "--out", out, "--diagnostic-images", 32)
+    result = invoke(
+        "train-ini",
+        "--dataset",
+        tiny,
+        "--preset",
+        "broad",
+        "--ood",
+        f"{gen},{gen.with_name('gen2.h5')}",
+        "--epochs",
+        1,
+        "--out",
+        out,
+        "--diagnostic-images",
+        32,
+    )
     assert "gen2.h5" in assert_one_line_error(result)  # a missing mixture member is named
-    result = invoke("train-ini", "--dataset", tiny, "--preset", "broad", "--ood", str(gen), "--epochs", 1,
-                    "--out", out, "--diagnostic-images", 32, "--device", "cpu")
+    result = invoke(
+        "train-ini",
+        "--dataset",
+        tiny,
+        "--preset",
+        "broad",
+        "--ood",
+        str(gen),
+        "--epochs",
+        1,
+        "--out",
+        out,
+        "--diagnostic-images",
+        32,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(out) as f:
         params = f.attrs["params"]
@@ -125,12 +153,15 @@ def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
     assert not (tmp_path / "v.h5").exists()
 
 
-@pytest.mark.parametrize("history,expected", [
-    ([0.96, 0.10, 0.10, 0.10], 2),  # the broad run that collapsed at epoch 2
-    ([0.96, 0.97, 0.98], 0),
-    ([0.10, 0.11, 0.50], 0),  # never good yet: not a collapse
-    ([0.9, 0.1, 0.9, 0.1], 4),  # recovered once, then fell again
-])
+@pytest.mark.parametrize(
+    "history,expected",
+    [
+        ([0.96, 0.10, 0.10, 0.10], 2),  # the broad run that collapsed at epoch 2
+        ([0.96, 0.97, 0.98], 0),
+        ([0.10, 0.11, 0.50], 0),  # never good yet: not a collapse
+        ([0.9, 0.1, 0.9, 0.1], 4),  # recovered once, then fell again
+    ],
+)
 def test_collapse_is_detected_from_val_history(history, expected):
     from stages import _loop
 
@@ -173,8 +204,23 @@ def test_ood_stream_hands_its_batch_to_the_synthesizer():
 
 def test_train_ini_with_synthetic_outliers_on_tiny_data(tiny, tmp_path):
     out = tmp_path / "v.h5"
-    result = invoke("train-ini", "--dataset", tiny, "--ood-synthetic", 0.5, "--ood-synthetic-steps", 2, "--epochs", 1,
-                    "--out", out, "--diagnostic-images", 32, "--device", "cpu")
+    result = invoke(
+        "train-ini",
+        "--dataset",
+        tiny,
+        "--ood-synthetic",
+        0.5,
+        "--ood-synthetic-steps",
+        2,
+        "--epochs",
+        1,
+        "--out",
+        out,
+        "--diagnostic-images",
+        32,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(out) as f:
         assert '"ood_synthetic": 0.5' in f.attrs["params"] and '"ood_synthetic_steps": 2' in f.attrs["params"]
@@ -211,8 +257,18 @@ def _sabotaging_fit(tiny, out, rollbacks: int, resume: bool = False, stop_after:
                 p.grad = None
         return {"benign": loss.detach()}
 
-    recipe = _loop.VictimRecipe(epochs=stop_after, batch_size=32, lr=0.1, momentum=0.5, weight_decay=0.0, lr_step=20,
-                                lr_gamma=0.1, seed=0, device="cpu", augment=False)
+    recipe = _loop.VictimRecipe(
+        epochs=stop_after,
+        batch_size=32,
+        lr=0.1,
+        momentum=0.5,
+        weight_decay=0.0,
+        lr_step=20,
+        lr_gamma=0.1,
+        seed=0,
+        device="cpu",
+        augment=False,
+    )
     return model, _loop.fit(model, data, step, recipe, out, "fp", resume=resume, rollbacks=rollbacks)
 
 

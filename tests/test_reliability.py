@@ -71,12 +71,16 @@ cli.app()
 def run_until_stall(stall: str, args: tuple, tmp_path: Path) -> None:
     """Start the CLI in a subprocess, wait until it reaches `stall`, then SIGKILL it."""
     marker = tmp_path / f"{stall}.reached"
-    env = dict(os.environ, INI_TEST_MARKER=str(marker), INI_TEST_STALL=stall, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
+    env = dict(os.environ, INI_TEST_MARKER=str(marker), INI_TEST_STALL=stall, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     log = tmp_path / f"{stall}.log"  # a file, not a pipe: a full pipe would block the run
     with open(log, "wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", STALLING_CLI, *map(str, args)], cwd=REPO, env=env,
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STALLING_CLI, *map(str, args)],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 240
         while not marker.exists():
@@ -156,8 +160,23 @@ def test_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(tiny, t
 @pytest.mark.parametrize("clip", ["official", "spike"])
 def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupted(clip, tiny, tmp_path, one_thread):
     ood = write_dataset(tmp_path / "ood.h5", name="ood", shape=(3, 32, 32), seed=3)
-    args = ("train-ini", "--dataset", tiny, "--ood", ood, "--epochs", 2, "--batch-size", 64, "--diagnostic-images", 32,
-            "--device", "cpu", "--clip", clip)
+    args = (
+        "train-ini",
+        "--dataset",
+        tiny,
+        "--ood",
+        ood,
+        "--epochs",
+        2,
+        "--batch-size",
+        64,
+        "--diagnostic-images",
+        32,
+        "--device",
+        "cpu",
+        "--clip",
+        clip,
+    )
     full = tmp_path / "full.h5"
     assert invoke(*args, "--out", full).exit_code == 0
 
@@ -183,35 +202,143 @@ def test_train_ini_sigkill_after_first_checkpoint_then_resume_equals_uninterrupt
 STEAL_RESUMES = {
     "knockoff": (("--attack", "knockoff", "--pool", "{tiny}", "--budget", 120, "--epochs", 3, "--batch-size", 32), 1),
     # killed in round 2 of 3: after its augmentation, its queries and one of its two epochs
-    "jbda": (("--attack", "jbda", "--pool", "{tiny}", "--budget", 200, "--epochs", 2, "--batch-size", 32,
-              "--attack-param", "seeds=20", "--attack-param", "rounds=3"), 3),
+    "jbda": (
+        (
+            "--attack",
+            "jbda",
+            "--pool",
+            "{tiny}",
+            "--budget",
+            200,
+            "--epochs",
+            2,
+            "--batch-size",
+            32,
+            "--attack-param",
+            "seeds=20",
+            "--attack-param",
+            "rounds=3",
+        ),
+        3,
+    ),
     # killed at the end of round 1: the resumed run augments (random targets, surrogate in eval mode) first
-    "jbda-tr": (("--attack", "jbda-tr", "--pool", "{tiny}", "--budget", 200, "--epochs", 2, "--batch-size", 32,
-                 "--attack-param", "seeds=20", "--attack-param", "rounds=2"), 2),
+    "jbda-tr": (
+        (
+            "--attack",
+            "jbda-tr",
+            "--pool",
+            "{tiny}",
+            "--budget",
+            200,
+            "--epochs",
+            2,
+            "--batch-size",
+            32,
+            "--attack-param",
+            "seeds=20",
+            "--attack-param",
+            "rounds=2",
+        ),
+        2,
+    ),
     "adaptive": (("--attack", "adaptive", "--pool", "{tiny}", "--budget", 150, "--epochs", 2, "--batch-size", 32), 1),
     # killed at the end of phase 1's training: the resumed run picks phase 2's pool images in the restored
     # surrogate's feature space
-    "knockoff-confident": (("--attack", "knockoff-confident", "--pool", "{tiny}", "--budget", 120, "--epochs", 2,
-                            "--batch-size", 32, "--attack-param", "explore=0.5", "--attack-param", "min_score=0",
-                            "--attack-param", "keep=0.5"), 2),
+    "knockoff-confident": (
+        (
+            "--attack",
+            "knockoff-confident",
+            "--pool",
+            "{tiny}",
+            "--budget",
+            120,
+            "--epochs",
+            2,
+            "--batch-size",
+            32,
+            "--attack-param",
+            "explore=0.5",
+            "--attack-param",
+            "min_score=0",
+            "--attack-param",
+            "keep=0.5",
+        ),
+        2,
+    ),
     # killed at the end of round 1: the resumed run moves round 2's candidates with the restored surrogate
-    "confidence-search": (("--attack", "confidence-search", "--pool", "{tiny}", "--budget", 120, "--epochs", 2,
-                           "--batch-size", 32, "--attack-param", "rounds=3", "--attack-param", "min_score=0"), 2),
+    "confidence-search": (
+        (
+            "--attack",
+            "confidence-search",
+            "--pool",
+            "{tiny}",
+            "--budget",
+            120,
+            "--epochs",
+            2,
+            "--batch-size",
+            32,
+            "--attack-param",
+            "rounds=3",
+            "--attack-param",
+            "min_score=0",
+        ),
+        2,
+    ),
     # the labelled batches draw from the thief's generator between the pool batches
-    "seeded": (("--attack", "seeded", "--pool", "{tiny}", "--budget", 120, "--epochs", 3, "--batch-size", 32,
-                "--attack-param", "seeds=30"), 1),
+    "seeded": (
+        (
+            "--attack",
+            "seeded",
+            "--pool",
+            "{tiny}",
+            "--budget",
+            120,
+            "--epochs",
+            3,
+            "--batch-size",
+            32,
+            "--attack-param",
+            "seeds=30",
+        ),
+        1,
+    ),
     # 112 queries per iteration, slices of 60: slices 2 and 3 end in the same iteration, killed between them
-    "dfme": (("--attack", "dfme", "--budget", 300, "--epochs", 5, "--batch-size", 16, "--attack-param", "width=8",
-              "--attack-param", "noise_dim=16"), 2),
+    "dfme": (
+        (
+            "--attack",
+            "dfme",
+            "--budget",
+            300,
+            "--epochs",
+            5,
+            "--batch-size",
+            16,
+            "--attack-param",
+            "width=8",
+            "--attack-param",
+            "noise_dim=16",
+        ),
+        2,
+    ),
 }
 
 
 @pytest.mark.parametrize("attack", STEAL_RESUMES)
-def test_steal_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(attack, tiny, victim, tmp_path, monkeypatch,
-                                                                           one_thread):
+def test_steal_sigkill_after_a_checkpoint_then_resume_equals_uninterrupted(
+    attack, tiny, victim, tmp_path, monkeypatch, one_thread
+):
     flags, epoch = STEAL_RESUMES[attack]
-    args = ("steal", "--victim", victim, *(tiny if f == "{tiny}" else f for f in flags), "--query-batch", 40,
-            "--device", "cpu")
+    args = (
+        "steal",
+        "--victim",
+        victim,
+        *(tiny if f == "{tiny}" else f for f in flags),
+        "--query-batch",
+        40,
+        "--device",
+        "cpu",
+    )
     full = tmp_path / "full.h5"
     result = invoke(*args, "--out", full)
     assert result.exit_code == 0, result.stderr
@@ -268,8 +395,15 @@ def _torch_save(path: Path, marker: Path) -> Path:
 
 
 def _cifar_source(folder: Path, marker: Path) -> Path:
-    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
-                 "batches.meta"):
+    for name in (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+    ):
         _pickle(folder / name, marker)
     return folder
 
@@ -280,23 +414,91 @@ def _checkpoint(tmp: Path, marker: Path) -> Path:
 
 
 OFFERS = {
-    "victim-pickle": lambda tmp, m, tiny, victim: ("export", "--victim", _pickle(tmp / "evil.pth", m), "--out", tmp / "out.pt"),
-    "victim-pickle-protocol-0": lambda tmp, m, tiny, victim: ("export", "--victim", _pickle(tmp / "evil.h5", m, 0),
-                                                      "--out", tmp / "out.pt"),
-    "victim-torch-save": lambda tmp, m, tiny, victim: ("export", "--victim", _torch_save(tmp / "evil.pt", m),
-                                               "--out", tmp / "out.pt"),
-    "dataset-pickle": lambda tmp, m, tiny, victim: (*TRAIN, "--dataset", _pickle(tmp / "evil.h5", m), "--out", tmp / "out.h5"),
-    "checkpoint-pickle": lambda tmp, m, tiny, victim: (*TRAIN, "--dataset", tiny, "--resume", "--out", _checkpoint(tmp, m)),
-    "cifar-batches": lambda tmp, m, tiny, victim: ("prepare", "--dataset", "cifar10", "--source", _cifar_source(tmp / "c", m),
-                                           "--no-download", "--out", tmp / "out.h5"),
-    "steal-victim-pickle": lambda tmp, m, tiny, victim: ("steal", "--victim", _pickle(tmp / "evil.h5", m),
-                                                         "--pool", tiny, "--out", tmp / "out.h5"),
-    "steal-victim-torch-save-as-pt": lambda tmp, m, tiny, victim: ("steal", "--victim", _torch_save(tmp / "evil.pt", m),
-                                                                   "--pool", tiny, "--out", tmp / "out.h5"),
-    "steal-pool-pickle": lambda tmp, m, tiny, victim: ("steal", "--victim", victim, "--pool",
-                                                       _pickle(tmp / "pool.h5", m), "--out", tmp / "out.h5"),
-    "steal-checkpoint-pickle": lambda tmp, m, tiny, victim: ("steal", "--victim", victim, "--pool", tiny, "--device",
-                                                             "cpu", "--resume", "--out", _checkpoint(tmp, m)),
+    "victim-pickle": lambda tmp, m, tiny, victim: (
+        "export",
+        "--victim",
+        _pickle(tmp / "evil.pth", m),
+        "--out",
+        tmp / "out.pt",
+    ),
+    "victim-pickle-protocol-0": lambda tmp, m, tiny, victim: (
+        "export",
+        "--victim",
+        _pickle(tmp / "evil.h5", m, 0),
+        "--out",
+        tmp / "out.pt",
+    ),
+    "victim-torch-save": lambda tmp, m, tiny, victim: (
+        "export",
+        "--victim",
+        _torch_save(tmp / "evil.pt", m),
+        "--out",
+        tmp / "out.pt",
+    ),
+    "dataset-pickle": lambda tmp, m, tiny, victim: (
+        *TRAIN,
+        "--dataset",
+        _pickle(tmp / "evil.h5", m),
+        "--out",
+        tmp / "out.h5",
+    ),
+    "checkpoint-pickle": lambda tmp, m, tiny, victim: (
+        *TRAIN,
+        "--dataset",
+        tiny,
+        "--resume",
+        "--out",
+        _checkpoint(tmp, m),
+    ),
+    "cifar-batches": lambda tmp, m, tiny, victim: (
+        "prepare",
+        "--dataset",
+        "cifar10",
+        "--source",
+        _cifar_source(tmp / "c", m),
+        "--no-download",
+        "--out",
+        tmp / "out.h5",
+    ),
+    "steal-victim-pickle": lambda tmp, m, tiny, victim: (
+        "steal",
+        "--victim",
+        _pickle(tmp / "evil.h5", m),
+        "--pool",
+        tiny,
+        "--out",
+        tmp / "out.h5",
+    ),
+    "steal-victim-torch-save-as-pt": lambda tmp, m, tiny, victim: (
+        "steal",
+        "--victim",
+        _torch_save(tmp / "evil.pt", m),
+        "--pool",
+        tiny,
+        "--out",
+        tmp / "out.h5",
+    ),
+    "steal-pool-pickle": lambda tmp, m, tiny, victim: (
+        "steal",
+        "--victim",
+        victim,
+        "--pool",
+        _pickle(tmp / "pool.h5", m),
+        "--out",
+        tmp / "out.h5",
+    ),
+    "steal-checkpoint-pickle": lambda tmp, m, tiny, victim: (
+        "steal",
+        "--victim",
+        victim,
+        "--pool",
+        tiny,
+        "--device",
+        "cpu",
+        "--resume",
+        "--out",
+        _checkpoint(tmp, m),
+    ),
 }
 
 
@@ -329,7 +531,7 @@ def test_no_unsafe_loader_in_the_code(path):
     TorchScript files (programs) are loaded only in stages/_jit.py."""
     code = path.read_text()
     for call in re.finditer(r"torch\.load\(", code):
-        args = code[call.end(): call.end() + 300]
+        args = code[call.end() : call.end() + 300]
         assert "weights_only=True" in args.split("\n\n")[0], f"{path.name}: torch.load without weights_only=True"
     assert not re.search(r"\bpickle\.loads?\(|cPickle|dill\.|joblib\.load|allow_pickle\s*=\s*True", code), path.name
     if path.name != "_jit.py":
@@ -384,10 +586,12 @@ def test_absurd_learning_rate_diverges_with_one_line(tiny, tmp_path):
 @pytest.fixture
 def meminfo(tmp_path, monkeypatch):
     """Pretend the machine has `kb` kB available."""
+
     def set_available(kb: int) -> None:
         path = tmp_path / "meminfo"
         path.write_text(f"MemTotal:       {kb * 4} kB\nMemFree:        {kb} kB\nMemAvailable:   {kb} kB\n")
         monkeypatch.setattr(_artifacts, "MEMINFO", path)
+
     return set_available
 
 
@@ -413,8 +617,9 @@ def test_reading_a_dataset_larger_than_memory_fails_early(meminfo, tiny, tmp_pat
 def test_prepare_checks_memory_before_converting(meminfo, tmp_path):
     meminfo(20_000)  # 20 MB: enough for the raw 8x8 digits, not for 1,797 RGB images of 128x128 (2 copies)
     out = tmp_path / "digits.h5"
-    line = assert_one_line_error(invoke("prepare", "--dataset", "sklearn-digits", "--size", 128, "--channels", 3,
-                                        "--out", out))
+    line = assert_one_line_error(
+        invoke("prepare", "--dataset", "sklearn-digits", "--size", 128, "--channels", 3, "--out", out)
+    )
     assert "preparing 1,797 sklearn-digits images of 3x128x128 needs ~176.7 MB, only 20.5 MB" in line, line
     assert not out.exists()
 
@@ -422,8 +627,9 @@ def test_prepare_checks_memory_before_converting(meminfo, tmp_path):
 def test_steal_checks_the_transfer_set_fits_before_querying(meminfo, tiny, victim, tmp_path):
     meminfo(1_000)  # 1 MB; 10,000 queries of 1x28x28 float32 images and 10 answers need 31.8 MB
     out = tmp_path / "surrogate.h5"
-    line = assert_one_line_error(invoke("steal", "--victim", victim, "--pool", tiny, "--budget", 10_000,
-                                        "--device", "cpu", "--out", out))
+    line = assert_one_line_error(
+        invoke("steal", "--victim", victim, "--pool", tiny, "--budget", 10_000, "--device", "cpu", "--out", out)
+    )
     assert "steal: a transfer set of 10,000 queries needs ~31.8 MB, only 1.0 MB" in line, line
     assert not out.exists()
 

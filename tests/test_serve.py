@@ -7,11 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,13 +20,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
+
 from stages import _onnx, _victim, serve_key, train
-from stages.serving.launch import launch
 from stages._artifacts import open_artifact
 from stages.serving import keys as principals_file
-from tiny_data import write_dataset
+from stages.serving.launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 NPY = "application/x-npy"
@@ -242,8 +239,9 @@ def _wait_for_alerts(ledger: Path, name: str, seconds: float = 20.0) -> list[tup
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         with sqlite3.connect(ledger) as db:
-            rows = db.execute("SELECT signal, value, threshold, queries, action FROM alerts WHERE principal = ?",
-                              (name,)).fetchall()
+            rows = db.execute(
+                "SELECT signal, value, threshold, queries, action FROM alerts WHERE principal = ?", (name,)
+            ).fetchall()
         if rows:
             return rows
         time.sleep(0.2)
@@ -254,8 +252,12 @@ def test_a_knockoff_style_client_is_alerted_and_blocked_and_the_benign_replay_is
     ledger = server_ledger(world)
     with server.client(world["tokens"]["benign"]) as c:
         for start in range(0, len(world["test"]), 10):  # the test split replayed, 10 images a request
-            assert c.post("/v1/predict", content=npy(world["test"][start : start + 10]),
-                          headers={"Content-Type": NPY}).status_code == 200
+            assert (
+                c.post(
+                    "/v1/predict", content=npy(world["test"][start : start + 10]), headers={"Content-Type": NPY}
+                ).status_code
+                == 200
+            )
     pool = np.random.default_rng(0).integers(0, 256, (300, 1, 28, 28), dtype=np.uint8)  # images unlike the victim's
     refused = None
     with server.client(world["tokens"]["thief"]) as c:
@@ -291,9 +293,33 @@ def test_metrics_count_what_the_ledger_holds(world, server):
 
 def test_steal_through_the_api_spends_its_budget_once(world, server, tmp_path):
     out = tmp_path / "stolen.h5"
-    result = invoke("steal", "--target", server.url, "--api-key", world["tokens"]["stealer"], "--attack", "knockoff",
-                    "--pool", world["data"], "--budget", 500, "--epochs", 1, "--batch-size", 32, "--query-batch", 40,
-                    "--budget-curve", 2, "--device", "cpu", "--out", out, "--victim", world["victim"])
+    result = invoke(
+        "steal",
+        "--target",
+        server.url,
+        "--api-key",
+        world["tokens"]["stealer"],
+        "--attack",
+        "knockoff",
+        "--pool",
+        world["data"],
+        "--budget",
+        500,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--query-batch",
+        40,
+        "--budget-curve",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--victim",
+        world["victim"],
+    )
     assert result.exit_code == 0, result.stderr
     with open_artifact(out, "surrogate") as f:
         assert int(f.attrs["queries"]) == PRINCIPALS["stealer"][0]  # --budget cut to the key's 90
@@ -303,8 +329,17 @@ def test_steal_through_the_api_spends_its_budget_once(world, server, tmp_path):
         assert world["tokens"]["stealer"] not in f.attrs["params"]
         assert 0.0 <= f.attrs["fidelity"] <= 1.0
     assert spent_in_ledger(server_ledger(world), "stealer") == (90, 90)
-    result = invoke("steal", "--target", server.url, "--api-key", world["tokens"]["stealer"], "--pool",
-                    world["data"], "--out", tmp_path / "again.h5")
+    result = invoke(
+        "steal",
+        "--target",
+        server.url,
+        "--api-key",
+        world["tokens"]["stealer"],
+        "--pool",
+        world["data"],
+        "--out",
+        tmp_path / "again.h5",
+    )
     assert "budget is spent" in assert_one_line_error(result)
     metrics = tmp_path / "metrics.h5"
     assert invoke("evaluate", out, "--out", metrics, "--device", "cpu").exit_code == 0
@@ -326,8 +361,9 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
                 images = x[(i * 7 + j) % 290 : (i * 7 + j) % 290 + 1 + j % 8]
                 request_id = uuid.uuid4().hex
                 try:
-                    r = c.post("/v1/predict", content=npy(images),
-                               headers={"Content-Type": NPY, "Idempotency-Key": request_id})
+                    r = c.post(
+                        "/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id}
+                    )
                 except httpx.TransportError:
                     with lock:
                         broken[request_id] = images
@@ -356,10 +392,18 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
             replayed += r.headers.get("idempotent-replayed") == "true"
             received[request_id] = len(r.json()["answers"])
         again = c.post("/v1/predict", content=npy(x[:4]), headers={"Content-Type": NPY, "Idempotency-Key": "twice"})
-        assert c.post("/v1/predict", content=npy(x[:4]),
-                      headers={"Content-Type": NPY, "Idempotency-Key": "twice"}).headers["idempotent-replayed"] == "true"
-        assert c.post("/v1/predict", content=npy(x[4:8]),
-                      headers={"Content-Type": NPY, "Idempotency-Key": "twice"}).status_code == 422
+        assert (
+            c.post(
+                "/v1/predict", content=npy(x[:4]), headers={"Content-Type": NPY, "Idempotency-Key": "twice"}
+            ).headers["idempotent-replayed"]
+            == "true"
+        )
+        assert (
+            c.post(
+                "/v1/predict", content=npy(x[4:8]), headers={"Content-Type": NPY, "Idempotency-Key": "twice"}
+            ).status_code
+            == 422
+        )
         received["twice"] = len(again.json()["answers"])
         usage = c.get("/v1/usage").json()
     total = sum(received.values())
@@ -389,8 +433,17 @@ def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):
     session = _onnx.load(onnx_path)
     assert np.abs(session(x.astype(np.float32) / 255.0) - eager).max() <= 1e-5
     assert session.metadata["format"] == "onnx" and session.metadata["defense"] == "none"
-    refused = invoke("export", "--victim", world["victim"], "--format", "onnx", "--defense", "noise",
-                     "--out", tmp_path / "noise.onnx")
+    refused = invoke(
+        "export",
+        "--victim",
+        world["victim"],
+        "--format",
+        "onnx",
+        "--defense",
+        "noise",
+        "--out",
+        tmp_path / "noise.onnx",
+    )
     assert "noise" in assert_one_line_error(refused) and not (tmp_path / "noise.onnx").exists()
 
     served = Server(onnx_path, world["keys"], tmp_path / "ledger.sqlite")
@@ -402,7 +455,8 @@ def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):
 
 def test_serve_refuses_bad_setups_in_one_line(world, tmp_path):
     assert "no such keys file" in assert_one_line_error(
-        invoke("serve", "--model", world["victim"], "--keys", tmp_path / "none.toml"))
+        invoke("serve", "--model", world["victim"], "--keys", tmp_path / "none.toml")
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text('[principals.x]\nkey_id = "zz"\n')
     assert_one_line_error(invoke("serve", "--model", world["victim"], "--keys", bad))

@@ -32,8 +32,14 @@ def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
     return path
 
 
-def idx_arrays(rng: np.random.Generator, n_train: int = 12, n_test: int = 5, size: int = 28, classes: int = 10,
-               first_label: int = 0) -> dict[str, np.ndarray]:
+def idx_arrays(
+    rng: np.random.Generator,
+    n_train: int = 12,
+    n_test: int = 5,
+    size: int = 28,
+    classes: int = 10,
+    first_label: int = 0,
+) -> dict[str, np.ndarray]:
     return {
         "train-images": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
         "train-labels": rng.integers(first_label, first_label + classes, n_train).astype(np.uint8),
@@ -60,9 +66,21 @@ def check_raw(raw, n_train: int, n_test: int, shape: tuple[int, int, int], n_cla
 
 
 def test_registry_keys():
-    assert list(_sources.DATASETS) == ["mnist", "fashionmnist", "kmnist", "emnist-letters", "emnist-digits", "cifar10",
-                                       "cifar100", "svhn", "tinyimagenet", "sklearn-digits", "skimage-patches",
-                                       "generated", *_sources.NEAR_DATASETS]
+    assert list(_sources.DATASETS) == [
+        "mnist",
+        "fashionmnist",
+        "kmnist",
+        "emnist-letters",
+        "emnist-digits",
+        "cifar10",
+        "cifar100",
+        "svhn",
+        "tinyimagenet",
+        "sklearn-digits",
+        "skimage-patches",
+        "generated",
+        *_sources.NEAR_DATASETS,
+    ]
     assert set(_sources.OFFLINE_DATASETS) <= set(_sources.DATASETS)
 
 
@@ -137,8 +155,12 @@ def dump(path: Path, obj: dict) -> None:
 
 def cifar_batch(rng: np.random.Generator, n: int, label_key: str, classes: int) -> dict:
     # The official batches: 'data' is (n, 3072) uint8, channel planes in row-major order; labels a list.
-    return {"batch_label": "test batch", "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, classes, n).tolist(), "filenames": [f"{i}.png" for i in range(n)]}
+    return {
+        "batch_label": "test batch",
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        label_key: rng.integers(0, classes, n).tolist(),
+        "filenames": [f"{i}.png" for i in range(n)],
+    }
 
 
 def test_cifar10_pickle_batches(tmp_path):
@@ -243,11 +265,14 @@ def test_image_folder_with_train_and_test(tmp_path):
 # ---------------------------------------------------------------------------------------------- offline pools
 
 
-@pytest.mark.parametrize("name, shape, n_classes, minimum", [
-    ("sklearn-digits", (1, 28, 28), 10, 1797),
-    ("skimage-patches", (3, 32, 32), len(_sources.SKIMAGE_PHOTOS), 4000),
-    ("generated", (3, 32, 32), len(_sources.GENERATORS), 7000),
-])
+@pytest.mark.parametrize(
+    "name, shape, n_classes, minimum",
+    [
+        ("sklearn-digits", (1, 28, 28), 10, 1797),
+        ("skimage-patches", (3, 32, 32), len(_sources.SKIMAGE_PHOTOS), 4000),
+        ("generated", (3, 32, 32), len(_sources.GENERATORS), 7000),
+    ],
+)
 def test_offline_pools(name, shape, n_classes, minimum):
     raw = load(name, None, [], download=False, seed=0)
     n_train, n_test = len(raw.train_labels), len(raw.test_labels)

@@ -68,7 +68,9 @@ def test_the_black_box_never_answers_past_the_budget(tmp_path):
             return torch.softmax(x.flatten(1)[:, :3], 1)
 
     with h5py.File(tmp_path / "t.h5", "w") as f:
-        box = _blackbox.BlackBox(Counting(), 10, "soft", (1, 2, 2), 3, "cpu", f.create_group("transfer"), exact_uint8=True)
+        box = _blackbox.BlackBox(
+            Counting(), 10, "soft", (1, 2, 2), 3, "cpu", f.create_group("transfer"), exact_uint8=True
+        )
         images = torch.randint(0, 256, (7, 1, 2, 2), dtype=torch.uint8)
         assert len(box(_data.to_float(images))) == 7
         assert len(box(_data.to_float(images))) == 3  # what is left, no more
@@ -107,10 +109,20 @@ def test_attacks_hold_only_the_query_callable(attack):
     before = [p.detach().clone() for p in surrogate.parameters()]
     pool = torch.randint(0, 256, (300, *shape), dtype=torch.uint8) if cls.POOL != "none" else None
     labelled = (torch.randint(0, 256, (50, *shape), dtype=torch.uint8), torch.arange(50) % k)
-    recipe = SurrogateRecipe(epochs=1, batch_size=16, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd",
-                             schedule="cosine")
-    thief = Thief(surrogate, recipe, k, shape, torch.Generator().manual_seed(0), "cpu", 40, pool,
-                  labelled=labelled if cls.LABELLED else None)
+    recipe = SurrogateRecipe(
+        epochs=1, batch_size=16, lr=0.03, momentum=0.9, weight_decay=5e-4, optimizer="sgd", schedule="cosine"
+    )
+    thief = Thief(
+        surrogate,
+        recipe,
+        k,
+        shape,
+        torch.Generator().manual_seed(0),
+        "cpu",
+        40,
+        pool,
+        labelled=labelled if cls.LABELLED else None,
+    )
     query = _FakeQuery(150, cls.LABELS[0], shape, k)
     params = {"dfme": {"width": 8, "noise_dim": 16}, "jbda": {"seeds": 30}, "jbda-tr": {"seeds": 30}}.get(attack, {})
     cls(**params).run(query, thief)
@@ -127,10 +139,30 @@ def test_attack_code_cannot_reach_the_victim():
 
 def test_steal_end_to_end_through_the_cli(world, tmp_path):
     out = tmp_path / "surrogate.h5"
-    result = CliRunner().invoke(cli.app, [
-        "steal", "--victim", str(world["victim"]), "--pool", str(world["pool"]), "--budget", "300", "--epochs", "3",
-        "--defense", "reverse-sigmoid", "--defense-param", "beta=0.5", "--batch-size", "64",
-        "--device", "cpu", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "steal",
+            "--victim",
+            str(world["victim"]),
+            "--pool",
+            str(world["pool"]),
+            "--budget",
+            "300",
+            "--epochs",
+            "3",
+            "--defense",
+            "reverse-sigmoid",
+            "--defense-param",
+            "beta=0.5",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out)
     with open_artifact(out, "surrogate") as f:
@@ -153,10 +185,31 @@ def test_steal_end_to_end_through_the_cli(world, tmp_path):
 def test_steal_a_deployed_victim_pt(world, tmp_path):
     runner = CliRunner()
     pt = tmp_path / "victim.pt"
-    assert runner.invoke(cli.app, ["export", "--victim", str(world["victim"]), "--out", str(pt), "--defense", "top1"]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli.app, ["export", "--victim", str(world["victim"]), "--out", str(pt), "--defense", "top1"]
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "s.h5"
-    result = runner.invoke(cli.app, ["steal", "--victim", str(pt), "--pool", str(world["pool"]), "--budget", "120",
-                                     "--epochs", "1", "--device", "cpu", "--out", str(out)])
+    result = runner.invoke(
+        cli.app,
+        [
+            "steal",
+            "--victim",
+            str(pt),
+            "--pool",
+            str(world["pool"]),
+            "--budget",
+            "120",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open_artifact(out, "surrogate") as f:
         assert f.attrs["baked_defense"] == "top1"
@@ -184,8 +237,19 @@ BAD = [
 @pytest.mark.parametrize("extra,message", BAD)
 def test_bad_input_fails_in_one_line_without_output(world, tmp_path, extra, message):
     out = tmp_path / "s.h5"
-    args = ["steal", "--victim", str(world["victim"]), "--budget", "50", "--epochs", "1", "--device", "cpu",
-            "--out", str(out)]
+    args = [
+        "steal",
+        "--victim",
+        str(world["victim"]),
+        "--budget",
+        "50",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     if "--attack" not in extra or "dfme" not in extra:
         args += ["--pool", str(world["pool"])]
     result = CliRunner().invoke(cli.app, args + extra)

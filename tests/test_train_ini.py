@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A learnable 1x28x28 dataset and an RGB 32x32 OOD set (converted by train-ini)."""
     folder = tmp_path_factory.mktemp("ini")
-    return (write_dataset(folder / "id.h5"),
-            write_dataset(folder / "ood.h5", name="ood", shape=(3, 32, 32), seed=3))
+    return (write_dataset(folder / "id.h5"), write_dataset(folder / "ood.h5", name="ood", shape=(3, 32, 32), seed=3))
 
 
 # ------------------------------------------------------------------------------------------------ terms by hand
@@ -49,7 +48,9 @@ def test_distances_by_hand():
     assert objective.distance_sum(v, c0, "kl").item() == pytest.approx(kl_v_c)
     assert objective.divergence_sum(c0, v, "official").item() == pytest.approx(kl_c_v)
     assert objective.divergence_sum(c0, v, "attacker").item() == pytest.approx(kl_v_c)
-    assert objective.distance_sum(v.repeat(3, 1), c.repeat(3, 1), "l1").item() == pytest.approx(3 * (1 + math.log(2) / 2))
+    assert objective.distance_sum(v.repeat(3, 1), c.repeat(3, 1), "l1").item() == pytest.approx(
+        3 * (1 + math.log(2) / 2)
+    )
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
@@ -110,8 +111,13 @@ def test_each_term_against_a_hand_computation():
     assert terms["isolation"].item() == pytest.approx(cos)
     g_ood = surrogate_grad(_softmax_jacobian_product(pco, lco - lvo) / 4, Xo)
     assert terms["vanishing"].item() == pytest.approx(np.abs(g_ood).mean())
-    total = (terms["benign"] + 0.5 * terms["id_distance"] + 0.3 * terms["ood_distance"] + terms["isolation"]
-             + 1000 * terms["vanishing"])
+    total = (
+        terms["benign"]
+        + 0.5 * terms["id_distance"]
+        + 0.3 * terms["ood_distance"]
+        + terms["isolation"]
+        + 1000 * terms["vanishing"]
+    )
     assert terms["total"].item() == pytest.approx(total.item())
 
 
@@ -174,14 +180,22 @@ def _spike(mean: float) -> objective.SpikeClip:
     return spike
 
 
-@pytest.mark.parametrize("weights,k,shape,spike_mean", [
-    (objective.Objective(), 1, (1, 28), None),
-    (objective.Objective(beta=0.2, distance="kl", kl_direction="attacker", pcgrad_reduction="sum"), 2, (1, 28), None),
-    (objective.Objective(pcgrad=False), 1, (1, 28), None),
-    (objective.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28), None),  # the clip binds
-    (objective.Objective(), 1, (1, 28), 1e-4),  # --clip spike binds
-    (objective.Objective(), 1, (3, 32), None),  # the RGB variant: no conv1 padding
-])
+@pytest.mark.parametrize(
+    "weights,k,shape,spike_mean",
+    [
+        (objective.Objective(), 1, (1, 28), None),
+        (
+            objective.Objective(beta=0.2, distance="kl", kl_direction="attacker", pcgrad_reduction="sum"),
+            2,
+            (1, 28),
+            None,
+        ),
+        (objective.Objective(pcgrad=False), 1, (1, 28), None),
+        (objective.Objective(clip_pcgrad=True, max_grad_norm=1e-3), 1, (1, 28), None),  # the clip binds
+        (objective.Objective(), 1, (1, 28), 1e-4),  # --clip spike binds
+        (objective.Objective(), 1, (3, 32), None),  # the RGB variant: no conv1 padding
+    ],
+)
 def test_fast_step_equals_reference(weights, k, shape, spike_mean):
     channels, size = shape
     g = torch.Generator().manual_seed(0)
@@ -198,9 +212,13 @@ def test_fast_step_equals_reference(weights, k, shape, spike_mean):
         extra = (size, fast.EAGER) if cls is fast.FastStep else ()
         spike = None if spike_mean is None else _spike(spike_mean)
         optimizer = torch.optim.SGD(victim.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
-        terms = cls(victim, surrogates, stream, weights, Ranks(), *extra, spike=spike)(x, y, torch.Generator().manual_seed(7))
+        terms = cls(victim, surrogates, stream, weights, Ranks(), *extra, spike=spike)(
+            x, y, torch.Generator().manual_seed(7)
+        )
         if spike is not None:
-            assert spike.clipped == 1 and spike.mean == pytest.approx(1e-4 + (2e-4 - 1e-4) / 4)  # clipped, then averaged
+            assert spike.clipped == 1 and spike.mean == pytest.approx(
+                1e-4 + (2e-4 - 1e-4) / 4
+            )  # clipped, then averaged
         optimizer.step()
         results.append((terms, [p.detach().clone() for p in victim.parameters()]))
     (ref_terms, ref_params), (fast_terms, fast_params) = results
@@ -242,8 +260,9 @@ def test_compile_auto_only_where_it_pays_back(monkeypatch):
 def test_compile_on_without_a_compiler_is_refused_before_any_work(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(fast, "compiler_available", lambda: False)
     out = tmp_path / "v.h5"
-    line = assert_one_line_error(invoke("train-ini", "--dataset", tiny[0], "--ood", tiny[1], "--compile", "on",
-                                        "--device", "cpu", "--out", out))
+    line = assert_one_line_error(
+        invoke("train-ini", "--dataset", tiny[0], "--ood", tiny[1], "--compile", "on", "--device", "cpu", "--out", out)
+    )
     assert "no C++ compiler" in line and not out.exists()
 
 
@@ -278,7 +297,9 @@ def test_tape_matches_autograd_jacobian_products():
         for mine_p, ref_p in zip(mine, pullback(cot[:, t])[0].values(), strict=True):
             assert torch.allclose(mine_p[t], ref_p, atol=1e-12)
     tangent = [torch.randn(1, *p.shape, dtype=torch.float64) for p in params.values()]
-    _, ref = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent, strict=True)},))
+    _, ref = jvp(
+        lambda p: functional_call(model, p, (x,)), (params,), ({k: t[0] for k, t in zip(params, tangent, strict=True)},)
+    )
     assert torch.allclose(tape.jvp(tangent)[:, 0], ref, atol=1e-12)
 
 
@@ -287,8 +308,24 @@ def test_tape_matches_autograd_jacobian_products():
 
 def _train(tiny, out, *extra):
     data, ood = tiny
-    return invoke("train-ini", "--dataset", data, "--ood", ood, "--epochs", 2, "--batch-size", 64, "--device", "cpu",
-                  "--diagnostic-images", 32, "--out", out, *extra)
+    return invoke(
+        "train-ini",
+        "--dataset",
+        data,
+        "--ood",
+        ood,
+        "--epochs",
+        2,
+        "--batch-size",
+        64,
+        "--device",
+        "cpu",
+        "--diagnostic-images",
+        32,
+        "--out",
+        out,
+        *extra,
+    )
 
 
 def test_stage_writes_a_victim_with_history_and_diagnostics(tiny, tmp_path):
@@ -299,8 +336,18 @@ def test_stage_writes_a_victim_with_history_and_diagnostics(tiny, tmp_path):
     with h5py.File(out, "r") as f:
         assert f.attrs["schema"] == "victim/1" and f.attrs["objective"] == "ini"
         history = f["history"]
-        for key in ("train_benign", "train_id_distance", "train_ood_distance", "train_isolation", "train_vanishing",
-                    "val_accuracy", "test_accuracy", "diag_ood_l1", "diag_id_cosine", "diag_ood_l1_fresh"):
+        for key in (
+            "train_benign",
+            "train_id_distance",
+            "train_ood_distance",
+            "train_isolation",
+            "train_vanishing",
+            "val_accuracy",
+            "test_accuracy",
+            "diag_ood_l1",
+            "diag_id_cosine",
+            "diag_ood_l1_fresh",
+        ):
             assert len(history[key]) == 2 and np.all(np.isfinite(history[key][()])), key
         assert "ini_surrogate0" in f
     assert not _loop.checkpoint_path(out).exists()
@@ -349,9 +396,31 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path, implementation):
     data, ood = tiny
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "cli.py"),
-         "train-ini", "--dataset", str(data), "--ood", str(ood), "--device", "cpu", "--out", str(double),
-         *map(str, common)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "cli.py"),
+            "train-ini",
+            "--dataset",
+            str(data),
+            "--ood",
+            str(ood),
+            "--device",
+            "cpu",
+            "--out",
+            str(double),
+            *map(str, common),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == str(double)  # only rank 0 prints its path
     with h5py.File(single, "r") as a, h5py.File(double, "r") as b:
@@ -366,8 +435,20 @@ def _victim_file(tiny, tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", ["unknown-ood", "ood-wrong-schema", "ood-not-hdf5", "ood-is-id", "bad-surrogate-arch",
-                                  "fast-needs-lenet", "bad-distance", "compile-needs-fast", "bad-compile"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown-ood",
+        "ood-wrong-schema",
+        "ood-not-hdf5",
+        "ood-is-id",
+        "bad-surrogate-arch",
+        "fast-needs-lenet",
+        "bad-distance",
+        "compile-needs-fast",
+        "bad-compile",
+    ],
+)
 def test_bad_input_is_one_line(case, tiny, tmp_path):
     data, _ = tiny
     out = tmp_path / "v.h5"
@@ -384,8 +465,19 @@ def test_bad_input_is_one_line(case, tiny, tmp_path):
         "compile-needs-fast": ("--implementation", "reference", "--compile", "on"),
         "bad-compile": ("--compile", "sometimes"),
     }[case]
-    result = invoke("train-ini", "--dataset", data, "--epochs", 1, "--device", "cpu", "--out", out,
-                    *(["--ood", tiny[1]] if args[0] != "--ood" else []), *args)
+    result = invoke(
+        "train-ini",
+        "--dataset",
+        data,
+        "--epochs",
+        1,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *(["--ood", tiny[1]] if args[0] != "--ood" else []),
+        *args,
+    )
     assert_one_line_error(result)
     assert not out.exists()
 
@@ -418,8 +510,10 @@ def test_joint_bn_mode_forwards_id_and_ood_as_one_batch():
     logits, logits_ood = objective.forward_id_and_ood(net, x, x_ood, "joint")
     assert int(net[1].num_batches_tracked) == 1 and logits.shape == (8, 2) and logits_ood.shape == (5, 2)
     reference = nn.BatchNorm2d(3).train()
-    reference.load_state_dict({k: v for k, v in net[1].state_dict().items()} | {"running_mean": torch.zeros(3),
-                              "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0)})
+    reference.load_state_dict(
+        {k: v for k, v in net[1].state_dict().items()}
+        | {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0)}
+    )
     both = net[3:](net[2](reference(net[0](torch.cat([x, x_ood])))))  # the mixture's batch statistics
     assert torch.allclose(logits, both[:8], atol=1e-6) and torch.allclose(logits_ood, both[8:], atol=1e-6)
     assert torch.allclose(net[1].running_mean, reference.running_mean)  # running statistics: the mixture's too
@@ -433,8 +527,27 @@ def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one
     from stages import _victim
 
     out = tmp_path / "bn.h5"
-    result = invoke("train-ini", "--dataset", tiny[0], "--ood", tiny[1], "--arch", "lenet5_bn", "--bn-mode", "separate",
-                    "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--diagnostic-images", 16, "--out", out)
+    result = invoke(
+        "train-ini",
+        "--dataset",
+        tiny[0],
+        "--ood",
+        tiny[1],
+        "--arch",
+        "lenet5_bn",
+        "--bn-mode",
+        "separate",
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--device",
+        "cpu",
+        "--diagnostic-images",
+        16,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(out) as f:
         params = json.loads(f.attrs["params"])
@@ -447,8 +560,9 @@ def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one
 
 
 @pytest.mark.parametrize("online", [True, False], ids=["online", "offline"])
-def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_first_found(online, monkeypatch,
-                                                                                          tmp_path):
+def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_first_found(
+    online, monkeypatch, tmp_path
+):
     """train-ini without --ood on an MNIST victim: on a machine that is online, KMNIST (the paper's choice) is
     downloaded the way the victim's own dataset would be; offline the download fails and FashionMNIST, whose raw
     files are at hand, is prepared instead. Downloads are stubbed: online writes KMNIST's raw files."""
@@ -514,7 +628,9 @@ def test_spike_clip_averages_during_warmup_then_clips_spikes_and_resumes_from_it
         out = clip(torch.tensor([0.0, 40.0]))  # a spike: 20x the mean
         assert out.norm() == pytest.approx(4.0) and float(clip.clipped) == 1  # cut to 2x the mean, direction kept
         assert out[0] == 0
-        assert float(clip.mean) == pytest.approx(2.0 + (4.0 - 2.0) / 4)  # averaged as clipped: one spike moves it little
+        assert float(clip.mean) == pytest.approx(
+            2.0 + (4.0 - 2.0) / 4
+        )  # averaged as clipped: one spike moves it little
     small = spike(torch.tensor([1.0]))
     assert small.item() == pytest.approx(1.0)  # under the limit: untouched
     for _ in range(100):  # after 1 / (1 - decay) steps the mean turns exponential (weight 0.1)

@@ -24,9 +24,15 @@ def images_for(labels: np.ndarray, shape: tuple[int, int, int], rng: np.random.G
     return x
 
 
-def write_dataset(path: Path, name: str = "synth", shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10,
-                  seed: int = 0, edit: Optional[Callable[[h5py.File], None]] = None,
-                  sizes: Optional[dict[str, int]] = None) -> Path:
+def write_dataset(
+    path: Path,
+    name: str = "synth",
+    shape: tuple[int, int, int] = (1, 28, 28),
+    classes: int = 10,
+    seed: int = 0,
+    edit: Optional[Callable[[h5py.File], None]] = None,
+    sizes: Optional[dict[str, int]] = None,
+) -> Path:
     """A valid dataset artifact, then `edit(f)` on it opened read-write (to damage it on purpose)."""
     rng = np.random.default_rng(seed)
     params = dict(dataset=name, shape=list(shape), classes=classes, seed=seed)

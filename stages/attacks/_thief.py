@@ -78,8 +78,12 @@ class Thief:
 def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
     """Every per-parameter buffer (SGD momentum; Adam's moments and step count), flat, for a checkpoint."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {f"{prefix}.{i}.{name}": value for i, p in enumerate(params)
-            for name, value in optimizer.state.get(p, {}).items() if isinstance(value, torch.Tensor)}
+    return {
+        f"{prefix}.{i}.{name}": value
+        for i, p in enumerate(params)
+        for name, value in optimizer.state.get(p, {}).items()
+        if isinstance(value, torch.Tensor)
+    }
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], prefix: str) -> None:
@@ -119,10 +123,16 @@ def query_then_train(query: Query, thief: Thief, collect, index: str) -> None:
     train_surrogate(thief, thief.pool[keep[index]], keep["targets"], thief.recipe.epochs, keep, state)
 
 
-def train_surrogate(thief: Thief, images: torch.Tensor, targets: torch.Tensor, epochs: int,
-                    keep: Optional[dict[str, Any]] = None, resumed: Optional[dict[str, Any]] = None,
-                    weights: Optional[torch.Tensor] = None,
-                    extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> None:
+def train_surrogate(
+    thief: Thief,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    epochs: int,
+    keep: Optional[dict[str, Any]] = None,
+    resumed: Optional[dict[str, Any]] = None,
+    weights: Optional[torch.Tensor] = None,
+    extra_loss: Optional[Callable[[nn.Module], torch.Tensor]] = None,
+) -> None:
     """Fit thief.surrogate on a transfer set for `epochs` (the recipe's schedule); `thief.end_epoch` after each
     epoch.
 

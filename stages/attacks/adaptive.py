@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from models.params import Param
-from stages.attacks.knockoff import Knockoff
 from stages.attacks._thief import Attack, Query, Thief, ask, query_then_train
+from stages.attacks.knockoff import Knockoff
 
 
 def shift_flip(images: torch.Tensor, generator: torch.Generator, shift: int, flip: bool) -> torch.Tensor:
-    """Random integer translations (zero fill) and optional horizontal flips: uint8 in, uint8 out (on the 8-bit grid)."""
+    """Random integer translations (zero fill) and optional horizontal flips: uint8 in, uint8 out (on the 8-bit
+    grid)."""
     n, _, h, w = images.shape
     padded = F.pad(images, (shift, shift, shift, shift))
     dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator)
@@ -61,7 +62,8 @@ class Adaptive(Attack):
             views = batch.unsqueeze(1).repeat(1, k, 1, 1, 1)  # (b, k, C, H, W); view 0 is the image itself
             if k > 1:
                 views[:, 1:] = shift_flip(batch.repeat_interleave(k - 1, 0), gen, self.shift, flip).view(
-                    len(batch), k - 1, *batch.shape[1:])
+                    len(batch), k - 1, *batch.shape[1:]
+                )
             got = 0
             for _, answers in ask(query, views.flatten(0, 1), len(views) * k):
                 labels = answers.argmax(1) if answers.dim() == 2 else answers

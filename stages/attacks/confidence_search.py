@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from stages import _data
 from models.params import Param
+from stages import _data
 from stages.attacks._thief import Attack, Query, Thief, train_surrogate
 from stages.attacks.knockoff_confident import KnockoffConfident, ask_all, certainty
 
@@ -27,8 +27,9 @@ MOVE_BATCH = 512  # candidates per gradient pass
 
 class ConfidenceSearch(Attack):
     PARAMS = {
-        "rounds": Param(4, 1, 30, True, "query rounds, the budget split evenly; the surrogate trains --epochs "
-                                        "after each"),
+        "rounds": Param(
+            4, 1, 30, True, "query rounds, the budget split evenly; the surrogate trains --epochs after each"
+        ),
         "steps": Param(10, 0, 1000, True, "gradient steps moving each candidate (0: no search)"),
         "radius": Param(0.25, 0.0, 1.0, False, "largest change of a pixel from its pool image"),
         "min_score": KnockoffConfident.PARAMS["min_score"],  # the same cut
@@ -37,7 +38,6 @@ class ConfidenceSearch(Attack):
     LABELS = ("soft",)  # the certainty needs probabilities
     UINT8_QUERIES = False  # moved images leave the 8-bit grid
     DEFAULT_EPOCHS = 10  # per round
-
 
     def planned_epochs(self, epochs: int) -> int:
         return epochs * self.rounds

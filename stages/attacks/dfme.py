@@ -56,14 +56,17 @@ class DFME(Attack):
         state = thief.resume()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if state else int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
-            generator = Generator(self.noise_dim, c, h, self.width).to(device).train()  # batch statistics throughout, as DFME
+            generator = (
+                Generator(self.noise_dim, c, h, self.width).to(device).train()
+            )  # batch statistics throughout, as DFME
         g_opt = torch.optim.Adam(generator.parameters(), lr=self.generator_lr)
         s_opt = thief.optimizer()
         epochs, total, done, it = thief.recipe.epochs, query.remaining, 0, 0
         stats = {"train_loss": 0.0, "generator_loss": 0.0}
         if state:
-            generator.load_state_dict({k.removeprefix("generator."): v.to(device) for k, v in state.items()
-                                       if k.startswith("generator.")})
+            generator.load_state_dict(
+                {k.removeprefix("generator."): v.to(device) for k, v in state.items() if k.startswith("generator.")}
+            )
             load_optimizer_state(g_opt, state, "generator_optimizer")
             load_optimizer_state(s_opt, state, "optimizer")
             for group in s_opt.param_groups:
@@ -78,10 +81,18 @@ class DFME(Attack):
             while done < epochs and spent >= -(-total * (done + 1) // epochs):  # end of a budget slice
                 thief.end_epoch({**stats, "lr": s_opt.param_groups[0]["lr"]})
                 done += 1
-                thief.checkpoint({**{f"generator.{k}": v for k, v in generator.state_dict().items()},
-                                  **optimizer_state(g_opt, "generator_optimizer"), **optimizer_state(s_opt, "optimizer"),
-                                  "lr": s_opt.param_groups[0]["lr"], "total": total, "slices": done, "iteration": it,
-                                  **stats})
+                thief.checkpoint(
+                    {
+                        **{f"generator.{k}": v for k, v in generator.state_dict().items()},
+                        **optimizer_state(g_opt, "generator_optimizer"),
+                        **optimizer_state(s_opt, "optimizer"),
+                        "lr": s_opt.param_groups[0]["lr"],
+                        "total": total,
+                        "slices": done,
+                        "iteration": it,
+                        **stats,
+                    }
+                )
 
         end_slices()  # resumed between two slices that ended in the same iteration
         while query.remaining > 0:

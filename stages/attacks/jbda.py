@@ -39,7 +39,9 @@ class JBDA(Attack):
         capacity = seeds * 2 ** (self.rounds - 1)
         images = torch.empty(capacity, *thief.input_shape)  # preallocated: each round doubles the filled part
         soft = query.label == "soft"
-        targets = torch.empty((capacity, thief.num_classes) if soft else (capacity,), dtype=torch.float32 if soft else torch.long)
+        targets = torch.empty(
+            (capacity, thief.num_classes) if soft else (capacity,), dtype=torch.float32 if soft else torch.long
+        )
         state = thief.resume()
         if state:
             first_round, size, labelled = int(state["round"]), int(state["size"]), int(state["labelled"])
@@ -58,8 +60,13 @@ class JBDA(Attack):
                 labelled = max(labelled, done)
                 if labelled == 0:
                     return
-            keep = {"round": r, "size": size, "labelled": labelled, "images": images[:size],
-                    "targets": targets[:labelled]}
+            keep = {
+                "round": r,
+                "size": size,
+                "labelled": labelled,
+                "images": images[:size],
+                "targets": targets[:labelled],
+            }
             if not state:
                 thief.checkpoint(keep)
             train_surrogate(thief, images[:labelled], targets[:labelled], thief.recipe.epochs, keep, state)
@@ -74,8 +81,9 @@ class JBDA(Attack):
         """x + lambda sign(d S(x)_label / dx), clipped to [0, 1], in batches."""
         out = torch.empty_like(x)
         for start in range(0, len(x), 512):
-            out[start : start + 512] = self._step(thief, x[start : start + 512].to(thief.device),
-                                                  labels[start : start + 512].to(thief.device)).cpu()
+            out[start : start + 512] = self._step(
+                thief, x[start : start + 512].to(thief.device), labels[start : start + 512].to(thief.device)
+            ).cpu()
         return out
 
     def _step(self, thief: Thief, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ import math
 
 import torch
 
-from stages import _data
 from models.params import Param
-from stages.attacks.knockoff import Knockoff
+from stages import _data
 from stages.attacks._thief import Attack, Query, Thief, ask, train_surrogate
 from stages.attacks.adaptive import shift_flip
+from stages.attacks.knockoff import Knockoff
 
 FEATURES, PIXELS, SHIFTS = 0, 1, 2  # values of `near`
 CHUNK = 2048  # images per distance block and per feature pass
@@ -87,14 +87,26 @@ def ask_all(query: Query, thief: Thief, images: torch.Tensor) -> torch.Tensor:
 class KnockoffConfident(Attack):
     PARAMS = {
         "entropy": Param(1, 0, 1, True, "certainty score: 1: one minus entropy over log K; 0: top probability"),
-        "min_score": Param(0.02, 0.0, 1.0, False, "answers of lower certainty are left out (0.02: entropy above "
-                                                  "0.98 log K)"),
+        "min_score": Param(
+            0.02, 0.0, 1.0, False, "answers of lower certainty are left out (0.02: entropy above 0.98 log K)"
+        ),
         "keep": Param(1.0, 0.01, 1.0, False, "keep at most this share of the answers, the most certain"),
         "weighted": Param(0, 0, 1, True, "1: weight each kept answer's loss by its certainty"),
-        "explore": Param(1.0, 0.01, 1.0, False, "share of the budget spent on random pool images; the rest "
-                                                "goes near the confident ones (1: one phase)"),
-        "near": Param(0, 0, 2, True, "phase 2 queries 0: the nearest pool images in the surrogate's feature space; "
-                                     "1: in pixel space; 2: shifted copies of the confident images"),
+        "explore": Param(
+            1.0,
+            0.01,
+            1.0,
+            False,
+            "share of the budget spent on random pool images; the rest goes near the confident ones (1: one phase)",
+        ),
+        "near": Param(
+            0,
+            0,
+            2,
+            True,
+            "phase 2 queries 0: the nearest pool images in the surrogate's feature space; "
+            "1: in pixel space; 2: shifted copies of the confident images",
+        ),
         "shift": Param(2, 0, 16, True, "largest translation in pixels of near=2"),
     }
     POOL = "required"
@@ -102,7 +114,6 @@ class KnockoffConfident(Attack):
     UINT8_QUERIES = True  # pool images and their integer shifts
     DEFAULT_EPOCHS = 50
     OPTIMIZER, SCHEDULE = Knockoff.OPTIMIZER, Knockoff.SCHEDULE  # the calibrated thief's recipe
-
 
     def _two_phase(self) -> bool:
         return self.explore < 1.0
@@ -153,13 +164,20 @@ class KnockoffConfident(Attack):
             picks = anchors[torch.arange(query.remaining) % len(anchors)]  # round robin over the anchors
             shifted = shift_flip(thief.pool[picks], thief.rng, self.shift, thief.input_shape[0] == 3)
             answers = ask_all(query, thief, shifted)
-            return {"phase": 2, "order": state["order"], "shifted": shifted[: len(answers)],
-                    "targets": torch.cat([targets, answers])}
+            return {
+                "phase": 2,
+                "order": state["order"],
+                "shifted": shifted[: len(answers)],
+                "targets": torch.cat([targets, answers]),
+            }
         if len(anchors) and len(unasked):
             unasked = unasked[nearest_first(self._embed(thief, unasked), self._embed(thief, anchors))]
         more = self._ask(query, thief, unasked[: query.remaining])
-        return {"phase": 2, "order": torch.cat([state["order"], more["order"]]),
-                "targets": torch.cat([targets, more["targets"]])}
+        return {
+            "phase": 2,
+            "order": torch.cat([state["order"], more["order"]]),
+            "targets": torch.cat([targets, more["targets"]]),
+        }
 
     @torch.no_grad()
     def _embed(self, thief: Thief, indices: torch.Tensor) -> torch.Tensor:
@@ -167,6 +185,8 @@ class KnockoffConfident(Attack):
         if self.near == PIXELS:
             return thief.pool[indices].flatten(1).float()
         model = thief.surrogate.eval()
-        out = [model.features(_data.to_float(thief.pool[indices[s : s + CHUNK]].to(thief.device))).cpu()
-               for s in range(0, len(indices), CHUNK)]
+        out = [
+            model.features(_data.to_float(thief.pool[indices[s : s + CHUNK]].to(thief.device))).cpu()
+            for s in range(0, len(indices), CHUNK)
+        ]
         return torch.cat(out)

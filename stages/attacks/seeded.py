@@ -15,20 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages import _data
 from models.params import Param
+from stages import _data
 from stages.attacks._thief import Query, Thief, train_surrogate
 from stages.attacks.knockoff import Knockoff
 
 
 class Seeded(Knockoff):
     PARAMS = {
-        "seeds": Param(100, 1, 1e9, True, "k: labelled images of the victim's train split the thief holds "
-                                          "(not queries)"),
+        "seeds": Param(
+            100, 1, 1e9, True, "k: labelled images of the victim's train split the thief holds (not queries)"
+        ),
         "seed_weight": Param(1.0, 0.0, 1e3, False, "weight of their cross-entropy beside the distillation loss"),
     }
     LABELLED = True  # steal hands it the victim's train split (thief.labelled)
-
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the seed's and the queries' indices, the answers) and after every epoch."""
@@ -38,8 +38,15 @@ class Seeded(Knockoff):
             seed = torch.randperm(len(images), generator=thief.rng)[: min(self.seeds, len(images))]
             state = {"seed": seed, **self._query(query, thief)}
             thief.checkpoint(state)
-        train_surrogate(thief, thief.pool[state["order"]], state["targets"], thief.recipe.epochs, state, state,
-                        extra_loss=self._seed_loss(thief, state["seed"]))
+        train_surrogate(
+            thief,
+            thief.pool[state["order"]],
+            state["targets"],
+            thief.recipe.epochs,
+            state,
+            state,
+            extra_loss=self._seed_loss(thief, state["seed"]),
+        )
 
     def _seed_loss(self, thief: Thief, seed: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
         images, labels = thief.labelled[0][seed], thief.labelled[1][seed]

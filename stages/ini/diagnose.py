@@ -17,9 +17,16 @@ from stages.ini import fast, surrogates
 from stages.ini.objective import centred_log_probs, cosine, divergence_sum, flat
 
 
-def diagnose(victim: nn.Module, nets: Sequence[nn.Module], id_images: torch.Tensor, id_labels: torch.Tensor,
-             ood_images: torch.Tensor, device: str, batch_size: int = 128,
-             kl_direction: str = "official") -> dict[str, float]:
+def diagnose(
+    victim: nn.Module,
+    nets: Sequence[nn.Module],
+    id_images: torch.Tensor,
+    id_labels: torch.Tensor,
+    ood_images: torch.Tensor,
+    device: str,
+    batch_size: int = 128,
+    kl_direction: str = "official",
+) -> dict[str, float]:
     """Averaged over the surrogates `nets` (frozen, eval mode):
     ood_l1: mean |centred log p_V - centred log p_C| over OOD images and classes (induction: lower = V mimics C);
     id_cosine: mean over ID batches of cos(grad_phi divergence(C, V), grad_phi CE(C(x), y)) (isolation: lower =
@@ -59,8 +66,9 @@ def diagnose(victim: nn.Module, nets: Sequence[nn.Module], id_images: torch.Tens
     return {"ood_l1": l1_sum / max(1, len(ood_images)) / k, "id_cosine": cos_sum / max(1.0, cos_weight)}
 
 
-def diagnose_victim(victim_path: Path, dataset: str, ood: str, seed: int = 0, count: int = 1,
-                    images: int = 2048, device: str = "cpu") -> dict[str, float]:
+def diagnose_victim(
+    victim_path: Path, dataset: str, ood: str, seed: int = 0, count: int = 1, images: int = 2048, device: str = "cpu"
+) -> dict[str, float]:
     """The per-epoch diagnostics for any victim (an undefended one too), against the `count` surrogates train-ini
     would build with `seed` and the held-out one: comparable numbers for defended and undefended victims."""
     victim, info = _victim.load(Path(victim_path), device)
@@ -70,8 +78,10 @@ def diagnose_victim(victim_path: Path, dataset: str, ood: str, seed: int = 0, co
     val_x, val_y = (t[:images] for t in data.splits["val"])
     ood_test = _data.fit_images(ood_data.splits["test"][0][:images], data.shape)
     row = {}
-    groups = (("", [surrogates.build(info.arch, data, seed, j).to(device) for j in range(count)]),
-              ("_fresh", [surrogates.build(info.arch, data, seed, surrogates.HELD_OUT).to(device)]))
+    groups = (
+        ("", [surrogates.build(info.arch, data, seed, j).to(device) for j in range(count)]),
+        ("_fresh", [surrogates.build(info.arch, data, seed, surrogates.HELD_OUT).to(device)]),
+    )
     for tag, group in groups:
         scores = diagnose(victim, group, val_x, val_y, ood_test, device)
         row.update({f"diag_{k}{tag}": v for k, v in scores.items()})

@@ -120,8 +120,12 @@ def conv1_all(nets: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor 
     """Patches of the normalised batch and every model's conv1 pre-activations (N, C, H', W'), in one matrix
     product; (None, []) when the networks normalise or pad differently."""
     first = nets[0]
-    same = all(torch.equal(m.normalize.mean, first.normalize.mean) and torch.equal(m.normalize.std, first.normalize.std)
-               and m.net.conv1.padding == first.net.conv1.padding for m in nets)
+    same = all(
+        torch.equal(m.normalize.mean, first.normalize.mean)
+        and torch.equal(m.normalize.std, first.normalize.std)
+        and m.net.conv1.padding == first.net.conv1.padding
+        for m in nets
+    )
     if not same:
         return None, []
     conv = first.net.conv1
@@ -150,8 +154,31 @@ def lenet_forward(h1: torch.Tensor, W2, b2, W3, b3, W4, b4, W5, b5) -> tuple:
     return m1, masks1, masks2, f, g3, r3, g4, r4, torch.addmm(b5, r4, W5.t())
 
 
-def lenet_jvp(cols: torch.Tensor, m1: torch.Tensor, masks1: Sequence[torch.Tensor], masks2: Sequence[torch.Tensor],
-              f, g3, r3, g4, r4, W2, W3, W4, W5, tW1, tb1, tW2, tb2, tW3, tb3, tW4, tb4, tW5, tb5) -> torch.Tensor:
+def lenet_jvp(
+    cols: torch.Tensor,
+    m1: torch.Tensor,
+    masks1: Sequence[torch.Tensor],
+    masks2: Sequence[torch.Tensor],
+    f,
+    g3,
+    r3,
+    g4,
+    r4,
+    W2,
+    W3,
+    W4,
+    W5,
+    tW1,
+    tb1,
+    tW2,
+    tb2,
+    tW3,
+    tb3,
+    tW4,
+    tb4,
+    tW5,
+    tb5,
+) -> torch.Tensor:
     """J t for T stacked tangents (per parameter (T, *shape)) -> (N, T, K). Pure, so that it compiles."""
     t, n = tW1.shape[0], m1.shape[0]
     size1 = (2 * m1.shape[-2], 2 * m1.shape[-1])
@@ -215,8 +242,14 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
-def kernels_for(mode: str, use_fast: bool, device: str, steps: int,
-                say: Callable[[str], None] = print, warn: Callable[[str], None] = warnings.warn) -> Kernels:
+def kernels_for(
+    mode: str,
+    use_fast: bool,
+    device: str,
+    steps: int,
+    say: Callable[[str], None] = print,
+    warn: Callable[[str], None] = warnings.warn,
+) -> Kernels:
     """The fast step's kernels for `--compile` (checked beforehand: `on` needs the fast step and a compiler):
     compiled when asked (on), or (auto) on CPU for runs long enough to pay back the compiling, when a C++ compiler
     is found; eager otherwise. `say` announces the compiling, `warn` a fall back to eager."""
@@ -233,8 +266,14 @@ class Tape:
     `cols` and `h1` (from `conv1_all`) let networks that see the same batch share its patches; `kernels` picks
     eager or compiled forward and jvp."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, cols: torch.Tensor | None = None,
-                 h1: torch.Tensor | None = None, kernels: Kernels = EAGER):
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        cols: torch.Tensor | None = None,
+        h1: torch.Tensor | None = None,
+        kernels: Kernels = EAGER,
+    ):
         net = model.net
         layers = (net.conv1, net.conv2, net.fc1, net.fc2, net.fc)
         self.params = [p for layer in layers for p in (layer.weight, layer.bias)]
@@ -248,8 +287,9 @@ class Tape:
             side = (self.size1[0] // 2 - self.w[2].shape[-1] + 1) // 2
             if side != FINAL_MAP:
                 raise ValueError(f"fast InI step needs a {FINAL_MAP}x{FINAL_MAP} final map, got {side}x{side}")
-            (self.m1, self.masks1, self.masks2, self.f, self.g3, self.r3, self.g4, self.r4,
-             self.z) = kernels.forward(h1, *self.w[2:])
+            (self.m1, self.masks1, self.masks2, self.f, self.g3, self.r3, self.g4, self.r4, self.z) = kernels.forward(
+                h1, *self.w[2:]
+            )
             self.size2 = (self.m1.shape[-2] - self.w[2].shape[-2] + 1, self.m1.shape[-1] - self.w[2].shape[-1] + 1)
 
     @torch.no_grad()
@@ -278,8 +318,22 @@ class Tape:
     def jvp(self, tangents: Sequence[torch.Tensor]) -> torch.Tensor:
         """tangents: per parameter (T, *shape) -> (N, T, K)."""
         _, _, W2, _, W3, _, W4, _, W5, _ = self.w
-        return self.kernels.jvp(self.cols, self.m1, self.masks1, self.masks2, self.f, self.g3, self.r3, self.g4,
-                                self.r4, W2, W3, W4, W5, *tangents)
+        return self.kernels.jvp(
+            self.cols,
+            self.m1,
+            self.masks1,
+            self.masks2,
+            self.f,
+            self.g3,
+            self.r3,
+            self.g4,
+            self.r4,
+            W2,
+            W3,
+            W4,
+            W5,
+            *tangents,
+        )
 
 
 def _unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -291,8 +345,17 @@ class FastStep:
 
     reduces_gradients = True
 
-    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective,
-                 ranks: Ranks, image_size: int, kernels: Kernels = EAGER, spike: Optional[SpikeClip] = None):
+    def __init__(
+        self,
+        victim: nn.Module,
+        surrogates: Sequence[nn.Module],
+        ood: OodStream,
+        objective: Objective,
+        ranks: Ranks,
+        image_size: int,
+        kernels: Kernels = EAGER,
+        spike: Optional[SpikeClip] = None,
+    ):
         if not all(supports(m, image_size) for m in (victim, *surrogates)):
             raise ValueError("the fast InI step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
@@ -317,14 +380,23 @@ class FastStep:
             if weights[t]:
                 cot[t] = torch.autograd.grad(weights[t] * terms[t], logits, retain_graph=True)[0]
         params = list(self.victim.parameters())
-        set_gradients(params, clip_merged(self._merge(tapes[0], tapes_ood[0], cot, generator), self.objective,
-                                          self.spike))
+        set_gradients(
+            params, clip_merged(self._merge(tapes[0], tapes_ood[0], cot, generator), self.objective, self.spike)
+        )
         terms = {t: v.detach() for t, v in terms.items()}
         return finish(terms, ("benign", "id_distance", "ood_distance"), weights, self.ranks)
 
-    def _add_surrogate(self, tape: Tape, s_tape: Tape, tape_ood: Tape, s_tape_ood: Tape, y: torch.Tensor,
-                       counts: tuple[float, float], terms: dict[str, torch.Tensor],
-                       cot: dict[str, torch.Tensor]) -> None:
+    def _add_surrogate(
+        self,
+        tape: Tape,
+        s_tape: Tape,
+        tape_ood: Tape,
+        s_tape_ood: Tape,
+        y: torch.Tensor,
+        counts: tuple[float, float],
+        terms: dict[str, torch.Tensor],
+        cot: dict[str, torch.Tensor],
+    ) -> None:
         """One surrogate's share (1/k) of the four surrogate terms, and of the cotangents that carry isolation and
         vanishing back to the victim's logits (`tape` and `tape_ood`: the victim's on the ID and OOD batch)."""
         obj, weights, k = self.objective, self.objective.weights(), len(self.surrogates)
@@ -336,12 +408,14 @@ class FastStep:
         u = torch.autograd.grad(divergence_sum(s, z, obj.kl_direction) / n, s, create_graph=True)[0]
         e = torch.autograd.grad(F.cross_entropy(s, y, reduction="sum") / n, s)[0]
         s_ood = s_tape_ood.z.requires_grad_()
-        u_ood = torch.autograd.grad(divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood,
-                                    create_graph=True)[0]
+        u_ood = torch.autograd.grad(divergence_sum(s_ood, z_ood, obj.kl_direction) / n_ood, s_ood, create_graph=True)[0]
         g_id = s_tape.vjp(torch.stack([u.detach(), e], 1))  # J^T u (adversary), J^T e (expected)
         g_ood = s_tape_ood.vjp(u_ood.detach()[:, None])
-        packed = self.ranks.sum_(torch.cat([torch.cat([g[slot].reshape(-1) for g in grads])
-                                            for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]))
+        packed = self.ranks.sum_(
+            torch.cat(
+                [torch.cat([g[slot].reshape(-1) for g in grads]) for grads, slot in ((g_id, 0), (g_id, 1), (g_ood, 0))]
+            )
+        )
         g_adv, g_exp, g_van = (v.detach().requires_grad_() for v in packed.split(sum(p.numel() for p in s_tape.w)))
         isolation = cosine(g_adv, g_exp.detach())
         vanishing = g_van.abs().mean()
@@ -356,8 +430,9 @@ class FastStep:
             j = s_tape_ood.jvp(_unflatten(t_van, s_tape_ood.w))[:, 0]
             cot["vanishing"] = cot["vanishing"] + torch.autograd.grad(u_ood, z_ood, j)[0]
 
-    def _merge(self, tape: Tape, tape_ood: Tape, cot: dict[str, torch.Tensor],
-               generator: torch.Generator) -> torch.Tensor:
+    def _merge(
+        self, tape: Tape, tape_ood: Tape, cot: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
         """The victim's merged gradient, flat and summed over ranks: the active terms' gradients through its
         Jacobians on the ID and OOD batch, merged by PCGrad on their Gram matrix (or summed without PCGrad)."""
         obj = self.objective

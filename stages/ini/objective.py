@@ -126,14 +126,15 @@ def pcgrad_coefficients(gram: torch.Tensor, generator: torch.Generator, reductio
 # ------------------------------------------------------------------------------------------------ BatchNorm
 
 
-def forward_id_and_ood(victim: nn.Module, x: torch.Tensor, x_ood: torch.Tensor,
-                       bn_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_id_and_ood(
+    victim: nn.Module, x: torch.Tensor, x_ood: torch.Tensor, bn_mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The victim's logits on the ID and the OOD batch. joint (beyond the paper): one forward of both, so BatchNorm's
     batch statistics are the ID+OOD mixture, which is also what its running statistics become: the network is
     trained under the normalisation it is deployed with. The other modes: two forwards (`ood_batchnorm`)."""
     if bn_mode == "joint":
         both = victim(torch.cat([x, x_ood]))
-        return both[: len(x)], both[len(x):]
+        return both[: len(x)], both[len(x) :]
     logits = victim(x)
     with ood_batchnorm(victim, bn_mode):
         return logits, victim(x_ood)
@@ -180,8 +181,9 @@ def global_counts(ranks: Ranks, *counts: int) -> list[float]:
     return ranks.sum_(torch.tensor(counts, dtype=torch.float64)).tolist()
 
 
-def finish(terms: dict[str, torch.Tensor], local: Sequence[str], weights: dict[str, float],
-           ranks: Ranks) -> dict[str, torch.Tensor]:
+def finish(
+    terms: dict[str, torch.Tensor], local: Sequence[str], weights: dict[str, float], ranks: Ranks
+) -> dict[str, torch.Tensor]:
     """Detached term values summed over ranks where they are local shares, plus the weighted total."""
     out = {k: v.detach() for k, v in terms.items()}
     if ranks.world > 1:

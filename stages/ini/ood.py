@@ -46,19 +46,29 @@ DEFAULT_OOD = {
     "svhn": ("tinyimagenet", "cifar10", "skimage-patches"),
     "tinyimagenet": ("cifar100", "skimage-patches"),
 }
-FALLBACK_OOD = {1: ("kmnist", "fashionmnist", "mnist", "generated"),
-                3: ("tinyimagenet", "skimage-patches", "generated")}
+FALLBACK_OOD = {
+    1: ("kmnist", "fashionmnist", "mnist", "generated"),
+    3: ("tinyimagenet", "skimage-patches", "generated"),
+}
 # The broad preset's OOD mixture: every family of the victim's channel count that prepare can make, except the
 # victim's own and the sets of the same task (digits for a digit victim: a thief's digits should be answered).
-BROAD_OOD = {1: ("fashionmnist", "mnist", "kmnist", "skimage-patches", "generated"),
-             3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated")}
+BROAD_OOD = {
+    1: ("fashionmnist", "mnist", "kmnist", "skimage-patches", "generated"),
+    3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated"),
+}
 # The near preset adds the families that look like the victim's own data without denoting its classes
 # (stages/near/); the evaluation-only sets (Latin letters, EMNIST) are never among them.
-NEAR_OOD = {"mnist": ("glyphs", "digits-transformed", "pen-strokes"),
-            "emnist-digits": ("glyphs", "digits-transformed", "pen-strokes"),
-            "fashionmnist": ("silhouettes", "garments-recombined", "garments-transformed")}
-SAME_TASK = {"mnist": {"sklearn-digits", "emnist-digits", "svhn"}, "emnist-digits": {"mnist", "sklearn-digits"},
-             "cifar10": {"cifar100"}, "cifar100": {"cifar10"}}
+NEAR_OOD = {
+    "mnist": ("glyphs", "digits-transformed", "pen-strokes"),
+    "emnist-digits": ("glyphs", "digits-transformed", "pen-strokes"),
+    "fashionmnist": ("silhouettes", "garments-recombined", "garments-transformed"),
+}
+SAME_TASK = {
+    "mnist": {"sklearn-digits", "emnist-digits", "svhn"},
+    "emnist-digits": {"mnist", "sklearn-digits"},
+    "cifar10": {"cifar100"},
+    "cifar100": {"cifar10"},
+}
 
 console = Console(stderr=True)
 
@@ -84,8 +94,10 @@ def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
             continue
         path = _data.default_path(name)
         if not path.exists():
-            console.print(f"preparing the OOD set {name} for {data.name} from raw files"
-                          + (" (offline only)" if mixture else ", else by download"))
+            console.print(
+                f"preparing the OOD set {name} for {data.name} from raw files"
+                + (" (offline only)" if mixture else ", else by download")
+            )
             try:
                 _data.prepare(name, path, download=not mixture)
             except UserError as e:
@@ -104,8 +116,16 @@ class OodStream:
     size, split evenly over the sources and, when `derived` is set, a `derived_fraction` of it made from the ID
     batch; it is augmented (like ID data, or heavily), then cut to this rank's shard."""
 
-    def __init__(self, sources: torch.Tensor | Sequence[torch.Tensor], batch_size: int, augment: bool, ranks: Ranks,
-                 derived: Sequence[str] = (), derived_fraction: float = 0.5, heavy: bool = False):
+    def __init__(
+        self,
+        sources: torch.Tensor | Sequence[torch.Tensor],
+        batch_size: int,
+        augment: bool,
+        ranks: Ranks,
+        derived: Sequence[str] = (),
+        derived_fraction: float = 0.5,
+        heavy: bool = False,
+    ):
         self.sources = [sources] if isinstance(sources, torch.Tensor) else list(sources)
         unknown = set(derived) - set(DERIVED)
         if unknown:
@@ -125,8 +145,9 @@ class OodStream:
         self.orders = [torch.randperm(len(s), generator=generator) for s in self.sources]
         self.cursors = [0] * len(self.sources)
 
-    def next(self, generator: torch.Generator, id_images: torch.Tensor | None = None,
-             id_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def next(
+        self, generator: torch.Generator, id_images: torch.Tensor | None = None, id_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The next OOD batch; `id_images` / `id_labels` (this rank's ID batch, float) feed the derived outliers."""
         parts = []
         drawn = self.batch_size - self.n_derived
@@ -137,14 +158,19 @@ class OodStream:
             parts.append(_data.to_float(self.sources[i][idx.to(self.sources[i].device)]))
         x = torch.cat(parts) if parts else None
         if x is not None:
-            x = heavy_augment(x, generator) if self.heavy else (_data.augment_crop_flip(x, generator)
-                                                                 if self.augment else x)
+            x = (
+                heavy_augment(x, generator)
+                if self.heavy
+                else (_data.augment_crop_flip(x, generator) if self.augment else x)
+            )
             x = x[self.ranks.shard(len(x))] if self.ranks.world > 1 else x
         if self.n_derived:
             if id_images is None:
                 raise ValueError("derived OOD outliers need the ID batch")
             # under torchrun each rank derives its share from its own shard of the ID batch
-            local = self.n_derived if self.ranks.world == 1 else round(self.n_derived * len(id_images) / self.batch_size)
+            local = (
+                self.n_derived if self.ranks.world == 1 else round(self.n_derived * len(id_images) / self.batch_size)
+            )
             made = derive(id_images, id_labels, self.derived, local, generator)
             x = made if x is None else torch.cat([x, made.to(x.dtype)])
         return x if self.synthesize is None else self.synthesize(x, generator)
@@ -210,8 +236,9 @@ def heavy_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp_min(0).pow(gamma[:, None, None, None]).contiguous()
 
 
-def derive(x: torch.Tensor, y: torch.Tensor | None, kinds: Sequence[str], count: int,
-           generator: torch.Generator) -> torch.Tensor:
+def derive(
+    x: torch.Tensor, y: torch.Tensor | None, kinds: Sequence[str], count: int, generator: torch.Generator
+) -> torch.Tensor:
     """`count` outliers made from the ID batch x (float, [0, 1]), the kinds taking turns."""
     if not count:
         return x[:0]
@@ -263,7 +290,9 @@ def _corrupt(x, y, src, generator):
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + h // 2)  # (n, h)
     in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + w // 2)  # (n, w)
-    erase = torch.where(vertical[:, None, None], in_cols[:, None, :].expand(n, h, w), in_rows[:, :, None].expand(n, h, w))
+    erase = torch.where(
+        vertical[:, None, None], in_cols[:, None, :].expand(n, h, w), in_rows[:, :, None].expand(n, h, w)
+    )
     return out.masked_fill(erase[:, None], 0.0)
 
 

@@ -37,8 +37,15 @@ class ReferenceStep:
 
     reduces_gradients = True  # it sums gradients over ranks itself (PCGrad needs each term's global gradient)
 
-    def __init__(self, victim: nn.Module, surrogates: Sequence[nn.Module], ood: OodStream, objective: Objective,
-                 ranks: Ranks, spike: Optional[SpikeClip] = None):
+    def __init__(
+        self,
+        victim: nn.Module,
+        surrogates: Sequence[nn.Module],
+        ood: OodStream,
+        objective: Objective,
+        ranks: Ranks,
+        spike: Optional[SpikeClip] = None,
+    ):
         self.victim, self.surrogates, self.ood = victim, list(surrogates), ood
         self.objective, self.ranks, self.spike = objective, ranks, spike
 
@@ -57,8 +64,9 @@ class ReferenceStep:
 
             s_logits, s_logits_ood = call(x), call(x_ood)
             terms["id_distance"] = terms["id_distance"] - distance_sum(logits, s_logits.detach(), obj.distance) / n / k
-            terms["ood_distance"] = (terms["ood_distance"]
-                                     + distance_sum(logits_ood, s_logits_ood.detach(), obj.distance) / n_ood / k)
+            terms["ood_distance"] = (
+                terms["ood_distance"] + distance_sum(logits_ood, s_logits_ood.detach(), obj.distance) / n_ood / k
+            )
             adversary = divergence_sum(s_logits, logits, obj.kl_direction) / n
             g_adv = flat(torch.autograd.grad(adversary, list(phi.values()), create_graph=True))
             expected = F.cross_entropy(s_logits, y, reduction="sum") / n
@@ -75,12 +83,17 @@ class ReferenceStep:
             for t in obj.active():
                 g = torch.autograd.grad(weights[t] * terms[t], params, retain_graph=True, allow_unused=True)
                 grads.append(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]))
-                touched.append(flat([torch.full_like(p, gi is not None, dtype=torch.bool)
-                                     for p, gi in zip(params, g, strict=True)]))
+                touched.append(
+                    flat(
+                        [torch.full_like(p, gi is not None, dtype=torch.bool) for p, gi in zip(params, g, strict=True)]
+                    )
+                )
             merged = pcgrad(ranks.sum_(torch.stack(grads)), torch.stack(touched), generator, obj.pcgrad_reduction)
         else:
             total = sum(weights[t] * terms[t] for t in TERMS)
             g = torch.autograd.grad(total, params, allow_unused=True)
-            merged = ranks.sum_(flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]))
+            merged = ranks.sum_(
+                flat([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)])
+            )
         set_gradients(params, clip_merged(merged, obj, self.spike))
         return finish(terms, ("benign", "id_distance", "ood_distance"), weights, ranks)

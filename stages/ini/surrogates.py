@@ -29,9 +29,19 @@ def build(arch: str, data: _data.Dataset, seed: int, index: int, generation: int
     return net.eval().requires_grad_(False)
 
 
-def refresh(nets: Sequence[torch.nn.Module], archs: Sequence[str], how: str, epoch: int, data: _data.Dataset,
-            seed: int, victim: torch.nn.Module, ood_images: torch.Tensor, steps: int, batch_size: int,
-            gen: torch.Generator) -> None:
+def refresh(
+    nets: Sequence[torch.nn.Module],
+    archs: Sequence[str],
+    how: str,
+    epoch: int,
+    data: _data.Dataset,
+    seed: int,
+    victim: torch.nn.Module,
+    ood_images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> None:
     """New surrogates for the epoch starting: reinit draws generation `epoch` of each; distill trains each briefly
     on the victim's answers to OOD images."""
     if how == "reinit":
@@ -41,8 +51,14 @@ def refresh(nets: Sequence[torch.nn.Module], archs: Sequence[str], how: str, epo
         distill(nets, victim, ood_images, steps, batch_size, gen)
 
 
-def distill(nets: Sequence[torch.nn.Module], victim: torch.nn.Module, ood_images: torch.Tensor, steps: int,
-            batch_size: int, gen: torch.Generator) -> None:
+def distill(
+    nets: Sequence[torch.nn.Module],
+    victim: torch.nn.Module,
+    ood_images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> None:
     """Train each surrogate for `steps` SGD steps to match the victim's probabilities on OOD images, as a thief
     querying with OOD data would (soft labels, KL(p_V || p_C)); then freeze it again."""
     was_training = victim.training

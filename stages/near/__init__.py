@@ -24,10 +24,12 @@ FAMILIES: dict[str, Callable] = {
 }
 
 
-def load(name: str, source: Optional[Path], data_roots: list[Path], download: bool, seed: int,
-         limit: Optional[int] = None):
+def load(
+    name: str, source: Optional[Path], data_roots: list[Path], download: bool, seed: int, limit: Optional[int] = None
+):
     """Family `name` as a RawDataset: TRAIN and TEST images, or `limit` and limit // 5 (at least 1) with --limit."""
     n_train = TRAIN if limit is None else min(limit, TRAIN)
     n_test = TEST if limit is None else min(max(1, limit // 5), TEST)
-    return FAMILIES[name](name=name, seed=seed, n_train=n_train, n_test=n_test, source=source,
-                          data_roots=data_roots, download=download)
+    return FAMILIES[name](
+        name=name, seed=seed, n_train=n_train, n_test=n_test, source=source, data_roots=data_roots, download=download
+    )

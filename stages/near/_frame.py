@@ -73,7 +73,11 @@ def jitter_affine(rng: np.random.Generator, rotate: float, shear: float, stretch
     angle = np.deg2rad(rng.uniform(-rotate, rotate))
     c, s = np.cos(angle), np.sin(angle)
     aspect = np.exp(rng.uniform(-stretch, stretch))
-    return np.array([[c, -s], [s, c]]) @ np.array([[1.0, rng.uniform(-shear, shear)], [0.0, 1.0]]) @ np.diag([aspect, 1 / aspect])
+    return (
+        np.array([[c, -s], [s, c]])
+        @ np.array([[1.0, rng.uniform(-shear, shear)], [0.0, 1.0]])
+        @ np.diag([aspect, 1 / aspect])
+    )
 
 
 def warp(image: Image.Image, matrix: np.ndarray) -> Image.Image:
@@ -89,8 +93,9 @@ def warp(image: Image.Image, matrix: np.ndarray) -> Image.Image:
     return image.transform((out_w, out_h), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR)
 
 
-def draw_each(n: int, classes: int, draw: Callable[[int, np.random.Generator], np.ndarray],
-              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_each(
+    n: int, classes: int, draw: Callable[[int, np.random.Generator], np.ndarray], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """n images `draw(label, rng)` (uint8 28 x 28) of labels drawn uniformly from `classes`."""
     labels = rng.integers(classes, size=n)
     images = np.empty((n, 1, SIZE, SIZE), np.uint8)
@@ -99,8 +104,14 @@ def draw_each(n: int, classes: int, draw: Callable[[int, np.random.Generator], n
     return images, labels
 
 
-def drawn_family(name: str, classes: list[str], draw: Callable[[int, np.random.Generator], np.ndarray], seed: int,
-                 n_train: int, n_test: int):
+def drawn_family(
+    name: str,
+    classes: list[str],
+    draw: Callable[[int, np.random.Generator], np.ndarray],
+    seed: int,
+    n_train: int,
+    n_test: int,
+):
     """A RawDataset drawn image by image, train and test from independent streams of the seed."""
     from stages._prepare_readers import _raw
 

@@ -19,12 +19,18 @@ def measure(graph: torch.nn.Module, images: torch.Tensor, device: str = "cpu") -
     probs = _blackbox.predict(graph, _data.to_float(images), device)
     top, answer = probs.max(1)
     counts = torch.bincount(answer, minlength=probs.shape[1])
-    return dict(images=len(images), mean_top=float(top.mean()), confident=float((top > CONFIDENT).float().mean()),
-                top_class=int(counts.argmax()), top_class_share=float(counts.max()) / max(1, len(images)))
+    return dict(
+        images=len(images),
+        mean_top=float(top.mean()),
+        confident=float((top > CONFIDENT).float().mean()),
+        top_class=int(counts.argmax()),
+        top_class_share=float(counts.max()) / max(1, len(images)),
+    )
 
 
-def table(victim: Path, datasets: list[str], split: str = "test", limit: int | None = None,
-          device: str = "cpu") -> list[dict]:
+def table(
+    victim: Path, datasets: list[str], split: str = "test", limit: int | None = None, device: str = "cpu"
+) -> list[dict]:
     """One row for the victim's own `split`, then one per dataset (name or prepared file), each converted to the
     victim's input shape; `limit` caps the images per row."""
     graph, info = _blackbox.open_victim(Path(victim), device)
@@ -42,6 +48,8 @@ def format_rows(rows: list[dict]) -> str:
     """Plain-text table, one line per row (for logs and test output)."""
     lines = [f"{'data':<22} {'images':>7} {'mean top':>9} {'> ' + str(CONFIDENT):>7} {'most answered':>18}"]
     for r in rows:
-        lines.append(f"{r['dataset'] + (' (own)' if r['own'] else ''):<22} {r['images']:>7} {r['mean_top']:>9.3f} "
-                     f"{r['confident']:>7.1%} {r['top_class_name'] + ' ' + format(r['top_class_share'], '.0%'):>18}")
+        lines.append(
+            f"{r['dataset'] + (' (own)' if r['own'] else ''):<22} {r['images']:>7} {r['mean_top']:>9.3f} "
+            f"{r['confident']:>7.1%} {r['top_class_name'] + ' ' + format(r['top_class_share'], '.0%'):>18}"
+        )
     return "\n".join(lines)

@@ -15,8 +15,13 @@ KINDS = ["rotate-90", "rotate-180", "rotate-270", "mirror", "flip", "halves", "e
 # Digits that still read as a digit after the transform, so never drawn for it: on its side 0 is an oval, a slanted
 # 1 a slanted bar and a slanted 8 a slanted 8 again; 0, 1, 8 are symmetric under a half turn, and 6 and 9 turn into
 # each other; 0, 1, 8 mirror onto themselves, and 0, 1, 3, 8 flip (upside down) onto themselves.
-EXCLUDED = {"rotate-90": (0, 1, 8), "rotate-180": (0, 1, 6, 8, 9), "rotate-270": (0, 1, 8), "mirror": (0, 1, 8),
-            "flip": (0, 1, 3, 8)}
+EXCLUDED = {
+    "rotate-90": (0, 1, 8),
+    "rotate-180": (0, 1, 6, 8, 9),
+    "rotate-270": (0, 1, 8),
+    "mirror": (0, 1, 8),
+    "flip": (0, 1, 3, 8),
+}
 # halves: the top (or left) half of one digit joined to the bottom (right) half of a digit of another class; a
 # pair is drawn again while the half brought in correlates above this with the half it replaces (7 over 1, 3 over
 # 5: the joined image would still read as the first digit).
@@ -62,8 +67,12 @@ def _crossing(rng: np.random.Generator, box: np.ndarray) -> tuple[np.ndarray, np
 
     def on(side: int) -> np.ndarray:
         u = rng.uniform(0.1, 0.9)
-        return np.array([(left + u * (right - left), left, left + u * (right - left), right)[side],
-                         (top, top + u * (bottom - top), bottom, top + u * (bottom - top))[side]])
+        return np.array(
+            [
+                (left + u * (right - left), left, left + u * (right - left), right)[side],
+                (top, top + u * (bottom - top), bottom, top + u * (bottom - top))[side],
+            ]
+        )
 
     start, end = on(sides[0]), on(sides[1])
     spread = 0.25 * max(bottom - top, right - left)
@@ -76,8 +85,13 @@ def _crossing(rng: np.random.Generator, box: np.ndarray) -> tuple[np.ndarray, np
 def _pen_mask(rng: np.random.Generator, box: np.ndarray, width: float, count: int) -> np.ndarray:
     """`count` strokes across `box` drawn at 2x with peak width `width` (pixels of 28 x 28), then reduced."""
     scale = 2
-    mask = strokes.draw([_crossing(rng, box) for _ in range(count)], width * scale, scale, np.zeros(2),
-                        (_frame.SIZE * scale, _frame.SIZE * scale))
+    mask = strokes.draw(
+        [_crossing(rng, box) for _ in range(count)],
+        width * scale,
+        scale,
+        np.zeros(2),
+        (_frame.SIZE * scale, _frame.SIZE * scale),
+    )
     return np.clip(_frame.resize(mask, _frame.SIZE), 0.0, 1.0)
 
 
@@ -100,8 +114,9 @@ def _add(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _one(name: str, digits: np.ndarray, labels: np.ndarray, i: int, by_class: list[np.ndarray],
-         rng: np.random.Generator) -> np.ndarray:
+def _one(
+    name: str, digits: np.ndarray, labels: np.ndarray, i: int, by_class: list[np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
     digit = digits[i]
     if name.startswith("rotate"):
         image = np.rot90(digit, -int(name.split("-")[1]) // 90)  # clockwise
@@ -118,8 +133,9 @@ def _one(name: str, digits: np.ndarray, labels: np.ndarray, i: int, by_class: li
     return _frame.mnist_like(np.ascontiguousarray(image))
 
 
-def transform(digits: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
-              lookalike: Lookalike) -> tuple[np.ndarray, np.ndarray, int]:
+def transform(
+    digits: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator, lookalike: Lookalike
+) -> tuple[np.ndarray, np.ndarray, int]:
     """n images from `digits` (float (N, 28, 28) in [0, 1]), the kinds in equal shares; an image that still looks
     like a real digit is drawn again (same kind, another digit), up to ROUNDS times. Also returns how many were."""
     kinds = rng.integers(len(KINDS), size=n)
@@ -134,8 +150,9 @@ def transform(digits: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gen
     return out, kinds, redrawn
 
 
-def load_digits_transformed(name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(),
-                            download=False, **_):
+def load_digits_transformed(
+    name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(), download=False, **_
+):
     from stages import _prepare_readers
 
     mnist = _prepare_readers.load_mnist_like("mnist", tvd.MNIST, source, list(data_roots), download, seed)
@@ -153,7 +170,9 @@ def load_digits_transformed(name: str, seed: int, n_train: int, n_test: int, sou
         f"with {ERASED[0]:.0%}-{ERASED[1]:.0%} of the ink erased by one eraser stroke, or with 1-2 pen strokes added "
         f"(erase, add: correlation with the digit at most {CHANGED:g}), framed again as MNIST; label: the transform; "
         f"excluded as still digits: {excluded}; an image nearer to a real MNIST digit than {QUANTILE:.0%} of real "
-        f"digits are to their nearest other (threshold {lookalike.threshold:.3f} on 14x14 pixels) drawn again, up to {ROUNDS} "
-        "times")
+        f"digits are to their nearest other (threshold {lookalike.threshold:.3f} on 14x14 pixels) drawn again, "
+        f"up to {ROUNDS} "
+        "times"
+    )
     raw.attrs["redrawn_as_digits"] = train_redrawn + test_redrawn
     return raw

@@ -36,8 +36,9 @@ def _group_of(labels: np.ndarray) -> np.ndarray:
     return lookup[labels]
 
 
-def _cut(images: np.ndarray, groups: np.ndarray, by_group: list[np.ndarray], kind: str,
-         rng: np.random.Generator) -> np.ndarray:
+def _cut(
+    images: np.ndarray, groups: np.ndarray, by_group: list[np.ndarray], kind: str, rng: np.random.Generator
+) -> np.ndarray:
     """Pieces of products of different groups joined along the centre lines of the frame."""
     half = _frame.SIZE // 2
     first = int(rng.integers(len(images)))
@@ -45,8 +46,9 @@ def _cut(images: np.ndarray, groups: np.ndarray, by_group: list[np.ndarray], kin
     chosen, used = [first], {int(groups[first])}
     while len(chosen) < pieces:
         # every piece from a group not used yet (quarters: the fourth may repeat the first's group)
-        free = [g for g in range(len(GROUPS)) if g not in used and len(by_group[g])] or \
-               [g for g in range(len(GROUPS)) if g != groups[chosen[-1]] and len(by_group[g])]
+        free = [g for g in range(len(GROUPS)) if g not in used and len(by_group[g])] or [
+            g for g in range(len(GROUPS)) if g != groups[chosen[-1]] and len(by_group[g])
+        ]
         g = free[rng.integers(len(free))]
         chosen.append(int(rng.choice(by_group[g])))
         used.add(g)
@@ -57,7 +59,11 @@ def _cut(images: np.ndarray, groups: np.ndarray, by_group: list[np.ndarray], kin
     elif kind == "left-right":
         out[:, half:] = x[1][:, half:]
     else:
-        out[:half, half:], out[half:, :half], out[half:, half:] = x[1][:half, half:], x[2][half:, :half], x[3][half:, half:]
+        out[:half, half:], out[half:, :half], out[half:, half:] = (
+            x[1][:half, half:],
+            x[2][half:, :half],
+            x[3][half:, half:],
+        )
     return out
 
 
@@ -79,7 +85,7 @@ def _warp_coordinates(kind: str, size: int, rng: np.random.Generator) -> np.ndar
         turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         dst = src @ turn.T + rng.uniform(-PERSPECTIVE, PERSPECTIVE, (4, 2)) * 2 * c
         a = []
-        for (u, v), (p, q) in zip(dst, src):  # maps output (u, v) to input (p, q)
+        for (u, v), (p, q) in zip(dst, src, strict=False):  # maps output (u, v) to input (p, q)
             a.append([u, v, 1, 0, 0, 0, -p * u, -p * v, -p])
             a.append([0, 0, 0, u, v, 1, -q * u, -q * v, -q])
         h = np.linalg.svd(np.asarray(a))[2][-1].reshape(3, 3)
@@ -105,8 +111,15 @@ def _warp(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     return map_coordinates(canvas, _warp_coordinates(kind, len(canvas), rng), order=1, cval=0.0)
 
 
-def _one(name: str, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, by_group: list[np.ndarray],
-         allowed: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+def _one(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    by_group: list[np.ndarray],
+    allowed: dict[str, np.ndarray],
+    rng: np.random.Generator,
+) -> np.ndarray:
     if name in CUTS:
         out = _cut(images, groups, by_group, name, rng)
     else:
@@ -116,8 +129,14 @@ def _one(name: str, images: np.ndarray, labels: np.ndarray, groups: np.ndarray, 
     return _frame.fashion_like(np.ascontiguousarray(out))
 
 
-def derive(kinds_list: list[str], images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
-           lookalike: Lookalike) -> tuple[np.ndarray, np.ndarray, int]:
+def derive(
+    kinds_list: list[str],
+    images: np.ndarray,
+    labels: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    lookalike: Lookalike,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """n images of the kinds in equal shares; one that still looks like a real product is drawn again (same kind)
     up to ROUNDS times. Also returns how many were."""
     groups = _group_of(labels)
@@ -125,14 +144,17 @@ def derive(kinds_list: list[str], images: np.ndarray, labels: np.ndarray, n: int
     allowed = {k: np.flatnonzero(~np.isin(labels, EXCLUDED.get(k, ()))) for k in WARPS}
     kinds = rng.integers(len(kinds_list), size=n)
     out, redrawn = lookalike.draw(
-        n, lambda k: _one(kinds_list[kinds[k]], images, labels, groups, by_group, allowed, rng), ROUNDS)
+        n, lambda k: _one(kinds_list[kinds[k]], images, labels, groups, by_group, allowed, rng), ROUNDS
+    )
     return out, kinds, redrawn
 
 
 def _load(name: str, kinds: list[str], seed: int, n_train: int, n_test: int, source, data_roots, download):
     from stages import _prepare_readers
 
-    fashion = _prepare_readers.load_mnist_like("fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed)
+    fashion = _prepare_readers.load_mnist_like(
+        "fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed
+    )
     lookalike = Lookalike(fashion.train_images[:, 0], np.random.default_rng([seed, 0]))
     train = (fashion.train_images[:, 0] / np.float32(255), fashion.train_labels)
     test = (fashion.test_images[:, 0] / np.float32(255), fashion.test_labels)
@@ -140,29 +162,39 @@ def _load(name: str, kinds: list[str], seed: int, n_train: int, n_test: int, sou
     test_x, test_y, test_redrawn = derive(kinds, *test, n_test, np.random.default_rng([seed, 2]), lookalike)
     raw = _prepare_readers._raw(name, train_x, train_y, test_x, test_y, kinds, fashion.files)
     raw.attrs["redrawn_as_products"] = train_redrawn + test_redrawn
-    check = (f"an image nearer to a real FashionMNIST product than {QUANTILE:.0%} of real products are to their "
-             f"nearest other (threshold {lookalike.threshold:.3f} on 14x14 pixels) drawn again, up to {ROUNDS} times")
+    check = (
+        f"an image nearer to a real FashionMNIST product than {QUANTILE:.0%} of real products are to their "
+        f"nearest other (threshold {lookalike.threshold:.3f} on 14x14 pixels) drawn again, up to {ROUNDS} times"
+    )
     return raw, check
 
 
-def load_garments_recombined(name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(),
-                             download=False, **_):
+def load_garments_recombined(
+    name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(), download=False, **_
+):
     raw, check = _load(name, CUTS, seed, n_train, n_test, source, data_roots, download)
     raw.attrs["generator"] = (
         "FashionMNIST products (train from FashionMNIST train, test from its test) cut along the frame's centre "
         "lines and joined (label: top-bottom, left-right, quarters from four products) only across the groups "
-        + " / ".join("+".join(map(str, g)) for g in GROUPS) + ", framed again as FashionMNIST; " + check)
+        + " / ".join("+".join(map(str, g)) for g in GROUPS)
+        + ", framed again as FashionMNIST; "
+        + check
+    )
     return raw
 
 
-def load_garments_transformed(name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(),
-                              download=False, **_):
+def load_garments_transformed(
+    name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(), download=False, **_
+):
     raw, check = _load(name, WARPS, seed, n_train, n_test, source, data_roots, download)
     excluded = "; ".join(f"{kind} never on {', '.join(map(str, c))}" for kind, c in EXCLUDED.items())
     raw.attrs["generator"] = (
         "FashionMNIST products (train from FashionMNIST train, test from its test) turned a quarter (clockwise), "
-        f"half or three quarters, sheared by {SHEAR[0]:g}-{SHEAR[1]:g}, put in perspective (turned {TILT[0]:g}-{TILT[1]:g} deg, corners moved "
-        f"up to {PERSPECTIVE:.0%}), swirled ({SWIRL[0]:g}-{SWIRL[1]:g} rad at the centre) or fisheyed (radius to the power "
+        f"half or three quarters, sheared by {SHEAR[0]:g}-{SHEAR[1]:g}, put in perspective (turned "
+        f"{TILT[0]:g}-{TILT[1]:g} deg, corners moved "
+        f"up to {PERSPECTIVE:.0%}), swirled ({SWIRL[0]:g}-{SWIRL[1]:g} rad at the centre) or fisheyed (radius "
+        f"to the power "
         f"{FISHEYE[0][0]:g}-{FISHEYE[0][1]:g} or {FISHEYE[1][0]:g}-{FISHEYE[1][1]:g}), framed again as FashionMNIST "
-        f"(label: the warp); excluded as still upright products: {excluded}; " + check)
+        f"(label: the warp); excluded as still upright products: {excluded}; " + check
+    )
     return raw

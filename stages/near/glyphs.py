@@ -20,10 +20,22 @@ from stages.near import _frame
 # LastResort (placeholder boxes), STIXNonUni and STIXSiz* (private-use code points), the cm* Computer Modern fonts
 # (TeX encodings: their code points do not name the characters they draw).
 FONT_FILES = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
 )
 RENDER_SIZE = 64  # font size in pixels: about 2.5 times the 20-pixel box, so jitter acts on a finer grid
 
@@ -47,8 +59,12 @@ REFERENCES = LATIN + string.digits
 
 # Jitter of a scan of handwriting, applied to each rendering.
 ROTATE_DEG, SHEAR, STRETCH = 15.0, 0.3, 0.15
-STROKES = ((ImageFilter.MinFilter(3), 0.15), (None, 0.35), (ImageFilter.MaxFilter(3), 0.35),
-           (ImageFilter.MaxFilter(5), 0.15))  # thinner, as drawn, bolder, much bolder
+STROKES = (
+    (ImageFilter.MinFilter(3), 0.15),
+    (None, 0.35),
+    (ImageFilter.MaxFilter(3), 0.35),
+    (ImageFilter.MaxFilter(5), 0.15),
+)  # thinner, as drawn, bolder, much bolder
 BLUR_RADIUS = 1.5  # upper bound, in rendering pixels (0.6 pixel once framed)
 SHIFTS = ((-1, 0.2), (0, 0.6), (1, 0.2))  # pixels, per axis, off the centre of mass
 
@@ -129,7 +145,7 @@ def _removed(chars: list[str], scores: np.ndarray) -> list[str]:
     """Homoglyphs: characters measured above the threshold in some font, the marked variants of those (Ӓ is А
     with a diaeresis, by decomposition; Ӎ is М with a tail, by name), characters whose compatibility decomposition
     holds a Latin letter or digit (₨ is Rs), and LIGATURES."""
-    measured = {c for c, s in zip(chars, scores) if s > HOMOGLYPH_THRESHOLD}
+    measured = {c for c, s in zip(chars, scores, strict=False) if s > HOMOGLYPH_THRESHOLD}
     removed = set(measured) | set(LIGATURES)
     for char in set(chars):
         bases = {_variant_of(char), unicodedata.normalize("NFD", char)[0]} - {char}
@@ -233,7 +249,7 @@ def jitter(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.asarray(image, np.float32) / 255.0
     if _frame.blank(out):  # thinning erased a hairline glyph: keep it as drawn
         out = mask
-    shifts, weights = zip(*SHIFTS)
+    shifts, weights = zip(*SHIFTS, strict=False)
     return _frame.mnist_like(out, tuple(rng.choice(shifts, 2, p=weights)))
 
 
@@ -253,7 +269,7 @@ def _split_chars(bank: Bank, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     """Glyph indices of the train and test splits: each class's characters divided TEST_FRACTION to test."""
     test_chars = set()
     for k in range(len(bank.classes)):
-        chars = sorted({c for c, label in zip(bank.chars, bank.labels) if label == k})
+        chars = sorted({c for c, label in zip(bank.chars, bank.labels, strict=False) if label == k})
         picked = rng.permutation(len(chars))[: max(1, round(TEST_FRACTION * len(chars)))]
         test_chars.update(chars[i] for i in picked)
     is_test = np.asarray([c in test_chars for c in bank.chars])
@@ -265,14 +281,18 @@ def renderer() -> str:
     import matplotlib
     import PIL
 
-    return (f"Pillow {PIL.__version__} (FreeType {features.version('freetype2')}, basic layout), fonts of "
-            f"matplotlib {matplotlib.__version__}")
+    return (
+        f"Pillow {PIL.__version__} (FreeType {features.version('freetype2')}, basic layout), fonts of "
+        f"matplotlib {matplotlib.__version__}"
+    )
 
 
 def _describe(what: str) -> str:
-    return (f"{what} rendered from matplotlib's fonts, jittered like handwriting scans (rotation +-{ROTATE_DEG:g} deg, "
-            f"shear +-{SHEAR:g}, aspect exp(+-{STRETCH:g}), stroke width, Gaussian blur up to {BLUR_RADIUS:g} px, "
-            "shift +-1 px) and framed as MNIST")
+    return (
+        f"{what} rendered from matplotlib's fonts, jittered like handwriting scans (rotation +-{ROTATE_DEG:g} deg, "
+        f"shear +-{SHEAR:g}, aspect exp(+-{STRETCH:g}), stroke width, Gaussian blur up to {BLUR_RADIUS:g} px, "
+        "shift +-1 px) and framed as MNIST"
+    )
 
 
 def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
@@ -287,8 +307,12 @@ def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
         generator=_describe("characters of non-Latin scripts and symbol sets (label: the script or set)")
         + f"; Latin letters, digits and their homoglyphs removed (correlation > {HOMOGLYPH_THRESHOLD:g} in some font, "
         f"marked variants, decompositions, ligatures); {TEST_FRACTION:.0%} of each class's characters only in test",
-        homoglyph_threshold=HOMOGLYPH_THRESHOLD, homoglyphs_removed="".join(bank.removed),
-        characters=len(set(bank.chars)), glyphs=len(bank.chars), renderer=renderer())
+        homoglyph_threshold=HOMOGLYPH_THRESHOLD,
+        homoglyphs_removed="".join(bank.removed),
+        characters=len(set(bank.chars)),
+        glyphs=len(bank.chars),
+        renderer=renderer(),
+    )
     return raw
 
 
@@ -302,6 +326,10 @@ def load_latin_letters(name: str, seed: int, n_train: int, n_test: int, **_):
     train_x, train_y = draw(bank, every, n_train, np.random.default_rng([seed, 1]))
     test_x, test_y = draw(bank, every, n_test, np.random.default_rng([seed, 2]))
     raw = _raw(name, train_x, train_y, test_x, test_y, bank.classes, font_paths())
-    raw.attrs.update(generator=_describe("Latin letters A-Z and a-z (label: the letter)") + "; for evaluation only",
-                     characters=len(set(bank.chars)), glyphs=len(bank.chars), renderer=renderer())
+    raw.attrs.update(
+        generator=_describe("Latin letters A-Z and a-z (label: the letter)") + "; for evaluation only",
+        characters=len(set(bank.chars)),
+        glyphs=len(bank.chars),
+        renderer=renderer(),
+    )
     return raw

@@ -27,8 +27,12 @@ def _ellipse(pen: ImageDraw.ImageDraw, cx: float, cy: float, rx: float, ry: floa
     pen.ellipse([(cx - rx) * CANVAS, (cy - ry) * CANVAS, (cx + rx) * CANVAS, (cy + ry) * CANVAS], fill=fill)
 
 
-def _bar(pen: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], width: float, fill: int = 255) -> None:
-    pen.line([a[0] * CANVAS, a[1] * CANVAS, b[0] * CANVAS, b[1] * CANVAS], fill=fill, width=max(1, round(width * CANVAS)))
+def _bar(
+    pen: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float], width: float, fill: int = 255
+) -> None:
+    pen.line(
+        [a[0] * CANVAS, a[1] * CANVAS, b[0] * CANVAS, b[1] * CANVAS], fill=fill, width=max(1, round(width * CANVAS))
+    )
 
 
 def _blob(pen, rng):
@@ -60,7 +64,9 @@ def _animal(pen, rng):
     head = (cx + side * (length / 2 + 0.06), cy - height / 2 - rng.uniform(0.05, 0.15))
     _bar(pen, (cx + side * length * 0.4, cy), head, rng.uniform(0.05, 0.08))
     _ellipse(pen, head[0] + side * 0.03, head[1], rng.uniform(0.05, 0.08), rng.uniform(0.04, 0.06))
-    _polygon(pen, np.array([[head[0] - 0.02, head[1] - 0.03], [head[0], head[1] - 0.1], [head[0] + 0.02, head[1] - 0.03]]))
+    _polygon(
+        pen, np.array([[head[0] - 0.02, head[1] - 0.03], [head[0], head[1] - 0.1], [head[0] + 0.02, head[1] - 0.03]])
+    )
     tail = (cx - side * (length / 2 + rng.uniform(0.05, 0.15)), cy - rng.uniform(-0.05, 0.2))
     _bar(pen, (cx - side * length * 0.45, cy), tail, rng.uniform(0.015, 0.03))
 
@@ -85,21 +91,42 @@ def _tool(pen, rng):
         _ellipse(pen, *(top + direction * 0.05), rng.uniform(0.06, 0.1), rng.uniform(0.1, 0.14))
     else:  # axe: a wedge to one side
         edge = across * rng.uniform(0.18, 0.25)
-        _polygon(pen, np.stack([top - direction * 0.05, top + edge - direction * 0.12, top + edge + direction * 0.08,
-                                top + direction * 0.05]))
+        _polygon(
+            pen,
+            np.stack(
+                [
+                    top - direction * 0.05,
+                    top + edge - direction * 0.12,
+                    top + edge + direction * 0.08,
+                    top + direction * 0.05,
+                ]
+            ),
+        )
 
 
 def _vehicle(pen, rng):
     """A body, a cabin and two (or three) wheels."""
     length, height = rng.uniform(0.6, 0.85), rng.uniform(0.15, 0.25)
     left, bottom = 0.5 - length / 2, 0.6
-    pen.rounded_rectangle([left * CANVAS, (bottom - height) * CANVAS, (left + length) * CANVAS, bottom * CANVAS],
-                          radius=int(rng.uniform(0.02, 0.06) * CANVAS), fill=255)
+    pen.rounded_rectangle(
+        [left * CANVAS, (bottom - height) * CANVAS, (left + length) * CANVAS, bottom * CANVAS],
+        radius=int(rng.uniform(0.02, 0.06) * CANVAS),
+        fill=255,
+    )
     cabin = rng.uniform(0.3, 0.6) * length
     start = left + rng.uniform(0.05, 0.6) * (length - cabin)
     rise = rng.uniform(0.08, 0.18)
-    _polygon(pen, np.array([[start, bottom - height], [start + 0.2 * cabin, bottom - height - rise],
-                            [start + 0.8 * cabin, bottom - height - rise], [start + cabin, bottom - height]]))
+    _polygon(
+        pen,
+        np.array(
+            [
+                [start, bottom - height],
+                [start + 0.2 * cabin, bottom - height - rise],
+                [start + 0.8 * cabin, bottom - height - rise],
+                [start + cabin, bottom - height],
+            ]
+        ),
+    )
     wheel = rng.uniform(0.06, 0.1)
     for x in np.linspace(left + 0.15 * length, left + 0.85 * length, int(rng.integers(2, 4))):
         _ellipse(pen, x, bottom, wheel, wheel)
@@ -140,17 +167,27 @@ def _building(pen, rng):
     pen.rectangle([left * CANVAS, (bottom - height) * CANVAS, (left + width) * CANVAS, bottom * CANVAS], fill=255)
     if rng.random() < 0.7:
         overhang = rng.uniform(0, 0.06)
-        _polygon(pen, np.array([[left - overhang, bottom - height], [0.5 + rng.normal(0, 0.05), bottom - height -
-                                                                       rng.uniform(0.15, 0.3)],
-                                [left + width + overhang, bottom - height]]))
+        _polygon(
+            pen,
+            np.array(
+                [
+                    [left - overhang, bottom - height],
+                    [0.5 + rng.normal(0, 0.05), bottom - height - rng.uniform(0.15, 0.3)],
+                    [left + width + overhang, bottom - height],
+                ]
+            ),
+        )
     if rng.random() < 0.5:
         x = left + rng.uniform(0.1, 0.8) * width
-        pen.rectangle([x * CANVAS, (bottom - height - 0.15) * CANVAS, (x + 0.06) * CANVAS, (bottom - height + 0.05)
-                       * CANVAS], fill=255)
+        pen.rectangle(
+            [x * CANVAS, (bottom - height - 0.15) * CANVAS, (x + 0.06) * CANVAS, (bottom - height + 0.05) * CANVAS],
+            fill=255,
+        )
     if rng.random() < 0.4:  # a second, lower block beside it
         w2, h2 = rng.uniform(0.15, 0.3), rng.uniform(0.15, 0.3)
-        pen.rectangle([(left + width) * CANVAS, (bottom - h2) * CANVAS, (left + width + w2) * CANVAS, bottom * CANVAS],
-                      fill=255)
+        pen.rectangle(
+            [(left + width) * CANVAS, (bottom - h2) * CANVAS, (left + width + w2) * CANVAS, bottom * CANVAS], fill=255
+        )
 
 
 SHAPES = [_blob, _star, _animal, _tool, _vehicle, _vessel, _leaf, _building]
@@ -165,8 +202,9 @@ def texture(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     pattern = PATTERNS[rng.integers(len(PATTERNS))]
     if pattern == "stripes":
         period = rng.uniform(2.0, 5.0)
-        grey = grey + rng.uniform(0.05, 0.2) * np.sign(np.sin(2 * np.pi * (x * np.cos(angle) - y * np.sin(angle))
-                                                              * size / period))
+        grey = grey + rng.uniform(0.05, 0.2) * np.sign(
+            np.sin(2 * np.pi * (x * np.cos(angle) - y * np.sin(angle)) * size / period)
+        )
     elif pattern == "noise":
         grey = grey + rng.normal(0, rng.uniform(0.04, 0.12), mask.shape)
     elif pattern == "knit":
@@ -201,5 +239,6 @@ def load_silhouettes(name: str, seed: int, n_train: int, n_test: int, **_):
         "closed shapes (label: " + ", ".join(CLASSES) + "): Fourier-contour blobs, star polygons and compositions "
         f"of ellipses, bars and polygons drawn at {CANVAS}x{CANVAS}, framed as FashionMNIST (longest side 28, "
         f"centred) and filled with a grey texture (level {LEVEL[0]:g}-{LEVEL[1]:g}, gradient up to {GRADIENT:g}, "
-        f"pattern {'/'.join(PATTERNS)}, a brighter or darker rim)")
+        f"pattern {'/'.join(PATTERNS)}, a brighter or darker rim)"
+    )
     return raw

@@ -25,7 +25,9 @@ def bezier(p: np.ndarray) -> np.ndarray:
     return (1 - t) ** 3 * p[0] + 3 * (1 - t) ** 2 * t * p[1] + 3 * (1 - t) * t**2 * p[2] + t**3 * p[3]
 
 
-def stroke(rng: np.random.Generator, segments: tuple[int, ...] = SEGMENTS, loop: float = LOOP) -> tuple[np.ndarray, np.ndarray]:
+def stroke(
+    rng: np.random.Generator, segments: tuple[int, ...] = SEGMENTS, loop: float = LOOP
+) -> tuple[np.ndarray, np.ndarray]:
     """One stroke in the unit square: points (m, 2) and pen pressure (m,) in (0, 1]."""
     start = rng.uniform(0.0, 1.0, 2)
     handle = rng.normal(0.0, 0.35, 2)
@@ -50,8 +52,9 @@ def pressure(rng: np.random.Generator, m: int) -> np.ndarray:
     return np.clip(0.35 + 0.65 * envelope * waver / 1.2, 0.2, 1.0)
 
 
-def draw(strokes: list[tuple[np.ndarray, np.ndarray]], width: float, scale: float, offset: np.ndarray,
-         size: tuple[int, int]) -> np.ndarray:
+def draw(
+    strokes: list[tuple[np.ndarray, np.ndarray]], width: float, scale: float, offset: np.ndarray, size: tuple[int, int]
+) -> np.ndarray:
     """Strokes (unit coordinates) drawn white on black at `scale` pixels per unit plus `offset`, peak width `width`
     pixels: runs of equal (whole-pixel) width as polylines with round caps (the turns between samples are too
     gentle to need round joints). Float mask of `size` (width, height)."""
@@ -61,7 +64,7 @@ def draw(strokes: list[tuple[np.ndarray, np.ndarray]], width: float, scale: floa
         xy = points * scale + offset
         widths = np.maximum(1, np.round(width * pressure)).astype(int)
         starts = np.flatnonzero(np.diff(widths, prepend=-1))
-        for start, stop in zip(starts, list(starts[1:]) + [len(xy) - 1]):
+        for start, stop in zip(starts, list(starts[1:]) + [len(xy) - 1], strict=False):
             run = xy[start : stop + 1]
             w = int(widths[start])
             if len(run) > 1:
@@ -81,7 +84,7 @@ def image(rng: np.random.Generator, count: int) -> np.ndarray:
     margin = width + 2
     size = tuple(int(np.ceil(v)) for v in (high - low) * scale + 2 * margin)
     mask = draw(strokes, width, scale, margin - low * scale, size)
-    shifts, weights = zip(*SHIFTS)
+    shifts, weights = zip(*SHIFTS, strict=False)
     return _frame.mnist_like(mask, tuple(rng.choice(shifts, 2, p=weights)))
 
 
@@ -90,5 +93,6 @@ def load_pen_strokes(name: str, seed: int, n_train: int, n_test: int, **_):
     raw.attrs["generator"] = (
         f"1-3 pen strokes (label: how many), each {'-'.join(map(str, SEGMENTS))} smoothly joined random cubic Bezier "
         f"segments in the unit square, each a loop with probability {LOOP:g}, drawn with a pen-pressure width profile "
-        f"(peak {WIDTH[0] / 4:g}-{WIDTH[1] / 4:g} px once framed), framed as MNIST, shift +-1 px")
+        f"(peak {WIDTH[0] / 4:g}-{WIDTH[1] / 4:g} px once framed), framed as MNIST, shift +-1 px"
+    )
     return raw

@@ -56,21 +56,33 @@ class Options:
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("ini_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "ini_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.images = Counter("ini_images_answered", "Images answered", registry=r)
-        self.latency = Histogram("ini_predict_seconds", "Latency of answered predict requests", registry=r,
-                                 buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
-        self.batch = Histogram("ini_batch_images", "Images per forward pass", registry=r,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.latency = Histogram(
+            "ini_predict_seconds",
+            "Latency of answered predict requests",
+            registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.batch = Histogram(
+            "ini_batch_images",
+            "Images per forward pass",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+        )
         self.spent = Gauge("ini_principal_spent_images", "Images spent per principal", ["principal"], registry=r)
         self.alerts = Counter("ini_alerts", "Extraction alerts", ["principal", "signal"], registry=r)
 
 
 class Service:
-    """Everything a request touches, owned by the event loop (the monitor thread reaches it via call_soon_threadsafe)."""
+    """Everything a request touches, owned by the event loop (the monitor thread reaches it via
+    call_soon_threadsafe)."""
 
-    def __init__(self, served: Served, principals: dict[str, Principal], ledger: Ledger, monitor: Monitor,
-                 options: Options):
+    def __init__(
+        self, served: Served, principals: dict[str, Principal], ledger: Ledger, monitor: Monitor, options: Options
+    ):
         self.served, self.ledger, self.monitor, self.options = served, ledger, monitor, options
         self.auth = Authenticator(principals)
         self.metrics = Metrics()
@@ -82,8 +94,9 @@ class Service:
         self.buckets = {p.name: TokenBucket(self._rate(p), p.burst, now) for p in principals.values()}
         for name, budget in self.budgets.items():
             self.metrics.spent.labels(name).set(budget.spent)
-        self.global_bucket = TokenBucket(options.global_rate, max(options.global_burst, 1.0), now) \
-            if options.global_rate > 0 else None
+        self.global_bucket = (
+            TokenBucket(options.global_rate, max(options.global_burst, 1.0), now) if options.global_rate > 0 else None
+        )
         self.pending = 0
         self.in_flight: set[tuple[str, str]] = set()
         self.batcher = Batcher(self._answer, options.batch_images, options.max_wait)
@@ -121,7 +134,7 @@ class Service:
             start += n
         self.ledger.record(rows)  # committed before any of these answers is sent
         self.metrics.batch.observe(len(images))
-        for job, part in zip(jobs, out):
+        for job, part in zip(jobs, out, strict=False):
             self._observations.put((job.context[0], job.images, part, now))
         return out
 
@@ -140,10 +153,20 @@ class Service:
     def _raise_alert(self, name: str, now: float, alert: dict) -> None:
         action = self.principals[name].action
         state = STATE_OF_ACTION[action]
-        self.ledger.alert(name, now, alert["signal"], alert["value"], alert["threshold"], alert["queries"], action,
-                          alert["details"], state)
-        line = json.dumps({"event": "extraction_alert", "time": now, "principal": name, **alert, "action": action},
-                          sort_keys=True)
+        self.ledger.alert(
+            name,
+            now,
+            alert["signal"],
+            alert["value"],
+            alert["threshold"],
+            alert["queries"],
+            action,
+            alert["details"],
+            state,
+        )
+        line = json.dumps(
+            {"event": "extraction_alert", "time": now, "principal": name, **alert, "action": action}, sort_keys=True
+        )
         print(line, file=sys.stderr, flush=True)
         if self.options.alerts_path is not None:
             with open(self.options.alerts_path, "a") as f:
@@ -166,10 +189,13 @@ class Service:
             key = authorization[7:].strip()
         principal = self.auth.identify(key)
         if principal is None:
-            raise ApiError(401, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
-                           {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "missing or wrong API key (X-API-Key or Authorization: Bearer)", {"WWW-Authenticate": "Bearer"}
+            )
         if self.states[principal.name] == "blocked":
-            raise ApiError(403, f"principal {principal.name} is blocked after an extraction alert", self._left(principal))
+            raise ApiError(
+                403, f"principal {principal.name} is blocked after an extraction alert", self._left(principal)
+            )
         return principal
 
     def _left(self, principal: Principal) -> dict[str, str]:
@@ -181,8 +207,9 @@ class Service:
         headers = self._left(principal)
         try:
             body = await self._body(request)
-            images = payload.decode(body, request.headers.get("content-type"), self.served.input_shape,
-                                    self.options.max_images)
+            images = payload.decode(
+                body, request.headers.get("content-type"), self.served.input_shape, self.options.max_images
+            )
         except ApiError as e:
             e.headers.update(headers)
             raise
@@ -208,13 +235,18 @@ class Service:
             raise ApiError(422, "this Idempotency-Key was used for other images", headers)
         return earlier[1]
 
-    async def _admit_and_answer(self, principal: Principal, images: np.ndarray, request_id: Optional[str],
-                                sha: str) -> np.ndarray:
+    async def _admit_and_answer(
+        self, principal: Principal, images: np.ndarray, request_id: Optional[str], sha: str
+    ) -> np.ndarray:
         name, n, now = principal.name, len(images), time.monotonic()
         budget, bucket = self.budgets[name], self.buckets[name]
         if not budget.reserve(n):
-            raise ApiError(429, f"budget: {n} images asked, {budget.remaining} of {budget.budget} left "
-                                "(a lifetime budget: waiting does not help)", self._left(principal))
+            raise ApiError(
+                429,
+                f"budget: {n} images asked, {budget.remaining} of {budget.budget} left "
+                "(a lifetime budget: waiting does not help)",
+                self._left(principal),
+            )
         wait = max(bucket.wait(n, now), self.global_bucket.wait(n, now) if self.global_bucket else 0.0)
         over = "rate" if wait > 0 else None
         if over is None and self.pending + n > self.options.max_pending:
@@ -222,8 +254,11 @@ class Service:
         if over is not None:
             budget.settle(n, answered=False)
             status = 503 if over == "server busy" else 429
-            raise ApiError(status, f"{over}: retry in {wait:.2f} s",
-                           {**self._left(principal), "Retry-After": str(max(1, math.ceil(wait)))})
+            raise ApiError(
+                status,
+                f"{over}: retry in {wait:.2f} s",
+                {**self._left(principal), "Retry-After": str(max(1, math.ceil(wait)))},
+            )
         bucket.take(n)
         if self.global_bucket:
             self.global_bucket.take(n)
@@ -248,8 +283,9 @@ class Service:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            raise ApiError(500, f"the model failed on this batch ({type(e).__name__}); nothing was counted",
-                           self._left(principal)) from None
+            raise ApiError(
+                500, f"the model failed on this batch ({type(e).__name__}); nothing was counted", self._left(principal)
+            ) from None
 
     async def _body(self, request: Request) -> bytes:
         limit = self.options.max_body
@@ -271,8 +307,16 @@ class Service:
     def usage(self, request: Request) -> dict:
         p = self.identify(request)
         b = self.budgets[p.name]
-        return dict(principal=p.name, budget=b.budget, spent=b.spent, reserved=b.reserved, remaining=b.remaining,
-                    rate=self.buckets[p.name].rate, burst=p.burst, state=self.states[p.name])
+        return dict(
+            principal=p.name,
+            budget=b.budget,
+            spent=b.spent,
+            reserved=b.reserved,
+            remaining=b.remaining,
+            rate=self.buckets[p.name].rate,
+            burst=p.burst,
+            state=self.states[p.name],
+        )
 
 
 def build(service: Service) -> FastAPI:
@@ -282,8 +326,9 @@ def build(service: Service) -> FastAPI:
         yield
         await service.stop()
 
-    app = FastAPI(title="ini-toolkit prediction API", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="ini-toolkit prediction API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     metrics = service.metrics
 
     def error(status: int, message: str, headers: dict | None, endpoint: str) -> JSONResponse:
@@ -316,8 +361,9 @@ def build(service: Service) -> FastAPI:
     async def model(request: Request):
         p = service.identify(request)
         metrics.requests.labels("/v1/model", "200").inc()
-        return JSONResponse({**service.served.card(), "max_images": service.options.max_images},
-                            headers=service._left(p))
+        return JSONResponse(
+            {**service.served.card(), "max_images": service.options.max_images}, headers=service._left(p)
+        )
 
     @app.get("/v1/usage")
     async def usage(request: Request):

@@ -71,7 +71,7 @@ class Batcher:
                 for job in jobs:
                     job.future.set_exception(e)
                 continue
-            for job, result in zip(jobs, results):
+            for job, result in zip(jobs, results, strict=False):
                 job.future.set_result(result)
 
     async def stop(self) -> None:

@@ -60,8 +60,15 @@ def read(path: Path) -> dict[str, Principal]:
     principals = {}
     for name, t in tables.items():
         try:
-            p = Principal(name, str(t["key_id"]), str(t["key_hash"]), int(t["budget"]), float(t["rate"]),
-                          float(t["burst"]), str(t["action"]))
+            p = Principal(
+                name,
+                str(t["key_id"]),
+                str(t["key_hash"]),
+                int(t["budget"]),
+                float(t["rate"]),
+                float(t["burst"]),
+                str(t["action"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: principal {name!r} lacks or mistypes {e}") from None
         _check(p, f"{path}: principal {name!r}")
@@ -92,8 +99,9 @@ def add(path: Path, name: str, budget: int, rate: float, burst: Optional[float],
     while key_id in existing:
         key_id = secrets.token_hex(KEY_ID_HEX // 2)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
-    principal = Principal(name, key_id, _hasher().hash(key), budget, rate, burst if burst is not None else max(rate, 1.0),
-                          action)
+    principal = Principal(
+        name, key_id, _hasher().hash(key), budget, rate, burst if burst is not None else max(rate, 1.0), action
+    )
     _check(principal, f"principal {name!r}")
     with atomic_path(path) as partial:
         partial.write_text(_render([*existing.values(), principal]))
@@ -101,13 +109,23 @@ def add(path: Path, name: str, budget: int, rate: float, burst: Optional[float],
 
 
 def _render(principals: list[Principal]) -> str:
-    lines = ["# ini-toolkit serve: principals and the argon2id hashes of their API keys (never the keys).",
-             "# budget: images over the key's lifetime; rate: images/s (token bucket of `burst` images);",
-             "# action on an extraction alert: log, throttle or block.", ""]
+    lines = [
+        "# ini-toolkit serve: principals and the argon2id hashes of their API keys (never the keys).",
+        "# budget: images over the key's lifetime; rate: images/s (token bucket of `burst` images);",
+        "# action on an extraction alert: log, throttle or block.",
+        "",
+    ]
     for p in principals:
-        lines += [f"[principals.{json.dumps(p.name)}]", f"key_id = {json.dumps(p.key_id)}", f"key_hash = {json.dumps(p.key_hash)}",
-                  f"budget = {p.budget}", f"rate = {p.rate!r}", f"burst = {p.burst!r}",
-                  f"action = {json.dumps(p.action)}", ""]
+        lines += [
+            f"[principals.{json.dumps(p.name)}]",
+            f"key_id = {json.dumps(p.key_id)}",
+            f"key_hash = {json.dumps(p.key_hash)}",
+            f"budget = {p.budget}",
+            f"rate = {p.rate!r}",
+            f"burst = {p.burst!r}",
+            f"action = {json.dumps(p.action)}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -129,7 +147,7 @@ class Authenticator:
         principal = self._by_id.get(key[len(PREFIX) : len(PREFIX) + KEY_ID_HEX])
         if principal is None or digest in self._refused:
             return None
-        from argon2.exceptions import VerificationError, InvalidHashError
+        from argon2.exceptions import InvalidHashError, VerificationError
 
         try:
             self._hasher.verify(principal.key_hash, key)

@@ -13,13 +13,39 @@ from typing import IO, Union
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(model: Path, keys: Path, ledger: Path, *flags: str, stderr: Union[int, IO] = subprocess.DEVNULL,
-           timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+def launch(
+    model: Path,
+    keys: Path,
+    ledger: Path,
+    *flags: str,
+    stderr: Union[int, IO] = subprocess.DEVNULL,
+    timeout: float = 120.0,
+) -> tuple[subprocess.Popen, str]:
     """The server process (one torch thread) and its URL; RuntimeError when no URL came within `timeout` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(model), "--keys", str(keys),
-                             "--ledger", str(ledger), "--host", "127.0.0.1", "--port", "0", *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "serve",
+            "--model",
+            str(model),
+            "--keys",
+            str(keys),
+            "--ledger",
+            str(ledger),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()

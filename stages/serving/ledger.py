@@ -85,7 +85,9 @@ class Ledger:
     def enrol(self, names: list[str]) -> dict[str, tuple[int, str]]:
         """Make sure every principal has a row; return each one's (spent, state), as left by any earlier run."""
         with self._lock:
-            self._db.executemany("INSERT INTO principals (name) VALUES (?) ON CONFLICT DO NOTHING", [(n,) for n in names])
+            self._db.executemany(
+                "INSERT INTO principals (name) VALUES (?) ON CONFLICT DO NOTHING", [(n,) for n in names]
+            )
             rows = self._db.execute("SELECT name, spent, state FROM principals").fetchall()
         return {name: (int(spent), str(state)) for name, spent, state in rows}
 
@@ -96,16 +98,32 @@ class Ledger:
             p = a.answers.astype(np.float32, copy=False)
             top = p.max(1)
             entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
-            rows.append((a.principal, a.time, len(p), a.input_sha256, a.request_id, float(top.mean()), float(top.min()),
-                         float(entropy.mean()), int(a.ood_images), p.shape[1], p.tobytes()))
+            rows.append(
+                (
+                    a.principal,
+                    a.time,
+                    len(p),
+                    a.input_sha256,
+                    a.request_id,
+                    float(top.mean()),
+                    float(top.min()),
+                    float(entropy.mean()),
+                    int(a.ood_images),
+                    p.shape[1],
+                    p.tobytes(),
+                )
+            )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
                     "INSERT INTO queries (principal, time, images, input_sha256, request_id, max_prob_mean, "
-                    "max_prob_min, entropy_mean, ood_images, classes, answers) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-                self._db.executemany("UPDATE principals SET spent = spent + ? WHERE name = ?",
-                                     [(r[2], r[0]) for r in rows])
+                    "max_prob_min, entropy_mean, ood_images, classes, answers) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                self._db.executemany(
+                    "UPDATE principals SET spent = spent + ? WHERE name = ?", [(r[2], r[0]) for r in rows]
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -113,26 +131,42 @@ class Ledger:
 
     def replay(self, principal: str, request_id: str) -> Optional[tuple[str, np.ndarray]]:
         """The input hash and answers of an earlier request with this Idempotency-Key, if it was answered."""
-        row = self._reader.execute("SELECT input_sha256, images, classes, answers FROM queries "
-                                   "WHERE principal = ? AND request_id = ?", (principal, request_id)).fetchone()
+        row = self._reader.execute(
+            "SELECT input_sha256, images, classes, answers FROM queries WHERE principal = ? AND request_id = ?",
+            (principal, request_id),
+        ).fetchone()
         if row is None:
             return None
         sha, n, k, blob = row
         return sha, np.frombuffer(blob, dtype=np.float32).reshape(n, k)
 
-    def alert(self, principal: str, time: float, signal: str, value: float, threshold: float, queries: int,
-              action: str, details: dict, state: Optional[str]) -> None:
+    def alert(
+        self,
+        principal: str,
+        time: float,
+        signal: str,
+        value: float,
+        threshold: float,
+        queries: int,
+        action: str,
+        details: dict,
+        state: Optional[str],
+    ) -> None:
         """Store an alert and, in the same transaction, the principal's new state (throttled, blocked)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT INTO alerts (principal, time, signal, value, threshold, queries, action, details) "
-                             "VALUES (?,?,?,?,?,?,?,?)", (principal, time, signal, value, threshold, queries, action,
-                                                          json.dumps(details, sort_keys=True)))
+            self._db.execute(
+                "INSERT INTO alerts (principal, time, signal, value, threshold, queries, action, details) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (principal, time, signal, value, threshold, queries, action, json.dumps(details, sort_keys=True)),
+            )
             if state is not None:
                 self._db.execute("UPDATE principals SET state = ? WHERE name = ?", (state, principal))
             self._db.execute("COMMIT")
 
     def put_meta(self, values: dict[str, object]) -> None:
         with self._lock:
-            self._db.executemany("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                                 [(k, json.dumps(v, default=str)) for k, v in values.items()])
+            self._db.executemany(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(k, json.dumps(v, default=str)) for k, v in values.items()],
+            )

@@ -14,8 +14,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from stages import _blackbox, _onnx
 from models.params import UserError
+from stages import _blackbox, _onnx
 from stages._artifacts import sha256
 
 
@@ -36,9 +36,18 @@ class Served:
 
     def card(self) -> dict:
         """What GET /v1/model tells a client: enough to send well-formed queries and train a surrogate."""
-        return dict(arch=self.arch, dataset=self.dataset, classes=self.classes, input_shape=list(self.input_shape),
-                    mean=self.mean, std=self.std, answers="probabilities", sha256=self.sha256,
-                    input_dtypes=["uint8", "float32"], input_range=[0.0, 1.0])
+        return dict(
+            arch=self.arch,
+            dataset=self.dataset,
+            classes=self.classes,
+            input_shape=list(self.input_shape),
+            mean=self.mean,
+            std=self.std,
+            answers="probabilities",
+            sha256=self.sha256,
+            input_dtypes=["uint8", "float32"],
+            input_range=[0.0, 1.0],
+        )
 
 
 def load(path: Path, defense: str, defense_params: dict, threads: int) -> Served:
@@ -51,9 +60,20 @@ def load(path: Path, defense: str, defense_params: dict, threads: int) -> Served
         try:
             provenance = m.get("victim_provenance") or {}
             dataset_path = str(json.loads(provenance.get("params", "{}")).get("dataset", m["dataset"]))
-            return Served(session, path, sha256(path), "onnxruntime", m["arch"], m["dataset"], dataset_path,
-                          list(m["classes"]), tuple(m["input_shape"]), list(m["mean"]), list(m["std"]),
-                          str(m.get("defense", "none")))
+            return Served(
+                session,
+                path,
+                sha256(path),
+                "onnxruntime",
+                m["arch"],
+                m["dataset"],
+                dataset_path,
+                list(m["classes"]),
+                tuple(m["input_shape"]),
+                list(m["mean"]),
+                list(m["std"]),
+                str(m.get("defense", "none")),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: metadata lacks {e}") from None
     if path.suffix not in (".pt", ".h5", ".hdf5"):
@@ -67,5 +87,17 @@ def load(path: Path, defense: str, defense_params: dict, threads: int) -> Served
             return graph(torch.from_numpy(images)).float().numpy()
 
     shown = info.baked_defense if info.baked_defense != "none" else defense
-    return Served(predict, path, info.sha256, "torch", info.arch, info.dataset, info.dataset_path, info.classes,
-                  tuple(info.input_shape), info.mean, info.std, shown)
+    return Served(
+        predict,
+        path,
+        info.sha256,
+        "torch",
+        info.arch,
+        info.dataset,
+        info.dataset_path,
+        info.classes,
+        tuple(info.input_shape),
+        info.mean,
+        info.std,
+        shown,
+    )

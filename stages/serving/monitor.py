@@ -132,7 +132,7 @@ class Watch:
             self.in_window -= self.volume.popleft()[1]
         flags = ood_scores(answers) < self.c.ood_threshold
         flat = images.reshape(len(images), -1).astype(np.float32, copy=False)
-        for x, c, flag in zip(flat, answers.argmax(1), flags):
+        for x, c, flag in zip(flat, answers.argmax(1), flags, strict=False):
             self.total += 1
             if len(self.flags) == self.flags.maxlen:
                 self.flagged -= self.flags[0]
@@ -141,20 +141,35 @@ class Watch:
             if self.total >= self.s.min_images:
                 n = len(self.flags)
                 cutoff = float(self.cutoffs[n])
-                self._judge(alerts, "ood_share", self.flagged / n, cutoff / n, self.flagged >= cutoff, window=n,
-                            ood_threshold=self.c.ood_threshold)
+                self._judge(
+                    alerts,
+                    "ood_share",
+                    self.flagged / n,
+                    cutoff / n,
+                    self.flagged >= cutoff,
+                    window=n,
+                    ood_threshold=self.c.ood_threshold,
+                )
             w = self.prada.add(x, int(c))
             if w is not None:
-                self._judge(alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta,
-                            distances=len(self.prada.distances))
-        self._judge(alerts, "volume", self.in_window, self.s.volume_limit, self.in_window > self.s.volume_limit,
-                    window_seconds=self.s.volume_window)
+                self._judge(
+                    alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta, distances=len(self.prada.distances)
+                )
+        self._judge(
+            alerts,
+            "volume",
+            self.in_window,
+            self.s.volume_limit,
+            self.in_window > self.s.volume_limit,
+            window_seconds=self.s.volume_window,
+        )
         return alerts
 
     def _judge(self, alerts: list[dict], signal: str, value: float, threshold: float, crossed: bool, **details) -> None:
         if crossed and self.armed[signal]:
-            alerts.append(dict(signal=signal, value=float(value), threshold=float(threshold), queries=self.total,
-                               details=details))
+            alerts.append(
+                dict(signal=signal, value=float(value), threshold=float(threshold), queries=self.total, details=details)
+            )
         self.armed[signal] = not crossed
 
 
@@ -176,8 +191,15 @@ class Monitor:
         return {"settings": asdict(self.settings), "calibration": asdict(self.calibration)}
 
 
-def calibrate(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, settings: Settings, source: str,
-              seed: int = 0, prada_images: int = 3000, chunk: int = 512) -> Calibration:
+def calibrate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    settings: Settings,
+    source: str,
+    seed: int = 0,
+    prada_images: int = 3000,
+    chunk: int = 512,
+) -> Calibration:
     """Thresholds from benign traffic: `images` (uint8 or float in [0, 1]) answered by the served graph; tau is
     their q-quantile of top probability, and delta sits just under the lowest W of PRADA on up to `prada_images`
     of them replayed in a random order as one client."""
@@ -190,5 +212,11 @@ def calibrate(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, s
     ws = [w for i in order if (w := prada.add(x[i].reshape(-1), int(answers[i].argmax()))) is not None]
     low = min(ws) if ws else float("nan")
     delta = max(0.0, low - PRADA_MARGIN) if ws else 0.0  # too few images: PRADA cannot alert
-    return Calibration(ood_threshold=tau, prada_delta=delta, images=len(x), source=source,
-                       benign_ood_share=float((scores < tau).mean()), benign_prada_min=low)
+    return Calibration(
+        ood_threshold=tau,
+        prada_delta=delta,
+        images=len(x),
+        source=source,
+        benign_ood_share=float((scores < tau).mean()),
+        benign_prada_min=low,
+    )
