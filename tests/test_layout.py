@@ -81,12 +81,14 @@ def test_the_project_speaks_of_itself():
             for p in ROOT.rglob(f"*.{ext}")
             if ".venv" not in p.parts and "artifacts" not in p.parts
         ]
-    pattern = re.compile(r"stop [0-9]|issue [0-9]|INI_SPEC")
+    pattern = re.compile(
+        r"stop [0-9]|issue [0-9]|INI_" "SPEC"
+    )  # split: so that the same grep over the tree finds nothing
     hits = [
         f"{name}:{i}"
         for name in tracked
         if (ROOT / name).is_file()
         for i, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
-        if pattern.search(line) and name != "tests/test_layout.py"
+        if pattern.search(line)
     ]
     assert not hits
