@@ -264,11 +264,12 @@ def near(path: str) -> str:
         ),
     )
     swept = [r for r in rows if r["defense"] != "none" and r["attack"] == "knockoff"]
-    steal: dict[tuple, list[float]] = defaultdict(list)  # (dataset, pool, victim kind, defense, label)
+    steal: dict[tuple, dict] = defaultdict(dict)  # (dataset, pool, victim kind, defense, label) -> (file, seed) -> %
     benign: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, defense) -> file -> benign
     for r in swept:
         kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"])
-        steal[r["dataset"], r["pool"], kind, r["defense"], r["label"]].append(float(r["stealing_accuracy"]))
+        cell = steal[r["dataset"], r["pool"], kind, r["defense"], r["label"]]
+        cell[r["victim_file"], r["seed"]] = float(r["stealing_accuracy"])
         benign[r["dataset"], r["pool"], kind, r["defense"]][r["victim_file"]] = float(r["benign_accuracy"])
     lines = [lofo(path)]
     if benign:
@@ -278,7 +279,7 @@ def near(path: str) -> str:
             "|---|---|---|---|---|---|",
         ]
         for key in sorted(benign, key=lambda k: (k[0], k[1], KINDS.index(k[2]) if k[2] in KINDS else 9, k[3])):
-            stolen = " / ".join(_spread(steal[(*key, label)]) for label in ("soft", "hard"))
+            stolen = " / ".join(_spread(list(steal[(*key, label)].values())) for label in ("soft", "hard"))
             lines.append(f"| {' | '.join(key)} | {_spread(list(benign[key].values()), 2)} | {stolen} |")
     return "\n".join(lines)
 
