@@ -48,6 +48,22 @@ KINDS = ("undefended", "faithful", "broad", "near")
 KIND_TITLES = {"undefended": "undefended", "faithful": "InI paper recipe", "broad": "InI broad", "near": "InI near"}
 
 
+# one steal cell of a metrics file's rows: what the per-cell tables (lofo, near) read
+CELL_COLUMNS = (
+    "dataset",
+    "victim_kind",
+    "victim_file",
+    "defense",
+    "attack",
+    "label",
+    "pool",
+    "seed",
+    "stealing_accuracy",
+    RELABELLED,
+    "benign_accuracy",
+)
+
+
 def _text(values) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
@@ -192,23 +208,7 @@ def lofo(path: str) -> str:
     """The leave-one-family-out tables: stealing (final epoch) per held-out family and victim kind, then the
     perturbation baselines' (if any), then benign accuracy as deployed. A row's kind is its defense's name where a
     perturbation defense answers, else its victim's kind; the held-out family is the pool."""
-    rows = _columns(
-        path,
-        "rows",
-        (
-            "dataset",
-            "victim_kind",
-            "victim_file",
-            "defense",
-            "attack",
-            "label",
-            "pool",
-            "seed",
-            "stealing_accuracy",
-            RELABELLED,
-            "benign_accuracy",
-        ),
-    )
+    rows = _columns(path, "rows", CELL_COLUMNS)
     steal: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracies
     benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
     for r in rows:
@@ -247,22 +247,7 @@ def near(path: str) -> str:
     """The near-distribution study's tables: the leave-one-family-out table (`lofo`), then the trade-off: per pool
     a defense's settings are attacked with, one row per victim and setting (benign accuracy as deployed, soft /
     hard stealing, mean ± std over seeds)."""
-    rows = _columns(
-        path,
-        "rows",
-        (
-            "dataset",
-            "victim_kind",
-            "victim_file",
-            "defense",
-            "attack",
-            "label",
-            "pool",
-            "seed",
-            "stealing_accuracy",
-            "benign_accuracy",
-        ),
-    )
+    rows = _columns(path, "rows", CELL_COLUMNS)
     swept = [r for r in rows if r["defense"] != "none" and r["attack"] == "knockoff"]
     steal: dict[tuple, dict] = defaultdict(dict)  # (dataset, pool, victim kind, defense, label) -> (file, seed) -> %
     benign: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, defense) -> file -> benign
