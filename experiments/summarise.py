@@ -246,15 +246,16 @@ def lofo(path: str) -> str:
 def near(path: str) -> str:
     """The near-distribution study's tables: the leave-one-family-out table (`lofo`), then the trade-off: per pool
     a defense's settings are attacked with, one row per victim and setting (benign accuracy as deployed, soft /
-    hard stealing, mean ± std over seeds)."""
+    hard stealing and the same after the best relabelling, mean ± std over seeds)."""
     rows = _columns(path, "rows", CELL_COLUMNS)
     swept = [r for r in rows if r["defense"] != "none" and r["attack"] == "knockoff"]
-    steal: dict[tuple, dict] = defaultdict(dict)  # (dataset, pool, victim kind, defense, label) -> (file, seed) -> %
+    # (dataset, pool, victim kind, defense, label) -> (file, seed) -> (stealing, relabelled) %
+    steal: dict[tuple, dict] = defaultdict(dict)
     benign: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, pool, kind, defense) -> file -> benign
     for r in swept:
         kind = KIND_NAMES.get(r["victim_kind"], r["victim_kind"])
         cell = steal[r["dataset"], r["pool"], kind, r["defense"], r["label"]]
-        cell[r["victim_file"], r["seed"]] = float(r["stealing_accuracy"])
+        cell[r["victim_file"], r["seed"]] = (float(r["stealing_accuracy"]), float(r[RELABELLED]))
         benign[r["dataset"], r["pool"], kind, r["defense"]][r["victim_file"]] = float(r["benign_accuracy"])
     lines = [lofo(path)]
     if benign:
@@ -264,7 +265,7 @@ def near(path: str) -> str:
             "|---|---|---|---|---|---|",
         ]
         for key in sorted(benign, key=lambda k: (k[0], k[1], KINDS.index(k[2]) if k[2] in KINDS else 9, k[3])):
-            stolen = " / ".join(_spread(list(steal[(*key, label)].values())) for label in ("soft", "hard"))
+            stolen = " / ".join(_pairs(list(steal[(*key, label)].values())) for label in ("soft", "hard"))
             lines.append(f"| {' | '.join(key)} | {_spread(list(benign[key].values()), 2)} | {stolen} |")
     return "\n".join(lines)
 
