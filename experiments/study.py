@@ -237,6 +237,11 @@ class Study:
 
     def _add_block(self, block: dict) -> None:
         block = dict(block)
+        # a block's datasets narrow the study's (a run with `--config datasets=[mnist]` skips fashionmnist's blocks,
+        # whose victims may exist for fashionmnist only)
+        datasets = [d for d in _names(block.pop("datasets", self.datasets), "datasets") if d in self.datasets]
+        if not datasets:
+            return
         pairs = self._pairs(block.pop("pairs"))
         attacks = _names(block.pop("attacks"), "attacks")
         for a in attacks:
@@ -245,8 +250,6 @@ class Study:
         labels, pools = block.pop("labels", None), block.pop("pools", None)
         if (labels is None) != (pools is None):
             raise ConfigError("a cell block names labels and pools together (pool attacks) or neither")
-        # a block's datasets narrow the study's (a run with `--config datasets=[mnist]` skips fashionmnist's blocks)
-        datasets = [d for d in _names(block.pop("datasets", self.datasets), "datasets") if d in self.datasets]
         seeds = block.pop("seeds", self.config["seeds"])
         if block:
             raise ConfigError(f"a cell block has unknown keys {', '.join(block)}")

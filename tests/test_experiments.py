@@ -117,12 +117,13 @@ EXPECTED = {
     # families and Latin letters x soft/hard (8), undefended/faithful/broad x 4 pools x 2 (24), the gate's 6 settings
     # around the undefended and near-all victims x Latin letters x 2 (24), reverse sigmoid, MAD-argmax and AM at 3
     # settings x Latin letters, soft, and AM hard (12; AM's victim per MNIST seed); per FashionMNIST seed, 3 near
-    # victims, the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18); data: 2 + 3 far + 6 near
+    # victims, the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18), and the same baselines
+    # against the silhouettes (12; AM's victim per FashionMNIST seed); data: 2 + 3 far + 6 near
     "near": dict(
         prepare=11,
-        train=3 * 3,
+        train=3 * 4,
         train_ini=3 * (6 + 5),
-        steal=3 * (8 + 24 + 24 + 12 + 6 + 18),
+        steal=3 * (8 + 24 + 24 + 12 + 6 + 18 + 12),
         evaluate=1,
         summarise=1,
         all=1,
@@ -145,6 +146,13 @@ def test_dry_run_plans_every_cell_of_the_study(study, profile, tmp_path):
     jobs = planned(tmp_path, "--configfile", str(CONFIG / f"{study}.yaml"), *publish, *slurm)
     expected = Counter(EXPECTED[study])
     assert jobs == expected + Counter(total=sum(expected.values()))
+
+
+def test_a_run_narrowed_to_one_dataset_skips_the_blocks_of_the_other(tmp_path):
+    """near's Latin-letter blocks name the victim trained on every near family, which only MNIST has: a FashionMNIST
+    run plans FashionMNIST's cells alone."""
+    jobs = planned(tmp_path, "--configfile", str(CONFIG / "near.yaml"), "--config", "datasets=[fashionmnist]")
+    assert (jobs["train"], jobs["train_ini"], jobs["steal"]) == (2 * 3, 5 * 3, (6 + 18 + 12) * 3)
 
 
 def test_cells_carry_the_drivers_flags(tmp_path):
