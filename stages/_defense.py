@@ -40,6 +40,16 @@ def label(name: str, params: Optional[dict] = None) -> str:
     return name + " " + ",".join(f"{k}={v:g}" for k, v in sorted(params.items()))
 
 
+def setting(name: str, params: Optional[dict] = None) -> str:
+    """`label` without what differs between the seeds of one setting: a randomised defense's own seed (steal's
+    `--seed`), and the gate's threshold where a quantile calibrates it on each victim's val split. Metrics group
+    seeds by it."""
+    params = {k: v for k, v in (params or {}).items() if k != "seed"}
+    if params.get("quantile", 0) > 0:
+        params.pop("threshold", None)
+    return label(name, params)
+
+
 def random_proxy(arch: str, num_classes: int, input_shape: Sequence[int], mean, std, seed: int) -> models.Classifier:
     """A randomly initialised network of the victim's architecture, the same for the same seed."""
     with torch.random.fork_rng(devices=[]):

@@ -196,10 +196,8 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
     deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
     benign = float((deployed_top1 == y).float().mean())
     stealing = float((stolen == y).float().mean())
-    defense = (
-        _defense.label(str(attrs["defense"]), attrs["defense_params"])
-        if info.baked_defense == "none"
-        else _defense.label(info.baked_defense, attrs["defense_params"])
+    defense = _defense.setting(
+        str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense, attrs["defense_params"]
     )
     # relative to a victim that answers at chance is a ratio of noise: blank (docs/method.md, "Metrics")
     relative = stealing / benign if benign >= _loop.chance_level(dataset.num_classes) else np.nan

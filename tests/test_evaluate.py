@@ -61,6 +61,21 @@ def test_identical_surrogate_has_full_fidelity(world):
     assert row["relative_accuracy"] == 1.0 and row["max_stealing_accuracy"] == 0.9 and row["queries"] == 123
 
 
+def test_seeds_of_one_randomised_or_calibrated_setting_form_one_group(world):
+    """MAD-argmax records its own seed and the gate the threshold its quantile found on each victim: neither
+    splits a setting's seeds into groups of one."""
+    root, data, victim = world
+    model, _ = _victim.load(victim)
+    rows = []
+    for seed in (0, 1):
+        for defense, params in (("mad-argmax", {"eps": 0.5, "seed": seed}), ("gate", {"quantile": 0.01, "decoy": 0})):
+            params = params | ({"threshold": 0.3 + seed / 10} if defense == "gate" else {})
+            path = write_surrogate(root / f"{defense}{seed}.h5", victim, model.state_dict(), seed, defense, params)
+            rows.append(evaluate._evaluate(path, None, "cpu", {}))
+    groups = {g["defense"]: g["n"] for g in evaluate.aggregate(rows)}
+    assert groups == {"mad-argmax eps=0.5": 2, "gate decoy=0,quantile=0.01": 2}
+
+
 def test_other_surrogate_metrics_match_a_direct_computation(world):
     root, data, victim = world
     model, info = _victim.load(victim)
