@@ -2,17 +2,23 @@
 KnockoffNets (random strategy) with the same LeNet-5 thief, budget, pool and epochs, side by side per cell.
 
     python benchmarks/calibrate_knockoff.py --victim V.h5 [--victim W.h5] --pool P.h5 [--pool Q.h5] \
-        --budget 18000 --epochs 30 [--label soft --label hard] [--ours-param KEY=VALUE ...] [--json out.json]
+        --budget 18000 --epochs 30 [--label soft --label hard] [--seed 0 --seed 1 ...] [--ours-param KEY=VALUE ...] \
+        [--json out.json]
+    python benchmarks/calibrate_knockoff.py --merge a.json b.json ...   # the table of earlier runs, together
 
 Each cell (victim x pool x label) trains our surrogate through `steal` and ART's through `KnockoffNets.extract`
-against the same deployed graph (images in [0, 1] -> probabilities), and scores both on the victim's test split.
-ART is an optional extra (`pip install -e '.[calibration]'`); without it only our thief runs.
+against the same deployed graph (images in [0, 1] -> probabilities), and scores both on the victim's test split,
+once per seed. The table gives each thief's mean ± sample std over the seeds (n) and the difference of the means:
+against a victim whose answers are nearly uniform a surrogate's accuracy moves by several points with its seed
+alone, so one seed cannot tell a weaker recipe from a different draw. ART is an optional extra (`pip install -e
+'.[calibration]'`); without it only our thief runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +48,7 @@ def ours(
 ) -> float:
     from stages import steal
 
-    out = folder / f"ours-{victim.stem}-{pool.stem}-{label}.h5"
+    out = folder / f"ours-{victim.stem}-{pool.stem}-{label}-s{seed}.h5"
     steal.run(
         victim=victim,
         pool=str(pool),
@@ -109,14 +115,40 @@ def art_thief(
     return float((predictions == test_y.numpy()).mean())
 
 
+def _spread(values: list[float]) -> str:
+    if not values:
+        return ""
+    std = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{100 * statistics.mean(values):.1f}{std} ({len(values)})"
+
+
+def table(rows: list[dict], title: str) -> Table:
+    """One line per cell: each thief's stealing accuracy, mean ± sample std over seeds (n), and ours - ART's mean."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        cell = cells.setdefault((Path(r["victim"]).stem, Path(r["pool"]).stem, r["label"]), {"ours": [], "art": []})
+        cell["ours"].append(r["ours"])
+        if r.get("art") is not None:
+            cell["art"].append(r["art"])
+    out = Table(title=title, title_justify="left")
+    for column in ("victim", "pool", "label", "ours", "ART", "ours - ART"):
+        out.add_column(column)
+    for (victim, pool, label), cell in cells.items():
+        gap = statistics.mean(cell["ours"]) - statistics.mean(cell["art"]) if cell["art"] else None
+        out.add_row(
+            victim, pool, label, _spread(cell["ours"]), _spread(cell["art"]), "" if gap is None else f"{100 * gap:+.1f}"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--victim", type=Path, action="append", required=True)
-    parser.add_argument("--pool", type=Path, action="append", required=True)
+    parser.add_argument("--victim", type=Path, action="append")
+    parser.add_argument("--pool", type=Path, action="append")
     parser.add_argument("--label", action="append", choices=("soft", "hard"))
     parser.add_argument("--budget", type=int, default=18_000)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, action="append", help="repeat for several seeds (default: 0)")
     parser.add_argument("--ours-param", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--ours-optimizer", choices=("sgd", "adam"), help="default: steal's for knockoff")
     parser.add_argument("--ours-schedule", choices=("cosine", "constant"), help="default: steal's for knockoff")
@@ -126,7 +158,17 @@ def main() -> None:
     parser.add_argument("--no-art", action="store_true", help="run our thief only")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--keep", type=Path, help="keep our surrogates (with their transfer sets) in this folder")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="print the table of these --json files' rows; run nothing"
+    )
     args = parser.parse_args()
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        console.print(table(rows, "knockoff calibration: " + ", ".join(p.name for p in args.merge)))
+        return
+    if not args.victim or not args.pool:
+        parser.error("--victim and --pool are required (or --merge)")
+    seeds = args.seed or [0]
     try:
         import art  # noqa: F401
 
@@ -142,37 +184,25 @@ def main() -> None:
         for victim in args.victim:
             for pool in args.pool:
                 for label in args.label or ["soft", "hard"]:
-                    row = {"victim": str(victim), "pool": str(pool), "label": label}
-                    started = time.time()
-                    row["ours"] = ours(
-                        victim, pool, label, args.budget, args.epochs, args.seed, args.ours_param, folder, recipe
-                    )
-                    row["ours_seconds"] = time.time() - started
-                    if have_art:
+                    for seed in seeds:
+                        row = {"victim": str(victim), "pool": str(pool), "label": label, "seed": seed}
                         started = time.time()
-                        row["art"] = art_thief(
-                            victim, pool, label, args.budget, args.epochs, args.seed, args.art_optimizer, args.art_lr
+                        row["ours"] = ours(
+                            victim, pool, label, args.budget, args.epochs, seed, args.ours_param, folder, recipe
                         )
-                        row["art_seconds"] = time.time() - started
-                    rows.append(row)
-                    console.print(row)
-    table = Table(
-        title=f"knockoff calibration: {args.budget:,} queries, {args.epochs} epochs, seed {args.seed}",
-        title_justify="left",
+                        row["ours_seconds"] = time.time() - started
+                        if have_art:
+                            started = time.time()
+                            row["art"] = art_thief(
+                                victim, pool, label, args.budget, args.epochs, seed, args.art_optimizer, args.art_lr
+                            )
+                            row["art_seconds"] = time.time() - started
+                        rows.append(row)
+                        console.print(row)
+    seeds_text = ", ".join(map(str, seeds))
+    console.print(
+        table(rows, f"knockoff calibration: {args.budget:,} queries, {args.epochs} epochs, seeds {seeds_text}")
     )
-    for column in ("victim", "pool", "label", "ours", "ART", "ours - ART"):
-        table.add_column(column)
-    for r in rows:
-        art_acc = r.get("art")
-        table.add_row(
-            Path(r["victim"]).stem,
-            Path(r["pool"]).stem,
-            r["label"],
-            f"{100 * r['ours']:.1f}",
-            "" if art_acc is None else f"{100 * art_acc:.1f}",
-            "" if art_acc is None else f"{100 * (r['ours'] - art_acc):+.1f}",
-        )
-    console.print(table)
     if args.json:
         args.json.write_text(
             json.dumps(
