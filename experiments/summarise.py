@@ -204,11 +204,14 @@ def _family_table(steal: dict, dataset: str, kinds: list[str]) -> list[str]:
     return lines
 
 
-def lofo(path: str) -> str:
+def lofo(path: str, baselines: bool = True) -> str:
     """The leave-one-family-out tables: stealing (final epoch) per held-out family and victim kind, then the
-    perturbation baselines' (if any), then benign accuracy as deployed. A row's kind is its defense's name where a
-    perturbation defense answers, else its victim's kind; the held-out family is the pool."""
+    perturbation baselines' (if any; one setting each), then benign accuracy as deployed. A row's kind is its
+    defense's name where a perturbation defense answers, else its victim's kind; the held-out family is the pool.
+    `baselines=False` leaves the perturbation defenses out (a study that sweeps them tables them per setting)."""
     rows = _columns(path, "rows", CELL_COLUMNS)
+    if not baselines:
+        rows = [r for r in rows if r["defense"] == "none"]
     steal: dict[tuple, dict[str, tuple]] = defaultdict(dict)  # (dataset, pool, kind, label) -> seed -> accuracies
     benigns: dict[tuple, dict[str, float]] = defaultdict(dict)  # (dataset, kind) -> victim -> benign
     for r in rows:
@@ -257,7 +260,7 @@ def near(path: str) -> str:
         cell = steal[r["dataset"], r["pool"], kind, r["defense"], r["label"]]
         cell[r["victim_file"], r["seed"]] = (float(r["stealing_accuracy"]), float(r[RELABELLED]))
         benign[r["dataset"], r["pool"], kind, r["defense"]][r["victim_file"]] = float(r["benign_accuracy"])
-    lines = [lofo(path)]
+    lines = [lofo(path, baselines=False)]
     if benign:
         lines += [
             "",

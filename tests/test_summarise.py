@@ -41,7 +41,7 @@ def cell(kind, file, pool, label, seed, stealing, benign, defense="none", relabe
     )
 
 
-def test_near_tables_average_seeds_per_family_and_over_families(tmp_path):
+def test_near_tables_average_seeds_per_family_and_over_families_and_keep_each_setting_apart(tmp_path):
     rows = []
     for seed in (0, 1):
         for label, drop in (("soft", 0.0), ("hard", 0.1)):
@@ -53,6 +53,11 @@ def test_near_tables_average_seeds_per_family_and_over_families(tmp_path):
                 # the gate's setting, as evaluate names it on every seed (its calibrated threshold left out)
                 cell("near", "near-all", "latin-letters", label, seed, 0.60 - drop, 0.975, GATE, 0.62 - drop),
             ]
+        # a swept perturbation defense: two settings on the same pool and seed
+        rows += [
+            cell("ce", "undefended", "latin-letters", "soft", seed, a, 0.99, f"reverse-sigmoid beta={b}")
+            for a, b in ((0.9, 0.2), (0.7, 1))
+        ]
     path = write_rows(tmp_path / "metrics.h5", rows)
     out = subprocess.run(
         [sys.executable, SUMMARISE, "--near", path], capture_output=True, text=True, check=True
@@ -69,3 +74,8 @@ def test_near_tables_average_seeds_per_family_and_over_families(tmp_path):
         f"| mnist | latin-letters | near | {GATE} | 97.50 ± 0.00 (2) | {gated} |" in out
         and sum(GATE in line for line in out) == 1
     )
+    # each setting is a row of the trade-off table, none is averaged with the other into a per-defense table
+    assert [line.split(" | ")[3:6] for line in out if "reverse-sigmoid" in line] == [
+        ["reverse-sigmoid beta=0.2", "99.00 ± 0.00 (2)", "90.0 ± 0.0 → 90.0 ± 0.0 (2) / - |"],
+        ["reverse-sigmoid beta=1", "99.00 ± 0.00 (2)", "70.0 ± 0.0 → 70.0 ± 0.0 (2) / - |"],
+    ]
