@@ -3,7 +3,7 @@ KnockoffNets (random strategy) with the same LeNet-5 thief, budget, pool and epo
 
     python benchmarks/calibrate_knockoff.py --victim V.h5 [--victim W.h5] --pool P.h5 [--pool Q.h5] \
         --budget 18000 --epochs 30 [--label soft --label hard] [--seed 0 --seed 1 ...] [--ours-param KEY=VALUE ...] \
-        [--json out.json]
+        [--shared-queries] [--json out.json]
     python benchmarks/calibrate_knockoff.py --merge a.json b.json ...   # the table of earlier runs, together
 
 Each cell (victim x pool x label) trains our surrogate through `steal` and ART's through `KnockoffNets.extract`
@@ -115,6 +115,59 @@ def art_thief(
     return float((predictions == test_y.numpy()).mean())
 
 
+def shared_queries(victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int) -> tuple[float, float]:
+    """Both training loops on one transfer set: ART's draw of `budget` pool images (its `np.random.choice` for the
+    seed) and the victim's answers to them, the surrogate initialised alike (torch seed), Adam at steal's rate,
+    batch 128. Only the loops differ (their shuffling; ours drops the last partial batch), so a gap here is the
+    recipe's and a gap only in the side-by-side run is the draw's. Returns (our loop's, ART's loop's) accuracy."""
+    from art.estimators.classification import PyTorchClassifier
+
+    import models
+    from stages import _blackbox, _data
+    from stages.attacks._thief import SurrogateRecipe, Thief, train_surrogate
+    from stages.steal import ADAM_LR
+
+    graph, info = _blackbox.open_victim(victim, "cpu")
+    data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
+    shape, classes = tuple(data.shape), data.num_classes
+    pool_x = _data.fit_images(_data.load(str(pool), splits=("train",)).splits["train"][0], data.shape)
+    np.random.seed(seed)
+    x = pool_x[torch.from_numpy(np.random.choice(len(pool_x), min(budget, len(pool_x)), replace=False))]
+    with torch.no_grad():
+        probs = torch.cat([graph(_data.to_float(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    targets = probs if label == "soft" else probs.argmax(1)
+    test_x, test_y = data.splits["test"]
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return models.build_model(info.arch, classes, shape[0], shape[1], data.mean, data.std)
+
+    def score(net: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(
+                (_blackbox.predict(net.eval(), _data.to_float(test_x), "cpu").argmax(1) == test_y).float().mean()
+            )
+
+    net = fresh()
+    recipe = SurrogateRecipe(epochs, 128, ADAM_LR, 0.0, 0.0, "adam", "constant")
+    thief = Thief(net, recipe, classes, shape, torch.Generator().manual_seed(seed))
+    train_surrogate(thief, x, targets, epochs)
+    mine = score(net)
+    net = fresh()
+    torch.manual_seed(seed)  # ART's loader shuffles with torch's global generator
+    art = PyTorchClassifier(
+        model=net,
+        loss=torch.nn.CrossEntropyLoss(),
+        optimizer=torch.optim.Adam(net.parameters(), lr=ADAM_LR),
+        input_shape=shape,
+        nb_classes=classes,
+        clip_values=(0.0, 1.0),
+    )
+    answers = probs.numpy() if label == "soft" else np.eye(classes, dtype=np.float32)[targets.numpy()]
+    art.fit(_data.to_float(x).numpy(), answers, batch_size=128, nb_epochs=epochs, verbose=False)
+    return mine, score(net)
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return ""
@@ -124,20 +177,25 @@ def _spread(values: list[float]) -> str:
 
 def table(rows: list[dict], title: str) -> Table:
     """One line per cell: each thief's stealing accuracy, mean ± sample std over seeds (n), and ours - ART's mean."""
+    keys = ("ours", "art", "ours_shared", "art_shared")
     cells: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
-        cell = cells.setdefault((Path(r["victim"]).stem, Path(r["pool"]).stem, r["label"]), {"ours": [], "art": []})
-        cell["ours"].append(r["ours"])
-        if r.get("art") is not None:
-            cell["art"].append(r["art"])
+        cell = cells.setdefault((Path(r["victim"]).stem, Path(r["pool"]).stem, r["label"]), {k: [] for k in keys})
+        for k in keys:
+            if r.get(k) is not None:
+                cell[k].append(r[k])
+    shared = any(cell["ours_shared"] for cell in cells.values())
     out = Table(title=title, title_justify="left")
-    for column in ("victim", "pool", "label", "ours", "ART", "ours - ART"):
+    columns = ["victim", "pool", "label", "ours", "ART", "ours - ART"]
+    for column in columns + (["our loop, shared queries", "ART's loop, shared queries"] if shared else []):
         out.add_column(column)
+
+    def gap(a: list[float], b: list[float]) -> str:
+        return f"{100 * (statistics.mean(a) - statistics.mean(b)):+.1f}" if a and b else ""
+
     for (victim, pool, label), cell in cells.items():
-        gap = statistics.mean(cell["ours"]) - statistics.mean(cell["art"]) if cell["art"] else None
-        out.add_row(
-            victim, pool, label, _spread(cell["ours"]), _spread(cell["art"]), "" if gap is None else f"{100 * gap:+.1f}"
-        )
+        line = [victim, pool, label, _spread(cell["ours"]), _spread(cell["art"]), gap(cell["ours"], cell["art"])]
+        out.add_row(*line, *([_spread(cell["ours_shared"]), _spread(cell["art_shared"])] if shared else []))
     return out
 
 
@@ -156,6 +214,11 @@ def main() -> None:
     parser.add_argument("--art-optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--art-lr", type=float, default=1e-3)
     parser.add_argument("--no-art", action="store_true", help="run our thief only")
+    parser.add_argument(
+        "--shared-queries",
+        action="store_true",
+        help="also train both loops on one transfer set (ART's draw), to tell the recipe from the draw",
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--keep", type=Path, help="keep our surrogates (with their transfer sets) in this folder")
     parser.add_argument(
@@ -197,6 +260,10 @@ def main() -> None:
                                 victim, pool, label, args.budget, args.epochs, seed, args.art_optimizer, args.art_lr
                             )
                             row["art_seconds"] = time.time() - started
+                        if have_art and args.shared_queries:
+                            row["ours_shared"], row["art_shared"] = shared_queries(
+                                victim, pool, label, args.budget, args.epochs, seed
+                            )
                         rows.append(row)
                         console.print(row)
     seeds_text = ", ".join(map(str, seeds))
