@@ -20,6 +20,8 @@ from models.params import UserError
 
 KIND_NAMES = {"ce": "undefended", "outlier-exposure": "AM"}
 NOT_TRAINING = ("objective", "ood")  # recipe entries that make a victim undefended, InI or AM, not how it trained
+# the columns that name a group of rows (one setting against one threat): evaluate's LABELS
+GROUP = ("dataset", "victim", "defense", "attack", "label", "pool")
 TOLERANCE = 1e-9  # points: a cost that equals its budget up to rounding fits it
 TEXT = ("dataset", "attack", "label", "pool", "family", "setting", "victim", "defense", "note")
 NUMBERS = (
@@ -103,14 +105,14 @@ def setting_names(groups: list[dict]) -> dict[tuple, str]:
     return out
 
 
-def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, float]:
-    """(dataset, victim) -> mean benign accuracy over the seeds of the undefended victim with its training recipe,
+def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, dict[str, float]]:
+    """(dataset, victim) -> seed -> benign accuracy of the undefended victim with that victim's training recipe,
     for every victim setting that has one."""
-    seeds: dict[tuple, dict[str, float]] = defaultdict(dict)  # undefended (dataset, victim) -> file -> benign
+    seeds: dict[tuple, dict[str, float]] = defaultdict(dict)  # undefended (dataset, victim) -> seed -> benign
     recipes: dict[tuple, dict] = {}
     for r in rows:
         if _recipe(r).get("objective") == "ce" and r["defense"] == "none":
-            seeds[r["dataset"], r["victim"]][r["victim_file"]] = float(r["benign_accuracy"])
+            seeds[r["dataset"], r["victim"]][str(r["seed"])] = float(r["benign_accuracy"])
             recipes[r["dataset"], r["victim"]] = _recipe(r)
     out = {}
     for g in groups:
@@ -122,8 +124,16 @@ def undefended_accuracy(rows: list[dict], groups: list[dict]) -> dict[tuple, flo
             and all(k in recipe and recipe[k] == v for k, v in base.items() if k not in NOT_TRAINING)
         ]
         if len(same) == 1:
-            out[g["dataset"], g["victim"]] = statistics.mean(seeds[same[0]].values())
+            out[g["dataset"], g["victim"]] = seeds[same[0]]
     return out
+
+
+def _reference(undefended: dict[str, float], seeds: set[str]) -> float:
+    """The undefended victim's mean benign accuracy over the seeds a setting was measured on (a cost is paired by
+    seed: victims of one seed share their data order and initialisation), over all of its seeds where it has none
+    of them."""
+    matched = [undefended[s] for s in sorted(seeds) if s in undefended]
+    return statistics.mean(matched or undefended.values())
 
 
 def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: str) -> list[dict]:
@@ -134,6 +144,9 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
     same-recipe undefended victim to measure its cost against, gets an entry with an empty setting and a note."""
     base = undefended_accuracy(rows, groups)
     names = setting_names(groups)
+    seeds: dict[tuple, set[str]] = defaultdict(set)  # a group's seeds, by the columns that name a group
+    for r in rows:
+        seeds[tuple(r[k] for k in GROUP)].add(str(r["seed"]))
     threats: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for g in groups:
         if g["attack"] != "-":
@@ -142,7 +155,7 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
     for threat in sorted(threats):
         for budget in budgets:
             entries = [
-                _pick(threat, own, options, budget, base, names, metric)
+                _pick(threat, own, options, budget, base, names, metric, seeds)
                 for own, options in sorted(threats[threat].items())
             ]
             measured = [e for e in entries if e["setting"]]
@@ -155,7 +168,9 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
     return out
 
 
-def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dict, names: dict, metric: str) -> dict:
+def _pick(
+    threat: tuple, own: str, options: list[dict], budget: float, base: dict, names: dict, metric: str, seeds: dict
+) -> dict:
     dataset, attack, label, pool = threat
     entry = dict(
         dataset=dataset,
@@ -177,11 +192,12 @@ def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dic
         winner=0.0,
     )
     measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
-    costed = [
-        (g, 100 * (base[dataset, g["victim"]] - g["benign_accuracy_mean"]))
+    reference = {
+        id(g): _reference(base[dataset, g["victim"]], seeds[tuple(g[k] for k in GROUP)])
         for g in measured
         if (dataset, g["victim"]) in base
-    ]
+    }
+    costed = [(g, 100 * (reference[id(g)] - g["benign_accuracy_mean"])) for g in measured if id(g) in reference]
     fitting = [(g, cost) for g, cost in costed if cost <= budget + TOLERANCE]
     if not costed:
         entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
@@ -198,7 +214,7 @@ def _pick(threat: tuple, own: str, options: list[dict], budget: float, base: dic
         defense=g["defense"],
         benign_cost=cost,
         benign_accuracy=g["benign_accuracy_mean"],
-        undefended_accuracy=base[dataset, g["victim"]],
+        undefended_accuracy=reference[id(g)],
         stealing_mean=g[f"{metric}_mean"],
         stealing_std=g[f"{metric}_std"],
         n=float(g["n"]),

@@ -39,7 +39,7 @@ NUMBERS = (
     "victim_ood_l1",
     "victim_id_cosine",
 ) + tuple(f"queries_to_{round(100 * s)}" for s in SHARES)
-LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")
+LABELS = _decision.GROUP  # what names a group: everything but the seed
 # What a row says of its victim's recipe, which `victim` names: the same for every seed, so groups carry it too.
 VICTIM = ("victim_arch", "victim_kind", "victim_recipe", "victim_changes")
 

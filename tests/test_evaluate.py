@@ -521,6 +521,16 @@ def test_decision_ties_go_to_the_cheaper_setting_then_to_no_defense_then_to_all(
     assert winners([plain, ("top1", 0.99, 0.9)]) == ["none"]  # a defense must beat doing nothing
 
 
+def test_a_setting_measured_on_fewer_seeds_is_costed_against_the_undefended_victim_of_those_seeds():
+    # the undefended victim: 98.8 / 99.0 / 99.2 % on seeds 0-2; the defense, on seed 2 alone, keeps seed 2's 99.2 %
+    rows = [metrics_row("u", "ce", "ce", "none", 0.988 + 0.002 * seed, 0.9, seed) for seed in range(3)]
+    rows.append(metrics_row("u", "ce", "ce", "mad eps=1", 0.992, 0.5, 2))
+    groups = evaluate.aggregate([{**evaluate.queries_to(np.zeros(0), np.zeros(0), 1.0), **r} for r in rows])
+    at = picks(_decision.decide(rows, groups, [0.5], "stealing_accuracy"), 0.5)
+    assert at["mad"]["benign_cost"] == pytest.approx(0.0) and at["mad"]["undefended_accuracy"] == pytest.approx(0.992)
+    assert at["none"]["benign_cost"] == pytest.approx(0.0) and at["none"]["undefended_accuracy"] == pytest.approx(0.99)
+
+
 def test_benign_budgets_parse_and_bad_ones_are_one_line(world, tmp_path):
     assert _decision.parse_budgets("2, 0.5,1,1") == [0.5, 1.0, 2.0] and _decision.parse_budgets("none") == []
     root, data, victim = world
