@@ -14,6 +14,9 @@ them, and the victims' benign accuracy (as deployed: a perturbation defense's ow
 `--decision` prints the decision table evaluate stored (group `decision`): per threat and benign-cost budget, each
 defense's best setting and the winner, as the report shows it.
 
+`--thieves`: every thief against each setting that several kinds of thief attacked (the decide study's
+operating points), after the best relabelling, and the strongest thief per setting.
+
 `--variants` reads the options study's run (experiments/config/variants.yaml): one row per victim (the
 undefended ones, the paper recipe and each
 train-ini option), its benign accuracy, the diagnostics of its chosen epoch (mean L1 between victim and surrogate
@@ -331,6 +334,41 @@ def decision(path: str) -> str:
     return "\n".join(_decision.markdown(entries, metric)[2:])  # without the report's heading
 
 
+def thieves(path: str) -> str:
+    """Every thief against each setting more than one kind of thief attacked, one row per setting: the thief's
+    accuracy after the best relabelling (mean over seeds, n) per threat, then the strongest of them. A defense
+    is only as good as the thief it meets; this is the worst case over the thieves measured."""
+    columns = ("dataset", "victim", "victim_kind", "victim_recipe", "victim_changes", "defense", "attack", "label")
+    columns += ("pool", "n", "benign_accuracy_mean", f"{RELABELLED}_mean")
+    groups = [g for g in _columns(path, "groups", columns) if g["attack"] != "-"]
+    names = _decision.setting_names(groups)
+    met: dict[tuple, dict[tuple, dict]] = defaultdict(dict)  # (dataset, victim, defense) -> threat -> group
+    for g in groups:
+        met[g["dataset"], g["victim"], g["defense"]][g["attack"], g["label"], g["pool"]] = g
+    met = {k: v for k, v in met.items() if len({threat[0] for threat in v}) > 1}
+    threats = sorted({t for v in met.values() for t in v})
+
+    def title(threat: tuple) -> str:
+        return " ".join(part for part in threat if part != "-")
+
+    def cell(g: dict) -> str:
+        value = g[f"{RELABELLED}_mean"]
+        return f"{100 * value:.1f} ({g['n']})" if math.isfinite(value) else "-"
+
+    lines = [
+        "| victim data | setting | benign | " + " | ".join(title(t) for t in threats) + " | strongest thief |",
+        "|---|---|---|" + "---|" * (len(threats) + 1),
+    ]
+    for key in sorted(met, key=lambda k: (k[0], _decision.family(next(iter(met[k].values()))), names[k])):
+        measured = [(g[f"{RELABELLED}_mean"], t) for t, g in met[key].items() if math.isfinite(g[f"{RELABELLED}_mean"])]
+        top, threat = max(measured) if measured else (math.nan, ())
+        benign = statistics.mean(float(g["benign_accuracy_mean"]) for g in met[key].values())
+        cells = [cell(met[key][t]) if t in met[key] else "" for t in threats]
+        strongest = f"{100 * top:.1f}: {title(threat)}" if measured else "-"
+        lines.append(f"| {key[0]} | {names[key]} | {100 * benign:.2f} | " + " | ".join(cells) + f" | {strongest} |")
+    return "\n".join(lines + ["", NOTE])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics")
@@ -348,10 +386,17 @@ def main() -> None:
         action="store_true",
         help="the decision table: each defense's best setting per benign-cost budget, and the winner",
     )
+    mode.add_argument(
+        "--thieves",
+        action="store_true",
+        help="every thief against each setting several thieves attacked, and the strongest of them",
+    )
     args = parser.parse_args()
     try:
         print(
-            lofo(args.metrics)
+            thieves(args.metrics)
+            if args.thieves
+            else lofo(args.metrics)
             if args.lofo
             else variants(args.metrics)
             if args.variants

@@ -1,6 +1,8 @@
 """experiments/summarise.py on a metrics file built by hand: the near study's tables average seeds per family and
 over families, and its trade-off rows group a defense setting's seeds."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +81,49 @@ def test_near_tables_average_seeds_per_family_and_over_families_and_keep_each_se
         ["reverse-sigmoid beta=0.2", "99.00 ± 0.00 (2)", "90.0 ± 0.0 → 90.0 ± 0.0 (2) / - |"],
         ["reverse-sigmoid beta=1", "99.00 ± 0.00 (2)", "70.0 ± 0.0 → 70.0 ± 0.0 (2) / - |"],
     ]
+
+
+def group(victim, kind, objective, defense, attack, label, pool, relabelled, n="1"):
+    return dict(
+        dataset="mnist",
+        victim=victim,
+        victim_kind=kind,
+        victim_recipe=json.dumps({"objective": objective, "epochs": 5}),
+        victim_changes=json.dumps({"epochs": 5}),
+        defense=defense,
+        attack=attack,
+        label=label,
+        pool=pool,
+        n=n,
+        benign_accuracy_mean=0.99,
+        stealing_accuracy_relabelled_mean=relabelled,
+    )
+
+
+def test_thieves_table_gives_each_setting_its_strongest_thief(tmp_path):
+    groups = [
+        group("u", "ce", "ce", "none", "knockoff", "soft", "fashionmnist", 0.91, "3"),
+        group("u", "ce", "ce", "none", "jbda", "soft", "-", 0.85),
+        group("u", "ce", "ce", "mad-argmax eps=1.1", "knockoff", "soft", "fashionmnist", 0.60),
+        group("u", "ce", "ce", "mad-argmax eps=1.1", "jbda", "soft", "-", 0.47),
+        group("n", "near", "ini", "none", "knockoff", "soft", "fashionmnist", 0.11, "3"),
+        group("n", "near", "ini", "none", "jbda", "soft", "-", 0.87),
+        # one thief only: not a row
+        group("u", "ce", "ce", "rounding decimals=1", "knockoff", "soft", "fashionmnist", 0.90),
+        group("u", "ce", "ce", "none", "-", "-", "-", math.nan),
+    ]
+    path = tmp_path / "metrics.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("groups")
+        for key in groups[0]:
+            values = [r[key] for r in groups]
+            kind = h5py.string_dtype() if isinstance(values[0], str) else None
+            g.create_dataset(key, data=np.array(values, dtype=object if kind else np.float64), dtype=kind)
+    out = subprocess.run(
+        [sys.executable, SUMMARISE, "--thieves", path], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0] == "| victim data | setting | benign | jbda soft | knockoff soft fashionmnist | strongest thief |"
+    rows = {line.split(" | ")[1]: line for line in out[2:] if line.startswith("| mnist")}
+    assert set(rows) == {"undefended", "mad-argmax eps=1.1", "near"}
+    assert rows["near"].endswith("| 87.0 (1) | 11.0 (3) | 87.0: jbda soft |")
+    assert rows["mad-argmax eps=1.1"].endswith("| 47.0 (1) | 60.0 (1) | 60.0: knockoff soft fashionmnist |")
