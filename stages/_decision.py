@@ -6,7 +6,8 @@ A defense is a family and each of its settings a candidate: a posterior defense 
 undefended victim, an InI victim recipe (preset and options), adaptive misinformation on its outlier-exposure
 victim, and `none`, the undefended victim itself. A setting's benign cost is the mean benign accuracy (as deployed)
 of the undefended victim of the same training recipe (same dataset, architecture, epochs, optimiser: every entry
-of the undefended recipe but objective and OOD set) minus its own, each a mean over its seeds, in points.
+of the undefended recipe but objective and OOD set) over the seeds the setting was measured on, minus its own mean,
+in points: paired by seed.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
         "## Decision: the defense that leaves the thief least, per benign cost",
         "",
         f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
-        f"undefended victim of the same training recipe, each a mean over its seeds), every setting of every "
+        f"undefended victim of the same training recipe, over the seeds the setting was measured on), every setting of every "
         f"defense whose cost fits is a candidate; a defense's pick is its setting of least thief's accuracy "
         f"({what}, mean over seeds), and the winner the defense whose pick leaves the least (a tie goes to the "
         f"cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative cost: more benign "
