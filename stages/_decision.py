@@ -250,12 +250,11 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
         "## Decision: the defense that leaves the thief least, per benign cost",
         "",
         f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
-        f"undefended victim of the same training recipe, over the seeds the setting was measured on), every setting of every "
-        f"defense whose cost fits is a candidate; a defense's pick is its setting of least thief's accuracy "
-        f"({what}, mean over seeds), and the winner the defense whose pick leaves the least (a tie goes to the "
-        f"cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative cost: more benign "
-        f"accuracy than the "
-        f"undefended victim.",
+        f"undefended victim of the same training recipe, over the seeds the setting was measured on), every "
+        f"setting of every defense whose cost fits is a candidate; a defense's pick is its setting of least "
+        f"thief's accuracy ({what}, mean over seeds), and the winner the defense whose pick leaves the least "
+        f"(a tie goes to the cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative "
+        f"cost: more benign accuracy than the undefended victim.",
         "",
         "| victim data | attack | labels | pool | budget | winner: setting | thief's accuracy | benign cost "
         "| next best | undefended |",
