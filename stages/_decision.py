@@ -193,21 +193,20 @@ def _pick(
         winner=0.0,
     )
     measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
-    reference = {
-        id(g): _reference(base[dataset, g["victim"]], seeds[tuple(g[k] for k in GROUP)])
-        for g in measured
-        if (dataset, g["victim"]) in base
-    }
-    costed = [(g, 100 * (reference[id(g)] - g["benign_accuracy_mean"])) for g in measured if id(g) in reference]
-    fitting = [(g, cost) for g, cost in costed if cost <= budget + TOLERANCE]
+    costed = []  # (group, benign cost in points, the undefended accuracy it is measured from)
+    for g in measured:
+        if (dataset, g["victim"]) in base:
+            undefended = _reference(base[dataset, g["victim"]], seeds[tuple(g[k] for k in GROUP)])
+            costed.append((g, 100 * (undefended - g["benign_accuracy_mean"]), undefended))
+    fitting = [c for c in costed if c[1] <= budget + TOLERANCE]
     if not costed:
         entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
         return entry
     if not fitting:
         entry["note"] = f"no setting within {budget:g} pt"
         return entry
-    g, cost = min(
-        fitting, key=lambda gc: (gc[0][f"{metric}_mean"], gc[1], names[dataset, gc[0]["victim"], gc[0]["defense"]])
+    g, cost, undefended = min(
+        fitting, key=lambda c: (c[0][f"{metric}_mean"], c[1], names[dataset, c[0]["victim"], c[0]["defense"]])
     )
     entry.update(
         setting=names[dataset, g["victim"], g["defense"]],
@@ -215,7 +214,7 @@ def _pick(
         defense=g["defense"],
         benign_cost=cost,
         benign_accuracy=g["benign_accuracy_mean"],
-        undefended_accuracy=reference[id(g)],
+        undefended_accuracy=undefended,
         stealing_mean=g[f"{metric}_mean"],
         stealing_std=g[f"{metric}_std"],
         n=float(g["n"]),
