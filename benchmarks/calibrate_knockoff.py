@@ -65,6 +65,17 @@ def ours(
         return float(f.attrs["stealing_accuracy"])
 
 
+def _target(victim: Path, pool: Path):
+    """What both of ART's runs start from: the victim as deployed (images in [0, 1] -> probabilities), what it
+    declares, its dataset, and the pool's train split at the victim's input shape (uint8)."""
+    from stages import _blackbox, _data
+
+    graph, info = _blackbox.open_victim(victim, "cpu")
+    data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
+    pool_x = _data.fit_images(_data.load(str(pool), splits=("train",)).splits["train"][0], data.shape)
+    return graph, info, data, pool_x
+
+
 def art_thief(
     victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int, optimizer: str, lr: float
 ) -> float:
@@ -73,10 +84,8 @@ def art_thief(
     from art.estimators.classification import PyTorchClassifier
 
     import models
-    from stages import _blackbox, _data
 
-    graph, info = _blackbox.open_victim(victim, "cpu")
-    data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
+    graph, info, data, pool_x = _target(victim, pool)
     shape, classes = tuple(data.shape), data.num_classes
     victim_art = PyTorchClassifier(
         model=graph, loss=torch.nn.CrossEntropyLoss(), input_shape=shape, nb_classes=classes, clip_values=(0.0, 1.0)
@@ -97,8 +106,6 @@ def art_thief(
         nb_classes=classes,
         clip_values=(0.0, 1.0),
     )
-    pool_x = _data.fit_images(_data.load(str(pool), splits=("train",)).splits["train"][0], data.shape)
-    pool_x = pool_x.float().div(255).numpy()
     attack = KnockoffNets(
         victim_art,
         batch_size_fit=128,
@@ -109,7 +116,7 @@ def art_thief(
         use_probability=label == "soft",
         verbose=False,
     )
-    stolen = attack.extract(pool_x, thieved_classifier=thief)
+    stolen = attack.extract(pool_x.float().div(255).numpy(), thieved_classifier=thief)
     test_x, test_y = data.splits["test"]
     predictions = stolen.predict(test_x.float().div(255).numpy(), batch_size=1000).argmax(1)
     return float((predictions == test_y.numpy()).mean())
@@ -127,10 +134,8 @@ def shared_queries(victim: Path, pool: Path, label: str, budget: int, epochs: in
     from stages.attacks._thief import SurrogateRecipe, Thief, train_surrogate
     from stages.steal import ADAM_LR
 
-    graph, info = _blackbox.open_victim(victim, "cpu")
-    data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
+    graph, info, data, pool_x = _target(victim, pool)
     shape, classes = tuple(data.shape), data.num_classes
-    pool_x = _data.fit_images(_data.load(str(pool), splits=("train",)).splits["train"][0], data.shape)
     np.random.seed(seed)
     x = pool_x[torch.from_numpy(np.random.choice(len(pool_x), min(budget, len(pool_x)), replace=False))]
     with torch.no_grad():
