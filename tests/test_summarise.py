@@ -12,15 +12,15 @@ import numpy as np
 
 SUMMARISE = Path(__file__).resolve().parents[1] / "experiments" / "summarise.py"
 GATE = "gate decoy=0,quantile=0.01"
-TEXT = ("dataset", "victim_kind", "victim_file", "defense", "attack", "label", "pool", "seed")
 
 
-def write_rows(path: Path, rows: list[dict]) -> Path:
+def write_rows(path: Path, rows: list[dict], group: str = "rows") -> Path:
+    """A metrics file holding `rows` as one of its tables (`rows` or `groups`): text columns as strings."""
     with h5py.File(path, "w") as f:
-        g = f.create_group("rows")
+        g = f.create_group(group)
         for key in rows[0]:
             values = [r[key] for r in rows]
-            if key in TEXT:
+            if isinstance(values[0], str):
                 g.create_dataset(key, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
             else:
                 g.create_dataset(key, data=np.array(values, dtype=np.float64))
@@ -112,13 +112,7 @@ def test_thieves_table_gives_each_setting_its_strongest_thief(tmp_path):
         group("u", "ce", "ce", "rounding decimals=1", "knockoff", "soft", "fashionmnist", 0.90),
         group("u", "ce", "ce", "none", "-", "-", "-", math.nan),
     ]
-    path = tmp_path / "metrics.h5"
-    with h5py.File(path, "w") as f:
-        g = f.create_group("groups")
-        for key in groups[0]:
-            values = [r[key] for r in groups]
-            kind = h5py.string_dtype() if isinstance(values[0], str) else None
-            g.create_dataset(key, data=np.array(values, dtype=object if kind else np.float64), dtype=kind)
+    path = write_rows(tmp_path / "metrics.h5", groups, "groups")
     out = subprocess.run(
         [sys.executable, SUMMARISE, "--thieves", path], capture_output=True, text=True, check=True
     ).stdout.splitlines()
