@@ -231,11 +231,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.merge:
-        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        try:
+            rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: --merge takes the --json files of earlier runs: {e}") from None
         console.print(table(rows, "knockoff calibration: " + ", ".join(p.name for p in args.merge)))
         return
     if not args.victim or not args.pool:
-        parser.error("--victim and --pool are required (or --merge)")
+        raise SystemExit("error: --victim and --pool are required (or --merge)")
     seeds = args.seed or [0]
     try:
         import art  # noqa: F401
