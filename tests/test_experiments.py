@@ -114,16 +114,18 @@ EXPECTED = {
     ),
     "variants-smoke": dict(prepare=3, train=2, train_ini=7, steal_undefended=9, evaluate=1, summarise=1, all=1),
     # near: per MNIST seed, 4 near victims (3 held-out families + all), the paper recipe and broad; cells: the held-out
-    # families and Latin letters x soft/hard (8), undefended/faithful/broad x 4 pools x 2 (24), the gate's 6 settings
-    # around the undefended and near-all victims x Latin letters x 2 (24), reverse sigmoid, MAD-argmax and AM at 3
-    # settings x Latin letters, soft, and AM hard (12; AM's victim per MNIST seed); per FashionMNIST seed, 3 near
-    # victims, the paper recipe and broad; cells 3 x 2 (6) and 3 victims x 3 pools x 2 (18), and the same baselines
-    # against the silhouettes (12; AM's victim per FashionMNIST seed); data: 2 + 3 far + 6 near
+    # families and Latin letters x soft/hard (8), undefended/faithful/broad x 4 pools x 2 (24), and the decision
+    # table's operating points against the Latin letters: reverse sigmoid, MAD-argmax, AM and the gate around the
+    # undefended victim and the gate around near-all, soft (5), and all but MAD-argmax hard (4); per FashionMNIST
+    # seed, 3 near victims, the paper recipe and broad; cells 3 x 2 (6), 3 victims x 3 pools x 2 (18), and the
+    # operating points against the silhouettes (4 soft, 3 hard). Seed 0 adds the sweeps: the gate's 6 settings x 2
+    # victims x 2 labels less the 4 at 1 % (20), reverse sigmoid, MAD-argmax and AM at 3, 4 and 3 settings, soft,
+    # and AM hard, less the 3 operating points, per dataset (10 + 10); AM's victim per seed; data: 2 + 3 far + 6 near
     "near": dict(
         prepare=11,
         train=3 * 4,
         train_ini=3 * (6 + 5),
-        steal=3 * (8 + 24 + 24 + 12 + 6 + 18 + 12),
+        steal=3 * (41 + 31) + 20 + 10 + 10,
         evaluate=1,
         summarise=1,
         all=1,
