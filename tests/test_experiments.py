@@ -120,12 +120,13 @@ EXPECTED = {
     # seed, 3 near victims, the paper recipe and broad; cells 3 x 2 (6), 3 victims x 3 pools x 2 (18), and the
     # operating points against the silhouettes (4 soft, 3 hard). Seed 0 adds the sweeps: the gate's 6 settings x 2
     # victims x 2 labels less the 4 at 1 % (20), reverse sigmoid, MAD-argmax and AM at 3, 4 and 3 settings, soft,
-    # and AM hard, less the 3 operating points, per dataset (10 + 10); AM's victim per seed; data: 2 + 3 far + 6 near
+    # and AM hard, less the 3 operating points, per dataset (10 + 10), and MAD, GRAD², noise and rounding at one
+    # setting each, soft, per dataset (4 + 4); AM's victim per seed; data: 2 + 3 far + 6 near
     "near": dict(
         prepare=11,
         train=3 * 4,
         train_ini=3 * (6 + 5),
-        steal=3 * (41 + 31) + 20 + 10 + 10,
+        steal=3 * (41 + 31) + 20 + 10 + 10 + 4 + 4,
         evaluate=1,
         summarise=1,
         all=1,
