@@ -164,13 +164,16 @@ def pivot(path: str, dataset: str | None) -> str:
         )
         benign.setdefault(row, _cell(g["benign_accuracy_mean"], g["benign_accuracy_std"], n))
     columns.sort()
-    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [
-        " ".join(c for c in col if c != "-") for col in columns
-    ]
+    head = ["dataset", "victim", "defense", "benign (as deployed)"] + [_threat(col) for col in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in sorted(benign, key=order.get):
         lines.append("| " + " | ".join([*row, benign[row], *(table[row].get(col, "") for col in columns)]) + " |")
     return "\n".join(lines + ["", NOTE])
+
+
+def _threat(threat: tuple) -> str:
+    """(attack, label, pool) as a column title, without the parts a threat lacks ("-")."""
+    return " ".join(part for part in threat if part != "-")
 
 
 def _pairs(pairs: list[tuple[float, float]]) -> str:
@@ -348,15 +351,12 @@ def thieves(path: str) -> str:
     met = {k: v for k, v in met.items() if len({threat[0] for threat in v}) > 1}
     threats = sorted({t for v in met.values() for t in v})
 
-    def title(threat: tuple) -> str:
-        return " ".join(part for part in threat if part != "-")
-
     def cell(g: dict) -> str:
         value = g[f"{RELABELLED}_mean"]
         return f"{100 * value:.1f} ({g['n']})" if math.isfinite(value) else "-"
 
     lines = [
-        "| victim data | setting | benign | " + " | ".join(title(t) for t in threats) + " | strongest thief |",
+        "| victim data | setting | benign | " + " | ".join(_threat(t) for t in threats) + " | strongest thief |",
         "|---|---|---|" + "---|" * (len(threats) + 1),
     ]
     for key in sorted(met, key=lambda k: (k[0], _decision.family(next(iter(met[k].values()))), names[k])):
@@ -364,7 +364,7 @@ def thieves(path: str) -> str:
         top, threat = max(measured) if measured else (math.nan, ())
         benign = statistics.mean(float(g["benign_accuracy_mean"]) for g in met[key].values())
         cells = [cell(met[key][t]) if t in met[key] else "" for t in threats]
-        strongest = f"{100 * top:.1f}: {title(threat)}" if measured else "-"
+        strongest = f"{100 * top:.1f}: {_threat(threat)}" if measured else "-"
         lines.append(f"| {key[0]} | {names[key]} | {100 * benign:.2f} | " + " | ".join(cells) + f" | {strongest} |")
     note = "The thief's accuracy after the best class relabelling from k labelled val images, in %, mean over n seeds."
     return "\n".join(lines + ["", note])
