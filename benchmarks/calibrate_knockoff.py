@@ -45,6 +45,7 @@ def ours(
     params: list[str],
     folder: Path,
     recipe: dict,
+    device: str = "cpu",
 ) -> float:
     from stages import steal
 
@@ -56,7 +57,7 @@ def ours(
         budget=budget,
         epochs=epochs,
         seed=seed,
-        device="cpu",
+        device=device,
         attack_param=params or None,
         out=out,
         **recipe,
@@ -77,7 +78,15 @@ def _target(victim: Path, pool: Path):
 
 
 def art_thief(
-    victim: Path, pool: Path, label: str, budget: int, epochs: int, seed: int, optimizer: str, lr: float
+    victim: Path,
+    pool: Path,
+    label: str,
+    budget: int,
+    epochs: int,
+    seed: int,
+    optimizer: str,
+    lr: float,
+    device: str = "cpu",
 ) -> float:
     """ART's KnockoffNets: constant learning rate, no schedule, soft targets through torch's cross-entropy."""
     from art.attacks.extraction import KnockoffNets
@@ -87,8 +96,14 @@ def art_thief(
 
     graph, info, data, pool_x = _target(victim, pool)
     shape, classes = tuple(data.shape), data.num_classes
+    where = "gpu" if device.startswith("cuda") else "cpu"  # ART's names; it takes the first GPU
     victim_art = PyTorchClassifier(
-        model=graph, loss=torch.nn.CrossEntropyLoss(), input_shape=shape, nb_classes=classes, clip_values=(0.0, 1.0)
+        model=graph,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=shape,
+        nb_classes=classes,
+        clip_values=(0.0, 1.0),
+        device_type=where,
     )
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -105,6 +120,7 @@ def art_thief(
         input_shape=shape,
         nb_classes=classes,
         clip_values=(0.0, 1.0),
+        device_type=where,
     )
     attack = KnockoffNets(
         victim_art,
@@ -218,6 +234,9 @@ def main() -> None:
     parser.add_argument("--ours-lr", type=float, help="default: steal's for the optimizer")
     parser.add_argument("--art-optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--art-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--device", default="cpu", help="where both thieves train (cpu, cuda); --shared-queries runs on the CPU"
+    )
     parser.add_argument("--no-art", action="store_true", help="run our thief only")
     parser.add_argument(
         "--shared-queries",
@@ -259,13 +278,30 @@ def main() -> None:
                         row = {"victim": str(victim), "pool": str(pool), "label": label, "seed": seed}
                         started = time.time()
                         row["ours"] = ours(
-                            victim, pool, label, args.budget, args.epochs, seed, args.ours_param, folder, recipe
+                            victim,
+                            pool,
+                            label,
+                            args.budget,
+                            args.epochs,
+                            seed,
+                            args.ours_param,
+                            folder,
+                            recipe,
+                            args.device,
                         )
                         row["ours_seconds"] = time.time() - started
                         if have_art:
                             started = time.time()
                             row["art"] = art_thief(
-                                victim, pool, label, args.budget, args.epochs, seed, args.art_optimizer, args.art_lr
+                                victim,
+                                pool,
+                                label,
+                                args.budget,
+                                args.epochs,
+                                seed,
+                                args.art_optimizer,
+                                args.art_lr,
+                                args.device,
                             )
                             row["art_seconds"] = time.time() - started
                         if have_art and args.shared_queries:
