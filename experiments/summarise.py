@@ -72,14 +72,14 @@ def _text(values) -> list[str]:
 
 
 def _columns(path: str, group: str, names: tuple[str, ...]) -> list[dict]:
-    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns; a relabelled column
-    that metrics from before the relabelling lack reads as NaN."""
+    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns; a relabelled or paired
+    column that metrics from before the relabelling or the paired comparison lack reads as NaN."""
     with h5py.File(path, "r") as f:
         g = f[group]
         n = len(g[names[0]])
         cols = {
             k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist())
-            if k in g or RELABELLED not in k
+            if k in g or (RELABELLED not in k and not k.startswith("paired_"))
             else [math.nan] * n
             for k in names
         }

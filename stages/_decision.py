@@ -8,6 +8,12 @@ victim, and `none`, the undefended victim itself. A setting's benign cost is the
 of the undefended victim of the same training recipe (same dataset, architecture, epochs, optimiser: every entry
 of the undefended recipe but objective and OOD set) over the seeds the setting was measured on, minus its own mean,
 in points: paired by seed.
+
+Settings are compared paired by seed as well: one leaves the thief less than another when its mean over the seeds
+both were measured on is lower (victims of one seed share their data order and initialisation, and a thief's seed
+moves its accuracy by more than the gaps between good defenses). A sweep point measured on seed 0 alone thus meets
+a 3-seed setting on seed 0, not against the other seeds' draws. Among several settings the pick is the one that
+leaves less than the most others (a round robin of paired comparisons), then the lower own mean.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ NUMBERS = (
     "stealing_std",
     "n",
     "winner",
+    "paired_gap",
+    "paired_seeds",
 )
 
 
@@ -137,17 +145,56 @@ def _reference(undefended: dict[str, float], seeds: set[str]) -> float:
     return statistics.mean(matched or undefended.values())
 
 
+def per_seed(rows: list[dict], metric: str) -> dict[tuple, dict[str, float]]:
+    """(the columns that name a group) -> seed -> `metric`, where measured."""
+    out: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        value = float(r[metric]) if metric in r else math.nan
+        if math.isfinite(value):
+            out[tuple(r[k] for k in GROUP)][str(r["seed"])] = value
+    return out
+
+
+def paired_gap(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
+    """a's mean minus b's over the seeds both were measured on, and how many those are (nan, 0: none shared)."""
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return math.nan, 0
+    return statistics.mean(a[s] - b[s] for s in common), len(common)
+
+
+def _beats(a: dict, b: dict) -> bool:
+    """Whether candidate a leaves the thief less than b, paired by seed (own means where they share no seed); on a
+    tie, the cheaper; then no defense, which a defense must beat."""
+    gap, _ = paired_gap(a["values"], b["values"])
+    if not math.isfinite(gap):
+        gap = a["mean"] - b["mean"]
+    if abs(gap) > TOLERANCE:
+        return gap < 0
+    if abs(a["cost"] - b["cost"]) > TOLERANCE:
+        return a["cost"] < b["cost"]
+    return a["family"] == "none" and b["family"] != "none"
+
+
+def _ranked(candidates: list[dict]) -> list[dict]:
+    """Candidates best first: most paired wins over the others, then lower own mean, cost, no defense, name."""
+    wins = {id(c): sum(_beats(c, o) for o in candidates if o is not c) for c in candidates}
+    return sorted(candidates, key=lambda c: (-wins[id(c)], c["mean"], c["cost"], c["family"] != "none", c["name"]))
+
+
 def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: str) -> list[dict]:
-    """One entry per (threat, budget, family): its setting of least `metric` (mean over seeds) among those whose
-    benign cost fits the budget, and `winner` 1 for the family of least `metric` over all (ties: the cheaper
-    setting, then the undefended victim, which a defense must beat; a tie beyond that names every tied family).
-    A family with no setting that fits, or none with a
-    same-recipe undefended victim to measure its cost against, gets an entry with an empty setting and a note."""
+    """One entry per (threat, budget, family): its setting that leaves the thief least (paired by seed, see above)
+    among those whose benign cost fits the budget, and `winner` 1 for the family whose pick leaves least over all
+    (ties: the cheaper setting, then the undefended victim, which a defense must beat; a tie beyond that names every
+    tied family). `paired_gap`: the entry's mean minus the winner's over their shared seeds (the winner's: minus the
+    next best's), `paired_seeds` how many. A family with no setting that fits, or none with a same-recipe undefended
+    victim to measure its cost against, gets an entry with an empty setting and a note."""
     base = undefended_accuracy(rows, groups)
     names = setting_names(groups)
     seeds: dict[tuple, set[str]] = defaultdict(set)  # a group's seeds, by the columns that name a group
     for r in rows:
         seeds[tuple(r[k] for k in GROUP)].add(str(r["seed"]))
+    values = per_seed(rows, metric)
     threats: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for g in groups:
         if g["attack"] != "-":
@@ -155,23 +202,50 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
     out = []
     for threat in sorted(threats):
         for budget in budgets:
-            entries = [
-                _pick(threat, own, options, budget, base, names, metric, seeds)
+            picked = [
+                _pick(threat, own, options, budget, base, names, metric, seeds, values)
                 for own, options in sorted(threats[threat].items())
             ]
-            measured = [e for e in entries if e["setting"]]
+            entries = [entry for entry, _ in picked]
+            measured = [c for _, c in picked if c is not None]
             if measured:
-                rank = {id(e): (e["stealing_mean"], e["benign_cost"], e["family"] != "none") for e in measured}
-                best = min(rank.values())
-                for e in measured:
-                    e["winner"] = float(rank[id(e)] == best)
+                ranked = _ranked(measured)
+                best = ranked[0]
+                for c in ranked:
+                    c["entry"]["winner"] = float(c is best or _same(c, best))
+                others = [c for c in ranked if not c["entry"]["winner"]]
+                for c in ranked:
+                    against = (others[0] if others else None) if c["entry"]["winner"] else best
+                    if against is not None:
+                        gap, shared = paired_gap(c["values"], against["values"])
+                        c["entry"].update(paired_gap=gap, paired_seeds=float(shared))
             out += entries
     return out
 
 
+def _same(a: dict, b: dict) -> bool:
+    """A full tie: the same theft on every shared seed (own means where none is shared) and the same cost."""
+    gap, _ = paired_gap(a["values"], b["values"])
+    gap = gap if math.isfinite(gap) else a["mean"] - b["mean"]
+    return (
+        abs(gap) <= TOLERANCE
+        and abs(a["cost"] - b["cost"]) <= TOLERANCE
+        and (a["family"] == "none") == (b["family"] == "none")
+    )
+
+
 def _pick(
-    threat: tuple, own: str, options: list[dict], budget: float, base: dict, names: dict, metric: str, seeds: dict
-) -> dict:
+    threat: tuple,
+    own: str,
+    options: list[dict],
+    budget: float,
+    base: dict,
+    names: dict,
+    metric: str,
+    seeds: dict,
+    values: dict,
+) -> tuple[dict, dict | None]:
+    """A family's entry for one threat and budget, and its pick as a candidate for the winner (None: no pick)."""
     dataset, attack, label, pool = threat
     entry = dict(
         dataset=dataset,
@@ -191,35 +265,48 @@ def _pick(
         stealing_std=math.nan,
         n=0.0,
         winner=0.0,
+        paired_gap=math.nan,
+        paired_seeds=0.0,
     )
     measured = [g for g in options if math.isfinite(g[f"{metric}_mean"])]
-    costed = []  # (group, benign cost in points, the undefended accuracy it is measured from)
+    costed = []  # candidates: a group, its benign cost in points, the undefended accuracy it is measured from
     for g in measured:
         if (dataset, g["victim"]) in base:
-            undefended = _reference(base[dataset, g["victim"]], seeds[tuple(g[k] for k in GROUP)])
-            costed.append((g, 100 * (undefended - g["benign_accuracy_mean"]), undefended))
-    fitting = [c for c in costed if c[1] <= budget + TOLERANCE]
+            key = tuple(g[k] for k in GROUP)
+            undefended = _reference(base[dataset, g["victim"]], seeds[key])
+            costed.append(
+                dict(
+                    group=g,
+                    cost=100 * (undefended - g["benign_accuracy_mean"]),
+                    undefended=undefended,
+                    mean=g[f"{metric}_mean"],
+                    values=values.get(key, {}),
+                    family=own,
+                    name=names[dataset, g["victim"], g["defense"]],
+                    entry=entry,
+                )
+            )
+    fitting = [c for c in costed if c["cost"] <= budget + TOLERANCE]
     if not costed:
         entry["note"] = "no same-recipe undefended victim measured" if measured else f"no {metric} measured"
-        return entry
+        return entry, None
     if not fitting:
         entry["note"] = f"no setting within {budget:g} pt"
-        return entry
-    g, cost, undefended = min(
-        fitting, key=lambda c: (c[0][f"{metric}_mean"], c[1], names[dataset, c[0]["victim"], c[0]["defense"]])
-    )
+        return entry, None
+    pick = _ranked(fitting)[0]
+    g = pick["group"]
     entry.update(
-        setting=names[dataset, g["victim"], g["defense"]],
+        setting=pick["name"],
         victim=g["victim"],
         defense=g["defense"],
-        benign_cost=cost,
+        benign_cost=pick["cost"],
         benign_accuracy=g["benign_accuracy_mean"],
-        undefended_accuracy=undefended,
-        stealing_mean=g[f"{metric}_mean"],
+        undefended_accuracy=pick["undefended"],
+        stealing_mean=pick["mean"],
         stealing_std=g[f"{metric}_std"],
         n=float(g["n"]),
     )
-    return entry
+    return entry, pick
 
 
 METRIC_NAMES = {
@@ -231,6 +318,12 @@ METRIC_NAMES = {
 def _cell(e: dict) -> str:
     spread = f" ± {100 * e['stealing_std']:.1f}" if e["n"] > 1 else ""
     return f"{100 * e['stealing_mean']:.1f}{spread} ({e['n']:.0f})"
+
+
+def _paired(e: dict) -> str:
+    if not math.isfinite(e["paired_gap"]):
+        return "no shared seed" if e["paired_seeds"] == 0 else "-"  # NaN seeds: decided before paired comparison
+    return f"{100 * e['paired_gap']:+.1f} ({e['paired_seeds']:.0f})"
 
 
 def _short(e: dict) -> str:
@@ -250,21 +343,26 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
         "",
         f"For each threat and each budget of benign cost (points of benign accuracy as deployed below the "
         f"undefended victim of the same training recipe, over the seeds the setting was measured on), every "
-        f"setting of every defense whose cost fits is a candidate; a defense's pick is its setting of least "
-        f"thief's accuracy ({what}, mean over seeds), and the winner the defense whose pick leaves the least "
-        f"(a tie goes to the cheaper, then to no defense). Cells: mean ± sample std (n seeds), in %. A negative "
-        f"cost: more benign accuracy than the undefended victim.",
+        f"setting of every defense whose cost fits is a candidate; a defense's pick is its setting that leaves "
+        f"the thief least ({what}), and the winner the defense whose pick leaves the least (a tie goes to the "
+        f"cheaper, then to no defense). Settings are compared paired by seed: on the seeds both were measured on "
+        f"(a round robin where more than two compete). Cells: mean ± sample std (n seeds) over each setting's own "
+        f"seeds, in %; `paired`: the winner's accuracy minus the next best's on their shared seeds, in points "
+        f"(how many seeds). A negative cost: more benign accuracy than the undefended victim.",
         "",
         "| victim data | attack | labels | pool | budget | winner: setting | thief's accuracy | benign cost "
-        "| next best | undefended |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| next best | paired | undefended |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     threats: dict[tuple, list[dict]] = defaultdict(list)
     for e in decision:
         threats[e["dataset"], e["attack"], e["label"], e["pool"], e["budget"]].append(e)
     for (dataset, attack, label, pool, budget), entries in threats.items():
         won = [e for e in entries if e["winner"]]
-        rest = sorted((e for e in entries if e["setting"] and not e["winner"]), key=lambda e: e["stealing_mean"])
+        rest = sorted(
+            (e for e in entries if e["setting"] and not e["winner"]),
+            key=lambda e: (e["paired_gap"] if math.isfinite(e["paired_gap"]) else math.inf, e["stealing_mean"]),
+        )
         plain = [e for e in entries if e["family"] == "none" and e["setting"]]
         winner = (
             " = ".join(
@@ -285,6 +383,7 @@ def markdown(decision: list[dict], metric: str) -> list[str]:
                     _cell(won[0]) if won else "-",
                     f"{won[0]['benign_cost']:+.2f} pt" if won else "-",
                     f"{rest[0]['family']}: {_short(rest[0])}, {_cell(rest[0])}" if rest else "-",
+                    _paired(won[0]) if won and rest else "-",
                     _cell(plain[0]) if plain else "-",
                 ]
             )

@@ -531,6 +531,26 @@ def test_a_setting_measured_on_fewer_seeds_is_costed_against_the_undefended_vict
     assert at["none"]["benign_cost"] == pytest.approx(0.0) and at["none"]["undefended_accuracy"] == pytest.approx(0.99)
 
 
+def test_settings_are_compared_on_the_seeds_they_share():
+    """A sweep point measured on seed 0 alone meets a 3-seed setting on seed 0: its lower own mean (a lucky seed 0
+    against the others' seeds 1-2) does not win when seed 0 itself says otherwise, within a family or across."""
+    steal = {0: 0.20, 1: 0.40, 2: 0.40}  # mean 33.3 %; 20 % on seed 0
+    rows = [metrics_row("u", "ce", "ce", "none", 0.99, 0.9, seed) for seed in range(3)]
+    rows += [metrics_row("u", "ce", "ce", "mad eps=1", 0.99, steal[seed], seed) for seed in range(3)]
+    rows.append(metrics_row("u", "ce", "ce", "mad eps=2", 0.99, 0.25, 0))  # 25 % on seed 0 alone
+    rows.append(metrics_row("u", "ce", "ce", "reverse-sigmoid beta=1", 0.99, 0.25, 0))
+    groups = evaluate.aggregate([{**evaluate.queries_to(np.zeros(0), np.zeros(0), 1.0), **r} for r in rows])
+    at = picks(_decision.decide(rows, groups, [1.0], "stealing_accuracy"), 1.0)
+    assert at["mad"]["setting"] == "mad eps=1" and at["mad"]["n"] == 3  # not eps=2, whose own mean is lower
+    assert at["mad"]["winner"] and not at["reverse-sigmoid"]["winner"]
+    # the gaps are paired: the winner 5 pt below the next best on their one shared seed, the undefended 70 pt above
+    assert at["mad"]["paired_gap"] == pytest.approx(-0.05) and at["mad"]["paired_seeds"] == 1
+    assert at["reverse-sigmoid"]["paired_gap"] == pytest.approx(0.05)
+    assert at["none"]["paired_gap"] == pytest.approx(0.9 - 1 / 3) and at["none"]["paired_seeds"] == 3
+    # what the own means alone would have said
+    assert at["reverse-sigmoid"]["stealing_mean"] < at["mad"]["stealing_mean"]
+
+
 def test_benign_budgets_parse_and_bad_ones_are_one_line(world, tmp_path):
     assert _decision.parse_budgets("2, 0.5,1,1") == [0.5, 1.0, 2.0] and _decision.parse_budgets("none") == []
     root, data, victim = world
