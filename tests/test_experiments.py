@@ -138,12 +138,13 @@ EXPECTED = {
     # soft/hard on seeds 1-2 (28) and the 2 hard-label cells seed 0 lacked (gate, MAD-argmax); the adaptive thieves
     # against the 8 on seeds 1-2, both pools (96, with the paper recipe's victims of those seeds); each defense's
     # seed-0 pick for knockoff on the seen pool on seeds 1-2: MNIST 7 soft, 4 hard (with the epsilon 10,000
-    # victims of those seeds), FashionMNIST 10 soft, 3 hard (48); data: mnist, fashionmnist, latin-letters
+    # victims of those seeds), FashionMNIST 10 soft, 3 hard (48); FashionMNIST's own 4 picks on seed 0: the adaptive
+    # thieves x 2 pools, knockoff on the Latin letters x soft/hard (32); data: mnist, fashionmnist, latin-letters
     "decide": dict(
         prepare=3,
         train=2 * 2 * 3,
         train_ini=2 * (8 + 2 * 2 + 2) + 2,
-        steal=2 * (63 + 22 + 48 + 16 + 28 + 2 + 96) + 2 * (7 + 4 + 10 + 3),
+        steal=2 * (63 + 22 + 48 + 16 + 28 + 2 + 96) + 2 * (7 + 4 + 10 + 3) + 4 * (3 * 2 + 2),
         steal_own_queries=2 * 16,
         evaluate=1,
         summarise=1,
