@@ -68,7 +68,8 @@ def run(
         str,
         typer.Option(
             help="Benign costs a defender accepts, in points of benign accuracy below the same-recipe undefended "
-            "victim, comma-separated: the decision table picks each defense's best setting within each; none: no table."
+            "victim, comma-separated: the decision table picks each defense's best setting within each, settings "
+            "compared on the seeds they share; none: no table."
         ),
     ] = "0.5,1,2",
     device: _options.Device = "auto",
