@@ -163,12 +163,16 @@ def paired_gap(a: dict[str, float], b: dict[str, float]) -> tuple[float, int]:
     return statistics.mean(a[s] - b[s] for s in common), len(common)
 
 
-def _beats(a: dict, b: dict) -> bool:
-    """Whether candidate a leaves the thief less than b, paired by seed (own means where they share no seed); on a
-    tie, the cheaper; then no defense, which a defense must beat."""
+def _theft_gap(a: dict, b: dict) -> float:
+    """How much more candidate a leaves the thief than b: paired by seed, own means where they share no seed."""
     gap, _ = paired_gap(a["values"], b["values"])
-    if not math.isfinite(gap):
-        gap = a["mean"] - b["mean"]
+    return gap if math.isfinite(gap) else a["mean"] - b["mean"]
+
+
+def _beats(a: dict, b: dict) -> bool:
+    """Whether candidate a leaves the thief less than b (`_theft_gap`); on a tie, the cheaper; then no defense,
+    which a defense must beat."""
+    gap = _theft_gap(a, b)
     if abs(gap) > TOLERANCE:
         return gap < 0
     if abs(a["cost"] - b["cost"]) > TOLERANCE:
@@ -213,9 +217,9 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
                 best = ranked[0]
                 for c in ranked:
                     c["entry"]["winner"] = float(c is best or _same(c, best))
-                others = [c for c in ranked if not c["entry"]["winner"]]
+                runner_up = next((c for c in ranked if not c["entry"]["winner"]), None)
                 for c in ranked:
-                    against = (others[0] if others else None) if c["entry"]["winner"] else best
+                    against = runner_up if c["entry"]["winner"] else best
                     if against is not None:
                         gap, shared = paired_gap(c["values"], against["values"])
                         c["entry"].update(paired_gap=gap, paired_seeds=float(shared))
@@ -225,10 +229,8 @@ def decide(rows: list[dict], groups: list[dict], budgets: list[float], metric: s
 
 def _same(a: dict, b: dict) -> bool:
     """A full tie: the same theft on every shared seed (own means where none is shared) and the same cost."""
-    gap, _ = paired_gap(a["values"], b["values"])
-    gap = gap if math.isfinite(gap) else a["mean"] - b["mean"]
     return (
-        abs(gap) <= TOLERANCE
+        abs(_theft_gap(a, b)) <= TOLERANCE
         and abs(a["cost"] - b["cost"]) <= TOLERANCE
         and (a["family"] == "none") == (b["family"] == "none")
     )
