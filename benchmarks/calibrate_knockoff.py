@@ -276,38 +276,16 @@ def main() -> None:
                 for label in args.label or ["soft", "hard"]:
                     for seed in seeds:
                         row = {"victim": str(victim), "pool": str(pool), "label": label, "seed": seed}
+                        cell = (victim, pool, label, args.budget, args.epochs, seed)  # what every thief here takes
                         started = time.time()
-                        row["ours"] = ours(
-                            victim,
-                            pool,
-                            label,
-                            args.budget,
-                            args.epochs,
-                            seed,
-                            args.ours_param,
-                            folder,
-                            recipe,
-                            args.device,
-                        )
+                        row["ours"] = ours(*cell, args.ours_param, folder, recipe, args.device)
                         row["ours_seconds"] = time.time() - started
                         if have_art:
                             started = time.time()
-                            row["art"] = art_thief(
-                                victim,
-                                pool,
-                                label,
-                                args.budget,
-                                args.epochs,
-                                seed,
-                                args.art_optimizer,
-                                args.art_lr,
-                                args.device,
-                            )
+                            row["art"] = art_thief(*cell, args.art_optimizer, args.art_lr, args.device)
                             row["art_seconds"] = time.time() - started
                         if have_art and args.shared_queries:
-                            row["ours_shared"], row["art_shared"] = shared_queries(
-                                victim, pool, label, args.budget, args.epochs, seed
-                            )
+                            row["ours_shared"], row["art_shared"] = shared_queries(*cell)
                         rows.append(row)
                         console.print(row)
     seeds_text = ", ".join(map(str, seeds))
