@@ -235,7 +235,9 @@ def main() -> None:
     parser.add_argument("--art-optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--art-lr", type=float, default=1e-3)
     parser.add_argument(
-        "--device", default="cpu", help="where both thieves train (cpu, cuda); --shared-queries runs on the CPU"
+        "--device",
+        default="cpu",
+        help="where both thieves train: auto, cpu or cuda[:N]; --shared-queries runs on the CPU",
     )
     parser.add_argument("--no-art", action="store_true", help="run our thief only")
     parser.add_argument(
@@ -259,6 +261,13 @@ def main() -> None:
     if not args.victim or not args.pool:
         raise SystemExit("error: --victim and --pool are required (or --merge)")
     seeds = args.seed or [0]
+    from models.params import UserError
+    from stages import _loop
+
+    try:
+        args.device = _loop.pick_device(args.device)  # steal's check: a CUDA device asked for must be there
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
         import art  # noqa: F401
 
