@@ -70,5 +70,11 @@ app.command("export")(export.run)
 app.command("serve")(serve.run)
 app.command("serve-key")(serve_key.run)
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """The `ini-toolkit` console script: the same commands as `python cli.py`."""
     app()
+
+
+if __name__ == "__main__":
+    main()

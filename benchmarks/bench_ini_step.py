@@ -29,11 +29,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402
-from stages import _data  # noqa: E402
-from stages._torchrun import Ranks  # noqa: E402
+from stages.data import prepared as _data  # noqa: E402
 from stages.ini import fast, ood  # noqa: E402
 from stages.ini.objective import Objective  # noqa: E402
 from stages.ini.reference import ReferenceStep  # noqa: E402
+from stages.training.torchrun import Ranks  # noqa: E402
 
 KINDS = ("plain", "reference", "fast", "compiled", "broad")
 

@@ -33,8 +33,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages import _data, _jit, _onnx, _victim, export, prepare, serve_key, train  # noqa: E402
+from stages import export, prepare, serve_key, train  # noqa: E402
+from stages.data import prepared as _data  # noqa: E402
+from stages.deploy import onnx_export as _onnx  # noqa: E402
 from stages.serving.launch import launch  # noqa: E402
+from stages.training import jit as _jit  # noqa: E402
+from stages.training import victim as _victim  # noqa: E402
 
 LOADS = ((1, 1), (1, 8), (64, 1), (64, 8))  # (images per request, concurrent clients)
 

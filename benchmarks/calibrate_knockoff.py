@@ -69,7 +69,8 @@ def ours(
 def _target(victim: Path, pool: Path):
     """What both of ART's runs start from: the victim as deployed (images in [0, 1] -> probabilities), what it
     declares, its dataset, and the pool's train split at the victim's input shape (uint8)."""
-    from stages import _blackbox, _data
+    from stages.attacks import blackbox as _blackbox
+    from stages.data import prepared as _data
 
     graph, info = _blackbox.open_victim(victim, "cpu")
     data = _data.load(info.dataset_path if Path(info.dataset_path).exists() else info.dataset)
@@ -146,8 +147,9 @@ def shared_queries(victim: Path, pool: Path, label: str, budget: int, epochs: in
     from art.estimators.classification import PyTorchClassifier
 
     import models
-    from stages import _blackbox, _data
+    from stages.attacks import blackbox as _blackbox
     from stages.attacks._thief import SurrogateRecipe, Thief, train_surrogate
+    from stages.data import prepared as _data
     from stages.steal import ADAM_LR
 
     graph, info, data, pool_x = _target(victim, pool)
@@ -262,7 +264,7 @@ def main() -> None:
         raise SystemExit("error: --victim and --pool are required (or --merge)")
     seeds = args.seed or [0]
     from models.params import UserError
-    from stages import _loop
+    from stages.training import loop as _loop
 
     try:
         args.device = _loop.pick_device(args.device)  # steal's check: a CUDA device asked for must be there

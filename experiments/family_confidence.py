@@ -1,5 +1,5 @@
 """A victim's confidence on near-distribution families beside its own test images, as a table on stderr: mean top
-probability, share of answers above 0.9, the class answered most (stages/near/confidence.py).
+probability, share of answers above 0.9, the class answered most (stages/evaluation/family_confidence.py).
 
     python experiments/family_confidence.py artifacts/victim.h5 artifacts/data/glyphs.h5 pen-strokes [--limit 4000]
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
 
-from stages._artifacts import UserError  # noqa: E402
-from stages.near import confidence  # noqa: E402
+from stages.core.artifacts import UserError  # noqa: E402
+from stages.evaluation import family_confidence as confidence  # noqa: E402
 
 
 def main() -> int:

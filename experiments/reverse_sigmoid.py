@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from scipy.special import expit, logsumexp, softmax  # noqa: E402
 
 from models.defenses import ReverseSigmoid  # noqa: E402
-from stages import _data, _victim  # noqa: E402
-from stages._artifacts import UserError  # noqa: E402
+from stages.core.artifacts import UserError  # noqa: E402
+from stages.data import prepared as _data
+from stages.training import victim as _victim
 
 BETAS = (0.2, 0.5, 0.8, 1.0)
 GAMMAS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

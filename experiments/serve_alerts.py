@@ -29,9 +29,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from stages import _budget_curve, _data, serve_key  # noqa: E402
-from stages._artifacts import attr_json, open_artifact  # noqa: E402
+from stages import serve_key  # noqa: E402
 from stages.attacks._thief import SurrogateRecipe  # noqa: E402
+from stages.core.artifacts import attr_json, open_artifact  # noqa: E402
+from stages.data import prepared as _data  # noqa: E402
+from stages.evaluation import budget_curve as _budget_curve  # noqa: E402
 from stages.serving.launch import launch  # noqa: E402
 
 # (name, attack, pool, label, flags): the attacks of the grid, budgets sized to run in minutes on two cores; the pool

@@ -37,8 +37,8 @@ import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
 
-from stages import _decision  # noqa: E402
-from stages._decision import KIND_NAMES, victim_names  # noqa: E402
+from stages.evaluation import decision as _decision
+from stages.evaluation.decision import KIND_NAMES, victim_names  # noqa: E402
 
 RELABELLED = "stealing_accuracy_relabelled"
 NOTE = (

@@ -290,7 +290,7 @@ class Gate(nn.Module):
     class, the same for every input, and the decoy keeps the shape of a real answer. A thief who knows the gate can
     spot a decoy (its top probability is below the threshold) and roll it back; uniform answers carry nothing.
     With quantile > 0 the threshold is calibrated when the defense is built: that quantile of the victim's top
-    probabilities on its own val split, so about that share of benign queries is gated (stages/_defense.py).
+    probabilities on its own val split, so about that share of benign queries is gated (stages/deploy/defense.py).
     """
 
     PARAMS = {

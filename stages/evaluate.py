@@ -21,8 +21,16 @@ import typer
 
 import models
 from models.params import UserError
-from stages import _blackbox, _data, _decision, _defense, _evaluate_report, _loop, _options, _relabel, _victim
-from stages._artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
+from stages.attacks import blackbox as _blackbox
+from stages.core import options as _options
+from stages.core.artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
+from stages.data import prepared as _data
+from stages.deploy import defense as _defense
+from stages.evaluation import decision as _decision
+from stages.evaluation import relabel as _relabel
+from stages.evaluation import report as _evaluate_report
+from stages.training import loop as _loop
+from stages.training import victim as _victim
 
 SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
 NUMBERS = (

@@ -18,8 +18,13 @@ from rich.table import Table
 
 from models.defenses import Deployed
 from models.params import UserError
-from stages import _data, _defense, _jit, _onnx, _options, _victim
-from stages._artifacts import describe_inputs, prepare_output, versions
+from stages.core import options as _options
+from stages.core.artifacts import describe_inputs, prepare_output, versions
+from stages.data import prepared as _data
+from stages.deploy import defense as _defense
+from stages.deploy import onnx_export as _onnx
+from stages.training import jit as _jit
+from stages.training import victim as _victim
 
 console = Console(stderr=True)
 TOLERANCE = 1e-5

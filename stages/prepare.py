@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages import _data
+from stages.data import prepared as _data
 
 
 def run(

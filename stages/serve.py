@@ -18,8 +18,10 @@ import uvicorn
 from rich.console import Console
 
 from models.params import UserError
-from stages import _data, _defense, _options
-from stages._artifacts import describe_inputs, prepare_output, versions
+from stages.core import options as _options
+from stages.core.artifacts import describe_inputs, prepare_output, versions
+from stages.data import prepared as _data
+from stages.deploy import defense as _defense
 from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model

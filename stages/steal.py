@@ -5,7 +5,7 @@ InI's uninformative answers (confidence-aware knockoff, confidence search, a lab
 
 Reads victim.pt or victim.h5 and a pool; writes `surrogate.h5`: the surrogate's weights, its per-epoch stealing
 accuracy and fidelity on the victim's test split, and the full transfer set (every query and answer). Checkpoints
-beside it after querying and after every epoch (`stages/_steal_checkpoint.py`); `--resume` continues from there.
+beside it after querying and after every epoch (`stages/attacks/checkpoint.py`); `--resume` continues from there.
 """
 
 from __future__ import annotations
@@ -27,11 +27,19 @@ from torch import nn
 import models
 from models.params import UserError, describe
 from models.params import parse as parse_params
-from stages import _blackbox, _budget_curve, _data, _defense, _loop, _options, _remote, _steal_checkpoint, _victim
-from stages._artifacts import check_memory, prepare_output, save_history, save_state, write_artifact
-from stages._options import ATTACK, RECIPE, RUNTIME, VICTIM
 from stages.attacks import ATTACKS, Attack
+from stages.attacks import blackbox as _blackbox
+from stages.attacks import checkpoint as _steal_checkpoint
+from stages.serving import client as _remote
 from stages.attacks._thief import SurrogateRecipe, Thief
+from stages.core import options as _options
+from stages.core.artifacts import check_memory, prepare_output, save_history, save_state, write_artifact
+from stages.core.options import ATTACK, RECIPE, RUNTIME, VICTIM
+from stages.data import prepared as _data
+from stages.deploy import defense as _defense
+from stages.evaluation import budget_curve as _budget_curve
+from stages.training import loop as _loop
+from stages.training import victim as _victim
 
 console = Console(stderr=True)
 KNOCKOFF_LR = 0.1  # KnockoffNets' surrogate learning rate

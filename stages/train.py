@@ -19,9 +19,13 @@ from torch import nn
 
 import models
 from models.params import UserError
-from stages import _data, _defense, _loop, _options, _victim
-from stages._artifacts import prepare_output
-from stages._options import DATA, RECIPE, RUNTIME
+from stages.core import options as _options
+from stages.core.artifacts import prepare_output
+from stages.core.options import DATA, RECIPE, RUNTIME
+from stages.data import prepared as _data
+from stages.deploy import defense as _defense
+from stages.training import loop as _loop
+from stages.training import victim as _victim
 
 
 def run(

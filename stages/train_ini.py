@@ -22,12 +22,16 @@ from torch import nn
 
 import models
 from models.params import UserError
-from stages import _data, _loop, _options, _torchrun, _victim
-from stages._artifacts import prepare_output
-from stages._options import BEYOND, DATA, INI_TERMS, RECIPE, RUNTIME
+from stages.core import options as _options
+from stages.core.artifacts import prepare_output
+from stages.core.options import BEYOND, DATA, INI_TERMS, RECIPE, RUNTIME
+from stages.data import prepared as _data
 from stages.ini import diagnose, fast, ood, surrogates
 from stages.ini.objective import PAPER, SPIKE_FACTOR, Objective, SpikeClip
 from stages.ini.reference import ReferenceStep
+from stages.training import loop as _loop
+from stages.training import torchrun as _torchrun
+from stages.training import victim as _victim
 
 console = Console(stderr=True)
 

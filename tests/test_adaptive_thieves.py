@@ -12,11 +12,13 @@ from typer.testing import CliRunner
 
 import cli
 import models
-from stages import _blackbox, _data, prepare, steal, train
-from stages._artifacts import open_artifact
+from stages import prepare, steal, train
 from stages.attacks import ATTACKS, Thief, knockoff_confident
+from stages.attacks import blackbox as _blackbox
 from stages.attacks._thief import SurrogateRecipe
 from stages.attacks.knockoff_confident import certainty
+from stages.core.artifacts import open_artifact
+from stages.data import prepared as _data
 
 NEW = ("knockoff-confident", "confidence-search", "seeded")
 MIN_SCORE = ATTACKS["knockoff-confident"].PARAMS["min_score"].default  # an answer this certain counts as confident

@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_one_line_error, invoke
 from tiny_data import replace, write_dataset
 
-from stages import _loop
+from stages.training import loop as _loop
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from models.defenses import DEFENSES, MAD, AdaptiveMisinformation
 from models.params import defaults
-from stages import _defense
+from stages.deploy import defense as _defense
 
 SHAPE, K, BATCH = (1, 28, 28), 10, 256
 

@@ -17,7 +17,8 @@ import torch
 import models
 from models.defenses import AdaptiveMisinformation, Deployed
 from models.params import defaults
-from stages import _defense, _jit
+from stages.deploy import defense as _defense
+from stages.training import jit as _jit
 
 ARCH, CLASSES, SHAPE, MEAN, STD = "lenet5", 10, (1, 28, 28), [0.1307], [0.3081]
 DEFENSES = ["none", "ini", "reverse-sigmoid", "adaptive-misinformation", "grad2", "mad", "top1", "gate"]

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import assert_one_line_error, invoke
 
-from stages import _jit, _loop, _victim
-from stages._artifacts import load_state
+from stages.core.artifacts import load_state
+from stages.training import jit as _jit
+from stages.training import loop as _loop
+from stages.training import victim as _victim
 
 
 def test_prepare_writes_disjoint_self_describing_splits(mnist_small):

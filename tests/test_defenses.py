@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 import cli
 from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, greedy_mass_move
 from models.params import UserError
-from stages import _defense, _jit, prepare, train
+from stages import prepare, train
+from stages.deploy import defense as _defense
+from stages.training import jit as _jit
 
 SHAPE = (1, 28, 28)
 K = 10
@@ -296,7 +298,7 @@ def test_adaptive_misinformation_needs_its_network(oe_victim, tmp_path):
 
 def test_outlier_exposure_step_computes_its_three_terms():
     """The step's terms are CE, the uniform-target CE on OOD images, and -log(1 - p_y) of the misinformation net."""
-    from stages import _loop
+    from stages.training import loop as _loop
 
     torch.manual_seed(0)
     victim = _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 0)
@@ -347,7 +349,8 @@ def mnist_victim(mnist_small, tmp_path_factory):
 
 def test_gate_quantile_gates_that_share_of_benign_queries(mnist_victim):
     """Calibrated on the victim's val split, the gate catches the requested share of val and of held-out test."""
-    from stages import _data, _victim
+    from stages.data import prepared as _data
+    from stages.training import victim as _victim
 
     model, info = _victim.load(mnist_victim)
     data = _data.load(str(mnist_small_path(info)))
@@ -397,7 +400,9 @@ def test_gate_export_records_the_calibrated_threshold(mnist_victim, tmp_path):
 def test_reverse_sigmoid_exports_to_onnx_and_answers_the_exact_formula(mnist_victim, mnist_small, tmp_path):
     """`export` checks ONNX Runtime against the eager graph (max |diff| <= 1e-5); both stay within 1e-4 of the
     formula in float64 on the victim's logits."""
-    from stages import _data, _onnx, _victim
+    from stages.data import prepared as _data
+    from stages.deploy import onnx_export as _onnx
+    from stages.training import victim as _victim
 
     out = tmp_path / "rs.onnx"
     result = CliRunner().invoke(

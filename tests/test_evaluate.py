@@ -14,8 +14,11 @@ import torch
 from conftest import assert_one_line_error, invoke
 from tiny_data import write_dataset
 
-from stages import _data, _decision, _victim, evaluate, train
-from stages._artifacts import save_history, save_state, sha256, write_artifact
+from stages import evaluate, train
+from stages.core.artifacts import save_history, save_state, sha256, write_artifact
+from stages.data import prepared as _data
+from stages.evaluation import decision as _decision
+from stages.training import victim as _victim
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
                 base = ".".join(
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
-            found |= {base} | {f"{base}.{a.name}" for a in node.names}
+            # `from package import module` uses that module; the package itself only where a name is its own
+            named = {f"{base}.{a.name}" for a in node.names}
+            found |= named if named <= modules else {base} | named
     return {m for m in found if m in modules}
 
 
@@ -49,9 +51,32 @@ def test_models_never_import_stages():
 
 
 def test_no_import_cycles():
-    graph = _graph()
-    # a package's __init__ re-exporting its own modules is not a cycle of the code's layers
-    edges = {m: {d for d in deps if not (m in graph and d.startswith(m + "."))} for m, deps in graph.items()}
+    assert not _cycles(_graph())
+
+
+def _package(module: str) -> str:
+    """The concern a module belongs to: models, a stage file, or a package of stages/ (stages.attacks, ...)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
+
+
+def test_no_cycles_between_packages():
+    """The concerns are layers: no package imports, through any of its modules, a package that imports it back."""
+    packages: dict[str, set[str]] = {}
+    for module, deps in _graph().items():
+        packages.setdefault(_package(module), set()).update(_package(d) for d in deps)
+    assert not _cycles({p: deps - {p} for p, deps in packages.items()})
+
+
+def test_stages_root_holds_the_commands_only():
+    """Every module at the root of stages/ is a command with a public `run`; helpers live in packages."""
+    for path in sorted((ROOT / "stages").glob("*.py")):
+        if path.name != "__init__.py":
+            tree = ast.parse(path.read_text())
+            assert any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), path.name
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
     cycles = []
 
@@ -67,7 +92,7 @@ def test_no_import_cycles():
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
-    assert not cycles
+    return cycles
 
 
 def test_the_project_speaks_of_itself():

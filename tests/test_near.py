@@ -14,8 +14,11 @@ import torch
 from conftest import SHARED_DATA, assert_one_line_error, invoke
 from tiny_data import write_dataset
 
-from stages import _data, _prepare_readers, prepare, train
-from stages.near import confidence, glyphs
+from stages import prepare, train
+from stages.data import prepared as _data
+from stages.data import readers as _prepare_readers
+from stages.evaluation import family_confidence as confidence
+from stages.evaluation import glyphs
 
 DIGIT_LIKE = ("glyphs", "digits-transformed", "pen-strokes", "latin-letters")
 GARMENT_LIKE = ("silhouettes", "garments-recombined", "garments-transformed")

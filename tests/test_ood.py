@@ -5,8 +5,8 @@ import h5py
 import pytest
 import torch
 
-from stages._torchrun import Ranks
 from stages.ini import ood as _ood
+from stages.training.torchrun import Ranks
 from tests.conftest import assert_one_line_error, invoke
 
 
@@ -163,7 +163,7 @@ def test_unknown_derived_kind_is_one_line(tiny, tmp_path):
     ],
 )
 def test_collapse_is_detected_from_val_history(history, expected):
-    from stages import _loop
+    from stages.training import loop as _loop
 
     assert _loop.collapse_epoch(history, 10) == expected
 
@@ -235,7 +235,8 @@ def _sabotaging_fit(tiny, out, rollbacks: int, resume: bool = False, stop_after:
     """A small ReLU network that learns `tiny` in one epoch, trained by the real loop with a step that kills it at
     the end of epoch 2 as a real collapse does: every hidden ReLU dead (no gradient flows back through them ever
     again), one class's bias ahead, so one answer for everything."""
-    from stages import _data, _loop
+    from stages.data import prepared as _data
+    from stages.training import loop as _loop
 
     data = _data.load(tiny)
     torch.manual_seed(0)

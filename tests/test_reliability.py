@@ -21,8 +21,13 @@ from conftest import assert_one_line_error, invoke
 from tiny_data import write_dataset
 
 from models.params import UserError
-from stages import _artifacts, _blackbox, _data, _jit, _loop, _victim
-from stages._artifacts import load_state, open_artifact, sha256
+from stages.attacks import blackbox as _blackbox
+from stages.core import artifacts as _artifacts
+from stages.core.artifacts import load_state, open_artifact, sha256
+from stages.data import prepared as _data
+from stages.training import jit as _jit
+from stages.training import loop as _loop
+from stages.training import victim as _victim
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ("train", "--epochs", 2, "--batch-size", 32, "--device", "cpu")
@@ -33,7 +38,9 @@ STALLING_CLI = r"""
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from stages import _loop, _steal_checkpoint, _victim
+from stages.training import loop as _loop
+from stages.attacks import checkpoint as _steal_checkpoint
+from stages.training import victim as _victim
 marker, stall = os.environ["INI_TEST_MARKER"], os.environ["INI_TEST_STALL"]
 
 def hold():
@@ -522,20 +529,26 @@ def test_torch_load_would_refuse_it_too(tmp_path):
     assert not marker.exists()
 
 
-SOURCES = [REPO / "cli.py", *sorted((REPO / "stages").glob("*.py")), *sorted((REPO / "models").glob("*.py"))]
+# every Python file of the product and its tools, subpackages included
+SOURCES = [
+    REPO / "cli.py",
+    *(p for folder in ("stages", "models", "benchmarks", "experiments") for p in sorted((REPO / folder).rglob("*.py"))),
+]
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
 def test_no_unsafe_loader_in_the_code(path):
     """Weights come from HDF5; a torch.load must say weights_only=True; pickle/np.load(allow_pickle) never appear;
-    TorchScript files (programs) are loaded only in stages/_jit.py."""
+    TorchScript files (programs) are loaded only in stages/training/jit.py."""
     code = path.read_text()
     for call in re.finditer(r"torch\.load\(", code):
         args = code[call.end() : call.end() + 300]
         assert "weights_only=True" in args.split("\n\n")[0], f"{path.name}: torch.load without weights_only=True"
     assert not re.search(r"\bpickle\.loads?\(|cPickle|dill\.|joblib\.load|allow_pickle\s*=\s*True", code), path.name
-    if path.name != "_jit.py":
-        assert not re.search(r"torch\.jit\.load\(", code), f"{path.name}: TorchScript loads belong in stages/_jit.py"
+    if path.relative_to(REPO) != Path("stages/training/jit.py"):
+        assert not re.search(r"torch\.jit\.load\(", code), (
+            f"{path.name}: TorchScript loads belong in stages/training/jit.py"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- divergence

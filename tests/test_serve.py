@@ -23,10 +23,12 @@ import torch
 from conftest import assert_one_line_error, invoke
 from tiny_data import write_dataset
 
-from stages import _onnx, _victim, serve_key, train
-from stages._artifacts import open_artifact
+from stages import serve_key, train
+from stages.core.artifacts import open_artifact
+from stages.deploy import onnx_export as _onnx
 from stages.serving import keys as principals_file
 from stages.serving.launch import launch
+from stages.training import victim as _victim
 
 ROOT = Path(__file__).resolve().parents[1]
 NPY = "application/x-npy"

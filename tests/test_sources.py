@@ -16,8 +16,8 @@ import torchvision.datasets as tvd
 from PIL import Image
 
 from models.params import UserError
-from stages import _prepare_readers as _sources
-from stages._prepare_readers import convert, load
+from stages.data import readers as _sources
+from stages.data.readers import convert, load
 
 SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

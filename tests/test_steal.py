@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 import cli
 import models
-from stages import _blackbox, _data, prepare, steal, train
-from stages._artifacts import load_state, open_artifact
+from stages import prepare, steal, train
 from stages.attacks import ATTACKS, Thief
+from stages.attacks import blackbox as _blackbox
 from stages.attacks._thief import SurrogateRecipe
+from stages.core.artifacts import load_state, open_artifact
+from stages.data import prepared as _data
 
 # Small enough for seconds per attack on one core; budgets chosen so every last query batch is partial.
 FAST = {"epochs": 1, "batch_size": 32, "query_batch": 40, "device": "cpu"}

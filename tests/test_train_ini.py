@@ -20,10 +20,10 @@ from torch import nn
 
 import models
 from models.params import UserError
-from stages import _loop
-from stages._artifacts import load_state
-from stages._torchrun import Ranks
+from stages.core.artifacts import load_state
 from stages.ini import fast, objective, ood, reference
+from stages.training import loop as _loop
+from stages.training.torchrun import Ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -524,7 +524,7 @@ def test_joint_bn_mode_forwards_id_and_ood_as_one_batch():
 def test_batchnorm_lenet_trains_with_ood_statistics_kept_out(tiny, tmp_path, one_thread):
     """lenet5_bn (the network the BatchNorm modes are measured on) through the CLI: the reference step, and with
     `separate` the victim's running statistics see ID batches only."""
-    from stages import _victim
+    from stages.training import victim as _victim
 
     out = tmp_path / "bn.h5"
     result = invoke(
@@ -568,7 +568,8 @@ def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_fi
     files are at hand, is prepared instead. Downloads are stubbed: online writes KMNIST's raw files."""
     from test_sources import idx_arrays, write_mnist
 
-    from stages import _data, _prepare_readers
+    from stages.data import prepared as _data
+    from stages.data import readers as _prepare_readers
 
     root = tmp_path / "data"
     monkeypatch.chdir(tmp_path)  # prepared sets go to artifacts/data/ here
@@ -596,7 +597,7 @@ def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_fi
 
 
 def test_default_ood_of_the_broad_preset_is_every_offline_family_but_the_victims_task(monkeypatch, tmp_path):
-    from stages import _data
+    from stages.data import prepared as _data
 
     monkeypatch.setattr(_data, "default_path", lambda name: tmp_path / f"{name}.h5")
     made = []

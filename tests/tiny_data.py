@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from stages._artifacts import write_artifact
+from stages.core.artifacts import write_artifact
 
 SIZES = {"train": 160, "val": 40, "test": 40}
 

@@ -7,6 +7,9 @@ An attack never sees the victim: `query` is its only way to it, and `thief` hold
 (its surrogate, pool, recipe and random generator). `Attack`'s class attributes tell `steal` what to supply;
 LABELLED marks a thief that holds a few labelled images of the victim's train split (`thief.labelled`; they are
 not queries). The papers behind each: docs/method.md, "Attacks".
+
+Beside them: `blackbox` (the budgeted query interface every attack goes through; a victim behind `serve` is
+reached through it too, by stages/serving/client.py) and `checkpoint` (steal's resumable state).
 """
 
 from __future__ import annotations

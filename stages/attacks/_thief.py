@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.params import Param, defaults
-from stages import _data
+from stages.data import prepared as _data
 
 
 class Query(Protocol):

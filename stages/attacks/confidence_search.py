@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from models.params import Param
-from stages import _data
 from stages.attacks._thief import Attack, Query, Thief, train_surrogate
 from stages.attacks.knockoff_confident import KnockoffConfident, ask_all, certainty
+from stages.data import prepared as _data
 
 MOVE_BATCH = 512  # candidates per gradient pass
 

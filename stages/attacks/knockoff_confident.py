@@ -26,10 +26,10 @@ import math
 import torch
 
 from models.params import Param
-from stages import _data
 from stages.attacks._thief import Attack, Query, Thief, ask, train_surrogate
 from stages.attacks.adaptive import shift_flip
 from stages.attacks.knockoff import Knockoff
+from stages.data import prepared as _data
 
 FEATURES, PIXELS, SHIFTS = 0, 1, 2  # values of `near`
 CHUNK = 2048  # images per distance block and per feature pass

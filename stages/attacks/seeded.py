@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.params import Param
-from stages import _data
 from stages.attacks._thief import Query, Thief, train_surrogate
 from stages.attacks.knockoff import Knockoff
+from stages.data import prepared as _data
 
 
 class Seeded(Knockoff):

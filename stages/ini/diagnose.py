@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from stages import _data, _victim
+from stages.data import prepared as _data
 from stages.ini import fast, surrogates
 from stages.ini.objective import centred_log_probs, cosine, divergence_sum, flat
+from stages.training import victim as _victim
 
 
 def diagnose(

@@ -30,7 +30,6 @@ from torch import nn
 import models
 from models.lenet import LeNet5
 from models.params import UserError
-from stages._torchrun import Ranks
 from stages.ini.objective import (
     TERMS,
     Objective,
@@ -45,6 +44,7 @@ from stages.ini.objective import (
     set_gradients,
 )
 from stages.ini.ood import OodStream
+from stages.training.torchrun import Ranks
 
 FINAL_MAP = 5  # LeNet5.resize is an identity exactly when conv2's pooled map is already 5x5
 COMPILE_MIN_STEPS = 1000  # 7-30 ms saved a CPU step (2 threads / 1 thread) against 5-30 s of compiling (measured)

@@ -11,7 +11,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from stages._torchrun import Ranks
+from stages.training.torchrun import Ranks
 
 # The loss terms in the order the official code lists them (its PCGrad shuffles positions in this list).
 TERMS = ("benign", "id_distance", "ood_distance", "isolation", "vanishing")

@@ -26,8 +26,8 @@ from rich.console import Console
 from torch import nn
 
 from models.params import UserError
-from stages import _data
-from stages._torchrun import Ranks
+from stages.data import prepared as _data
+from stages.training.torchrun import Ranks
 
 DERIVED = ("shuffle", "mix", "corrupt")
 GRID = 4  # shuffle: patches per side
@@ -57,7 +57,7 @@ BROAD_OOD = {
     3: ("cifar100", "cifar10", "tinyimagenet", "skimage-patches", "generated"),
 }
 # The near preset adds the families that look like the victim's own data without denoting its classes
-# (stages/near/); the evaluation-only sets (Latin letters, EMNIST) are never among them.
+# (stages/data/near/); the evaluation-only sets (Latin letters, EMNIST) are never among them.
 NEAR_OOD = {
     "mnist": ("glyphs", "digits-transformed", "pen-strokes"),
     "emnist-digits": ("glyphs", "digits-transformed", "pen-strokes"),

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from stages._torchrun import Ranks
 from stages.ini.objective import (
     TERMS,
     Objective,
@@ -29,6 +28,7 @@ from stages.ini.objective import (
     spread,
 )
 from stages.ini.ood import OodStream
+from stages.training.torchrun import Ranks
 
 
 class ReferenceStep:

@@ -1,5 +1,5 @@
 """The prediction API `serve` runs: the defended model behind HTTP, per principal budgets and limits, a query
-ledger and extraction monitoring. Its parts, imported one way (app uses all the others):
+ledger and extraction monitoring. Its parts, imported one way (app uses all the others but client):
 
     keys     principals and their hashed API keys (a TOML file)
     limits   token buckets and budget reservations
@@ -9,4 +9,5 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
     payload  request decoding and validation, answer encoding, API errors
     batcher  micro-batching of concurrent requests into one forward pass
     app      the FastAPI application and its Prometheus metrics
+    client   the other end: a served victim as `steal --target` queries it
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.params import UserError
-from stages._artifacts import atomic_path
+from stages.core.artifacts import atomic_path
 
 if sys.version_info >= (3, 11):
     import tomllib

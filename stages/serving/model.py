@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from models.params import UserError
-from stages import _blackbox, _onnx
-from stages._artifacts import sha256
+from stages.attacks import blackbox as _blackbox
+from stages.core.artifacts import sha256
+from stages.deploy import onnx_export as _onnx
 
 
 @dataclass

@@ -9,8 +9,8 @@ import numpy as np
 import torchvision.datasets as tvd
 from scipy.ndimage import map_coordinates
 
-from stages.near import _frame
-from stages.near._lookalike import QUANTILE, Lookalike
+from stages.data.near import _frame
+from stages.data.near._lookalike import QUANTILE, Lookalike
 
 # Classes whose halves look alike, so a product is only joined with pieces of another group: tops and dresses
 # (T-shirt/top, pullover, dress, coat, shirt), trousers, shoes (sandal, sneaker, ankle boot), bags.
@@ -150,17 +150,15 @@ def derive(
 
 
 def _load(name: str, kinds: list[str], seed: int, n_train: int, n_test: int, source, data_roots, download):
-    from stages import _prepare_readers
+    from stages.data import raw as _raw_files
 
-    fashion = _prepare_readers.load_mnist_like(
-        "fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed
-    )
+    fashion = _raw_files.load_mnist_like("fashionmnist", tvd.FashionMNIST, source, list(data_roots), download, seed)
     lookalike = Lookalike(fashion.train_images[:, 0], np.random.default_rng([seed, 0]))
     train = (fashion.train_images[:, 0] / np.float32(255), fashion.train_labels)
     test = (fashion.test_images[:, 0] / np.float32(255), fashion.test_labels)
     train_x, train_y, train_redrawn = derive(kinds, *train, n_train, np.random.default_rng([seed, 1]), lookalike)
     test_x, test_y, test_redrawn = derive(kinds, *test, n_test, np.random.default_rng([seed, 2]), lookalike)
-    raw = _prepare_readers._raw(name, train_x, train_y, test_x, test_y, kinds, fashion.files)
+    raw = _raw_files.raw_dataset(name, train_x, train_y, test_x, test_y, kinds, fashion.files)
     raw.attrs["redrawn_as_products"] = train_redrawn + test_redrawn
     check = (
         f"an image nearer to a real FashionMNIST product than {QUANTILE:.0%} of real products are to their "

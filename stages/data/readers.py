@@ -7,17 +7,11 @@ only when allowed. sklearn-digits, skimage-patches and generated need no files a
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import pickle
-import shutil
-import socket
 import string
-import tempfile
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,21 +22,19 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from models.params import UserError
+from stages.data.raw import (
+    RawDataset,
+    download_into,
+    load_mnist_like,
+    locate,
+    one_line,
+    raw_dataset,
+    read_idx,
+    reading,
+    split_stratified,
+)
 
-
-@dataclass
-class RawDataset:
-    name: str
-    train_images: np.ndarray  # uint8, (N, C, H, W)
-    train_labels: np.ndarray  # int64, (N,)
-    test_images: np.ndarray  # uint8, (M, C, H, W)
-    test_labels: np.ndarray  # int64, (M,)
-    classes: list[str]
-    files: list[Path]  # the input files actually read (hashed for provenance); empty for built-in data
-    attrs: dict = field(default_factory=dict)  # root attributes a generated set adds to its artifact (its generator)
-
-
-# Near-distribution families (stages/near): generated, or derived from MNIST / FashionMNIST's raw files.
+# Near-distribution families (stages/data/near): generated, or derived from MNIST / FashionMNIST's raw files.
 NEAR_DATASETS = (
     "glyphs",
     "digits-transformed",
@@ -66,16 +58,6 @@ OFFLINE_DATASETS = (
 # no outlier exposure); their artifacts carry evaluation_only = true.
 EVALUATION_ONLY = ("latin-letters", "emnist-letters", "emnist-digits")
 
-# Debian packages that install raw files system-wide (dataset-fashion-mnist: the gzipped IDX files).
-DEBIAN_DIRS = {"fashionmnist": [Path("/usr/share/datasets/fashion-mnist")]}
-
-# A download that cannot connect must fail, not hang: torchvision's urlopen calls set no timeout.
-DOWNLOAD_TIMEOUT_S = 60
-
-# Split of the sources that ship without one (image folders, the pools): test share, stratified by class.
-TEST_FRACTION = 0.2
-
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 FOLDER_SIZE = 64  # an image folder whose images differ in size is resized to this
@@ -109,156 +91,6 @@ FLAT_PATCH_STD = 2.0  # patches this flat are background (black sky, fundus bord
 GENERATED_TRAIN, GENERATED_TEST, GENERATED_SIZE = 6000, 1000, 32
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-@contextlib.contextmanager
-def _reading(name: str, path: Path) -> Iterator[None]:
-    """A truncated or foreign file surfaces as one line naming it, whatever the parser raised."""
-    try:
-        yield
-    except UserError:
-        raise
-    except (
-        AssertionError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        OSError,
-        EOFError,
-        pickle.UnpicklingError,
-        NotImplementedError,
-    ) as e:
-        raise UserError(f"{name}: cannot read {path}: {_one_line(e)}") from None
-
-
-def _find(names: list[str], dirs: list[Path], gzipped: bool) -> dict[str, Path] | None:
-    """The first folder holding every file (plain or, if `gzipped`, also .gz; plain preferred), as name -> path."""
-    for folder in dirs:
-        found = {}
-        for name in names:
-            for candidate in (folder / name, folder / f"{name}.gz")[: 2 if gzipped else 1]:
-                if candidate.is_file():
-                    found[name] = candidate
-                    break
-        if len(found) == len(names):
-            return found
-    return None
-
-
-def _search_dirs(source: Path | None, data_roots: list[Path], layouts: list[str], debian: list[Path]) -> list[Path]:
-    """--source alone when given (the dir holding the files, or a root in torchvision's layout); else the roots."""
-    if source is not None:
-        return [source] + [source / layout for layout in layouts]
-    return [root / layout for root in data_roots for layout in layouts] + debian
-
-
-def _download(name: str, data_roots: list[Path], fetch: Callable[[Path], object]) -> str:
-    """Run a torchvision download into data_roots[0]; return '' on success, else why it failed (one line)."""
-    if not data_roots:
-        return "no data root to download into"
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        fetch(data_roots[0])
-    # Network, HTTP, checksum and disk errors all mean the same to the user: put the files there yourself.
-    except Exception as e:  # noqa: BLE001
-        return _one_line(e)
-    finally:
-        socket.setdefaulttimeout(previous)
-    return ""
-
-
-def _locate(
-    name: str,
-    names: list[str],
-    source: Path | None,
-    data_roots: list[Path],
-    download: bool,
-    layout: str,
-    fetch: Callable[[Path], object] | None,
-    extra_layouts: tuple[str, ...] = (),
-    gzipped: bool = False,
-) -> dict[str, Path]:
-    """Search order: --source, each data root, Debian's folders, then torchvision's download if allowed."""
-    layouts = [layout, *extra_layouts]
-    found = _find(names, _search_dirs(source, data_roots, layouts, DEBIAN_DIRS.get(name, [])), gzipped)
-    if found:
-        return found
-    why = ""
-    if source is None and download and fetch is not None:
-        why = _download(name, data_roots, fetch)
-        found = _find(names, [root / layout_ for root in data_roots[:1] for layout_ in layouts], gzipped)
-        if found:
-            return found
-        why = f" (download failed: {why})" if why else " (download gave no files)"
-    wanted = ", ".join(f"{n}(.gz)" if gzipped else n for n in names)
-    if source is not None:
-        raise UserError(f"{name}: no raw files found in {source}; put {wanted} there or under {source / layout}/")
-    root = data_roots[0] if data_roots else Path("<data root>")
-    hint = "" if download else " or allow --download"
-    raise UserError(f"{name}: no raw files found{why}; put {wanted} under {root / layout}/ or pass --source DIR{hint}")
-
-
-def _read_idx(name: str, path: Path, reader: Callable[[str], torch.Tensor]) -> np.ndarray:
-    # torchvision's IDX readers open() the path as is (0.29.1), so gzipped files are inflated to a temp dir first.
-    with _reading(name, path):
-        if path.suffix != ".gz":
-            return reader(str(path)).numpy()
-        with tempfile.TemporaryDirectory() as tmp:
-            plain = Path(tmp) / path.stem
-            with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            return reader(str(plain)).numpy()
-
-
-def _split(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
-    """Stratified train/test split: TEST_FRACTION of every class goes to test, in a seeded shuffled order."""
-    rng = np.random.default_rng(seed)
-    test = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        test.append(members[: int(round(len(members) * TEST_FRACTION))])
-    is_test = np.zeros(len(labels), bool)
-    is_test[np.concatenate(test)] = True
-    train_idx = rng.permutation(np.flatnonzero(~is_test))
-    test_idx = rng.permutation(np.flatnonzero(is_test))
-    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
-
-
-def _raw(name, train_x, train_y, test_x, test_y, classes, files) -> RawDataset:
-    return RawDataset(
-        name,
-        np.ascontiguousarray(train_x, np.uint8),
-        np.asarray(train_y, np.int64),
-        np.ascontiguousarray(test_x, np.uint8),
-        np.asarray(test_y, np.int64),
-        list(classes),
-        list(files),
-    )
-
-
-# ---------------------------------------------------------------------------------------------- IDX family
-
-
-def load_mnist_like(
-    name: str, dataset_cls: type, source: Path | None, data_roots: list[Path], download: bool, seed: int
-) -> RawDataset:
-    """MNIST, Fashion-MNIST, KMNIST: four IDX files under <root>/<ClassName>/raw/."""
-    layout = f"{dataset_cls.__name__}/raw"
-    fetch = lambda root: dataset_cls(str(root), train=True, download=True)  # noqa: E731
-    files = _locate(name, list(IDX_FILES), source, data_roots, download, layout, fetch, gzipped=True)
-    train_x, train_y, test_x, test_y = (
-        _read_idx(name, files[n], read_image_file if "images" in n else read_label_file) for n in IDX_FILES
-    )
-    return _raw(name, train_x[:, None], train_y, test_x[:, None], test_y, dataset_cls.classes, files.values())
-
-
 def load_emnist(
     name: str, split: str, source: Path | None, data_roots: list[Path], download: bool, seed: int
 ) -> RawDataset:
@@ -274,11 +106,11 @@ def load_emnist(
     ]
     fetch = lambda root: tvd.EMNIST(str(root), split=split, train=True, download=True)  # noqa: E731
     # NIST's own archive unpacks to gzip/; accept that folder as well as torchvision's EMNIST/raw/.
-    files = _locate(
+    files = locate(
         name, names, source, data_roots, download, "EMNIST/raw", fetch, extra_layouts=("gzip",), gzipped=True
     )
     train_x, train_y, test_x, test_y = (
-        _read_idx(name, files[n], read_image_file if "images" in n else read_label_file) for n in names
+        read_idx(name, files[n], read_image_file if "images" in n else read_label_file) for n in names
     )
     # EMNIST stores each image column-major (transposed); torchvision 0.29.1 returns them as stored, so
     # its images look mirrored and rotated. Transposing the last two axes gives upright characters.
@@ -287,7 +119,7 @@ def load_emnist(
     if split == "letters":
         # Letters are labelled 1..26 (torchvision keeps an 'N/A' class 0 that never occurs); shift to 0..25.
         train_y, test_y, classes = train_y - 1, test_y - 1, classes[1:]
-    return _raw(name, train_x[:, None], train_y, test_x[:, None], test_y, classes, files.values())
+    return raw_dataset(name, train_x[:, None], train_y, test_x[:, None], test_y, classes, files.values())
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR, SVHN
@@ -313,7 +145,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _read_pickle(name: str, path: Path) -> dict:
-    with _reading(name, path), open(path, "rb") as f:
+    with reading(name, path), open(path, "rb") as f:
         # latin1, as torchvision does: the batches were pickled by Python 2.
         return _ArraysOnly(f, encoding="latin1").load()
 
@@ -327,7 +159,7 @@ def load_cifar(
     meta_name = dataset_cls.meta["filename"]
     fetch = lambda root: dataset_cls(str(root), train=True, download=True)  # noqa: E731
     # Our own read, not dataset_cls(root): its md5 check would refuse any file but the official ones.
-    files = _locate(
+    files = locate(
         name, train_names + test_names + [meta_name], source, data_roots, download, dataset_cls.base_folder, fetch
     )
 
@@ -335,16 +167,16 @@ def load_cifar(
         images, labels = [], []
         for batch_name in batch_names:
             entry = _read_pickle(name, files[batch_name])
-            with _reading(name, files[batch_name]):
+            with reading(name, files[batch_name]):
                 images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
         return np.concatenate(images), np.asarray(labels)
 
     train_x, train_y = read(train_names)
     test_x, test_y = read(test_names)
-    with _reading(name, files[meta_name]):
+    with reading(name, files[meta_name]):
         classes = _read_pickle(name, files[meta_name])[dataset_cls.meta["key"]]
-    return _raw(name, train_x, train_y, test_x, test_y, classes, files.values())
+    return raw_dataset(name, train_x, train_y, test_x, test_y, classes, files.values())
 
 
 def load_svhn(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int) -> RawDataset:
@@ -358,15 +190,15 @@ def load_svhn(name: str, source: Path | None, data_roots: list[Path], download: 
             tvd.SVHN(str(root / "SVHN"), split=split, download=True)
 
     # torchvision's SVHN root holds the .mat files directly; downloads here go to <root>/SVHN/.
-    files = _locate(name, names, source, data_roots, download, "SVHN", fetch, extra_layouts=("",))
+    files = locate(name, names, source, data_roots, download, "SVHN", fetch, extra_layouts=("",))
     arrays = []
     for file_name in names:
-        with _reading(name, files[file_name]):
+        with reading(name, files[file_name]):
             mat = scipy.io.loadmat(files[file_name])
             labels = mat["y"].astype(np.int64).reshape(-1)
             labels[labels == 10] = 0  # SVHN labels digit 0 as 10
             arrays += [np.transpose(mat["X"], (3, 2, 0, 1)), labels]  # (H, W, C, N) -> (N, C, H, W)
-    return _raw(name, *arrays, list(string.digits), files.values())
+    return raw_dataset(name, *arrays, list(string.digits), files.values())
 
 
 # ---------------------------------------------------------------------------------------------- image folders
@@ -376,14 +208,14 @@ def _read_images(name: str, paths: list[Path], size: int | None) -> np.ndarray:
     """Decode with PIL to one uint8 NCHW array: gray stays 1 channel only if every image is gray."""
     headers = []
     for path in paths:
-        with _reading(name, path), Image.open(path) as image:
+        with reading(name, path), Image.open(path) as image:
             headers.append((image.mode, image.size))
     mode = "L" if all(m in ("1", "L", "I", "I;16") for m, _ in headers) else "RGB"
     if size is None and len({s for _, s in headers}) > 1:
         size = FOLDER_SIZE
     images = []
     for path in paths:
-        with _reading(name, path), Image.open(path) as image:
+        with reading(name, path), Image.open(path) as image:
             image = image.convert(mode)
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
@@ -400,7 +232,7 @@ def _tiny_imagenet(name: str, root: Path) -> RawDataset:
     wnids, class_to_idx = find_classes(root / "train")
     train = make_dataset(str(root / "train"), class_to_idx, extensions=IMG_EXTENSIONS)
     annotations = root / "val" / "val_annotations.txt"
-    with _reading(name, annotations):
+    with reading(name, annotations):
         rows = [line.split("\t") for line in annotations.read_text().splitlines() if line.strip()]
         val = [(str(root / "val" / "images" / row[0]), class_to_idx[row[1]]) for row in rows]
     words_file = root / "words.txt"
@@ -411,7 +243,7 @@ def _tiny_imagenet(name: str, root: Path) -> RawDataset:
             words[wnid] = text.split(",")[0].strip()
     classes = [words.get(wnid, wnid) for wnid in wnids]
     train_paths, val_paths = [Path(p) for p, _ in train], [Path(p) for p, _ in val]
-    return _raw(
+    return raw_dataset(
         name,
         _read_images(name, train_paths, 64),
         [c for _, c in train],
@@ -426,7 +258,7 @@ def _image_folder(name: str, root: Path, seed: int) -> RawDataset:
     """<root>/<class>/*.png|jpg, or <root>/train/<class>/ with <root>/test/ (or val/); else split by seed."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     splits = [root / "train", test_dir] if (root / "train").is_dir() and test_dir else [root]
-    with _reading(name, root):
+    with reading(name, root):
         classes, class_to_idx = find_classes(splits[0])
         samples = [make_dataset(str(d), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True) for d in splits]
     if not samples[0]:
@@ -436,8 +268,8 @@ def _image_folder(name: str, root: Path, seed: int) -> RawDataset:
     labels = np.asarray([c for split in samples for _, c in split])
     if len(splits) == 2:
         n = len(samples[0])
-        return _raw(name, images[:n], labels[:n], images[n:], labels[n:], classes, all_paths)
-    return _raw(name, *_split(images, labels, seed), classes, all_paths)
+        return raw_dataset(name, images[:n], labels[:n], images[n:], labels[n:], classes, all_paths)
+    return raw_dataset(name, *split_stratified(images, labels, seed), classes, all_paths)
 
 
 def load_tinyimagenet(name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int) -> RawDataset:
@@ -457,7 +289,7 @@ def load_tinyimagenet(name: str, source: Path | None, data_roots: list[Path], do
         fetch = lambda root: tvd.utils.download_and_extract_archive(  # noqa: E731
             TINY_IMAGENET_URL, download_root=str(root), md5=TINY_IMAGENET_MD5
         )
-        why = _download(name, data_roots, fetch)
+        why = download_into(name, data_roots, fetch)
         if data_roots and is_tiny(data_roots[0] / "tiny-imagenet-200"):
             return _tiny_imagenet(name, data_roots[0] / "tiny-imagenet-200")
         why = f" (download failed: {why})" if why else ""
@@ -478,7 +310,7 @@ def load_sklearn_digits(name: str, seed: int, **_) -> RawDataset:
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     images = convert(images, 28, None)
-    return _raw(name, *_split(images, digits.target, seed), list(string.digits), [])
+    return raw_dataset(name, *split_stratified(images, digits.target, seed), list(string.digits), [])
 
 
 def _photo(photo: str) -> np.ndarray:
@@ -499,7 +331,7 @@ def load_skimage_patches(name: str, seed: int, **_) -> RawDataset:
         try:
             image = _photo(photo)
         except Exception as e:  # noqa: BLE001 - a build of scikit-image without its sample data
-            raise UserError(f"{name}: scikit-image cannot load its sample photo {photo!r}: {_one_line(e)}") from None
+            raise UserError(f"{name}: scikit-image cannot load its sample photo {photo!r}: {one_line(e)}") from None
         rows, cols = image.shape[0] // PATCH, image.shape[1] // PATCH
         # Non-overlapping grid, so no pixel is shared between a train and a test patch.
         patches = (
@@ -513,7 +345,9 @@ def load_skimage_patches(name: str, seed: int, **_) -> RawDataset:
             patches = patches[np.linspace(0, len(patches) - 1, MAX_PATCHES_PER_PHOTO).round().astype(int)]
         images.append(patches)
         labels.append(np.full(len(patches), label))
-    return _raw(name, *_split(np.concatenate(images), np.concatenate(labels), seed), SKIMAGE_PHOTOS, [])
+    return raw_dataset(
+        name, *split_stratified(np.concatenate(images), np.concatenate(labels), seed), SKIMAGE_PHOTOS, []
+    )
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -653,7 +487,7 @@ def load_generated(name: str, seed: int, **_) -> RawDataset:
     test_x = np.concatenate([x[per_train:] for x, _ in parts])
     test_y = np.concatenate([y[per_train:] for _, y in parts])
     train_order, test_order = rng.permutation(len(train_y)), rng.permutation(len(test_y))
-    return _raw(
+    return raw_dataset(
         name, train_x[train_order], train_y[train_order], test_x[test_order], test_y[test_order], list(GENERATORS), []
     )
 
@@ -662,7 +496,7 @@ def load_near(
     name: str, source: Path | None, data_roots: list[Path], download: bool, seed: int, limit: int | None = None
 ) -> RawDataset:
     """A near-distribution family; `limit` makes only that many train images (limit // 5 test)."""
-    from stages import near  # imports matplotlib and the family generators: only when asked for
+    from stages.data import near  # imports matplotlib and the family generators: only when asked for
 
     return near.load(name, source, data_roots, download, seed, limit)
 

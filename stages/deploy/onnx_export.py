@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models.params import UserError
-from stages._artifacts import atomic_path
+from stages.core.artifacts import atomic_path
 
 METADATA = "metadata.json"
 INPUT = "images"

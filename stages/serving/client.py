@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from models.params import UserError
-from stages._blackbox import BudgetExhausted
-from stages._victim import VictimInfo
+from stages.attacks.blackbox import BudgetExhausted
 from stages.serving.payload import NPY, to_npy
+from stages.training.victim import VictimInfo
 
 TIMEOUT = 120.0  # seconds for one request: a busy server answers a large batch late, not never
 RECONNECT = 60.0  # seconds a broken connection is retried before the run fails (a server restart fits)

@@ -8,8 +8,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from stages import _decision
-from stages._artifacts import atomic_path
+from stages.core.artifacts import atomic_path
+from stages.evaluation import decision as _decision
 
 ZOOM = 5.0  # points below the undefended victim's benign accuracy that a Pareto panel shows; the rest is listed
 MARKERS = "osD^vP*Xhp<>"

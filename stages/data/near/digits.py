@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torchvision.datasets as tvd
 
-from stages.near import _frame, strokes
-from stages.near._lookalike import QUANTILE, Lookalike
+from stages.data.near import _frame, strokes
+from stages.data.near._lookalike import QUANTILE, Lookalike
 
 KINDS = ["rotate-90", "rotate-180", "rotate-270", "mirror", "flip", "halves", "erase", "add"]
 # Digits that still read as a digit after the transform, so never drawn for it: on its side 0 is an oval, a slanted
@@ -153,15 +153,15 @@ def transform(
 def load_digits_transformed(
     name: str, seed: int, n_train: int, n_test: int, source=None, data_roots=(), download=False, **_
 ):
-    from stages import _prepare_readers
+    from stages.data import raw as _raw_files
 
-    mnist = _prepare_readers.load_mnist_like("mnist", tvd.MNIST, source, list(data_roots), download, seed)
+    mnist = _raw_files.load_mnist_like("mnist", tvd.MNIST, source, list(data_roots), download, seed)
     train = (mnist.train_images[:, 0] / np.float32(255), mnist.train_labels)
     test = (mnist.test_images[:, 0] / np.float32(255), mnist.test_labels)
     lookalike = Lookalike(mnist.train_images[:, 0], np.random.default_rng([seed, 0]))
     train_x, train_y, train_redrawn = transform(*train, n_train, np.random.default_rng([seed, 1]), lookalike)
     test_x, test_y, test_redrawn = transform(*test, n_test, np.random.default_rng([seed, 2]), lookalike)
-    raw = _prepare_readers._raw(name, train_x, train_y, test_x, test_y, KINDS, mnist.files)
+    raw = _raw_files.raw_dataset(name, train_x, train_y, test_x, test_y, KINDS, mnist.files)
     excluded = "; ".join(f"{kind} never on {', '.join(map(str, digits))}" for kind, digits in EXCLUDED.items())
     raw.attrs["generator"] = (
         "MNIST digits (train split from MNIST train, test from MNIST test) turned a quarter (clockwise), half or "

@@ -15,8 +15,7 @@ import torch
 
 import models
 from models.params import UserError
-from stages import _data, _jit, _loop
-from stages._artifacts import (
+from stages.core.artifacts import (
     attr_json,
     load_history,
     load_state,
@@ -26,6 +25,9 @@ from stages._artifacts import (
     sha256,
     write_artifact,
 )
+from stages.data import prepared as _data
+from stages.training import jit as _jit
+from stages.training import loop as _loop
 
 PROVENANCE = ("stage", "params", "inputs", "seed", "versions", "created_utc", "wall_seconds")
 # Flags that place files, choose how the maths runs or how much is measured, not what the victim is. on_collapse is

@@ -20,8 +20,9 @@ import models
 from models import params as registry_params
 from models.defenses import DEFENSES
 from models.params import UserError
-from stages import _data, _victim
-from stages._artifacts import load_state, open_artifact
+from stages.core.artifacts import load_state, open_artifact
+from stages.data import prepared as _data
+from stages.training import victim as _victim
 
 MISINFORMATION_GROUP = "misinformation"
 

@@ -1,7 +1,8 @@
 """Near-distribution families for `prepare`: what a thief of a digit or garment classifier would query with
 (non-Latin glyphs, digits that no longer denote one, pen strokes; silhouettes, recombined and warped garments), made
 offline and deterministically from the seed, framed as MNIST or FashionMNIST frames its images. Each family is one
-file; `confidence` measures how sure a victim is on them. Latin letters are an evaluation-only family.
+file (stages/evaluation/family_confidence.py measures how sure a victim is on them). Latin letters are an
+evaluation-only family.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from stages.near import digits, garments, glyphs, silhouettes, strokes
+from stages.data.near import digits, garments, glyphs, silhouettes, strokes
 
 TRAIN, TEST = 20000, 4000  # images per family, unless --limit asks fewer
 

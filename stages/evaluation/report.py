@@ -1,5 +1,5 @@
 """`evaluate`'s report for people: a Markdown file with the aggregated table, the decision table, the Pareto plots
-(stages/_evaluate_plots.py) and the settings they leave out, queries needed and latency; and the table on stderr."""
+(stages/evaluation/plots.py) and the settings they leave out, queries needed and latency; and the table on stderr."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from models.params import UserError
-from stages import _decision, _evaluate_plots
-from stages._artifacts import atomic_path
+from stages.core.artifacts import atomic_path
+from stages.evaluation import decision as _decision
+from stages.evaluation import plots as _evaluate_plots
 
 console = Console(stderr=True, width=180)  # the table is wide; stderr is often a log file
 LABELS = ("dataset", "victim", "defense", "attack", "label", "pool")

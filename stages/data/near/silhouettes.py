@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.near import _frame
+from stages.data.near import _frame
 
 CANVAS = 112  # drawing size, 4x the frame
 CLASSES = ["blob", "star", "animal", "tool", "vehicle", "vessel", "leaf", "building"]

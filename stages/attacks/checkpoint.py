@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from models.params import UserError
-from stages import _artifacts
-from stages._artifacts import load_history, load_state, open_artifact
-from stages._blackbox import BlackBox
+from stages.attacks.blackbox import BlackBox
+from stages.core import artifacts as _artifacts
+from stages.core.artifacts import load_history, load_state, open_artifact
 
 
 @dataclass

@@ -113,7 +113,7 @@ def drawn_family(
     n_test: int,
 ):
     """A RawDataset drawn image by image, train and test from independent streams of the seed."""
-    from stages._prepare_readers import _raw
+    from stages.data.raw import raw_dataset as _raw
 
     train = draw_each(n_train, len(classes), draw, np.random.default_rng([seed, 1]))
     test = draw_each(n_test, len(classes), draw, np.random.default_rng([seed, 2]))

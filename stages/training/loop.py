@@ -19,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from models.params import UserError
-from stages import _data, _torchrun
-from stages._artifacts import load_history, load_state, open_artifact, save_history, save_state, write_artifact
-from stages._torchrun import Ranks
+from stages.core.artifacts import load_history, load_state, open_artifact, save_history, save_state, write_artifact
+from stages.data import prepared as _data
+from stages.training import torchrun as _torchrun
+from stages.training.torchrun import Ranks
 
 console = Console(stderr=True, log_path=False)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, features
 
-from stages.near import _frame
+from stages.data.near import _frame
 
 # The Unicode text fonts of matplotlib's mpl-data/fonts/ttf. Left out: DejaVu*Display (a subset for big sizes),
 # LastResort (placeholder boxes), STIXNonUni and STIXSiz* (private-use code points), the cm* Computer Modern fonts
@@ -296,7 +296,7 @@ def _describe(what: str) -> str:
 
 
 def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
-    from stages._prepare_readers import _raw
+    from stages.data.raw import raw_dataset as _raw
 
     bank = glyph_bank()
     train_ids, test_ids = _split_chars(bank, np.random.default_rng(seed))
@@ -319,7 +319,7 @@ def load_glyphs(name: str, seed: int, n_train: int, n_test: int, **_):
 def load_latin_letters(name: str, seed: int, n_train: int, n_test: int, **_):
     """The 52 letters in every font; train and test differ in their jitter only (there are too few letters to
     hold some out)."""
-    from stages._prepare_readers import _raw
+    from stages.data.raw import raw_dataset as _raw
 
     bank = glyph_bank(latin=True)
     every = np.arange(len(bank.chars))

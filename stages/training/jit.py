@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from stages._artifacts import UserError, atomic_path
+from stages.core.artifacts import UserError, atomic_path
 
 METADATA = "metadata.json"
 

@@ -17,8 +17,9 @@ from torch import nn
 
 from models.defenses import Defended, Deployed, NoDefense
 from models.params import UserError
-from stages import _defense, _victim
-from stages._victim import VictimInfo
+from stages.deploy import defense as _defense
+from stages.training import victim as _victim
+from stages.training.victim import VictimInfo
 
 EVAL_CHUNK = 1024  # images per victim forward pass, whatever the attack asks at once
 

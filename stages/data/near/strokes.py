@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.near import _frame
+from stages.data.near import _frame
 
 CLASSES = ["1 stroke", "2 strokes", "3 strokes"]
 SEGMENTS = (2, 3)  # cubic segments per stroke

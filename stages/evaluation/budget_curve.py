@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from stages import _blackbox
+from stages.attacks import blackbox as _blackbox
 from stages.attacks._thief import SurrogateRecipe, Thief, train_surrogate
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from models.params import UserError
-from stages._artifacts import attr_json, check_memory, open_artifact, prepare_output, sha256, write_artifact
+from stages.core.artifacts import attr_json, check_memory, open_artifact, prepare_output, sha256, write_artifact
 
 SPLITS = ("train", "val", "test")
 DATA_ROOT = Path("data")  # torchvision-style root searched first for raw files, and where downloads go
@@ -63,9 +63,9 @@ class Dataset:
 
 def names() -> tuple[str, ...]:
     """Every dataset name `prepare` knows."""
-    from stages import _prepare_readers
+    from stages.data import readers
 
-    return tuple(_prepare_readers.DATASETS)
+    return tuple(readers.DATASETS)
 
 
 def default_path(dataset: str) -> Path:
@@ -73,12 +73,10 @@ def default_path(dataset: str) -> Path:
 
 
 def default_data_roots(data_root: Path) -> list[Path]:
-    """Where raw files are looked for: the given root, $INI_DATA_ROOT, then a `shared/data` folder beside the
-    checkout."""
+    """Where raw files are looked for: the given root, then $INI_DATA_ROOT (a machine's offline copy)."""
     roots = [data_root]
     if os.environ.get("INI_DATA_ROOT"):
         roots.append(Path(os.environ["INI_DATA_ROOT"]))
-    roots.append(Path(__file__).resolve().parents[2] / "shared" / "data")
     return roots
 
 
@@ -112,15 +110,15 @@ def prepare(
 ) -> Path:
     """Read `dataset` from raw files (or torchvision's download) and write it as one `dataset/1` file with train /
     val / test splits (val carved from train with `seed`); print a table of the splits. `prepare`'s flags."""
-    from stages import _prepare_readers
+    from stages.data import readers
 
     started = time.time()
-    if dataset not in _prepare_readers.DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(_prepare_readers.DATASETS)}")
+    if dataset not in readers.DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(readers.DATASETS)}")
     if channels == 2:
         raise UserError("--channels must be 1 (gray) or 3 (RGB)")
     out = prepare_output(out or default_path(dataset))
-    raw = _prepare_readers.load(dataset, source, default_data_roots(data_root), download, seed, limit)
+    raw = readers.load(dataset, source, default_data_roots(data_root), download, seed, limit)
 
     train_x, train_y, test_x, test_y = raw.train_images, raw.train_labels, raw.test_images, raw.test_labels
     if limit is not None:
@@ -133,8 +131,8 @@ def prepare(
         f"preparing {len(train_x) + len(test_x):,} {dataset} images of {'x'.join(map(str, shape))}",
     )
     if size is not None or channels is not None:
-        train_x = _prepare_readers.convert(train_x, size, channels)
-        test_x = _prepare_readers.convert(test_x, size, channels)
+        train_x = readers.convert(train_x, size, channels)
+        test_x = readers.convert(test_x, size, channels)
 
     n_val = val_size if val_size is not None else (5000 if len(train_x) >= 50000 else len(train_x) // 10)
     if n_val >= len(train_x):
@@ -166,7 +164,7 @@ def prepare(
         f.attrs["shape"] = list(train_x.shape[1:])
         f.attrs["mean"] = mean
         f.attrs["std"] = std
-        f.attrs["evaluation_only"] = dataset in _prepare_readers.EVALUATION_ONLY
+        f.attrs["evaluation_only"] = dataset in readers.EVALUATION_ONLY
         for key, value in raw.attrs.items():  # a generated family's generator and its measurements
             f.attrs[key] = value
         for split, (x, y, index) in splits.items():
@@ -213,7 +211,7 @@ def resolve(dataset: str, auto_prepare: bool = True, download: bool = True) -> P
 def refuse_evaluation_only(dataset: str, flag: str) -> None:
     """Sets marked evaluation-only (rendered Latin letters, EMNIST: the pools a digit thief would most likely use) are
     measured against and never trained on; `dataset` is a name or a prepared file (judged by its name and mark)."""
-    from stages import _prepare_readers
+    from stages.data import readers
 
     name, marked = dataset, False
     path = Path(dataset)
@@ -223,7 +221,7 @@ def refuse_evaluation_only(dataset: str, flag: str) -> None:
                 name, marked = str(f.attrs.get("name", "")), bool(f.attrs.get("evaluation_only", False))
         except UserError:
             return  # not a readable dataset: loading it reports why
-    if marked or name in _prepare_readers.EVALUATION_ONLY:
+    if marked or name in readers.EVALUATION_ONLY:
         raise UserError(
             f"{flag} {dataset}: {name} is an evaluation-only set (a digit thief's likeliest pool); "
             "no recipe may train on it"
@@ -279,7 +277,7 @@ def load(dataset: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
 
 def fit_images(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """Resize / convert channels of uint8 images so a pool or OOD set matches a victim's input shape."""
-    from stages._prepare_readers import convert
+    from stages.data.readers import convert
 
     if tuple(images.shape[1:]) == tuple(shape):
         return images

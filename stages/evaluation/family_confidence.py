@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from stages import _blackbox, _data
+from stages.attacks import blackbox as _blackbox
+from stages.data import prepared as _data
 
 CONFIDENT = 0.9
 
