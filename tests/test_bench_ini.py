@@ -26,6 +26,8 @@ def steps():
 @pytest.mark.parametrize("kind", bench_ini_step.KINDS)
 def test_step_speed(benchmark, steps, kind):
     benchmark.group = "ini-step (LeNet-5, batch 128)"
+    if kind not in steps:  # the compiled step exists only where torch.compile finds a C++ compiler
+        pytest.skip(f"no {kind} step on this machine: torch.compile needs a C++ compiler")
     step = steps[kind]
     before = [p.detach().clone() for p in step.victim.parameters()]
     benchmark(step)

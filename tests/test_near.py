@@ -17,8 +17,8 @@ from tiny_data import write_dataset
 from stages import prepare, train
 from stages.data import prepared as _data
 from stages.data import readers as _prepare_readers
+from stages.data.near import glyphs
 from stages.evaluation import family_confidence as confidence
-from stages.evaluation import glyphs
 
 DIGIT_LIKE = ("glyphs", "digits-transformed", "pen-strokes", "latin-letters")
 GARMENT_LIKE = ("silhouettes", "garments-recombined", "garments-transformed")

@@ -3,14 +3,13 @@ connections: how the loopback benchmark, the alert experiments and the tests run
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import IO, Union
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def launch(
@@ -22,11 +21,13 @@ def launch(
     timeout: float = 120.0,
 ) -> tuple[subprocess.Popen, str]:
     """The server process (one torch thread) and its URL; RuntimeError when no URL came within `timeout` seconds."""
+    # the CLI's own file, wherever it is installed (a checkout or site-packages), found without importing it
+    cli = importlib.util.find_spec("cli").origin
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "cli.py"),
+            cli,
             "serve",
             "--model",
             str(model),
@@ -40,7 +41,6 @@ def launch(
             "0",
             *flags,
         ],
-        cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=stderr,

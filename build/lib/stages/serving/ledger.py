@@ -1,0 +1,172 @@
+"""The query ledger: SQLite in WAL mode, one row per answered request, budget counters and alerts.
+
+A batch of answers is recorded in one transaction that inserts each request's row and adds its images to its
+principal's `spent`; the answers leave the server only after that transaction commits (synchronous=FULL: on disk,
+not just in the OS cache). So no image is answered without being counted, a `kill -9` loses no answered query,
+and a retried request (same Idempotency-Key) is answered from its row, never counted twice.
+Tables are documented in artifacts/README.md (`ledger.sqlite`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from models.params import UserError
+
+SCHEMA = "ledger/1"
+TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS principals (
+    name TEXT PRIMARY KEY, spent INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'ok');
+CREATE TABLE IF NOT EXISTS queries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL, time REAL NOT NULL, images INTEGER NOT NULL,
+    input_sha256 TEXT NOT NULL, request_id TEXT, max_prob_mean REAL NOT NULL, max_prob_min REAL NOT NULL,
+    entropy_mean REAL NOT NULL, ood_images INTEGER NOT NULL, classes INTEGER NOT NULL, answers BLOB NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS queries_request ON queries (principal, request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS queries_principal_time ON queries (principal, time);
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL, time REAL NOT NULL, signal TEXT NOT NULL,
+    value REAL NOT NULL, threshold REAL NOT NULL, queries INTEGER NOT NULL, action TEXT NOT NULL,
+    details TEXT NOT NULL);
+"""
+
+
+@dataclass
+class Answered:
+    """One answered request, as recorded."""
+
+    principal: str
+    time: float
+    input_sha256: str
+    request_id: Optional[str]
+    answers: np.ndarray  # float32 (N, K), what the client receives
+    ood_images: int  # answers whose OOD score crossed the calibrated threshold
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+class Ledger:
+    """One writer connection behind a lock (the batch worker and the monitor write), one reader for the event loop."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = _connect(path)
+            self._db.executescript(TABLES)
+            schema = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{path}: not a usable ledger ({e})") from None
+        if schema is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+        elif schema[0] != SCHEMA:
+            raise UserError(f"{path}: ledger schema {schema[0]}, this tool writes {SCHEMA}")
+        self._reader = _connect(path)
+        self._lock = threading.Lock()
+        self.path = path
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+        self._reader.close()
+
+    def enrol(self, names: list[str]) -> dict[str, tuple[int, str]]:
+        """Make sure every principal has a row; return each one's (spent, state), as left by any earlier run."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO principals (name) VALUES (?) ON CONFLICT DO NOTHING", [(n,) for n in names]
+            )
+            rows = self._db.execute("SELECT name, spent, state FROM principals").fetchall()
+        return {name: (int(spent), str(state)) for name, spent, state in rows}
+
+    def record(self, batch: list[Answered]) -> None:
+        """Every row and every debit of the batch, in one transaction."""
+        rows = []
+        for a in batch:
+            p = a.answers.astype(np.float32, copy=False)
+            top = p.max(1)
+            entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+            rows.append(
+                (
+                    a.principal,
+                    a.time,
+                    len(p),
+                    a.input_sha256,
+                    a.request_id,
+                    float(top.mean()),
+                    float(top.min()),
+                    float(entropy.mean()),
+                    int(a.ood_images),
+                    p.shape[1],
+                    p.tobytes(),
+                )
+            )
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO queries (principal, time, images, input_sha256, request_id, max_prob_mean, "
+                    "max_prob_min, entropy_mean, ood_images, classes, answers) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                self._db.executemany(
+                    "UPDATE principals SET spent = spent + ? WHERE name = ?", [(r[2], r[0]) for r in rows]
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def replay(self, principal: str, request_id: str) -> Optional[tuple[str, np.ndarray]]:
+        """The input hash and answers of an earlier request with this Idempotency-Key, if it was answered."""
+        row = self._reader.execute(
+            "SELECT input_sha256, images, classes, answers FROM queries WHERE principal = ? AND request_id = ?",
+            (principal, request_id),
+        ).fetchone()
+        if row is None:
+            return None
+        sha, n, k, blob = row
+        return sha, np.frombuffer(blob, dtype=np.float32).reshape(n, k)
+
+    def alert(
+        self,
+        principal: str,
+        time: float,
+        signal: str,
+        value: float,
+        threshold: float,
+        queries: int,
+        action: str,
+        details: dict,
+        state: Optional[str],
+    ) -> None:
+        """Store an alert and, in the same transaction, the principal's new state (throttled, blocked)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO alerts (principal, time, signal, value, threshold, queries, action, details) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (principal, time, signal, value, threshold, queries, action, json.dumps(details, sort_keys=True)),
+            )
+            if state is not None:
+                self._db.execute("UPDATE principals SET state = ? WHERE name = ?", (state, principal))
+            self._db.execute("COMMIT")
+
+    def put_meta(self, values: dict[str, object]) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(k, json.dumps(v, default=str)) for k, v in values.items()],
+            )

@@ -1,0 +1,98 @@
+"""The wire format of /v1/predict: a batch of images in, probabilities out, and one-line JSON errors.
+
+Requests: `application/x-npy` (a .npy file, uint8 or float32 in [0, 1], shape (N, C, H, W)), or `application/json`
+`{"images": "<base64 of such a .npy>"}`. Answers: JSON `{"answers": [[...], ...]}`, or a float32 .npy (N, K) when
+the request's Accept header asks for application/x-npy. .npy files are read with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+
+import numpy as np
+
+NPY = "application/x-npy"
+JSON = "application/json"
+MAGIC = b"\x93NUMPY"
+
+
+class ApiError(Exception):
+    """An answer other than 200: its status, one line of text, and headers (Retry-After, ...)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, " ".join(message.split()), headers or {}
+
+
+def to_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";")[0].strip().lower()
+
+
+def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], max_images: int) -> np.ndarray:
+    """The request's images as float32 in [0, 1], (N, C, H, W), or an ApiError saying what is wrong."""
+    media = media_type(content_type)
+    if media == NPY:
+        raw = body
+    elif media == JSON:
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(422, "body is not valid JSON") from None
+        if not isinstance(document, dict) or not isinstance(document.get("images"), str):
+            raise ApiError(422, 'JSON body must be {"images": "<base64 of a .npy file>"}')
+        try:
+            raw = base64.b64decode(document["images"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "images is not valid base64") from None
+    else:
+        raise ApiError(415, f"unsupported media type {media or 'none'!r}: send {NPY} or {JSON}")
+    if not raw.startswith(MAGIC):
+        raise ApiError(422, "payload is not a .npy file")
+    try:
+        images = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # truncated data, object arrays (pickles), bad headers
+        raise ApiError(422, f"unreadable .npy file ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(images, np.ndarray):
+        raise ApiError(422, "payload is not a single .npy array")
+    if images.dtype == np.uint8:
+        pass
+    elif images.dtype.kind == "f" and images.dtype.itemsize == 4:
+        images = images.astype(np.float32, copy=False)  # also big-endian float32
+    else:
+        raise ApiError(422, f"dtype {images.dtype} not accepted: send uint8 (0-255) or float32 in [0, 1]")
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise ApiError(422, f"shape {list(images.shape)} does not match (N, {', '.join(map(str, shape))})")
+    if images.shape[0] == 0:
+        raise ApiError(422, "empty batch: send at least one image")
+    if images.shape[0] > max_images:
+        raise ApiError(413, f"{images.shape[0]} images in one request; at most {max_images}")
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
+    if not np.isfinite(images).all():
+        raise ApiError(422, "images hold NaN or infinite values")
+    if float(images.min()) < 0.0 or float(images.max()) > 1.0:
+        raise ApiError(422, "float32 pixels must lie in [0, 1]")
+    return np.ascontiguousarray(images)
+
+
+def digest(images: np.ndarray) -> str:
+    """SHA-256 of the images as the model saw them (float32, C order, with the shape)."""
+    h = hashlib.sha256(json.dumps(list(images.shape)).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def encode(answers: np.ndarray, accept: str | None) -> tuple[bytes, str]:
+    if NPY in (accept or "").lower():
+        return to_npy(np.ascontiguousarray(answers, dtype=np.float32)), NPY
+    return json.dumps({"answers": answers.tolist()}, separators=(",", ":")).encode(), JSON
