@@ -11,7 +11,30 @@ from typer.testing import CliRunner
 
 import cli
 
-SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# Raw MNIST and FashionMNIST in torchvision's layout (<root>/MNIST/raw/*.gz): $INI_DATA_ROOT on an offline machine
+# that keeps a copy, else data/ in the checkout, where the session downloads them as `prepare` does when absent.
+DATA_ROOT = Path(os.environ.get("INI_DATA_ROOT") or Path(__file__).resolve().parents[1] / "data")
+REAL_SETS = {"MNIST": "mnist", "FashionMNIST": "fashionmnist"}
+_missing: list[str] = []
+
+
+def has_raw(folder: str) -> bool:
+    """Whether the raw set `folder` (MNIST, FashionMNIST) is there: its train images, gzipped or not."""
+    return any((DATA_ROOT / folder / "raw").glob("train-images-idx3-ubyte*"))
+
+
+def pytest_configure(config):
+    """Fetch the real sets the tests slice, once, the way `prepare` does; what cannot be had is said at the end."""
+    import torchvision.datasets as tvd
+
+    from stages.data import raw
+
+    for folder, name in REAL_SETS.items():
+        if not has_raw(folder):
+            why = raw.download_into(name, [DATA_ROOT], lambda root, c=getattr(tvd, folder): c(str(root), download=True))
+            if why:
+                _missing.append(f"{folder} ({why})")
+    os.environ["INI_DATA_ROOT"] = str(DATA_ROOT)  # the stages the tests run in subprocesses look there too
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,18 +66,24 @@ def assert_one_line_error(result, *, code: int | None = None) -> str:
 @pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory) -> Path:
     """1,000 real MNIST train images (200 of them val) and 200 test images."""
-    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    if not has_raw("MNIST"):
+        pytest.skip(f"real MNIST not found under {DATA_ROOT}")
     out = tmp_path_factory.mktemp("data") / "mnist.h5"
     result = invoke(
-        "prepare", "--dataset", "mnist", "--data-root", SHARED_DATA, "--limit", 1000, "--val-size", 200, "--out", out
+        "prepare", "--dataset", "mnist", "--data-root", DATA_ROOT, "--limit", 1000, "--val-size", 200, "--out", out
     )
     assert result.exit_code == 0, result.stderr
     return out
 
 
 def pytest_terminal_summary(terminalreporter):
-    """After a measuring run of test_bench_inference: latency relative to undefended, InI's speed-up over each."""
+    """What a skip for want of data means; after a measuring run of test_bench_inference: latency relative to
+    undefended, InI's speed-up over each."""
+    if _missing:
+        terminalreporter.write_line(
+            f"the tests on real data skipped: no raw {', '.join(_missing)} under {DATA_ROOT}; offline, set "
+            "INI_DATA_ROOT to a folder in torchvision's layout (<root>/MNIST/raw/*.gz)"
+        )
     try:
         from test_bench_inference import RESULTS
     except ImportError:

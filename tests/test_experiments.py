@@ -17,12 +17,12 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import has_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "experiments" / "Snakefile")]
 CONFIG = ROOT / "experiments" / "config"
-needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST").exists(), reason="needs the shared data folder (MNIST)")
+needs_mnist = pytest.mark.skipif(not has_raw("MNIST"), reason="no raw MNIST (see the end of the test report)")
 pytest.importorskip("snakemake", reason="the experiments extra is not installed")
 
 
@@ -228,8 +228,8 @@ def test_a_configuration_naming_nothing_it_defines_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     """The grid's smoke study, run once, two jobs side by side; its folder."""
-    if not (SHARED_DATA / "MNIST").exists():
-        pytest.skip("needs the shared data folder (MNIST)")
+    if not has_raw("MNIST"):
+        pytest.skip("no raw MNIST (see the end of the test report)")
     cwd = tmp_path_factory.mktemp("smoke")
     snakemake(cwd, "--configfile", str(CONFIG / "grid-smoke.yaml"), "--cores", "2")
     return cwd

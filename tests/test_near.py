@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, assert_one_line_error, invoke
+from conftest import DATA_ROOT, assert_one_line_error, has_raw, invoke
 from tiny_data import write_dataset
 
 from stages import prepare, train
@@ -29,11 +29,11 @@ _made: dict = {}
 
 def make(name: str, seed: int = 0, n: int = N):
     """A family generated once per (name, seed, n) in this session."""
-    if name in DERIVED and not (SHARED_DATA / DERIVED[name] / "raw").is_dir():
-        pytest.skip(f"real {DERIVED[name]} not found under {SHARED_DATA}")
+    if name in DERIVED and not has_raw(DERIVED[name]):
+        pytest.skip(f"real {DERIVED[name]} not found under {DATA_ROOT}")
     key = (name, seed, n)
     if key not in _made:
-        _made[key] = _prepare_readers.load(name, None, [SHARED_DATA], False, seed, limit=n)
+        _made[key] = _prepare_readers.load(name, None, [DATA_ROOT], False, seed, limit=n)
     return _made[key]
 
 
@@ -47,7 +47,7 @@ def centre_of_mass(images: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", _prepare_readers.NEAR_DATASETS)
 def test_same_seed_same_bytes_other_seed_other_images(name):
     a, c = make(name), make(name, seed=1)
-    again = _prepare_readers.load(name, None, [SHARED_DATA], False, 0, limit=N)
+    again = _prepare_readers.load(name, None, [DATA_ROOT], False, 0, limit=N)
     for split in ("train_images", "train_labels", "test_images", "test_labels"):
         assert getattr(again, split).tobytes() == getattr(a, split).tobytes(), split
     assert not np.array_equal(a.train_images, c.train_images)
@@ -170,20 +170,17 @@ def test_a_renamed_copy_keeps_its_evaluation_mark(evaluation_only_file, tiny, tm
 
 def _victim(tmp_path_factory, dataset: str) -> tuple:
     folder = tmp_path_factory.mktemp(dataset)
-    data = prepare.run(dataset=dataset, out=folder / "data.h5", data_root=SHARED_DATA, limit=5000, val_size=500)
+    data = prepare.run(dataset=dataset, out=folder / "data.h5", data_root=DATA_ROOT, limit=5000, val_size=500)
     torch.manual_seed(0)
     return train.run(dataset=str(data), out=folder / "victim.h5", epochs=1, batch_size=32, device="cpu"), folder
 
 
 @pytest.mark.parametrize("dataset,families", [("mnist", DIGIT_LIKE), ("fashionmnist", GARMENT_LIKE)])
 def test_an_undefended_victim_is_less_sure_on_every_family(dataset, families, tmp_path_factory, capsys):
-    raw_dir = SHARED_DATA / {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[dataset] / "raw"
-    if not raw_dir.is_dir():
-        pytest.skip(f"real {dataset} not found under {SHARED_DATA}")
+    if not has_raw({"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[dataset]):
+        pytest.skip(f"real {dataset} not found under {DATA_ROOT}")
     victim, folder = _victim(tmp_path_factory, dataset)
-    paths = [
-        prepare.run(dataset=name, out=folder / f"{name}.h5", data_root=SHARED_DATA, limit=1000) for name in families
-    ]
+    paths = [prepare.run(dataset=name, out=folder / f"{name}.h5", data_root=DATA_ROOT, limit=1000) for name in families]
     rows = confidence.table(victim, [str(p) for p in paths])
     with capsys.disabled():
         print(

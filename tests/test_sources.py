@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 import scipy.io
 import torchvision.datasets as tvd
+from conftest import DATA_ROOT, has_raw
 from PIL import Image
 
 from models.params import UserError
+from stages.data import raw as _raw_files
 from stages.data import readers as _sources
 from stages.data.readers import convert, load
-
-SHARED_DATA = Path(os.environ.get("INI_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
@@ -95,7 +94,7 @@ def test_mnist_idx_in_source_dir(tmp_path, gz):
     check_raw(raw, 12, 5, (1, 28, 28), 10)
     np.testing.assert_array_equal(raw.train_images[:, 0], arrays["train-images"])
     np.testing.assert_array_equal(raw.test_labels, arrays["t10k-labels"])
-    assert sorted(p.name for p in raw.files) == sorted(f"{n}{'.gz' if gz else ''}" for n in _sources.IDX_FILES)
+    assert sorted(p.name for p in raw.files) == sorted(f"{n}{'.gz' if gz else ''}" for n in _raw_files.IDX_FILES)
 
 
 def test_source_may_be_a_torchvision_root(tmp_path):
@@ -119,7 +118,7 @@ def test_kmnist_from_data_roots_in_order(tmp_path):
 def test_debian_folder_is_searched(tmp_path, monkeypatch):
     arrays = idx_arrays(np.random.default_rng(3))
     write_mnist(tmp_path / "fashion-mnist", arrays, gz=True)
-    monkeypatch.setitem(_sources.DEBIAN_DIRS, "fashionmnist", [tmp_path / "fashion-mnist"])
+    monkeypatch.setitem(_raw_files.DEBIAN_DIRS, "fashionmnist", [tmp_path / "fashion-mnist"])
     raw = load("fashionmnist", None, [tmp_path / "empty-root"], download=False, seed=0)
     np.testing.assert_array_equal(raw.test_images[:, 0], arrays["t10k-images"])
 
@@ -385,9 +384,9 @@ def test_download_lands_in_first_data_root(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashionmnist", "FashionMNIST")])
 def test_real_offline_data(name, folder):
-    if not (SHARED_DATA / folder / "raw").is_dir():
-        pytest.skip(f"no {SHARED_DATA / folder / 'raw'}")
-    raw = load(name, None, [SHARED_DATA], download=False, seed=0)
+    if not has_raw(folder):
+        pytest.skip(f"no {DATA_ROOT / folder / 'raw'}")
+    raw = load(name, None, [DATA_ROOT], download=False, seed=0)
     check_raw(raw, 60000, 10000, (1, 28, 28), 10)
     assert np.bincount(raw.train_labels).min() > 5000
     assert len(raw.files) == 4 and all(p.is_file() for p in raw.files)
