@@ -30,7 +30,6 @@ from models.params import parse as parse_params
 from stages.attacks import ATTACKS, Attack
 from stages.attacks import blackbox as _blackbox
 from stages.attacks import checkpoint as _steal_checkpoint
-from stages.serving import client as _remote
 from stages.attacks._thief import SurrogateRecipe, Thief
 from stages.core import options as _options
 from stages.core.artifacts import check_memory, prepare_output, save_history, save_state, write_artifact
@@ -38,6 +37,7 @@ from stages.core.options import ATTACK, RECIPE, RUNTIME, VICTIM
 from stages.data import prepared as _data
 from stages.deploy import defense as _defense
 from stages.evaluation import budget_curve as _budget_curve
+from stages.serving import client as _remote
 from stages.training import loop as _loop
 from stages.training import victim as _victim
 

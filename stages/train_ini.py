@@ -9,6 +9,7 @@ and trains them. `--preset faithful` is the paper's recipe as its official code 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -35,36 +36,48 @@ from stages.training import victim as _victim
 
 console = Console(stderr=True)
 
+
+@dataclass(frozen=True)
+class Preset:
+    """A recipe `--preset` names: the flag values it sets unless given, and the OOD sets it takes without `--ood`."""
+
+    flags: dict
+    mixture: bool = False  # every offline family of the victim's channel count, not the paper's one set
+    near: bool = False  # and the near-distribution families of the victim's task (stages/ini/ood.py, NEAR_OOD)
+
+
 # The presets (docs/method.md, "Presets"), merged once with the flags given explicitly.
-PRESETS = {
-    # the paper's recipe as its official code runs it: one OOD set, augmented as ID images are, PCGrad's mean
-    "faithful": {
-        "ood_derived": "",
-        "ood_derived_fraction": 0.5,
-        "ood_augment": "id",
-        "clip": "official",
-        "on_collapse": "warn",
-        "pcgrad_reduction": "mean",
-    },
-    # induction meant to hold on pools the defense never saw: a mixture of every offline family, heavily augmented,
-    # with a quarter of each OOD batch derived from ID images (at a half, one of four MNIST runs collapsed to one
-    # class for good; at a quarter the same run recovered, and victims ended 0.2-0.4 pt higher for somewhat weaker
-    # induction on a held-out family). The official mean divides the benign gradient by the number of terms; the sum
-    # took 5-epoch victims from 85.4% to 88.7% (FashionMNIST; undefended 89.0%) and from 98.6% to 99.0% (MNIST;
-    # 99.1%). Its larger steps collapsed 3 of 12 runs (every last-layer ReLU dead after a gradient spike): the spike
-    # clip prevents that, the rollback repairs it.
-    "broad": {
-        "ood_derived": "shuffle,mix,corrupt",
-        "ood_derived_fraction": 0.25,
-        "ood_augment": "heavy",
-        "clip": "spike",
-        "on_collapse": "rollback",
-        "pcgrad_reduction": "sum",
-    },
+# The paper's recipe as its official code runs it: one OOD set, augmented as ID images are, PCGrad's mean.
+FAITHFUL = {
+    "ood_derived": "",
+    "ood_derived_fraction": 0.5,
+    "ood_augment": "id",
+    "clip": "official",
+    "on_collapse": "warn",
+    "pcgrad_reduction": "mean",
 }
-# induction meant to hold on pools that look like the victim's data: broad's recipe on broad's mixture and the
-# near-distribution families of the victim's task (glyphs, transformed digits, pen strokes for a digit victim)
-PRESETS["near"] = dict(PRESETS["broad"])
+# Induction meant to hold on pools the defense never saw: a mixture of every offline family, heavily augmented,
+# with a quarter of each OOD batch derived from ID images (at a half, one of four MNIST runs collapsed to one
+# class for good; at a quarter the same run recovered, and victims ended 0.2-0.4 pt higher for somewhat weaker
+# induction on a held-out family). The official mean divides the benign gradient by the number of terms; the sum
+# took 5-epoch victims from 85.4% to 88.7% (FashionMNIST; undefended 89.0%) and from 98.6% to 99.0% (MNIST;
+# 99.1%). Its larger steps collapsed 3 of 12 runs (every last-layer ReLU dead after a gradient spike): the spike
+# clip prevents that, the rollback repairs it.
+BROAD = {
+    "ood_derived": "shuffle,mix,corrupt",
+    "ood_derived_fraction": 0.25,
+    "ood_augment": "heavy",
+    "clip": "spike",
+    "on_collapse": "rollback",
+    "pcgrad_reduction": "sum",
+}
+PRESETS = {
+    "faithful": Preset(FAITHFUL),
+    "broad": Preset(BROAD, mixture=True),
+    # induction meant to hold on pools that look like the victim's data: broad's recipe on broad's mixture and the
+    # near-distribution families of the victim's task (glyphs, transformed digits, pen strokes for a digit victim)
+    "near": Preset(BROAD, mixture=True, near=True),
+}
 MAX_ROLLBACKS = 3
 # Flags that mean nothing while the flag they refine is off: left out of a victim's recipe identity.
 INERT = {
@@ -295,7 +308,8 @@ def run(
         augment=data.shape[0] == 3 if augment is None else augment,
     )
     ranks = _torchrun.join(recipe.device)
-    params.update(
+    params = dataclasses.replace(
+        params,
         dataset=str(data.path),
         ood=",".join(str(o.path) for o in ood_sets),
         device=recipe.device.split(":")[0],
@@ -309,13 +323,13 @@ def run(
         parts.step,
         recipe,
         out,
-        _loop.fingerprint(params),
+        _loop.fingerprint(dataclasses.asdict(params)),
         resume,
         modules=parts.modules,
         begin_epoch=parts.begin_epoch,
         diagnostics=parts.diagnostics,
         title="train-ini",
-        rollbacks=MAX_ROLLBACKS if params["on_collapse"] == "rollback" else 0,
+        rollbacks=MAX_ROLLBACKS if params.on_collapse == "rollback" else 0,
     )
     if ranks.main:
         _save(out, params, data, ood_sets, parts, result, started)
@@ -325,43 +339,44 @@ def run(
 
 # ------------------------------------------------------------------------------------------------ flags
 
+Flags = _options.flags_of(run, "processes")  # the flags resolved, and the processes a torchrun job trains on
 
-def _resolve(flags: dict) -> dict:
+
+def _resolve(flags: dict) -> "Flags":
     """The flags as the run uses and records them: the preset's value for every flag of it not given (one merge),
     surrogate architectures cycled over --surrogates; then every combination the flags alone can refute."""
-    preset = PRESETS[flags["preset"]]
-    params = {**flags, **{k: v for k, v in preset.items() if flags[k] is None}}
-    params["ood_derived"] = ",".join(_names(params["ood_derived"]))
-    _check(params)
-    archs = _names(params["surrogate_archs"] or params["arch"])
-    params["surrogate_archs"] = [archs[i % len(archs)] for i in range(params["surrogates"])]
-    return params
+    preset = PRESETS[flags["preset"]].flags
+    merged = {**flags, **{k: v for k, v in preset.items() if flags[k] is None}}
+    p = Flags(**{**merged, "ood_derived": ",".join(_names(merged["ood_derived"]))})
+    _check(p)
+    archs = _names(p.surrogate_archs or p.arch)
+    return dataclasses.replace(p, surrogate_archs=[archs[i % len(archs)] for i in range(p.surrogates)])
 
 
-def _check(p: dict) -> None:
+def _check(p: "Flags") -> None:
     """Every invalid combination of flags, with the flag to change."""
-    models.check_arch(p["arch"])
-    archs = _names(p["surrogate_archs"] or p["arch"])
+    models.check_arch(p.arch)
+    archs = _names(p.surrogate_archs or p.arch)
     for arch in archs:
         models.check_arch(arch, "--surrogate-archs")
-    for kind in filter(None, p["ood_derived"].split(",")):
+    for kind in filter(None, p.ood_derived.split(",")):
         if kind not in ood.DERIVED:
             raise UserError(f"--ood-derived: unknown outlier kind {kind!r}; choose from {', '.join(ood.DERIVED)}")
-    if p["ood_synthetic"] and not p["ood_synthetic_eps"]:
+    if p.ood_synthetic and not p.ood_synthetic_eps:
         raise UserError("--ood-synthetic-eps must be above 0")
-    if p["ood"] is not None and not _names(p["ood"]):
+    if p.ood is not None and not _names(p.ood):
         raise UserError("--ood names no set")
-    for name in _names(p["ood"] or ""):
+    for name in _names(p.ood or ""):
         _data.refuse_evaluation_only(name, "--ood")
-    lenets = all(a == "lenet5" for a in (p["arch"], *archs))
-    if p["implementation"] == "fast" and not lenets:
+    lenets = all(a == "lenet5" for a in (p.arch, *archs))
+    if p.implementation == "fast" and not lenets:
         raise UserError("--implementation fast needs LeNet-5 victim and surrogates on 28x28 or 32x32 images")
-    if p["compile_mode"] == "on":
-        if p["implementation"] == "reference" or not lenets:
+    if p.compile_mode == "on":
+        if p.implementation == "reference" or not lenets:
             raise UserError("--compile on needs the fast step (LeNet-5 victim and surrogates on 28x28 or 32x32 images)")
         if not fast.compiler_available():
             raise UserError("--compile on: no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
-    _loop.pick_device(p["device"])
+    _loop.pick_device(p.device)
 
 
 def _names(text: str) -> list[str]:
@@ -374,17 +389,17 @@ def recipe_identity(params: dict, channels: int) -> tuple[dict, dict]:
     flags = dict(params)
     if set(flags.get("surrogate_archs") or ()) <= {flags.get("arch", "lenet5")}:
         flags["surrogate_archs"] = None  # --arch for every surrogate: the default
-    defaults = {**_options.defaults(run), **PRESETS[flags.get("preset", "faithful")], "augment": channels == 3}
+    defaults = {**_options.defaults(run), **PRESETS[flags.get("preset", "faithful")].flags, "augment": channels == 3}
     return _victim.identity("ini", flags, defaults, INERT)
 
 
 # ------------------------------------------------------------------------------------------------ load
 
 
-def _load(p: dict) -> tuple[_data.Dataset, list[_data.Dataset]]:
+def _load(p: "Flags") -> tuple[_data.Dataset, list[_data.Dataset]]:
     """The victim's dataset and the OOD sets, checked against each other and against the fast step."""
-    data = _data.load(p["dataset"])
-    names = _names(p["ood"]) if p["ood"] else ood.default_ood(data, p["preset"])
+    data = _data.load(p.dataset)
+    names = _names(p.ood) if p.ood else ood.default_ood(data, PRESETS[p.preset].mixture, PRESETS[p.preset].near)
     ood_sets = [_data.load(name, splits=("train", "test")) for name in names]
     for ood_data in ood_sets:
         if ood_data.sha256 == data.sha256:
@@ -393,7 +408,7 @@ def _load(p: dict) -> tuple[_data.Dataset, list[_data.Dataset]]:
             raise UserError(f"{ood_data.path}: the OOD train split holds no images")
     if len({o.sha256 for o in ood_sets}) < len(ood_sets):
         raise UserError("--ood names the same set twice")
-    needs_fast = p["implementation"] == "fast" or p["compile_mode"] == "on"
+    needs_fast = p.implementation == "fast" or p.compile_mode == "on"
     if needs_fast and not fast.fits("lenet5", data.shape[1]):
         raise UserError(
             "the fast step needs LeNet-5 victim and surrogates on 28x28 or 32x32 images; "
@@ -420,30 +435,30 @@ class _Parts:
 
 
 def _build(
-    p: dict, data: _data.Dataset, ood_sets: list[_data.Dataset], recipe: _loop.VictimRecipe, ranks: _torchrun.Ranks
+    p: "Flags", data: _data.Dataset, ood_sets: list[_data.Dataset], recipe: _loop.VictimRecipe, ranks: _torchrun.Ranks
 ) -> _Parts:
     """The victim, the surrogates, the OOD stream, the training step and the epoch hooks."""
     device = recipe.device
-    torch.manual_seed(p["seed"])
-    victim = _victim.build_for(p["arch"], data).to(device)
-    nets = [surrogates.build(a, data, p["seed"], j).to(device) for j, a in enumerate(p["surrogate_archs"])]
-    fresh = [surrogates.build(p["arch"], data, p["seed"], surrogates.HELD_OUT).to(device)]
+    torch.manual_seed(p.seed)
+    victim = _victim.build_for(p.arch, data).to(device)
+    nets = [surrogates.build(a, data, p.seed, j).to(device) for j, a in enumerate(p.surrogate_archs)]
+    fresh = [surrogates.build(p.arch, data, p.seed, surrogates.HELD_OUT).to(device)]
     objective = Objective(
-        beta=p["beta"],
-        gamma=p["gamma"],
-        delta=p["delta"],
-        epsilon=p["epsilon"],
-        distance=p["distance"],
-        kl_direction=p["kl_direction"],
-        pcgrad=p["pcgrad"],
-        pcgrad_reduction=p["pcgrad_reduction"],
-        bn_mode=p["bn_mode"],
-        clip_pcgrad=p["clip"] == "always",
+        beta=p.beta,
+        gamma=p.gamma,
+        delta=p.delta,
+        epsilon=p.epsilon,
+        distance=p.distance,
+        kl_direction=p.kl_direction,
+        pcgrad=p.pcgrad,
+        pcgrad_reduction=p.pcgrad_reduction,
+        bn_mode=p.bn_mode,
+        clip_pcgrad=p.clip == "always",
     )
-    use_fast = p["implementation"] != "reference" and all(fast.supports(m, data.shape[1]) for m in (victim, *nets))
-    steps = p["epochs"] * math.ceil(len(data.splits["train"][1]) / p["batch_size"])
+    use_fast = p.implementation != "reference" and all(fast.supports(m, data.shape[1]) for m in (victim, *nets))
+    steps = p.epochs * math.ceil(len(data.splits["train"][1]) / p.batch_size)
     kernels = fast.kernels_for(
-        p["compile_mode"],
+        p.compile_mode,
         use_fast,
         device.split(":")[0],
         steps,
@@ -453,18 +468,16 @@ def _build(
     ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(device) for o in ood_sets]
     stream = ood.OodStream(
         ood_train,
-        p["batch_size"],
-        recipe.augment,
-        ranks,
-        p["ood_derived"].split(",") if p["ood_derived"] else (),
-        p["ood_derived_fraction"],
-        heavy=p["ood_augment"] == "heavy",
+        p.batch_size,
+        augment=recipe.augment,
+        ranks=ranks,
+        derived=p.ood_derived.split(",") if p.ood_derived else (),
+        derived_fraction=p.ood_derived_fraction,
+        heavy=p.ood_augment == "heavy",
     )
-    if p["ood_synthetic"]:
-        stream.synthesize = ood.Synthetic(
-            victim, nets, p["ood_synthetic"], p["ood_synthetic_steps"], p["ood_synthetic_eps"]
-        )
-    spike = SpikeClip(SPIKE_FACTOR).to(device) if p["clip"] == "spike" else None
+    if p.ood_synthetic:
+        stream.synthesize = ood.Synthetic(victim, nets, p.ood_synthetic, p.ood_synthetic_steps, p.ood_synthetic_eps)
+    spike = SpikeClip(SPIKE_FACTOR).to(device) if p.clip == "spike" else None
     step = (
         fast.FastStep(victim, nets, stream, objective, ranks, data.shape[1], kernels, spike)
         if use_fast
@@ -472,36 +485,34 @@ def _build(
     )
 
     def begin_epoch(epoch: int, gen: torch.Generator) -> None:
-        if p["refresh_every"] and epoch and epoch % p["refresh_every"] == 0:
+        if p.refresh_every and epoch and epoch % p.refresh_every == 0:
             surrogates.refresh(
                 nets,
-                p["surrogate_archs"],
-                p["refresh"],
-                epoch,
-                data,
-                p["seed"],
-                victim,
-                torch.cat(ood_train),
-                p["refresh_steps"],
-                p["batch_size"],
-                gen,
+                archs=p.surrogate_archs,
+                how=p.refresh,
+                epoch=epoch,
+                data=data,
+                seed=p.seed,
+                victim=victim,
+                ood_images=torch.cat(ood_train),
+                steps=p.refresh_steps,
+                batch_size=p.batch_size,
+                gen=gen,
             )
         stream.begin(gen)
 
-    val_x, val_y = (t[: p["diagnostic_images"]] for t in data.splits["val"])
+    val_x, val_y = (t[: p.diagnostic_images] for t in data.splits["val"])
     # held-out OOD images for the diagnostics: the first OOD set's test split (the faithful recipe's one set)
-    ood_test = _data.fit_images(ood_sets[0].splits["test"][0][: p["diagnostic_images"]], data.shape)
+    ood_test = _data.fit_images(ood_sets[0].splits["test"][0][: p.diagnostic_images], data.shape)
 
     def diagnostics() -> dict[str, float]:
         if not ranks.main:  # only rank 0 keeps history
             return {}
         row = {} if spike is None else {"clipped_steps": float(spike.clipped)}  # so far, all epochs together
-        if not p["diagnostic_images"]:
+        if not p.diagnostic_images:
             return row
         for tag, group in (("", nets), ("_fresh", fresh)):
-            scores = diagnose.diagnose(
-                victim, group, val_x, val_y, ood_test, device, p["batch_size"], p["kl_direction"]
-            )
+            scores = diagnose.diagnose(victim, group, val_x, val_y, ood_test, device, p.batch_size, p.kl_direction)
             row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
         return row
 
@@ -525,33 +536,36 @@ def _build(
 
 def _save(
     out: Path,
-    p: dict,
+    p: "Flags",
     data: _data.Dataset,
     ood_sets: list[_data.Dataset],
     parts: _Parts,
     result: _loop.Result,
     started: float,
 ) -> None:
-    p["implementation"] = "fast" if parts.use_fast else "reference"
-    p["compile_mode"] = "on" if fast.compiled_throughout(parts.kernels) else "off"
+    p = dataclasses.replace(
+        p,
+        implementation="fast" if parts.use_fast else "reference",
+        compile_mode="on" if fast.compiled_throughout(parts.kernels) else "off",
+    )
     _victim.save(
         out,
         parts.victim,
-        arch=p["arch"],
+        arch=p.arch,
         data=data,
         objective="ini",
         result=result,
         stage="train-ini",
-        params=p,
-        recipe=recipe_identity(p, data.shape[0]),
+        params=dataclasses.asdict(p),
+        recipe=recipe_identity(dataclasses.asdict(p), data.shape[0]),
         inputs=[data.path, *(o.path for o in ood_sets)],
-        seed=p["seed"],
+        seed=p.seed,
         started=started,
         extra={f"ini_surrogate{j}": net for j, net in enumerate(parts.nets)},
     )
     _loop.checkpoint_path(out).unlink(missing_ok=True)
     _loop.summarise(
-        f"train-ini {p['arch']} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out
+        f"train-ini {p.arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out
     )
     last = {k: v[-1] for k, v in result.history.items() if k.startswith("diag_")}
     if last:

@@ -569,7 +569,7 @@ def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_fi
     from test_sources import idx_arrays, write_mnist
 
     from stages.data import prepared as _data
-    from stages.data import readers as _prepare_readers
+    from stages.data import raw as _raw_files
 
     root = tmp_path / "data"
     monkeypatch.chdir(tmp_path)  # prepared sets go to artifacts/data/ here
@@ -584,7 +584,7 @@ def test_default_ood_is_the_papers_downloaded_as_the_victims_data_is_else_the_fi
         write_mnist(data_roots[0] / "KMNIST" / "raw", idx_arrays(np.random.default_rng(1), n_train=30), gz=True)
         return ""
 
-    monkeypatch.setattr(_prepare_readers, "_download", download)
+    monkeypatch.setattr(_raw_files, "download_into", download)
     mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
     chosen = ood.default_ood(mnist)
     expected = "kmnist" if online else "fashionmnist"
@@ -613,7 +613,7 @@ def test_default_ood_of_the_broad_preset_is_every_offline_family_but_the_victims
     monkeypatch.setattr(_data, "prepare", fake_prepare)
     (tmp_path / "kmnist.h5").write_bytes(b"")  # prepared already
     mnist = type("D", (), {"name": "mnist", "shape": (1, 28, 28)})()
-    names = [Path(p).stem for p in ood.default_ood(mnist, "broad")]
+    names = [Path(p).stem for p in ood.default_ood(mnist, mixture=True)]
     assert names == ["fashionmnist", "kmnist", "skimage-patches", "generated"]
     assert made == ["fashionmnist", "skimage-patches", "generated"]  # not the victim's own, nor same-task digits
 

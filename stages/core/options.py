@@ -3,6 +3,7 @@ help panels `--help` groups every stage's options into."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Optional
@@ -62,3 +63,12 @@ DefenseParams = Annotated[
 def defaults(run: Callable[..., Any]) -> dict[str, Any]:
     """Every flag of a stage's `run` at its default: declared once, in the signature."""
     return {name: p.default for name, p in inspect.signature(run).parameters.items()}
+
+
+def flags_of(run: Callable[..., Any], *derived: str) -> type:
+    """The frozen dataclass a stage's resolved flags travel in: one field per flag of its `run`, declared once (in
+    the signature), plus the `derived` facts the run records beside them; read as attributes, changed only by
+    `dataclasses.replace`, recorded with `dataclasses.asdict`."""
+    fields = [(name, Any) for name in inspect.signature(run).parameters] + [(name, Any, None) for name in derived]
+    stage = run.__module__.rpartition(".")[2].title().replace("_", "")
+    return dataclasses.make_dataclass(f"{stage}Flags", fields, frozen=True)

@@ -73,18 +73,17 @@ SAME_TASK = {
 console = Console(stderr=True)
 
 
-def default_ood(data: _data.Dataset, preset: str = "faithful") -> list[str]:
+def default_ood(data: _data.Dataset, mixture: bool = False, near: bool = False) -> list[str]:
     """The OOD sets `train-ini` takes without `--ood`, as prepared files.
 
-    faithful: the first candidate, the paper's first, that is prepared already or that `prepare` can make: from
+    By default the first candidate, the paper's first, that is prepared already or that `prepare` can make: from
     raw files found offline, else downloaded the way the victim's own dataset is (so an online machine gets the
-    paper's set, an offline one the first it has). broad: every family of the mixture that can be made offline
-    (a mixture of many downloads would be a surprise); near: broad's, and the near families of the victim's task."""
-    mixture = preset in ("broad", "near")
+    paper's set, an offline one the first it has). `mixture`: every family of the mixture that can be made offline
+    (a mixture of many downloads would be a surprise); `near`: and the near families of the victim's task."""
     if mixture:
         channels = 1 if data.shape[0] == 1 else 3
         candidates = [n for n in BROAD_OOD[channels] if n != data.name and n not in SAME_TASK.get(data.name, ())]
-        if preset == "near":
+        if near:
             candidates += NEAR_OOD.get(data.name, ())
     else:
         candidates = DEFAULT_OOD.get(data.name, FALLBACK_OOD.get(data.shape[0], FALLBACK_OOD[3]))
