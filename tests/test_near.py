@@ -28,7 +28,7 @@ _made: dict = {}
 
 
 def make(name: str, seed: int = 0, n: int = N):
-    """A family generated once per (name, seed, n) in this session."""
+    """A family generated once per (name, seed, n) per test run."""
     if name in DERIVED and not (SHARED_DATA / DERIVED[name] / "raw").is_dir():
         pytest.skip(f"real {DERIVED[name]} not found under {SHARED_DATA}")
     key = (name, seed, n)
