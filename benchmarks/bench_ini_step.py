@@ -2,7 +2,7 @@
 by the broad preset's OOD stream, side by side, on the same MNIST batch (LeNet-5, batch 128, faithful defaults,
 PCGrad on), with peak memory; optionally full epochs.
 
-    python benchmarks/bench_ini_step.py [--threads 1] [--rounds 7] [--epoch]
+    python benchmarks/bench_ini_step.py [--threads 1] [--rounds 7] [--epoch] [--device cuda]
 
 Steps are timed in interleaved rounds (plain, reference, fast, plain, ...) so that load from other processes hits
 all three alike; the median round is reported. Peak memory is each step's own, measured in a fresh process
@@ -50,14 +50,14 @@ def batch(size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return images[:size], torch.randint(0, 10, (size,), generator=g), images[size:]
 
 
-def steps(size: int = 128) -> dict[str, callable]:
-    """One callable per kind: a full optimiser step (zero_grad, gradients, SGD) on the same batch."""
+def steps(size: int = 128, device: str = "cpu") -> dict[str, callable]:
+    """One callable per kind: a full optimiser step (zero_grad, gradients, SGD) on the same batch, on `device`."""
     images, labels, outliers = batch(size)
-    x = _data.to_float(images)
+    x, labels, outliers = _data.to_float(images).to(device), labels.to(device), outliers.to(device)
     torch.manual_seed(0)
-    victim = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081])
+    victim = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).to(device)
     torch.manual_seed(1)
-    surrogate = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).eval().requires_grad_(False)
+    surrogate = models.build_model("lenet5", 10, 1, 28, [0.1307], [0.3081]).to(device).eval().requires_grad_(False)
     optimizer = torch.optim.SGD(victim.parameters(), lr=1e-3, momentum=0.5, weight_decay=1e-3)
     stream = ood.OodStream(outliers, size, False, Ranks())
     gen = torch.Generator().manual_seed(0)
@@ -97,25 +97,45 @@ def steps(size: int = 128) -> dict[str, callable]:
 
         return run
 
+    if device != "cpu":  # the compiled kernels are inductor's CPU kernels (train-ini compiles on the CPU only)
+        ini.pop("compiled", None)
     fns = {"plain": plain, **{kind: make(ini[kind]) for kind in KINDS[1:] if kind in ini}}
     for fn in fns.values():
         fn.victim = victim
     return fns
 
 
-def time_steps(rounds: int, iterations: int) -> dict[str, list[float]]:
-    fns = steps()
+def time_steps(rounds: int, iterations: int, device: str = "cpu") -> dict[str, list[float]]:
+    fns = steps(device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # CUDA runs asynchronously
     for fn in fns.values():  # warm-up: first calls pick kernels and allocate
         for _ in range(3):
             fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for kind, fn in fns.items():
+            sync()
             tic = time.perf_counter()
             for _ in range(iterations):
                 fn()
+            sync()
             times[kind].append((time.perf_counter() - tic) / iterations)
     return times
+
+
+def peak_device_memory(device: str) -> dict[str, float]:
+    """MB that three steps of each kind add to the CUDA allocator's peak, after one warm-up step."""
+    out = {}
+    for kind, fn in steps(device=device).items():
+        fn()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        out[kind] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return out
 
 
 def peak_memory(kind: str, threads: int) -> float:
@@ -195,13 +215,17 @@ def main() -> None:
         action="store_true",
         help="also time full MNIST epochs of train and train-ini (eager, compiled, 2 processes)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the steps run (--epoch: the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    times = time_steps(args.rounds, args.iterations)
+    times = time_steps(args.rounds, args.iterations, args.device)
     median = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    memory = {k: peak_memory(k, args.threads) for k in times}
+    if args.device == "cpu":
+        memory = {k: peak_memory(k, args.threads) for k in times}
+    else:
+        memory = peak_device_memory(args.device)
     print(
-        f"LeNet-5, MNIST batch 128, {args.threads} thread(s), "
+        f"LeNet-5, MNIST batch 128, {args.device}, {args.threads} thread(s), "
         f"median of {args.rounds} interleaved rounds x {args.iterations}"
     )
     print(f"{'step':<10} {'ms':>8} {'min ms':>8} {'x plain':>8} {'peak MB':>8}")

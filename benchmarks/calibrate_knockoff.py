@@ -12,12 +12,17 @@ once per seed. The table gives each thief's mean ± sample std over the seeds (n
 against a victim whose answers are nearly uniform a surrogate's accuracy moves by several points with its seed
 alone, so one seed cannot tell a weaker recipe from a different draw. ART is an optional extra (`pip install -e
 '.[calibration]'`); without it only our thief runs.
+
+`--json` writes the run's record: the command, both thieves' recipes as they ran (ours read back from the first
+surrogate's recorded flags), the seeds (fixed on the command line before the run: the seed plan), the device and
+the versions of Python, torch, NumPy and ART, then one row per cell and seed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import tempfile
@@ -63,7 +68,60 @@ def ours(
         **recipe,
     )
     with h5py.File(out, "r") as f:
-        return float(f.attrs["stealing_accuracy"])
+        return float(f.attrs["stealing_accuracy"]), json.loads(f.attrs["params"])
+
+
+OUR_RECIPE = ("attack", "arch", "optimizer", "schedule", "lr", "momentum", "weight_decay", "batch_size")
+OUR_RECIPE += ("attack_params",)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def record(args: argparse.Namespace, seeds: list[int], ours_params: dict, have_art: bool, rows: list[dict]) -> dict:
+    """What `--json` writes: enough to rerun the calibration and to tell runs on different machines apart."""
+    where = args.device
+    if where.startswith("cuda"):
+        where += f" ({torch.cuda.get_device_name(torch.device(where))})"
+    art = {
+        "optimizer": args.art_optimizer,
+        "lr": args.art_lr,
+        "momentum": 0.9 if args.art_optimizer == "sgd" else None,
+        "weight_decay": 5e-4 if args.art_optimizer == "sgd" else 0.0,
+        "batch_size_fit": 128,
+        "batch_size_query": 500,
+        "sampling_strategy": "random",
+        "schedule": "constant",
+    }
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "recipe": {
+            "budget": args.budget,
+            "epochs": args.epochs,
+            "ours": {k: ours_params.get(k) for k in OUR_RECIPE},
+            "art": art if have_art else None,
+            "shared_queries": args.shared_queries,
+        },
+        "victims": [str(v) for v in args.victim],
+        "pools": [str(p) for p in args.pool],
+        "labels": args.label or ["soft", "hard"],
+        "seeds": seeds,
+        "device": where,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "adversarial-robustness-toolbox": _version("adversarial-robustness-toolbox") if have_art else None,
+            "platform": platform.platform(),
+        },
+        "rows": rows,
+    }
 
 
 def _target(victim: Path, pool: Path):
@@ -254,11 +312,20 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.merge:
+        # One table per device and torch version: runs on other hardware or another torch are not pooled silently.
+        groups: dict[tuple[str, str], tuple[list[str], list[dict]]] = {}
         try:
-            rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+            for path in args.merge:
+                run = json.loads(path.read_text())
+                key = (str(run["device"]).split(" (")[0], str(run["versions"]["torch"]))
+                names, rows = groups.setdefault(key, ([], []))
+                names.append(path.name)
+                rows.extend(run["rows"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: --merge takes the --json files of earlier runs: {e}") from None
-        console.print(table(rows, "knockoff calibration: " + ", ".join(p.name for p in args.merge)))
+        for (device, torch_version), (names, rows) in groups.items():
+            title = f"knockoff calibration on {device}, torch {torch_version}: {', '.join(names)}"
+            console.print(table(rows, title))
         return
     if not args.victim or not args.pool:
         raise SystemExit("error: --victim and --pool are required (or --merge)")
@@ -289,7 +356,7 @@ def main() -> None:
                         row = {"victim": str(victim), "pool": str(pool), "label": label, "seed": seed}
                         cell = (victim, pool, label, args.budget, args.epochs, seed)  # what every thief here takes
                         started = time.time()
-                        row["ours"] = ours(*cell, args.ours_param, folder, recipe, args.device)
+                        row["ours"], ours_params = ours(*cell, args.ours_param, folder, recipe, args.device)
                         row["ours_seconds"] = time.time() - started
                         if have_art:
                             started = time.time()
@@ -304,21 +371,7 @@ def main() -> None:
         table(rows, f"knockoff calibration: {args.budget:,} queries, {args.epochs} epochs, seeds {seeds_text}")
     )
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "params": vars(args)
-                    | {
-                        "victim": [str(v) for v in args.victim],
-                        "pool": [str(p) for p in args.pool],
-                        "json": str(args.json),
-                        "keep": str(args.keep),
-                    },
-                    "rows": rows,
-                },
-                indent=1,
-            )
-        )
+        args.json.write_text(json.dumps(record(args, seeds, ours_params, have_art, rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -564,9 +564,7 @@ def _save(
         extra={f"ini_surrogate{j}": net for j, net in enumerate(parts.nets)},
     )
     _loop.checkpoint_path(out).unlink(missing_ok=True)
-    _loop.summarise(
-        f"train-ini {p.arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out
-    )
+    _loop.summarise(f"train-ini {p.arch} on {data.name} (OOD {'+'.join(o.name for o in ood_sets)})", data, result, out)
     last = {k: v[-1] for k, v in result.history.items() if k.startswith("diag_")}
     if last:
         console.print("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))

@@ -28,7 +28,7 @@ _made: dict = {}
 
 
 def make(name: str, seed: int = 0, n: int = N):
-    """A family generated once per (name, seed, n) in this session."""
+    """A family generated once per (name, seed, n) per test run."""
     if name in DERIVED and not has_raw(DERIVED[name]):
         pytest.skip(f"real {DERIVED[name]} not found under {DATA_ROOT}")
     key = (name, seed, n)
