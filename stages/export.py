@@ -66,27 +66,19 @@ def run(
         defense, defense_params, info.arch, len(info.classes), info.input_shape, info.mean, info.std, victim_h5=victim
     )
     deployed = Deployed(model, posterior).eval()
-    metadata = dict(
-        schema="deployed/1",
-        stage="export",
-        arch=info.arch,
-        dataset=info.dataset,
-        classes=info.classes,
-        input_shape=list(info.input_shape),
-        mean=info.mean,
-        std=info.std,
-        objective=info.objective,
-        defense=defense,
-        defense_params=defense_params,
-        output="probabilities",
-        input_range=[0.0, 1.0],
-        format=format,
-        inputs=describe_inputs([victim]),
-        victim_provenance=info.provenance,
-        recipe=info.recipe,
-        recipe_changes=info.recipe_changes,
-        versions=versions(),
-    )
+    metadata = {
+        "schema": "deployed/1",
+        "stage": "export",
+        **info.metadata(),
+        # the deployed graph's defense, baked in here (the victim.h5 export reads is always undefended)
+        "defense": defense,
+        "defense_params": defense_params,
+        "output": "probabilities",
+        "input_range": [0.0, 1.0],
+        "format": format,
+        "inputs": describe_inputs([victim]),
+        "versions": versions(),
+    }
     x = _data.to_float(dataset.splits["test"][0][:check_images])
     with torch.no_grad():
         eager = deployed(x)

@@ -109,13 +109,13 @@ def run(
     )
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
 
-    source = calibration_data or served.dataset_path
+    source = calibration_data or served.info.dataset_path
     benign = _data.load(source, splits=(calibration_split,))
     images = benign.splits[calibration_split][0]
-    if tuple(images.shape[1:]) != tuple(served.input_shape):
+    if tuple(images.shape[1:]) != tuple(served.info.input_shape):
         raise UserError(
             f"--calibration-data {benign.path} holds {list(images.shape[1:])} images; the model takes "
-            f"{list(served.input_shape)}"
+            f"{list(served.info.input_shape)}"
         )
     calibration = calibrate(served.predict, images.numpy(), settings, f"{benign.path}:{calibration_split}")
     if ood_threshold is not None:
@@ -129,8 +129,8 @@ def run(
         {
             f"run.{time.time():.0f}": dict(
                 model=str(model),
-                sha256=served.sha256,
-                defense=served.defense,
+                sha256=served.info.sha256,
+                defense=served.info.baked_defense,
                 defense_params=defense_params,
                 inputs=describe_inputs([model, keys, benign.path]),
                 **monitor.describe(),
@@ -151,7 +151,7 @@ def run(
     )
     service = api.Service(served, table, book, monitor, options)
     console.print(
-        f"serve: {served.arch} on {served.dataset} ({served.runtime}, defense {served.defense}), "
+        f"serve: {served.info.arch} on {served.info.dataset} ({served.runtime}, defense {served.info.baked_defense}), "
         f"{len(table)} principals, ledger {ledger}"
     )
     console.print(

@@ -208,7 +208,7 @@ class Service:
         try:
             body = await self._body(request)
             images = payload.decode(
-                body, request.headers.get("content-type"), self.served.input_shape, self.options.max_images
+                body, request.headers.get("content-type"), self.served.info.input_shape, self.options.max_images
             )
         except ApiError as e:
             e.headers.update(headers)

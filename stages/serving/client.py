@@ -105,19 +105,10 @@ def open_target(url: str, key: Optional[str], budget: int) -> tuple[Endpoint, Vi
         raise UserError(f"{url}: the key's budget is spent")
     try:
         endpoint.max_images = int(card["max_images"])
-        info = VictimInfo(
-            Path(url),
-            str(card["sha256"]),
-            str(card["arch"]),
-            str(card["dataset"]),
-            str(card["dataset"]),
-            list(card["classes"]),
-            tuple(card["input_shape"]),
-            list(card["mean"]),
-            list(card["std"]),
-            "?",
-            "served",
-        )
+        sha = str(card["sha256"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{url}/v1/model: not an ini-toolkit model card (lacks {e})") from None
+    info = VictimInfo.from_card(
+        {**card, "objective": "?", "defense": "served"}, Path(url), sha, f"{url}/v1/model: the model card"
+    )
     return endpoint, info, min(budget, left)

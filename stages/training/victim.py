@@ -80,6 +80,55 @@ class VictimInfo:
         """Six hex digits of the recipe's hash: victims that differ only by seed share it."""
         return hashlib.sha256(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()[:6]
 
+    def card(self) -> dict[str, Any]:
+        """What a victim declares to whoever queries it (serve's GET /v1/model): enough to send well-formed queries,
+        nothing of how it was made. `from_card` reads it back, and the metadata of a deployed file too."""
+        return dict(
+            arch=self.arch,
+            dataset=self.dataset,
+            classes=self.classes,
+            input_shape=list(self.input_shape),
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """The card and how the victim was made: what `export` puts inside a deployed victim.pt or victim.onnx."""
+        return dict(
+            **self.card(),
+            objective=self.objective,
+            defense=self.baked_defense,
+            recipe=self.recipe,
+            recipe_changes=self.recipe_changes,
+            victim_provenance=self.provenance,
+        )
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], path: Path, sha256: str, what: str) -> "VictimInfo":
+        """The victim a card or a deployed file's metadata declares (the keys of `card` and `metadata`);
+        a card that lacks a field, or holds a malformed one, is a one-line error naming `what` was read."""
+        try:
+            provenance = card.get("victim_provenance") or {}
+            params = json.loads(provenance.get("params", "{}"))
+            return cls(
+                path=Path(path),
+                sha256=sha256,
+                arch=str(card["arch"]),
+                dataset=str(card["dataset"]),
+                dataset_path=str(params.get("dataset", card["dataset"])),
+                classes=[str(c) for c in card["classes"]],
+                input_shape=tuple(int(v) for v in card["input_shape"]),
+                mean=[float(v) for v in card["mean"]],
+                std=[float(v) for v in card["std"]],
+                objective=str(card.get("objective", "?")),
+                baked_defense=str(card.get("defense", "none")),
+                provenance=provenance,
+                recipe=card.get("recipe"),
+                recipe_changes=card.get("recipe_changes"),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{what} lacks {e} or holds it malformed") from None
+
     def build(self) -> models.Classifier:
         c, h, _ = self.input_shape
         return models.build_model(self.arch, len(self.classes), c, h, self.mean, self.std)
@@ -196,28 +245,7 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
 def load_deployed(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule, VictimInfo]:
     """A deployed victim.pt (a program: only from a path the user named) and what its metadata declares."""
     module, meta = _jit.load(path, device)
-    try:
-        provenance = meta.get("victim_provenance") or {}
-        params = json.loads(provenance.get("params", "{}"))
-        info = VictimInfo(
-            path=Path(path),
-            sha256=sha256(path),
-            arch=meta["arch"],
-            dataset=meta["dataset"],
-            dataset_path=str(params.get("dataset", meta["dataset"])),
-            classes=list(meta["classes"]),
-            input_shape=tuple(meta["input_shape"]),
-            mean=list(meta["mean"]),
-            std=list(meta["std"]),
-            objective=str(meta.get("objective", "?")),
-            baked_defense=str(meta.get("defense", "none")),
-            provenance=provenance,
-            recipe=meta.get("recipe"),
-            recipe_changes=meta.get("recipe_changes"),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: metadata lacks {e}") from None
-    return module, info
+    return module, VictimInfo.from_card(meta, path, sha256(path), f"{path}: metadata")
 
 
 def check_matches(info: VictimInfo, data: _data.Dataset) -> None:
