@@ -38,6 +38,7 @@ import h5py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's stages, not an installed copy
 
 from stages.evaluation import decision as _decision
+from stages.evaluation import metrics  # noqa: E402
 from stages.evaluation.decision import KIND_NAMES, victim_names  # noqa: E402
 
 RELABELLED = "stealing_accuracy_relabelled"
@@ -67,23 +68,9 @@ CELL_COLUMNS = (
 )
 
 
-def _text(values) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
 def _columns(path: str, group: str, names: tuple[str, ...]) -> list[dict]:
-    """The rows of group `rows` or `groups` of a metrics file, as dicts of the named columns; a relabelled or paired
-    column that metrics from before the relabelling or the paired comparison lack reads as NaN."""
-    with h5py.File(path, "r") as f:
-        g = f[group]
-        n = len(g[names[0]])
-        cols = {
-            k: (_text(g[k][:]) if g[k].dtype.kind in "OSU" else g[k][:].tolist())
-            if k in g or (RELABELLED not in k and not k.startswith("paired_"))
-            else [math.nan] * n
-            for k in names
-        }
-    return [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+    """The named columns of table `group` (rows, groups, decision) of a metrics file, through its one definition."""
+    return {"rows": metrics.ROWS, "groups": metrics.GROUPS, "decision": metrics.DECISION}[group].read(path, names)
 
 
 def _order(e: dict, name: str) -> tuple:

@@ -27,29 +27,13 @@ from stages.core.artifacts import attr_json, load_state, open_artifact, prepare_
 from stages.data import prepared as _data
 from stages.deploy import defense as _defense
 from stages.evaluation import decision as _decision
+from stages.evaluation import metrics
 from stages.evaluation import relabel as _relabel
 from stages.evaluation import report as _evaluate_report
 from stages.training import loop as _loop
 from stages.training import victim as _victim
 
-SHARES = (0.5, 0.8, 0.95)  # queries to reach these shares of the victim's benign accuracy
-NUMBERS = (
-    "benign_accuracy",
-    "stealing_accuracy",
-    "max_stealing_accuracy",
-    "stealing_accuracy_relabelled",
-    "relative_accuracy",
-    "fidelity",
-    "fidelity_relabelled",
-    "queries",
-    "victim_seconds",
-    "steal_seconds",
-    "victim_ood_l1",
-    "victim_id_cosine",
-) + tuple(f"queries_to_{round(100 * s)}" for s in SHARES)
-LABELS = _decision.GROUP  # what names a group: everything but the seed
-# What a row says of its victim's recipe, which `victim` names: the same for every seed, so groups carry it too.
-VICTIM = ("victim_arch", "victim_kind", "victim_recipe", "victim_changes")
+SHARES, NUMBERS, LABELS, VICTIM = metrics.SHARES, metrics.NUMBERS, metrics.LABELS, metrics.VICTIM
 
 
 def run(
@@ -112,22 +96,10 @@ def run(
     with write_artifact(
         out, "metrics", "evaluate", params, list(artifacts) + ([benchmark] if benchmark else []), None, started
     ) as f:
-        _write_table(
-            f.create_group("rows"),
-            rows,
-            ("file",) + LABELS + VICTIM + ("victim_file", "seed"),
-            NUMBERS + ("relabel_images",),
-        )
-        _write_table(
-            f.create_group("groups"),
-            groups,
-            LABELS + VICTIM + ("n",),
-            tuple(f"{k}_{s}" for k in NUMBERS for s in ("mean", "std")),
-        )
+        metrics.ROWS.write(f, rows)
+        metrics.GROUPS.write(f, groups)
         if budgets:
-            table = f.create_group("decision")
-            _write_table(table, decision, _decision.TEXT, _decision.NUMBERS)
-            table.attrs.update(metric=metric, budgets=budgets)
+            metrics.DECISION.write(f, decision).attrs.update(metric=metric, budgets=budgets)
         if latency:
             f.attrs["latency"] = json.dumps(latency)
     files = _evaluate_report.write(report, groups, decision, metric, latency, params)
@@ -382,11 +354,3 @@ def _derived_recipe(info: _victim.VictimInfo) -> tuple[dict, dict]:
 def _pool_name(params: dict) -> str:
     pool = params.get("pool")
     return Path(str(pool)).stem if pool else "-"
-
-
-def _write_table(group, rows: list[dict], text: tuple[str, ...], numbers: tuple[str, ...]) -> None:
-    """Columns as datasets (a table h5py and pandas both read without pickles)."""
-    for key in text:
-        group.create_dataset(key, data=np.array([str(r[key]) for r in rows], dtype=object), dtype=h5py.string_dtype())
-    for key in numbers:
-        group.create_dataset(key, data=np.array([r[key] for r in rows], dtype=np.float64))
