@@ -72,18 +72,7 @@ def run(
         _data.refuse_evaluation_only(ood, "--ood")
     out = prepare_output(out)
     data = _data.load(dataset)
-    recipe = _loop.VictimRecipe(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        lr_step=lr_step,
-        lr_gamma=lr_gamma,
-        seed=seed,
-        device=_loop.pick_device(device),
-        augment=data.shape[0] == 3 if augment is None else augment,
-    )
+    recipe = _loop.VictimRecipe.of(params, data)
     params.update(dataset=str(data.path), device=recipe.device, augment=recipe.augment)
 
     torch.manual_seed(seed)

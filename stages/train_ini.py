@@ -295,18 +295,7 @@ def run(
     started = time.time()
     out = prepare_output(out)
     data, ood_sets = _load(params)
-    recipe = _loop.VictimRecipe(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        lr_step=lr_step,
-        lr_gamma=lr_gamma,
-        seed=seed,
-        device=_loop.pick_device(device),
-        augment=data.shape[0] == 3 if augment is None else augment,
-    )
+    recipe = _loop.VictimRecipe.of(dataclasses.asdict(params), data)
     ranks = _torchrun.join(recipe.device)
     params = dataclasses.replace(
         params,

@@ -5,12 +5,13 @@ rollback when the network collapses to chance; then the summary table both stage
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ class VictimRecipe:
     seed: int
     device: str
     augment: bool
+
+    @classmethod
+    def of(cls, flags: dict[str, Any], data: _data.Dataset) -> "VictimRecipe":
+        """The recipe from the flags of `train` or `train-ini` (one definition for both): the device picked, and
+        augmentation on for RGB data unless --augment/--no-augment said otherwise."""
+        shared = {f.name: flags[f.name] for f in dataclasses.fields(cls) if f.name not in ("device", "augment")}
+        augment = data.shape[0] == 3 if flags["augment"] is None else flags["augment"]
+        return cls(**shared, device=pick_device(flags["device"]), augment=augment)
 
 
 @dataclass
