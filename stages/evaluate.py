@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -108,34 +109,58 @@ def run(
 
 
 def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int = 100) -> dict:
+    """One row of metrics: a victim alone, or a stolen surrogate measured against the victim it was stolen from."""
     if path.suffix == ".pt" or _kind(path) == "victim":
-        graph, info = _open(path, device, cache)
-        dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
-        accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
-        return {
-            **_victim_facts(info),
-            **dict(
-                file=str(path),
-                defense=info.baked_defense,
-                attack="-",
-                label="-",
-                pool="-",
-                benign_accuracy=accuracy,
-                stealing_accuracy=np.nan,
-                max_stealing_accuracy=np.nan,
-                stealing_accuracy_relabelled=np.nan,
-                relative_accuracy=np.nan,
-                fidelity=np.nan,
-                fidelity_relabelled=np.nan,
-                relabel_images=0,
-                queries=0,
-                steal_seconds=np.nan,
-            ),
-            **queries_to(np.zeros(0), np.zeros(0), accuracy),
-        }
+        return _victim_row(path, data, device, cache, relabel_k)
+    stolen = _read_surrogate(path)
+    graph, info, dataset = _victim_of(stolen, data, device, cache, relabel_k)
+    return _surrogate_row(stolen, graph, info, dataset, device, cache, relabel_k)
 
+
+def _victim_row(path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int) -> dict:
+    """A victim listed alone: its benign accuracy as deployed; nothing was stolen."""
+    graph, info = _open(path, device, cache)
+    dataset = _dataset(data or info.dataset_path, info, cache, relabel_k)
+    accuracy = float((_top1(cache, path, graph, info, dataset, device) == dataset.splits["test"][1]).float().mean())
+    return {
+        **_victim_facts(info),
+        **dict(
+            file=str(path),
+            defense=info.baked_defense,
+            attack="-",
+            label="-",
+            pool="-",
+            benign_accuracy=accuracy,
+            stealing_accuracy=np.nan,
+            max_stealing_accuracy=np.nan,
+            stealing_accuracy_relabelled=np.nan,
+            relative_accuracy=np.nan,
+            fidelity=np.nan,
+            fidelity_relabelled=np.nan,
+            relabel_images=0,
+            queries=0,
+            steal_seconds=np.nan,
+        ),
+        **queries_to(np.zeros(0), np.zeros(0), accuracy),
+    }
+
+
+@dataclass
+class _Stolen:
+    """What a surrogate.h5 holds that its row needs: the thief's flags, what it declares, its weights and curves."""
+
+    path: Path
+    params: dict
+    attrs: dict
+    state: dict
+    curve: np.ndarray  # stealing accuracy per epoch
+    spent: tuple[np.ndarray, np.ndarray]  # (queries, stealing accuracy) of surrogates trained on that many
+    seed: int
+    seconds: float
+
+
+def _read_surrogate(path: Path) -> _Stolen:
     with open_artifact(path, "surrogate") as f:
-        params = attr_json(f, "params")
         attrs = {k: f.attrs[k] for k in ("attack", "label", "defense", "arch", "dataset", "victim_sha256", "queries")}
         attrs.update(
             defense_params=attr_json(f, "defense_params"),
@@ -144,11 +169,24 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
             mean=[float(v) for v in f.attrs["mean"]],
             std=[float(v) for v in f.attrs["std"]],
         )
-        curve = f["history/stealing_accuracy"][()]
         budget = f["curve"] if "curve" in f else f["history"]  # --budget-curve's prefixes, else rounds or slices
-        spent = (budget["queries"][()], budget["stealing_accuracy"][()]) if "queries" in budget else (np.zeros(0),) * 2
-        state = load_state(f["weights"])
-        seed, steal_seconds = int(f.attrs["seed"]), float(f.attrs.get("wall_seconds", np.nan))
+        return _Stolen(
+            path=path,
+            params=attr_json(f, "params"),
+            attrs=attrs,
+            state=load_state(f["weights"]),
+            curve=f["history/stealing_accuracy"][()],
+            spent=(budget["queries"][()], budget["stealing_accuracy"][()])
+            if "queries" in budget
+            else (np.zeros(0),) * 2,
+            seed=int(f.attrs["seed"]),
+            seconds=float(f.attrs.get("wall_seconds", np.nan)),
+        )
+
+
+def _victim_of(stolen: _Stolen, data: Optional[str], device: str, cache: dict, relabel_k: int):
+    """The victim a surrogate was stolen from, unchanged since, and the dataset both are measured on."""
+    path, params, attrs = stolen.path, stolen.params, stolen.attrs
     if params.get("victim") is None:
         raise UserError(
             f"{path}: stolen over HTTP from {params.get('target')} without its --victim file; evaluate "
@@ -166,17 +204,30 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
             f"{path}: surrogate of a {attrs['dataset']} victim {list(attrs['input_shape'])} cannot be "
             f"evaluated on {dataset.path} ({dataset.name} {list(dataset.shape)})"
         )
+    return graph, info, dataset
 
+
+def _surrogate_row(
+    stolen: _Stolen,
+    graph: torch.nn.Module,
+    info: _victim.VictimInfo,
+    dataset: _data.Dataset,
+    device: str,
+    cache: dict,
+    relabel_k: int,
+) -> dict:
+    """The theft measured on the victim's test split, against the labels and against the victim's answers."""
+    attrs, victim = stolen.attrs, info.path
     c, h, _ = attrs["input_shape"]
     surrogate = models.build_model(str(attrs["arch"]), len(attrs["classes"]), c, h, attrs["mean"], attrs["std"])
-    surrogate.load_state_dict(state)
+    surrogate.load_state_dict(stolen.state)
     surrogate.to(device).eval()
     x, y = _data.to_float(dataset.splits["test"][0]), dataset.splits["test"][1]
-    stolen = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
+    predicted = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
     victim_top1 = _top1(cache, victim, graph, info, dataset, device)
     deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
     benign = float((deployed_top1 == y).float().mean())
-    stealing = float((stolen == y).float().mean())
+    stealing = float((predicted == y).float().mean())
     defense = _defense.setting(
         str(attrs["defense"]) if info.baked_defense == "none" else info.baked_defense, attrs["defense_params"]
     )
@@ -184,27 +235,28 @@ def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel
     relative = stealing / benign if benign >= _loop.chance_level(dataset.num_classes) else np.nan
     seen, seen_labels, seen_victim = _seen(cache, victim, graph, info, dataset, device, relabel_k)
     guesses = _blackbox.predict(surrogate, seen, device).argmax(1).cpu() if len(seen) else seen_labels
+    k = dataset.num_classes
     return {
         **_victim_facts(info),
         **dict(
-            file=str(path),
-            seed=seed,
+            file=str(stolen.path),
+            seed=stolen.seed,
             defense=defense,
             attack=str(attrs["attack"]),
             label=str(attrs["label"]),
-            pool=_pool_name(params),
+            pool=_pool_name(stolen.params),
             benign_accuracy=benign,
             stealing_accuracy=stealing,
-            max_stealing_accuracy=float(np.max(curve)),
+            max_stealing_accuracy=float(np.max(stolen.curve)),
             relative_accuracy=relative,
-            stealing_accuracy_relabelled=_relabel.agreement(stolen, y, guesses, seen_labels, dataset.num_classes),
-            fidelity=float((stolen == victim_top1).float().mean()),
-            fidelity_relabelled=_relabel.agreement(stolen, victim_top1, guesses, seen_victim, dataset.num_classes),
+            stealing_accuracy_relabelled=_relabel.agreement(predicted, y, guesses, seen_labels, k),
+            fidelity=float((predicted == victim_top1).float().mean()),
+            fidelity_relabelled=_relabel.agreement(predicted, victim_top1, guesses, seen_victim, k),
             relabel_images=len(seen),
             queries=int(attrs["queries"]),
-            steal_seconds=steal_seconds,
+            steal_seconds=stolen.seconds,
         ),
-        **queries_to(*spent, benign),
+        **queries_to(*stolen.spent, benign),
     }
 
 
