@@ -98,9 +98,22 @@ def _markdown(
     files: list[Path],
     params: dict,
 ) -> str:
+    """The report, section by section: the decision, every setting, the trade-off plots, the queries a thief
+    needed, latency, then the remaining plots."""
+    plots = [p for p in files if p.suffix == ".png" and p.stem.startswith("tradeoff-")]
     lines = ["# Evaluation report", ""]
     lines += _decision.markdown(decision, metric) + ([""] if decision else [])
-    lines += [
+    lines += _settings(groups, params)
+    lines += _tradeoff(plots, points, metric)
+    lines += _queries_needed([g for g in groups if g["attack"] != "-"])
+    lines += _latency(latency or [])
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png" and p not in plots]
+    lines += ["", f"Made by `python cli.py evaluate` from {len(params['artifacts'])} artifacts.", ""]
+    return "\n".join(lines)
+
+
+def _settings(groups: list[dict], params: dict) -> list[str]:
+    lines = [
         "## Every setting",
         "",
         "Accuracies in %, mean ± sample std over n seeds. Stealing accuracy is the surrogate's at its final "
@@ -114,88 +127,91 @@ def _markdown(
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
-        lines.append(
-            "| "
-            + " | ".join(
-                [str(g[k]) for k in LABELS]
-                + [
-                    str(g["n"]),
-                    pm(g, "benign_accuracy"),
-                    pm(g, "stealing_accuracy"),
-                    pm(g, "stealing_accuracy_relabelled"),
-                    pm(g, "max_stealing_accuracy"),
-                    relative(g),
-                    pm(g, "fidelity"),
-                    pm(g, "fidelity_relabelled"),
-                    f"{g['queries_mean']:,.0f}",
-                ]
+        cells = [str(g[k]) for k in LABELS] + [
+            str(g["n"]),
+            pm(g, "benign_accuracy"),
+            pm(g, "stealing_accuracy"),
+            pm(g, "stealing_accuracy_relabelled"),
+            pm(g, "max_stealing_accuracy"),
+            relative(g),
+            pm(g, "fidelity"),
+            pm(g, "fidelity_relabelled"),
+            f"{g['queries_mean']:,.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tradeoff(plots: list[Path], points: list[dict], metric: str) -> list[str]:
+    if not plots:
+        return []
+    lines = [
+        "",
+        "## Trade-off",
+        "",
+        f"Per attack, one panel per threat: benign accuracy as deployed against the thief's "
+        f"{_decision.METRIC_NAMES.get(metric, metric)}, one curve per defense through its settings, error "
+        f"bars the sample std over seeds, the Pareto frontier in grey (no other setting has both more benign "
+        f"accuracy and less for the thief). Zoomed to benign accuracy at most {_evaluate_plots.ZOOM:g} pt "
+        "below the undefended victim's.",
+        "",
+    ] + [f"![{p.stem}]({p.name})" for p in plots]
+    hidden = [p for p in points if not p["shown"]]
+    if hidden:
+        lines += [
+            "",
+            f"Settings more than {_evaluate_plots.ZOOM:g} pt of benign accuracy below the undefended "
+            "victim, left out of the plots:",
+            "",
+            "| victim data | attack | labels | pool | defense | setting | n | benign | thief's accuracy |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in sorted(hidden, key=lambda p: (p["dataset"], p["attack"], p["label"], p["pool"], p["family"], -p["x"])):
+            lines.append(
+                f"| {p['dataset']} | {p['attack']} | {p['label']} | {p['pool']} | {p['family']} | "
+                f"{p['setting']} | {p['n']} | {p['x']:.2f} ± {p['xerr']:.2f} | {p['y']:.2f} ± {p['yerr']:.2f} |"
             )
-            + " |"
-        )
-    plots = [p for p in files if p.suffix == ".png" and p.stem.startswith("tradeoff-")]
-    if plots:
-        lines += [
-            "",
-            "## Trade-off",
-            "",
-            f"Per attack, one panel per threat: benign accuracy as deployed against the thief's "
-            f"{_decision.METRIC_NAMES.get(metric, metric)}, one curve per defense through its settings, error "
-            f"bars the sample std over seeds, the Pareto frontier in grey (no other setting has both more benign "
-            f"accuracy and less for the thief). Zoomed to benign accuracy at most {_evaluate_plots.ZOOM:g} pt "
-            "below the undefended victim's.",
-            "",
-        ] + [f"![{p.stem}]({p.name})" for p in plots]
-        hidden = [p for p in points if not p["shown"]]
-        if hidden:
-            lines += [
-                "",
-                f"Settings more than {_evaluate_plots.ZOOM:g} pt of benign accuracy below the undefended "
-                "victim, left out of the plots:",
-                "",
-                "| victim data | attack | labels | pool | defense | setting | n | benign | thief's accuracy |",
-                "|---|---|---|---|---|---|---|---|---|",
-            ]
-            for p in sorted(
-                hidden, key=lambda p: (p["dataset"], p["attack"], p["label"], p["pool"], p["family"], -p["x"])
-            ):
-                lines.append(
-                    f"| {p['dataset']} | {p['attack']} | {p['label']} | {p['pool']} | {p['family']} | "
-                    f"{p['setting']} | {p['n']} | {p['x']:.2f} ± {p['xerr']:.2f} | {p['y']:.2f} ± {p['yerr']:.2f} |"
-                )
-    stolen = [g for g in groups if g["attack"] != "-"]
-    if stolen:
-        lines += [
-            "",
-            "## Queries a thief needed",
-            "",
-            "Fewest queries after which a surrogate reached 50 / 80 / 95 % of the victim's benign accuracy "
-            "(read from `steal --budget-curve` prefixes, jbda rounds or dfme slices; mean over the seeds that "
-            "reached it; - : not within the budget). A principal's budget belongs below the 50 % column.",
-            "",
-            "| dataset | victim | defense | attack | label | pool | 50 % | 80 % | 95 % | budget |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+    return lines
+
+
+def _queries_needed(stolen: list[dict]) -> list[str]:
+    if not stolen:
+        return []
+    lines = [
+        "",
+        "## Queries a thief needed",
+        "",
+        "Fewest queries after which a surrogate reached 50 / 80 / 95 % of the victim's benign accuracy "
+        "(read from `steal --budget-curve` prefixes, jbda rounds or dfme slices; mean over the seeds that "
+        "reached it; - : not within the budget). A principal's budget belongs below the 50 % column.",
+        "",
+        "| dataset | victim | defense | attack | label | pool | 50 % | 80 % | 95 % | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in stolen:
+        reach = [
+            f"{g[f'queries_to_{p}_mean']:,.0f}" if math.isfinite(g[f"queries_to_{p}_mean"]) else "-"
+            for p in (50, 80, 95)
         ]
-        for g in stolen:
-            reach = [
-                f"{g[f'queries_to_{p}_mean']:,.0f}" if math.isfinite(g[f"queries_to_{p}_mean"]) else "-"
-                for p in (50, 80, 95)
-            ]
-            lines.append("| " + " | ".join([str(g[k]) for k in LABELS] + reach + [f"{g['queries_mean']:,.0f}"]) + " |")
-    if latency:
-        lines += [
-            "",
-            "## Inference latency",
-            "",
-            "| device | batch | defense | median ms | × undefended |",
-            "|---|---|---|---|---|",
-        ]
-        base = {(r["device"], r["batch"]): r["median_ms"] for r in latency if r["defense"] == "none"}
-        for r in sorted(latency, key=lambda r: (r["device"], r["batch"], r["median_ms"])):
-            ratio = r["median_ms"] / base[(r["device"], r["batch"])] if (r["device"], r["batch"]) in base else math.nan
-            lines.append(f"| {r['device']} | {r['batch']} | {r['defense']} | {r['median_ms']:.3f} | {ratio:.2f} |")
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png" and p not in plots]
-    lines += ["", f"Made by `python cli.py evaluate` from {len(params['artifacts'])} artifacts.", ""]
-    return "\n".join(lines)
+        lines.append("| " + " | ".join([str(g[k]) for k in LABELS] + reach + [f"{g['queries_mean']:,.0f}"]) + " |")
+    return lines
+
+
+def _latency(latency: list[dict]) -> list[str]:
+    if not latency:
+        return []
+    lines = [
+        "",
+        "## Inference latency",
+        "",
+        "| device | batch | defense | median ms | × undefended |",
+        "|---|---|---|---|---|",
+    ]
+    base = {(r["device"], r["batch"]): r["median_ms"] for r in latency if r["defense"] == "none"}
+    for r in sorted(latency, key=lambda r: (r["device"], r["batch"], r["median_ms"])):
+        ratio = r["median_ms"] / base[(r["device"], r["batch"])] if (r["device"], r["batch"]) in base else math.nan
+        lines.append(f"| {r['device']} | {r['batch']} | {r['defense']} | {r['median_ms']:.3f} | {ratio:.2f} |")
+    return lines
 
 
 def show(groups: list[dict], out: Path, files: list[Path]) -> None:
