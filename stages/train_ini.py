@@ -431,19 +431,6 @@ def _build(
     torch.manual_seed(p.seed)
     victim = _victim.build_for(p.arch, data).to(device)
     nets = [surrogates.build(a, data, p.seed, j).to(device) for j, a in enumerate(p.surrogate_archs)]
-    fresh = [surrogates.build(p.arch, data, p.seed, surrogates.HELD_OUT).to(device)]
-    objective = Objective(
-        beta=p.beta,
-        gamma=p.gamma,
-        delta=p.delta,
-        epsilon=p.epsilon,
-        distance=p.distance,
-        kl_direction=p.kl_direction,
-        pcgrad=p.pcgrad,
-        pcgrad_reduction=p.pcgrad_reduction,
-        bn_mode=p.bn_mode,
-        clip_pcgrad=p.clip == "always",
-    )
     use_fast = p.implementation != "reference" and all(fast.supports(m, data.shape[1]) for m in (victim, *nets))
     steps = p.epochs * math.ceil(len(data.splits["train"][1]) / p.batch_size)
     kernels = fast.kernels_for(
@@ -455,22 +442,12 @@ def _build(
         warn=lambda message: console.print(f"[yellow]warning:[/] {message}"),
     )
     ood_train = [_data.fit_images(o.splits["train"][0], data.shape).to(device) for o in ood_sets]
-    stream = ood.OodStream(
-        ood_train,
-        p.batch_size,
-        augment=recipe.augment,
-        ranks=ranks,
-        derived=p.ood_derived.split(",") if p.ood_derived else (),
-        derived_fraction=p.ood_derived_fraction,
-        heavy=p.ood_augment == "heavy",
-    )
-    if p.ood_synthetic:
-        stream.synthesize = ood.Synthetic(victim, nets, p.ood_synthetic, p.ood_synthetic_steps, p.ood_synthetic_eps)
+    stream = _ood_stream(p, ood_train, recipe, ranks, victim, nets)
     spike = SpikeClip(SPIKE_FACTOR).to(device) if p.clip == "spike" else None
     step = (
-        fast.FastStep(victim, nets, stream, objective, ranks, data.shape[1], kernels, spike)
+        fast.FastStep(victim, nets, stream, _objective(p), ranks, data.shape[1], kernels, spike)
         if use_fast
-        else ReferenceStep(victim, nets, stream, objective, ranks, spike)
+        else ReferenceStep(victim, nets, stream, _objective(p), ranks, spike)
     )
 
     def begin_epoch(epoch: int, gen: torch.Generator) -> None:
@@ -490,6 +467,73 @@ def _build(
             )
         stream.begin(gen)
 
+    modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
+    if spike is not None:  # its running mean is training state: checkpointed, so resume is exact
+        modules["spike_clip"] = spike
+    return _Parts(
+        victim=victim,
+        nets=nets,
+        step=step,
+        kernels=kernels,
+        use_fast=use_fast,
+        modules=modules,
+        begin_epoch=begin_epoch,
+        diagnostics=_diagnostics(p, data, ood_sets, victim, nets, spike, device, ranks),
+    )
+
+
+def _objective(p: "Flags") -> Objective:
+    """The loss terms and how they are merged (docs/method.md, "The objective")."""
+    return Objective(
+        beta=p.beta,
+        gamma=p.gamma,
+        delta=p.delta,
+        epsilon=p.epsilon,
+        distance=p.distance,
+        kl_direction=p.kl_direction,
+        pcgrad=p.pcgrad,
+        pcgrad_reduction=p.pcgrad_reduction,
+        bn_mode=p.bn_mode,
+        clip_pcgrad=p.clip == "always",
+    )
+
+
+def _ood_stream(
+    p: "Flags",
+    ood_train: list[torch.Tensor],
+    recipe: _loop.VictimRecipe,
+    ranks: _torchrun.Ranks,
+    victim: nn.Module,
+    nets: list[nn.Module],
+) -> ood.OodStream:
+    """The OOD batches: the sets' images, outliers derived from ID batches, and synthetic ones on request."""
+    stream = ood.OodStream(
+        ood_train,
+        p.batch_size,
+        augment=recipe.augment,
+        ranks=ranks,
+        derived=p.ood_derived.split(",") if p.ood_derived else (),
+        derived_fraction=p.ood_derived_fraction,
+        heavy=p.ood_augment == "heavy",
+    )
+    if p.ood_synthetic:
+        stream.synthesize = ood.Synthetic(victim, nets, p.ood_synthetic, p.ood_synthetic_steps, p.ood_synthetic_eps)
+    return stream
+
+
+def _diagnostics(
+    p: "Flags",
+    data: _data.Dataset,
+    ood_sets: list[_data.Dataset],
+    victim: nn.Module,
+    nets: list[nn.Module],
+    spike: Optional[SpikeClip],
+    device: str,
+    ranks: _torchrun.Ranks,
+) -> Callable[[], dict[str, float]]:
+    """The per-epoch held-out measures of induction and isolation, against the training surrogates and against a
+    fresh one the victim never trained against."""
+    fresh = [surrogates.build(p.arch, data, p.seed, surrogates.HELD_OUT).to(device)]
     val_x, val_y = (t[: p.diagnostic_images] for t in data.splits["val"])
     # held-out OOD images for the diagnostics: the first OOD set's test split (the faithful recipe's one set)
     ood_test = _data.fit_images(ood_sets[0].splits["test"][0][: p.diagnostic_images], data.shape)
@@ -505,19 +549,7 @@ def _build(
             row.update({f"diag_{k}{tag}": v for k, v in scores.items()})
         return row
 
-    modules = {f"surrogate{j}": net for j, net in enumerate(nets)}
-    if spike is not None:  # its running mean is training state: checkpointed, so resume is exact
-        modules["spike_clip"] = spike
-    return _Parts(
-        victim=victim,
-        nets=nets,
-        step=step,
-        kernels=kernels,
-        use_fast=use_fast,
-        modules=modules,
-        begin_epoch=begin_epoch,
-        diagnostics=diagnostics,
-    )
+    return diagnostics
 
 
 # ------------------------------------------------------------------------------------------------ save, summarise
