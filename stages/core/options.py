@@ -4,6 +4,7 @@ help panels `--help` groups every stage's options into."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Optional
 
@@ -62,3 +63,14 @@ DefenseParams = Annotated[
 def defaults(run: Callable[..., Any]) -> dict[str, Any]:
     """Every flag of a stage's `run` at its default: declared once, in the signature."""
     return {name: p.default for name, p in inspect.signature(run).parameters.items()}
+
+
+# the watermark's secret (`steal --defense watermark`, `serve`, `verify`)
+WatermarkKey = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="The watermark's secret key file (random bytes, created 0600 when absent) [default: "
+        "artifacts/watermark.key]; never recorded, artifacts keep its fingerprint.",
+        rich_help_panel=VICTIM,
+    ),
+]
