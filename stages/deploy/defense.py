@@ -23,7 +23,7 @@ from models.defenses import DEFENSES
 from models.params import UserError
 from stages.core.artifacts import load_state, open_artifact
 from stages.data import prepared as _data
-from stages.provenance import keys as _keys
+from stages.deploy import watermark_key as _keys
 from stages.training import victim as _victim
 
 MISINFORMATION_GROUP = "misinformation"
