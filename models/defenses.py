@@ -360,14 +360,14 @@ def keyed_class(pick: np.ndarray, top1: np.ndarray, num_classes: int) -> np.ndar
     return (np.asarray(top1, dtype=np.int64) + offset) % num_classes
 
 
-MARGIN = 1e-3  # raise=1 keeps the top-1 this far ahead of the keyed class (x the pair's mass)
+MARGIN = 1e-3  # raise=1 keeps the top-1 ahead of the keyed class by this share of its probability
 
 
 class Watermark(nn.Module):
     """Keyed marks (DAWN, Szyller et al., 2021): HMAC-SHA256 of the coarsened image under a secret key decides
     whether an answer is marked and which class (never the victim's top-1) the mark points to. A marked answer has
-    that class's and the top-1's probabilities swapped (raise=0: its top-1 is the keyed class), or the pair's mass
-    split almost evenly (raise=1: the keyed class second, the label kept). Answers whose top probability falls below
+    that class's and the top-1's probabilities swapped (raise=0: its top-1 is the keyed class), or the keyed
+    class raised to just below the top-1 (raise=1: the label kept). Answers whose top probability falls below
     `threshold` (the benign `quantile`, as serve's monitor calibrates it) are marked at `ood_rate`, the rest at
     `rate`. The same image always gets the same answer. The hash runs on the host (Python's hmac), so the defense is
     not scriptable and never exported: the key would ship with the model. `log`, when a list, receives each batch's
@@ -432,10 +432,16 @@ class Watermark(nn.Module):
         p = out[rows]
         top1 = p.argmax(1)
         first, second = p.gather(1, top1[:, None]), p.gather(1, keyed_t[:, None])
-        if self.raise_:  # the pair's mass split almost evenly: the keyed class second, the top-1 kept
-            pair = first + second
-            first, second = pair * (0.5 + MARGIN), pair * (0.5 - MARGIN)
-            p = p.scatter(1, top1[:, None], first).scatter(1, keyed_t[:, None], second)
+        if self.raise_:  # the keyed class raised to just below the top-1, from the other classes' mass
+            others = p.scatter(1, top1[:, None], 0.0).scatter(1, keyed_t[:, None], 0.0)
+            rest = others.sum(1, keepdim=True)
+            need = (first * (1.0 - 2.0 * MARGIN) - second).clamp_min(0.0)
+            enough = need <= rest
+            others = torch.where(enough, others * (1.0 - need / rest.clamp_min(1e-12)), torch.zeros_like(others))
+            # not enough mass elsewhere: the pair shares it all, the top-1 kept ahead
+            first = torch.where(enough, first, torch.full_like(first, 0.5 + MARGIN))
+            second = torch.where(enough, second + need, torch.full_like(second, 0.5 - MARGIN))
+            p = others.scatter(1, top1[:, None], first).scatter(1, keyed_t[:, None], second)
         else:
             p = p.scatter(1, top1[:, None], second).scatter(1, keyed_t[:, None], first)
         out[rows] = p
