@@ -238,3 +238,25 @@ def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim
         )
     )
     assert "no marked answers for principal 'carol'" in line
+
+
+def test_a_resumed_theft_records_the_same_marks(tmp_path):
+    """steal --resume replays the transfer set: the owner's record is recomputed from the images, identically."""
+    from models.defenses import Deployed
+    from stages.attacks.blackbox import BlackBox
+    from stages.deploy import defense as _defense
+
+    net = _defense.random_proxy("lenet5", 10, (1, 28, 28), [0.5], [0.25], 0)
+    graph = Deployed(net, watermark(rate=0.0, ood_rate=0.3, threshold=1.0)).eval()
+    images = torch.randint(0, 256, (300, 1, 28, 28)).float() / 255.0
+    with h5py.File(tmp_path / "a.h5", "w") as fa, h5py.File(tmp_path / "b.h5", "w") as fb:
+        first = BlackBox(graph, 300, "soft", (1, 28, 28), 10, "cpu", fa.create_group("transfer"), True)
+        first(images[:200])
+        first(images[200:])
+        first.close()
+        resumed = BlackBox(graph, 300, "soft", (1, 28, 28), 10, "cpu", fb.create_group("transfer"), True)
+        resumed.replay(*first.recorded())
+        resumed.close()
+        for name in ("marked", "keyed_class", "confidence"):
+            np.testing.assert_array_equal(fa[f"transfer/watermark/{name}"][()], fb[f"transfer/watermark/{name}"][()])
+        assert 60 < fa["transfer/watermark"].attrs["marked_count"] < 120
