@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from models.params import UserError
-from stages import evaluate, export, prepare, serve, serve_key, steal, train, train_ini
+from stages import evaluate, export, prepare, serve, serve_key, steal, train, train_ini, verify
 
 
 class _Stages(TyperGroup):
@@ -69,6 +69,7 @@ app.command("evaluate")(evaluate.run)
 app.command("export")(export.run)
 app.command("serve")(serve.run)
 app.command("serve-key")(serve_key.run)
+app.command("verify")(verify.run)
 
 
 def main() -> None:

@@ -10,8 +10,11 @@ docs/method.md, "Defenses".
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -320,6 +323,134 @@ class Gate(nn.Module):
         return torch.where(gated, replacement, probs)
 
 
+def key_fingerprint(key: bytes) -> str:
+    """What artifacts record of a watermark key: 16 hex digits of HMAC-SHA256(key, "fingerprint"), which name the
+    key without revealing it."""
+    return hmac.new(key, b"fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def coarsen(images: np.ndarray, cell: int, levels: int) -> np.ndarray:
+    """uint8 images (N, C, H, W) -> the means of `cell` x `cell` blocks (edges padded by replication), quantised to
+    `levels` grey levels: what the watermark hashes, so that an image re-encoded or nudged by less than a level
+    keeps its mark (how much a shift or noise changes it is measured: docs/results.md, "Proving a theft")."""
+    n, c, h, w = images.shape
+    ph, pw = -h % cell, -w % cell
+    x = np.pad(images.astype(np.float32), ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
+    x = x.reshape(n, c, (h + ph) // cell, cell, (w + pw) // cell, cell).mean((3, 5))
+    return np.minimum((x * (levels / 256.0)).astype(np.uint8), levels - 1)
+
+
+def keyed_draws(images: np.ndarray, key: bytes, cell: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, from HMAC-SHA256(key, shape and coarsened image): a uniform draw in [0, 1) (marked when below the
+    rate) and a 64-bit integer (which class the mark points to). The same image always draws the same."""
+    coarse = coarsen(images, cell, levels)
+    prefix = np.asarray(coarse.shape[1:], dtype=np.int32).tobytes()
+    uniform = np.empty(len(coarse), dtype=np.float64)
+    pick = np.empty(len(coarse), dtype=np.uint64)
+    for i, image in enumerate(coarse):
+        digest = hmac.new(key, prefix + image.tobytes(), hashlib.sha256).digest()
+        uniform[i] = int.from_bytes(digest[:8], "big") / 2.0**64
+        pick[i] = int.from_bytes(digest[8:16], "big")
+    return uniform, pick
+
+
+def keyed_class(pick: np.ndarray, top1: np.ndarray, num_classes: int) -> np.ndarray:
+    """The class a mark points to: never the victim's own top-1, uniform over the other K - 1 classes."""
+    offset = 1 + (pick % np.uint64(num_classes - 1)).astype(np.int64)
+    return (np.asarray(top1, dtype=np.int64) + offset) % num_classes
+
+
+MARGIN = 1e-3  # raise=1 keeps the top-1 ahead of the keyed class by this share of its probability
+
+
+class Watermark(nn.Module):
+    """Keyed marks (DAWN, Szyller et al., 2021): HMAC-SHA256 of the coarsened image under a secret key decides
+    whether an answer is marked and which class (never the victim's top-1) the mark points to. A marked answer has
+    that class's and the top-1's probabilities swapped (raise=0: its top-1 is the keyed class), or the keyed
+    class raised to just below the top-1 (raise=1: the label kept). Answers whose top probability falls below
+    `threshold` (the benign `quantile`, as serve's monitor calibrates it) are marked at `ood_rate`, the rest at
+    `rate`. The same image always gets the same answer. The hash runs on the host (Python's hmac), so the defense is
+    not scriptable and never exported: the key would ship with the model. `log`, when a list, receives each batch's
+    (marked, keyed class, top probability) for the owner's record. Method: docs/method.md, "Watermark".
+    """
+
+    PARAMS = {
+        "rate": Param(0.0005, 0.0, 0.005, False, "share of answers marked"),
+        "ood_rate": Param(0.1, 0.0, 1.0, False, "share of OOD-looking answers (top probability below threshold)"),
+        "threshold": Param(0.0, 0.0, 1.0, False, "top probability below which an answer looks OOD"),
+        "quantile": Param(
+            0.01, 0.0, 1.0, False, "if above 0: threshold is this quantile of benign (val) top probabilities"
+        ),
+        "raise": Param(0, 0, 1, True, "0: top-1 moved to the keyed class; 1: keyed class raised to second"),
+        # measured on MNIST (docs/results.md, "Proving a theft"): 4 x 4 blocks at 4 levels keep 92 % of hashes
+        # under noise of sd 2/255 (2 px blocks at 16 levels: 16 %) and 94.5 % of test images apart; no coarsening
+        # that keeps images apart survives a 1 px shift (at most 2 %)
+        "cell": Param(4, 1, 16, True, "pixels per side of the blocks averaged before hashing"),
+        "levels": Param(4, 2, 256, True, "grey levels of the hashed image"),
+    }
+    NEEDS = ("benign_confidence", "watermark_key")
+    SCRIPTABLE = False
+
+    def __init__(
+        self,
+        key: bytes,
+        rate: float,
+        ood_rate: float,
+        threshold: float,
+        quantile: float,
+        cell: int,
+        levels: int,
+        **flags,
+    ):
+        super().__init__()
+        self.key = bytes(key)
+        self.rate, self.ood_rate, self.threshold = float(rate), float(ood_rate), float(threshold)
+        self.raise_ = bool(flags.pop("raise"))
+        self.cell, self.levels = int(cell), int(levels)
+        self.log: list | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return key_fingerprint(self.key)
+
+    def marks(self, x: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(marked, keyed class, top probability) for images x in [0, 1] and the victim's answers."""
+        images = np.rint(x.detach().cpu().double().numpy().clip(0.0, 1.0) * 255.0).astype(np.uint8)
+        uniform, pick = keyed_draws(images, self.key, self.cell, self.levels)
+        p = probs.detach().cpu()
+        top, top1 = p.max(1)
+        top = top.numpy()
+        rate = np.where(top < self.threshold, max(self.rate, self.ood_rate), self.rate)
+        return uniform < rate, keyed_class(pick, top1.numpy(), probs.shape[1]), top
+
+    def forward(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        marked, keyed, top = self.marks(x, probs)
+        if self.log is not None:
+            self.log.append((marked, keyed, top))
+        if not marked.any():
+            return probs
+        rows = torch.from_numpy(np.flatnonzero(marked)).to(probs.device)
+        keyed_t = torch.from_numpy(keyed[marked]).to(probs.device)
+        out = probs.clone()
+        p = out[rows]
+        top1 = p.argmax(1)
+        first, second = p.gather(1, top1[:, None]), p.gather(1, keyed_t[:, None])
+        if self.raise_:  # the keyed class raised to just below the top-1, from the other classes' mass
+            others = p.scatter(1, top1[:, None], 0.0).scatter(1, keyed_t[:, None], 0.0)
+            rest = others.sum(1, keepdim=True)
+            need = (first * (1.0 - 2.0 * MARGIN) - second).clamp_min(0.0)
+            enough = need <= rest
+            others = torch.where(enough, others * (1.0 - need / rest.clamp_min(1e-12)), torch.zeros_like(others))
+            # not enough mass elsewhere: the pair shares it all, the top-1 kept ahead
+            first = torch.where(enough, first, torch.full_like(first, 0.5 + MARGIN))
+            second = torch.where(enough, second + need, torch.full_like(second, 0.5 - MARGIN))
+            p = others.scatter(1, top1[:, None], first).scatter(1, keyed_t[:, None], second)
+        else:
+            p = p.scatter(1, top1[:, None], second).scatter(1, keyed_t[:, None], first)
+        out[rows] = p
+        return out
+
+
 class Deployed(nn.Module):
     """The one graph a prediction API serves."""
 
@@ -355,6 +486,7 @@ DEFENSES: dict[str, type[nn.Module]] = {
     "rounding": Rounding,
     "noise": Noise,
     "gate": Gate,
+    "watermark": Watermark,
 }
 
 # Defenses whose answer keeps the victim's top-1 label (reverse-sigmoid: at its default beta and gamma, when the top

@@ -5,6 +5,7 @@ signature is the command's flags:
     train_ini  the InI victim                        steal      a model-stealing attack through a black box
     evaluate   metrics, the decision table, report   export     TorchScript / ONNX deploy
     serve      the HTTP prediction API               serve_key  an API key for `serve`
+    verify     names a copy stolen from a watermarked victim
 
 The code they share lives in packages named for a concern, imported one way (each only from those above it):
 
@@ -16,4 +17,5 @@ The code they share lives in packages named for a concern, imported one way (eac
     attacks     the thieves, the budgeted black box they query, steal's checkpoint, a remote victim
     evaluation  relabelling, budget curves, the decision table, the report and its plots
     serving     the prediction API: keys, limits, ledger, monitor, batching
+    provenance  the evidence of a theft (marked answers) and the test that names a stolen copy
 """

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from models.defenses import Deployed
+from models.defenses import DEFENSES, Deployed
 from models.params import UserError
 from stages.core import options as _options
 from stages.core.artifacts import describe_inputs, prepare_output, versions
@@ -53,6 +53,11 @@ def run(
     model."""
     started = time.time()
     defense_params = _defense.parse(defense, defense_param)
+    if not getattr(DEFENSES[defense], "SCRIPTABLE", True):
+        raise UserError(
+            f"--defense {defense} cannot be exported: its secret key would ship inside the model; export the plain "
+            "victim and let `serve --watermark-key FILE` mark its answers"
+        )
     if format == "onnx" and defense in _onnx.UNSUPPORTED:
         raise UserError(
             f"--defense {defense} cannot be exported to ONNX: {_onnx.UNSUPPORTED[defense]}; use --format torchscript"

@@ -25,6 +25,7 @@ from stages.deploy import defense as _defense
 from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
+from stages.serving import watermark as _watermark
 from stages.serving.ledger import Ledger
 from stages.serving.monitor import Monitor, Settings, calibrate
 
@@ -92,9 +93,19 @@ def run(
         Optional[Path], typer.Option(help="Alert JSON lines, appended [default: the ledger path with .alerts.jsonl].")
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads of the forward pass.")] = 1,
+    watermark_key: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Mark answers with the watermark under this secret key file (created 0600 when absent), outside "
+            "the served graph, and keep each marked answer with its image and principal in the ledger; `verify` "
+            "reads them. Only the key's fingerprint is recorded."
+        ),
+    ] = None,
 ) -> None:
     """Serve the defended model over HTTP with budgets, a query ledger and extraction alerts."""
     defense_params = _defense.parse(defense, defense_param)
+    if defense == "watermark":
+        raise UserError("serve marks answers with --watermark-key FILE, outside the served graph, not --defense")
     ledger = prepare_output(ledger)
     alerts = prepare_output(alerts or ledger.with_suffix(".alerts.jsonl"))
     table = principals_file.read(keys)
@@ -150,6 +161,9 @@ def run(
         alerts_path=alerts,
     )
     service = api.Service(served, table, book, monitor, options)
+    if watermark_key is not None:
+        service.marker = _watermark.Marker(watermark_key, calibration.ood_threshold)
+        book.put_meta({f"watermark.{time.time():.0f}": service.marker.describe()})
     console.print(
         f"serve: {served.info.arch} on {served.info.dataset} ({served.runtime}, defense {served.info.baked_defense}), "
         f"{len(table)} principals, ledger {ledger}"

@@ -83,6 +83,7 @@ def run(
     ] = None,
     defense: _options.DefenseName = "none",
     defense_param: _options.DefenseParams = None,
+    watermark_key: _options.WatermarkKey = None,
     attack: Annotated[str, typer.Option(help=f"Attack: {', '.join(ATTACKS)}.", rich_help_panel=ATTACK)] = "knockoff",
     budget: Annotated[
         int, typer.Option(min=1, help="Queries allowed (1 image = 1 query).", rich_help_panel=ATTACK)
@@ -196,7 +197,7 @@ def run(
     ckpt = _loop.checkpoint_path(out)
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
-    target = _load(params, api_key)
+    target = _load(params, api_key, watermark_key)
     arch = params["arch"] = arch or target.info.arch
     recipe = _surrogate_recipe(params)
     params.update(
@@ -266,8 +267,11 @@ def _resolve(flags: dict) -> dict:
         raise UserError("--defense with --target: the server applies its own defense; serve the model with it")
     if flags["arch"] is not None:
         models.check_arch(flags["arch"])
+    if flags["watermark_key"] is not None and flags["defense"] != "watermark":
+        raise UserError("--watermark-key is the secret of --defense watermark")
     params["device"] = _loop.pick_device(flags["device"])
     params.pop("api_key")
+    params.pop("watermark_key")  # the transfer set records the key's fingerprint, never the key
     return params
 
 
@@ -311,12 +315,12 @@ class _Target:
     hashes: list[str]  # in the fingerprint: a checkpoint keeps pool indices, not images
 
 
-def _load(p: dict, api_key: Optional[str]) -> _Target:
+def _load(p: dict, api_key: Optional[str], key_file: Optional[Path] = None) -> _Target:
     file = p["victim"]
     if p["target"] is None:
         file = file or Path("artifacts/victim.h5")
         graph, info = _blackbox.open_victim(file, p["device"])
-        defended = _blackbox.defend(graph, info, p["defense"], p["defense_params"], p["device"])
+        defended = _blackbox.defend(graph, info, p["defense"], p["defense_params"], p["device"], key_file)
     else:  # the API answers; a local copy of the served model, if given, only scores
         defended, info, p["budget"] = _remote.open_target(p["target"], api_key, p["budget"])
         graph = None

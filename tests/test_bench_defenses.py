@@ -8,7 +8,7 @@ side in group `mad` (the table's parenthesised ratios are the speed-up).
 import pytest
 import torch
 
-from models.defenses import DEFENSES, MAD, AdaptiveMisinformation
+from models.defenses import DEFENSES, MAD, AdaptiveMisinformation, Watermark
 from models.params import defaults
 from stages.deploy import defense as _defense
 
@@ -25,6 +25,8 @@ def _defense_for(name: str) -> torch.nn.Module:
         return AdaptiveMisinformation(
             _defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1), **defaults(AdaptiveMisinformation.PARAMS)
         )
+    if name == "watermark":  # a fixed key, the OOD threshold given: the host-side HMAC per image is what it costs
+        return Watermark(b"benchmark key, 32 bytes, fixed..", **_defense.parse(name, ["quantile=0", "threshold=0.5"]))
     return _defense.build(name, _defense.parse(name, []), "lenet5", K, SHAPE, [0.5], [0.25])
 
 

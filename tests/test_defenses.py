@@ -9,7 +9,7 @@ from scipy.special import expit, logsumexp, softmax
 from typer.testing import CliRunner
 
 import cli
-from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, greedy_mass_move
+from models.defenses import ARGMAX_PRESERVING, DEFENSES, AdaptiveMisinformation, Watermark, greedy_mass_move
 from models.params import UserError
 from stages import prepare, train
 from stages.deploy import defense as _defense
@@ -23,6 +23,8 @@ def make(name: str, pairs=()) -> torch.nn.Module:
     if name == "adaptive-misinformation":  # its network comes from victim.h5; any network shows the maths
         params = _defense.parse(name, pairs)
         return AdaptiveMisinformation(_defense.random_proxy("lenet5", K, SHAPE, [0.5], [0.25], 1), **params).eval()
+    if name == "watermark":  # a fixed key; its OOD threshold given, not calibrated on a victim
+        return Watermark(b"test key of 32 bytes, not random", **_defense.parse(name, ["quantile=0", *pairs])).eval()
     return _defense.build(name, _defense.parse(name, pairs), "lenet5", K, SHAPE, [0.5], [0.25])
 
 
@@ -80,6 +82,10 @@ def test_respects_its_l1_budget(name, key, budget):
 @pytest.mark.parametrize("name", list(DEFENSES))
 def test_scripts_and_matches_eager(name):
     defense = make(name)
+    if not getattr(defense, "SCRIPTABLE", True):  # its key would ship in the graph: export refuses it
+        with pytest.raises((RuntimeError, torch.jit.frontend.FrontendError)):
+            _jit.script(defense)
+        return
     x, p = batch(32)
     scripted = _jit.script(defense)
     with torch.no_grad():
@@ -97,8 +103,13 @@ GOLDEN = {
     "rounding": [0.75, 0.1, 0.06, 0.04, 0.02, 0.01, 0.01, 0.01, 0.0, 0.0],
     "noise": [0.5187, 0.0785, 0.0749, 0.066, 0.0535, 0.1026, 0.0509, 0.0419, 0.0101, 0.0029],
     "gate": [0.1] * 10,
+    "watermark": [0.101, 0.7462, 0.0613, 0.0372, 0.0225, 0.0137, 0.0083, 0.005, 0.003, 0.0018],
 }
-GOLDEN_PARAMS = {"adaptive-misinformation": ["tau=0.9"], "gate": ["threshold=0.8"]}
+GOLDEN_PARAMS = {
+    "adaptive-misinformation": ["tau=0.9"],
+    "gate": ["threshold=0.8"],
+    "watermark": ["threshold=0.8", "ood_rate=1"],
+}
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))

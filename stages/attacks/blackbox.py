@@ -2,7 +2,8 @@
 
 `open_victim` loads `victim.pt` (a deployed TorchScript graph, only from the path the user names) or `victim.h5`;
 `BlackBox` wraps the (defended) graph: one image is one query, a request beyond the budget is cut to what is
-left, and every answered query is written straight into a preallocated transfer set in the output file.
+left, and every answered query is written straight into a preallocated transfer set in the output file; behind
+the watermark, with the owner's record of which answers were marked and the class each mark points to.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.defenses import Defended, Deployed, NoDefense
+from models.defenses import Defended, Deployed, NoDefense, Watermark
 from models.params import UserError
 from stages.deploy import defense as _defense
 from stages.training import victim as _victim
@@ -37,8 +38,10 @@ def open_victim(path: Path, device: str) -> tuple[nn.Module, VictimInfo]:
     return Deployed(classifier, NoDefense()).eval(), info
 
 
-def defend(graph: nn.Module, info: VictimInfo, name: str, params: dict, device: str) -> nn.Module:
-    """The graph the thief queries: the victim behind `--defense`."""
+def defend(
+    graph: nn.Module, info: VictimInfo, name: str, params: dict, device: str, key_file: Optional[Path] = None
+) -> nn.Module:
+    """The graph the thief queries: the victim behind `--defense` (`key_file`: the watermark's secret)."""
     if name != "none" and info.baked_defense != "none":
         raise UserError(
             f"{info.path} already has the defense {info.baked_defense!r} baked in; "
@@ -53,6 +56,7 @@ def defend(graph: nn.Module, info: VictimInfo, name: str, params: dict, device: 
         info.mean,
         info.std,
         victim_h5=info.path if info.path.suffix in (".h5", ".hdf5") else None,
+        key_file=key_file,
     ).to(device)
     if isinstance(graph, Deployed):
         return Deployed(graph.classifier, defense).eval()
@@ -98,7 +102,7 @@ class BlackBox:
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.used = 0
-        self._images = self._answers = None
+        self._images = self._answers = self._watermark = None
         if transfer is not None:
             chunk = min(budget, 256)
             self._images = transfer.create_dataset(
@@ -119,6 +123,11 @@ class BlackBox:
             )
             self._images.attrs["scale"] = 255.0 if exact_uint8 else 1.0  # stored value / scale = the image queried
             transfer.attrs["label"] = label
+            self._watermark = getattr(graph, "defense", None)
+            if not isinstance(self._watermark, Watermark):
+                self._watermark = None
+            else:
+                self._marks = _watermark_record(transfer, self._watermark, budget, chunk)
 
     @property
     def remaining(self) -> int:
@@ -135,7 +144,14 @@ class BlackBox:
             return self._empty(images.device)
         if float(images.min()) < 0.0 or float(images.max()) > 1.0:
             raise ValueError("queries must be images in [0, 1]")
-        probs = predict(self._graph, images, self._device).to(images.device)
+        if self._watermark is not None:
+            self._watermark.log = []
+        try:
+            probs = predict(self._graph, images, self._device).to(images.device)
+        finally:
+            log = self._watermark.log if self._watermark is not None else None
+            if self._watermark is not None:
+                self._watermark.log = None
         answers = probs if self.label == "soft" else probs.argmax(1)
         if self._images is not None:
             stored = images.cpu().numpy()
@@ -146,6 +162,8 @@ class BlackBox:
                 stored = grid.astype(np.uint8)
             self._images[self.used : self.used + n] = stored
             self._answers[self.used : self.used + n] = answers.cpu().numpy()
+            if log is not None:
+                self._write_marks(self.used, log)
         self.used += n
         if self._on_answer is not None:
             self._on_answer(n)
@@ -177,6 +195,14 @@ class BlackBox:
         if n:
             self._images[:n] = images
             self._answers[:n] = answers
+            if self._watermark is not None:  # the owner's record, recomputed: the same images draw the same marks
+                self._watermark.log = []
+                try:
+                    scale = float(self._images.attrs["scale"])
+                    predict(self._graph, torch.from_numpy(images).float() / scale, self._device)
+                    self._write_marks(0, self._watermark.log)
+                finally:
+                    self._watermark.log = None
         self.used = n
         if self._on_answer is not None:
             self._on_answer(n)
@@ -187,3 +213,37 @@ class BlackBox:
             self._images.resize(self.used, axis=0)
             self._answers.resize(self.used, axis=0)
             self._images.parent.attrs["count"] = self.used
+            if self._watermark is not None:
+                for name in WATERMARK_RECORD:
+                    self._marks[name].resize(self.used, axis=0)
+                group = self._marks["marked"].parent
+                group.attrs["marked_count"] = int(self._marks["marked"][: self.used].sum())
+
+    def _write_marks(self, start: int, log: list) -> None:
+        marked, keyed, top = (np.concatenate(part) for part in zip(*log, strict=True))
+        for name, values in zip(WATERMARK_RECORD, (marked, keyed, top), strict=True):
+            self._marks[name][start : start + len(values)] = values
+
+
+WATERMARK_RECORD = ("marked", "keyed_class", "confidence")
+
+
+def _watermark_record(transfer: h5py.Group, defense: Watermark, budget: int, chunk: int) -> dict[str, h5py.Dataset]:
+    """Group `transfer/watermark`: per query whether its answer was marked, the class its mark points (or would
+    point) to, and the victim's top probability; the key's fingerprint and the marking parameters as attributes."""
+    group = transfer.create_group("watermark")
+    group.attrs.update(
+        schema="watermark/1",
+        key_fingerprint=defense.fingerprint,
+        rate=defense.rate,
+        ood_rate=defense.ood_rate,
+        threshold=defense.threshold,
+        mode="raise" if defense.raise_ else "swap",
+        cell=defense.cell,
+        levels=defense.levels,
+    )
+    dtypes = {"marked": np.bool_, "keyed_class": np.int16, "confidence": np.float32}
+    return {
+        name: group.create_dataset(name, shape=(budget,), maxshape=(budget,), dtype=dtypes[name], chunks=(chunk,))
+        for name in WATERMARK_RECORD
+    }

@@ -23,7 +23,7 @@ import torch
 
 from models.params import UserError
 
-SCHEMA_VERSIONS = {"dataset": 1, "victim": 1, "surrogate": 1, "metrics": 1, "checkpoint": 1}
+SCHEMA_VERSIONS = {"dataset": 1, "victim": 1, "surrogate": 1, "metrics": 1, "checkpoint": 1, "verification": 1}
 
 
 def sha256(path: str | Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, Callable, Optional
 
@@ -72,3 +73,14 @@ def flags_of(run: Callable[..., Any], *derived: str) -> type:
     fields = [(name, Any) for name in inspect.signature(run).parameters] + [(name, Any, None) for name in derived]
     stage = run.__module__.rpartition(".")[2].title().replace("_", "")
     return dataclasses.make_dataclass(f"{stage}Flags", fields, frozen=True)
+
+
+# the watermark's secret (`steal --defense watermark`, `serve`, `verify`)
+WatermarkKey = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="The watermark's secret key file (random bytes, created 0600 when absent) [default: "
+        "artifacts/watermark.key]; never recorded, artifacts keep its fingerprint.",
+        rich_help_panel=VICTIM,
+    ),
+]

@@ -4,7 +4,8 @@
 Parameters are validated against the defense's `PARAMS` (unknown keys, non-numbers and out-of-range values are
 user errors) and all go to its constructor; victim-side inputs (`NEEDS`: a random-init proxy of the victim's
 architecture, seeded by the defense's own `seed` parameter; the misinformation network stored in victim.h5; the
-class count; the input shape; the victim's confidence on its val split) are supplied here, never by the user.
+class count; the input shape; the victim's confidence on its val split; the watermark's key file) are supplied
+here, never by the user.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from models.defenses import DEFENSES
 from models.params import UserError
 from stages.core.artifacts import load_state, open_artifact
 from stages.data import prepared as _data
+from stages.deploy import watermark_key as _keys
 from stages.training import victim as _victim
 
 MISINFORMATION_GROUP = "misinformation"
@@ -86,7 +88,9 @@ def load_misinformation(
 def benign_threshold(victim_h5: Optional[Path], quantile: float) -> float:
     """The `quantile` of the victim's top probabilities on the val split of the data it was trained on."""
     if victim_h5 is None or Path(victim_h5).suffix not in (".h5", ".hdf5"):
-        raise UserError("gate quantile=Q calibrates on the victim's val split: give the victim.h5, or set threshold=T")
+        raise UserError(
+            "quantile=Q calibrates on the victim's val split: give the victim.h5, or set quantile=0 threshold=T"
+        )
     model, info = _victim.load(victim_h5)
     data = _data.load(
         str(json.loads(info.provenance.get("params", "{}")).get("dataset", info.dataset)), splits=("val",)
@@ -114,9 +118,11 @@ def build(
     mean,
     std,
     victim_h5: Optional[Path] = None,
+    key_file: Optional[Path] = None,
 ) -> nn.Module:
     """DEFENSES[name] built from `params` (from `parse`) and the victim-side inputs it needs. A threshold the gate
-    calibrates is written back into `params`, so the outputs that record them record it."""
+        calibrates is written back into `params`, so the outputs that record them record it. `key_file`: the watermark's
+    secret (created when absent; default artifacts/watermark.key), never written into `params`."""
     cls = DEFENSES[name]
     inputs = {}
     for need in cls.NEEDS:
@@ -133,6 +139,8 @@ def build(
             if quantile > 0:
                 params["threshold"] = benign_threshold(victim_h5, quantile)
             params["quantile"] = quantile
+        elif need == "watermark_key":
+            inputs["key"] = _keys.load_or_create(key_file or _keys.DEFAULT_KEY)
         else:
             raise AssertionError(f"defense {name} needs unknown input {need!r}")
     return cls(**params, **inputs).eval()

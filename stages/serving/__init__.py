@@ -9,5 +9,6 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
     payload  request decoding and validation, answer encoding, API errors
     batcher  micro-batching of concurrent requests into one forward pass
     app      the FastAPI application and its Prometheus metrics
+    watermark  keyed marks on answers (outside the served graph) and their evidence in the ledger
     client   the other end: a served victim as `steal --target` queries it
 """

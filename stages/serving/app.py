@@ -80,6 +80,8 @@ class Service:
     """Everything a request touches, owned by the event loop (the monitor thread reaches it via
     call_soon_threadsafe)."""
 
+    marker = None  # a watermark.Marker when `serve --watermark-key` marks answers
+
     def __init__(
         self, served: Served, principals: dict[str, Principal], ledger: Ledger, monitor: Monitor, options: Options
     ):
@@ -123,6 +125,8 @@ class Service:
     def _answer(self, jobs: list[Job]) -> list[np.ndarray]:
         images = np.concatenate([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
         answers = self.served.predict(images)
+        if self.marker is not None:  # keyed marks outside the served graph (stages/serving/watermark.py)
+            answers = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
         flags = answers.max(1) < self.monitor.calibration.ood_threshold
         now, rows, out, start = time.time(), [], [], 0
         for job in jobs:
@@ -133,6 +137,8 @@ class Service:
             out.append(part)
             start += n
         self.ledger.record(rows)  # committed before any of these answers is sent
+        if self.marker is not None:
+            self.marker.store(self.ledger, now)
         self.metrics.batch.observe(len(images))
         for job, part in zip(jobs, out, strict=False):
             self._observations.put((job.context[0], job.images, part, now))

@@ -4,7 +4,8 @@ A batch of answers is recorded in one transaction that inserts each request's ro
 principal's `spent`; the answers leave the server only after that transaction commits (synchronous=FULL: on disk,
 not just in the OS cache). So no image is answered without being counted, a `kill -9` loses no answered query,
 and a retried request (same Idempotency-Key) is answered from its row, never counted twice.
-Tables are documented in artifacts/README.md (`ledger.sqlite`).
+Tables are documented in artifacts/README.md (`ledger.sqlite`). The `watermark` table (marked answers and their
+controls, the evidence `verify` reads) is created by the first batch `serve --watermark-key` marks.
 """
 
 from __future__ import annotations
@@ -48,6 +49,33 @@ class Answered:
     request_id: Optional[str]
     answers: np.ndarray  # float32 (N, K), what the client receives
     ood_images: int  # answers whose OOD score crossed the calibrated threshold
+
+
+WATERMARK_TABLE = """
+CREATE TABLE IF NOT EXISTS watermark (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, principal TEXT NOT NULL, time REAL NOT NULL, marked INTEGER NOT NULL,
+    keyed_class INTEGER NOT NULL, confidence REAL NOT NULL, classes INTEGER NOT NULL, shape TEXT NOT NULL,
+    image BLOB NOT NULL, fingerprint TEXT NOT NULL, mode TEXT NOT NULL, cell INTEGER NOT NULL, levels INTEGER NOT NULL,
+    rate REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS watermark_principal ON watermark (principal, marked);
+"""
+
+
+@dataclass
+class Mark:
+    """One answer kept as watermark evidence: marked, or an unmarked control of the same principal."""
+
+    principal: str
+    marked: bool
+    keyed_class: int  # the class the mark points to (for a control: would have pointed to)
+    confidence: float  # the victim's top probability before marking
+    classes: int
+    image: np.ndarray  # uint8 (C, H, W), as queried
+    fingerprint: str  # of the key; never the key
+    mode: str
+    cell: int
+    levels: int
+    rate: float
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -170,3 +198,37 @@ class Ledger:
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 [(k, json.dumps(v, default=str)) for k, v in values.items()],
             )
+
+    def record_marks(self, marks: list[Mark], time: float) -> None:
+        """Watermark evidence, in one transaction (the table is made on first use)."""
+        rows = [
+            (
+                m.principal,
+                time,
+                int(m.marked),
+                m.keyed_class,
+                m.confidence,
+                m.classes,
+                ",".join(str(v) for v in m.image.shape),
+                m.image.astype(np.uint8).tobytes(),
+                m.fingerprint,
+                m.mode,
+                m.cell,
+                m.levels,
+                m.rate,
+            )
+            for m in marks
+        ]
+        with self._lock:
+            self._db.executescript(WATERMARK_TABLE)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO watermark (principal, time, marked, keyed_class, confidence, classes, shape, image, "
+                    "fingerprint, mode, cell, levels, rate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise

@@ -1,0 +1,183 @@
+"""The evidence of a theft: the queries whose answers carried a mark (image, the class the mark points to) and as
+many unmarked control queries from the same evidence, matched in the victim's confidence. Read from a surrogate's
+transfer set (`transfer/watermark`, written by `steal --defense watermark`) or from the serving ledger's
+`watermark` table (written by `serve --watermark-key`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from models.defenses import key_fingerprint, keyed_draws
+from models.params import UserError
+from stages.core.artifacts import attr_json, open_artifact, sha256
+
+CONTROL_SEED = 0  # which controls are drawn among equally confident ones: fixed, so a verification repeats
+
+
+@dataclass
+class Evidence:
+    """Marked and control queries, as float images in [0, 1], with the class each mark points (or would point) to."""
+
+    marked_images: np.ndarray
+    marked_class: np.ndarray
+    control_images: np.ndarray
+    control_class: np.ndarray
+    fingerprint: str
+    mode: str  # "swap": the answer's top-1 is the keyed class; "raise": the keyed class is second
+    cell: int
+    levels: int
+    rate: float  # the highest rate a query was marked at (ood_rate or rate)
+    num_classes: int
+    source: dict = field(default_factory=dict)  # path, sha256, kind, principal, queries
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.marked_images.shape[1:])
+
+
+def load(path: Path, principal: Optional[str] = None) -> Evidence:
+    """A surrogate.h5 whose transfer set holds marks, or a ledger.sqlite with a `watermark` table."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--evidence {path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(16)
+    if magic.startswith(b"SQLite format 3"):
+        return _from_ledger(path, principal)
+    if principal is not None:
+        raise UserError("--principal selects a ledger's queries; a surrogate's transfer set has one thief")
+    return _from_transfer(path)
+
+
+def _from_transfer(path: Path) -> Evidence:
+    with open_artifact(path, "surrogate") as f:
+        if "transfer/watermark" not in f:
+            raise UserError(f"{path}: its transfer set holds no marks; the victim answered without the watermark")
+        group = f["transfer/watermark"]
+        marked = group["marked"][()].astype(bool)
+        keyed = group["keyed_class"][()].astype(np.int64)
+        confidence = group["confidence"][()].astype(np.float64)
+        images = f["transfer/images"]
+        scale = float(images.attrs.get("scale", 1.0))
+        pick_marked, pick_control = _controls(marked, confidence)
+        if len(pick_marked) == 0:
+            raise UserError(f"{path}: none of its {len(marked):,} answers was marked; nothing to verify")
+        read = lambda idx: images[np.sort(idx)].astype(np.float32) / scale  # noqa: E731 h5py reads sorted indices
+        order_m, order_c = np.argsort(np.argsort(pick_marked)), np.argsort(np.argsort(pick_control))
+        return Evidence(
+            marked_images=read(pick_marked)[order_m],
+            marked_class=keyed[pick_marked],
+            control_images=read(pick_control)[order_c],
+            control_class=keyed[pick_control],
+            fingerprint=str(group.attrs["key_fingerprint"]),
+            mode=str(group.attrs["mode"]),
+            cell=int(group.attrs["cell"]),
+            levels=int(group.attrs["levels"]),
+            rate=max(float(group.attrs["rate"]), float(group.attrs["ood_rate"])),
+            num_classes=len(attr_json(f, "classes")),
+            source=dict(kind="transfer set", path=str(path), sha256=sha256(path), queries=len(marked)),
+        )
+
+
+def _controls(marked: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The marked queries and, for each, an unmarked one of the nearest victim confidence (none used twice): marks
+    are drawn at a higher rate on OOD-looking answers, and a model's answers there are less settled, so controls
+    come from the same confidence."""
+    pick_marked = np.flatnonzero(marked)
+    unmarked = np.flatnonzero(~marked)
+    if len(unmarked) < len(pick_marked):
+        raise UserError(f"the evidence holds {len(pick_marked)} marked queries but only {len(unmarked)} unmarked")
+    rng = np.random.default_rng(CONTROL_SEED)
+    unmarked = unmarked[rng.permutation(len(unmarked))]  # ties between equal confidences broken at random
+    order = np.argsort(confidence[unmarked], kind="stable")
+    sorted_idx, sorted_conf = unmarked[order], confidence[unmarked][order]
+    free = np.ones(len(sorted_idx), dtype=bool)
+    controls = np.empty(len(pick_marked), dtype=np.int64)
+    for j, i in enumerate(pick_marked):
+        at = int(np.searchsorted(sorted_conf, confidence[i]))
+        lo, hi = at - 1, at
+        while lo >= 0 and not free[lo]:  # the nearest free neighbour on either side
+            lo -= 1
+        while hi < len(free) and not free[hi]:
+            hi += 1
+        left = confidence[i] - sorted_conf[lo] if lo >= 0 else np.inf
+        right = sorted_conf[hi] - confidence[i] if hi < len(free) else np.inf
+        take = lo if left <= right else hi
+        free[take] = False
+        controls[j] = sorted_idx[take]
+    return pick_marked, controls
+
+
+def _from_ledger(path: Path, principal: Optional[str]) -> Evidence:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not db.execute("SELECT name FROM sqlite_master WHERE name = 'watermark'").fetchone():
+                raise UserError(f"{path}: the ledger holds no marks; serve with --watermark-key to record them")
+            where, args = ("WHERE principal = ?", (principal,)) if principal is not None else ("", ())
+            rows = db.execute(
+                "SELECT marked, keyed_class, confidence, shape, image, classes, fingerprint, mode, cell, levels, "
+                f"rate FROM watermark {where} ORDER BY id",
+                args,
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path}: not a readable ledger ({e})") from None
+    if not rows:
+        who = f" for principal {principal!r}" if principal is not None else ""
+        raise UserError(f"{path}: no marked answers{who}; nothing to verify")
+    if len({(r[6], r[7], r[8], r[9]) for r in rows}) > 1:
+        raise UserError(f"{path}: marks under more than one key or setting; give --principal or split the ledger")
+    marked = np.array([bool(r[0]) for r in rows])
+    keyed = np.array([int(r[1]) for r in rows], dtype=np.int64)
+    confidence = np.array([float(r[2]) for r in rows])
+    shapes = {r[3] for r in rows}
+    if len(shapes) > 1:
+        raise UserError(f"{path}: marked images of more than one shape")
+    shape = tuple(int(v) for v in shapes.pop().split(","))
+    images = np.stack([np.frombuffer(r[4], dtype=np.uint8).reshape(shape) for r in rows])
+    if not marked.any():
+        raise UserError(f"{path}: no marked answers; nothing to verify")
+    pick_marked, pick_control = _controls(marked, confidence)
+    first = rows[0]
+    return Evidence(
+        marked_images=images[pick_marked].astype(np.float32) / 255.0,
+        marked_class=keyed[pick_marked],
+        control_images=images[pick_control].astype(np.float32) / 255.0,
+        control_class=keyed[pick_control],
+        fingerprint=str(first[6]),
+        mode=str(first[7]),
+        cell=int(first[8]),
+        levels=int(first[9]),
+        rate=float(first[10]),
+        num_classes=int(first[5]),
+        source=dict(
+            kind="ledger",
+            path=str(path),
+            sha256=sha256(path),
+            principal=principal or "",
+            queries=len(rows),
+            schema=meta.get("schema", "?"),
+        ),
+    )
+
+
+def check_key(evidence: Evidence, key: bytes) -> None:
+    """A key file is the evidence's when its fingerprint matches and every marked image draws under the marking
+    rate with it (a forged or mislabelled evidence set fails the second)."""
+    if key_fingerprint(key) != evidence.fingerprint:
+        raise UserError(
+            f"wrong key file: its fingerprint {key_fingerprint(key)} is not the evidence's {evidence.fingerprint}"
+        )
+    images = np.rint(evidence.marked_images * 255.0).astype(np.uint8)
+    uniform, _ = keyed_draws(images, key, evidence.cell, evidence.levels)
+    if not (uniform < evidence.rate).all():
+        bad = int((uniform >= evidence.rate).sum())
+        raise UserError(f"{bad} of the evidence's {len(uniform)} marked images were not marked under this key")

@@ -1,0 +1,262 @@
+"""The watermark and `verify`: marks are keyed, stable and rare; the key never reaches an artifact; a surrogate
+stolen from the watermarked victim is named, one stolen from the same victim without marks is not; the evidence
+is read from a transfer set and from the serving ledger; bad input fails in one line with nothing written."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, invoke
+from tiny_data import write_dataset
+
+from models.defenses import Watermark, coarsen, key_fingerprint
+from models.params import defaults
+from stages.provenance import evidence as _evidence
+from stages.provenance import test as _test
+
+KEY = b"a fixed test key, thirty-two b.."
+# A strong marking for small data: every answer below top probability 1 is OOD-looking, and 30 % of them marked.
+STRONG = ["--defense-param", "quantile=0", "--defense-param", "threshold=1", "--defense-param", "ood_rate=0.3"]
+
+
+def watermark(**changes) -> Watermark:
+    return Watermark(KEY, **{**defaults(Watermark.PARAMS), "quantile": 0.0, **changes}).eval()
+
+
+def answers(n: int, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 1, 28, 28), generator=g).float() / 255.0
+    return x, torch.softmax(torch.randn(n, k, generator=g) * 3.0, 1)
+
+
+def test_marks_are_keyed_rare_and_never_the_top1():
+    x, p = answers(20_000)
+    d = watermark(rate=0.005, ood_rate=0.0)
+    with torch.no_grad():
+        out = d(x, p)
+    moved = out.argmax(1) != p.argmax(1)
+    marked, keyed, _ = d.marks(x, p)
+    assert torch.equal(moved, torch.from_numpy(marked))
+    assert 0.0035 < marked.mean() < 0.0065  # 100 expected, binomial sd 7
+    assert (keyed != p.argmax(1).numpy()).all()
+    assert torch.equal(out[moved].argmax(1), torch.from_numpy(keyed[marked]))
+    assert torch.equal(d(x, p), out)  # the same image always gets the same answer
+    other = Watermark(b"another key of thirty-two bytes.", **{**defaults(Watermark.PARAMS), "quantile": 0.0})
+    other_marked, _, _ = other.marks(x, p)
+    assert (other_marked & marked).sum() < 5  # another key marks other images
+
+
+def test_ood_looking_answers_are_marked_at_their_own_rate_and_raise_keeps_the_label():
+    x, p = answers(4000, seed=1)
+    d = watermark(rate=0.0, ood_rate=0.5, threshold=0.6)
+    marked, _, top = d.marks(x, p)
+    low = top < 0.6
+    assert not marked[~low].any()
+    assert 0.45 < marked[low].mean() < 0.55
+    r = watermark(rate=0.0, ood_rate=0.5, threshold=0.6, **{"raise": 1})
+    with torch.no_grad():
+        out = r(x, p)
+    assert torch.equal(out.argmax(1), p.argmax(1))
+    second = out.argsort(1, descending=True)[:, 1].numpy()
+    assert (second[marked] == r.marks(x, p)[1][marked]).all()
+    torch.testing.assert_close(out.sum(1), torch.ones(len(p)))
+
+
+def test_coarsened_hash_ignores_what_stays_within_a_grey_level():
+    x = np.full((1, 1, 28, 28), 100, np.uint8)
+    assert np.array_equal(coarsen(x, 2, 16), coarsen(x + 3, 2, 16))  # 100 and 103 share level 6 of 16
+    assert not np.array_equal(coarsen(x, 2, 16), coarsen(x + 20, 2, 16))
+    assert coarsen(np.zeros((2, 3, 27, 27), np.uint8), 4, 8).shape == (2, 3, 7, 7)  # edges padded
+
+
+def test_fisher_and_rank_tests_follow_the_null():
+    """Marked and control answers drawn alike: p-values roughly uniform, none below 1e-3 in 200 draws."""
+    rng = np.random.default_rng(0)
+    ps = []
+    for _ in range(200):
+        probs = rng.dirichlet(np.ones(10), size=(80,))
+        keyed = rng.integers(0, 10, 80)
+        ps.append(_test.decide(probs[:40], keyed[:40], probs[40:], keyed[40:], "swap")[0].p_value)
+    ps = np.array(ps)
+    assert ps.min() > 1e-3 and 0.3 < np.median(ps) < 0.9  # twice the smaller of two p-values: median above 1/2
+    learnt = np.eye(10)[keyed[:40]] * 0.9 + 0.01
+    outcome = _test.decide(learnt, keyed[:40], probs[40:], keyed[40:], "swap")[0]
+    assert outcome.marked_agree == 40 and outcome.p_value < 1e-15 and outcome.stolen
+
+
+@pytest.fixture(scope="module")
+def theft(victim, mnist_small, tmp_path_factory):
+    """Surrogates stolen from `victim` over 1,000 MNIST images: with marks, without, and the key file."""
+    root = tmp_path_factory.mktemp("theft")
+    key = root / "watermark.key"
+    common = ["steal", "--victim", victim, "--pool", mnist_small, "--budget", 800, "--epochs", 60, "--device", "cpu"]
+    marked = root / "marked.h5"
+    r = invoke(*common, "--defense", "watermark", "--watermark-key", key, *STRONG, "--out", marked)
+    assert r.exit_code == 0, r.stderr
+    clean = root / "clean.h5"
+    r = invoke(*common, "--seed", 1, "--out", clean)
+    assert r.exit_code == 0, r.stderr
+    return dict(root=root, key=key, marked=marked, clean=clean)
+
+
+def test_the_key_is_a_private_file_and_never_reaches_the_artifact(theft):
+    key = theft["key"].read_bytes()
+    assert len(key) == 32 and (os.stat(theft["key"]).st_mode & 0o777) == 0o600
+    blob = theft["marked"].read_bytes()
+    assert key not in blob and key.hex().encode() not in blob
+    with h5py.File(theft["marked"]) as f:
+        group = f["transfer/watermark"]
+        assert group.attrs["key_fingerprint"] == key_fingerprint(key)
+        assert "watermark_key" not in f.attrs["params"] and str(theft["key"]) not in f.attrs["params"]
+        marked = group["marked"][()]
+        answers, keyed = f["transfer/answers"][()], group["keyed_class"][()]
+        assert len(marked) == 800 and 0.2 < marked.mean() < 0.4
+        assert (answers[marked].argmax(1) == keyed[marked]).all()  # the recorded marks are what the thief got
+        assert (answers[~marked].argmax(1) != keyed[~marked]).all()
+
+
+def test_a_surrogate_of_the_watermarked_victim_is_named_and_an_unmarked_one_is_not(theft):
+    out = theft["root"] / "verification.h5"
+    r = invoke(
+        "verify", "--suspect", theft["marked"], "--evidence", theft["marked"], "--key", theft["key"], "--out", out
+    )
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    with h5py.File(out) as f:
+        assert f.attrs["schema"] == "verification/1" and f.attrs["verdict"] == "stolen"
+        assert f.attrs["p_value"] < 1e-6 and f.attrs["marked"] == f.attrs["controls"] > 150
+        assert f.attrs["marked_agree"] > 3 * f.attrs["control_agree"]
+        assert f.attrs["key_fingerprint"] == key_fingerprint(theft["key"].read_bytes())
+    clean = theft["root"] / "clean-verification.h5"
+    r = invoke("verify", "--suspect", theft["clean"], "--evidence", theft["marked"], "--out", clean)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(clean) as f:
+        assert f.attrs["verdict"] == "not shown" and f.attrs["p_value"] > 1e-3
+
+
+def test_controls_match_the_marked_queries_in_confidence(theft):
+    with h5py.File(theft["marked"]) as f:
+        group = f["transfer/watermark"]
+        confidence, marked = group["confidence"][()], group["marked"][()]
+    pick_marked, pick_control = _evidence._controls(marked, confidence)
+    assert np.array_equal(pick_marked, np.flatnonzero(marked))
+    assert not marked[pick_control].any() and len(set(pick_control)) == len(pick_control)
+    gap = np.abs(confidence[pick_marked] - confidence[pick_control])
+    shuffled = np.abs(confidence[pick_marked] - np.random.default_rng(0).permutation(confidence[~marked])[: len(gap)])
+    assert gap.mean() < shuffled.mean() / 5
+    ev = _evidence.load(theft["marked"])
+    assert len(ev.marked_images) == len(ev.control_images) == marked.sum()
+
+
+def test_bad_input_fails_in_one_line_and_writes_nothing(theft, tiny, tmp_path):
+    out = tmp_path / "v.h5"
+    wrong_key = tmp_path / "wrong.key"
+    wrong_key.write_bytes(b"x" * 32)
+    three = write_dataset(tmp_path / "rgb.h5", shape=(3, 16, 16), sizes={"train": 60, "val": 20, "test": 20})
+    rgb = tmp_path / "rgb-victim.h5"
+    assert invoke("train", "--dataset", three, "--epochs", 1, "--device", "cpu", "--out", rgb).exit_code == 0
+    cases = {
+        "holds no marks": ["--suspect", theft["marked"], "--evidence", theft["clean"]],
+        "wrong key file": ["--suspect", theft["marked"], "--evidence", theft["marked"], "--key", wrong_key],
+        "takes [3, 16, 16]": ["--suspect", rgb, "--evidence", theft["marked"]],
+        "cannot connect": ["--suspect", "http://127.0.0.1:9", "--api-key", "k", "--evidence", theft["marked"]],
+        "no such file": ["--suspect", tmp_path / "none.h5", "--evidence", theft["marked"]],
+        "not a surrogate or victim": ["--suspect", tiny, "--evidence", theft["marked"]],
+    }
+    for expected, args in cases.items():
+        line = assert_one_line_error(invoke("verify", *args, "--out", out))
+        assert expected in line, line
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_export_refuses_the_watermark(victim, tmp_path):
+    line = assert_one_line_error(
+        invoke("export", "--victim", victim, "--defense", "watermark", "--out", tmp_path / "v.pt")
+    )
+    assert "secret key" in line and not (tmp_path / "v.pt").exists()
+
+
+def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path):
+    """serve's marking path (stages/serving/watermark.py) into a ledger, without HTTP: the batches a client sends."""
+    from stages.serving.ledger import Ledger
+    from stages.serving.watermark import Marker
+    from stages.training import victim as _victim
+
+    with h5py.File(theft["marked"]) as f:
+        images = f["transfer/images"][()].astype(np.float32) / 255.0
+    net, _ = _victim.load(victim)
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(images)), 1).numpy()
+    book = Ledger(tmp_path / "ledger.sqlite")
+    marker = Marker(theft["key"], ood_threshold=1.0)
+    marker.defense.ood_rate = 0.3
+    served = []
+    for start in range(0, len(images), 100):
+        batch = slice(start, start + 100)
+        served.append(marker.mark(images[batch], probs[batch], [("alice", 60), ("bob", 40)]))
+        marker.store(book, 0.0)
+    book.close()
+    served = np.concatenate(served)
+    with h5py.File(theft["marked"]) as f:  # the same key, images and victim: the same answers as the offline theft
+        np.testing.assert_allclose(served, f["transfer/answers"][()], atol=1e-6)
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        counts = dict(db.execute("SELECT marked, COUNT(*) FROM watermark WHERE principal = 'alice' GROUP BY marked"))
+    assert counts[1] > 100 and counts[0] >= counts[1]  # two controls owed per mark, paid from later answers
+    out = tmp_path / "v.h5"
+    r = invoke(
+        "verify",
+        "--suspect",
+        theft["marked"],
+        "--evidence",
+        tmp_path / "ledger.sqlite",
+        "--principal",
+        "alice",
+        "--key",
+        theft["key"],
+        "--out",
+        out,
+    )
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["verdict"] == "stolen" and f.attrs["marked"] == counts[1]
+    line = assert_one_line_error(
+        invoke(
+            "verify",
+            "--suspect",
+            theft["marked"],
+            "--evidence",
+            tmp_path / "ledger.sqlite",
+            "--principal",
+            "carol",
+            "--out",
+            out,
+        )
+    )
+    assert "no marked answers for principal 'carol'" in line
+
+
+def test_a_resumed_theft_records_the_same_marks(tmp_path):
+    """steal --resume replays the transfer set: the owner's record is recomputed from the images, identically."""
+    from models.defenses import Deployed
+    from stages.attacks.blackbox import BlackBox
+    from stages.deploy import defense as _defense
+
+    net = _defense.random_proxy("lenet5", 10, (1, 28, 28), [0.5], [0.25], 0)
+    graph = Deployed(net, watermark(rate=0.0, ood_rate=0.3, threshold=1.0)).eval()
+    images = torch.randint(0, 256, (300, 1, 28, 28)).float() / 255.0
+    with h5py.File(tmp_path / "a.h5", "w") as fa, h5py.File(tmp_path / "b.h5", "w") as fb:
+        first = BlackBox(graph, 300, "soft", (1, 28, 28), 10, "cpu", fa.create_group("transfer"), True)
+        first(images[:200])
+        first(images[200:])
+        first.close()
+        resumed = BlackBox(graph, 300, "soft", (1, 28, 28), 10, "cpu", fb.create_group("transfer"), True)
+        resumed.replay(*first.recorded())
+        resumed.close()
+        for name in ("marked", "keyed_class", "confidence"):
+            np.testing.assert_array_equal(fa[f"transfer/watermark/{name}"][()], fb[f"transfer/watermark/{name}"][()])
+        assert 60 < fa["transfer/watermark"].attrs["marked_count"] < 120
