@@ -20,6 +20,7 @@ from test_serve import Server, npy
 from tiny_data import write_dataset
 
 from stages import serve_key, train
+from stages.core.artifacts import open_artifact
 from stages.serving import monitor as _monitor
 
 NPY = "application/x-npy"
@@ -210,3 +211,69 @@ def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draw
         assert (g > cutoff).mean() < 3e-3, n
     settings = _monitor.Settings()
     assert json.dumps(_monitor.asdict(settings))  # the settings serialise into the ledger's run record
+
+
+def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
+    """steal --target-move sybil=20 --target-move mix=0.5 over 6 keys: no key is answered more than 20 images, half
+    of what the keys spent is filler the surrogate never sees, and the moves are in the surrogate's params."""
+    keys = tmp_path / "keys.toml"
+    names = [f"k{i}" for i in range(6)]
+    secret = ",".join(serve_key.run(k, keys, 1000, 10_000.0, 10_000.0, "log") for k in names)
+    ledger = tmp_path / "ledger.sqlite"
+    server = Server(world["victim"], keys, ledger)
+    out = tmp_path / "stolen.h5"
+    result = invoke(
+        "steal",
+        "--target",
+        server.url,
+        "--api-key",
+        secret,
+        "--target-move",
+        "sybil=20",
+        "--target-move",
+        "mix=0.5",
+        "--pool",
+        world["data"],
+        "--budget",
+        1000,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--query-batch",
+        16,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--victim",
+        world["victim"],
+    )
+    server.stop()
+    assert result.exit_code == 0, result.stderr
+    with sqlite3.connect(ledger) as db:
+        spent = dict(db.execute("SELECT name, spent FROM principals").fetchall())
+    with open_artifact(out, "surrogate") as f:
+        received = int(f.attrs["queries"])
+        params = json.loads(f.attrs["params"])
+    assert params["target_move"] == {"per_key": 20, "mix": 0.5, "rate": 0.0, "keys": 6}
+    assert secret.split(",")[0] not in f"{params}"
+    assert max(spent.values()) <= 20 and sum(v > 0 for v in spent.values()) == 6
+    # 6 keys x 20 images, half of them filler once a first confident answer gives the filler its material
+    assert received == 60 and 100 <= sum(spent.values()) <= 120
+    assert "--target-move needs --target" in assert_one_line_error(
+        invoke("steal", "--victim", world["victim"], "--pool", world["data"], "--target-move", "mix=0.5")
+    )
+    assert "sybil=PER_KEY" in assert_one_line_error(
+        invoke(
+            "steal",
+            "--target",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "x",
+            "--pool",
+            world["data"],
+            "--target-move",
+            "swarm=3",
+        )
+    )
