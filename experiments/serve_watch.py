@@ -35,7 +35,9 @@ from stages.core.artifacts import open_artifact  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
 from stages.serving.launch import launch  # noqa: E402
 
-# (name, pool, keys, moves): the thieves; each runs alone against a fresh server and ledger
+# (name, pool, keys, moves): the thieves; each runs against a fresh server and ledger, after benign background
+# traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below --min-images)
+# so the global window does not hold the thief alone
 THIEVES = [
     ("plain", "latin", 1, []),
     ("sybil", "latin", 60, ["sybil=49"]),
@@ -44,6 +46,7 @@ THIEVES = [
     ("sybil", "fashion", 60, ["sybil=49"]),
 ]
 SERVE_FLAGS = ["--global-action", "block"]
+BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
 
 
 def start(victim: Path, keys: Path, ledger: Path, data: Path):
@@ -103,12 +106,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("artifacts/serve-watch"))
     parser.add_argument("--smoke", action="store_true", help="300-query thieves, 1,000 benign images")
+    parser.add_argument("--benign-only", action="store_true", help="only the benign clients")
+    parser.add_argument(
+        "--train-replay", type=int, default=0, help="also replay this many train-split images as one more benign client"
+    )
     args = parser.parse_args()
     args.out, args.data = args.out.resolve(), args.data.resolve()  # the server runs from the repository root
     torch.set_num_threads(1)
     budget, epochs = (300, 1) if args.smoke else (args.budget, args.epochs)
     pools = {k: str(Path(v).resolve()) for k, v in (p.split("=", 1) for p in args.pool)}
-    data = _data.load(args.data, splits=("test",))
+    data = _data.load(args.data, splits=("test", "train") if args.train_replay else ("test",))
     test, labels = data.splits["test"][0].numpy(), data.splits["test"][1].numpy()
     if args.smoke:
         test, labels = test[:1000], labels[:1000]
@@ -129,6 +136,8 @@ def main() -> None:
             "imbalanced": (imbalanced, None),
             "imbalanced-declared": (imbalanced, prior),
         }
+        if args.train_replay:
+            benign["train-replay"] = (data.splits["train"][0].numpy()[: args.train_replay], None)
         tokens = {client: serve_key.run(client, keys, 10**9, 1e6, 1e6, "block", p) for client, (_, p) in benign.items()}
         ledger = folder / "benign.sqlite"
         proc, url = start(Path(path), keys, ledger, args.data)
@@ -158,7 +167,9 @@ def main() -> None:
                 global_alerts=[a for a in found if a["principal"] == "*"],
             )
         )
-        print(f"{name} benign: {results[-5:]}", file=sys.stderr, flush=True)
+        print(f"{name} benign: {results[-len(benign) - 1 :]}", file=sys.stderr, flush=True)
+        if args.benign_only:
+            continue
 
         steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--attack", "knockoff", "--label", "soft"]
         common = ["--data", str(args.data), "--device", "cpu", "--epochs", str(epochs), "--victim", path]
@@ -180,10 +191,17 @@ def main() -> None:
             keys.unlink(missing_ok=True)
             names = [f"{label}-{i}" for i in range(n_keys)]
             secret = ",".join(serve_key.run(k, keys, 10**9, 1e6, 1e6, "block") for k in names)
+            background = {
+                k: serve_key.run(k, keys, 10**9, 1e6, 1e6, "block")
+                for k in ["background"] + [f"young-{i}" for i in range(YOUNG)]
+            }
             ledger = folder / f"{label}.sqlite"
             out = folder / f"{label}.h5"
             proc, url = start(Path(path), keys, ledger, args.data)
             try:
+                replay(url, background["background"], test[-BACKGROUND:])
+                for i in range(YOUNG):
+                    replay(url, background[f"young-{i}"], test[i * YOUNG_IMAGES : (i + 1) * YOUNG_IMAGES])
                 run = subprocess.run(
                     [
                         *steal,
@@ -205,8 +223,10 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-            found = [a for a in ledger_alerts(ledger) if a["principal"] in names or a["principal"] == "*"]
+            every = ledger_alerts(ledger)
+            found = [a for a in every if a["principal"] in names or a["principal"] == "*"]
             row = dict(victim=name, client=label, moves=moves, keys=n_keys, alerts=len(found))
+            row["background_alerts"] = [a for a in every if a["principal"] in background]
             if run.returncode != 0 or not out.exists():
                 row["error"] = f"steal exited {run.returncode}"
                 results.append(row)

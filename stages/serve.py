@@ -132,7 +132,10 @@ def run(
             f"--calibration-data {benign.path} holds {list(images.shape[1:])} images; the model takes "
             f"{list(served.input_shape)}"
         )
-    calibration = calibrate(served.predict, images.numpy(), settings, f"{benign.path}:{calibration_split}")
+    labels = benign.splits[calibration_split][1].numpy()
+    calibration = calibrate(
+        served.predict, images.numpy(), settings, f"{benign.path}:{calibration_split}", labels=labels
+    )
     if ood_threshold is not None:
         calibration.ood_threshold = ood_threshold
     if prada_delta is not None:

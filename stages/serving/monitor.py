@@ -56,6 +56,7 @@ class Calibration:
     benign_ood_share: float  # share below tau on that replay (q by construction)
     benign_prada_min: float  # lowest W of the PRADA replay (nan: too few images)
     class_prior: list = field(default_factory=list)  # share of each predicted class on the benign images
+    confusion: list = field(default_factory=list)  # P(answered class | true class) on them (rows: true classes)
 
 
 def ood_scores(answers: np.ndarray) -> np.ndarray:
@@ -216,7 +217,9 @@ class Monitor:
         benign = np.asarray(calibration.class_prior, dtype=np.float64)
         self.classes = len(benign)
         self.benign_prior = detectors.floored(benign)
-        self.priors = {name: detectors.floored(np.asarray(p)) for name, p in (priors or {}).items()}
+        # a declared prior is over the classes the client sends; its answers carry the victim's errors on them
+        confusion = np.asarray(calibration.confusion) if calibration.confusion else np.eye(self.classes)
+        self.priors = {name: detectors.floored(np.asarray(p) @ confusion) for name, p in (priors or {}).items()}
         self.g_cutoff = detectors.g_cutoff(settings.alpha, self.classes)
         self.global_settings = global_settings or detectors.GlobalSettings(
             alpha=settings.alpha, min_images=settings.min_images
@@ -283,10 +286,12 @@ def calibrate(
     seed: int = 0,
     prada_images: int = 3000,
     chunk: int = 512,
+    labels: Optional[np.ndarray] = None,
 ) -> Calibration:
     """Thresholds from benign traffic: `images` (uint8 or float in [0, 1]) answered by the served graph; tau is
     their q-quantile of top probability, and delta sits just under the lowest W of PRADA on up to `prada_images`
-    of them replayed in a random order as one client."""
+    of them replayed in a random order as one client. With `labels`, the confusion P(answered class | true class)
+    that turns a declared prior over true classes into the prior of the answers."""
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     answers = np.concatenate([predict(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     scores = ood_scores(answers)
@@ -296,9 +301,17 @@ def calibrate(
     ws = [w for i in order if (w := prada.add(x[i].reshape(-1), int(answers[i].argmax()))) is not None]
     low = min(ws) if ws else float("nan")
     delta = max(0.0, low - PRADA_MARGIN) if ws else 0.0  # too few images: PRADA cannot alert
-    classes = np.bincount(answers.argmax(1), minlength=answers.shape[1]) / len(answers)
+    k = answers.shape[1]
+    classes = np.bincount(answers.argmax(1), minlength=k) / len(answers)
+    confusion = np.eye(k)
+    if labels is not None:
+        joint = np.zeros((k, k))
+        np.add.at(joint, (np.asarray(labels, dtype=np.int64), answers.argmax(1)), 1.0)
+        seen = joint.sum(1) > 0
+        confusion[seen] = joint[seen] / joint[seen].sum(1, keepdims=True)
     return Calibration(
         class_prior=[float(v) for v in classes],
+        confusion=confusion.round(6).tolist(),
         ood_threshold=tau,
         prada_delta=delta,
         images=len(x),
