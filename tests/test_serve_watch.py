@@ -31,7 +31,7 @@ PRINCIPALS = {  # name: budget, rate, burst, action, prior
     "form": (100_000, 10_000.0, 10_000.0, "log", "0,0.5,0,0,0,0,0,0.5,0,0"),
     "form-undeclared": (100_000, 10_000.0, 10_000.0, "log", None),
     "patient": (100_000, 10_000.0, 10_000.0, "log", None),
-    **{f"sybil-{i}": (100_000, 10_000.0, 10_000.0, "log", None) for i in range(SYBILS)},
+    **{f"sybil-{i}": (100_000, 10_000.0, 10_000.0, "block", None) for i in range(SYBILS)},
 }
 
 
@@ -160,7 +160,8 @@ def test_a_declared_prior_spares_the_imbalanced_client_the_undeclared_one_is_ale
 
 def test_keys_each_under_min_images_are_seen_globally_and_blocked(world, server):
     """SYBILS keys of 30 OOD-looking images each: no key is judged on its own (30 < --min-images 50), the young
-    cohort's OOD share alerts, and every key of the campaign is linked and blocked (--global-action block)."""
+    cohort's OOD share alerts, and every key of the campaign is linked and blocked (--global-action block, and
+    the keys' own action block: a key's own action caps the global one)."""
     answered = 0
     for i in range(SYBILS):
         with server.client(world["tokens"][f"sybil-{i}"]) as c:

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from stages.serving import payload
 from stages.serving.batcher import Batcher, Job
-from stages.serving.keys import Authenticator, Principal
+from stages.serving.keys import ACTIONS, Authenticator, Principal
 from stages.serving.ledger import Answered, Ledger
 from stages.serving.limits import Budget, TokenBucket
 from stages.serving.model import Served
@@ -192,9 +192,15 @@ class Service:
         if not alert.pop("continued", False):
             self._raise_alert("*", now, {**alert, "details": {**alert["details"], "linked": linked}}, action)
         for name in linked:
-            if name in self.principals:
+            if name in self.principals:  # a key's own action caps the global one: a `log` key is never blocked
+                own = ACTIONS.index(self.principals[name].action)
                 link = dict(signal=f"linked:{alert['signal']}", value=alert["value"], threshold=alert["threshold"])
-                self._raise_alert(name, now, {**link, "queries": self.seen[name], "details": {}}, action)
+                self._raise_alert(
+                    name,
+                    now,
+                    {**link, "queries": self.seen[name], "details": {}},
+                    ACTIONS[min(own, ACTIONS.index(action))],
+                )
 
     def _raise_alert(self, name: str, now: float, alert: dict, action: Optional[str] = None) -> None:
         action = action or self.principals[name].action
