@@ -38,12 +38,13 @@ from stages.serving.launch import launch  # noqa: E402
 # (name, pool, keys, moves): the thieves; each runs against a fresh server and ledger, after benign background
 # traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below --min-images)
 # so the global window does not hold the thief alone
+# a Sybil thief asks one key's worth of real queries per call (--query-batch), so a block costs it one call's answers
 THIEVES = [
     ("plain", "latin", 1, []),
-    ("sybil", "latin", 60, ["sybil=49"]),
-    ("sybil-mix", "latin", 120, ["sybil=49", "mix=0.5"]),
+    ("sybil", "latin", 60, ["--target-move", "sybil=49", "--query-batch", "49"]),
+    ("sybil-mix", "latin", 120, ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]),
     ("plain", "fashion", 1, []),
-    ("sybil", "fashion", 60, ["sybil=49"]),
+    ("sybil", "fashion", 60, ["--target-move", "sybil=49", "--query-batch", "49"]),
 ]
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
@@ -97,6 +98,51 @@ def answered_before(ledger: Path, names: list[str], moment: float) -> int:
     return int(row[0])
 
 
+def benign_clients(args, name: str, path: str, folder: Path, test, labels, data, results: list) -> None:
+    """The benign clients on one server: the test split replayed, an augmented replay, and a client of 1s and 7s
+    without and with its declared prior (and a train-split replay with --train-replay)."""
+    imbalanced = test[np.isin(labels, (1, 7))]
+    shares = np.bincount(labels[np.isin(labels, (1, 7))], minlength=10) / len(imbalanced)
+    prior = ",".join(f"{v:.4f}" for v in shares)
+    keys = folder / "benign-keys.toml"
+    keys.unlink(missing_ok=True)
+    benign = {
+        "benign": (test, None),
+        "benign-augmented": (augmented(test[: len(test) // 2]), None),
+        "imbalanced": (imbalanced, None),
+        "imbalanced-declared": (imbalanced, prior),
+    }
+    if args.train_replay:
+        benign["train-replay"] = (data.splits["train"][0].numpy()[: args.train_replay], None)
+    # `log`: a benign client goes on after a false alert, so every false alert over its whole replay is counted
+    tokens = {client: serve_key.run(client, keys, 10**9, 1e6, 1e6, "log", p) for client, (_, p) in benign.items()}
+    ledger = folder / "benign.sqlite"
+    proc, url = start(Path(path), keys, ledger, args.data)
+    try:
+        sent = {client: replay(url, tokens[client], images) for client, (images, _) in benign.items()}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    found = ledger_alerts(ledger)
+    for client, (answered, refused) in sent.items():
+        own = [a for a in found if a["principal"] == client]
+        results.append(
+            dict(
+                victim=name,
+                client=client,
+                images=answered,
+                refused=refused,
+                alerts=len(own),
+                signals=sorted({a["signal"] for a in own}),
+                first=own[0] if own else None,
+            )
+        )
+    results.append(
+        dict(victim=name, client="global (all benign keys)", global_alerts=[a for a in found if a["principal"] == "*"])
+    )
+    print(f"{name} benign: {results[-len(benign) - 1 :]}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--victim", action="append", required=True, help="NAME=victim.h5 (repeatable)")
@@ -107,6 +153,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/serve-watch"))
     parser.add_argument("--smoke", action="store_true", help="300-query thieves, 1,000 benign images")
     parser.add_argument("--benign-only", action="store_true", help="only the benign clients")
+    parser.add_argument("--skip-benign", action="store_true", help="only the thieves")
+    parser.add_argument("--thieves", help="comma-separated thief labels to run (e.g. sybil-latin) [default: all]")
     parser.add_argument(
         "--train-replay", type=int, default=0, help="also replay this many train-split images as one more benign client"
     )
@@ -119,62 +167,22 @@ def main() -> None:
     test, labels = data.splits["test"][0].numpy(), data.splits["test"][1].numpy()
     if args.smoke:
         test, labels = test[:1000], labels[:1000]
-    imbalanced = test[np.isin(labels, (1, 7))]
-    shares = np.bincount(labels[np.isin(labels, (1, 7))], minlength=10) / len(imbalanced)
-    prior = ",".join(f"{v:.4f}" for v in shares)
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for name, path in (v.split("=", 1) for v in args.victim):
         path = str(Path(path).resolve())
         folder = args.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        keys = folder / "benign-keys.toml"
-        keys.unlink(missing_ok=True)
-        benign = {
-            "benign": (test, None),
-            "benign-augmented": (augmented(test[: len(test) // 2]), None),
-            "imbalanced": (imbalanced, None),
-            "imbalanced-declared": (imbalanced, prior),
-        }
-        if args.train_replay:
-            benign["train-replay"] = (data.splits["train"][0].numpy()[: args.train_replay], None)
-        tokens = {client: serve_key.run(client, keys, 10**9, 1e6, 1e6, "block", p) for client, (_, p) in benign.items()}
-        ledger = folder / "benign.sqlite"
-        proc, url = start(Path(path), keys, ledger, args.data)
-        try:
-            sent = {client: replay(url, tokens[client], images) for client, (images, _) in benign.items()}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        found = ledger_alerts(ledger)
-        for client, (answered, refused) in sent.items():
-            own = [a for a in found if a["principal"] == client]
-            results.append(
-                dict(
-                    victim=name,
-                    client=client,
-                    images=answered,
-                    refused=refused,
-                    alerts=len(own),
-                    signals=sorted({a["signal"] for a in own}),
-                    first=own[0] if own else None,
-                )
-            )
-        results.append(
-            dict(
-                victim=name,
-                client="global (all benign keys)",
-                global_alerts=[a for a in found if a["principal"] == "*"],
-            )
-        )
-        print(f"{name} benign: {results[-len(benign) - 1 :]}", file=sys.stderr, flush=True)
+        if not args.skip_benign:
+            benign_clients(args, name, path, folder, test, labels, data, results)
         if args.benign_only:
             continue
-
         steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--attack", "knockoff", "--label", "soft"]
         common = ["--data", str(args.data), "--device", "cpu", "--epochs", str(epochs), "--victim", path]
         for pool in sorted({p for _, p, _, _ in THIEVES}):
             out = folder / f"off-{pool}.h5"
+            if args.thieves and not any(t.endswith(f"-{pool}") for t in args.thieves.split(",")):
+                continue
             subprocess.run(
                 [*steal, *common, "--pool", pools[pool], "--budget", str(budget), "--out", str(out)],
                 check=True,
@@ -187,6 +195,8 @@ def main() -> None:
             results.append(dict(victim=name, client=f"monitor off, {pool}", images=budget, stealing_final=off))
         for thief, pool, n_keys, moves in THIEVES:
             label = f"{thief}-{pool}"
+            if args.thieves and label not in args.thieves.split(","):
+                continue
             keys = folder / f"{label}-keys.toml"
             keys.unlink(missing_ok=True)
             names = [f"{label}-{i}" for i in range(n_keys)]
@@ -214,7 +224,7 @@ def main() -> None:
                         str(budget),
                         "--out",
                         str(out),
-                        *[a for m in moves for a in ("--target-move", m)],
+                        *moves,
                     ],
                     env={**env, "INI_API_KEY": secret},
                     stdout=subprocess.DEVNULL,
@@ -252,6 +262,7 @@ def main() -> None:
             )
             results.append(row)
             print(f"{name} {label}: {row}", file=sys.stderr, flush=True)
+            (args.out / "watch.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "watch.json").write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
 
