@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -96,12 +96,16 @@ class Global:
     - global_ood: all answers' OOD count against Binomial(n, q);
     - cohort_ood: the same for the young keys (fewer than min_images answers: never judged on their own);
     - cohort_classes: the young keys' last `class_window` classes against the prior (G-test).
-    A crossing alerts once (re-armed when back below) and links the keys that stand out on their own at link_alpha
-    (their OOD count in the window, or their class histogram); while it stays crossed, each key that comes to stand
-    out is linked too (an alert with `continued`)."""
+    A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
+    at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
+    with `continued`)."""
 
-    def __init__(self, settings: GlobalSettings, q: float, prior: np.ndarray):
-        self.s, self.q, self.prior = settings, q, floored(prior)
+    def __init__(
+        self, settings: GlobalSettings, q: float, prior: np.ndarray, stands_out: Optional[Callable[[str], bool]] = None
+    ):
+        # stands_out(key): whether the key's own recent answers stand out at link_alpha (the monitor reads its
+        # per-key windows: a test over a key's whole window would flag any small mismatch of a long benign stream)
+        self.s, self.q, self.prior, self.stands_out = settings, q, floored(prior), stands_out
         self.batches: collections.deque[Batch] = collections.deque()
         self.n = self.ood = 0
         self.young_n = self.young_ood = 0
@@ -175,12 +179,7 @@ class Global:
             del self.per[b.principal]
 
     def _stands_out(self, name: str) -> bool:
-        ood, counts = self.per.get(name, (0, np.zeros_like(self.prior)))
-        n = int(counts.sum())
-        if n == 0:
-            return False
-        prior = self.key_priors.get(name, self.prior)
-        return binomial_tail(ood, n, self.q) < self.s.link_alpha or g_statistic(counts, prior) > self.link_cutoff
+        return self.stands_out(name) if self.stands_out is not None else False
 
     def _judge(self, alerts: list[dict], signal: str, value: float, crossed: bool, **details) -> None:
         if crossed and self.armed[signal]:

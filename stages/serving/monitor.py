@@ -224,7 +224,19 @@ class Monitor:
         self.global_settings = global_settings or detectors.GlobalSettings(
             alpha=settings.alpha, min_images=settings.min_images
         )
-        self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign)
+        self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign, self._stands_out)
+        self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
+        self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
+
+    def _stands_out(self, principal: str) -> bool:
+        """The key's last `ood_window` answers at link_alpha: its OOD count, or its class histogram's G."""
+        watch = self.watches.get(principal)
+        if watch is None or not watch.flags:
+            return False
+        n = len(watch.flags)
+        return watch.flagged >= self.link_cutoffs[n] or detectors.g_statistic(watch.classes.counts, watch.prior) > (
+            self.link_g
+        )
 
     def _watch(self, principal: str) -> Watch:
         watch = self.watches.get(principal)
