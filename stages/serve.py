@@ -26,8 +26,10 @@ from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
 from stages.serving import watermark as _watermark
+from stages.serving.detectors import GlobalSettings, check_prior
 from stages.serving.ledger import Ledger
 from stages.serving.monitor import Monitor, Settings, calibrate
+from stages.serving.monitor import check as check_settings
 
 console = Console(stderr=True)
 
@@ -87,8 +89,19 @@ def run(
     ] = 0.0,
     max_pending: Annotated[int, typer.Option(min=1, help="Images admitted and not yet answered (503 beyond).")] = 8192,
     throttle_factor: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="A throttled principal's rate, as a share of its own.")
+        float, typer.Option(help="A throttled principal's rate, as a share of its own (0 < f <= 1).")
     ] = 0.1,
+    global_window: Annotated[
+        float, typer.Option(help="Seconds of traffic, over all principals, the global alerts read.")
+    ] = 3600.0,
+    link_alpha: Annotated[
+        float,
+        typer.Option(help="Under a global alert, a key whose own answers stand out at this level is linked to it."),
+    ] = 1e-3,
+    global_action: Annotated[
+        Literal["log", "throttle", "block"],
+        typer.Option(help="On a global alert, for the keys it links: log, throttle or block them."),
+    ] = "log",
     alerts: Annotated[
         Optional[Path], typer.Option(help="Alert JSON lines, appended [default: the ledger path with .alerts.jsonl].")
     ] = None,
@@ -118,6 +131,8 @@ def run(
         volume_limit=volume_limit,
         volume_window=volume_window,
     )
+    global_settings = GlobalSettings(window=global_window, alpha=alpha, link_alpha=link_alpha, min_images=min_images)
+    check_settings(settings, global_settings, throttle_factor)
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
 
     source = calibration_data or served.info.dataset_path
@@ -128,12 +143,21 @@ def run(
             f"--calibration-data {benign.path} holds {list(images.shape[1:])} images; the model takes "
             f"{list(served.info.input_shape)}"
         )
-    calibration = calibrate(served.predict, images.numpy(), settings, f"{benign.path}:{calibration_split}")
+    labels = benign.splits[calibration_split][1].numpy()
+    calibration = calibrate(
+        served.predict, images.numpy(), settings, f"{benign.path}:{calibration_split}", labels=labels
+    )
     if ood_threshold is not None:
         calibration.ood_threshold = ood_threshold
     if prada_delta is not None:
         calibration.prada_delta = prada_delta
-    monitor = Monitor(settings, calibration, int(images[0].numel()))
+    classes = len(calibration.class_prior)
+    priors = {
+        p.name: check_prior(p.prior, classes, f"{keys}: principal {p.name!r}")
+        for p in table.values()
+        if p.prior is not None
+    }
+    monitor = Monitor(settings, calibration, int(images[0].numel()), priors, global_settings)
 
     book = Ledger(ledger)
     book.put_meta(
@@ -158,6 +182,7 @@ def run(
         global_burst=global_rate,
         max_pending=max_pending,
         throttle_factor=throttle_factor,
+        global_action=global_action,
         alerts_path=alerts,
     )
     service = api.Service(served, table, book, monitor, options)

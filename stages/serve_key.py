@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from models.params import UserError
 from stages.serving import keys as principals_file
 
 
@@ -31,6 +32,19 @@ def run(
         Literal["log", "throttle", "block"],
         typer.Option(help="On an extraction alert: log it, throttle the key's rate, or block the key."),
     ] = "log",
+    prior: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Declared share of each class in this key's traffic, comma-separated (a client that mostly sends a "
+            "few classes); its class-histogram alert tests against it instead of the benign prior."
+        ),
+    ] = None,
 ) -> str:
     """Create a principal and print its API key once."""
-    return principals_file.add(keys, name, budget, rate, burst, action)
+    shares = None
+    if prior is not None:
+        try:
+            shares = tuple(float(v) for v in prior.split(","))
+        except ValueError:
+            raise UserError(f"--prior {prior!r}: give comma-separated numbers, one per class") from None
+    return principals_file.add(keys, name, budget, rate, burst, action, shares)

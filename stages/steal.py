@@ -70,7 +70,17 @@ def run(
         Optional[str],
         typer.Option(
             envvar="INI_API_KEY",
-            help="The API key for --target (or $INI_API_KEY); never recorded.",
+            help="The API key for --target (or $INI_API_KEY); never recorded. With --target-move sybil: "
+            "comma-separated keys.",
+            rich_help_panel=VICTIM,
+        ),
+    ] = None,
+    target_move: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="A monitor-aware thief's move through --target (repeatable): sybil=PER_KEY (spread over the keys, "
+            "each answered at most PER_KEY images), mix=SHARE (that share of each request is benign-looking filler, "
+            "counted against the budget, not trained on), paced=RATE (images per second).",
             rich_help_panel=VICTIM,
         ),
     ] = None,
@@ -263,6 +273,8 @@ def _resolve(flags: dict) -> dict:
         raise UserError(f"{name} needs --pool: a prepared dataset or a dataset name")
     if flags["budget_curve"] and kind.POOL != "required":
         raise UserError(f"--budget-curve: {name} records stealing accuracy per round or budget slice already")
+    if flags["target"] is None and flags["target_move"]:
+        raise UserError("--target-move needs --target: the moves are a thief's ways with a monitored API")
     if flags["target"] is not None and flags["defense"] != "none":
         raise UserError("--defense with --target: the server applies its own defense; serve the model with it")
     if flags["arch"] is not None:
@@ -322,7 +334,10 @@ def _load(p: dict, api_key: Optional[str], key_file: Optional[Path] = None) -> _
         graph, info = _blackbox.open_victim(file, p["device"])
         defended = _blackbox.defend(graph, info, p["defense"], p["defense_params"], p["device"], key_file)
     else:  # the API answers; a local copy of the served model, if given, only scores
-        defended, info, p["budget"] = _remote.open_target(p["target"], api_key, p["budget"])
+        moves = _remote.parse_moves(p["target_move"])
+        p["target_move"] = moves.describe()
+        defended, info, p["budget"] = _remote.open_target(p["target"], api_key, p["budget"], moves)
+        p["target_move"]["keys"] = len(defended.keys)
         graph = None
         if file is not None:
             graph, local = _blackbox.open_victim(file, p["device"])

@@ -4,6 +4,7 @@ recorded in the ledger before they leave, extraction monitoring in its own threa
 Admission runs on the event loop, so budget reservations never race; the forward pass and the ledger's
 transaction run on the batch worker thread; the monitor consumes answered batches on a third thread and its
 alerts act back on the loop (throttle: the principal's rate times `throttle_factor`; block: 403 from then on).
+Until a key's first `min_images` answers are judged, its answers wait for the monitor before they leave.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from starlette.exceptions import HTTPException
 
 from stages.serving import payload
 from stages.serving.batcher import Batcher, Job
-from stages.serving.keys import Authenticator, Principal
+from stages.serving.keys import ACTIONS, Authenticator, Principal
 from stages.serving.ledger import Answered, Ledger
 from stages.serving.limits import Budget, TokenBucket
 from stages.serving.model import Served
@@ -50,6 +51,7 @@ class Options:
     global_burst: float = 0.0
     max_pending: int = 8192  # images admitted and not yet answered (503 beyond)
     throttle_factor: float = 0.1
+    global_action: str = "log"  # on a global alert, for the keys it links: log, throttle or block
     alerts_path: Optional[Path] = None  # JSON lines, appended
 
 
@@ -99,6 +101,9 @@ class Service:
         self.global_bucket = (
             TokenBucket(options.global_rate, max(options.global_burst, 1.0), now) if options.global_rate > 0 else None
         )
+        self.seen = {p.name: spent[p.name][0] for p in principals.values()}  # answers the monitor has judged
+        self.waiting: dict[str, list[tuple[int, asyncio.Future]]] = {}  # requests held for their judgement
+        self._resume(spent)
         self.pending = 0
         self.in_flight: set[tuple[str, str]] = set()
         self.batcher = Batcher(self._answer, options.batch_images, options.max_wait)
@@ -145,6 +150,21 @@ class Service:
         return out
 
     # -- the monitor thread ----------------------------------------------------------------------------------
+    def _resume(self, spent: dict[str, tuple[int, str]]) -> None:
+        """Refill the monitor from the ledger: each principal's last OOD window of answers, and every answer of the
+        global window (PRADA and the volume window start empty: docs/method.md, "What a restart forgets")."""
+        for name in self.principals:
+            for t, answers in self.ledger.recent_answers(name, self.monitor.settings.ood_window):
+                self.monitor.warm(name, answers, t)
+        rows = self.ledger.answers_since(time.time() - self.monitor.global_settings.window)
+        before = {name: spent[name][0] for name in self.principals}
+        for name, _, answers in rows:
+            before[name] = before.get(name, 0) - len(answers)
+        for name, t, answers in rows:
+            self.monitor.warm_global(name, answers, t, before[name])
+            before[name] += len(answers)
+        self.monitor.all.armed = dict.fromkeys(self.monitor.all.armed, True)  # still crossed: alerts at the next answer
+
     def _watch(self) -> None:
         while (item := self._observations.get()) is not None:
             name, images, answers, now = item
@@ -152,12 +172,44 @@ class Service:
                 alerts = self.monitor.observe(name, images, answers, now)
             except Exception as e:  # a monitoring bug must not stop serving; it is logged
                 print(f"monitor: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                continue
+                alerts = []
             for alert in alerts:
-                self._raise_alert(name, now, alert)
+                if alert.get("scope") == "global":
+                    self._raise_global(now, alert)
+                else:
+                    self._raise_alert(name, now, alert)
+            if self.loop is not None:  # after the alerts' states: FIFO on the loop
+                self.loop.call_soon_threadsafe(self._judged, name, len(answers))
 
-    def _raise_alert(self, name: str, now: float, alert: dict) -> None:
-        action = self.principals[name].action
+    def _judged(self, name: str, n: int) -> None:
+        self.seen[name] += n
+        held = self.waiting.get(name)
+        if held:
+            for target, waiter in held:
+                if target <= self.seen[name] and not waiter.done():
+                    waiter.set_result(None)
+            self.waiting[name] = [(t, w) for t, w in held if not w.done()]
+
+    def _raise_global(self, now: float, alert: dict) -> None:
+        """A global alert: recorded under principal '*', then each linked key alerted with the global action."""
+        action = self.options.global_action
+        linked = alert.pop("linked")
+        alert.pop("scope")
+        if not alert.pop("continued", False):
+            self._raise_alert("*", now, {**alert, "details": {**alert["details"], "linked": linked}}, action)
+        for name in linked:
+            if name in self.principals:  # a key's own action caps the global one: a `log` key is never blocked
+                own = ACTIONS.index(self.principals[name].action)
+                link = dict(signal=f"linked:{alert['signal']}", value=alert["value"], threshold=alert["threshold"])
+                self._raise_alert(
+                    name,
+                    now,
+                    {**link, "queries": self.seen[name], "details": {}},
+                    ACTIONS[min(own, ACTIONS.index(action))],
+                )
+
+    def _raise_alert(self, name: str, now: float, alert: dict, action: Optional[str] = None) -> None:
+        action = action or self.principals[name].action
         state = STATE_OF_ACTION[action]
         self.ledger.alert(
             name,
@@ -178,7 +230,7 @@ class Service:
             with open(self.options.alerts_path, "a") as f:
                 f.write(line + "\n")
         self.metrics.alerts.labels(name, alert["signal"]).inc()
-        if state is not None and self.loop is not None:
+        if state is not None and self.loop is not None and name in self.principals:
             self.loop.call_soon_threadsafe(self._set_state, name, state)
 
     def _set_state(self, name: str, state: str) -> None:
@@ -246,6 +298,7 @@ class Service:
     ) -> np.ndarray:
         name, n, now = principal.name, len(images), time.monotonic()
         budget, bucket = self.budgets[name], self.buckets[name]
+        hold = self.seen[name] < self.monitor.settings.min_images  # not judged yet: see _judgement
         if not budget.reserve(n):
             raise ApiError(
                 429,
@@ -253,7 +306,11 @@ class Service:
                 "(a lifetime budget: waiting does not help)",
                 self._left(principal),
             )
-        wait = max(bucket.wait(n, now), self.global_bucket.wait(n, now) if self.global_bucket else 0.0)
+        try:
+            wait = max(bucket.wait(n, now), self.global_bucket.wait(n, now) if self.global_bucket else 0.0)
+        except BaseException:  # a reservation never outlives its request
+            budget.settle(n, answered=False)
+            raise
         over = "rate" if wait > 0 else None
         if over is None and self.pending + n > self.options.max_pending:
             over, wait = "server busy", 1.0
@@ -285,13 +342,28 @@ class Service:
         future = self.batcher.submit(images, (name, request_id, sha))
         future.add_done_callback(settle)
         try:
-            return await asyncio.shield(future)
+            answers = await asyncio.shield(future)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             raise ApiError(
                 500, f"the model failed on this batch ({type(e).__name__}); nothing was counted", self._left(principal)
             ) from None
+        if hold:
+            await self._judgement(principal)
+        return answers
+
+    async def _judgement(self, principal: Principal) -> None:
+        """Hold a new key's answers until the monitor has judged every image it was answered so far; if that
+        judgement blocked it, the answers never leave (they stay counted: the forward pass ran). So no key receives
+        more than `min_images` answers before its first judgement, however large its requests."""
+        name, target = principal.name, self.budgets[principal.name].spent
+        if self.seen[name] < target:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiting.setdefault(name, []).append((target, waiter))
+            await waiter
+        if self.states[name] == "blocked":
+            raise ApiError(403, f"principal {name} is blocked after an extraction alert", self._left(principal))
 
     async def _body(self, request: Request) -> bytes:
         limit = self.options.max_body

@@ -40,6 +40,7 @@ class Principal:
     rate: float  # images per second, token bucket refill
     burst: float  # bucket size in images
     action: str  # on an extraction alert: log, throttle or block
+    prior: Optional[tuple[float, ...]] = None  # declared share of each class in the key's traffic
 
 
 def _hasher():
@@ -68,6 +69,7 @@ def read(path: Path) -> dict[str, Principal]:
                 float(t["rate"]),
                 float(t["burst"]),
                 str(t["action"]),
+                tuple(float(v) for v in t["prior"]) if "prior" in t else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{path}: principal {name!r} lacks or mistypes {e}") from None
@@ -85,11 +87,21 @@ def _check(p: Principal, where: str) -> None:
         raise UserError(f"{where}: budget must be >= 0, rate > 0 and burst >= 1 (finite)")
     if p.action not in ACTIONS:
         raise UserError(f"{where}: action must be one of {', '.join(ACTIONS)}, got {p.action!r}")
+    if p.prior is not None and (min(p.prior, default=-1) < 0 or abs(sum(p.prior) - 1.0) > 1e-3):
+        raise UserError(f"{where}: prior must be shares >= 0 summing to 1, got {list(p.prior)}")
     if not p.key_hash.startswith("$argon2") or not re.fullmatch(f"[0-9a-f]{{{KEY_ID_HEX}}}", p.key_id):
         raise UserError(f"{where}: key_id and key_hash must be those `serve-key` writes")
 
 
-def add(path: Path, name: str, budget: int, rate: float, burst: Optional[float], action: str) -> str:
+def add(
+    path: Path,
+    name: str,
+    budget: int,
+    rate: float,
+    burst: Optional[float],
+    action: str,
+    prior: Optional[tuple[float, ...]] = None,
+) -> str:
     """Add a principal to the keys file (created if missing) and return its new API key, the only time it exists."""
     path = Path(path)
     existing = read(path) if path.exists() else {}
@@ -100,7 +112,7 @@ def add(path: Path, name: str, budget: int, rate: float, burst: Optional[float],
         key_id = secrets.token_hex(KEY_ID_HEX // 2)
     key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
     principal = Principal(
-        name, key_id, _hasher().hash(key), budget, rate, burst if burst is not None else max(rate, 1.0), action
+        name, key_id, _hasher().hash(key), budget, rate, burst if burst is not None else max(rate, 1.0), action, prior
     )
     _check(principal, f"principal {name!r}")
     with atomic_path(path) as partial:
@@ -112,7 +124,7 @@ def _render(principals: list[Principal]) -> str:
     lines = [
         "# ini-toolkit serve: principals and the argon2id hashes of their API keys (never the keys).",
         "# budget: images over the key's lifetime; rate: images/s (token bucket of `burst` images);",
-        "# action on an extraction alert: log, throttle or block.",
+        "# action on an extraction alert: log, throttle or block; prior: declared share of each class in its traffic.",
         "",
     ]
     for p in principals:
@@ -124,6 +136,7 @@ def _render(principals: list[Principal]) -> str:
             f"rate = {p.rate!r}",
             f"burst = {p.burst!r}",
             f"action = {json.dumps(p.action)}",
+            *([f"prior = {json.dumps(list(p.prior))}"] if p.prior is not None else []),
             "",
         ]
     return "\n".join(lines)

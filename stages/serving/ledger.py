@@ -192,6 +192,26 @@ class Ledger:
                 self._db.execute("UPDATE principals SET state = ? WHERE name = ?", (state, principal))
             self._db.execute("COMMIT")
 
+    def recent_answers(self, principal: str, images: int) -> list[tuple[float, np.ndarray]]:
+        """The principal's last requests holding at least `images` answers (or all of them), oldest first: what the
+        monitor's windows are refilled from after a restart."""
+        out, held = [], 0
+        for t, n, k, blob in self._reader.execute(
+            "SELECT time, images, classes, answers FROM queries WHERE principal = ? ORDER BY id DESC", (principal,)
+        ):
+            if held >= images:
+                break
+            out.append((float(t), np.frombuffer(blob, dtype=np.float32).reshape(n, k)))
+            held += n
+        return out[::-1]
+
+    def answers_since(self, since: float) -> list[tuple[str, float, np.ndarray]]:
+        """Every request answered at or after `since` (seconds since the epoch), oldest first."""
+        rows = self._reader.execute(
+            "SELECT principal, time, images, classes, answers FROM queries WHERE time >= ? ORDER BY id", (since,)
+        )
+        return [(str(p), float(t), np.frombuffer(b, dtype=np.float32).reshape(n, k)) for p, t, n, k, b in rows]
+
     def put_meta(self, values: dict[str, object]) -> None:
         with self._lock:
             self._db.executemany(

@@ -1,4 +1,5 @@
-"""Extraction monitoring per principal: query volume, the share of OOD-looking answers, and PRADA.
+"""Extraction monitoring per principal: query volume, the share of OOD-looking answers, the predicted-class
+histogram, and PRADA; and over all principals (stages/serving/detectors.py), the footprint of many thin keys.
 
 - OOD score: the answer's top probability (maximum softmax probability, Hendrycks & Gimpel 2017). A deployed graph
   answers probabilities, whose logits are known only up to a constant, so energy scores cannot be recovered; for an
@@ -9,6 +10,8 @@
   predicted class; natural queries give normally distributed distances, synthetic ones (JBDA, DFME) do not. The
   Shapiro-Wilk W of the window of distances alerts below delta, set just under the lowest W of a benign replay.
 - Volume: images in the last `volume_window` seconds above `volume_limit`.
+- Classes: the G-test of the principal's last `ood_window` predicted classes against its prior (its declared one,
+  else the benign calibration's class shares), chi-square with K-1 degrees of freedom, alerting at alpha.
 
 An alert fires when a signal crosses its threshold and re-arms once the signal is back below it.
 """
@@ -17,10 +20,13 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+
+from models.params import UserError
+from stages.serving import detectors
 
 # delta = the lowest W of the benign replay minus this. Measured on MNIST LeNet-5 victims, windows of 2,000
 # distances: the val split (the default calibration) bottoms at W 0.951, the test split at 0.918 (shuffled) to
@@ -49,6 +55,8 @@ class Calibration:
     source: str
     benign_ood_share: float  # share below tau on that replay (q by construction)
     benign_prada_min: float  # lowest W of the PRADA replay (nan: too few images)
+    class_prior: list = field(default_factory=list)  # share of each predicted class on the benign images
+    confusion: list = field(default_factory=list)  # P(answered class | true class) on them (rows: true classes)
 
 
 def ood_scores(answers: np.ndarray) -> np.ndarray:
@@ -113,15 +121,30 @@ def ood_cutoffs(settings: Settings) -> np.ndarray:
 class Watch:
     """One principal's signals."""
 
-    def __init__(self, settings: Settings, calibration: Calibration, cutoffs: np.ndarray, dim: int):
+    def __init__(
+        self, settings: Settings, calibration: Calibration, cutoffs: np.ndarray, dim: int, prior: np.ndarray, g: float
+    ):
         self.s, self.c, self.cutoffs = settings, calibration, cutoffs
+        self.prior, self.g_cutoff = prior, g
+        self.classes = detectors.ClassWindow(settings.ood_window, len(prior))
         self.flags: collections.deque[bool] = collections.deque(maxlen=settings.ood_window)
         self.flagged = 0
         self.volume: collections.deque[tuple[float, int]] = collections.deque()
         self.in_window = 0
         self.total = 0
         self.prada = Prada(settings, dim)
-        self.armed = {"ood_share": True, "prada": True, "volume": True}
+        self.armed = {"ood_share": True, "prada": True, "volume": True, "classes": True}
+
+    def warm(self, answers: np.ndarray, now: float) -> None:
+        """Refill the OOD and class windows from answers recorded earlier (the ledger), without judging them: a
+        signal still crossed alerts at the next answer. PRADA needs the images, which the ledger does not keep."""
+        for c, flag in zip(answers.argmax(1), ood_scores(answers) < self.c.ood_threshold, strict=False):
+            self.total += 1
+            if len(self.flags) == self.flags.maxlen:
+                self.flagged -= self.flags[0]
+            self.flags.append(bool(flag))
+            self.flagged += bool(flag)
+            self.classes.add(int(c))
 
     def observe(self, images: np.ndarray, answers: np.ndarray, now: float) -> list[dict]:
         """Signals are judged after every image (an alert says at which query it fired); volume per request."""
@@ -150,6 +173,10 @@ class Watch:
                     window=n,
                     ood_threshold=self.c.ood_threshold,
                 )
+            self.classes.add(int(c))
+            if self.total >= self.s.min_images:
+                g = detectors.g_statistic(self.classes.counts, self.prior)
+                self._judge(alerts, "classes", g, self.g_cutoff, g > self.g_cutoff, window=len(self.classes.window))
             w = self.prada.add(x, int(c))
             if w is not None:
                 self._judge(
@@ -174,21 +201,93 @@ class Watch:
 
 
 class Monitor:
-    """Every principal's Watch, created on its first answered query."""
+    """Every principal's Watch, created on its first answered query, and the global view over all of them."""
 
-    def __init__(self, settings: Settings, calibration: Calibration, dim: int):
+    def __init__(
+        self,
+        settings: Settings,
+        calibration: Calibration,
+        dim: int,
+        priors: Optional[dict[str, list]] = None,
+        global_settings: Optional[detectors.GlobalSettings] = None,
+    ):
         self.settings, self.calibration, self.dim = settings, calibration, dim
         self.cutoffs = ood_cutoffs(settings)
         self.watches: dict[str, Watch] = {}
+        benign = np.asarray(calibration.class_prior, dtype=np.float64)
+        self.classes = len(benign)
+        self.benign_prior = detectors.floored(benign)
+        # a declared prior is over the classes the client sends; its answers carry the victim's errors on them
+        confusion = np.asarray(calibration.confusion) if calibration.confusion else np.eye(self.classes)
+        self.priors = {name: detectors.floored(np.asarray(p) @ confusion) for name, p in (priors or {}).items()}
+        self.g_cutoff = detectors.g_cutoff(settings.alpha, self.classes)
+        self.global_settings = global_settings or detectors.GlobalSettings(
+            alpha=settings.alpha, min_images=settings.min_images
+        )
+        self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign, self._stands_out)
+        self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
+        self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
 
-    def observe(self, principal: str, images: np.ndarray, answers: np.ndarray, now: float) -> list[dict]:
+    def _stands_out(self, principal: str) -> bool:
+        """The key's last `ood_window` answers at link_alpha: its OOD count, or its class histogram's G."""
+        watch = self.watches.get(principal)
+        if watch is None or not watch.flags:
+            return False
+        n = len(watch.flags)
+        return watch.flagged >= self.link_cutoffs[n] or detectors.g_statistic(watch.classes.counts, watch.prior) > (
+            self.link_g
+        )
+
+    def _watch(self, principal: str) -> Watch:
         watch = self.watches.get(principal)
         if watch is None:
-            watch = self.watches[principal] = Watch(self.settings, self.calibration, self.cutoffs, self.dim)
-        return watch.observe(images, answers, now)
+            prior = self.priors.get(principal, self.benign_prior)
+            watch = Watch(self.settings, self.calibration, self.cutoffs, self.dim, prior, self.g_cutoff)
+            self.watches[principal] = watch
+        return watch
+
+    def observe(self, principal: str, images: np.ndarray, answers: np.ndarray, now: float) -> list[dict]:
+        """The principal's alerts, then the global ones (scope "global", with the keys they link)."""
+        watch = self._watch(principal)
+        young = watch.total < self.settings.min_images
+        alerts = watch.observe(images, answers, now)
+        flags = ood_scores(answers) < self.calibration.ood_threshold
+        declared = self.priors.get(principal)
+        for alert in self.all.observe(principal, young, flags, answers.argmax(1), now, declared):
+            alerts.append({**alert, "scope": "global"})
+        return alerts
+
+    def warm(self, principal: str, answers: np.ndarray, now: float) -> None:
+        """Replay answers the ledger holds (oldest first) into the principal's windows."""
+        self._watch(principal).warm(answers, now)
+
+    def warm_global(self, principal: str, answers: np.ndarray, now: float, spent_before: int) -> None:
+        """Replay a request the ledger holds into the global window (its alerts are not raised again)."""
+        young = spent_before < self.settings.min_images
+        flags = ood_scores(answers) < self.calibration.ood_threshold
+        self.all.observe(principal, young, flags, answers.argmax(1), now, self.priors.get(principal))
 
     def describe(self) -> dict:
-        return {"settings": asdict(self.settings), "calibration": asdict(self.calibration)}
+        return {
+            "settings": asdict(self.settings),
+            "calibration": asdict(self.calibration),
+            "global": asdict(self.global_settings),
+            "declared_priors": {k: list(map(float, v)) for k, v in self.priors.items()},
+        }
+
+
+def check(settings: Settings, global_settings: detectors.GlobalSettings, throttle_factor: float) -> None:
+    """Settings that cannot monitor anything, refused in one line before the server starts."""
+    if not 0 < settings.ood_quantile < 1 or not 0 < settings.alpha < 1 or not 0 < global_settings.link_alpha < 1:
+        raise UserError("--ood-quantile, --alpha and --link-alpha must lie strictly between 0 and 1")
+    if settings.min_images > settings.ood_window:
+        raise UserError(f"--min-images {settings.min_images} exceeds --ood-window {settings.ood_window}: never judged")
+    if not global_settings.window > 0 or not settings.volume_window > 0:
+        raise UserError("--global-window and --volume-window must be > 0 seconds")
+    if global_settings.link_alpha < settings.alpha:
+        raise UserError("--link-alpha must be >= --alpha (linking is the looser test, under an alert already)")
+    if not 0 < throttle_factor <= 1:
+        raise UserError(f"--throttle-factor {throttle_factor}: a throttled rate must be > 0 (use block to stop a key)")
 
 
 def calibrate(
@@ -199,10 +298,12 @@ def calibrate(
     seed: int = 0,
     prada_images: int = 3000,
     chunk: int = 512,
+    labels: Optional[np.ndarray] = None,
 ) -> Calibration:
     """Thresholds from benign traffic: `images` (uint8 or float in [0, 1]) answered by the served graph; tau is
     their q-quantile of top probability, and delta sits just under the lowest W of PRADA on up to `prada_images`
-    of them replayed in a random order as one client."""
+    of them replayed in a random order as one client. With `labels`, the confusion P(answered class | true class)
+    that turns a declared prior over true classes into the prior of the answers."""
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
     answers = np.concatenate([predict(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     scores = ood_scores(answers)
@@ -212,7 +313,17 @@ def calibrate(
     ws = [w for i in order if (w := prada.add(x[i].reshape(-1), int(answers[i].argmax()))) is not None]
     low = min(ws) if ws else float("nan")
     delta = max(0.0, low - PRADA_MARGIN) if ws else 0.0  # too few images: PRADA cannot alert
+    k = answers.shape[1]
+    classes = np.bincount(answers.argmax(1), minlength=k) / len(answers)
+    confusion = np.eye(k)
+    if labels is not None:
+        joint = np.zeros((k, k))
+        np.add.at(joint, (np.asarray(labels, dtype=np.int64), answers.argmax(1)), 1.0)
+        seen = joint.sum(1) > 0
+        confusion[seen] = joint[seen] / joint[seen].sum(1, keepdims=True)
     return Calibration(
+        class_prior=[float(v) for v in classes],
+        confusion=confusion.round(6).tolist(),
         ood_threshold=tau,
         prada_delta=delta,
         images=len(x),

@@ -12,8 +12,10 @@ import binascii
 import hashlib
 import io
 import json
+import math
 
 import numpy as np
+from numpy.lib import format as npformat
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -46,7 +48,7 @@ def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], m
     elif media == JSON:
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise ApiError(422, "body is not valid JSON") from None
         if not isinstance(document, dict) or not isinstance(document.get("images"), str):
             raise ApiError(422, 'JSON body must be {"images": "<base64 of a .npy file>"}')
@@ -58,24 +60,15 @@ def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], m
         raise ApiError(415, f"unsupported media type {media or 'none'!r}: send {NPY} or {JSON}")
     if not raw.startswith(MAGIC):
         raise ApiError(422, "payload is not a .npy file")
+    _check_header(raw, shape, max_images)  # from the header alone: no array is allocated for a shape it lies about
     try:
         images = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # truncated data, object arrays (pickles), bad headers
         raise ApiError(422, f"unreadable .npy file ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(images, np.ndarray):
         raise ApiError(422, "payload is not a single .npy array")
-    if images.dtype == np.uint8:
-        pass
-    elif images.dtype.kind == "f" and images.dtype.itemsize == 4:
+    if images.dtype.kind == "f":
         images = images.astype(np.float32, copy=False)  # also big-endian float32
-    else:
-        raise ApiError(422, f"dtype {images.dtype} not accepted: send uint8 (0-255) or float32 in [0, 1]")
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        raise ApiError(422, f"shape {list(images.shape)} does not match (N, {', '.join(map(str, shape))})")
-    if images.shape[0] == 0:
-        raise ApiError(422, "empty batch: send at least one image")
-    if images.shape[0] > max_images:
-        raise ApiError(413, f"{images.shape[0]} images in one request; at most {max_images}")
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
     if not np.isfinite(images).all():
@@ -83,6 +76,31 @@ def decode(body: bytes, content_type: str | None, shape: tuple[int, int, int], m
     if float(images.min()) < 0.0 or float(images.max()) > 1.0:
         raise ApiError(422, "float32 pixels must lie in [0, 1]")
     return np.ascontiguousarray(images)
+
+
+def _check_header(raw: bytes, shape: tuple[int, int, int], max_images: int) -> None:
+    """dtype, shape, image count and body length as the .npy header declares them, checked before numpy reads the
+    data: np.load allocates the declared shape first, so a 1 KB body claiming 1e8 images would ask for 73 GiB."""
+    stream = io.BytesIO(raw)
+    try:
+        version = npformat.read_magic(stream)
+        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        declared, fortran, dtype = read(stream, max_header_size=10_000)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as e:
+        raise ApiError(422, f"unreadable .npy header ({' '.join(str(e).split())[:120]})") from None
+    if dtype.hasobject:
+        raise ApiError(422, "object arrays (pickles) are not accepted")
+    if not (dtype == np.uint8 or (dtype.kind == "f" and dtype.itemsize == 4)):
+        raise ApiError(422, f"dtype {dtype} not accepted: send uint8 (0-255) or float32 in [0, 1]")
+    if len(declared) != 4 or tuple(declared[1:]) != tuple(shape):
+        raise ApiError(422, f"shape {list(declared)} does not match (N, {', '.join(map(str, shape))})")
+    if declared[0] == 0:
+        raise ApiError(422, "empty batch: send at least one image")
+    if declared[0] > max_images:
+        raise ApiError(413, f"{declared[0]} images in one request; at most {max_images}")
+    expected = stream.tell() + math.prod(declared) * dtype.itemsize
+    if len(raw) != expected:
+        raise ApiError(422, f"the .npy header declares {expected} bytes, the body holds {len(raw)}")
 
 
 def digest(images: np.ndarray) -> str:

@@ -1,0 +1,201 @@
+"""Detectors beyond one principal's OOD share and PRADA: the predicted-class histogram of a principal against its
+benign prior (a G-test), and the global view over every principal in a time window (the OOD share of all answers,
+and of the young keys, those not yet judged on their own, with their class histogram), which links the keys behind
+a campaign spread thinly over many. Thresholds follow the monitor's alpha; the equations are in docs/method.md.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from models.params import UserError
+
+# A prior is mixed with this share of the uniform one before testing: a class the prior gives 0 (a declared
+# form-reader prior of 1s and 7s) still gets the odd misread answer without an infinite G statistic.
+PRIOR_FLOOR = 0.02
+
+
+@dataclass
+class GlobalSettings:
+    window: float = 3600.0  # seconds of traffic the global signals read
+    alpha: float = 1e-6  # false-alert probability of one judgement of benign traffic
+    link_alpha: float = 1e-3  # a key is linked to a global alert when its own evidence is below this
+    min_images: int = 50  # answers of the young cohort before it is judged
+    class_window: int = 2000  # the young cohort's last answers its class histogram is read over
+
+
+def floored(prior: np.ndarray) -> np.ndarray:
+    prior = np.asarray(prior, dtype=np.float64)
+    return (1.0 - PRIOR_FLOOR) * prior / prior.sum() + PRIOR_FLOOR / len(prior)
+
+
+def g_statistic(counts: np.ndarray, prior: np.ndarray) -> float:
+    """G = 2 sum_k n_k ln(n_k / (n p_k)): the multinomial likelihood ratio, chi-square with K-1 degrees of freedom
+    under the prior (Wilks)."""
+    n = counts.sum()
+    seen = counts > 0
+    return float(2.0 * (counts[seen] * np.log(counts[seen] / (n * prior[seen]))).sum()) if n else 0.0
+
+
+def g_cutoff(alpha: float, classes: int) -> float:
+    from scipy import stats
+
+    return float(stats.chi2.isf(alpha, classes - 1))
+
+
+def binomial_tail(k: int, n: int, q: float) -> float:
+    """P(Binomial(n, q) >= k)."""
+    from scipy import stats
+
+    return float(stats.binom.sf(k - 1, n, q)) if k > 0 else 1.0
+
+
+def check_prior(prior, classes: int, where: str) -> np.ndarray:
+    """A declared prior: `classes` non-negative shares summing to 1, or a one-line error."""
+    try:
+        p = np.asarray([float(v) for v in prior], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: the prior must be a list of numbers") from None
+    if len(p) != classes:
+        raise UserError(f"{where}: the prior has {len(p)} shares, the model has {classes} classes")
+    if not np.isfinite(p).all() or (p < 0).any() or abs(p.sum() - 1.0) > 1e-3:
+        raise UserError(f"{where}: the prior's shares must be >= 0 and sum to 1 (they sum to {p.sum():.4g})")
+    return p
+
+
+class ClassWindow:
+    """One principal's last `size` predicted classes and their counts."""
+
+    def __init__(self, size: int, classes: int):
+        self.window: collections.deque[int] = collections.deque(maxlen=size)
+        self.counts = np.zeros(classes, dtype=np.float64)
+
+    def add(self, c: int) -> None:
+        if len(self.window) == self.window.maxlen:
+            self.counts[self.window[0]] -= 1
+        self.window.append(c)
+        self.counts[c] += 1
+
+
+@dataclass
+class Batch:
+    time: float
+    principal: str
+    ood: int
+    classes: np.ndarray  # counts per class
+    young: bool  # the principal had fewer than min_images answers before this batch
+
+
+class Global:
+    """Every principal's answers over the last `window` seconds. Signals, each a test at `alpha` against benign
+    traffic (q: the calibrated OOD quantile; prior: the calibrated class shares):
+    - global_ood: all answers' OOD count against Binomial(n, q);
+    - cohort_ood: the same for the young keys (fewer than min_images answers: never judged on their own);
+    - cohort_classes: the young keys' last `class_window` classes against the prior (G-test).
+    A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
+    at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
+    with `continued`)."""
+
+    def __init__(
+        self, settings: GlobalSettings, q: float, prior: np.ndarray, stands_out: Optional[Callable[[str], bool]] = None
+    ):
+        # stands_out(key): whether the key's own recent answers stand out at link_alpha (the monitor reads its
+        # per-key windows: a test over a key's whole window would flag any small mismatch of a long benign stream)
+        self.s, self.q, self.prior, self.stands_out = settings, q, floored(prior), stands_out
+        self.batches: collections.deque[Batch] = collections.deque()
+        self.n = self.ood = 0
+        self.young_n = self.young_ood = 0
+        self.per: dict[str, list] = {}  # principal -> [OOD answers, class counts] in the window
+        self.young_classes = ClassWindow(settings.class_window, len(prior))
+        self.cutoff = g_cutoff(settings.alpha, len(prior))
+        self.link_cutoff = g_cutoff(settings.link_alpha, len(prior))
+        self.armed = {"global_ood": True, "cohort_ood": True, "cohort_classes": True}
+        self.linked_keys: set[str] = set()
+        self.key_priors: dict[str, np.ndarray] = {}
+
+    def observe(
+        self,
+        principal: str,
+        young: bool,
+        flags: np.ndarray,
+        classes: np.ndarray,
+        now: float,
+        prior: Optional[np.ndarray] = None,
+    ) -> list[dict]:
+        """One answered request; `prior`: the key's declared class shares (floored), which its class histogram is
+        tested against, and which keep its classes out of the young cohort's histogram."""
+        if prior is not None:
+            self.key_priors[principal] = prior
+        counts = np.bincount(classes, minlength=len(self.prior)).astype(np.float64)
+        batch = Batch(now, principal, int(flags.sum()), counts, young)
+        self.batches.append(batch)
+        self._move(batch, +1)
+        if young and prior is None:
+            for c in classes:
+                self.young_classes.add(int(c))
+        while self.batches and self.batches[0].time < now - self.s.window:
+            self._move(self.batches.popleft(), -1)
+        alerts: list[dict] = []
+        tail = binomial_tail(self.ood, self.n, self.q)
+        self._judge(alerts, "global_ood", self.ood / self.n, tail < self.s.alpha, images=self.n, tail=tail)
+        if self.young_n >= self.s.min_images:
+            tail = binomial_tail(self.young_ood, self.young_n, self.q)
+            self._judge(
+                alerts, "cohort_ood", self.young_ood / self.young_n, tail < self.s.alpha, images=self.young_n, tail=tail
+            )
+            g = g_statistic(self.young_classes.counts, self.prior)
+            self._judge(alerts, "cohort_classes", g, g > self.cutoff, images=int(self.young_classes.counts.sum()), g=g)
+        active = [signal for signal, armed in self.armed.items() if not armed]
+        if active and not alerts and principal not in self.linked_keys and self._stands_out(principal):
+            self.linked_keys.add(principal)
+            alerts.append(
+                dict(
+                    signal=active[0],
+                    value=0.0,
+                    threshold=0.0,
+                    queries=0,
+                    details={},
+                    linked=[principal],
+                    continued=True,
+                )
+            )
+        return alerts
+
+    def _move(self, b: Batch, sign: int) -> None:
+        n = int(b.classes.sum())
+        self.n += sign * n
+        self.ood += sign * b.ood
+        if b.young:
+            self.young_n += sign * n
+            self.young_ood += sign * b.ood
+        entry = self.per.setdefault(b.principal, [0, np.zeros_like(b.classes)])
+        entry[0] += sign * b.ood
+        entry[1] += sign * b.classes
+        if entry[1].sum() == 0:
+            del self.per[b.principal]
+
+    def _stands_out(self, name: str) -> bool:
+        return self.stands_out(name) if self.stands_out is not None else False
+
+    def _judge(self, alerts: list[dict], signal: str, value: float, crossed: bool, **details) -> None:
+        if crossed and self.armed[signal]:
+            threshold = self.cutoff if signal == "cohort_classes" else self.s.alpha
+            linked = sorted(name for name in self.per if self._stands_out(name))
+            self.linked_keys.update(linked)
+            alerts.append(
+                dict(
+                    signal=signal,
+                    value=float(value),
+                    threshold=float(threshold),
+                    queries=int(details["images"]),
+                    details={**{k: float(v) for k, v in details.items()}, "window_seconds": self.s.window},
+                    linked=linked,
+                )
+            )
+        self.armed[signal] = not crossed
+        if all(self.armed.values()):
+            self.linked_keys.clear()  # every signal back below: a later campaign links its keys afresh

@@ -1,0 +1,280 @@
+"""`serve` against clients that know its monitor, over a real socket on 127.0.0.1: bad input at the edge (lying .npy
+headers, deeply nested JSON, nonsense settings), judgement before a new key's answers leave, the class-histogram
+alert with and without a declared prior, the global detectors against keys that each stay below --min-images, and the
+monitor's windows across a restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, invoke
+from numpy.lib import format as npformat
+from test_serve import Server, npy
+from tiny_data import write_dataset
+
+from stages import serve_key, train
+from stages.core.artifacts import open_artifact
+from stages.serving import monitor as _monitor
+
+NPY = "application/x-npy"
+SYBILS = 12
+PRINCIPALS = {  # name: budget, rate, burst, action, prior
+    "spare": (100_000, 10_000.0, 10_000.0, "log", None),
+    "greedy": (100_000, 10_000.0, 10_000.0, "block", None),
+    "form": (100_000, 10_000.0, 10_000.0, "log", "0,0.5,0,0,0,0,0,0.5,0,0"),
+    "form-undeclared": (100_000, 10_000.0, 10_000.0, "log", None),
+    "patient": (100_000, 10_000.0, 10_000.0, "log", None),
+    **{f"sybil-{i}": (100_000, 10_000.0, 10_000.0, "block", None) for i in range(SYBILS)},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("watch")
+    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 600, "test": 600})
+    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {
+        name: serve_key.run(name, keys, budget, rate, burst, action, prior)
+        for name, (budget, rate, burst, action, prior) in PRINCIPALS.items()
+    }
+    with h5py.File(data, "r") as f:
+        test, labels = f["test/images"][()], f["test/labels"][()]
+    return dict(root=root, data=data, victim=victim, keys=keys, tokens=tokens, test=test, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    s = Server(world["victim"], world["keys"], world["root"] / "ledger.sqlite", "--global-action", "block")
+    yield s
+    s.stop()
+
+
+def alerts(ledger: Path, name: str, seconds: float = 10.0) -> list[tuple]:
+    deadline = time.monotonic() + seconds
+    while True:
+        with sqlite3.connect(ledger) as db:
+            rows = db.execute(
+                "SELECT signal, value, threshold, queries, action, details FROM alerts WHERE principal = ? ORDER BY id",
+                (name,),
+            ).fetchall()
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+
+
+def lying_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy header claiming `shape` (uint8), followed by 1 KB of data."""
+    buffer = io.BytesIO()
+    npformat.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + b"\0" * 1024
+
+
+def test_bad_input_at_the_edge_is_refused_from_the_header_and_nesting_is_not_a_500(world, server):
+    with server.client(world["tokens"]["spare"]) as c:
+        started = time.perf_counter()
+        r = c.post("/v1/predict", content=lying_header((10**8, 1, 28, 28)), headers={"Content-Type": NPY})
+        assert r.status_code == 413 and "at most 1024" in r.json()["error"], r.text
+        assert time.perf_counter() - started < 5.0  # no 73 GiB allocation was attempted
+        r = c.post("/v1/predict", content=lying_header((1000, 1, 28, 28)), headers={"Content-Type": NPY})
+        assert r.status_code == 422 and "declares" in r.json()["error"], r.text  # 1000 images in 1 KB
+        r = c.post("/v1/predict", content=lying_header((10**8, 3, 9, 9)), headers={"Content-Type": NPY})
+        assert r.status_code == 422 and "does not match" in r.json()["error"]
+        nested = b'{"images": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+        r = c.post("/v1/predict", content=nested, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"] == "body is not valid JSON"
+        assert c.get("/healthz").json() == {"status": "ok"}
+        usage = c.get("/v1/usage").json()
+        assert usage["spent"] == 0 and usage["reserved"] == 0
+
+
+def test_serve_refuses_nonsense_watch_settings_in_one_line(world, tmp_path):
+    base = ["serve", "--model", world["victim"], "--keys", world["keys"], "--ledger", tmp_path / "l.sqlite"]
+    for flags, words in [
+        (["--throttle-factor", "0"], "throttle"),
+        (["--throttle-factor", "-1"], "throttle"),
+        (["--global-window", "0"], "global-window"),
+        (["--link-alpha", "0"], "link-alpha"),
+        (["--link-alpha", "1e-9"], "link-alpha"),
+        (["--min-images", "500"], "min-images"),
+    ]:
+        assert words in assert_one_line_error(invoke(*base, *flags)), flags
+    wrong = tmp_path / "keys.toml"
+    serve_key.run("three", wrong, prior="0.2,0.3,0.5")
+    assert "3 shares, the model has 10 classes" in assert_one_line_error(
+        invoke("serve", "--model", world["victim"], "--keys", wrong, "--ledger", tmp_path / "l.sqlite")
+    )
+    assert "summing to 1" in assert_one_line_error(invoke("serve-key", "x", "--keys", wrong, "--prior", "0.5,0.6"))
+    assert "numbers" in assert_one_line_error(invoke("serve-key", "y", "--keys", wrong, "--prior", "a,b"))
+    assert not (tmp_path / "l.sqlite").exists()
+
+
+def test_a_new_key_gets_nothing_past_min_images_before_its_judgement(world, server):
+    """One request of 1,000 OOD-looking images: the monitor judges it at image 50 and blocks the key before the
+    answers leave, so the key receives none (the forward pass ran: the images stay counted)."""
+    with server.client(world["tokens"]["greedy"]) as c:
+        r = c.post("/v1/predict", content=npy(noise(1000, 1)), headers={"Content-Type": NPY})
+        assert r.status_code == 403 and "blocked" in r.json()["error"], r.text
+        assert c.post("/v1/predict", content=npy(noise(5, 2)), headers={"Content-Type": NPY}).status_code == 403
+    own = [a for a in alerts(server_ledger(world), "greedy") if not a[0].startswith("linked:")]
+    assert own[0][0] == "ood_share" and own[0][3] == 50 and own[0][4] == "block"
+    with sqlite3.connect(server_ledger(world)) as db:
+        assert db.execute("SELECT spent FROM principals WHERE name = 'greedy'").fetchone()[0] == 1000
+
+
+def server_ledger(world) -> Path:
+    return world["root"] / "ledger.sqlite"
+
+
+def test_a_declared_prior_spares_the_imbalanced_client_the_undeclared_one_is_alerted(world, tmp_path):
+    """A form reader sending only 1s and 7s, with and without its declared prior, to a server whose global alerts
+    only log (under --global-action block the young cohort's class histogram would block the undeclared one)."""
+    ledger = tmp_path / "ledger.sqlite"
+    server = Server(world["victim"], world["keys"], ledger)
+    ones_and_sevens = world["test"][np.isin(world["labels"], (1, 7))][:120]
+    for name in ("form", "form-undeclared"):
+        with server.client(world["tokens"][name]) as c:
+            for start in range(0, len(ones_and_sevens), 20):
+                r = c.post(
+                    "/v1/predict", content=npy(ones_and_sevens[start : start + 20]), headers={"Content-Type": NPY}
+                )
+                assert r.status_code == 200, (name, r.text)
+    undeclared = alerts(ledger, "form-undeclared")
+    declared = alerts(ledger, "form", seconds=1.0)
+    server.stop()
+    assert [a[0] for a in undeclared if not a[0].startswith("linked:")] == ["classes"]
+    assert undeclared[0][1] > undeclared[0][2]
+    assert declared == []
+
+
+def test_keys_each_under_min_images_are_seen_globally_and_blocked(world, server):
+    """SYBILS keys of 30 OOD-looking images each: no key is judged on its own (30 < --min-images 50), the young
+    cohort's OOD share alerts, and every key of the campaign is linked and blocked (--global-action block, and
+    the keys' own action block: a key's own action caps the global one)."""
+    answered = 0
+    for i in range(SYBILS):
+        with server.client(world["tokens"][f"sybil-{i}"]) as c:
+            r = c.post("/v1/predict", content=npy(noise(30, 100 + i)), headers={"Content-Type": NPY})
+            answered += len(r.json()["answers"]) if r.status_code == 200 else 0
+        time.sleep(0.05)
+    ledger = server_ledger(world)
+    campaign = alerts(ledger, "*")
+    assert campaign and {"cohort_ood", "global_ood"} & {a[0] for a in campaign}
+    blocked = 0
+    for i in range(SYBILS):
+        own = alerts(ledger, f"sybil-{i}", seconds=2.0)
+        assert own and all(a[0].startswith("linked:") for a in own)  # never alerted on its own
+        with server.client(world["tokens"][f"sybil-{i}"]) as c:
+            blocked += c.get("/v1/usage").status_code == 403
+    assert blocked == SYBILS
+    assert answered < SYBILS * 30  # the later keys were linked, and blocked, before their answers left
+
+
+def test_a_restart_refills_the_ood_window_from_the_ledger(world, tmp_path):
+    """40 OOD-looking images, a restart, 10 more: the OOD-share alert fires at query 50, counted across the restart
+    (the window was refilled from the ledger's answers)."""
+    ledger = tmp_path / "ledger.sqlite"
+    first = Server(world["victim"], world["keys"], ledger)
+    with first.client(world["tokens"]["patient"]) as c:
+        assert c.post("/v1/predict", content=npy(noise(40, 7)), headers={"Content-Type": NPY}).status_code == 200
+    first.stop()
+    assert [a for a in alerts(ledger, "patient", seconds=0.5) if not a[0].startswith("linked:")] == []
+    second = Server(world["victim"], world["keys"], ledger)
+    with second.client(world["tokens"]["patient"]) as c:
+        assert c.post("/v1/predict", content=npy(noise(10, 8)), headers={"Content-Type": NPY}).status_code == 200
+    own = [a for a in alerts(ledger, "patient") if not a[0].startswith("linked:")]
+    second.stop()
+    assert own and own[0][0] == "ood_share" and own[0][3] == 50
+
+
+def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draws():
+    """The G-test's chi-square cutoff at alpha 1e-3 (a level a few thousand draws can check) over windows of 50 and
+    200 draws from the prior: the rate of crossings stays within a factor 3 of alpha."""
+    from stages.serving import detectors
+
+    rng = np.random.default_rng(0)
+    prior = np.full(10, 0.1)
+    cutoff = detectors.g_cutoff(1e-3, 10)
+    for n in (50, 200):
+        counts = rng.multinomial(n, prior, size=20_000).astype(np.float64)
+        g = np.array([detectors.g_statistic(c, detectors.floored(prior)) for c in counts])
+        assert (g > cutoff).mean() < 3e-3, n
+    settings = _monitor.Settings()
+    assert json.dumps(_monitor.asdict(settings))  # the settings serialise into the ledger's run record
+
+
+def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
+    """steal --target-move sybil=20 --target-move mix=0.5 over 6 keys: no key is answered more than 20 images, half
+    of what the keys spent is filler the surrogate never sees, and the moves are in the surrogate's params."""
+    keys = tmp_path / "keys.toml"
+    names = [f"k{i}" for i in range(6)]
+    secret = ",".join(serve_key.run(k, keys, 1000, 10_000.0, 10_000.0, "log") for k in names)
+    ledger = tmp_path / "ledger.sqlite"
+    server = Server(world["victim"], keys, ledger)
+    out = tmp_path / "stolen.h5"
+    result = invoke(
+        "steal",
+        "--target",
+        server.url,
+        "--api-key",
+        secret,
+        "--target-move",
+        "sybil=20",
+        "--target-move",
+        "mix=0.5",
+        "--pool",
+        world["data"],
+        "--budget",
+        1000,
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--query-batch",
+        16,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--victim",
+        world["victim"],
+    )
+    server.stop()
+    assert result.exit_code == 0, result.stderr
+    with sqlite3.connect(ledger) as db:
+        spent = dict(db.execute("SELECT name, spent FROM principals").fetchall())
+    with open_artifact(out, "surrogate") as f:
+        received = int(f.attrs["queries"])
+        params = json.loads(f.attrs["params"])
+    assert params["target_move"] == {"per_key": 20, "mix": 0.5, "rate": 0.0, "keys": 6}
+    assert secret.split(",")[0] not in f"{params}"
+    assert max(spent.values()) <= 20 and sum(v > 0 for v in spent.values()) == 6
+    # 6 keys x 20 images, half of them filler once a first confident answer gives the filler its material
+    assert received == 60 and 100 <= sum(spent.values()) <= 120
+    assert "--target-move needs --target" in assert_one_line_error(
+        invoke("steal", "--victim", world["victim"], "--pool", world["data"], "--target-move", "mix=0.5")
+    )
+    assert "sybil=PER_KEY" in assert_one_line_error(
+        invoke(
+            "steal",
+            "--target",
+            "http://127.0.0.1:9",
+            "--api-key",
+            "x",
+            "--pool",
+            world["data"],
+            "--target-move",
+            "swarm=3",
+        )
+    )
