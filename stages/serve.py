@@ -25,10 +25,12 @@ from stages.deploy import defense as _defense
 from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
-from stages.serving.ledger import Ledger
+from stages.serving.ledger import SqliteLedger
+from stages.serving.ledger_pg import PostgresLedger
 from stages.serving.monitor import Monitor, Settings, calibrate
 
 console = Console(stderr=True)
+POSTGRES = ("postgresql://", "postgres://")
 
 
 def run(
@@ -39,9 +41,13 @@ def run(
         ),
     ],
     keys: Annotated[Path, typer.Option(help="Principals' keys file (TOML), made by `serve-key`.")] = Path("keys.toml"),
-    ledger: Annotated[Path, typer.Option(help="Query ledger (SQLite, WAL); a restart resumes it.")] = Path(
-        "artifacts/ledger.sqlite"
-    ),
+    ledger: Annotated[
+        str,
+        typer.Option(
+            help="Query ledger: a SQLite file (WAL; one server per file), or postgresql://... (shared by every "
+            "replica pointed at it); a restart resumes it."
+        ),
+    ] = "artifacts/ledger.sqlite",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Port (0: any free port; the URL printed says which).")
@@ -89,14 +95,21 @@ def run(
         float, typer.Option(min=0.0, max=1.0, help="A throttled principal's rate, as a share of its own.")
     ] = 0.1,
     alerts: Annotated[
-        Optional[Path], typer.Option(help="Alert JSON lines, appended [default: the ledger path with .alerts.jsonl].")
+        Optional[Path],
+        typer.Option(
+            help="Alert JSON lines, appended [default: the SQLite ledger's path with .alerts.jsonl; none for "
+            "PostgreSQL, whose alerts table and stderr hold them]."
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads of the forward pass.")] = 1,
 ) -> None:
     """Serve the defended model over HTTP with budgets, a query ledger and extraction alerts."""
     defense_params = _defense.parse(defense, defense_param)
-    ledger = prepare_output(ledger)
-    alerts = prepare_output(alerts or ledger.with_suffix(".alerts.jsonl"))
+    shared = ledger.startswith(POSTGRES)
+    if not shared:
+        ledger = prepare_output(Path(ledger))
+        alerts = alerts or ledger.with_suffix(".alerts.jsonl")
+    alerts = prepare_output(alerts) if alerts is not None else None
     table = principals_file.read(keys)
     served = served_model.load(model, defense, defense_params, threads)
     settings = Settings(
@@ -108,6 +121,7 @@ def run(
         volume_window=volume_window,
     )
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
+    book = PostgresLedger(ledger) if shared else SqliteLedger(ledger)  # so does an unreachable or foreign database
 
     source = calibration_data or served.dataset_path
     benign = _data.load(source, splits=(calibration_split,))
@@ -124,7 +138,6 @@ def run(
         calibration.prada_delta = prada_delta
     monitor = Monitor(settings, calibration, int(images[0].numel()))
 
-    book = Ledger(ledger)
     book.put_meta(
         {
             f"run.{time.time():.0f}": dict(
@@ -152,7 +165,7 @@ def run(
     service = api.Service(served, table, book, monitor, options)
     console.print(
         f"serve: {served.arch} on {served.dataset} ({served.runtime}, defense {served.defense}), "
-        f"{len(table)} principals, ledger {ledger}"
+        f"{len(table)} principals, ledger {book.name if shared else ledger}"
     )
     console.print(
         f"calibrated on {calibration.images:,} benign images ({calibration.source}): an answer looks OOD "

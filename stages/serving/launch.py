@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def launch(
     model: Path,
     keys: Path,
-    ledger: Path,
+    ledger: Union[Path, str],
     *flags: str,
     stderr: Union[int, IO] = subprocess.DEVNULL,
     timeout: float = 120.0,
