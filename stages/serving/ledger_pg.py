@@ -31,18 +31,21 @@ CREATE TABLE IF NOT EXISTS alerts (
 """
 SCHEMA_LOCK = 0x1E17_1ED6  # advisory lock: replicas starting together create the tables one at a time
 
-# The debit is the reservation: a conditional UPDATE, atomic in the database whichever replica runs it. Under READ
-# COMMITTED a concurrent debit of the same principal waits for the row lock and re-checks `spent + n <= budget`
-# on the committed row, so racing replicas can never overspend. Principals are debited in name order, so two
-# replicas' transactions lock rows in the same order and cannot deadlock.
+# The debit is the reservation, made in the database whichever replica runs it: the batch's principals are locked
+# in name order (so two replicas' transactions cannot deadlock), each request is admitted in turn if it fits what
+# the locked rows say, and one conditional UPDATE debits the admitted images (`spent + n <= budget` re-checked in
+# SQL), committed with the rows. Five round trips per batch, whatever its size: lock, debit, insert, commit.
+LOCK = "SELECT name, spent, state FROM principals WHERE name = ANY(%s) ORDER BY name FOR UPDATE"
 DEBIT = (
-    "UPDATE principals SET spent = spent + %(n)s WHERE name = %(name)s AND spent + %(n)s <= %(budget)s "
-    "AND state <> 'blocked' RETURNING spent, state"
+    "UPDATE principals AS p SET spent = p.spent + d.n FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) "
+    "AS d(name, n, budget) WHERE p.name = d.name AND p.spent + d.n <= d.budget AND p.state <> 'blocked' "
+    "RETURNING p.name, p.spent, p.state"
 )
 INSERT = (
-    f"INSERT INTO queries ({QUERY_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-    "ON CONFLICT (principal, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING id"
+    f"INSERT INTO queries ({QUERY_COLUMNS}) VALUES {{}} "
+    "ON CONFLICT (principal, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING principal, request_id"
 )
+CREDIT = "UPDATE principals SET spent = spent - %s WHERE name = %s RETURNING spent, state"
 
 
 def where(url: str) -> str:
@@ -124,28 +127,39 @@ class PostgresLedger(Ledger):
 
     def record(self, batch: list[Answered]) -> list[Debit]:
         rows = [a.row() for a in batch]
-        debits: list[Optional[Debit]] = [None] * len(batch)
-        order = sorted(range(len(batch)), key=lambda i: batch[i].principal)
+        names = sorted({a.principal for a in batch})
         with self._unavailable(), self._connection() as db, db.transaction():
-            for i in order:
-                a, n = batch[i], rows[i][2]
-                standing = db.execute(DEBIT, {"n": n, "name": a.principal, "budget": a.budget}).fetchone()
-                if standing is None:
-                    spent, state = db.execute(
-                        "SELECT spent, state FROM principals WHERE name = %s", (a.principal,)
-                    ).fetchone()
-                    debits[i] = Debit("blocked" if state == "blocked" else "budget", int(spent), str(state))
+            standing = {name: [int(spent), str(state)] for name, spent, state in db.execute(LOCK, (names,))}
+            budgets, admitted, refused = {}, {}, {}
+            for i, a in enumerate(batch):
+                spent, state = standing[a.principal]
+                n = rows[i][2]
+                if state == "blocked" or spent + admitted.get(a.principal, 0) + n > a.budget:
+                    refused[i] = "blocked" if state == "blocked" else "budget"
                     continue
-                inserted = db.execute(INSERT, rows[i]).fetchone()
-                if inserted is None:  # another replica answered this Idempotency-Key meanwhile: no second debit
-                    spent, state = db.execute(
-                        "UPDATE principals SET spent = spent - %s WHERE name = %s RETURNING spent, state",
-                        (n, a.principal),
-                    ).fetchone()
-                    debits[i] = Debit("duplicate", int(spent), str(state))
-                    continue
-                debits[i] = Debit(None, int(standing[0]), str(standing[1]))
-        return debits
+                admitted[a.principal] = admitted.get(a.principal, 0) + n
+                budgets[a.principal] = a.budget
+            debited = {}
+            if admitted:
+                debit = [list(admitted), list(admitted.values()), [budgets[p] for p in admitted]]
+                debited = {name: [int(sp), str(st)] for name, sp, st in db.execute(DEBIT, debit)}
+                if debited.keys() != admitted.keys():  # the rows are locked: this cannot happen
+                    raise RuntimeError(f"ledger debit refused for {sorted(set(admitted) - set(debited))}")
+            keep = [i for i in range(len(batch)) if i not in refused]
+            inserted = set()
+            if keep:
+                values = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(keep))
+                params = [v for i in keep for v in rows[i]]
+                inserted = {(p, r) for p, r in db.execute(INSERT.format(values), params)}
+            for i in keep:
+                a = batch[i]
+                if a.request_id is not None and (a.principal, a.request_id) not in inserted:
+                    # another replica answered this Idempotency-Key meanwhile: no second debit
+                    spent, state = db.execute(CREDIT, (rows[i][2], a.principal)).fetchone()
+                    debited[a.principal] = [int(spent), str(state)]
+                    refused[i] = "duplicate"
+        final = {**standing, **debited}  # every principal's standing once the transaction commits
+        return [Debit(refused.get(i), *final[a.principal]) for i, a in enumerate(batch)]
 
     def replay(self, principal: str, request_id: str) -> Optional[tuple[str, np.ndarray]]:
         with self._unavailable(), self._connection() as db:
