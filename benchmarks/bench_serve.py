@@ -119,12 +119,13 @@ def in_process(model: Path, images: np.ndarray, batch: int, seconds: float) -> d
 
     for _ in range(5):
         forward(x)
-    latencies, began = [], time.perf_counter()
+    latencies, began, cpu = [], time.perf_counter(), time.process_time()
     while time.perf_counter() - began < seconds:
         t = time.perf_counter()
         forward(x)
         latencies.append(time.perf_counter() - t)
-    return summary(latencies, batch, time.perf_counter() - began)
+    cpu_ms = 1000 * (time.process_time() - cpu) / len(latencies)
+    return {**summary(latencies, batch, time.perf_counter() - began), "cpu_ms": cpu_ms}
 
 
 def graphs_table(victim: Path, ini_victim: Path | None, keys: Path, key: str, work: Path, seconds: float) -> str:
@@ -257,14 +258,17 @@ def family_cpu(root: int) -> list[int]:
     return pids
 
 
-def mean_batch(url: str) -> float:
-    """Images per forward pass so far, from the server's Prometheus histogram."""
+def formed(url: str, before: tuple[float, float] | None = None):
+    """(images, forward passes) so far, from the server's Prometheus histogram; given an earlier reading, the mean
+    images per forward pass since."""
     import httpx
 
     text = httpx.get(url + "/metrics").text
     total = float(text.split("ini_batch_images_sum ")[1].split()[0])
     count = float(text.split("ini_batch_images_count ")[1].split()[0])
-    return total / max(count, 1.0)
+    if before is None:
+        return total, count
+    return (total - before[0]) / max(count - before[1], 1.0)
 
 
 def cpu_per_call(fn, repeat: int = 300) -> float:
@@ -276,8 +280,8 @@ def cpu_per_call(fn, repeat: int = 300) -> float:
     return 1000 * (time.process_time() - began) / repeat
 
 
-def parts_at_batch_1(model: Path, images: np.ndarray, work: Path, batch: float, pg_url: str | None) -> dict:
-    """serve's per-request work at request batch 1, each part timed in-process; the ledger and the forward pass run
+def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, pg_url: str | None) -> dict:
+    """serve's work per request of `size` images, each part timed in-process; the ledger and the forward pass run
     once per batch of `batch` requests (the mean the server formed), so their share per request is divided by it."""
     from stages.serving import model as served_model
     from stages.serving import payload
@@ -285,37 +289,37 @@ def parts_at_batch_1(model: Path, images: np.ndarray, work: Path, batch: float, 
     from stages.serving.monitor import Monitor, Settings, calibrate
 
     served = served_model.load(model, "none", {}, 1)
-    body, n = to_npy(images[:1]), max(1, round(batch))
+    body, n = to_npy(images[:size]), max(1, round(batch))
     x = payload.decode(body, payload.NPY, served.input_shape, 1024)
     xs = np.concatenate([x] * n)
     answers = served.predict(xs)
-    parts = {
+    one = answers[:size]
+    out = {
         ".npy decoding": cpu_per_call(lambda: payload.decode(body, payload.NPY, served.input_shape, 1024)),
         "SHA-256": cpu_per_call(lambda: payload.digest(x)),
         "forward pass": cpu_per_call(lambda: served.predict(xs), 100) / n,
-        ".npy encoding": cpu_per_call(lambda: payload.encode(answers[:1], payload.NPY)),
-        "JSON encoding (Accept: JSON)": cpu_per_call(lambda: payload.encode(answers[:1], None)),
+        ".npy encoding": cpu_per_call(lambda: payload.encode(one, payload.NPY)),
+        "JSON encoding (Accept: JSON)": cpu_per_call(lambda: payload.encode(one, None)),
     }
-    rows = lambda: [Answered(f"p{i % 8}", time.time(), "0" * 64, None, answers[i : i + 1], 0) for i in range(n)]
-    sqlite = SqliteLedger(work / "parts.sqlite")
+    rows = lambda: [Answered(f"p{i % 8}", time.time(), "0" * 64, None, one, 0) for i in range(n)]
+    sqlite = SqliteLedger(work / f"parts{size}.sqlite")
     sqlite.enrol([f"p{i}" for i in range(8)])
-    parts["ledger (SQLite)"] = cpu_per_call(lambda: sqlite.record(rows()), 100) / n
+    out["ledger (SQLite)"] = cpu_per_call(lambda: sqlite.record(rows()), 100) / n
     sqlite.close()
     if pg_url is not None:
         from stages.serving.ledger_pg import PostgresLedger
 
         pg = PostgresLedger(pg_url)
         pg.enrol([f"p{i}" for i in range(8)])
-        parts["ledger (PostgreSQL, client side)"] = cpu_per_call(lambda: pg.record(rows()), 100) / n
+        out["ledger (PostgreSQL, client side)"] = cpu_per_call(lambda: pg.record(rows()), 100) / n
         pg.close()
     settings = Settings()
     benign = images.astype(np.float32) / 255.0
     monitor = Monitor(settings, calibrate(served.predict, images, settings, "bench"), int(x[0].size))
     i = iter(range(10**9))
-    parts["monitor"] = cpu_per_call(
-        lambda: monitor.observe(f"p{next(i) % 8}", benign[next(i) % 64][None], answers[:1], time.time()), 600
-    )
-    return parts
+    repeat = 600 if size == 1 else 30
+    out["monitor"] = cpu_per_call(lambda: monitor.observe(f"p{next(i) % 8}", benign[:size], one, time.time()), repeat)
+    return out
 
 
 def race(urls: list[str], key: str, body: bytes, budget: int) -> tuple[int, int]:
@@ -379,9 +383,10 @@ def main() -> None:
         rows[name] = {}
         for b, body in bodies.items():
             asyncio.run(raw_load(urls, keys, body, b, min(seconds, 1.0), pids))  # warm-up: TorchScript's shapes
+            before = formed(urls[0]) if name == "serve, SQLite" else None
             rows[name][b] = r = asyncio.run(raw_load(urls, keys, body, b, seconds, pids))
-            if b == 1 and name == "serve, SQLite":
-                batches["batch 1"] = mean_batch(urls[0])
+            if name == "serve, SQLite":
+                batches[b] = formed(urls[0], before) / b  # requests per forward pass
             log(
                 f"{name:<32} batch {b:>2} x 8 clients: {r['requests_per_s']:8.0f} requests/s "
                 f"{r['images_per_s']:8.0f} img/s p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:6.2f} ms, server CPU "
@@ -395,12 +400,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    procs, batch_1_mean = [], float("nan")
+    procs = []
     try:
         proc, url = launch(model, keys_file, work / "ledger.sqlite")
         procs.append(proc)
         measure("serve, SQLite", [url], [proc.pid])
-        batch_1_mean = batches["batch 1"]
         proc.terminate()
         proc.wait(timeout=60)
         pg_url, race_result = None, None
@@ -434,37 +438,40 @@ def main() -> None:
                 for proc in procs:
                     proc.terminate()
                     proc.wait(timeout=60)
-                parts = parts_at_batch_1(model, images, work, batch_1_mean, pg_url)
+                costs = {b: parts(model, images, work, b, batches[b], pg_url) for b in bodies}
                 pg.stop("immediate")
                 pg._remove()
         else:
-            parts = parts_at_batch_1(model, images, work, batch_1_mean, None)
+            costs = {b: parts(model, images, work, b, batches[b], None) for b in bodies}
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     local = in_process(model, images, 64, seconds)
-    print(report(rows, local, parts, batch_1_mean, race_result, racer_budget))
+    print(report(rows, local, costs, batches, race_result, racer_budget))
     if args.graphs:
         print(graphs_table(victim, args.ini_victim, keys_file, keys[0], work, seconds))
 
 
-def report(rows: dict, local: dict, parts: dict, batch: float, race_result, budget: int) -> str:
+def report(rows: dict, local: dict, costs: dict, batches: dict, race_result, budget: int) -> str:
     ceiling = rows["bare endpoint"]
     lines = [
         "| server | batch | requests/s | img/s | p50 ms | p99 ms | server CPU ms/request | / bare endpoint | "
-        "/ in-process batch 64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "/ in-process batch 64 | CPU per image, in-process batch 64 / this |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    per_image = local["cpu_ms"] / 64
     for name, loads in rows.items():
         for b, r in loads.items():
             lines.append(
                 f"| {name} | {b} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | "
                 f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} | "
                 f"{r['requests_per_s'] / ceiling[b]['requests_per_s']:.2f} | "
-                f"{r['images_per_s'] / local['images_per_s']:.2f} |"
+                f"{r['images_per_s'] / local['images_per_s']:.2f} | {per_image / (r['server_cpu_ms'] / b):.2f} |"
             )
-    lines.append(f"| in-process forward pass | 64 | | {local['images_per_s']:,.0f} | | | | | 1.00 |")
+    lines.append(
+        f"| in-process forward pass | 64 | | {local['images_per_s']:,.0f} | | | {local['cpu_ms']:.3f} | | 1.00 | 1.00 |"
+    )
     if "serve, PostgreSQL, 2 replicas" in rows:
         one, two = rows["serve, PostgreSQL, 1 replica"], rows["serve, PostgreSQL, 2 replicas"]
         lines.append("")
@@ -473,19 +480,23 @@ def report(rows: dict, local: dict, parts: dict, batch: float, race_result, budg
             + ", ".join(f"batch {b} {two[b]['images_per_s'] / one[b]['images_per_s']:.2f}x" for b in one)
             + f" (on {os.cpu_count()} cores, shared with the clients and the database)"
         )
-    served = rows["serve, SQLite"][1]["server_cpu_ms"]
-    lines += ["", f"serve's CPU per request at batch 1 (8 clients, {batch:.1f} requests per forward pass on average):"]
-    lines += ["| part | CPU ms/request | share of serve (SQLite) |", "|---|---|---|"]
-    http = ceiling[1]["server_cpu_ms"]
-    accounted = http
-    lines.append(f"| HTTP and framework (the bare endpoint's server CPU) | {http:.3f} | {http / served:.0%} |")
-    for name, ms in parts.items():
-        lines.append(f"| {name} | {ms:.3f} | {ms / served:.0%} |")
-        if "JSON" not in name and "PostgreSQL" not in name:
-            accounted += ms
-    lines.append(f"| the rest (keys, admission, batcher, threads) | {served - accounted:.3f} | "
-                 f"{(served - accounted) / served:.0%} |")  # fmt: skip
-    lines.append(f"| serve, SQLite, measured | {served:.3f} | 100% |")
+    for b, parts in costs.items():
+        served, http = rows["serve, SQLite"][b]["server_cpu_ms"], ceiling[b]["server_cpu_ms"]
+        lines += [
+            "",
+            f"serve's CPU per request of {b} image(s), 8 clients, {batches[b]:.1f} requests per forward pass:",
+            "| part | CPU ms/request | share of serve (SQLite) |",
+            "|---|---|---|",
+            f"| HTTP and framework (the bare endpoint's server CPU) | {http:.3f} | {http / served:.0%} |",
+        ]
+        accounted = http
+        for name, ms in parts.items():
+            lines.append(f"| {name} | {ms:.3f} | {ms / served:.0%} |")
+            if "JSON" not in name and "PostgreSQL" not in name:
+                accounted += ms
+        rest = served - accounted
+        lines.append(f"| the rest (keys, admission, batcher, threads) | {rest:.3f} | {rest / served:.0%} |")
+        lines.append(f"| serve, SQLite, measured | {served:.3f} | 100% |")
     if race_result is not None:
         answered, refused, spent = race_result
         lines += [

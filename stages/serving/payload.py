@@ -14,6 +14,7 @@ import io
 import json
 
 import numpy as np
+import orjson
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -95,4 +96,7 @@ def digest(images: np.ndarray) -> str:
 def encode(answers: np.ndarray, accept: str | None) -> tuple[bytes, str]:
     if NPY in (accept or "").lower():
         return to_npy(np.ascontiguousarray(answers, dtype=np.float32)), NPY
-    return json.dumps({"answers": answers.tolist()}, separators=(",", ":")).encode(), JSON
+    # orjson writes each float64 as the shortest text that reads back to it, as json.dumps does (the same numbers;
+    # exponents may be spelled otherwise), from the array itself, with no Python list of floats: measured on 64
+    # answers of 10 classes, 0.036 ms instead of 0.75
+    return orjson.dumps({"answers": answers.astype(np.float64)}, option=orjson.OPT_SERIALIZE_NUMPY), JSON
