@@ -85,7 +85,9 @@ class PostgresLedger(Ledger):
             timeout=1.0,  # a request waits this long for a connection (the database gone), then gets 503
             check=ConnectionPool.check_connection,  # one empty round trip: stale connections after a database
             # restart are replaced, not handed to a request (each would cost its client a 503)
-            reconnect_timeout=3600.0,
+            # the pool retries a lost connection with doubling delays; giving up after 5 s lets the next request
+            # that finds no connection open a fresh one at once, instead of waiting out a delay grown during an outage
+            reconnect_timeout=5.0,
             open=False,
         )
         try:
