@@ -5,11 +5,17 @@ Skipped, with the reason, where no PostgreSQL server or psycopg is installed."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import h5py
 import httpx
@@ -20,7 +26,7 @@ from test_serve import NPY, Server, npy
 from tiny_data import write_dataset
 
 from stages import serve_key, train
-from stages.serving.launch import launch
+from stages.serving.launch import ROOT, launch
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed: pip install 'ini-toolkit[postgres]'")
 from stages.serving.throwaway_pg import ThrowawayPostgres, Unavailable  # noqa: E402
@@ -302,3 +308,45 @@ def test_unreachable_and_foreign_databases_are_refused_in_one_line(world, pg, tm
         db.execute("CREATE TABLE queries (id INTEGER, note TEXT)")
     assert "not a usable ledger" in assert_one_line_error(serve(foreign))
     assert "password" not in serve("postgresql://u:password@/x?host=/nonexistent").stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_replicas_example_of_docs_serving_runs_as_written(world, pg):
+    """docs/serving.md's two replicas on one database: its bash block, with this test's model, keys, database and
+    free ports, answers on both ports and records both answers in the one ledger."""
+    text = (ROOT / "docs" / "serving.md").read_text()
+    block = re.search(r"## Replicas on PostgreSQL.*?```bash\n(.*?)```", text, re.S).group(1)
+    url, ports = pg.create("docs"), (free_port(), free_port())
+    for written, ours in (
+        ("postgresql://ini@db.internal/ini_ledger", url),
+        ("artifacts/victim-ini.pt", str(world["victim"])),
+        ("keys.toml", str(world["keys"])),
+        ("8001 8002", f"{ports[0]} {ports[1]}"),
+    ):
+        assert written in block
+        block = block.replace(written, ours)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`: this interpreter
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": path}
+    shell = subprocess.Popen(
+        ["bash", "-c", block], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        urls = sorted(shell.stdout.readline().strip() for _ in ports)  # each replica prints its URL once it serves
+        assert urls == sorted(f"http://127.0.0.1:{p}" for p in ports)
+        for u in urls:
+            r = httpx.post(
+                u + "/v1/predict",
+                content=npy(world["test"][:3]),
+                headers={"Content-Type": NPY, "X-API-Key": world["tokens"]["twice"]},
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)  # the shell's own session: its two replicas
+        shell.wait(timeout=60)
+    assert spent(url, "twice") == (6, 6, 2)
