@@ -8,6 +8,7 @@ ledger (and alert JSON lines beside it). Prints its URL on stdout once it accept
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -140,7 +141,7 @@ def run(
 
     book.put_meta(
         {
-            f"run.{time.time():.0f}": dict(
+            f"run.{time.time():.0f}" + (f".{socket.gethostname()}.{os.getpid()}" if shared else ""): dict(
                 model=str(model),
                 sha256=served.sha256,
                 defense=served.defense,

@@ -350,3 +350,5 @@ def test_the_replicas_example_of_docs_serving_runs_as_written(world, pg):
         os.killpg(shell.pid, signal.SIGTERM)  # the shell's own session: its two replicas
         shell.wait(timeout=60)
     assert spent(url, "twice") == (6, 6, 2)
+    with psycopg.connect(url) as db:  # each replica's start recorded, though both started within a second
+        assert db.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'run.%%'").fetchone()[0] == 2
