@@ -347,7 +347,7 @@ def test_the_replicas_example_of_docs_serving_runs_as_written(world, pg):
             )
             assert r.status_code == 200, r.text
     finally:
-        os.killpg(shell.pid, signal.SIGTERM)  # the shell's own session: its two replicas
+        os.killpg(shell.pid, signal.SIGTERM)  # the shell's process group: its two replicas
         shell.wait(timeout=60)
     assert spent(url, "twice") == (6, 6, 2)
     with psycopg.connect(url) as db:  # each replica's start recorded, though both started within a second
