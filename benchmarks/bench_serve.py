@@ -409,6 +409,8 @@ def main() -> None:
         proc.wait(timeout=60)
         pg_url, race_result = None, None
         try:
+            import psycopg  # noqa: F401  (the ledger's driver, an optional extra)
+
             from stages.serving.throwaway_pg import ThrowawayPostgres
 
             pg = ThrowawayPostgres(fsync=True).start()
