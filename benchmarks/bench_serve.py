@@ -1,16 +1,19 @@
-"""Loopback benchmark of `serve`: images/s and p50/p99 latency at request batch 1 and 64, with 1 and 8 concurrent
-clients, for the undefended, InI and MAD graphs, served from TorchScript and from ONNX Runtime, beside the
-in-process forward pass of the same file (the ceiling a server can approach).
+"""Loopback benchmark of `serve` against the stack's own ceiling, with the ledger on SQLite and on PostgreSQL.
 
-    python benchmarks/bench_serve.py [--victim victim.h5] [--ini-victim victim-ini.h5] [--seconds 3] [--smoke]
+    python benchmarks/bench_serve.py [--victim victim.h5] [--seconds 3] [--smoke] [--graphs]
 
-Without --victim it trains a LeNet-5 on sklearn's digits for one epoch (offline, a minute); without --ini-victim
-the InI row serves the undefended victim's graph, which is what InI deploys (its protection is in the weights: the
-same architecture, one plain forward pass). Each server is `python cli.py serve` in its own process with one
-forward thread, its clients asyncio httpx in this process; every request goes to 127.0.0.1 and every load lasts
-`--seconds`. The target of micro-batching: 8 clients of batch 1 served at half the in-process batch-64 rate or more.
-Throughput on a shared machine depends on the share of CPU it gets, so the table also gives the server's and the
-clients' CPU time per request (the server's read from /proc), which do not.
+The ceiling is a bare FastAPI endpoint on the same uvicorn that answers a constant array: HTTP and the framework,
+nothing else. Against it, at request batch 1 and 64 with 8 clients: `serve` with its SQLite ledger, and with a
+PostgreSQL ledger (a throwaway server, fsync on) as 1 and 2 replicas; batch 64 also against the in-process forward
+pass. Then `serve`'s CPU per request at batch 1, split into its parts (HTTP and framework, .npy decoding, SHA-256,
+forward pass, ledger, monitor, encoding), each part timed in-process on the same bodies; and 2 replicas racing 16
+clients past one budget. `--graphs` adds the older table: undefended, InI and MAD graphs, TorchScript and ONNX.
+
+Without --victim it trains a LeNet-5 on sklearn's digits for one epoch (offline, a minute). Every server is its own
+process with one forward thread, its clients raw keep-alive HTTP/1.1 on asyncio in this process (8 principals, one
+key per client: the customers of a deployed model); every load lasts `--seconds`. Throughput on a shared machine
+depends on the share of CPU it gets: compare ratios within one run, and CPU per request (read from /proc), which
+depends on it less.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from fastapi import Request  # noqa: E402  (module level: the bare endpoint's annotation is resolved here)
 
 from stages import export, prepare, serve_key, train  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
@@ -43,7 +47,7 @@ from stages.training import victim as _victim  # noqa: E402
 LOADS = ((1, 1), (1, 8), (64, 1), (64, 8))  # (images per request, concurrent clients)
 
 
-def start(model: Path, keys: Path, ledger: Path) -> tuple[subprocess.Popen, str]:
+def start(model: Path, keys: Path, ledger) -> tuple[subprocess.Popen, str]:
     try:
         return launch(model, keys, ledger)
     except RuntimeError as e:
@@ -115,36 +119,22 @@ def in_process(model: Path, images: np.ndarray, batch: int, seconds: float) -> d
 
     for _ in range(5):
         forward(x)
-    latencies, began = [], time.perf_counter()
+    latencies, began, cpu = [], time.perf_counter(), time.process_time()
     while time.perf_counter() - began < seconds:
         t = time.perf_counter()
         forward(x)
         latencies.append(time.perf_counter() - t)
-    return summary(latencies, batch, time.perf_counter() - began)
+    cpu_ms = 1000 * (time.process_time() - cpu) / len(latencies)
+    return {**summary(latencies, batch, time.perf_counter() - began), "cpu_ms": cpu_ms}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--victim", type=Path, help="undefended victim.h5 [default: a LeNet-5 on digits]")
-    parser.add_argument("--ini-victim", type=Path, help="InI victim.h5 [default: the undefended graph]")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each load")
-    parser.add_argument("--smoke", action="store_true", help="0.3 s loads, TorchScript only: a CI check that it runs")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    seconds = 0.3 if args.smoke else args.seconds
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    victim = args.victim
-    if victim is None:
-        data = prepare.run(dataset="sklearn-digits", out=work / "digits.h5")
-        victim = train.run(dataset=str(data), out=work / "victim.h5", epochs=1, device="cpu")
-    keys = work / "keys.toml"
-    key = serve_key.run("bench", keys, budget=10**12, rate=1e9, burst=1e9, action="log")
-    graphs = {"undefended": (victim, "none"), "InI": (args.ini_victim or victim, "none"), "MAD": (victim, "mad")}
-    formats = ("torchscript",) if args.smoke else ("torchscript", "onnx")
+def graphs_table(victim: Path, ini_victim: Path | None, keys: Path, key: str, work: Path, seconds: float) -> str:
+    """Every graph and runtime at every load, served beside in-process (one principal, httpx clients)."""
+    graphs = {"undefended": (victim, "none"), "InI": (ini_victim or victim, "none"), "MAD": (victim, "mad")}
     rows = []
     for name, (source, defense) in graphs.items():
         images = _data.load(export_data(source), splits=("test",)).splits["test"][0][:64].numpy()
-        for fmt in formats:
+        for fmt in ("torchscript", "onnx"):
             model = export.run(
                 victim=source,
                 format=fmt,
@@ -158,18 +148,369 @@ def main() -> None:
                     served = asyncio.run(load(url, key, images, batch, clients, seconds, proc.pid))
                     local = in_process(model, images, batch, seconds)
                     rows.append(dict(graph=name, runtime=fmt, batch=batch, clients=clients, served=served, local=local))
-                    print(
-                        f"{name:<10} {fmt:<11} batch {batch:>2} clients {clients}: {served['images_per_s']:9.0f} img/s "
-                        f"p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms server CPU "
-                        f"{served['server_cpu_ms']:.2f} ms/request | in-process "
-                        f"{local['images_per_s']:9.0f} img/s",
-                        file=sys.stderr,
-                        flush=True,
+                    log(
+                        f"{name:<10} {fmt:<11} batch {batch:>2} clients {clients}: {served['images_per_s']:9.0f} "
+                        f"img/s p50 {served['p50_ms']:6.2f} ms p99 {served['p99_ms']:6.2f} ms server CPU "
+                        f"{served['server_cpu_ms']:.2f} ms/request | in-process {local['images_per_s']:9.0f} img/s"
                     )
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
-    print(table(rows))
+    return table(rows)
+
+
+# -- the ceiling: the same uvicorn, FastAPI and listening socket as serve, answering a constant array ----------------
+def bare_endpoint(port: int, http: str, loop: str) -> None:
+    """`bench_serve.py --bare PORT`: POST /v1/predict reads the body and answers zeros (N, 10) as .npy, N told
+    apart by the body's length (computed once per length): no decoding, hashing, model or ledger."""
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    from stages.serve import _listen
+
+    app, answers = FastAPI(docs_url=None, redoc_url=None, openapi_url=None), {}
+
+    @app.post("/v1/predict")
+    async def predict(request: Request):
+        body = await request.body()
+        answer = answers.get(len(body))
+        if answer is None:
+            n = np.load(io.BytesIO(body), allow_pickle=False).shape[0]
+            answer = answers[len(body)] = to_npy(np.zeros((n, 10), np.float32))
+        return Response(answer, media_type="application/x-npy")
+
+    listener = _listen("127.0.0.1", port)
+    print(f"http://127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=http, loop=loop)
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def start_bare(http: str = "auto", loop: str = "auto") -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare", "0", "--bare-http", http, "--bare-loop", loop],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+def to_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# -- a raw HTTP/1.1 client: little CPU per request, so the server under test keeps most of the two cores ---------
+async def raw_load(urls: list[str], keys: list[str], body: bytes, batch: int, seconds: float, pids: list[int]) -> dict:
+    """len(keys) keep-alive connections, client i on urls[i % len(urls)] with keys[i], each sending the next request
+    when its answer has arrived, for `seconds`; every answer must be 200."""
+    latencies: list[float] = []
+
+    async def client(url: str, key: str, stop: float) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        request = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\nContent-Type: application/x-npy\r\n"
+            f"Accept: application/x-npy\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        try:
+            while True:
+                t = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                answer = await reader.readexactly(length)
+                if head[9:12] != b"200":
+                    raise RuntimeError(f"{url} answered {head[:12].decode()}: {answer[:200]!r}")
+                latencies.append(time.perf_counter() - t)
+                if t > stop:
+                    break
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client(urls[i % len(urls)], k, time.perf_counter() + 0.3) for i, k in enumerate(keys)))
+    latencies.clear()  # the warm-up: connections, TorchScript's profiling runs
+    server, own, began = sum(map(cpu_seconds, pids)), time.process_time(), time.perf_counter()
+    stop = began + seconds
+    await asyncio.gather(*(client(urls[i % len(urls)], k, stop) for i, k in enumerate(keys)))
+    elapsed = time.perf_counter() - began
+    server, own = sum(map(cpu_seconds, pids)) - server, time.process_time() - own
+    return {
+        **summary(latencies, batch, elapsed),
+        "requests_per_s": len(latencies) / elapsed,
+        "server_cpu_ms": 1000 * server / max(1, len(latencies)),
+        "client_cpu_ms": 1000 * own / max(1, len(latencies)),
+    }
+
+
+def family_cpu(root: int) -> list[int]:
+    """A process and its children (the PostgreSQL server's backends), by /proc."""
+    pids = [root]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == root:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def formed(url: str, before: tuple[float, float] | None = None):
+    """(images, forward passes) so far, from the server's Prometheus histogram; given an earlier reading, the mean
+    images per forward pass since."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    total = float(text.split("ini_batch_images_sum ")[1].split()[0])
+    count = float(text.split("ini_batch_images_count ")[1].split()[0])
+    if before is None:
+        return total, count
+    return (total - before[0]) / max(count - before[1], 1.0)
+
+
+def cpu_per_call(fn, repeat: int = 300) -> float:
+    """CPU milliseconds of one call (process time, so time waiting on a disk flush is not counted)."""
+    fn()
+    began = time.process_time()
+    for _ in range(repeat):
+        fn()
+    return 1000 * (time.process_time() - began) / repeat
+
+
+def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, pg_url: str | None) -> dict:
+    """serve's work per request of `size` images, each part timed in-process; the ledger and the forward pass run
+    once per batch of `batch` requests (the mean the server formed), so their share per request is divided by it."""
+    from stages.serving import model as served_model
+    from stages.serving import payload
+    from stages.serving.ledger import Answered, SqliteLedger
+    from stages.serving.monitor import Monitor, Settings, calibrate
+
+    served = served_model.load(model, "none", {}, 1)
+    body, n = to_npy(images[:size]), max(1, round(batch))
+    x = payload.decode(body, payload.NPY, served.input_shape, 1024)
+    xs = np.concatenate([x] * n)
+    answers = served.predict(xs)
+    one = answers[:size]
+    out = {
+        ".npy decoding": cpu_per_call(lambda: payload.decode(body, payload.NPY, served.input_shape, 1024)),
+        "SHA-256": cpu_per_call(lambda: payload.digest(x)),
+        "forward pass": cpu_per_call(lambda: served.predict(xs), 100) / n,
+        ".npy encoding": cpu_per_call(lambda: payload.encode(one, payload.NPY)),
+        "JSON encoding (Accept: JSON)": cpu_per_call(lambda: payload.encode(one, None)),
+    }
+    rows = lambda: [Answered(f"p{i % 8}", time.time(), "0" * 64, None, one, 0) for i in range(n)]
+    sqlite = SqliteLedger(work / f"parts{size}.sqlite")
+    sqlite.enrol([f"p{i}" for i in range(8)])
+    out["ledger (SQLite)"] = cpu_per_call(lambda: sqlite.record(rows()), 100) / n
+    sqlite.close()
+    if pg_url is not None:
+        from stages.serving.ledger_pg import PostgresLedger
+
+        pg = PostgresLedger(pg_url)
+        pg.enrol([f"p{i}" for i in range(8)])
+        out["ledger (PostgreSQL, client side)"] = cpu_per_call(lambda: pg.record(rows()), 100) / n
+        pg.close()
+    settings = Settings()
+    benign = images.astype(np.float32) / 255.0
+    monitor = Monitor(settings, calibrate(served.predict, images, settings, "bench"), int(x[0].size))
+    i = iter(range(10**9))
+    repeat = 600 if size == 1 else 30
+    out["monitor"] = cpu_per_call(lambda: monitor.observe(f"p{next(i) % 8}", benign[:size], one, time.time()), repeat)
+    return out
+
+
+def race(urls: list[str], key: str, body: bytes, budget: int) -> tuple[int, int]:
+    """16 clients over the replicas, batch 1, until each is refused twice: (images answered, refusals)."""
+    import httpx
+
+    answered, refused = [0] * 16, [0] * 16
+    headers = {"X-API-Key": key, "Content-Type": "application/x-npy", "Accept": "application/x-npy"}
+
+    def client(i: int) -> None:
+        with httpx.Client(headers=headers, timeout=30) as c:
+            for j in range(4 * budget):
+                r = c.post(urls[(i + j) % len(urls)] + "/v1/predict", content=body)
+                if r.status_code == 200:
+                    answered[i] += 1
+                elif r.status_code == 429:
+                    refused[i] += 1
+                    if refused[i] == 2:
+                        return
+                else:
+                    raise RuntimeError(r.text)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client, range(16)))
+    return sum(answered), sum(refused)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--victim", type=Path, help="undefended victim.h5 [default: a LeNet-5 on digits]")
+    parser.add_argument("--ini-victim", type=Path, help="InI victim.h5, for --graphs [default: the undefended graph]")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each load")
+    parser.add_argument("--smoke", action="store_true", help="0.3 s loads: a CI check that it runs")
+    parser.add_argument("--graphs", action="store_true", help="also every graph and runtime, beside in-process")
+    parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)  # run the ceiling's server on this port
+    parser.add_argument("--bare-http", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-loop", default="auto", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare is not None:
+        return bare_endpoint(args.bare, args.bare_http, args.bare_loop)
+    torch.set_num_threads(1)
+    seconds = 0.3 if args.smoke else args.seconds
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    victim = args.victim
+    if victim is None:
+        data = prepare.run(dataset="sklearn-digits", out=work / "digits.h5")
+        victim = train.run(dataset=str(data), out=work / "victim.h5", epochs=1, device="cpu")
+    keys_file = work / "keys.toml"
+    keys = [serve_key.run(f"client{i}", keys_file, budget=10**12, rate=1e9, burst=1e9, action="log") for i in range(8)]
+    racer_budget = 400
+    racer = serve_key.run("racer", keys_file, budget=racer_budget, rate=1e9, burst=1e9, action="log")
+    images = _data.load(export_data(victim), splits=("test",)).splits["test"][0][:64].numpy()
+    model = export.run(victim=victim, format="torchscript", defense="none", out=work / "victim.pt", check_images=64)
+    bodies = {b: to_npy(images[:b]) for b in (1, 64)}
+    rows: dict[str, dict[int, dict]] = {}
+    batches: dict[str, float] = {}  # requests per forward pass at batch 1 (the histogram counts images)
+
+    def measure(name: str, urls: list[str], pids: list[int]) -> None:
+        rows[name] = {}
+        for b, body in bodies.items():
+            asyncio.run(raw_load(urls, keys, body, b, min(seconds, 1.0), pids))  # warm-up: TorchScript's shapes
+            before = formed(urls[0]) if name == "serve, SQLite" else None
+            rows[name][b] = r = asyncio.run(raw_load(urls, keys, body, b, seconds, pids))
+            if name == "serve, SQLite":
+                batches[b] = formed(urls[0], before) / b  # requests per forward pass
+            log(
+                f"{name:<32} batch {b:>2} x 8 clients: {r['requests_per_s']:8.0f} requests/s "
+                f"{r['images_per_s']:8.0f} img/s p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:6.2f} ms, server CPU "
+                f"{r['server_cpu_ms']:.3f} ms/request, client CPU {r['client_cpu_ms']:.3f}"
+            )
+
+    for label, http, loop in (("bare endpoint (h11, asyncio)", "h11", "asyncio"), ("bare endpoint", "auto", "auto")):
+        proc, url = start_bare(http, loop)
+        try:
+            measure(label, [url], [proc.pid])
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    procs = []
+    try:
+        proc, url = launch(model, keys_file, work / "ledger.sqlite")
+        procs.append(proc)
+        measure("serve, SQLite", [url], [proc.pid])
+        proc.terminate()
+        proc.wait(timeout=60)
+        pg_url, race_result = None, None
+        try:
+            import psycopg  # noqa: F401  (the ledger's driver, an optional extra)
+
+            from stages.serving.throwaway_pg import ThrowawayPostgres
+
+            pg = ThrowawayPostgres(fsync=True).start()
+        except (ImportError, OSError, RuntimeError) as e:
+            log(f"PostgreSQL rows skipped: {e}")
+            pg = None
+        if pg is not None:
+            try:
+                postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+                pg_url = pg.create("bench")
+                replicas = []
+                for i in range(2):
+                    proc, url = launch(model, keys_file, pg_url, "--alerts", work / f"alerts{i}.jsonl")
+                    procs.append(proc)
+                    replicas.append((proc, url))
+                measure("serve, PostgreSQL, 1 replica", [replicas[0][1]], [replicas[0][0].pid, *family_cpu(postmaster)])
+                measure(
+                    "serve, PostgreSQL, 2 replicas",
+                    [u for _, u in replicas],
+                    [*(p.pid for p, _ in replicas), *family_cpu(postmaster)],
+                )
+                race_result = race([u for _, u in replicas], racer, bodies[1], racer_budget)
+                with __import__("psycopg").connect(pg_url) as db:
+                    spent = db.execute("SELECT spent FROM principals WHERE name = 'racer'").fetchone()[0]
+                race_result = (*race_result, spent)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+                costs = {b: parts(model, images, work, b, batches[b], pg_url) for b in bodies}
+                pg.stop("immediate")
+                pg._remove()
+        else:
+            costs = {b: parts(model, images, work, b, batches[b], None) for b in bodies}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    local = in_process(model, images, 64, seconds)
+    print(report(rows, local, costs, batches, race_result, racer_budget))
+    if args.graphs:
+        print(graphs_table(victim, args.ini_victim, keys_file, keys[0], work, seconds))
+
+
+def report(rows: dict, local: dict, costs: dict, batches: dict, race_result, budget: int) -> str:
+    ceiling = rows["bare endpoint"]
+    lines = [
+        "| server | batch | requests/s | img/s | p50 ms | p99 ms | server CPU ms/request | / bare endpoint | "
+        "/ in-process batch 64 | CPU per image, in-process batch 64 / this |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    per_image = local["cpu_ms"] / 64
+    for name, loads in rows.items():
+        for b, r in loads.items():
+            lines.append(
+                f"| {name} | {b} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+                f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} | "
+                f"{r['requests_per_s'] / ceiling[b]['requests_per_s']:.2f} | "
+                f"{r['images_per_s'] / local['images_per_s']:.2f} | {per_image / (r['server_cpu_ms'] / b):.2f} |"
+            )
+    lines.append(
+        f"| in-process forward pass | 64 | | {local['images_per_s']:,.0f} | | | {local['cpu_ms']:.3f} | | 1.00 | 1.00 |"
+    )
+    if "serve, PostgreSQL, 2 replicas" in rows:
+        one, two = rows["serve, PostgreSQL, 1 replica"], rows["serve, PostgreSQL, 2 replicas"]
+        lines.append("")
+        lines.append(
+            "2 replicas / 1 replica on PostgreSQL: "
+            + ", ".join(f"batch {b} {two[b]['images_per_s'] / one[b]['images_per_s']:.2f}x" for b in one)
+            + f" (on {os.cpu_count()} cores, shared with the clients and the database)"
+        )
+    for b, parts in costs.items():
+        served, http = rows["serve, SQLite"][b]["server_cpu_ms"], ceiling[b]["server_cpu_ms"]
+        lines += [
+            "",
+            f"serve's CPU per request of {b} image(s), 8 clients, {batches[b]:.1f} requests per forward pass:",
+            "| part | CPU ms/request | share of serve (SQLite) |",
+            "|---|---|---|",
+            f"| HTTP and framework (the bare endpoint's server CPU) | {http:.3f} | {http / served:.0%} |",
+        ]
+        accounted = http
+        for name, ms in parts.items():
+            lines.append(f"| {name} | {ms:.3f} | {ms / served:.0%} |")
+            if "JSON" not in name and "PostgreSQL" not in name:
+                accounted += ms
+        rest = served - accounted
+        lines.append(f"| the rest (keys, admission, batcher, threads) | {rest:.3f} | {rest / served:.0%} |")
+        lines.append(f"| serve, SQLite, measured | {served:.3f} | 100% |")
+    if race_result is not None:
+        answered, refused, spent = race_result
+        lines += [
+            "",
+            f"budget {budget} raced by 16 clients over 2 replicas: {answered} images answered, {refused} refusals, "
+            f"{spent} spent in the ledger ({'exact' if answered == spent == budget else 'NOT EXACT'})",
+        ]
+    return "\n".join(lines)
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def export_data(victim: Path) -> str:

@@ -8,6 +8,7 @@ ledger (and alert JSON lines beside it). Prints its URL on stdout once it accept
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -27,11 +28,13 @@ from stages.serving import keys as principals_file
 from stages.serving import model as served_model
 from stages.serving import watermark as _watermark
 from stages.serving.detectors import GlobalSettings, check_prior
-from stages.serving.ledger import Ledger
+from stages.serving.ledger import SqliteLedger
+from stages.serving.ledger_pg import PostgresLedger
 from stages.serving.monitor import Monitor, Settings, calibrate
 from stages.serving.monitor import check as check_settings
 
 console = Console(stderr=True)
+POSTGRES = ("postgresql://", "postgres://")
 
 
 def run(
@@ -42,9 +45,13 @@ def run(
         ),
     ],
     keys: Annotated[Path, typer.Option(help="Principals' keys file (TOML), made by `serve-key`.")] = Path("keys.toml"),
-    ledger: Annotated[Path, typer.Option(help="Query ledger (SQLite, WAL); a restart resumes it.")] = Path(
-        "artifacts/ledger.sqlite"
-    ),
+    ledger: Annotated[
+        str,
+        typer.Option(
+            help="Query ledger: a SQLite file (WAL; one server per file), or postgresql://... (shared by every "
+            "replica pointed at it); a restart resumes it."
+        ),
+    ] = "artifacts/ledger.sqlite",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Port (0: any free port; the URL printed says which).")
@@ -103,7 +110,11 @@ def run(
         typer.Option(help="On a global alert, for the keys it links: log, throttle or block them."),
     ] = "log",
     alerts: Annotated[
-        Optional[Path], typer.Option(help="Alert JSON lines, appended [default: the ledger path with .alerts.jsonl].")
+        Optional[Path],
+        typer.Option(
+            help="Alert JSON lines, appended [default: the SQLite ledger's path with .alerts.jsonl; none for "
+            "PostgreSQL, whose alerts table and stderr hold them]."
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(min=1, help="Threads of the forward pass.")] = 1,
     watermark_key: Annotated[
@@ -119,8 +130,11 @@ def run(
     defense_params = _defense.parse(defense, defense_param)
     if defense == "watermark":
         raise UserError("serve marks answers with --watermark-key FILE, outside the served graph, not --defense")
-    ledger = prepare_output(ledger)
-    alerts = prepare_output(alerts or ledger.with_suffix(".alerts.jsonl"))
+    shared = ledger.startswith(POSTGRES)
+    if not shared:
+        ledger = prepare_output(Path(ledger))
+        alerts = alerts or ledger.with_suffix(".alerts.jsonl")
+    alerts = prepare_output(alerts) if alerts is not None else None
     table = principals_file.read(keys)
     served = served_model.load(model, defense, defense_params, threads)
     settings = Settings(
@@ -134,6 +148,7 @@ def run(
     global_settings = GlobalSettings(window=global_window, alpha=alpha, link_alpha=link_alpha, min_images=min_images)
     check_settings(settings, global_settings, throttle_factor)
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
+    book = PostgresLedger(ledger) if shared else SqliteLedger(ledger)  # so does an unreachable or foreign database
 
     source = calibration_data or served.info.dataset_path
     benign = _data.load(source, splits=(calibration_split,))
@@ -159,10 +174,9 @@ def run(
     }
     monitor = Monitor(settings, calibration, int(images[0].numel()), priors, global_settings)
 
-    book = Ledger(ledger)
     book.put_meta(
         {
-            f"run.{time.time():.0f}": dict(
+            f"run.{time.time():.0f}" + (f".{socket.gethostname()}.{os.getpid()}" if shared else ""): dict(
                 model=str(model),
                 sha256=served.info.sha256,
                 defense=served.info.baked_defense,
@@ -191,7 +205,7 @@ def run(
         book.put_meta({f"watermark.{time.time():.0f}": service.marker.describe()})
     console.print(
         f"serve: {served.info.arch} on {served.info.dataset} ({served.runtime}, defense {served.info.baked_defense}), "
-        f"{len(table)} principals, ledger {ledger}"
+        f"{len(table)} principals, ledger {book.name if shared else ledger}"
     )
     console.print(
         f"calibrated on {calibration.images:,} benign images ({calibration.source}): an answer looks OOD "

@@ -3,7 +3,8 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
 
     keys     principals and their hashed API keys (a TOML file)
     limits   token buckets and budget reservations
-    ledger   the SQLite (WAL) query ledger: answers, spend, alerts
+    ledger   the query ledger's interface (answers, spend, alerts) and its SQLite (WAL) backend
+    ledger_pg  the PostgreSQL backend, one ledger shared by replicas
     monitor  extraction signals per principal: volume, share of OOD-looking answers, PRADA
     model    the served graph (TorchScript, ONNX or victim.h5 with a defense) as numpy in, numpy out
     payload  request decoding and validation, answer encoding, API errors
@@ -11,4 +12,5 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
     app      the FastAPI application and its Prometheus metrics
     watermark  keyed marks on answers (outside the served graph) and their evidence in the ledger
     client   the other end: a served victim as `steal --target` queries it
+    launch, throwaway_pg  a real server for tests and benchmarks: `serve` in a subprocess, a scratch PostgreSQL
 """

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from stages.serving import payload
 from stages.serving.batcher import Batcher, Job
 from stages.serving.keys import ACTIONS, Authenticator, Principal
-from stages.serving.ledger import Answered, Ledger
+from stages.serving.ledger import Answered, Debit, Ledger, LedgerUnavailable
 from stages.serving.limits import Budget, TokenBucket
 from stages.serving.model import Served
 from stages.serving.monitor import Monitor
@@ -39,6 +39,11 @@ from stages.serving.payload import ApiError
 
 STATE_OF_ACTION = {"log": None, "throttle": "throttled", "block": "blocked"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+REFUSED = {  # a debit the ledger refused at commit (another replica spent the budget, or blocked the principal)
+    "budget": (429, "budget: spent meanwhile (a lifetime budget: waiting does not help)"),
+    "blocked": (403, "blocked after an extraction alert"),
+    "duplicate": (409, "a request with this Idempotency-Key was being answered; resend it to get its answers"),
+}
 
 
 @dataclass
@@ -102,6 +107,9 @@ class Service:
             TokenBucket(options.global_rate, max(options.global_burst, 1.0), now) if options.global_rate > 0 else None
         )
         self.seen = {p.name: spent[p.name][0] for p in principals.values()}  # answers the monitor has judged
+        # answers this process sent, in the same count (a shared ledger's spend includes other replicas' answers,
+        # which this monitor never sees: judgement waits for this replica's own)
+        self.answered = dict(self.seen)
         self.waiting: dict[str, list[tuple[int, asyncio.Future]]] = {}  # requests held for their judgement
         self._resume(spent)
         self.pending = 0
@@ -127,7 +135,7 @@ class Service:
         self.ledger.close()
 
     # -- the worker thread: forward pass and ledger ----------------------------------------------------------
-    def _answer(self, jobs: list[Job]) -> list[np.ndarray]:
+    def _answer(self, jobs: list[Job]) -> list[tuple[np.ndarray, Debit]]:
         images = np.concatenate([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
         answers = self.served.predict(images)
         if self.marker is not None:  # keyed marks outside the served graph (stages/serving/watermark.py)
@@ -138,16 +146,21 @@ class Service:
             n = len(job.images)
             part = answers[start : start + n]
             name, request_id, sha = job.context
-            rows.append(Answered(name, now, sha, request_id, part, int(flags[start : start + n].sum())))
+            rows.append(
+                Answered(
+                    name, now, sha, request_id, part, int(flags[start : start + n].sum()), self.principals[name].budget
+                )
+            )
             out.append(part)
             start += n
-        self.ledger.record(rows)  # committed before any of these answers is sent
+        debits = self.ledger.record(rows)  # committed before any of these answers is sent
         if self.marker is not None:
             self.marker.store(self.ledger, now)
         self.metrics.batch.observe(len(images))
-        for job, part in zip(jobs, out, strict=False):
-            self._observations.put((job.context[0], job.images, part, now))
-        return out
+        for job, part, debit in zip(jobs, out, debits, strict=True):
+            if debit.refused is None:
+                self._observations.put((job.context[0], job.images, part, now))
+        return list(zip(out, debits, strict=True))
 
     # -- the monitor thread ----------------------------------------------------------------------------------
     def _resume(self, spent: dict[str, tuple[int, str]]) -> None:
@@ -286,7 +299,10 @@ class Service:
             raise ApiError(422, "Idempotency-Key must be 1-128 letters, digits or _ . : -", headers)
         if (principal.name, request_id) in self.in_flight:
             raise ApiError(409, "a request with this Idempotency-Key is being answered", headers)
-        earlier = self.ledger.replay(principal.name, request_id)
+        try:
+            earlier = self.ledger.replay(principal.name, request_id)
+        except LedgerUnavailable as e:
+            raise ApiError(503, f"ledger unavailable: {e}", {**headers, "Retry-After": "1"}) from None
         if earlier is None:
             return None
         if earlier[0] != sha:
@@ -331,24 +347,35 @@ class Service:
             self.in_flight.add(key)
 
         def settle(future: asyncio.Future) -> None:  # runs when the batch ends, even if the client went away
-            answered = not future.cancelled() and future.exception() is None
-            budget.settle(n, answered)
+            debit = None if future.cancelled() or future.exception() is not None else future.result()[1]
+            answered = debit is not None and debit.refused is None
+            budget.settle(n, answered, debit.spent if debit is not None else None)
             self.pending -= n
             self.in_flight.discard(key)
+            if debit is not None and debit.state != self.states[name]:
+                self._set_state(name, debit.state)  # a state another replica's alert set
             if answered:
+                self.answered[name] += n
                 self.metrics.images.inc(n)
                 self.metrics.spent.labels(name).set(budget.spent)
 
         future = self.batcher.submit(images, (name, request_id, sha))
         future.add_done_callback(settle)
         try:
-            answers = await asyncio.shield(future)
+            answers, debit = await asyncio.shield(future)
         except asyncio.CancelledError:
             raise
+        except LedgerUnavailable as e:
+            raise ApiError(
+                503, f"ledger unavailable, nothing answered: {e}", {**self._left(principal), "Retry-After": "1"}
+            ) from None
         except Exception as e:
             raise ApiError(
                 500, f"the model failed on this batch ({type(e).__name__}); nothing was counted", self._left(principal)
             ) from None
+        if debit.refused is not None:
+            status, message = REFUSED[debit.refused]
+            raise ApiError(status, message, self._left(principal))
         if hold:
             await self._judgement(principal)
         return answers
@@ -357,7 +384,7 @@ class Service:
         """Hold a new key's answers until the monitor has judged every image it was answered so far; if that
         judgement blocked it, the answers never leave (they stay counted: the forward pass ran). So no key receives
         more than `min_images` answers before its first judgement, however large its requests."""
-        name, target = principal.name, self.budgets[principal.name].spent
+        name, target = principal.name, self.answered[principal.name]
         if self.seen[name] < target:
             waiter = asyncio.get_running_loop().create_future()
             self.waiting.setdefault(name, []).append((target, waiter))

@@ -15,7 +15,7 @@ from typing import IO, Union
 def launch(
     model: Path,
     keys: Path,
-    ledger: Path,
+    ledger: Union[Path, str],
     *flags: str,
     stderr: Union[int, IO] = subprocess.DEVNULL,
     timeout: float = 120.0,

@@ -1,11 +1,13 @@
-"""The query ledger: SQLite in WAL mode, one row per answered request, budget counters and alerts.
+"""The query ledger: one row per answered request, budget counters and alerts. The interface every backend keeps,
+and the embedded one: SQLite in WAL mode, one serving process per file (ledger_pg holds PostgreSQL, for replicas).
 
-A batch of answers is recorded in one transaction that inserts each request's row and adds its images to its
-principal's `spent`; the answers leave the server only after that transaction commits (synchronous=FULL: on disk,
-not just in the OS cache). So no image is answered without being counted, a `kill -9` loses no answered query,
-and a retried request (same Idempotency-Key) is answered from its row, never counted twice.
-Tables are documented in artifacts/README.md (`ledger.sqlite`). The `watermark` table (marked answers and their
-controls, the evidence `verify` reads) is created by the first batch `serve --watermark-key` marks.
+A batch of answers is recorded in one transaction that debits each request's images from its principal (only if
+they fit: `spent + n <= budget`, so the database itself refuses an overspend) and inserts its row; the answers
+leave the server only after that transaction commits (synchronous=FULL: on disk, not just in the OS cache). So no
+image is answered without being counted, a `kill -9` loses no answered query, and a retried request (same
+Idempotency-Key) is answered from its row, never counted twice. Tables: artifacts/README.md (`ledger.sqlite`).
+The `watermark` table (marked answers and their controls, the evidence `verify` reads) is created by the
+first batch `serve --watermark-key` marks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,6 +42,12 @@ CREATE TABLE IF NOT EXISTS alerts (
 """
 
 
+QUERY_COLUMNS = (
+    "principal, time, images, input_sha256, request_id, max_prob_mean, max_prob_min, entropy_mean, ood_images, "
+    "classes, answers"
+)
+
+
 @dataclass
 class Answered:
     """One answered request, as recorded."""
@@ -49,6 +58,91 @@ class Answered:
     request_id: Optional[str]
     answers: np.ndarray  # float32 (N, K), what the client receives
     ood_images: int  # answers whose OOD score crossed the calibrated threshold
+    budget: int = 2**62  # the principal's lifetime budget: the debit is refused beyond it
+
+    def row(self) -> tuple:
+        """The `queries` row, in the order of QUERY_COLUMNS."""
+        p = self.answers.astype(np.float32, copy=False)
+        top = p.max(1)
+        entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+        return (
+            self.principal,
+            self.time,
+            len(p),
+            self.input_sha256,
+            self.request_id,
+            float(top.mean()),
+            float(top.min()),
+            float(entropy.mean()),
+            int(self.ood_images),
+            p.shape[1],
+            p.tobytes(),
+        )
+
+
+@dataclass(frozen=True)
+class Debit:
+    """What the ledger did with one answered request, and its principal's standing after the transaction."""
+
+    refused: Optional[str]  # None: recorded and debited; else "budget", "blocked" or "duplicate" (key in flight)
+    spent: int
+    state: str
+
+
+class LedgerUnavailable(Exception):
+    """The database cannot be reached, or the connection broke: whether the batch committed is unknown, so its
+    clients get 503 and retry; with their Idempotency-Key a batch that did commit is replayed, never debited twice."""
+
+
+class Ledger(ABC):
+    """A ledger backend. Its promise is `record`: one transaction per batch, committed before any answer leaves."""
+
+    @abstractmethod
+    def enrol(self, names: list[str]) -> dict[str, tuple[int, str]]:
+        """Make sure every principal has a row; return each one's (spent, state), as left by any earlier run."""
+
+    @abstractmethod
+    def record(self, batch: list[Answered]) -> list[Debit]:
+        """Debit and insert each request of the batch that fits its principal's budget, in one transaction."""
+
+    @abstractmethod
+    def replay(self, principal: str, request_id: str) -> Optional[tuple[str, np.ndarray]]:
+        """The input hash and answers of an earlier request with this Idempotency-Key, if it was answered."""
+
+    @abstractmethod
+    def alert(
+        self,
+        principal: str,
+        time: float,
+        signal: str,
+        value: float,
+        threshold: float,
+        queries: int,
+        action: str,
+        details: dict,
+        state: Optional[str],
+    ) -> None:
+        """Store an alert and, in the same transaction, the principal's new state (throttled, blocked)."""
+
+    @abstractmethod
+    def recent_answers(self, principal: str, images: int) -> list[tuple[float, np.ndarray]]:
+        """The principal's last requests holding at least `images` answers (or all of them), oldest first: what the
+        monitor's windows are refilled from after a restart."""
+
+    @abstractmethod
+    def answers_since(self, since: float) -> list[tuple[str, float, np.ndarray]]:
+        """Every request answered at or after `since` (seconds since the epoch), oldest first."""
+
+    @abstractmethod
+    def record_marks(self, marks: list["Mark"], time: float) -> None:
+        """Watermark evidence, in one transaction (the table is made on first use)."""
+
+    @abstractmethod
+    def put_meta(self, values: dict[str, object]) -> None:
+        """Values (JSON) under their keys in `meta`, replacing earlier ones."""
+
+    @abstractmethod
+    def close(self) -> None: ...
 
 
 WATERMARK_TABLE = """
@@ -77,6 +171,24 @@ class Mark:
     levels: int
     rate: float
 
+    def row(self, time: float) -> tuple:
+        """The `watermark` row, in its columns' order (principal ... rate)."""
+        return (
+            self.principal,
+            time,
+            int(self.marked),
+            self.keyed_class,
+            self.confidence,
+            self.classes,
+            ",".join(str(v) for v in self.image.shape),
+            self.image.astype(np.uint8).tobytes(),
+            self.fingerprint,
+            self.mode,
+            self.cell,
+            self.levels,
+            self.rate,
+        )
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(str(path), timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -85,7 +197,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-class Ledger:
+class SqliteLedger(Ledger):
     """One writer connection behind a lock (the batch worker and the monitor write), one reader for the event loop."""
 
     def __init__(self, path: Path):
@@ -111,7 +223,6 @@ class Ledger:
         self._reader.close()
 
     def enrol(self, names: list[str]) -> dict[str, tuple[int, str]]:
-        """Make sure every principal has a row; return each one's (spent, state), as left by any earlier run."""
         with self._lock:
             self._db.executemany(
                 "INSERT INTO principals (name) VALUES (?) ON CONFLICT DO NOTHING", [(n,) for n in names]
@@ -119,46 +230,33 @@ class Ledger:
             rows = self._db.execute("SELECT name, spent, state FROM principals").fetchall()
         return {name: (int(spent), str(state)) for name, spent, state in rows}
 
-    def record(self, batch: list[Answered]) -> None:
-        """Every row and every debit of the batch, in one transaction."""
-        rows = []
-        for a in batch:
-            p = a.answers.astype(np.float32, copy=False)
-            top = p.max(1)
-            entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
-            rows.append(
-                (
-                    a.principal,
-                    a.time,
-                    len(p),
-                    a.input_sha256,
-                    a.request_id,
-                    float(top.mean()),
-                    float(top.min()),
-                    float(entropy.mean()),
-                    int(a.ood_images),
-                    p.shape[1],
-                    p.tobytes(),
-                )
-            )
+    def record(self, batch: list[Answered]) -> list[Debit]:
+        rows, debits = [a.row() for a in batch], []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO queries (principal, time, images, input_sha256, request_id, max_prob_mean, "
-                    "max_prob_min, entropy_mean, ood_images, classes, answers) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    rows,
-                )
-                self._db.executemany(
-                    "UPDATE principals SET spent = spent + ? WHERE name = ?", [(r[2], r[0]) for r in rows]
-                )
+                for a, row in zip(batch, rows, strict=True):
+                    n = row[2]
+                    standing = self._db.execute(
+                        "UPDATE principals SET spent = spent + ? WHERE name = ? AND spent + ? <= ? "
+                        "AND state <> 'blocked' RETURNING spent, state",
+                        (n, a.principal, n, a.budget),
+                    ).fetchone()
+                    if standing is None:
+                        spent, state = self._db.execute(
+                            "SELECT spent, state FROM principals WHERE name = ?", (a.principal,)
+                        ).fetchone()
+                        debits.append(Debit("blocked" if state == "blocked" else "budget", int(spent), str(state)))
+                        continue
+                    self._db.execute(f"INSERT INTO queries ({QUERY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                    debits.append(Debit(None, int(standing[0]), str(standing[1])))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        return debits
 
     def replay(self, principal: str, request_id: str) -> Optional[tuple[str, np.ndarray]]:
-        """The input hash and answers of an earlier request with this Idempotency-Key, if it was answered."""
         row = self._reader.execute(
             "SELECT input_sha256, images, classes, answers FROM queries WHERE principal = ? AND request_id = ?",
             (principal, request_id),
@@ -180,7 +278,6 @@ class Ledger:
         details: dict,
         state: Optional[str],
     ) -> None:
-        """Store an alert and, in the same transaction, the principal's new state (throttled, blocked)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
@@ -221,24 +318,7 @@ class Ledger:
 
     def record_marks(self, marks: list[Mark], time: float) -> None:
         """Watermark evidence, in one transaction (the table is made on first use)."""
-        rows = [
-            (
-                m.principal,
-                time,
-                int(m.marked),
-                m.keyed_class,
-                m.confidence,
-                m.classes,
-                ",".join(str(v) for v in m.image.shape),
-                m.image.astype(np.uint8).tobytes(),
-                m.fingerprint,
-                m.mode,
-                m.cell,
-                m.levels,
-                m.rate,
-            )
-            for m in marks
-        ]
+        rows = [m.row(time) for m in marks]
         with self._lock:
             self._db.executescript(WATERMARK_TABLE)
             self._db.execute("BEGIN IMMEDIATE")

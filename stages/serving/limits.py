@@ -1,4 +1,5 @@
-"""Rate limits and budgets, in memory of the one serving process (the ledger holds what was spent).
+"""Rate limits and budgets, in memory of one serving process (the ledger holds what was spent, and its debit is the
+authority: replicas sharing a PostgreSQL ledger each keep this view, refreshed by every debit they commit).
 
 A token bucket refills at `rate` images per second up to `burst`; a request of n images is admitted once the
 bucket holds min(n, burst) tokens and then takes all n, so a request larger than the bucket is served (the bucket
@@ -7,6 +8,8 @@ admitted and not yet answered, plus the request stay within it: concurrent reque
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 
 class TokenBucket:
@@ -47,8 +50,11 @@ class Budget:
         self.reserved += n
         return True
 
-    def settle(self, n: int, answered: bool) -> None:
-        """A reservation ends: counted as spent if its answer was recorded, released otherwise."""
+    def settle(self, n: int, answered: bool, spent: Optional[int] = None) -> None:
+        """A reservation ends: counted as spent if its answer was recorded, released otherwise; `spent`, the
+        ledger's count after the transaction, includes what other replicas spent."""
         self.reserved -= n
         if answered:
             self.spent += n
+        if spent is not None:
+            self.spent = spent

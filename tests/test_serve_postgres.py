@@ -1,0 +1,354 @@
+"""`serve --ledger postgresql://...` with two replicas on one throwaway PostgreSQL server (initdb + pg_ctl on a Unix
+socket in a temp folder): budgets exact under racing clients, Idempotency-Keys replayed across replicas, a kill -9
+of one replica losing nothing answered, the database going away mid-request, and databases refused at start.
+Skipped, with the reason, where no PostgreSQL server or psycopg is installed."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import httpx
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, invoke
+from test_serve import NPY, Server, npy
+from tiny_data import write_dataset
+
+from stages import serve_key, train
+from stages.serving.launch import ROOT, launch
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed: pip install 'ini-toolkit[postgres]'")
+from stages.serving.throwaway_pg import ThrowawayPostgres, Unavailable  # noqa: E402
+
+PRINCIPALS = {  # name: budget, rate, burst, action
+    "racer": (240, 10_000.0, 10_000.0, "log"),
+    "twice": (100_000, 10_000.0, 10_000.0, "log"),
+    "steady": (100_000, 10_000.0, 10_000.0, "log"),
+    "crash": (100_000, 10_000.0, 10_000.0, "log"),
+    "thief": (100_000, 10_000.0, 10_000.0, "block"),
+}
+
+
+class Replica(Server):
+    """One `serve` process on the shared ledger; its stderr kept beside the test's files."""
+
+    def __init__(self, world: dict, url: str, name: str):
+        self.stderr = open(world["root"] / f"{name}.stderr", "w+")
+        alerts = world["root"] / f"{name}.alerts.jsonl"
+        try:
+            self.proc, self.url = launch(
+                world["victim"], world["keys"], url, "--alerts", alerts, stderr=self.stderr, timeout=60
+            )
+        except RuntimeError as e:
+            self.stderr.seek(0)
+            raise AssertionError(f"{e} {self.stderr.read()[-2000:]}") from None
+
+
+@pytest.fixture(scope="module")
+def pg():
+    try:
+        server = ThrowawayPostgres(fsync=False)  # the replicas' crash safety is under test, not the disk's
+        server.start()
+    except (Unavailable, OSError) as e:
+        pytest.skip(f"no throwaway PostgreSQL server here: {e}")
+    yield server
+    server.__exit__()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-pg")
+    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 300, "test": 300})
+    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {name: serve_key.run(name, keys, *spec) for name, spec in PRINCIPALS.items()}
+    with h5py.File(data, "r") as f:
+        test = f["test/images"][()]
+    return dict(root=root, victim=victim, keys=keys, tokens=tokens, test=test)
+
+
+@pytest.fixture(scope="module")
+def replicas(world, pg):
+    url = pg.create("ledger")
+    pair = [Replica(world, url, f"replica{i}") for i in (0, 1)]
+    yield url, pair
+    for s in pair:
+        s.stop()
+
+
+def spent(url: str, name: str) -> tuple[int, int, int]:
+    """(spent counter, sum of the principal's rows' images, its rows), read by a connection of the test's own."""
+    with psycopg.connect(url) as db:
+        counter = db.execute("SELECT spent FROM principals WHERE name = %s", (name,)).fetchone()[0]
+        images, rows = db.execute(
+            "SELECT COALESCE(SUM(images), 0), COUNT(*) FROM queries WHERE principal = %s", (name,)
+        ).fetchone()
+    return int(counter), int(images), int(rows)
+
+
+def resend(c: httpx.Client, images: np.ndarray, request_id: str) -> int:
+    """What a client does with a request that broke or got 503: send it again with its key, after Retry-After;
+    the images answered."""
+    for _ in range(30):  # bounded: a pool reconnects to a database back from a restart within seconds
+        r = c.post("/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id})
+        if r.status_code == 200:
+            return len(r.json()["answers"])
+        assert r.status_code == 503 and "ledger unavailable" in r.json()["error"], r.text
+        time.sleep(float(r.headers["retry-after"]))
+    raise AssertionError(f"{request_id} never answered")
+
+
+def test_sixteen_clients_racing_over_two_replicas_are_answered_the_budget_exactly(world, replicas):
+    url, pair = replicas
+    key, budget = world["tokens"]["racer"], PRINCIPALS["racer"][0]
+    answered = [[0, 0] for _ in range(16)]  # per client, images answered by replica 0 and 1
+    refusals: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        clients = [s.client(key) for s in pair]
+        try:
+            refused = 0
+            for j in range(60):  # bounded: 16 x 60 requests at most, for 240 images
+                k = (i + j) % 2  # every client alternates between the replicas, as a round-robin balancer would
+                r = clients[k].post("/v1/predict", content=npy(world["test"][j % 50 : j % 50 + 1]),
+                                    headers={"Content-Type": NPY})  # fmt: skip
+                if r.status_code == 200:
+                    answered[i][k] += len(r.json()["answers"])
+                    continue
+                assert r.status_code == 429 and "budget" in r.json()["error"], r.text
+                with lock:
+                    refusals.append(r.json()["error"])
+                refused += 1
+                if refused == 4:
+                    return
+        finally:
+            for c in clients:
+                c.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(client, range(16)))
+    per_replica = np.array(answered).sum(0)
+    assert per_replica.sum() == budget  # not twice the budget, not one image less
+    assert per_replica.min() > 0.25 * budget  # both replicas answered a share of it
+    assert spent(url, "racer") == (budget, budget, budget)  # batch 1: one row per image
+    # a replica whose own count still allowed a request was refused by the database's debit
+    assert any("spent meanwhile" in e for e in refusals)
+
+
+def test_an_idempotency_key_is_answered_once_across_replicas(world, replicas):
+    url, (a, b) = replicas
+    key, x = world["tokens"]["twice"], world["test"]
+    with a.client(key) as ca, b.client(key) as cb:
+        first = ca.post("/v1/predict", content=npy(x[:4]), headers={"Content-Type": NPY, "Idempotency-Key": "k-1"})
+        again = cb.post("/v1/predict", content=npy(x[:4]), headers={"Content-Type": NPY, "Idempotency-Key": "k-1"})
+        assert first.status_code == again.status_code == 200
+        assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+        assert again.json() == first.json()
+        other = cb.post("/v1/predict", content=npy(x[4:8]), headers={"Content-Type": NPY, "Idempotency-Key": "k-1"})
+        assert other.status_code == 422
+    assert spent(url, "twice") == (4, 4, 1)
+
+    def send(c: httpx.Client, i: int) -> int:
+        headers = {"Content-Type": NPY, "Idempotency-Key": f"race-{i}"}
+        return c.post("/v1/predict", content=npy(x[i : i + 2]), headers=headers).status_code
+
+    def both(i: int) -> list[int]:  # the same key sent to both replicas at once
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(send, (ca, cb), (i, i)))
+
+    with a.client(key) as ca, b.client(key) as cb:
+        statuses = [sorted(both(i)) for i in range(12)]
+    assert all(s in ([200, 200], [200, 409]) for s in statuses), statuses
+    assert spent(url, "twice") == (4 + 2 * 12, 4 + 2 * 12, 1 + 12)  # each key debited once, whoever answered
+
+
+def test_the_database_going_away_mid_request_answers_503_and_debits_nothing_twice(world, replicas, pg):
+    url, pair = replicas
+    key, x = world["tokens"]["steady"], world["test"]
+    received: dict[str, int] = {}
+    unavailable: dict[str, tuple[int, np.ndarray]] = {}  # request id -> (replica, images)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client(i: int) -> None:
+        with pair[0].client(key) as c0, pair[1].client(key) as c1:
+            for j in range(400):  # bounded; the database going away ends it sooner
+                if stop.is_set():
+                    return
+                images, request_id = x[(i + j) % 290 : (i + j) % 290 + 1 + j % 4], uuid.uuid4().hex
+                c = (c0, c1)[j % 2]
+                r = c.post(
+                    "/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id}
+                )
+                with lock:
+                    if r.status_code == 200:
+                        received[request_id] = len(r.json()["answers"])
+                    else:
+                        assert r.status_code == 503 and "ledger unavailable" in r.json()["error"], r.text
+                        assert int(r.headers["retry-after"]) >= 1
+                        unavailable[request_id] = (j % 2, images)
+                        stop.set()
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client, i) for i in range(6)]
+        deadline = time.monotonic() + 30
+        while len(received) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pg.stop("immediate")  # the database disappears with transactions in flight
+        for f in futures:
+            f.result(timeout=60)
+    assert len(received) >= 60 and unavailable
+    pg.start()
+    for request_id, (replica, images) in unavailable.items():  # each client resends after Retry-After, same key
+        with pair[replica].client(key) as c:
+            received[request_id] = resend(c, images, request_id)
+    assert set(unavailable) <= set(received)
+    total = sum(received.values())
+    assert spent(url, "steady") == (total, total, len(received))  # every answer counted once, nothing else
+    with psycopg.connect(url) as db:
+        ids = {row[0] for row in db.execute("SELECT request_id FROM queries WHERE principal = 'steady'")}
+    assert ids == set(received)
+
+
+def test_a_block_raised_by_one_replica_holds_on_both(world, replicas):
+    """The monitors' windows are per replica: a thief spread over both is judged on half its queries by each, so the
+    alert comes up to twice as late; once raised, the block is in the ledger and the other replica refuses too."""
+    url, pair = replicas
+    pool = np.random.default_rng(1).integers(0, 256, (1200, 1, 28, 28), dtype=np.uint8)  # unlike the victim's images
+    answered, blocked_at = [0, 0], None
+    with pair[0].client(world["tokens"]["thief"]) as c0, pair[1].client(world["tokens"]["thief"]) as c1:
+        for j, start in enumerate(range(0, len(pool), 10)):
+            r = (c0, c1)[j % 2].post(
+                "/v1/predict", content=npy(pool[start : start + 10]), headers={"Content-Type": NPY}
+            )
+            if r.status_code == 403:
+                blocked_at = j % 2
+                break
+            assert r.status_code == 200, r.text
+            answered[j % 2] += 10
+            time.sleep(0.02)  # the monitor runs beside the answers; a thief this slow meets the block
+        assert blocked_at is not None
+        other = (c0, c1)[1 - blocked_at].post("/v1/predict", content=npy(pool[:10]), headers={"Content-Type": NPY})
+        assert other.status_code == 403  # refused at its debit, whichever replica's monitor raised the block
+    with psycopg.connect(url) as db:
+        alerts = db.execute(
+            "SELECT signal, queries, action FROM alerts WHERE principal = 'thief' ORDER BY id"
+        ).fetchall()
+        state, spent = db.execute("SELECT state, spent FROM principals WHERE name = 'thief'").fetchone()
+    assert alerts[0][0] == "ood_share" and alerts[0][2] == "block" and state == "blocked"
+    assert spent == sum(answered)
+    # the alerting replica had seen `queries` of them; the thief got at most twice that, and the requests in flight
+    assert alerts[0][1] <= max(answered) + 10 and sum(answered) <= 2 * alerts[0][1] + 2 * 10
+
+
+def test_kill_9_of_one_replica_loses_nothing_answered(world, replicas):
+    url, (a, b) = replicas
+    key, x = world["tokens"]["crash"], world["test"]
+    received: dict[str, int] = {}
+    broken: dict[str, np.ndarray] = {}
+    lock = threading.Lock()
+
+    def burst(i: int) -> None:
+        with a.client(key) as c:
+            for j in range(300):  # bounded; the kill ends it sooner
+                images, request_id = x[(i * 7 + j) % 290 : (i * 7 + j) % 290 + 1 + j % 8], uuid.uuid4().hex
+                try:
+                    r = c.post(
+                        "/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id}
+                    )
+                except httpx.TransportError:
+                    with lock:
+                        broken[request_id] = images
+                    return
+                assert r.status_code == 200, r.text
+                with lock:
+                    received[request_id] = len(r.json()["answers"])
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(burst, i) for i in range(8)]
+        deadline = time.monotonic() + 30
+        while len(received) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        a.proc.send_signal(signal.SIGKILL)
+        for f in futures:
+            f.result(timeout=30)
+    assert len(received) >= 100 and broken
+    with b.client(key) as c:  # the balancer sends the retries to the surviving replica
+        for request_id, images in broken.items():
+            received[request_id] = resend(c, images, request_id)
+    total = sum(received.values())
+    assert spent(url, "crash") == (total, total, len(received))
+    assert b.proc.poll() is None
+
+
+def test_unreachable_and_foreign_databases_are_refused_in_one_line(world, pg, tmp_path):
+    def serve(url: str):
+        return invoke("serve", "--model", world["victim"], "--keys", world["keys"], "--ledger", url, "--port", 0)
+
+    assert "cannot connect" in assert_one_line_error(serve(f"postgresql://postgres@/ledger?host={tmp_path}"))
+    assert "cannot connect" in assert_one_line_error(serve(pg.url("no_such_database")))
+    old = pg.create("old")
+    with psycopg.connect(old, autocommit=True) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('schema', 'ledger/0')")
+    assert "ledger schema ledger/0" in assert_one_line_error(serve(old))
+    foreign = pg.create("foreign")
+    with psycopg.connect(foreign, autocommit=True) as db:
+        db.execute("CREATE TABLE queries (id INTEGER, note TEXT)")
+    assert "not a usable ledger" in assert_one_line_error(serve(foreign))
+    assert "password" not in serve("postgresql://u:password@/x?host=/nonexistent").stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_replicas_example_of_docs_serving_runs_as_written(world, pg):
+    """docs/serving.md's two replicas on one database: its bash block, with this test's model, keys, database and
+    free ports, answers on both ports and records both answers in the one ledger."""
+    text = (ROOT / "docs" / "serving.md").read_text()
+    block = re.search(r"## Replicas on PostgreSQL.*?```bash\n(.*?)```", text, re.S).group(1)
+    url, ports = pg.create("docs"), (free_port(), free_port())
+    for written, ours in (
+        ("postgresql://ini@db.internal/ini_ledger", url),
+        ("artifacts/victim-ini.pt", str(world["victim"])),
+        ("keys.toml", str(world["keys"])),
+        ("8001 8002", f"{ports[0]} {ports[1]}"),
+    ):
+        assert written in block
+        block = block.replace(written, ours)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # `python`: this interpreter
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": path}
+    shell = subprocess.Popen(
+        ["bash", "-c", block], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        urls = sorted(shell.stdout.readline().strip() for _ in ports)  # each replica prints its URL once it serves
+        assert urls == sorted(f"http://127.0.0.1:{p}" for p in ports)
+        for u in urls:
+            r = httpx.post(
+                u + "/v1/predict",
+                content=npy(world["test"][:3]),
+                headers={"Content-Type": NPY, "X-API-Key": world["tokens"]["twice"]},
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)  # the shell's process group: its two replicas
+        shell.wait(timeout=60)
+    assert spent(url, "twice") == (6, 6, 2)
+    with psycopg.connect(url) as db:  # each replica's start recorded, though both started within a second
+        assert db.execute("SELECT COUNT(*) FROM meta WHERE key LIKE 'run.%%'").fetchone()[0] == 2
