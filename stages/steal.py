@@ -10,6 +10,7 @@ beside it after querying and after every epoch (`stages/attacks/checkpoint.py`);
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,7 +21,6 @@ from typing import Annotated, Callable, Literal, Optional
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
 
@@ -207,13 +207,16 @@ def run(
     ckpt = _loop.checkpoint_path(out)
     if resume and not ckpt.exists():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
-    target = _load(params, api_key, watermark_key)
-    arch = params["arch"] = arch or target.info.arch
-    recipe = _surrogate_recipe(params)
-    params.update(
-        victim=None if target.file is None else str(target.file), epochs=recipe.epochs, data=str(target.data.path)
+    target, params = _load(params, api_key, watermark_key)
+    arch = arch or target.info.arch
+    recipe, params = _surrogate_recipe(dataclasses.replace(params, arch=arch))
+    params = dataclasses.replace(
+        params,
+        victim=None if target.file is None else str(target.file),
+        epochs=recipe.epochs,
+        data=str(target.data.path),
     )
-    fingerprint = _loop.fingerprint({**params, "input_sha256": target.hashes})
+    fingerprint = _loop.fingerprint({**dataclasses.asdict(params), "input_sha256": target.hashes})
     c, h, _ = target.info.input_shape
     # The transfer set lives in memory while the surrogate trains: float32 images (jbda, dfme) and answers.
     check_memory(budget * 4 * (c * h * h + len(target.info.classes)), f"steal: a transfer set of {budget:,} queries")
@@ -222,23 +225,23 @@ def run(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = models.build_model(arch, len(target.info.classes), c, h, target.info.mean, target.info.std)
-        return net.to(params["device"])
+        return net.to(params.device)
 
     surrogate = build_surrogate()
     rng = torch.Generator().manual_seed(seed)
-    strategy = ATTACKS[attack](**params["attack_params"])
-    with write_artifact(out, "surrogate", "steal", params, target.inputs, seed, started) as f:
+    strategy = ATTACKS[attack](**params.attack_params)
+    with write_artifact(out, "surrogate", "steal", dataclasses.asdict(params), target.inputs, seed, started) as f:
         summary = _attack(
             f,
             params,
             target,
-            strategy,
-            surrogate,
-            recipe,
-            rng,
-            ckpt,
-            fingerprint,
-            _steal_checkpoint.read(ckpt, fingerprint, surrogate, rng) if resume else None,
+            strategy=strategy,
+            surrogate=surrogate,
+            recipe=recipe,
+            rng=rng,
+            ckpt=ckpt,
+            fingerprint=fingerprint,
+            saved=_steal_checkpoint.read(ckpt, fingerprint, surrogate, rng) if resume else None,
         )
         if budget_curve:
             _record_curve(f, params, target, build_surrogate, recipe)
@@ -250,7 +253,11 @@ def run(
 # ------------------------------------------------------------------------------------------------ flags
 
 
-def _resolve(flags: dict) -> dict:
+# the resolved flags with the attack's and the defense's parameters; the API and watermark keys stay out
+Flags = _options.flags_of(run, "attack_params", "defense_params", secrets=("api_key", "watermark_key"))
+
+
+def _resolve(flags: dict) -> "Flags":
     """The flags as the run uses and records them (attack and defense parameters with their defaults, the attack's
     label, the device), with every combination the flags alone can refute. The API key is used, never recorded."""
     if flags["budget"] < 1:
@@ -259,13 +266,8 @@ def _resolve(flags: dict) -> dict:
     if name not in ATTACKS:
         raise UserError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
     kind = ATTACKS[name]
-    params = dict(
-        flags,
-        attack_params=parse_params(f"attack {name!r}", "--attack-param", kind.PARAMS, flags["attack_param"]),
-        defense_params=_defense.parse(flags["defense"], flags["defense_param"]),
-        label=flags["label"] or kind.LABELS[0],
-    )
-    if params["label"] not in kind.LABELS:
+    label = flags["label"] or kind.LABELS[0]
+    if label not in kind.LABELS:
         raise UserError(f"{name} needs --label {' or '.join(kind.LABELS)}")
     if kind.POOL == "none" and flags["pool"] is not None:
         raise UserError(f"{name} is data-free: it takes no --pool")
@@ -281,32 +283,41 @@ def _resolve(flags: dict) -> dict:
         models.check_arch(flags["arch"])
     if flags["watermark_key"] is not None and flags["defense"] != "watermark":
         raise UserError("--watermark-key is the secret of --defense watermark")
-    params["device"] = _loop.pick_device(flags["device"])
-    params.pop("api_key")
-    params.pop("watermark_key")  # the transfer set records the key's fingerprint, never the key
-    return params
-
-
-def _surrogate_recipe(p: dict) -> SurrogateRecipe:
-    """The thief's training recipe, each flag not given resolved (and recorded in `p`) from the attack's optimizer
-    and schedule and that optimizer's rate and decay."""
-    kind = ATTACKS[p["attack"]]
-    p["optimizer"] = p["optimizer"] or kind.OPTIMIZER
-    p["schedule"] = p["schedule"] or kind.SCHEDULE
-    adam = p["optimizer"] == "adam"
-    if p["lr"] is None:
-        p["lr"] = ADAM_LR if adam else LENET_LR if p["arch"] == "lenet5" else KNOCKOFF_LR
-    if p["weight_decay"] is None:
-        p["weight_decay"] = 0.0 if adam else SGD_DECAY
-    return SurrogateRecipe(
-        epochs=p["epochs"] or kind.DEFAULT_EPOCHS,
-        batch_size=p["batch_size"],
-        lr=p["lr"],
-        momentum=p["momentum"],
-        weight_decay=p["weight_decay"],
-        optimizer=p["optimizer"],
-        schedule=p["schedule"],
+    recorded = {f.name for f in dataclasses.fields(Flags)}  # the keys are used, never recorded
+    return Flags(
+        **{
+            **{k: v for k, v in flags.items() if k in recorded},
+            "attack_params": parse_params(f"attack {name!r}", "--attack-param", kind.PARAMS, flags["attack_param"]),
+            "defense_params": _defense.parse(flags["defense"], flags["defense_param"]),
+            "label": label,
+            "device": _loop.pick_device(flags["device"]),
+        }
     )
+
+
+def _surrogate_recipe(p: "Flags") -> tuple[SurrogateRecipe, "Flags"]:
+    """The thief's training recipe, each flag not given resolved from the attack's optimizer and schedule and that
+    optimizer's rate and decay; and the flags with those resolved values, as they are recorded."""
+    kind = ATTACKS[p.attack]
+    optimizer = p.optimizer or kind.OPTIMIZER
+    adam = optimizer == "adam"
+    p = dataclasses.replace(
+        p,
+        optimizer=optimizer,
+        schedule=p.schedule or kind.SCHEDULE,
+        lr=p.lr if p.lr is not None else ADAM_LR if adam else LENET_LR if p.arch == "lenet5" else KNOCKOFF_LR,
+        weight_decay=p.weight_decay if p.weight_decay is not None else 0.0 if adam else SGD_DECAY,
+    )
+    recipe = SurrogateRecipe(
+        epochs=p.epochs or kind.DEFAULT_EPOCHS,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        momentum=p.momentum,
+        weight_decay=p.weight_decay,
+        optimizer=p.optimizer,
+        schedule=p.schedule,
+    )
+    return recipe, p
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -327,49 +338,50 @@ class _Target:
     hashes: list[str]  # in the fingerprint: a checkpoint keeps pool indices, not images
 
 
-def _load(p: dict, api_key: Optional[str], key_file: Optional[Path] = None) -> _Target:
-    file = p["victim"]
-    if p["target"] is None:
+def _load(p: "Flags", api_key: Optional[str], key_file: Optional[Path] = None) -> tuple[_Target, "Flags"]:
+    """The victim (a file, or the API), its dataset and the pool; and the flags with what loading resolved: the pool's
+    path, the budget the key has left, the moves through the API."""
+    file = p.victim
+    if p.target is None:
         file = file or Path("artifacts/victim.h5")
-        graph, info = _blackbox.open_victim(file, p["device"])
-        defended = _blackbox.defend(graph, info, p["defense"], p["defense_params"], p["device"], key_file)
+        graph, info = _blackbox.open_victim(file, p.device)
+        defended = _blackbox.defend(graph, info, p.defense, p.defense_params, p.device, key_file)
     else:  # the API answers; a local copy of the served model, if given, only scores
-        moves = _remote.parse_moves(p["target_move"])
-        p["target_move"] = moves.describe()
-        defended, info, p["budget"] = _remote.open_target(p["target"], api_key, p["budget"], moves)
-        p["target_move"]["keys"] = len(defended.keys)
+        moves = _remote.parse_moves(p.target_move)
+        defended, info, budget = _remote.open_target(p.target, api_key, p.budget, moves)
+        p = dataclasses.replace(p, budget=budget, target_move={**moves.describe(), "keys": len(defended.keys)})
         graph = None
         if file is not None:
-            graph, local = _blackbox.open_victim(file, p["device"])
+            graph, local = _blackbox.open_victim(file, p.device)
             if local.sha256 != info.sha256:
-                raise UserError(f"--victim {file} is not the model {p['target']} serves (sha256 differs)")
+                raise UserError(f"--victim {file} is not the model {p.target} serves (sha256 differs)")
             info.dataset_path = local.dataset_path
-    kind = ATTACKS[p["attack"]]
-    needs_train = kind.POOL == "seeds" and p["pool"] is None or kind.LABELLED
-    data = _data.load(p["data"] or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
+    kind = ATTACKS[p.attack]
+    needs_train = kind.POOL == "seeds" and p.pool is None or kind.LABELLED
+    data = _data.load(p.data or info.dataset_path, splits=("train", "test") if needs_train else ("test",))
     _victim.check_matches(info, data)
     inputs = [path for path in (file, data.path) if path is not None]
     hashes, images = [info.sha256, data.sha256], None
-    if p["pool"] is not None:
-        pool_data = _data.load(p["pool"], splits=(p["pool_split"],))
-        images = pool_data.splits[p["pool_split"]][0]
+    if p.pool is not None:
+        pool_data = _data.load(p.pool, splits=(p.pool_split,))
+        images = pool_data.splits[p.pool_split][0]
         if tuple(images.shape[1:]) != tuple(info.input_shape):
-            if not p["convert"]:
+            if not p.convert:
                 raise UserError(
                     f"pool {pool_data.path} holds {list(images.shape[1:])} images but the victim takes "
                     f"{list(info.input_shape)}; drop --no-convert to resize them"
                 )
             images = _data.fit_images(images, info.input_shape)
         inputs.append(pool_data.path)
-        p["pool"] = str(pool_data.path)
+        p = dataclasses.replace(p, pool=str(pool_data.path))
         hashes.append(pool_data.sha256)
     elif needs_train:
         images = data.splits["train"][0]
     if images is not None and len(images) == 0:
-        raise UserError(f"the pool ({p['pool'] or 'victim train split'}) holds no images")
+        raise UserError(f"the pool ({p.pool or 'victim train split'}) holds no images")
     if kind.LABELLED and len(data.splits["train"][0]) == 0:
-        raise UserError(f"{p['attack']} draws labelled images from the victim's train split; {data.path} has none")
-    return _Target(
+        raise UserError(f"{p.attack} draws labelled images from the victim's train split; {data.path} has none")
+    target = _Target(
         graph=graph,
         info=info,
         defended=defended,
@@ -380,15 +392,32 @@ def _load(p: dict, api_key: Optional[str], key_file: Optional[Path] = None) -> _
         inputs=inputs,
         hashes=hashes,
     )
+    return target, p
 
 
 # ------------------------------------------------------------------------------------------------ attack
 
 
+def _scoring(
+    p: "Flags", target: _Target
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The victim's test split as the surrogate is scored on it: images, labels, and the victim's top-1 plain and
+    behind the defense (None over HTTP without the served file: unknown, and asking would spend budget)."""
+    test_x, test_y = target.data.splits["test"]
+    test_float = _data.to_float(test_x)
+    if target.graph is None:
+        return test_float, test_y, None, None
+    victim_top1 = _blackbox.predict(target.graph, test_float, p.device).argmax(1).cpu()
+    if p.target:
+        return test_float, test_y, victim_top1, victim_top1
+    return test_float, test_y, victim_top1, _blackbox.predict(target.defended, test_float, p.device).argmax(1).cpu()
+
+
 def _attack(
     f,
-    p: dict,
+    p: "Flags",
     target: _Target,
+    *,
     strategy: Attack,
     surrogate: nn.Module,
     recipe: SurrogateRecipe,
@@ -400,37 +429,22 @@ def _attack(
     """Run the attack into the open surrogate.h5 `f`: the transfer set as it is answered, the surrogate scored on
     the victim's test split after every epoch; then the summary, as attributes and returned. `saved`: the checkpoint
     resumed from, if any."""
-    device, info = p["device"], target.info
-    test_x, test_y = target.data.splits["test"]
-    test_float = _data.to_float(test_x)
-    victim_top1 = defended_top1 = None  # over HTTP without the served file: unknown, asking would spend budget
-    if target.graph is not None:
-        victim_top1 = _blackbox.predict(target.graph, test_float, device).argmax(1).cpu()
-        defended_top1 = (
-            victim_top1 if p["target"] else _blackbox.predict(target.defended, test_float, device).argmax(1).cpu()
-        )
+    device, info = p.device, target.info
+    test_float, test_y, victim_top1, defended_top1 = _scoring(p, target)
     history: dict[str, list[float]] = {}
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-    )
+    progress = _loop.progress_bar(console)
     with progress:
-        queries_task = progress.add_task("queries", total=p["budget"], info="")
+        queries_task = progress.add_task("queries", total=p.budget, info="")
         epochs_task = progress.add_task("surrogate epochs", total=strategy.planned_epochs(recipe.epochs), info="")
         box = _blackbox.BlackBox(
             target.defended,
-            p["budget"],
-            p["label"],
-            info.input_shape,
-            len(info.classes),
-            device,
-            f.create_group("transfer"),
-            ATTACKS[p["attack"]].UINT8_QUERIES,
+            budget=p.budget,
+            label=p.label,
+            input_shape=info.input_shape,
+            num_classes=len(info.classes),
+            device=device,
+            transfer=f.create_group("transfer"),
+            exact_uint8=ATTACKS[p.attack].UINT8_QUERIES,
             on_answer=lambda n: progress.advance(queries_task, n),
         )
         if saved is not None:
@@ -460,20 +474,29 @@ def _attack(
 
         def checkpoint(state: dict) -> None:
             epoch = len(history.get("queries", []))
-            _steal_checkpoint.write(ckpt, fingerprint, epoch, surrogate, rng, history, box, state)
+            _steal_checkpoint.write(
+                ckpt,
+                fingerprint=fingerprint,
+                epoch=epoch,
+                surrogate=surrogate,
+                rng=rng,
+                history=history,
+                box=box,
+                attack=state,
+            )
 
         thief = Thief(
             surrogate,
-            recipe,
-            len(info.classes),
-            tuple(info.input_shape),
-            rng,
-            device,
-            p["query_batch"],
-            target.pool,
-            end_epoch,
-            checkpoint,
-            saved.attack if saved is not None else {},
+            recipe=recipe,
+            num_classes=len(info.classes),
+            input_shape=tuple(info.input_shape),
+            rng=rng,
+            device=device,
+            query_batch=p.query_batch,
+            pool=target.pool,
+            end_epoch=end_epoch,
+            checkpoint=checkpoint,
+            resumed=saved.attack if saved is not None else {},
             labelled=target.data.splits["train"] if target.labelled else None,
         )
         saved = None  # the transfer set is in the box now
@@ -490,7 +513,7 @@ def _attack(
 
 def _record(
     f,
-    p: dict,
+    p: "Flags",
     info: _victim.VictimInfo,
     surrogate: nn.Module,
     history: dict[str, list[float]],
@@ -513,17 +536,17 @@ def _record(
         defended_accuracy=math.nan if defended_right is None else float(defended_right.float().mean()),
         relative_accuracy=final / victim_accuracy if victim_accuracy else 0.0,
         queries=queries,
-        budget=p["budget"],
+        budget=p.budget,
     )
     f.attrs.update(summary)
     f.attrs.update(
-        attack=p["attack"],
-        label=p["label"],
-        defense=p["defense"],
-        arch=p["arch"],
+        attack=p.attack,
+        label=p.label,
+        defense=p.defense,
+        arch=p.arch,
         dataset=info.dataset,
-        attack_params=json.dumps(p["attack_params"]),
-        defense_params=json.dumps(p["defense_params"]),
+        attack_params=json.dumps(p.attack_params),
+        defense_params=json.dumps(p.defense_params),
         classes=json.dumps(info.classes),
         input_shape=list(info.input_shape),
         mean=info.mean,
@@ -539,7 +562,7 @@ def _record(
     return summary
 
 
-def _record_curve(f, p: dict, target: _Target, build: Callable[[], nn.Module], recipe: SurrogateRecipe) -> None:
+def _record_curve(f, p: "Flags", target: _Target, build: Callable[[], nn.Module], recipe: SurrogateRecipe) -> None:
     """Group `curve`: stealing accuracy against queries spent, from fresh surrogates trained on prefixes of the
     transfer set (the attack's own surrogate is the last point)."""
     test_x, test_y = target.data.splits["test"]
@@ -547,18 +570,18 @@ def _record_curve(f, p: dict, target: _Target, build: Callable[[], nn.Module], r
     curve = _budget_curve.measure(
         f["transfer/images"],
         f["transfer/answers"],
-        p["label"],
-        p["attack"],
-        _budget_curve.prefixes(used, p["budget_curve"]),
-        build,
-        recipe,
-        len(target.info.classes),
-        target.info.input_shape,
-        p["seed"],
-        p["device"],
-        _data.to_float(test_x),
-        test_y,
-        console.log,
+        label=p.label,
+        attack=p.attack,
+        sizes=_budget_curve.prefixes(used, p.budget_curve),
+        build=build,
+        recipe=recipe,
+        num_classes=len(target.info.classes),
+        input_shape=target.info.input_shape,
+        seed=p.seed,
+        device=p.device,
+        test_x=_data.to_float(test_x),
+        test_y=test_y,
+        log=console.log,
     )
     save_history(
         f.create_group("curve"),
@@ -572,15 +595,15 @@ def _record_curve(f, p: dict, target: _Target, build: Callable[[], nn.Module], r
 # ------------------------------------------------------------------------------------------------ summarise
 
 
-def _summarise(p: dict, target: _Target, s: dict, out: Path, seconds: float) -> None:
+def _summarise(p: "Flags", target: _Target, s: dict, out: Path, seconds: float) -> None:
     info = target.info
     defense = (
-        _defense.label(p["defense"], p["defense_params"])
+        _defense.label(p.defense, p.defense_params)
         if info.baked_defense == "none"
-        else f"{info.baked_defense} (baked into {Path(str(p['victim'])).name})"
+        else f"{info.baked_defense} (baked into {Path(str(p.victim)).name})"
     )
-    defense = f"the API at {p['target']}" if p["target"] else defense
-    table = Table(title=f"steal: {p['attack']} ({p['label']} labels) against {defense}", title_justify="left")
+    defense = f"the API at {p.target}" if p.target else defense
+    table = Table(title=f"steal: {p.attack} ({p.label} labels) against {defense}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("queries", f"{s['queries']:,} / {s['budget']:,}")

@@ -26,7 +26,9 @@ from test_serve import NPY, Server, npy
 from tiny_data import write_dataset
 
 from stages import serve_key, train
-from stages.serving.launch import ROOT, launch
+from stages.serving.launch import launch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed: pip install 'ini-toolkit[postgres]'")
 from stages.serving.throwaway_pg import ThrowawayPostgres, Unavailable  # noqa: E402

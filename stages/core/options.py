@@ -66,11 +66,12 @@ def defaults(run: Callable[..., Any]) -> dict[str, Any]:
     return {name: p.default for name, p in inspect.signature(run).parameters.items()}
 
 
-def flags_of(run: Callable[..., Any], *derived: str) -> type:
+def flags_of(run: Callable[..., Any], *derived: str, secrets: tuple[str, ...] = ()) -> type:
     """The frozen dataclass a stage's resolved flags travel in: one field per flag of its `run`, declared once (in
-    the signature), plus the `derived` facts the run records beside them; read as attributes, changed only by
-    `dataclasses.replace`, recorded with `dataclasses.asdict`."""
-    fields = [(name, Any) for name in inspect.signature(run).parameters] + [(name, Any, None) for name in derived]
+    the signature), but its `secrets` (used, never recorded), plus the `derived` facts the run records beside them;
+    read as attributes, changed only by `dataclasses.replace`, recorded with `dataclasses.asdict`."""
+    flags = [name for name in inspect.signature(run).parameters if name not in secrets]
+    fields = [(name, Any) for name in flags] + [(name, Any, None) for name in derived]
     stage = run.__module__.rpartition(".")[2].title().replace("_", "")
     return dataclasses.make_dataclass(f"{stage}Flags", fields, frozen=True)
 

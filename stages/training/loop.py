@@ -55,6 +55,21 @@ class VictimRecipe:
         return cls(**shared, device=pick_device(flags["device"]), augment=augment)
 
 
+def progress_bar(console: Console, enabled: bool = True) -> Progress:
+    """The progress display of the long stages, on stderr: what runs, a bar, done of total, elapsed, left, a note
+    (the task's `info` field)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not enabled,
+    )
+
+
 @dataclass
 class Result:
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -191,16 +206,7 @@ def fit(
     train = tuple(t.to(device) for t in data.splits["train"])
     steps_per_epoch = -(-len(train[1]) // recipe.batch_size)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not ranks.main,
-    )
+    progress = progress_bar(console, enabled=ranks.main)
     with progress:
         epochs_task = progress.add_task(f"{title} epochs", total=recipe.epochs, completed=start, info="")
         batch_task = progress.add_task("  batches", total=steps_per_epoch, info="")
