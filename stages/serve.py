@@ -147,6 +147,12 @@ def run(
     )
     global_settings = GlobalSettings(window=global_window, alpha=alpha, link_alpha=link_alpha, min_images=min_images)
     check_settings(settings, global_settings, throttle_factor)
+    classes = len(served.info.classes)
+    priors = {
+        p.name: check_prior(p.prior, classes, f"{keys}: principal {p.name!r}")
+        for p in table.values()
+        if p.prior is not None
+    }
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
     book = PostgresLedger(ledger) if shared else SqliteLedger(ledger)  # so does an unreachable or foreign database
 
@@ -166,12 +172,6 @@ def run(
         calibration.ood_threshold = ood_threshold
     if prada_delta is not None:
         calibration.prada_delta = prada_delta
-    classes = len(calibration.class_prior)
-    priors = {
-        p.name: check_prior(p.prior, classes, f"{keys}: principal {p.name!r}")
-        for p in table.values()
-        if p.prior is not None
-    }
     monitor = Monitor(settings, calibration, int(images[0].numel()), priors, global_settings)
 
     book.put_meta(

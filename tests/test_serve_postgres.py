@@ -248,10 +248,13 @@ def test_a_block_raised_by_one_replica_holds_on_both(world, replicas):
             "SELECT signal, queries, action FROM alerts WHERE principal = 'thief' ORDER BY id"
         ).fetchall()
         state, spent = db.execute("SELECT state, spent FROM principals WHERE name = 'thief'").fetchone()
-    assert alerts[0][0] == "ood_share" and alerts[0][2] == "block" and state == "blocked"
-    assert spent == sum(answered)
+    # the global detectors may log the thief first (their action is log by default); the block is the key's own
+    blocks = [a for a in alerts if a[2] == "block"]
+    assert blocks and blocks[0][0] == "ood_share" and state == "blocked"
+    # a request held for its judgement and then blocked stays counted (its forward pass ran), never answered
+    assert sum(answered) <= spent <= sum(answered) + 2 * 10
     # the alerting replica had seen `queries` of them; the thief got at most twice that, and the requests in flight
-    assert alerts[0][1] <= max(answered) + 10 and sum(answered) <= 2 * alerts[0][1] + 2 * 10
+    assert blocks[0][1] <= max(answered) + 10 and sum(answered) <= 2 * blocks[0][1] + 2 * 10
 
 
 def test_kill_9_of_one_replica_loses_nothing_answered(world, replicas):

@@ -183,7 +183,7 @@ def test_export_refuses_the_watermark(victim, tmp_path):
 
 def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path):
     """serve's marking path (stages/serving/watermark.py) into a ledger, without HTTP: the batches a client sends."""
-    from stages.serving.ledger import Ledger
+    from stages.serving.ledger import SqliteLedger
     from stages.serving.watermark import Marker
     from stages.training import victim as _victim
 
@@ -192,7 +192,7 @@ def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim
     net, _ = _victim.load(victim)
     with torch.no_grad():
         probs = torch.softmax(net(torch.from_numpy(images)), 1).numpy()
-    book = Ledger(tmp_path / "ledger.sqlite")
+    book = SqliteLedger(tmp_path / "ledger.sqlite")
     marker = Marker(theft["key"], ood_threshold=1.0)
     marker.defense.ood_rate = 0.3
     served = []
