@@ -5,6 +5,7 @@ them. Reads and writes the database named by a `postgresql://` URL; tables: arti
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Optional
 
@@ -92,8 +93,6 @@ class PostgresLedger(Ledger):
             max_size=4,
             kwargs={"application_name": "ini-serve", "connect_timeout": max(1, round(connect_timeout))},
             timeout=1.0,  # a request waits this long for a connection (the database gone), then gets 503
-            check=ConnectionPool.check_connection,  # one empty round trip: stale connections after a database
-            # restart are replaced, not handed to a request (each would cost its client a 503)
             # the pool retries a lost connection with doubling delays; giving up after 5 s lets the next request
             # that finds no connection open a fresh one at once, instead of waiting out a delay grown during an outage
             reconnect_timeout=5.0,
@@ -121,8 +120,24 @@ class PostgresLedger(Ledger):
             self._pool.close()
             raise UserError(f"{self.name}: ledger schema {row[0]}, this tool writes {SCHEMA}")
 
+    @contextlib.contextmanager
     def _connection(self):
-        return self._pool.connection()
+        """A pooled connection checked with one empty round trip. A stale one (the database restarted) goes back
+        to the pool, which replaces it, and the next is tried at once: the pool's own check sleeps a second first."""
+        for _ in range(self._pool.max_size + 1):
+            db = self._pool.getconn()
+            try:
+                self._pool.check_connection(db)
+            except self._errors:
+                self._pool.putconn(db)
+                continue
+            try:
+                with db:
+                    yield db
+            finally:
+                self._pool.putconn(db)
+            return
+        raise LedgerUnavailable(f"{self.name}: no working connection")
 
     def close(self) -> None:
         self._pool.close()
