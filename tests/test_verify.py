@@ -174,11 +174,17 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(theft, tiny, tmp_path):
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
-def test_export_refuses_the_watermark(victim, tmp_path):
+def test_export_refuses_the_watermark_and_serve_and_steal_take_its_key_only_with_it(victim, tiny, tmp_path):
     line = assert_one_line_error(
         invoke("export", "--victim", victim, "--defense", "watermark", "--out", tmp_path / "v.pt")
     )
     assert "secret key" in line and not (tmp_path / "v.pt").exists()
+    line = assert_one_line_error(invoke("serve", "--model", victim, "--defense", "watermark", "--keys", tmp_path / "k"))
+    assert "--watermark-key" in line
+    out = tmp_path / "s.h5"
+    args = ["steal", "--victim", victim, "--pool", tiny, "--budget", 10, "--device", "cpu", "--out", out]
+    line = assert_one_line_error(invoke(*args, "--watermark-key", tmp_path / "key"))
+    assert "--defense watermark" in line and not out.exists() and not (tmp_path / "key").exists()
 
 
 def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path):
