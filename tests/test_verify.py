@@ -174,11 +174,17 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(theft, tiny, tmp_path):
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
 
 
-def test_export_refuses_the_watermark(victim, tmp_path):
+def test_export_refuses_the_watermark_and_serve_and_steal_take_its_key_only_with_it(victim, tiny, tmp_path):
     line = assert_one_line_error(
         invoke("export", "--victim", victim, "--defense", "watermark", "--out", tmp_path / "v.pt")
     )
     assert "secret key" in line and not (tmp_path / "v.pt").exists()
+    line = assert_one_line_error(invoke("serve", "--model", victim, "--defense", "watermark", "--keys", tmp_path / "k"))
+    assert "--watermark-key" in line
+    out = tmp_path / "s.h5"
+    args = ["steal", "--victim", victim, "--pool", tiny, "--budget", 10, "--device", "cpu", "--out", out]
+    line = assert_one_line_error(invoke(*args, "--watermark-key", tmp_path / "key"))
+    assert "--defense watermark" in line and not out.exists() and not (tmp_path / "key").exists()
 
 
 def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path):
@@ -260,3 +266,23 @@ def test_a_resumed_theft_records_the_same_marks(tmp_path):
         for name in ("marked", "keyed_class", "confidence"):
             np.testing.assert_array_equal(fa[f"transfer/watermark/{name}"][()], fb[f"transfer/watermark/{name}"][()])
         assert 60 < fa["transfer/watermark"].attrs["marked_count"] < 120
+
+
+def test_deployed_files_are_suspects_too(theft, victim, tmp_path):
+    """The victim itself, as victim.h5, TorchScript and ONNX: it never learnt its own marks, and all three files
+    give the same verification (the same answers within float tolerance)."""
+    outcomes = {}
+    for fmt in ("h5", "torchscript", "onnx"):
+        suspect = victim
+        if fmt != "h5":
+            suspect = tmp_path / f"victim.{'pt' if fmt == 'torchscript' else 'onnx'}"
+            r = invoke("export", "--victim", victim, "--format", fmt, "--out", suspect)
+            assert r.exit_code == 0, r.stderr
+        out = tmp_path / f"v-{fmt}.h5"
+        r = invoke("verify", "--suspect", suspect, "--evidence", theft["marked"], "--out", out)
+        assert r.exit_code == 0, r.stderr
+        with h5py.File(out) as f:
+            assert f.attrs["suspect_kind"] == {"h5": "victim", "torchscript": "torchscript", "onnx": "onnx"}[fmt]
+            outcomes[fmt] = (int(f.attrs["marked_agree"]), int(f.attrs["control_agree"]), f.attrs["verdict"])
+    assert len(set(outcomes.values())) == 1 and outcomes["h5"][2] == "not shown", outcomes
+    assert outcomes["h5"][0] == 0  # the victim's own top-1 is never the class its mark points to
