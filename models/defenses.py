@@ -413,6 +413,18 @@ class Watermark(nn.Module):
     def fingerprint(self) -> str:
         return key_fingerprint(self.key)
 
+    def describe(self) -> dict:
+        """The marking settings an owner records beside the marks (never the key: its fingerprint)."""
+        return dict(
+            key_fingerprint=self.fingerprint,
+            rate=self.rate,
+            ood_rate=self.ood_rate,
+            threshold=self.threshold,
+            mode="raise" if self.raise_ else "swap",
+            cell=self.cell,
+            levels=self.levels,
+        )
+
     def marks(self, x: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(marked, keyed class, top probability) for images x in [0, 1] and the victim's answers."""
         images = np.rint(x.detach().cpu().double().numpy().clip(0.0, 1.0) * 255.0).astype(np.uint8)

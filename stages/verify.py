@@ -23,8 +23,8 @@ from models.params import UserError
 from stages.core.artifacts import prepare_output, write_artifact
 from stages.deploy import watermark_key as _keys
 from stages.provenance import evidence as _evidence
+from stages.provenance import significance
 from stages.provenance import suspect as _suspect
-from stages.provenance import test as _test
 
 console = Console(stderr=True)
 
@@ -59,7 +59,7 @@ def run(
     ] = None,
     alpha: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="A suspect is named stolen when the p-value is below this.")
-    ] = _test.ALPHA,
+    ] = significance.ALPHA,
     out: Annotated[Path, typer.Option(help="Output verification HDF5.")] = Path("artifacts/verification.h5"),
 ) -> Path:
     """Test whether a suspect model was trained on the watermarked victim's answers; write verification.h5."""
@@ -76,7 +76,7 @@ def run(
         )
     marked_probs = _suspect.query(model, ev.marked_images)
     control_probs = _suspect.query(model, ev.control_images)
-    outcome, marked_agree, control_agree = _test.decide(
+    outcome, marked_agree, control_agree = significance.decide(
         marked_probs, ev.marked_class, control_probs, ev.control_class, ev.mode, alpha
     )
 
@@ -107,7 +107,7 @@ def run(
     return out
 
 
-def _summarise(o: _test.Outcome, ev: _evidence.Evidence, model: _suspect.Suspect, out: Path) -> None:
+def _summarise(o: significance.Outcome, ev: _evidence.Evidence, model: _suspect.Suspect, out: Path) -> None:
     table = Table(title=f"verify: {model.name} against {ev.source['kind']} {ev.source['path']}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")

@@ -17,7 +17,7 @@ from tiny_data import write_dataset
 from models.defenses import Watermark, coarsen, key_fingerprint
 from models.params import defaults
 from stages.provenance import evidence as _evidence
-from stages.provenance import test as _test
+from stages.provenance import significance
 
 KEY = b"a fixed test key, thirty-two b.."
 # A strong marking for small data: every answer below top probability 1 is OOD-looking, and 30 % of them marked.
@@ -81,11 +81,11 @@ def test_fisher_and_rank_tests_follow_the_null():
     for _ in range(200):
         probs = rng.dirichlet(np.ones(10), size=(80,))
         keyed = rng.integers(0, 10, 80)
-        ps.append(_test.decide(probs[:40], keyed[:40], probs[40:], keyed[40:], "swap")[0].p_value)
+        ps.append(significance.decide(probs[:40], keyed[:40], probs[40:], keyed[40:], "swap")[0].p_value)
     ps = np.array(ps)
     assert ps.min() > 1e-3 and 0.3 < np.median(ps) < 0.9  # twice the smaller of two p-values: median above 1/2
     learnt = np.eye(10)[keyed[:40]] * 0.9 + 0.01
-    outcome = _test.decide(learnt, keyed[:40], probs[40:], keyed[40:], "swap")[0]
+    outcome = significance.decide(learnt, keyed[:40], probs[40:], keyed[40:], "swap")[0]
     assert outcome.marked_agree == 40 and outcome.p_value < 1e-15 and outcome.stolen
 
 

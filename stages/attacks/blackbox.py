@@ -232,16 +232,7 @@ def _watermark_record(transfer: h5py.Group, defense: Watermark, budget: int, chu
     """Group `transfer/watermark`: per query whether its answer was marked, the class its mark points (or would
     point) to, and the victim's top probability; the key's fingerprint and the marking parameters as attributes."""
     group = transfer.create_group("watermark")
-    group.attrs.update(
-        schema="watermark/1",
-        key_fingerprint=defense.fingerprint,
-        rate=defense.rate,
-        ood_rate=defense.ood_rate,
-        threshold=defense.threshold,
-        mode="raise" if defense.raise_ else "swap",
-        cell=defense.cell,
-        levels=defense.levels,
-    )
+    group.attrs.update(schema="watermark/1", **defense.describe())
     dtypes = {"marked": np.bool_, "keyed_class": np.int16, "confidence": np.float32}
     return {
         name: group.create_dataset(name, shape=(budget,), maxshape=(budget,), dtype=dtypes[name], chunks=(chunk,))

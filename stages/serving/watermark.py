@@ -30,16 +30,7 @@ class Marker:
         self._pending: list[Mark] = []
 
     def describe(self) -> dict:
-        d = self.defense
-        return dict(
-            key_fingerprint=d.fingerprint,
-            rate=d.rate,
-            ood_rate=d.ood_rate,
-            threshold=d.threshold,
-            mode="raise" if d.raise_ else "swap",
-            cell=d.cell,
-            levels=d.levels,
-        )
+        return self.defense.describe()
 
     def mark(self, images: np.ndarray, answers: np.ndarray, owners: list[tuple[str, int]]) -> np.ndarray:
         """The batch's answers with the marks applied; `owners`: (principal, images) per request, in order."""
