@@ -49,9 +49,9 @@ def hold():
 
 def stall_after_epoch(module, name, epoch):  # the first checkpoint written after that epoch (or steal's slice)
     write = getattr(module, name)
-    def stalling(path, fingerprint, at, *args):
-        write(path, fingerprint, at, *args)
-        if at == epoch:
+    def stalling(*args, **kwargs):  # (path, fingerprint, epoch, ...), by position or by keyword
+        write(*args, **kwargs)
+        if kwargs.get("epoch", args[2] if len(args) > 2 else None) == epoch:
             hold()
     setattr(module, name, stalling)
 
