@@ -4,7 +4,8 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
     keys     principals and their hashed API keys (a TOML file)
     limits   token buckets and budget reservations
     ledger   the SQLite (WAL) query ledger: answers, spend, alerts
-    monitor  extraction signals per principal: volume, share of OOD-looking answers, PRADA
+    monitor  extraction signals per principal: volume, share of OOD-looking answers, class histogram, PRADA
+    detectors  the class-histogram test and the global signals over all principals, which link keys
     model    the served graph (TorchScript, ONNX or victim.h5 with a defense) as numpy in, numpy out
     payload  request decoding and validation, answer encoding, API errors
     batcher  micro-batching of concurrent requests into one forward pass
