@@ -215,8 +215,8 @@ def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draw
 
 
 def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
-    """steal --target-move sybil=20 --target-move mix=0.5 over 6 keys: no key is answered more than 20 images, half
-    of what the keys spent is filler the surrogate never sees, and the moves are in the surrogate's params."""
+    """steal --target-move sybil=20, mix=0.5 and paced=2000 over 6 keys: no key is answered more than 20 images,
+    half of what the keys spent is filler the surrogate never sees, and the moves are in the surrogate's params."""
     keys = tmp_path / "keys.toml"
     names = [f"k{i}" for i in range(6)]
     secret = ",".join(serve_key.run(k, keys, 1000, 10_000.0, 10_000.0, "log") for k in names)
@@ -233,6 +233,8 @@ def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
         "sybil=20",
         "--target-move",
         "mix=0.5",
+        "--target-move",
+        "paced=2000",
         "--pool",
         world["data"],
         "--budget",
@@ -257,7 +259,7 @@ def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
     with open_artifact(out, "surrogate") as f:
         received = int(f.attrs["queries"])
         params = json.loads(f.attrs["params"])
-    assert params["target_move"] == {"per_key": 20, "mix": 0.5, "rate": 0.0, "keys": 6}
+    assert params["target_move"] == {"per_key": 20, "mix": 0.5, "rate": 2000.0, "keys": 6}
     assert secret.split(",")[0] not in f"{params}"
     assert max(spent.values()) <= 20 and sum(v > 0 for v in spent.values()) == 6
     # 6 keys x 20 images, half of them filler once a first confident answer gives the filler its material

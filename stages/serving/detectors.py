@@ -81,17 +81,22 @@ class ClassWindow:
         self.counts[c] += 1
 
 
+BUCKETS = 60  # the global window is kept as this many time buckets of counts, so its memory does not grow with traffic
+
+
 @dataclass
-class Batch:
-    time: float
-    principal: str
-    ood: int
-    classes: np.ndarray  # counts per class
-    young: bool  # the principal had fewer than min_images answers before this batch
+class Bucket:
+    start: float
+    n: int = 0
+    ood: int = 0
+    young_n: int = 0  # answers to keys that had fewer than min_images answers before the request
+    young_ood: int = 0
+    principals: Optional[set] = None
 
 
 class Global:
-    """Every principal's answers over the last `window` seconds. Signals, each a test at `alpha` against benign
+    """Every principal's answers over the last `window` seconds (in BUCKETS time buckets: the oldest bucket leaves
+    whole, so the window is exact to within window/BUCKETS). Signals, each a test at `alpha` against benign
     traffic (q: the calibrated OOD quantile; prior: the calibrated class shares):
     - global_ood: all answers' OOD count against Binomial(n, q);
     - cohort_ood: the same for the young keys (fewer than min_images answers: never judged on their own);
@@ -106,16 +111,15 @@ class Global:
         # stands_out(key): whether the key's own recent answers stand out at link_alpha (the monitor reads its
         # per-key windows: a test over a key's whole window would flag any small mismatch of a long benign stream)
         self.s, self.q, self.prior, self.stands_out = settings, q, floored(prior), stands_out
-        self.batches: collections.deque[Batch] = collections.deque()
+        self.buckets: collections.deque[Bucket] = collections.deque()
         self.n = self.ood = 0
         self.young_n = self.young_ood = 0
-        self.per: dict[str, list] = {}  # principal -> [OOD answers, class counts] in the window
+        self.per: collections.Counter = collections.Counter()  # principal -> buckets of the window it answered in
         self.young_classes = ClassWindow(settings.class_window, len(prior))
         self.cutoff = g_cutoff(settings.alpha, len(prior))
         self.link_cutoff = g_cutoff(settings.link_alpha, len(prior))
         self.armed = {"global_ood": True, "cohort_ood": True, "cohort_classes": True}
         self.linked_keys: set[str] = set()
-        self.key_priors: dict[str, np.ndarray] = {}
 
     def observe(
         self,
@@ -128,17 +132,26 @@ class Global:
     ) -> list[dict]:
         """One answered request; `prior`: the key's declared class shares (floored), which its class histogram is
         tested against, and which keep its classes out of the young cohort's histogram."""
-        if prior is not None:
-            self.key_priors[principal] = prior
-        counts = np.bincount(classes, minlength=len(self.prior)).astype(np.float64)
-        batch = Batch(now, principal, int(flags.sum()), counts, young)
-        self.batches.append(batch)
-        self._move(batch, +1)
+        width = self.s.window / BUCKETS
+        if not self.buckets or now >= self.buckets[-1].start + width:
+            self.buckets.append(Bucket(now, principals=set()))
+        bucket, n, ood = self.buckets[-1], len(classes), int(flags.sum())
+        self._add(bucket, n, ood, young, +1)
+        if principal not in bucket.principals:
+            bucket.principals.add(principal)
+            self.per[principal] += 1
         if young and prior is None:
             for c in classes:
                 self.young_classes.add(int(c))
-        while self.batches and self.batches[0].time < now - self.s.window:
-            self._move(self.batches.popleft(), -1)
+        while self.buckets and self.buckets[0].start + width < now - self.s.window:
+            old = self.buckets.popleft()
+            self._add(old, old.n, old.ood, False, -1)
+            self.young_n -= old.young_n
+            self.young_ood -= old.young_ood
+            for name in old.principals:
+                self.per[name] -= 1
+                if self.per[name] == 0:
+                    del self.per[name]
         alerts: list[dict] = []
         tail = binomial_tail(self.ood, self.n, self.q)
         self._judge(alerts, "global_ood", self.ood / self.n, tail < self.s.alpha, images=self.n, tail=tail)
@@ -165,18 +178,18 @@ class Global:
             )
         return alerts
 
-    def _move(self, b: Batch, sign: int) -> None:
-        n = int(b.classes.sum())
+    def _add(self, bucket: Bucket, n: int, ood: int, young: bool, sign: int) -> None:
+        """Counts into (sign +1, the bucket too) or out of (-1) the window's totals."""
         self.n += sign * n
-        self.ood += sign * b.ood
-        if b.young:
-            self.young_n += sign * n
-            self.young_ood += sign * b.ood
-        entry = self.per.setdefault(b.principal, [0, np.zeros_like(b.classes)])
-        entry[0] += sign * b.ood
-        entry[1] += sign * b.classes
-        if entry[1].sum() == 0:
-            del self.per[b.principal]
+        self.ood += sign * ood
+        if sign > 0:
+            bucket.n += n
+            bucket.ood += ood
+            if young:
+                bucket.young_n += n
+                bucket.young_ood += ood
+                self.young_n += n
+                self.young_ood += ood
 
     def _stands_out(self, name: str) -> bool:
         return self.stands_out(name) if self.stands_out is not None else False

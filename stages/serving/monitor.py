@@ -57,6 +57,7 @@ class Calibration:
     benign_prada_min: float  # lowest W of the PRADA replay (nan: too few images)
     class_prior: list = field(default_factory=list)  # share of each predicted class on the benign images
     confusion: list = field(default_factory=list)  # P(answered class | true class) on them (rows: true classes)
+    ood_share_by_class: list = field(default_factory=list)  # share of each true class's answers below tau
 
 
 def ood_scores(answers: np.ndarray) -> np.ndarray:
@@ -218,8 +219,17 @@ class Monitor:
         self.classes = len(benign)
         self.benign_prior = detectors.floored(benign)
         # a declared prior is over the classes the client sends; its answers carry the victim's errors on them
+        # and its OOD-looking share is the declared mixture of each class's benign share, not q
         confusion = np.asarray(calibration.confusion) if calibration.confusion else np.eye(self.classes)
+        shares = np.asarray(calibration.ood_share_by_class or [settings.ood_quantile] * self.classes)
         self.priors = {name: detectors.floored(np.asarray(p) @ confusion) for name, p in (priors or {}).items()}
+        self.key_cutoffs = {  # (judgement, link) OOD cutoffs of the keys with a declared prior
+            name: tuple(
+                ood_cutoffs(Settings(**{**asdict(settings), "alpha": a, "ood_quantile": float(np.dot(p, shares))}))
+                for a in (settings.alpha, (global_settings or detectors.GlobalSettings()).link_alpha)
+            )
+            for name, p in (priors or {}).items()
+        }
         self.g_cutoff = detectors.g_cutoff(settings.alpha, self.classes)
         self.global_settings = global_settings or detectors.GlobalSettings(
             alpha=settings.alpha, min_images=settings.min_images
@@ -234,15 +244,15 @@ class Monitor:
         if watch is None or not watch.flags:
             return False
         n = len(watch.flags)
-        return watch.flagged >= self.link_cutoffs[n] or detectors.g_statistic(watch.classes.counts, watch.prior) > (
-            self.link_g
-        )
+        cutoffs = self.key_cutoffs[principal][1] if principal in self.key_cutoffs else self.link_cutoffs
+        return watch.flagged >= cutoffs[n] or detectors.g_statistic(watch.classes.counts, watch.prior) > (self.link_g)
 
     def _watch(self, principal: str) -> Watch:
         watch = self.watches.get(principal)
         if watch is None:
             prior = self.priors.get(principal, self.benign_prior)
-            watch = Watch(self.settings, self.calibration, self.cutoffs, self.dim, prior, self.g_cutoff)
+            cutoffs = self.key_cutoffs[principal][0] if principal in self.key_cutoffs else self.cutoffs
+            watch = Watch(self.settings, self.calibration, cutoffs, self.dim, prior, self.g_cutoff)
             self.watches[principal] = watch
         return watch
 
@@ -315,8 +325,17 @@ def calibrate(
     delta = max(0.0, low - PRADA_MARGIN) if ws else 0.0  # too few images: PRADA cannot alert
     k = answers.shape[1]
     classes = np.bincount(answers.argmax(1), minlength=k) / len(answers)
-    confusion = np.eye(k)
+    confusion, by_class = np.eye(k), []
     if labels is not None:
+        y = np.asarray(labels, dtype=np.int64)
+        # floored at q / 10 so a class with no OOD-looking benign answer does not make one such answer an alert
+        by_class = [
+            max(
+                float((scores[y == c] < tau).mean()) if (y == c).any() else settings.ood_quantile,
+                settings.ood_quantile / 10,
+            )
+            for c in range(k)
+        ]
         joint = np.zeros((k, k))
         np.add.at(joint, (np.asarray(labels, dtype=np.int64), answers.argmax(1)), 1.0)
         seen = joint.sum(1) > 0
@@ -324,6 +343,7 @@ def calibrate(
     return Calibration(
         class_prior=[float(v) for v in classes],
         confusion=confusion.round(6).tolist(),
+        ood_share_by_class=by_class,
         ood_threshold=tau,
         prada_delta=delta,
         images=len(x),
