@@ -290,12 +290,12 @@ def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, 
 
     served = served_model.load(model, "none", {}, 1)
     body, n = to_npy(images[:size]), max(1, round(batch))
-    x = payload.decode(body, payload.NPY, served.input_shape, 1024)
+    x = payload.decode(body, payload.NPY, served.info.input_shape, 1024)
     xs = np.concatenate([x] * n)
     answers = served.predict(xs)
     one = answers[:size]
     out = {
-        ".npy decoding": cpu_per_call(lambda: payload.decode(body, payload.NPY, served.input_shape, 1024)),
+        ".npy decoding": cpu_per_call(lambda: payload.decode(body, payload.NPY, served.info.input_shape, 1024)),
         "SHA-256": cpu_per_call(lambda: payload.digest(x)),
         "forward pass": cpu_per_call(lambda: served.predict(xs), 100) / n,
         ".npy encoding": cpu_per_call(lambda: payload.encode(one, payload.NPY)),
