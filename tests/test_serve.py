@@ -9,9 +9,7 @@ import io
 import json
 import signal
 import sqlite3
-import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from bursts import burst_then_kill
 from conftest import assert_one_line_error, invoke
 from tiny_data import write_dataset
 
@@ -356,35 +355,12 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
     ledger = tmp_path / "ledger.sqlite"
     first = Server(world["victim"], world["keys"], ledger)
     key, x = world["tokens"]["spare"], world["test"]
-    received: dict[str, int] = {}  # request id -> images received
-    broken: dict[str, np.ndarray] = {}  # request id -> images, the connection broke
-    lock = threading.Lock()
-
-    def burst(i: int) -> None:
-        with httpx.Client(base_url=first.url, headers={"X-API-Key": key}, timeout=10.0) as c:
-            for j in range(200):  # bounded; the kill ends it sooner
-                images = x[(i * 7 + j) % 290 : (i * 7 + j) % 290 + 1 + j % 8]
-                request_id = uuid.uuid4().hex
-                try:
-                    r = c.post(
-                        "/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id}
-                    )
-                except httpx.TransportError:
-                    with lock:
-                        broken[request_id] = images
-                    return
-                assert r.status_code == 200, r.text
-                with lock:
-                    received[request_id] = len(r.json()["answers"])
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(burst, i) for i in range(8)]
-        deadline = time.monotonic() + 30
-        while len(received) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        first.proc.send_signal(signal.SIGKILL)
-        for f in futures:
-            f.result(timeout=30)
+    received, broken = burst_then_kill(
+        lambda: httpx.Client(base_url=first.url, headers={"X-API-Key": key}, timeout=10.0),
+        x,
+        kill=lambda: first.proc.send_signal(signal.SIGKILL),
+        requests=200,
+    )
     first.stop()
     assert len(received) >= 100 and broken  # the kill hit requests in flight
 

@@ -21,6 +21,7 @@ import h5py
 import httpx
 import numpy as np
 import pytest
+from bursts import burst_then_kill
 from conftest import assert_one_line_error, invoke
 from test_serve import NPY, Server, npy
 from tiny_data import write_dataset
@@ -264,34 +265,9 @@ def test_the_database_going_away_mid_request_answers_503_and_debits_nothing_twic
 def test_kill_9_of_one_replica_loses_nothing_answered(world, replicas):
     url, (a, b) = replicas
     key, x = world["tokens"]["crash"], world["test"]
-    received: dict[str, int] = {}
-    broken: dict[str, np.ndarray] = {}
-    lock = threading.Lock()
-
-    def burst(i: int) -> None:
-        with a.client(key) as c:
-            for j in range(300):  # bounded; the kill ends it sooner
-                images, request_id = x[(i * 7 + j) % 290 : (i * 7 + j) % 290 + 1 + j % 8], uuid.uuid4().hex
-                try:
-                    r = c.post(
-                        "/v1/predict", content=npy(images), headers={"Content-Type": NPY, "Idempotency-Key": request_id}
-                    )
-                except httpx.TransportError:
-                    with lock:
-                        broken[request_id] = images
-                    return
-                assert r.status_code == 200, r.text
-                with lock:
-                    received[request_id] = len(r.json()["answers"])
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(burst, i) for i in range(8)]
-        deadline = time.monotonic() + 30
-        while len(received) < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        a.proc.send_signal(signal.SIGKILL)
-        for f in futures:
-            f.result(timeout=30)
+    received, broken = burst_then_kill(
+        lambda: a.client(key), x, kill=lambda: a.proc.send_signal(signal.SIGKILL), requests=300
+    )
     assert len(received) >= 100 and broken
     with b.client(key) as c:  # the balancer sends the retries to the surviving replica
         for request_id, images in broken.items():
