@@ -80,7 +80,8 @@ def smoke(flags: list[str]) -> list[str]:
     return out
 
 
-def start(victim: Path, keys: Path, ledger: Path, data: Path) -> tuple[subprocess.Popen, str]:
+def start(victim: Path, keys: Path, ledger: Path, data: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """serve calibrated on `data`, with `flags`; its log beside the ledger, a one-line exit if it does not start."""
     try:
         return launch(
             victim,
@@ -88,6 +89,7 @@ def start(victim: Path, keys: Path, ledger: Path, data: Path) -> tuple[subproces
             ledger,
             "--calibration-data",
             str(data),
+            *flags,
             stderr=open(ledger.with_suffix(".log"), "w"),
             timeout=300,
         )

@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+import serve_alerts  # noqa: E402
 import torch  # noqa: E402
 from serve_alerts import accuracy_at, augmented  # noqa: E402
 
 from stages import serve_key  # noqa: E402
 from stages.core.artifacts import open_artifact  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
-from stages.serving.launch import launch  # noqa: E402
 
 # (name, pool, keys, moves): the thieves; each runs against a fresh server and ledger, after benign background
 # traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below --min-images)
@@ -53,19 +53,7 @@ BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
 def start(victim: Path, keys: Path, ledger: Path, data: Path):
     for stale in (ledger, ledger.with_suffix(".alerts.jsonl")):
         stale.unlink(missing_ok=True)
-    try:
-        return launch(
-            victim,
-            keys,
-            ledger,
-            "--calibration-data",
-            str(data),
-            *SERVE_FLAGS,
-            stderr=open(ledger.with_suffix(".log"), "w"),
-            timeout=300,
-        )
-    except RuntimeError:
-        raise SystemExit(f"serve did not start; see {ledger.with_suffix('.log')}") from None
+    return serve_alerts.start(victim, keys, ledger, data, *SERVE_FLAGS)
 
 
 def replay(url: str, key: str, images: np.ndarray, batch: int = 100) -> tuple[int, int]:

@@ -13,16 +13,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import httpx
 import numpy as np
 import pytest
 import torch
-from bursts import burst_then_kill
 from conftest import assert_one_line_error, invoke
-from tiny_data import write_dataset
+from served import burst_then_kill, served_world
 
-from stages import serve_key, train
 from stages.core.artifacts import open_artifact
 from stages.deploy import onnx_export as _onnx
 from stages.serving import keys as principals_file
@@ -74,15 +71,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A LeNet-5 victim on 28x28 bar images (600 train, 300 val, 300 test) and a keys file with every principal."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 300, "test": 300})
-    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
-    keys = root / "keys.toml"
-    tokens = {name: serve_key.run(name, keys, *spec) for name, spec in PRINCIPALS.items()}
-    with h5py.File(data, "r") as f:
-        test = f["test/images"][()]
-    return dict(root=root, data=data, victim=victim, keys=keys, tokens=tokens, test=test)
+    return served_world(tmp_path_factory.mktemp("serve"), PRINCIPALS)
 
 
 @pytest.fixture(scope="module")

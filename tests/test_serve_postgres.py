@@ -17,16 +17,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import httpx
 import numpy as np
 import pytest
-from bursts import burst_then_kill
 from conftest import assert_one_line_error, invoke
+from served import burst_then_kill, served_world
 from test_serve import NPY, Server, npy
-from tiny_data import write_dataset
 
-from stages import serve_key, train
 from stages.serving.launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,14 +68,7 @@ def pg():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-pg")
-    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 300, "test": 300})
-    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
-    keys = root / "keys.toml"
-    tokens = {name: serve_key.run(name, keys, *spec) for name, spec in PRINCIPALS.items()}
-    with h5py.File(data, "r") as f:
-        test = f["test/images"][()]
-    return dict(root=root, victim=victim, keys=keys, tokens=tokens, test=test)
+    return served_world(tmp_path_factory.mktemp("serve-pg"), PRINCIPALS)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,14 @@ import sqlite3
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, invoke
 from numpy.lib import format as npformat
+from served import served_world
 from test_serve import Server, npy
-from tiny_data import write_dataset
 
-from stages import serve_key, train
+from stages import serve_key
 from stages.core.artifacts import open_artifact
 from stages.serving import monitor as _monitor
 
@@ -37,17 +36,7 @@ PRINCIPALS = {  # name: budget, rate, burst, action, prior
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("watch")
-    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": 600, "test": 600})
-    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
-    keys = root / "keys.toml"
-    tokens = {
-        name: serve_key.run(name, keys, budget, rate, burst, action, prior)
-        for name, (budget, rate, burst, action, prior) in PRINCIPALS.items()
-    }
-    with h5py.File(data, "r") as f:
-        test, labels = f["test/images"][()], f["test/labels"][()]
-    return dict(root=root, data=data, victim=victim, keys=keys, tokens=tokens, test=test, labels=labels)
+    return served_world(tmp_path_factory.mktemp("watch"), PRINCIPALS, split=600)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""A burst of small requests that a killed server breaks off: what the kill -9 tests of one server and of a replica
-pair both send."""
+"""What the serving tests share: the world a server serves (a small victim and a keys file of principals), and a
+burst of small requests that a killed server breaks off (the kill -9 tests of one server and of a replica pair)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,28 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, ContextManager
 
+import h5py
 import httpx
 import numpy as np
+from tiny_data import write_dataset
 
+from stages import serve_key, train
 from stages.serving.payload import NPY, to_npy
+
+
+def served_world(root: Path, principals: dict[str, tuple], split: int = 300) -> dict:
+    """A LeNet-5 victim trained 3 epochs on 28x28 bar images (600 train, `split` val and test) and a keys file with
+    each principal (name: serve-key's budget, rate, burst, action[, prior]); the test split's images and labels."""
+    data = write_dataset(root / "bars.h5", name="bars", sizes={"train": 600, "val": split, "test": split})
+    victim = train.run(dataset=str(data), out=root / "victim.h5", epochs=3, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {name: serve_key.run(name, keys, *spec) for name, spec in principals.items()}
+    with h5py.File(data, "r") as f:
+        test, labels = f["test/images"][()], f["test/labels"][()]
+    return dict(root=root, data=data, victim=victim, keys=keys, tokens=tokens, test=test, labels=labels)
 
 
 def burst_then_kill(
