@@ -27,6 +27,7 @@ from stages.core import options as _options
 from stages.core.artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
 from stages.data import prepared as _data
 from stages.deploy import defense as _defense
+from stages.deploy import watermark_key as _keys
 from stages.evaluation import decision as _decision
 from stages.evaluation import metrics
 from stages.evaluation import relabel as _relabel
@@ -66,6 +67,7 @@ def run(
         ),
     ] = "0.5,1,2",
     device: _options.Device = "auto",
+    watermark_key: _options.WatermarkKey = None,
 ) -> Path:
     """Recompute the metrics of stolen surrogates and victims, aggregate over seeds, decide, write metrics.h5
     and a report."""
@@ -78,7 +80,7 @@ def run(
 
     rows, cache = [], {}
     for path in artifacts:
-        rows.append(_evaluate(Path(path), data, device, cache, relabel_k))
+        rows.append(_evaluate(Path(path), data, device, cache, relabel_k, watermark_key))
     groups = aggregate(rows)
     metric = "stealing_accuracy_relabelled" if relabel_k else "stealing_accuracy"
     decision = _decision.decide(rows, groups, budgets, metric) if budgets else []
@@ -108,13 +110,16 @@ def run(
     return out
 
 
-def _evaluate(path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int = 100) -> dict:
-    """One row of metrics: a victim alone, or a stolen surrogate measured against the victim it was stolen from."""
+def _evaluate(
+    path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int = 100, key_file: Optional[Path] = None
+) -> dict:
+    """One row of metrics: a victim alone, or a stolen surrogate measured against the victim it was stolen from
+    (`key_file`: the watermark's secret, for a surrogate stolen through it)."""
     if path.suffix == ".pt" or _kind(path) == "victim":
         return _victim_row(path, data, device, cache, relabel_k)
     stolen = _read_surrogate(path)
     graph, info, dataset = _victim_of(stolen, data, device, cache, relabel_k)
-    return _surrogate_row(stolen, graph, info, dataset, device, cache, relabel_k)
+    return _surrogate_row(stolen, graph, info, dataset, device, cache, relabel_k, key_file)
 
 
 def _victim_row(path: Path, data: Optional[str], device: str, cache: dict, relabel_k: int) -> dict:
@@ -157,6 +162,17 @@ class _Stolen:
     spent: tuple[np.ndarray, np.ndarray]  # (queries, stealing accuracy) of surrogates trained on that many
     seed: int
     seconds: float
+    key_fingerprint: Optional[str]  # of the watermark key its answers were marked with (None: not watermarked)
+
+    def key(self, key_file: Optional[Path]) -> Optional[Path]:
+        """The watermark key to rebuild the defense it was stolen through: the one that marked its answers."""
+        if self.key_fingerprint is None:
+            return None
+        if key_file is None:
+            raise UserError(f"{self.path}: stolen through the watermark; give its key with --watermark-key")
+        if _keys.fingerprint(_keys.load(key_file)) != self.key_fingerprint:
+            raise UserError(f"{self.path}: its answers were marked with another key than {key_file}")
+        return key_file
 
 
 def _read_surrogate(path: Path) -> _Stolen:
@@ -180,6 +196,9 @@ def _read_surrogate(path: Path) -> _Stolen:
             if "queries" in budget
             else (np.zeros(0),) * 2,
             seed=int(f.attrs["seed"]),
+            key_fingerprint=str(f["transfer/watermark"].attrs["key_fingerprint"])
+            if "transfer/watermark" in f
+            else None,
             seconds=float(f.attrs.get("wall_seconds", np.nan)),
         )
 
@@ -215,6 +234,7 @@ def _surrogate_row(
     device: str,
     cache: dict,
     relabel_k: int,
+    key_file: Optional[Path] = None,
 ) -> dict:
     """The theft measured on the victim's test split, against the labels and against the victim's answers."""
     attrs, victim = stolen.attrs, info.path
@@ -225,7 +245,8 @@ def _surrogate_row(
     x, y = _data.to_float(dataset.splits["test"][0]), dataset.splits["test"][1]
     predicted = _blackbox.predict(surrogate, x, device).argmax(1).cpu()
     victim_top1 = _top1(cache, victim, graph, info, dataset, device)
-    deployed_top1 = _top1(cache, victim, graph, info, dataset, device, str(attrs["defense"]), attrs["defense_params"])
+    defense, key = str(attrs["defense"]), stolen.key(key_file)
+    deployed_top1 = _top1(cache, victim, graph, info, dataset, device, defense, attrs["defense_params"], key)
     benign = float((deployed_top1 == y).float().mean())
     stealing = float((predicted == y).float().mean())
     defense = _defense.setting(
@@ -352,6 +373,7 @@ def _top1(
     device: str,
     defense: str = "none",
     params: Optional[dict] = None,
+    key_file: Optional[Path] = None,
 ) -> torch.Tensor:
     """The victim's top-1 answers on the test split behind `defense` (none: the graph as opened), computed once
     per (victim, data, defense) and shared by every surrogate stolen from it: every defense is deterministic, and a
@@ -359,7 +381,7 @@ def _top1(
     settings = json.dumps(params or {}, sort_keys=True) if defense != "none" else ""
     key = ("top1", str(path), dataset.path, defense, settings)
     if key not in cache:
-        deployed = graph if defense == "none" else _blackbox.defend(graph, info, defense, params, device)
+        deployed = graph if defense == "none" else _blackbox.defend(graph, info, defense, params, device, key_file)
         cache[key] = _blackbox.predict(deployed, _data.to_float(dataset.splits["test"][0]), device).argmax(1).cpu()
     return cache[key]
 

@@ -4,8 +4,10 @@ is read from a transfer set and from the serving ledger; bad input fails in one 
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,6 +18,9 @@ from tiny_data import write_dataset
 
 from models.defenses import Watermark, coarsen, key_fingerprint
 from models.params import defaults
+from stages.attacks import blackbox as _blackbox
+from stages.data import prepared as _data
+from stages.evaluation import metrics
 from stages.provenance import evidence as _evidence
 from stages.provenance import significance
 
@@ -286,3 +291,32 @@ def test_deployed_files_are_suspects_too(theft, victim, tmp_path):
             outcomes[fmt] = (int(f.attrs["marked_agree"]), int(f.attrs["control_agree"]), f.attrs["verdict"])
     assert len(set(outcomes.values())) == 1 and outcomes["h5"][2] == "not shown", outcomes
     assert outcomes["h5"][0] == 0  # the victim's own top-1 is never the class its mark points to
+
+
+def test_evaluate_rebuilds_the_watermark_with_the_key_that_marked_the_answers(theft, victim, tmp_path):
+    """Benign accuracy as deployed needs the same key: without it, or with another, evaluate refuses in one line.
+    With it, the deployed accuracy is the victim's test accuracy behind the watermark rebuilt with that key."""
+    out = tmp_path / "metrics.h5"
+    common = ("evaluate", theft["marked"], victim, "--out", out, "--benign-budget", "none", "--device", "cpu")
+    assert "--watermark-key" in assert_one_line_error(invoke(*common))
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"y" * 32)
+    assert "another key" in assert_one_line_error(invoke(*common, "--watermark-key", wrong))
+    assert not out.exists()
+    r = invoke(*common, "--watermark-key", theft["key"])
+    assert r.exit_code == 0, r.stderr
+    rows = {Path(row["file"]).name: row["benign_accuracy"] for row in metrics.ROWS.read(out)}
+    with h5py.File(out) as f:
+        assert str(theft["key"]) not in f.attrs["params"]
+    graph, info = _blackbox.open_victim(Path(victim), "cpu")
+    with h5py.File(theft["marked"]) as f:
+        params = json.loads(f.attrs["defense_params"])
+    deployed = _blackbox.defend(graph, info, "watermark", params, "cpu", theft["key"])
+    images, labels = _data.load(info.dataset_path, splits=("test",)).splits["test"]
+    x = _data.to_float(images)
+    with torch.no_grad():
+        moved = (deployed(x).argmax(1) != graph(x).argmax(1)).float().mean()
+        expected = (deployed(x).argmax(1) == labels).float().mean()
+    assert moved > 0.1  # the strong setting marks a large share of the test answers
+    assert rows[theft["marked"].name] == pytest.approx(float(expected), abs=1e-6)
+    assert rows[theft["marked"].name] != rows[Path(victim).name]
