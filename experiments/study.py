@@ -139,10 +139,16 @@ class Study:
         self.attacks = self._attacks(config["attacks"])
         self.cells: dict[Path, Cell] = {}
         self.victims: set[tuple[str, str, int]] = set()
+        # the watermark's secret, made once for the study (rule watermark_key) when a defense is the watermark
+        watermarked = any(d.defense == "watermark" for d in self.defenses.values())
+        self.key = Path(config.get("watermark_key") or self.out / "watermark.key") if watermarked else None
+        self.independent: set[tuple[str, str, int]] = set()  # victims trained only to be suspects that saw no marks
         if config.get("leave_one_out"):  # first: cell blocks may name its victims
             self._add_leave_one_out(config["leave_one_out"])
         for block in config.get("cells") or []:
             self._add_block(block)
+        if config.get("independent"):
+            self._add_independent(config["independent"])
         for victim in _names(config.get("always_train") or [], "always_train"):
             self._recipe(victim)
             for dataset in self.datasets:
@@ -294,6 +300,60 @@ class Study:
                     for attack, label in itertools.product(attacks, labels):
                         self._add(Cell(dataset, victim, "none", seed, attack, label, pool))
 
+    def _add_independent(self, spec: dict) -> None:
+        """Victims of the given recipes and seeds, trained on the true data and never attacked: suspects that never
+        saw a marked answer, for the false-positive rate of `verify`."""
+        spec = dict(spec)
+        recipes, seeds = _names(spec.pop("victims"), "independent: victims"), spec.pop("seeds")
+        if spec:
+            raise ConfigError(f"independent has unknown keys {', '.join(spec)}")
+        for victim in recipes:
+            self._recipe(victim)
+            for dataset in self.datasets:
+                self.independent.update((dataset, victim, s) for s in self._seeds(seeds, dataset))
+        self.victims |= self.independent
+
+    # --- verification --------------------------------------------------------------------------------------------
+    def verifications(self) -> dict[str, tuple[str, str]]:
+        """`verify` runs, by output name (under <out>/verified/), each (suspect, evidence). With `verify` in the
+        configuration: `own/<cell>`, every watermark cell against its own transfer set; and `independent/<suspect>--
+        <cell>`, every model that never saw a marked answer (the `independent` victims and the cells stolen
+        through no defense) against each watermark cell of the dataset whose seed is in `evidence_seeds` and whose
+        attack, label and pool match one of `evidence` (`<attack>[-<label>-<pool>]`, `seen` allowed)."""
+        spec = self.config.get("verify")
+        if not spec:
+            return {}
+        spec = dict(spec)
+        evidence = set(_names(spec.pop("evidence", []), "verify: evidence"))
+        evidence_seeds = {int(s) for s in _names(spec.pop("evidence_seeds", [0]), "verify: evidence_seeds")}
+        if spec:
+            raise ConfigError(f"verify has unknown keys {', '.join(spec)}")
+        marked = {p: c for p, c in self.cells.items() if self.defenses[c.defense].defense == "watermark"}
+        runs = {f"own/{p.stem}": (str(p), str(p)) for p in marked}
+        suspects = [(self.victim(*v), v[0]) for v in sorted(self.independent)]
+        suspects += [(str(p), c.dataset) for p, c in self.cells.items() if self.defenses[c.defense].defense == "none"]
+        for path, cell in marked.items():
+            what = {cell.attack + (f"-{cell.label}-{cell.pool}" if cell.pool else "")}
+            if cell.pool and cell.pool == self.seen.get(cell.dataset):
+                what.add(f"{cell.attack}-{cell.label}-{SEEN}")
+            if cell.seed not in evidence_seeds or not what & evidence:
+                continue
+            for suspect, dataset in suspects:
+                if dataset == cell.dataset:
+                    runs[f"independent/{Path(suspect).stem}--{path.stem}"] = (suspect, str(path))
+        return dict(sorted(runs.items()))
+
+    def verification(self, name: str) -> dict[str, str]:
+        suspect, evidence = self.verifications()[name]
+        return dict(suspect=suspect, evidence=evidence, key=str(self.key))
+
+    def verification_files(self, kind: str = "") -> list[str]:
+        return [str(self.out / "verified" / f"{n}.h5") for n in self.verifications() if n.startswith(kind)]
+
+    def proof(self) -> list[str]:
+        """The verification tables, when the study verifies."""
+        return [str(self.out / "proof.md")] if self.verifications() else []
+
     # --- paths -----------------------------------------------------------------------------------------------------
     def data(self, name: str) -> str:
         return str(self.out / "data" / f"{name}.h5")
@@ -356,7 +416,15 @@ class Study:
 
     def defense_flags(self, defense: str) -> str:
         d = self.defenses[defense]
-        return " ".join([f"--defense {d.defense}"] + [f"--defense-param {k}={v}" for k, v in d.params])
+        key = [f"--watermark-key {self.key}"] if d.defense == "watermark" else []
+        return " ".join([f"--defense {d.defense}"] + [f"--defense-param {k}={v}" for k, v in d.params] + key)
+
+    def key_input(self, defense: str) -> list[str]:
+        return [str(self.key)] if self.defenses[defense].defense == "watermark" else []
+
+    def evaluate_flags(self) -> str:
+        key = f"--watermark-key {self.key}" if self.key else ""
+        return " ".join(f for f in (self.stage_flags("evaluate"), key) if f)
 
     def attack_flags(self, attack: str, dataset: str, pool: str | None) -> str:
         """--attack, --budget and the attack's own flags; --epochs unless taken from the pool (`steps`)."""

@@ -21,7 +21,7 @@ from stages.core.artifacts import attr_json, open_artifact  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("files", type=Path, nargs="*")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
     rows, ps = [], []
@@ -40,6 +40,9 @@ def main() -> None:
             )
             ps.append(float(a["p_value"]))
     if args.summary:
+        if not ps:
+            print("no verifications")
+            return
         ps = np.array(ps)
         print(f"{len(ps)} verifications; named stolen: {int((ps < 1e-6).sum())}; p < 0.05: {int((ps < 0.05).sum())}")
         q = np.quantile(ps, [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])

@@ -150,6 +150,25 @@ EXPECTED = {
         summarise=1,
         all=1,
     ),
+    # proof, per dataset: undefended and near victims on seeds 0-2, and 8 independent victims (2 architectures x 4
+    # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims x 3 seeds (24), knockoff-confident and
+    # seeded soft x 2 pools x 2 victims on seed 0 (8), 3 prefixes hard on the letters x 2 victims (6), JBDA x 2
+    # victims x 3 seeds (6); cells through no defense: knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every
+    # watermark cell against itself (44) and 24 unmarked suspects (8 victims, 16 cells) against 2 evidence cells x
+    # 2 victims of seed 0 (96); data: mnist, fashionmnist, latin-letters
+    "proof": dict(
+        prepare=3,
+        watermark_key=1,
+        train=2 * (3 + 8),
+        train_ini=2 * 3,
+        steal=2 * (24 + 8 + 6 + 16),
+        steal_own_queries=2 * 6,
+        verify=2 * (44 + 96),
+        proof=1,
+        evaluate=1,
+        summarise=1,
+        all=1,
+    ),
     # cifar10: 3 seeds x (undefended, InI) x 4 pairs x 2 labels; data: cifar10, cifar100, tinyimagenet
     "cifar10": dict(prepare=3, train=3, train_ini=3, steal=3 * 4 * 2, evaluate=1, summarise=1, all=1),
     "cifar10-smoke": dict(prepare=2, train=1, train_ini=1, steal=4 * 2, evaluate=1, summarise=1, all=1),
@@ -215,6 +234,30 @@ def test_cells_carry_the_drivers_flags(tmp_path):
     ]
     assert flag(stolen["mnist-undefended-mad-eps0.5-s0-knockoff-soft-fashionmnist.h5"], "--defense-param") == "eps=0.5"
     assert flag(cells["artifacts/grid-smoke/victims/mnist-ini-g-gamma0.1-s0.h5"], "--gamma") == "0.1"
+
+
+def test_the_proof_study_hands_the_key_to_the_watermark_cells_alone(tmp_path):
+    """The study's key reaches every watermark cell, evaluate and verify, and no cell stolen through no defense;
+    the unmarked suspects are checked against the marks of seed 0's evidence cells only."""
+    cmds = commands(tmp_path, "--configfile", str(CONFIG / "proof.yaml"))
+    key = "artifacts/proof/watermark.key"
+    stolen = {Path(out).stem: cmd for out, cmd in cmds.items() if "/stolen/" in out}
+    assert all(flag(cmd, "--watermark-key") == key for name, cmd in stolen.items() if "-watermark-" in name)
+    assert all("--watermark-key" not in cmd for name, cmd in stolen.items() if "-none-" in name)
+    verified = {out.split("/verified/")[1]: cmd for out, cmd in cmds.items() if "/verified/" in out}
+    assert all(flag(cmd, "--key") == key for cmd in verified.values())
+    own = verified["own/mnist-near-watermark-s0-jbda.h5"]
+    assert flag(own, "--suspect") == flag(own, "--evidence") == "artifacts/proof/stolen/mnist-near-watermark-s0-jbda.h5"
+    evidence = {Path(flag(cmd, "--evidence")).stem for name, cmd in verified.items() if name.startswith("independent")}
+    assert evidence == {
+        f"{d}-{v}-watermark-s0-knockoff-{label}-{pool}"
+        for d, seen in (("mnist", "fashionmnist"), ("fashionmnist", "mnist"))
+        for v in ("undefended", "near")
+        for label, pool in (("hard", "latin-letters"), ("soft", seen))
+    }
+    suspects = {flag(cmd, "--suspect") for name, cmd in verified.items() if name.startswith("independent/mnist")}
+    assert "artifacts/proof/victims/mnist-undefended-bn-s13.h5" in suspects
+    assert not any("-watermark-" in s for s in suspects)
 
 
 def test_a_configuration_naming_nothing_it_defines_is_refused(tmp_path):
