@@ -72,6 +72,27 @@ def test_ood_looking_answers_are_marked_at_their_own_rate_and_raise_keeps_the_la
     torch.testing.assert_close(out.sum(1), torch.ones(len(p)))
 
 
+def test_a_sharpened_mark_gives_the_keyed_class_at_least_the_confidence_and_keeps_the_rest_in_proportion():
+    x, p = answers(4000, seed=2)
+    plain, sharp = (
+        watermark(rate=0.0, ood_rate=0.5, threshold=0.9),
+        watermark(rate=0.0, ood_rate=0.5, threshold=0.9, confidence=0.95),
+    )
+    with torch.no_grad():
+        swapped, sharpened = plain(x, p), sharp(x, p)
+    marked, keyed, _ = sharp.marks(x, p)
+    assert 0.2 < marked.mean() < 0.5
+    assert torch.equal(sharpened[~torch.from_numpy(marked)], p[~torch.from_numpy(marked)])
+    rows, k = np.flatnonzero(marked), torch.from_numpy(keyed)
+    lifted = sharpened[rows, k[rows]]
+    assert (lifted >= 0.95 - 1e-6).all() and torch.equal(sharpened[rows].argmax(1), k[rows])
+    torch.testing.assert_close(sharpened.sum(1), torch.ones(len(p)))
+    others = torch.ones_like(p, dtype=torch.bool)
+    others[rows, k[rows]] = False
+    ratio = sharpened[rows][others[rows]].view(len(rows), -1) / swapped[rows][others[rows]].view(len(rows), -1)
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))  # one factor per answer: proportions kept
+
+
 def test_coarsened_hash_ignores_what_stays_within_a_grey_level():
     x = np.full((1, 1, 28, 28), 100, np.uint8)
     assert np.array_equal(coarsen(x, 2, 16), coarsen(x + 3, 2, 16))  # 100 and 103 share level 6 of 16
