@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
-import h5py
 import numpy as np
 import torch
 import typer
@@ -24,7 +23,7 @@ import models
 from models.params import UserError
 from stages.attacks import blackbox as _blackbox
 from stages.core import options as _options
-from stages.core.artifacts import attr_json, load_state, open_artifact, prepare_output, write_artifact
+from stages.core.artifacts import artifact_kind, attr_json, load_state, open_artifact, prepare_output, write_artifact
 from stages.data import prepared as _data
 from stages.deploy import defense as _defense
 from stages.deploy import watermark_key as _keys
@@ -310,14 +309,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def _kind(path: Path) -> str:
-    """Peek at the schema to tell victims from surrogates; open_artifact then checks the file in full."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        with h5py.File(path, "r") as f:
-            kind = str(f.attrs.get("schema", "")).partition("/")[0]
-    except OSError:
-        raise UserError(f"{path}: not a readable HDF5 file (truncated or another format)") from None
+    kind = artifact_kind(path)
     if kind not in ("victim", "surrogate"):
         raise UserError(f"{path}: evaluate takes victim and surrogate artifacts, not {kind or 'an unknown file'!r}")
     return kind

@@ -31,9 +31,13 @@ TOLERANCE = 1e-5
 
 
 def run(
-    victim: Annotated[Path, typer.Option(help="Victim HDF5 written by train or train-ini.")] = Path(
-        "artifacts/victim.h5"
-    ),
+    victim: Annotated[
+        Path,
+        typer.Option(
+            help="Victim HDF5 written by train or train-ini, or a surrogate HDF5 written by steal (a stolen copy, "
+            "deployed or distilled once more)."
+        ),
+    ] = Path("artifacts/victim.h5"),
     out: Annotated[
         Optional[Path],
         typer.Option(help="Output file [default: the victim path with .pt, or .onnx for --format onnx]."),
@@ -63,7 +67,7 @@ def run(
             f"--defense {defense} cannot be exported to ONNX: {_onnx.UNSUPPORTED[defense]}; use --format torchscript"
         )
     out = prepare_output(out or Path(victim).with_suffix(".onnx" if format == "onnx" else ".pt"))
-    model, info = _victim.load(victim)
+    model, info = _victim.load_model(victim)
     dataset = _data.load(data or info.dataset_path, splits=("test",))
     _victim.check_matches(info, dataset)
 

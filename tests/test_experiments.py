@@ -154,8 +154,9 @@ EXPECTED = {
     # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims x 3 seeds (24), knockoff-confident and
     # seeded soft x 2 pools x 2 victims on seed 0 (8), 3 prefixes hard on the letters x 2 victims (6), a LeNet-5-BN
     # thief x 2 labels on the letters x 2 victims (4), JBDA x 2 victims x 3 seeds (6); cells through no defense:
-    # knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every watermark cell against itself (48) and 24 unmarked suspects (8 victims, 16 cells) against 2 evidence cells x
-    # 2 victims of seed 0 (96); data: mnist, fashionmnist, latin-letters
+    # knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every watermark cell against itself (48) and 24
+    # unmarked suspects (8 victims, 16 cells) against 2 evidence cells x 2 victims of seed 0 (96); data: mnist,
+    # fashionmnist, latin-letters
     "proof": dict(
         prepare=3,
         watermark_key=1,

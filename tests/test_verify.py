@@ -314,6 +314,30 @@ def test_deployed_files_are_suspects_too(theft, victim, tmp_path):
     assert outcomes["h5"][0] == 0  # the victim's own top-1 is never the class its mark points to
 
 
+def test_a_stolen_copy_deployed_and_distilled_once_more_is_still_named(theft, mnist_small, tmp_path):
+    """A thief exports its surrogate (export takes a surrogate.h5 too) and a second thief distils that file on the
+    same pool: the marks the first copy learnt reach the second, so the copy of the copy is named; the first copy's
+    deployed file gives the same verification as its weights."""
+    copy = tmp_path / "copy.pt"
+    r = invoke("export", "--victim", theft["marked"], "--out", copy)
+    assert r.exit_code == 0, r.stderr
+    second = tmp_path / "second.h5"
+    r = invoke(
+        "steal", "--victim", copy, "--pool", mnist_small, "--budget", 800, "--epochs", 60, "--device", "cpu",
+        "--seed", 2, "--out", second,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    verdicts = {}
+    for suspect in (theft["marked"], copy, second):
+        out = tmp_path / f"v-{suspect.stem}-{suspect.suffix[1:]}.h5"
+        r = invoke("verify", "--suspect", suspect, "--evidence", theft["marked"], "--key", theft["key"], "--out", out)
+        assert r.exit_code == 0, r.stderr
+        with h5py.File(out) as f:
+            verdicts[suspect.name] = (int(f.attrs["marked_agree"]), float(f.attrs["p_value"]))
+    assert verdicts["copy.pt"][0] == verdicts[theft["marked"].name][0]
+    assert verdicts["second.h5"][1] < 1e-6, verdicts
+
+
 def test_evaluate_rebuilds_the_watermark_with_the_key_that_marked_the_answers(theft, victim, tmp_path):
     """Benign accuracy as deployed needs the same key: without it, or with another, evaluate refuses in one line.
     With it, the deployed accuracy is the victim's test accuracy behind the watermark rebuilt with that key."""

@@ -156,6 +156,19 @@ def open_artifact(path: str | Path, kind: str) -> h5py.File:
     return f
 
 
+def artifact_kind(path: str | Path) -> str:
+    """Peek at an artifact's kind ("victim", "surrogate", ...; "" for none) to choose its reader; open_artifact
+    then checks the file in full."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("schema", "")).partition("/")[0]
+    except OSError:
+        raise UserError(f"{path}: not a readable HDF5 file (truncated or another format)") from None
+
+
 MEMINFO = Path("/proc/meminfo")
 
 

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import h5py
 import numpy as np
 import torch
 
 import models
 from models.params import UserError
-from stages.core.artifacts import attr_json, load_state, open_artifact, sha256
+from stages.core.artifacts import artifact_kind, attr_json, load_state, open_artifact, sha256
 from stages.deploy import onnx_export as _onnx
 from stages.serving import client as _client
 from stages.training import victim as _victim
@@ -64,11 +63,7 @@ def _torch(net: torch.nn.Module, softmax: bool = False) -> Callable[[np.ndarray]
 
 
 def _weights(path: Path) -> Suspect:
-    try:
-        with h5py.File(path, "r") as f:
-            kind = str(f.attrs.get("schema", "")).partition("/")[0]
-    except OSError:
-        raise UserError(f"{path}: not a readable HDF5 file") from None
+    kind = artifact_kind(path)
     if kind == "victim":
         net, info = _victim.load(path)
         return Suspect(_torch(net, True), "victim", str(path), info.sha256, tuple(info.input_shape), len(info.classes))

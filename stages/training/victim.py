@@ -16,6 +16,7 @@ import torch
 import models
 from models.params import UserError
 from stages.core.artifacts import (
+    artifact_kind,
     attr_json,
     load_history,
     load_state,
@@ -240,6 +241,46 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
     except RuntimeError:
         raise UserError(f"{path}: weights do not fit a {info.arch} for {info.input_shape}") from None
     return model.to(device).eval(), info
+
+
+def load_surrogate(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo]:
+    """A stolen surrogate.h5 as a model in its own right: a thief's copy, to deploy (`export`) or to distil once
+    more. Its evaluation set is the one steal measured it on (`--data`, else its victim's)."""
+    with open_artifact(path, "surrogate") as f:
+        try:
+            params = attr_json(f, "params")
+            provenance = {k: f.attrs[k] for k in PROVENANCE if k in f.attrs}
+            data = params.get("data")
+            if data is None and params.get("victim") and Path(params["victim"]).exists():
+                data = load(Path(params["victim"]))[1].dataset_path
+            provenance["params"] = json.dumps({**params, "dataset": data or str(f.attrs["dataset"])})
+            info = VictimInfo(
+                path=Path(path),
+                sha256=sha256(path),
+                arch=str(f.attrs["arch"]),
+                dataset=str(f.attrs["dataset"]),
+                dataset_path=data or str(f.attrs["dataset"]),
+                classes=attr_json(f, "classes"),
+                input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
+                mean=[float(v) for v in f.attrs["mean"]],
+                std=[float(v) for v in f.attrs["std"]],
+                objective=f"stolen ({f.attrs['attack']}, {f.attrs['label']} labels)",
+                test_accuracy=float(f.attrs["stealing_accuracy"]),
+                seed=int(f.attrs.get("seed", -1)),
+                wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
+                provenance=provenance,
+            )
+            state = load_state(f["weights"])
+        except KeyError as e:
+            raise UserError(f"{path}: surrogate artifact lacks {e}") from None
+    model = info.build()
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
+
+
+def load_model(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo]:
+    """A victim.h5 or a stolen surrogate.h5, by its schema."""
+    return load_surrogate(path, device) if artifact_kind(path) == "surrogate" else load(path, device)
 
 
 def load_deployed(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule, VictimInfo]:
