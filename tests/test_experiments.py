@@ -153,8 +153,9 @@ EXPECTED = {
     # proof, per dataset: undefended and near victims on seeds 0-2, and 8 independent victims (2 architectures x 4
     # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims x 3 seeds (24), knockoff-confident and
     # seeded soft x 2 pools x 2 victims on seed 0 (8), 3 prefixes hard on the letters x 2 victims (6), a LeNet-5-BN
-    # thief x 2 labels on the letters x 2 victims (4), JBDA x 2 victims x 3 seeds (6); cells through no defense:
-    # knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every watermark cell against itself (48) and 24
+    # thief x 2 labels on the letters x 2 victims (4), the voting thief hard x 2 pools x 2 victims (4), JBDA x 2
+    # victims x 3 seeds (6); cells through no defense: knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every
+    # watermark cell against itself (52) and 24
     # unmarked suspects (8 victims, 16 cells) against 2 evidence cells x 2 victims of seed 0 (96); data: mnist,
     # fashionmnist, latin-letters
     "proof": dict(
@@ -162,9 +163,9 @@ EXPECTED = {
         watermark_key=1,
         train=2 * (3 + 8),
         train_ini=2 * 3,
-        steal=2 * (24 + 8 + 6 + 4 + 16),
+        steal=2 * (24 + 8 + 6 + 4 + 4 + 16),
         steal_own_queries=2 * 6,
-        verify=2 * (48 + 96),
+        verify=2 * (52 + 96),
         proof=1,
         evaluate=1,
         summarise=1,
