@@ -151,21 +151,20 @@ EXPECTED = {
         all=1,
     ),
     # proof, per dataset: undefended and near victims on seeds 0-2, and 8 independent victims (2 architectures x 4
-    # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims x 3 seeds (24), knockoff-confident and
-    # seeded soft x 2 pools x 2 victims on seed 0 (8), 3 prefixes hard on the letters x 2 victims (6), a LeNet-5-BN
-    # thief x 2 labels on the letters x 2 victims (4), the voting thief hard x 2 pools x 2 victims (4), JBDA x 2
-    # victims x 3 seeds (6); cells through no defense: knockoff x 2 x 2 x 2 victims x seeds 0-1 (16); verify: every
-    # watermark cell against itself (52) and 24
-    # unmarked suspects (8 victims, 16 cells) against 2 evidence cells x 2 victims of seed 0 (96); data: mnist,
-    # fashionmnist, latin-letters
+    # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims x 3 seeds (24), JBDA x 2 victims x 3 seeds
+    # (6), cells through no defense: knockoff x 2 x 2 x 2 victims on seed 0 (8); MNIST alone, seed 0: knockoff-
+    # confident and seeded soft x 2 pools x 2 victims (8), a LeNet-5-BN thief x 2 labels on the letters x 2 victims
+    # (4), the voting thief hard x 2 pools x 2 victims (4), 3 prefixes hard on the letters x 2 victims (6); verify:
+    # every watermark cell against itself (30 + 22 on MNIST) and 16 unmarked suspects (8 victims, 8 cells) against
+    # the hard letters thieves of seed 0's 2 victims (32); data: mnist, fashionmnist, latin-letters
     "proof": dict(
         prepare=3,
         watermark_key=1,
         train=2 * (3 + 8),
         train_ini=2 * 3,
-        steal=2 * (24 + 8 + 6 + 4 + 4 + 16),
+        steal=2 * (24 + 8) + 8 + 4 + 4 + 6,
         steal_own_queries=2 * 6,
-        verify=2 * (52 + 96),
+        verify=2 * (30 + 32) + 22,
         proof=1,
         evaluate=1,
         summarise=1,
@@ -253,9 +252,9 @@ def test_the_proof_study_hands_the_key_to_the_watermark_cells_alone(tmp_path):
     evidence = {Path(flag(cmd, "--evidence")).stem for name, cmd in verified.items() if name.startswith("independent")}
     assert evidence == {
         f"{d}-{v}-watermark-s0-knockoff-{label}-{pool}"
-        for d, seen in (("mnist", "fashionmnist"), ("fashionmnist", "mnist"))
+        for d in ("mnist", "fashionmnist")
         for v in ("undefended", "near")
-        for label, pool in (("hard", "latin-letters"), ("soft", seen))
+        for label, pool in (("hard", "latin-letters"),)
     }
     suspects = {flag(cmd, "--suspect") for name, cmd in verified.items() if name.startswith("independent/mnist")}
     assert "artifacts/proof/victims/mnist-undefended-bn-s13.h5" in suspects
