@@ -5,6 +5,7 @@ confidence search moves its queries to where the victim answers confidently; the
 are not queries."""
 
 import re
+import types
 
 import pytest
 import torch
@@ -183,3 +184,32 @@ def test_steal_help_documents_every_parameter_of_the_new_thieves():
         assert attack in text
         for key, spec in ATTACKS[attack].PARAMS.items():
             assert flat(f"{key}={spec.default:g} ({spec.help})") in text, key
+
+
+def test_the_voting_thief_averages_its_views_or_takes_their_majority():
+    """A victim that answers a pool image as is with class 7 and any shifted view of it with class 3, as a keyed
+    mark that only one view of four carries: the average keeps the mark as a quarter of the target, the majority
+    drops it."""
+    pool = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
+    pool[:, :, 2:6, 2:6] = torch.arange(1, 7, dtype=torch.uint8).mul(40)[:, None, None, None]
+    originals = _data.to_float(pool).flatten(1)
+
+    class Victim:
+        label, remaining = "hard", 1000
+
+        def __call__(self, images):
+            self.remaining -= len(images)
+            as_is = (torch.cdist(images.flatten(1), originals).min(1).values < 1e-6).long()
+            return 3 + 4 * as_is
+
+    targets = {}
+    for majority in (0, 1):
+        thief = types.SimpleNamespace(
+            pool=pool, rng=torch.Generator().manual_seed(0), num_classes=10, query_batch=64, input_shape=(1, 8, 8)
+        )
+        attack = ATTACKS["adaptive"](smoothing=4, shift=2, majority=majority)
+        targets[majority] = attack._vote(Victim(), thief)["targets"]
+    shifted_alike = (targets[0][:, 7] > 0.25).sum()  # a random shift of 0 px leaves a view as is
+    assert (targets[0][:, 3] + targets[0][:, 7] == 1).all() and (targets[0][:, 7] >= 0.25).all(), targets[0]
+    assert shifted_alike < len(pool)
+    assert (targets[1][:, 3] == 1).sum() >= len(pool) - shifted_alike and (targets[1].sum(1) == 1).all()

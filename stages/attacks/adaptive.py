@@ -2,7 +2,8 @@
 
 It keeps only the top-1 label of every answer (discarding perturbed probabilities) and queries each pool image
 `smoothing` times, the first as is and the rest randomly shifted (and flipped, for RGB); the averaged one-hot
-labels are the soft target the surrogate learns with KL. n queries per image: `budget // smoothing` images.
+labels are the soft target the surrogate learns with KL (`majority=1`: the majority label instead). n queries per
+image: `budget // smoothing` images.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class Adaptive(Attack):
     PARAMS = {
         "smoothing": Param(4, 1, 1000, True, "queries per pool image (1: plain hard-label knockoff)"),
         "shift": Param(2, 0, 16, True, "largest random translation in pixels"),
+        # a thief who knows that a keyed mark rarely survives a shift: the majority label drops a mark that only
+        # one of an image's views carries, where the average keeps it as a share of the target
+        "majority": Param(0, 0, 1, True, "1: the target is the majority label of the views (ties: the lowest class)"),
     }
     POOL = "required"
     LABELS = ("hard", "soft")  # soft answers are cut to their top-1 label all the same
@@ -43,6 +47,7 @@ class Adaptive(Attack):
     OPTIMIZER, SCHEDULE = Knockoff.OPTIMIZER, Knockoff.SCHEDULE  # the calibrated thief's recipe
     smoothing: int
     shift: int
+    majority: int
 
     def run(self, query: Query, thief: Thief) -> None:
         """Checkpoints after querying (the voted images as pool indices, and their targets) and after every epoch."""
@@ -74,4 +79,7 @@ class Adaptive(Attack):
             if got < len(views) * k:
                 break
         kept = counts > 0
-        return {"chosen": order[kept], "targets": votes[kept] / counts[kept, None]}
+        targets = votes[kept] / counts[kept, None]
+        if self.majority:
+            targets = F.one_hot(targets.argmax(1), thief.num_classes).float()
+        return {"chosen": order[kept], "targets": targets}
