@@ -153,11 +153,11 @@ EXPECTED = {
     # proof, per dataset on seed 0: undefended and near victims, and 8 independent victims (2 architectures x 4
     # seeds); watermark cells: knockoff x 2 labels x 2 pools x 2 victims (8) and JBDA x 2 victims (2); cells through
     # no defense: knockoff x 2 x 2 x 2 victims (8). MNIST alone: seeds 1-2 of both victims, knockoff x 2 labels on
-    # the letters (8); knockoff-confident and seeded soft x 2 pools x 2 victims (8), a LeNet-5-BN thief x 2 labels on
-    # the letters x 2 victims (4), the voting thieves (average, majority) hard x 2 pools x 2 victims (8), 3 prefixes hard on the letters x
-    # 2 victims (6); verify: every watermark cell against itself (10 per dataset + 34 on MNIST) and 16 unmarked
-    # suspects (8 victims, 8 cells) against the hard letters thieves of seed 0's 2 victims (32 per dataset); data:
-    # mnist, fashionmnist, latin-letters
+    # the letters (8); knockoff-confident and seeded soft x 2 pools x 2 victims (8), a LeNet-5-BN thief x 2 labels
+    # on the letters x 2 victims (4), the voting thieves (average, majority) hard x 2 pools x 2 victims (8), 3
+    # prefixes hard on the letters x 2 victims (6); verify: every watermark cell against itself (10 per dataset + 34
+    # on MNIST) and 16 unmarked suspects (8 victims, 8 cells) against the hard letters thieves of seed 0's 2
+    # victims (32 per dataset); data: mnist, fashionmnist, latin-letters
     "proof": dict(
         prepare=3,
         watermark_key=1,
