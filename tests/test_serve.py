@@ -340,9 +340,11 @@ def test_steal_through_the_api_spends_its_budget_once(world, server, tmp_path):
         assert f["rows/queries"][0] == 90
 
 
-def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(world, tmp_path):
+@pytest.mark.parametrize("durability", ["full", "process"])
+def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(world, tmp_path, durability):
+    """At either durability level: `process` leaves a commit with the OS unflushed, which a kill -9 of serve keeps."""
     ledger = tmp_path / "ledger.sqlite"
-    first = Server(world["victim"], world["keys"], ledger)
+    first = Server(world["victim"], world["keys"], ledger, "--durability", durability)
     key, x = world["tokens"]["spare"], world["test"]
     received, broken = burst_then_kill(
         lambda: httpx.Client(base_url=first.url, headers={"X-API-Key": key}, timeout=10.0),
@@ -389,6 +391,30 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
     with third.client(key) as c:
         assert c.get("/v1/usage").json()["spent"] == total
     assert third.stop(signal.SIGINT) == 0
+    with sqlite3.connect(ledger) as db:
+        runs = [json.loads(v) for (_, v) in sorted(db.execute("SELECT key, value FROM meta WHERE key LIKE 'run.%'"))]
+    assert [r["durability"] for r in runs][:1] == [durability] and runs[-1]["durability"] == "full"
+
+
+@pytest.mark.parametrize("durability", ["full", "process"])
+def test_each_durability_level_sets_what_its_commit_waits_for(ledger_at, durability):
+    """`full` flushes to disk (SQLite synchronous FULL, PostgreSQL synchronous_commit on); `process` leaves the
+    flush to the OS or the database server (NORMAL, off) on every connection that commits a batch."""
+    from stages.serving.ledger import Answered, open_ledger
+
+    book = open_ledger(ledger_at, durability)
+    try:
+        book.enrol(["alice"])
+        assert book.record([Answered("alice", 0.0, "0" * 64, None, np.full((3, 10), 0.1, np.float32), 0)])[0].spent == 3
+        if ledger_at.startswith("postgresql://"):
+            with book._connection() as db:
+                setting = db.execute("SHOW synchronous_commit").fetchone()[0]
+            assert setting == {"full": "on", "process": "off"}[durability]
+        else:
+            assert book._db.execute("PRAGMA synchronous").fetchone()[0] == {"full": 2, "process": 1}[durability]
+        assert book.standing("alice") == (3, "ok")
+    finally:
+        book.close()
 
 
 def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):

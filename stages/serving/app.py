@@ -137,9 +137,9 @@ class Service:
     # -- the worker thread: forward pass and ledger ----------------------------------------------------------
     def _answer(self, jobs: list[Job]) -> list[tuple[np.ndarray, Debit]]:
         images = np.concatenate([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
-        answers = self.served.predict(images)
+        answers, marks = self.served.predict(images), []
         if self.marker is not None:  # keyed marks outside the served graph (stages/serving/watermark.py)
-            answers = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
+            answers, marks = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
         flags = answers.max(1) < self.monitor.calibration.ood_threshold
         now, rows, out, start = time.time(), [], [], 0
         for job in jobs:
@@ -153,9 +153,14 @@ class Service:
             )
             out.append(part)
             start += n
-        debits = self.ledger.record(rows)  # committed before any of these answers is sent
+        try:
+            debits = self.ledger.record(rows, marks)  # committed before any of these answers is sent
+        except BaseException:
+            if self.marker is not None:
+                self.marker.settle(marks, set(range(len(jobs))))
+            raise
         if self.marker is not None:
-            self.marker.store(self.ledger, now)
+            self.marker.settle(marks, {i for i, d in enumerate(debits) if d.refused is not None})
         self.metrics.batch.observe(len(images))
         for job, part, debit in zip(jobs, out, debits, strict=True):
             if debit.refused is None:
@@ -366,8 +371,9 @@ class Service:
         except asyncio.CancelledError:
             raise
         except LedgerUnavailable as e:
+            what = "whether it was counted is unknown" if e.uncertain else "nothing answered or counted"
             raise ApiError(
-                503, f"ledger unavailable, nothing answered: {e}", {**self._left(principal), "Retry-After": "1"}
+                503, f"ledger unavailable, {what}: {e}", {**self._left(principal), "Retry-After": "1"}
             ) from None
         except Exception as e:
             raise ApiError(
@@ -410,8 +416,16 @@ class Service:
         return Response(body, media_type=media, headers=headers)
 
     def usage(self, request: Request) -> dict:
+        """The principal's standing read from the ledger's row (what every replica spent), not this replica's view."""
         p = self.identify(request)
+        try:
+            spent, state = self.ledger.standing(p.name)
+        except LedgerUnavailable as e:
+            raise ApiError(503, f"ledger unavailable: {e}", {**self._left(p), "Retry-After": "1"}) from None
         b = self.budgets[p.name]
+        b.settle(0, False, spent)
+        if state != self.states[p.name]:
+            self._set_state(p.name, state)
         return dict(
             principal=p.name,
             budget=b.budget,
