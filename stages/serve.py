@@ -98,7 +98,14 @@ def run(
     max_images: Annotated[int, typer.Option(min=1, help="Images per request (413 beyond).")] = 1024,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit in MB (413 beyond).")] = 16.0,
     batch_images: Annotated[int, typer.Option(min=1, help="Images per forward pass the micro-batcher aims at.")] = 256,
-    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="How long a lone request waits for companions.")] = 2.0,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="How long a batch waits for companions of its first request (less once it holds as many "
+            "requests as the last batch).",
+        ),
+    ] = 2.0,
     global_rate: Annotated[
         float, typer.Option(min=0.0, help="Images per second over all principals (0: no global limit).")
     ] = 0.0,

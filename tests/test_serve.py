@@ -396,6 +396,40 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
     assert [r["durability"] for r in runs][:1] == [durability] and runs[-1]["durability"] == "full"
 
 
+def test_the_batcher_waits_for_as_many_requests_as_the_last_batch_held():
+    """Three clients that come back together are batched as soon as all three are in, not after --max-wait-ms;
+    a lone request still waits the whole of it for a companion."""
+    import asyncio
+
+    from stages.serving.batcher import Batcher
+
+    batches: list[int] = []
+
+    def process(jobs):
+        batches.append(len(jobs))
+        return [None] * len(jobs)
+
+    async def main() -> list[float]:
+        batcher = Batcher(process, max_images=256, max_wait=0.4)
+        await batcher.start()
+        one = np.zeros((1, 1, 8, 8), np.float32)
+        await asyncio.gather(*(batcher.submit(one, i) for i in range(3)))  # together: one batch of 3
+        took = []
+        for gaps in ((0.0, 0.05, 0.1), (0.0,)):
+            began, futures = time.perf_counter(), []
+            for gap in gaps:
+                await asyncio.sleep(max(0.0, began + gap - time.perf_counter()))
+                futures.append(batcher.submit(one, gap))
+            await asyncio.gather(*futures)
+            took.append(time.perf_counter() - began)
+        await batcher.stop()
+        return took
+
+    staggered, lone = asyncio.run(main())
+    assert batches == [3, 3, 1]
+    assert staggered < 0.1 + 0.2 and lone >= 0.4  # the third came at 0.1 s: no wait after it; alone: all of it
+
+
 @pytest.mark.parametrize("durability", ["full", "process"])
 def test_each_durability_level_sets_what_its_commit_waits_for(ledger_at, durability):
     """`full` flushes to disk (SQLite synchronous FULL, PostgreSQL synchronous_commit on); `process` leaves the
