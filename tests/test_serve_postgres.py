@@ -47,12 +47,12 @@ PRINCIPALS = {  # name: budget, rate, burst, action
 class Replica(Server):
     """One `serve` process on the shared ledger; its stderr kept beside the test's files."""
 
-    def __init__(self, world: dict, url: str, name: str):
+    def __init__(self, world: dict, url: str, name: str, *flags: str):
         self.stderr = open(world["root"] / f"{name}.stderr", "w+")
         alerts = world["root"] / f"{name}.alerts.jsonl"
         try:
             self.proc, self.url = launch(
-                world["victim"], world["keys"], url, "--alerts", alerts, stderr=self.stderr, timeout=60
+                world["victim"], world["keys"], url, "--alerts", alerts, *flags, stderr=self.stderr, timeout=60
             )
         except RuntimeError as e:
             self.stderr.seek(0)
@@ -131,6 +131,43 @@ def test_sixteen_clients_racing_over_two_replicas_are_answered_the_budget_exactl
     assert spent(url, "racer") == (budget, budget, budget)  # batch 1: one row per image
     # a replica whose own count still allowed a request was refused by the database's debit
     assert any("spent meanwhile" in e for e in refusals)
+
+
+def test_watermark_evidence_is_kept_only_for_answers_the_race_let_through(world, pg):
+    """Two marking replicas, 8 clients racing past a budget with images of their own: every image kept as evidence
+    (marked or control) was answered; those refused at the debit ("spent meanwhile") left none."""
+    url, budget = pg.create("marked"), PRINCIPALS["racer"][0]
+    flags = ("--watermark-key", str(world["root"] / "watermark.key"), "--ood-threshold", "1.0")  # all marked at 10 %
+    pair = [Replica(world, url, f"marked{i}", *flags) for i in (0, 1)]
+    noise = np.random.default_rng(7).integers(0, 256, (8, 80, 1, 1, 28, 28), dtype=np.uint8)
+    answered, refused = set(), []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        clients = [s.client(world["tokens"]["racer"]) for s in pair]
+        for j, image in enumerate(noise[i]):
+            r = clients[(i + j) % 2].post("/v1/predict", content=npy(image), headers={"Content-Type": NPY})
+            with lock:
+                if r.status_code == 200:
+                    answered.add(image.tobytes())
+                else:
+                    assert r.status_code == 429, r.text
+                    refused.append(r.json()["error"])
+        for c in clients:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(client, range(8)))
+    finally:
+        for s in pair:
+            s.stop()
+    with psycopg.connect(url) as db:
+        kept = db.execute("SELECT marked, image FROM watermark WHERE principal = 'racer'").fetchall()
+    assert len(answered) == budget == spent(url, "racer")[0] and any("spent meanwhile" in e for e in refused)
+    marked = sum(m for m, _ in kept)
+    assert 5 <= marked <= 60 and len(kept) > marked  # about 10 % of 240 marked, with controls
+    assert {bytes(image) for _, image in kept} <= answered
 
 
 def test_an_idempotency_key_is_answered_once_across_replicas(world, replicas):
