@@ -4,10 +4,11 @@
 
 The ceiling is a bare FastAPI endpoint on the same uvicorn that answers a constant array: HTTP and the framework,
 nothing else. Against it, at request batch 1 and 64 with 8 clients: `serve` with its SQLite ledger, and with a
-PostgreSQL ledger (a throwaway server, fsync on) as 1 and 2 replicas; batch 64 also against the in-process forward
-pass. Then `serve`'s CPU per request at batch 1, split into its parts (HTTP and framework, .npy decoding, SHA-256,
-forward pass, ledger, monitor, encoding), each part timed in-process on the same bodies; and 2 replicas racing 16
-clients past one budget. `--graphs` adds the older table: undefended, InI and MAD graphs, TorchScript and ONNX.
+PostgreSQL ledger (a throwaway server, fsync on) as 1 and 2 replicas, each at `--durability full` and `process`;
+batch 64 also against the in-process forward pass. Then `serve`'s CPU per request at batch 1, split into its
+parts (HTTP and framework, .npy decoding, SHA-256, forward pass, ledger, monitor, encoding), each part timed
+in-process on the same bodies; and 2 replicas racing 16 clients past one budget. `--graphs` adds the older
+table: undefended, InI and MAD graphs, TorchScript and ONNX.
 
 Without --victim it trains a LeNet-5 on sklearn's digits for one epoch (offline, a minute). Every server is its own
 process with one forward thread, its clients raw keep-alive HTTP/1.1 on asyncio in this process (8 principals, one
@@ -45,6 +46,7 @@ from stages.training import jit as _jit  # noqa: E402
 from stages.training import victim as _victim  # noqa: E402
 
 LOADS = ((1, 1), (1, 8), (64, 1), (64, 8))  # (images per request, concurrent clients)
+LEVEL = {"full": "", "process": ", --durability process"}  # the row names' suffix per durability level
 
 
 def start(model: Path, keys: Path, ledger) -> tuple[subprocess.Popen, str]:
@@ -285,7 +287,7 @@ def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, 
     once per batch of `batch` requests (the mean the server formed), so their share per request is divided by it."""
     from stages.serving import model as served_model
     from stages.serving import payload
-    from stages.serving.ledger import Answered, SqliteLedger
+    from stages.serving.ledger import Answered, SqliteLedger, summarise
     from stages.serving.monitor import Monitor, Settings, calibrate
 
     served = served_model.load(model, "none", {}, 1)
@@ -301,7 +303,11 @@ def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, 
         ".npy encoding": cpu_per_call(lambda: payload.encode(one, payload.NPY)),
         "JSON encoding (Accept: JSON)": cpu_per_call(lambda: payload.encode(one, None)),
     }
-    rows = lambda: [Answered(f"p{i % 8}", time.time(), "0" * 64, None, one, 0) for i in range(n)]
+
+    def rows() -> list[Answered]:  # as serve makes them: each request's summary computed for the whole batch
+        summaries = summarise(answers[: n * size], [size] * n)
+        return [Answered(f"p{i % 8}", time.time(), "0" * 64, None, one, 0, summary=summaries[i]) for i in range(n)]
+
     sqlite = SqliteLedger(work / f"parts{size}.sqlite")
     sqlite.enrol([f"p{i}" for i in range(8)])
     out["ledger (SQLite)"] = cpu_per_call(lambda: sqlite.record(rows()), 100) / n
@@ -377,18 +383,20 @@ def main() -> None:
     model = export.run(victim=victim, format="torchscript", defense="none", out=work / "victim.pt", check_images=64)
     bodies = {b: to_npy(images[:b]) for b in (1, 64)}
     rows: dict[str, dict[int, dict]] = {}
-    batches: dict[str, float] = {}  # requests per forward pass at batch 1 (the histogram counts images)
+    batches: dict[str, float] = {}  # serve, SQLite: requests per forward pass (the histogram counts images)
 
     def measure(name: str, urls: list[str], pids: list[int]) -> None:
         rows[name] = {}
         for b, body in bodies.items():
             asyncio.run(raw_load(urls, keys, body, b, min(seconds, 1.0), pids))  # warm-up: TorchScript's shapes
-            before = formed(urls[0]) if name == "serve, SQLite" else None
+            before = formed(urls[0]) if name.startswith("serve") else None
             rows[name][b] = r = asyncio.run(raw_load(urls, keys, body, b, seconds, pids))
+            if before is not None:  # the first replica's: each replica forms its own
+                r["per_pass"] = formed(urls[0], before) / b
             if name == "serve, SQLite":
-                batches[b] = formed(urls[0], before) / b  # requests per forward pass
+                batches[b] = r["per_pass"]
             log(
-                f"{name:<32} batch {b:>2} x 8 clients: {r['requests_per_s']:8.0f} requests/s "
+                f"{name:<42} batch {b:>2} x 8 clients: {r['requests_per_s']:8.0f} requests/s "
                 f"{r['images_per_s']:8.0f} img/s p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:6.2f} ms, server CPU "
                 f"{r['server_cpu_ms']:.3f} ms/request, client CPU {r['client_cpu_ms']:.3f}"
             )
@@ -402,11 +410,12 @@ def main() -> None:
             proc.wait(timeout=60)
     procs = []
     try:
-        proc, url = launch(model, keys_file, work / "ledger.sqlite")
-        procs.append(proc)
-        measure("serve, SQLite", [url], [proc.pid])
-        proc.terminate()
-        proc.wait(timeout=60)
+        for level in ("full", "process"):
+            proc, url = launch(model, keys_file, work / f"ledger-{level}.sqlite", "--durability", level)
+            procs.append(proc)
+            measure("serve, SQLite" + LEVEL[level], [url], [proc.pid])
+            proc.terminate()
+            proc.wait(timeout=60)
         pg_url, race_result = None, None
         try:
             import psycopg  # noqa: F401  (the ledger's driver, an optional extra)
@@ -420,22 +429,31 @@ def main() -> None:
         if pg is not None:
             try:
                 postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
-                pg_url = pg.create("bench")
-                replicas = []
-                for i in range(2):
-                    proc, url = launch(model, keys_file, pg_url, "--alerts", work / f"alerts{i}.jsonl")
-                    procs.append(proc)
-                    replicas.append((proc, url))
-                measure("serve, PostgreSQL, 1 replica", [replicas[0][1]], [replicas[0][0].pid, *family_cpu(postmaster)])
-                measure(
-                    "serve, PostgreSQL, 2 replicas",
-                    [u for _, u in replicas],
-                    [*(p.pid for p, _ in replicas), *family_cpu(postmaster)],
-                )
-                race_result = race([u for _, u in replicas], racer, bodies[1], racer_budget)
-                with __import__("psycopg").connect(pg_url) as db:
-                    spent = db.execute("SELECT spent FROM principals WHERE name = 'racer'").fetchone()[0]
-                race_result = (*race_result, spent)
+                for level in ("full", "process"):
+                    pg_url = pg.create(f"bench_{level}")
+                    replicas = []
+                    for i in range(2):
+                        flags = ("--alerts", work / f"alerts-{level}{i}.jsonl", "--durability", level)
+                        proc, url = launch(model, keys_file, pg_url, *flags)
+                        procs.append(proc)
+                        replicas.append((proc, url))
+                    one, both = [replicas[0][0].pid], [p.pid for p, _ in replicas]
+                    measure(
+                        "serve, PostgreSQL, 1 replica" + LEVEL[level], [replicas[0][1]], [*one, *family_cpu(postmaster)]
+                    )
+                    measure(
+                        "serve, PostgreSQL, 2 replicas" + LEVEL[level],
+                        [u for _, u in replicas],
+                        [*both, *family_cpu(postmaster)],
+                    )
+                    if level == "full":  # the budget race, on the default level's replicas
+                        race_result = race([u for _, u in replicas], racer, bodies[1], racer_budget)
+                        with __import__("psycopg").connect(pg_url) as db:
+                            spent = db.execute("SELECT spent FROM principals WHERE name = 'racer'").fetchone()[0]
+                        race_result = (*race_result, spent)
+                    for proc, _ in replicas:
+                        proc.terminate()
+                        proc.wait(timeout=60)
             finally:
                 for proc in procs:
                     proc.terminate()
@@ -458,21 +476,23 @@ def main() -> None:
 def report(rows: dict, local: dict, costs: dict, batches: dict, race_result, budget: int) -> str:
     ceiling = rows["bare endpoint"]
     lines = [
-        "| server | batch | requests/s | img/s | p50 ms | p99 ms | server CPU ms/request | / bare endpoint | "
-        "/ in-process batch 64 | CPU per image, in-process batch 64 / this |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server | batch | requests/s | img/s | p50 ms | p99 ms | server CPU ms/request | requests per forward pass "
+        "| / bare endpoint | / in-process batch 64 | CPU per image, in-process batch 64 / this |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     per_image = local["cpu_ms"] / 64
     for name, loads in rows.items():
         for b, r in loads.items():
+            per_pass = f"{r['per_pass']:.1f}" if "per_pass" in r else ""
             lines.append(
                 f"| {name} | {b} | {r['requests_per_s']:,.0f} | {r['images_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-                f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} | "
+                f"{r['p99_ms']:.2f} | {r['server_cpu_ms']:.3f} | {per_pass} | "
                 f"{r['requests_per_s'] / ceiling[b]['requests_per_s']:.2f} | "
                 f"{r['images_per_s'] / local['images_per_s']:.2f} | {per_image / (r['server_cpu_ms'] / b):.2f} |"
             )
     lines.append(
-        f"| in-process forward pass | 64 | | {local['images_per_s']:,.0f} | | | {local['cpu_ms']:.3f} | | 1.00 | 1.00 |"
+        f"| in-process forward pass | 64 | | {local['images_per_s']:,.0f} | | | {local['cpu_ms']:.3f} | | | 1.00 "
+        "| 1.00 |"
     )
     if "serve, PostgreSQL, 2 replicas" in rows:
         one, two = rows["serve, PostgreSQL, 1 replica"], rows["serve, PostgreSQL, 2 replicas"]

@@ -28,13 +28,11 @@ from stages.serving import keys as principals_file
 from stages.serving import model as served_model
 from stages.serving import watermark as _watermark
 from stages.serving.detectors import GlobalSettings, check_prior
-from stages.serving.ledger import SqliteLedger
-from stages.serving.ledger_pg import PostgresLedger
+from stages.serving.ledger import POSTGRES, open_ledger
 from stages.serving.monitor import Monitor, Settings, calibrate
 from stages.serving.monitor import check as check_settings
 
 console = Console(stderr=True)
-POSTGRES = ("postgresql://", "postgres://")
 
 
 def run(
@@ -52,6 +50,16 @@ def run(
             "replica pointed at it); a restart resumes it."
         ),
     ] = "artifacts/ledger.sqlite",
+    durability: Annotated[
+        Literal["full", "process"],
+        typer.Option(
+            help="How far each batch's commit goes before its answers leave: full, to the disk (SQLite synchronous "
+            "FULL, PostgreSQL synchronous_commit on); process, to the operating system or the database server "
+            "(SQLite synchronous NORMAL, PostgreSQL synchronous_commit off): a kill -9 of serve loses nothing, a "
+            "power loss (SQLite) or a database server crash (PostgreSQL) can lose the last commits. "
+            "docs/serving.md, Durability."
+        ),
+    ] = "full",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="Port (0: any free port; the URL printed says which).")
@@ -90,7 +98,14 @@ def run(
     max_images: Annotated[int, typer.Option(min=1, help="Images per request (413 beyond).")] = 1024,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit in MB (413 beyond).")] = 16.0,
     batch_images: Annotated[int, typer.Option(min=1, help="Images per forward pass the micro-batcher aims at.")] = 256,
-    max_wait_ms: Annotated[float, typer.Option(min=0.0, help="How long a lone request waits for companions.")] = 2.0,
+    max_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="How long a batch waits for companions of its first request (less once it holds as many "
+            "requests as the last batch).",
+        ),
+    ] = 2.0,
     global_rate: Annotated[
         float, typer.Option(min=0.0, help="Images per second over all principals (0: no global limit).")
     ] = 0.0,
@@ -154,7 +169,7 @@ def run(
         if p.prior is not None
     }
     listener = _listen(host, port)  # before calibration: a port in use fails in one line before any work
-    book = PostgresLedger(ledger) if shared else SqliteLedger(ledger)  # so does an unreachable or foreign database
+    book = open_ledger(ledger, durability)  # so does an unreachable or foreign database
 
     source = calibration_data or served.info.dataset_path
     benign = _data.load(source, splits=(calibration_split,))
@@ -179,6 +194,7 @@ def run(
             f"run.{time.time():.0f}" + (f".{socket.gethostname()}.{os.getpid()}" if shared else ""): dict(
                 model=str(model),
                 sha256=served.info.sha256,
+                durability=durability,
                 defense=served.info.baked_defense,
                 defense_params=defense_params,
                 inputs=describe_inputs([model, keys, benign.path]),

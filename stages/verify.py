@@ -25,6 +25,7 @@ from stages.deploy import watermark_key as _keys
 from stages.provenance import evidence as _evidence
 from stages.provenance import significance
 from stages.provenance import suspect as _suspect
+from stages.serving.ledger import POSTGRES
 
 console = Console(stderr=True)
 
@@ -38,10 +39,10 @@ def run(
         ),
     ],
     evidence: Annotated[
-        Path,
+        str,
         typer.Option(
-            help="The marked answers: the serving ledger (ledger.sqlite) or a surrogate.h5 stolen from the "
-            "watermarked victim (its transfer set holds the marks)."
+            help="The marked answers: the serving ledger (ledger.sqlite, or the postgresql://... URL its replicas "
+            "share; read only) or a surrogate.h5 stolen from the watermarked victim (its transfer set holds the marks)."
         ),
     ],
     key: Annotated[
@@ -80,10 +81,15 @@ def run(
         marked_probs, ev.marked_class, control_probs, ev.control_class, ev.mode, alpha
     )
 
+    database = evidence.startswith(POSTGRES)  # recorded by its name (never a password), hashed by its rows
     params = dict(
-        suspect=suspect, evidence=str(evidence), principal=principal, alpha=alpha, key_checked=key is not None
+        suspect=suspect,
+        evidence=ev.source["path"] if database else evidence,
+        principal=principal,
+        alpha=alpha,
+        key_checked=key is not None,
     )
-    inputs = [evidence] + ([Path(suspect)] if model.kind != "served" else [])
+    inputs = ([] if database else [Path(evidence)]) + ([Path(suspect)] if model.kind != "served" else [])
     with write_artifact(out, "verification", "verify", params, inputs, None, started) as f:
         f.attrs.update(outcome.to_dict())
         f.attrs.update(

@@ -116,3 +116,29 @@ def victim(tiny, tmp_path_factory) -> Path:
     result = invoke("train", "--dataset", tiny, "--epochs", 1, "--batch-size", 32, "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def pg():
+    """A throwaway PostgreSQL server (initdb + pg_ctl on a Unix socket in a temp folder, fsync off: what is under
+    test is the ledger's transactions, not the disk); skipped, with the reason, where none can start here."""
+    pytest.importorskip("psycopg", reason="psycopg 3 not installed: pip install 'ini-toolkit[postgres]'")
+    from stages.serving.throwaway_pg import ThrowawayPostgres, Unavailable
+
+    try:
+        server = ThrowawayPostgres(fsync=False)
+        server.start()
+    except (Unavailable, OSError) as e:
+        pytest.skip(f"no throwaway PostgreSQL server here: {e}")
+    yield server
+    server.__exit__()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_at(request, tmp_path) -> str:
+    """Where a ledger lives: a SQLite file, or a new database on the throwaway PostgreSQL server (skipped without)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.sqlite")
+    import uuid
+
+    return request.getfixturevalue("pg").create(f"ledger_{uuid.uuid4().hex}")

@@ -340,9 +340,11 @@ def test_steal_through_the_api_spends_its_budget_once(world, server, tmp_path):
         assert f["rows/queries"][0] == 90
 
 
-def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(world, tmp_path):
+@pytest.mark.parametrize("durability", ["full", "process"])
+def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(world, tmp_path, durability):
+    """At either durability level: `process` leaves a commit with the OS unflushed, which a kill -9 of serve keeps."""
     ledger = tmp_path / "ledger.sqlite"
-    first = Server(world["victim"], world["keys"], ledger)
+    first = Server(world["victim"], world["keys"], ledger, "--durability", durability)
     key, x = world["tokens"]["spare"], world["test"]
     received, broken = burst_then_kill(
         lambda: httpx.Client(base_url=first.url, headers={"X-API-Key": key}, timeout=10.0),
@@ -389,6 +391,64 @@ def test_kill_9_during_a_burst_loses_no_answer_and_a_restart_keeps_the_ledger(wo
     with third.client(key) as c:
         assert c.get("/v1/usage").json()["spent"] == total
     assert third.stop(signal.SIGINT) == 0
+    with sqlite3.connect(ledger) as db:
+        runs = [json.loads(v) for (_, v) in sorted(db.execute("SELECT key, value FROM meta WHERE key LIKE 'run.%'"))]
+    assert [r["durability"] for r in runs][:1] == [durability] and runs[-1]["durability"] == "full"
+
+
+def test_the_batcher_waits_for_as_many_requests_as_the_last_batch_held():
+    """Three clients that come back together are batched as soon as all three are in, not after --max-wait-ms;
+    a lone request still waits the whole of it for a companion."""
+    import asyncio
+
+    from stages.serving.batcher import Batcher
+
+    batches: list[int] = []
+
+    def process(jobs):
+        batches.append(len(jobs))
+        return [None] * len(jobs)
+
+    async def main() -> list[float]:
+        batcher = Batcher(process, max_images=256, max_wait=1.0)
+        await batcher.start()
+        one = np.zeros((1, 1, 8, 8), np.float32)
+        await asyncio.gather(*(batcher.submit(one, i) for i in range(3)))  # together: one batch of 3
+        took = []
+        for gaps in ((0.0, 0.05, 0.1), (0.0,)):
+            began, futures = time.perf_counter(), []
+            for gap in gaps:
+                await asyncio.sleep(max(0.0, began + gap - time.perf_counter()))
+                futures.append(batcher.submit(one, gap))
+            await asyncio.gather(*futures)
+            took.append(time.perf_counter() - began)
+        await batcher.stop()
+        return took
+
+    staggered, lone = asyncio.run(main())
+    assert batches == [3, 3, 1]
+    assert staggered < 0.1 + 0.5 and lone >= 1.0  # the third came at 0.1 s: no wait after it; alone: all of it
+
+
+@pytest.mark.parametrize("durability", ["full", "process"])
+def test_each_durability_level_sets_what_its_commit_waits_for(ledger_at, durability):
+    """`full` flushes to disk (SQLite synchronous FULL, PostgreSQL synchronous_commit on); `process` leaves the
+    flush to the OS or the database server (NORMAL, off) on every connection that commits a batch."""
+    from stages.serving.ledger import Answered, open_ledger
+
+    book = open_ledger(ledger_at, durability)
+    try:
+        book.enrol(["alice"])
+        assert book.record([Answered("alice", 0.0, "0" * 64, None, np.full((3, 10), 0.1, np.float32), 0)])[0].spent == 3
+        if ledger_at.startswith("postgresql://"):
+            with book._connection() as db:
+                setting = db.execute("SHOW synchronous_commit").fetchone()[0]
+            assert setting == {"full": "on", "process": "off"}[durability]
+        else:
+            assert book._db.execute("PRAGMA synchronous").fetchone()[0] == {"full": 2, "process": 1}[durability]
+        assert book.standing("alice") == (3, "ok")
+    finally:
+        book.close()
 
 
 def test_onnx_export_matches_eager_and_serves_the_same_answers(world, tmp_path):

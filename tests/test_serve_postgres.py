@@ -1,16 +1,20 @@
 """`serve --ledger postgresql://...` with two replicas on one throwaway PostgreSQL server (initdb + pg_ctl on a Unix
 socket in a temp folder): budgets exact under racing clients, Idempotency-Keys replayed across replicas, a kill -9
-of one replica losing nothing answered, the database going away mid-request, and databases refused at start.
+of one replica losing nothing answered, the database going away mid-request, a commit whose connection breaks
+looked up before the answer, budgets remaining read from the ledger, and databases refused at start.
 Skipped, with the reason, where no PostgreSQL server or psycopg is installed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -29,7 +33,6 @@ from stages.serving.launch import launch
 ROOT = Path(__file__).resolve().parents[1]
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg 3 not installed: pip install 'ini-toolkit[postgres]'")
-from stages.serving.throwaway_pg import ThrowawayPostgres, Unavailable  # noqa: E402
 
 PRINCIPALS = {  # name: budget, rate, burst, action
     "racer": (240, 10_000.0, 10_000.0, "log"),
@@ -37,33 +40,23 @@ PRINCIPALS = {  # name: budget, rate, burst, action
     "steady": (100_000, 10_000.0, 10_000.0, "log"),
     "crash": (100_000, 10_000.0, 10_000.0, "log"),
     "thief": (100_000, 10_000.0, 10_000.0, "block"),
+    "shared": (1_000, 10_000.0, 10_000.0, "log"),
 }
 
 
 class Replica(Server):
     """One `serve` process on the shared ledger; its stderr kept beside the test's files."""
 
-    def __init__(self, world: dict, url: str, name: str):
+    def __init__(self, world: dict, url: str, name: str, *flags: str):
         self.stderr = open(world["root"] / f"{name}.stderr", "w+")
         alerts = world["root"] / f"{name}.alerts.jsonl"
         try:
             self.proc, self.url = launch(
-                world["victim"], world["keys"], url, "--alerts", alerts, stderr=self.stderr, timeout=60
+                world["victim"], world["keys"], url, "--alerts", alerts, *flags, stderr=self.stderr, timeout=60
             )
         except RuntimeError as e:
             self.stderr.seek(0)
             raise AssertionError(f"{e} {self.stderr.read()[-2000:]}") from None
-
-
-@pytest.fixture(scope="module")
-def pg():
-    try:
-        server = ThrowawayPostgres(fsync=False)  # the replicas' crash safety is under test, not the disk's
-        server.start()
-    except (Unavailable, OSError) as e:
-        pytest.skip(f"no throwaway PostgreSQL server here: {e}")
-    yield server
-    server.__exit__()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +133,43 @@ def test_sixteen_clients_racing_over_two_replicas_are_answered_the_budget_exactl
     assert any("spent meanwhile" in e for e in refusals)
 
 
+def test_watermark_evidence_is_kept_only_for_answers_the_race_let_through(world, pg):
+    """Two marking replicas, 8 clients racing past a budget with images of their own: every image kept as evidence
+    (marked or control) was answered; those refused at the debit ("spent meanwhile") left none."""
+    url, budget = pg.create("marked"), PRINCIPALS["racer"][0]
+    flags = ("--watermark-key", str(world["root"] / "watermark.key"), "--ood-threshold", "1.0")  # all marked at 10 %
+    pair = [Replica(world, url, f"marked{i}", *flags) for i in (0, 1)]
+    noise = np.random.default_rng(7).integers(0, 256, (8, 80, 1, 1, 28, 28), dtype=np.uint8)
+    answered, refused = set(), []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        clients = [s.client(world["tokens"]["racer"]) for s in pair]
+        for j, image in enumerate(noise[i]):
+            r = clients[(i + j) % 2].post("/v1/predict", content=npy(image), headers={"Content-Type": NPY})
+            with lock:
+                if r.status_code == 200:
+                    answered.add(image.tobytes())
+                else:
+                    assert r.status_code == 429, r.text
+                    refused.append(r.json()["error"])
+        for c in clients:
+            c.close()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(client, range(8)))
+    finally:
+        for s in pair:
+            s.stop()
+    with psycopg.connect(url) as db:
+        kept = db.execute("SELECT marked, image FROM watermark WHERE principal = 'racer'").fetchall()
+    assert len(answered) == budget == spent(url, "racer")[0] and any("spent meanwhile" in e for e in refused)
+    marked = sum(m for m, _ in kept)
+    assert 5 <= marked <= 60 and len(kept) > marked  # about 10 % of 240 marked, with controls
+    assert {bytes(image) for _, image in kept} <= answered
+
+
 def test_an_idempotency_key_is_answered_once_across_replicas(world, replicas):
     url, (a, b) = replicas
     key, x = world["tokens"]["twice"], world["test"]
@@ -165,6 +195,144 @@ def test_an_idempotency_key_is_answered_once_across_replicas(world, replicas):
         statuses = [sorted(both(i)) for i in range(12)]
     assert all(s in ([200, 200], [200, 409]) for s in statuses), statuses
     assert spent(url, "twice") == (4 + 2 * 12, 4 + 2 * 12, 1 + 12)  # each key debited once, whoever answered
+
+
+def test_the_budget_remaining_is_the_ledgers_whichever_replica_answers(world, replicas):
+    """X-Budget-Remaining on an answer is the budget less the `spent` its debit returned, and /v1/usage reads the
+    principal's row: both count what the other replica spent."""
+    url, (a, b) = replicas
+    key, x, budget = world["tokens"]["shared"], world["test"], PRINCIPALS["shared"][0]
+    with a.client(key) as ca, b.client(key) as cb:
+        post = lambda c, n: c.post("/v1/predict", content=npy(x[:n]), headers={"Content-Type": NPY})  # noqa: E731
+        assert int(post(ca, 7).headers["x-budget-remaining"]) == budget - 7
+        usage = cb.get("/v1/usage")  # replica b has answered nothing of it
+        assert usage.json()["spent"] == 7 and int(usage.headers["x-budget-remaining"]) == budget - 7
+        assert int(post(ca, 5).headers["x-budget-remaining"]) == budget - 12
+        assert int(post(cb, 3).headers["x-budget-remaining"]) == budget - 15
+        assert ca.get("/v1/usage").json()["remaining"] == cb.get("/v1/usage").json()["remaining"] == budget - 15
+    assert spent(url, "shared") == (15, 15, 3)
+
+
+class Relay:
+    """A Unix-socket relay between a replica and the database, as the network between them: armed, it breaks the
+    connection that sends the next COMMIT, `after` relaying it (the server commits; the replica never hears so) or
+    `before` (the server rolls the transaction back); with `refuse` seconds it then breaks every connection and
+    turns new ones away that long (the database out of reach)."""
+
+    def __init__(self, pg):
+        self.folder = Path(tempfile.mkdtemp(prefix="ini-relay-"))
+        self.upstream = str(pg.folder / ".s.PGSQL.5432")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(self.folder / ".s.PGSQL.5432"))
+        self.listener.listen(16)
+        self.armed: str | None = None
+        self.refuse_until = 0.0
+        self.broken = threading.Event()
+        self.live: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.folder}"
+
+    def arm(self, mode: str, refuse: float = 0.0) -> None:
+        self.broken.clear()
+        self.armed, self.refuse = mode, refuse
+
+    def close(self) -> None:
+        self.listener.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refuse_until:
+                client.close()
+                continue
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.upstream)
+            self.live += [client, server]
+            replied, mute = threading.Event(), threading.Event()
+            threading.Thread(target=self._down, args=(server, client, replied, mute), daemon=True).start()
+            threading.Thread(target=self._up, args=(client, server, replied, mute), daemon=True).start()
+
+    def _down(self, server, client, replied, mute) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if mute.is_set():
+                    replied.set()  # the COMMIT's answer, which the replica never gets
+                    continue
+                client.sendall(data)
+        with contextlib.suppress(OSError):
+            client.close()
+
+    def _up(self, client, server, replied, mute) -> None:
+        buffer, started = b"", False
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                buffer += data
+                while True:  # whole protocol messages: the startup packet (length first), then type + length
+                    head = 0 if started else None
+                    size = int.from_bytes(buffer[1:5] if started else buffer[:4], "big") + (1 if started else 0)
+                    if len(buffer) < (5 if started else 4) or len(buffer) < size:
+                        break
+                    message, buffer, started = buffer[:size], buffer[size:], True
+                    if head == 0 and self.armed and message[:1] == b"Q" and message[5:11] == b"COMMIT":
+                        mode, self.armed = self.armed, None
+                        if mode == "after":
+                            mute.set()
+                            server.sendall(message)
+                            replied.wait(10)
+                        self.refuse_until = time.monotonic() + self.refuse
+                        for end in [client, server] + (self.live if self.refuse else []):
+                            with contextlib.suppress(OSError):
+                                end.shutdown(socket.SHUT_RDWR)
+                        self.broken.set()
+                        return
+                    server.sendall(message)
+        with contextlib.suppress(OSError):
+            server.close()
+
+
+def test_a_commit_whose_connection_breaks_is_looked_up_before_the_client_is_answered(world, pg):
+    """A request without an Idempotency-Key: the replica's connection breaks during its batch's COMMIT. Committed,
+    the replica answers it (it is counted once); rolled back, it answers 503 and a resend is counted once; when the
+    database cannot be asked within RESOLVE_SECONDS, 503 says whether it was counted is unknown."""
+    from stages.serving.ledger_pg import RESOLVE_SECONDS
+
+    pg.create("relayed")
+    relay = Relay(pg)
+    replica = Replica(world, relay.url("relayed"), "relayed")
+    key, x, url = world["tokens"]["steady"], world["test"], pg.url("relayed")
+    try:
+        with replica.client(key) as c:
+            post = lambda n: c.post("/v1/predict", content=npy(x[:n]), headers={"Content-Type": NPY})  # noqa: E731
+            assert post(2).status_code == 200
+            relay.arm("after")
+            r = post(4)
+            assert relay.broken.is_set() and r.status_code == 200 and len(r.json()["answers"]) == 4
+            assert int(r.headers["x-budget-remaining"]) == PRINCIPALS["steady"][0] - 6
+            assert spent(url, "steady") == (6, 6, 2)  # answered and counted once
+
+            relay.arm("before")
+            r = post(3)
+            assert relay.broken.is_set() and r.status_code == 503, r.text
+            assert "nothing answered or counted" in r.json()["error"] and r.headers["retry-after"] == "1"
+            assert spent(url, "steady") == (6, 6, 2)
+            assert post(3).status_code == 200  # the resend, counted once
+            assert spent(url, "steady") == (9, 9, 3)
+
+            relay.arm("after", refuse=RESOLVE_SECONDS + 2)
+            began = time.monotonic()
+            r = post(1)
+            assert relay.broken.is_set() and r.status_code == 503, r.text
+            assert "unknown" in r.json()["error"] and time.monotonic() - began >= RESOLVE_SECONDS
+            assert spent(url, "steady") == (10, 10, 4)  # it did commit: what a resend without a key would repeat
+    finally:
+        replica.stop()
+        relay.close()
 
 
 def test_a_block_raised_by_one_replica_holds_on_both(world, replicas):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -213,9 +213,10 @@ def test_export_refuses_the_watermark_and_serve_and_steal_take_its_key_only_with
     assert "--defense watermark" in line and not out.exists() and not (tmp_path / "key").exists()
 
 
-def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path):
-    """serve's marking path (stages/serving/watermark.py) into a ledger, without HTTP: the batches a client sends."""
-    from stages.serving.ledger import SqliteLedger
+def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path, ledger_at):
+    """serve's marking path (stages/serving/watermark.py) into a ledger, without HTTP: the batches a client sends,
+    recorded with their evidence in one transaction; `verify --evidence` reads it from either backend alike."""
+    from stages.serving.ledger import Answered, open_ledger
     from stages.serving.watermark import Marker
     from stages.training import victim as _victim
 
@@ -224,52 +225,67 @@ def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim
     net, _ = _victim.load(victim)
     with torch.no_grad():
         probs = torch.softmax(net(torch.from_numpy(images)), 1).numpy()
-    book = SqliteLedger(tmp_path / "ledger.sqlite")
+    book = open_ledger(ledger_at)
+    book.enrol(["alice", "bob"])
     marker = Marker(theft["key"], ood_threshold=1.0)
     marker.defense.ood_rate = 0.3
     served = []
     for start in range(0, len(images), 100):
         batch = slice(start, start + 100)
-        served.append(marker.mark(images[batch], probs[batch], [("alice", 60), ("bob", 40)]))
-        marker.store(book, 0.0)
+        answers, marks = marker.mark(images[batch], probs[batch], [("alice", 60), ("bob", 40)])
+        rows = [Answered(name, 0.0, "0" * 64, None, part, 0) for name, part in (("alice", answers[:60]),
+                ("bob", answers[60:]))]  # fmt: skip
+        assert [d.refused for d in book.record(rows, marks)] == [None, None]
+        served.append(answers)
+    counts = dict(Counter(m[0] for m in book.marks("alice")))
     book.close()
     served = np.concatenate(served)
     with h5py.File(theft["marked"]) as f:  # the same key, images and victim: the same answers as the offline theft
         np.testing.assert_allclose(served, f["transfer/answers"][()], atol=1e-6)
-    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
-        counts = dict(db.execute("SELECT marked, COUNT(*) FROM watermark WHERE principal = 'alice' GROUP BY marked"))
     assert counts[1] > 100 and counts[0] >= counts[1]  # two controls owed per mark, paid from later answers
     out = tmp_path / "v.h5"
-    r = invoke(
-        "verify",
-        "--suspect",
-        theft["marked"],
-        "--evidence",
-        tmp_path / "ledger.sqlite",
-        "--principal",
-        "alice",
-        "--key",
-        theft["key"],
-        "--out",
-        out,
-    )
+    args = ["verify", "--suspect", theft["marked"], "--evidence", ledger_at, "--principal", "alice"]
+    r = invoke(*args, "--key", theft["key"], "--out", out)
     assert r.exit_code == 0, r.stderr
     with h5py.File(out) as f:
         assert f.attrs["verdict"] == "stolen" and f.attrs["marked"] == counts[1]
-    line = assert_one_line_error(
-        invoke(
-            "verify",
-            "--suspect",
-            theft["marked"],
-            "--evidence",
-            tmp_path / "ledger.sqlite",
-            "--principal",
-            "carol",
-            "--out",
-            out,
-        )
-    )
+        assert "password" not in f.attrs["params"] and json.loads(f.attrs["evidence"])["kind"] == "ledger"
+    line = assert_one_line_error(invoke(*args[:-1], "carol", "--out", out))
     assert "no marked answers for principal 'carol'" in line
+
+
+def test_a_request_refused_at_its_debit_leaves_no_evidence(theft, ledger_at):
+    """Marks and controls are written in the debit's transaction: those of a request over its budget, or (on
+    PostgreSQL) of an Idempotency-Key another replica answered meanwhile, are dropped; the others are stored."""
+    from stages.serving.ledger import Answered, open_ledger
+    from stages.serving.watermark import Marker
+
+    with h5py.File(theft["marked"]) as f:
+        images = f["transfer/images"][:300].astype(np.float32) / 255.0
+    probs = np.full((300, 10), 0.1, np.float32)  # below the threshold: every answer looks OOD, 30 % are marked
+    marker = Marker(theft["key"], ood_threshold=1.0)
+    marker.defense.ood_rate = 0.3
+    book = open_ledger(ledger_at)
+    book.enrol(["alice", "bob", "carol"])
+    answers, marks = marker.mark(images, probs, [("alice", 100), ("bob", 100), ("carol", 100)])
+    batch = [
+        Answered("alice", 1.0, "0" * 64, None, answers[:100], 0, budget=1000),
+        Answered("bob", 1.0, "0" * 64, None, answers[100:200], 0, budget=50),  # over its budget
+    ]
+    if ledger_at.startswith("postgresql://"):  # SQLite: one server per file replays a key before it reaches a debit
+        assert book.record([Answered("carol", 0.0, "0" * 64, "k", answers[200:], 0)])[0].refused is None
+        batch.append(Answered("carol", 1.0, "0" * 64, "k", answers[200:], 0))  # answered meanwhile elsewhere
+    else:
+        marks = [m for m in marks if m.request < 2]
+    debits = book.record(batch, marks)
+    marker.settle(marks, {i for i, d in enumerate(debits) if d.refused is not None})
+    stored = {name: Counter(m[0] for m in book.marks(name)) for name in ("alice", "bob", "carol")}
+    book.close()
+    assert [d.refused for d in debits] == [None, "budget", "duplicate"][: len(batch)]
+    ours = {name: Counter(int(m.marked) for m in marks if m.request == i) for i, name in enumerate(stored)}
+    assert ours["bob"][1] > 10 and ours["alice"][1] > 10  # there were marks to drop and to keep
+    assert stored == {"alice": ours["alice"], "bob": Counter(), "carol": Counter()}
+    assert marker._owed.get(("bob", True), 0) == 0 == marker._owed.get(("carol", True), 0)  # refused owe nothing
 
 
 def test_a_resumed_theft_records_the_same_marks(tmp_path):

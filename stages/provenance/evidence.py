@@ -1,11 +1,11 @@
 """The evidence of a theft: the queries whose answers carried a mark (image, the class the mark points to) and as
 many unmarked control queries from the same evidence, matched in the victim's confidence. Read from a surrogate's
 transfer set (`transfer/watermark`, written by `steal --defense watermark`) or from the serving ledger's
-`watermark` table (written by `serve --watermark-key`)."""
+`watermark` table (written by `serve --watermark-key`), a SQLite file or a PostgreSQL database, read-only."""
 
 from __future__ import annotations
 
-import sqlite3
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,6 +15,7 @@ import numpy as np
 from models.defenses import key_fingerprint, keyed_draws
 from models.params import UserError
 from stages.core.artifacts import attr_json, open_artifact, sha256
+from stages.serving.ledger import POSTGRES, open_ledger
 
 CONTROL_SEED = 0  # which controls are drawn among equally confident ones: fixed, so a verification repeats
 
@@ -40,9 +41,12 @@ class Evidence:
         return tuple(self.marked_images.shape[1:])
 
 
-def load(path: Path, principal: Optional[str] = None) -> Evidence:
-    """A surrogate.h5 whose transfer set holds marks, or a ledger.sqlite with a `watermark` table."""
-    path = Path(path)
+def load(where: str | Path, principal: Optional[str] = None) -> Evidence:
+    """A surrogate.h5 whose transfer set holds marks, or a serving ledger (a SQLite file or a postgresql:// URL)
+    with a `watermark` table."""
+    if str(where).startswith(POSTGRES):
+        return _from_ledger(str(where), principal)
+    path = Path(where)
     if not path.is_file():
         raise UserError(f"--evidence {path}: no such file")
     with open(path, "rb") as f:
@@ -113,23 +117,16 @@ def _controls(marked: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, n
     return pick_marked, controls
 
 
-def _from_ledger(path: Path, principal: Optional[str]) -> Evidence:
+def _from_ledger(where: str | Path, principal: Optional[str]) -> Evidence:
+    """The `watermark` table through the ledger's interface, one path for both backends."""
+    book = open_ledger(where, read_only=True)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if not db.execute("SELECT name FROM sqlite_master WHERE name = 'watermark'").fetchone():
-                raise UserError(f"{path}: the ledger holds no marks; serve with --watermark-key to record them")
-            where, args = ("WHERE principal = ?", (principal,)) if principal is not None else ("", ())
-            rows = db.execute(
-                "SELECT marked, keyed_class, confidence, shape, image, classes, fingerprint, mode, cell, levels, "
-                f"rate FROM watermark {where} ORDER BY id",
-                args,
-            ).fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        raise UserError(f"{path}: not a readable ledger ({e})") from None
+        rows, meta = book.marks(principal), book.meta()
+    finally:
+        book.close()
+    path = book.name
+    if rows is None:
+        raise UserError(f"{path}: the ledger holds no marks; serve with --watermark-key to record them")
     if not rows:
         who = f" for principal {principal!r}" if principal is not None else ""
         raise UserError(f"{path}: no marked answers{who}; nothing to verify")
@@ -160,13 +157,24 @@ def _from_ledger(path: Path, principal: Optional[str]) -> Evidence:
         num_classes=int(first[5]),
         source=dict(
             kind="ledger",
-            path=str(path),
-            sha256=sha256(path),
+            path=path,
+            sha256=_digest(rows),
             principal=principal or "",
             queries=len(rows),
             schema=meta.get("schema", "?"),
         ),
     )
+
+
+def _digest(rows: list[tuple]) -> str:
+    """SHA-256 of the evidence rows as read, whichever backend holds them (a database has no file to hash, and a
+    ledger file keeps growing while it serves): the same rows, the same digest."""
+    h = hashlib.sha256()
+    for row in rows:
+        for value in row:
+            h.update(value if isinstance(value, bytes) else repr(value).encode())
+            h.update(b"\x00")
+    return h.hexdigest()
 
 
 def check_key(evidence: Evidence, key: bytes) -> None:

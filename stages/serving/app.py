@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from stages.serving import payload
 from stages.serving.batcher import Batcher, Job
 from stages.serving.keys import ACTIONS, Authenticator, Principal
-from stages.serving.ledger import Answered, Debit, Ledger, LedgerUnavailable
+from stages.serving.ledger import Answered, Debit, Ledger, LedgerUnavailable, summarise
 from stages.serving.limits import Budget, TokenBucket
 from stages.serving.model import Served
 from stages.serving.monitor import Monitor
@@ -101,8 +101,9 @@ class Service:
         self.budgets = {p.name: Budget(p.budget, spent[p.name][0]) for p in principals.values()}
         self.states = {p.name: spent[p.name][1] for p in principals.values()}
         self.buckets = {p.name: TokenBucket(self._rate(p), p.burst, now) for p in principals.values()}
+        self._spent_gauge = {name: self.metrics.spent.labels(name) for name in self.budgets}  # looked up once
         for name, budget in self.budgets.items():
-            self.metrics.spent.labels(name).set(budget.spent)
+            self._spent_gauge[name].set(budget.spent)
         self.global_bucket = (
             TokenBucket(options.global_rate, max(options.global_burst, 1.0), now) if options.global_rate > 0 else None
         )
@@ -117,6 +118,7 @@ class Service:
         self.batcher = Batcher(self._answer, options.batch_images, options.max_wait)
         self._observations: queue.Queue = queue.Queue(maxsize=4096)  # full: the worker waits (backpressure)
         self._monitor_thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
+        self._posts: list[tuple] = []  # the monitor thread's: state changes and judgements for the loop
         self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     def _rate(self, p: Principal) -> float:
@@ -137,29 +139,32 @@ class Service:
     # -- the worker thread: forward pass and ledger ----------------------------------------------------------
     def _answer(self, jobs: list[Job]) -> list[tuple[np.ndarray, Debit]]:
         images = np.concatenate([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images
-        answers = self.served.predict(images)
+        answers, marks = self.served.predict(images), []
         if self.marker is not None:  # keyed marks outside the served graph (stages/serving/watermark.py)
-            answers = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
+            answers, marks = self.marker.mark(images, answers, [(j.context[0], len(j.images)) for j in jobs])
         flags = answers.max(1) < self.monitor.calibration.ood_threshold
         now, rows, out, start = time.time(), [], [], 0
-        for job in jobs:
+        summaries = summarise(answers, [len(j.images) for j in jobs])
+        for job, summary in zip(jobs, summaries, strict=True):
             n = len(job.images)
             part = answers[start : start + n]
             name, request_id, sha = job.context
-            rows.append(
-                Answered(
-                    name, now, sha, request_id, part, int(flags[start : start + n].sum()), self.principals[name].budget
-                )
-            )
+            ood = int(flags[start : start + n].sum())
+            rows.append(Answered(name, now, sha, request_id, part, ood, self.principals[name].budget, summary))
             out.append(part)
             start += n
-        debits = self.ledger.record(rows)  # committed before any of these answers is sent
+        try:
+            debits = self.ledger.record(rows, marks)  # committed before any of these answers is sent
+        except BaseException:
+            if self.marker is not None:
+                self.marker.settle(marks, set(range(len(jobs))))
+            raise
         if self.marker is not None:
-            self.marker.store(self.ledger, now)
+            self.marker.settle(marks, {i for i, d in enumerate(debits) if d.refused is not None})
         self.metrics.batch.observe(len(images))
-        for job, part, debit in zip(jobs, out, debits, strict=True):
-            if debit.refused is None:
-                self._observations.put((job.context[0], job.images, part, now))
+        judged = [(j.context[0], j.images, part) for j, part, d in zip(jobs, out, debits, strict=True) if not d.refused]
+        if judged:  # one hand-off per batch: the monitor thread wakes, and wakes the loop, once for all its requests
+            self._observations.put((judged, now))
         return list(zip(out, debits, strict=True))
 
     # -- the monitor thread ----------------------------------------------------------------------------------
@@ -180,19 +185,27 @@ class Service:
 
     def _watch(self) -> None:
         while (item := self._observations.get()) is not None:
-            name, images, answers, now = item
-            try:
-                alerts = self.monitor.observe(name, images, answers, now)
-            except Exception as e:  # a monitoring bug must not stop serving; it is logged
-                print(f"monitor: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                alerts = []
-            for alert in alerts:
-                if alert.get("scope") == "global":
-                    self._raise_global(now, alert)
-                else:
-                    self._raise_alert(name, now, alert)
-            if self.loop is not None:  # after the alerts' states: FIFO on the loop
-                self.loop.call_soon_threadsafe(self._judged, name, len(answers))
+            batch, now = item
+            self._posts = []  # what the loop does once this batch is judged, in order
+            for name, images, answers in batch:
+                try:
+                    alerts = self.monitor.observe(name, images, answers, now)
+                except Exception as e:  # a monitoring bug must not stop serving; it is logged
+                    print(f"monitor: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    alerts = []
+                for alert in alerts:
+                    if alert.get("scope") == "global":
+                        self._raise_global(now, alert)
+                    else:
+                        self._raise_alert(name, now, alert)
+                self._posts.append((self._judged, name, len(answers)))  # after its alerts' states
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(self._apply, self._posts)
+
+    @staticmethod
+    def _apply(posts: list[tuple]) -> None:
+        for fn, *args in posts:
+            fn(*args)
 
     def _judged(self, name: str, n: int) -> None:
         self.seen[name] += n
@@ -243,8 +256,8 @@ class Service:
             with open(self.options.alerts_path, "a") as f:
                 f.write(line + "\n")
         self.metrics.alerts.labels(name, alert["signal"]).inc()
-        if state is not None and self.loop is not None and name in self.principals:
-            self.loop.call_soon_threadsafe(self._set_state, name, state)
+        if state is not None and name in self.principals:
+            self._posts.append((self._set_state, name, state))
 
     def _set_state(self, name: str, state: str) -> None:
         if self.states[name] == "blocked":
@@ -357,7 +370,7 @@ class Service:
             if answered:
                 self.answered[name] += n
                 self.metrics.images.inc(n)
-                self.metrics.spent.labels(name).set(budget.spent)
+                self._spent_gauge[name].set(budget.spent)
 
         future = self.batcher.submit(images, (name, request_id, sha))
         future.add_done_callback(settle)
@@ -366,8 +379,9 @@ class Service:
         except asyncio.CancelledError:
             raise
         except LedgerUnavailable as e:
+            what = "whether it was counted is unknown" if e.uncertain else "nothing answered or counted"
             raise ApiError(
-                503, f"ledger unavailable, nothing answered: {e}", {**self._left(principal), "Retry-After": "1"}
+                503, f"ledger unavailable, {what}: {e}", {**self._left(principal), "Retry-After": "1"}
             ) from None
         except Exception as e:
             raise ApiError(
@@ -410,8 +424,16 @@ class Service:
         return Response(body, media_type=media, headers=headers)
 
     def usage(self, request: Request) -> dict:
+        """The principal's standing read from the ledger's row (what every replica spent), not this replica's view."""
         p = self.identify(request)
+        try:
+            spent, state = self.ledger.standing(p.name)
+        except LedgerUnavailable as e:
+            raise ApiError(503, f"ledger unavailable: {e}", {**self._left(p), "Retry-After": "1"}) from None
         b = self.budgets[p.name]
+        b.settle(0, False, spent)
+        if state != self.states[p.name]:
+            self._set_state(p.name, state)
         return dict(
             principal=p.name,
             budget=b.budget,
@@ -476,10 +498,12 @@ def build(service: Service) -> FastAPI:
         metrics.requests.labels("/v1/usage", "200").inc()
         return JSONResponse(body, headers={"X-Budget-Remaining": str(body["remaining"])})
 
+    answered = metrics.requests.labels("/v1/predict", "200")  # the hot path's counter, looked up once
+
     @app.post("/v1/predict")
     async def predict(request: Request):
         response = await service.predict(request)
-        metrics.requests.labels("/v1/predict", "200").inc()
+        answered.inc()
         return response
 
     return app

@@ -3,12 +3,15 @@
 Requests queue on the event loop; the collector takes the first, then whatever else arrives within `max_wait`
 seconds, up to `max_images`, and hands the batch to one worker thread (the model runs there, releasing the GIL,
 while the loop keeps accepting requests). While a batch runs the queue fills, so under load batches grow by
-themselves and the wait only costs latency when the server is idle.
+themselves and the wait only costs latency when the server is idle. The wait ends early once the batch holds as
+many requests as the last one did (at least two): clients that wait for each answer before sending again come
+back together, and once all of them are in, the rest of the wait would be for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -28,37 +31,50 @@ class Batcher:
 
     def __init__(self, process: Callable[[list[Job]], list[Any]], max_images: int, max_wait: float):
         self._process, self.max_images, self.max_wait = process, int(max_images), float(max_wait)
-        self._queue: Optional[asyncio.Queue] = None
+        self._queue: deque[Job] = deque()
+        self._arrival: Optional[asyncio.Future] = None  # set by the next submit while the collector waits
+        self._last = 2  # requests in the last batch (at least 2)
         self._task: Optional[asyncio.Task] = None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
         self._task = asyncio.create_task(self._collect())
 
     def submit(self, images: np.ndarray, context: Any) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Job(images, context, future))
+        self._queue.append(Job(images, context, future))
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
         return future
+
+    async def _arrive(self, deadline: Optional[float]) -> None:
+        """Until the next submit, or the loop's clock passes `deadline` (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        self._arrival = arrival = loop.create_future()
+        timer = loop.call_at(deadline, _settle, arrival) if deadline is not None else None
+        try:
+            await arrival
+        finally:
+            self._arrival = None
+            if timer is not None:
+                timer.cancel()
 
     async def _next_batch(self) -> list[Job]:
         loop = asyncio.get_running_loop()
-        jobs = [await self._queue.get()]
+        while not self._queue:
+            await self._arrive(None)
+        jobs = [self._queue.popleft()]
         size = len(jobs[0].images)
         deadline = loop.time() + self.max_wait
         while size < self.max_images:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - loop.time()
-                if left <= 0:
+            if not self._queue:
+                if len(jobs) >= self._last or loop.time() >= deadline:
                     break
-                try:
-                    job = await asyncio.wait_for(self._queue.get(), left)
-                except asyncio.TimeoutError:
-                    break
-            jobs.append(job)
-            size += len(job.images)
+                await self._arrive(deadline)
+                continue
+            jobs.append(self._queue.popleft())
+            size += len(jobs[-1].images)
+        self._last = max(2, len(jobs))  # a lone request still waits for a companion, as without this rule
         return jobs
 
     async def _collect(self) -> None:
@@ -78,7 +94,7 @@ class Batcher:
         """Answer what is queued, then stop (graceful shutdown)."""
         if self._task is None:
             return
-        while not self._queue.empty():
+        while self._queue:
             await asyncio.sleep(0.01)
         self._task.cancel()
         try:
@@ -86,3 +102,8 @@ class Batcher:
         except asyncio.CancelledError:
             pass
         self._worker.shutdown(wait=True)
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

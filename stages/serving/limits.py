@@ -1,5 +1,6 @@
 """Rate limits and budgets, in memory of one serving process (the ledger holds what was spent, and its debit is the
-authority: replicas sharing a PostgreSQL ledger each keep this view, refreshed by every debit they commit).
+authority: replicas sharing a PostgreSQL ledger each keep this view, set to the ledger's row by every debit they
+commit and every usage read, so it never counts more left than the ledger had at that moment).
 
 A token bucket refills at `rate` images per second up to `burst`; a request of n images is admitted once the
 bucket holds min(n, burst) tokens and then takes all n, so a request larger than the bucket is served (the bucket
@@ -52,9 +53,10 @@ class Budget:
 
     def settle(self, n: int, answered: bool, spent: Optional[int] = None) -> None:
         """A reservation ends: counted as spent if its answer was recorded, released otherwise; `spent`, the
-        ledger's count after the transaction, includes what other replicas spent."""
+        ledger's row after the transaction, includes what other replicas spent (a row only grows: a reading older
+        than one already seen changes nothing)."""
         self.reserved -= n
         if answered:
             self.spent += n
         if spent is not None:
-            self.spent = spent
+            self.spent = max(self.spent, spent)

@@ -152,9 +152,20 @@ def digest(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
+# .npy headers of the answers' shapes: an answer of a shape sent before is its header and its bytes (np.save
+# formats the header dict anew each time: measured on one answer of 10 classes, 0.0082 ms instead of 0.0007)
+_ANSWER_HEADERS: dict[tuple, bytes] = {}
+
+
 def encode(answers: np.ndarray, accept: str | None) -> tuple[bytes, str]:
     if NPY in (accept or "").lower():
-        return to_npy(np.ascontiguousarray(answers, dtype=np.float32)), NPY
+        answers = np.ascontiguousarray(answers, dtype=np.float32)
+        header = _ANSWER_HEADERS.get(answers.shape)
+        if header is None:
+            header = to_npy(answers)[: -answers.nbytes or None]
+            if len(_ANSWER_HEADERS) < 1024:
+                _ANSWER_HEADERS[answers.shape] = header
+        return header + answers.tobytes(), NPY
     # orjson writes each float64 as the shortest text that reads back to it, as json.dumps does (the same numbers;
     # exponents may be spelled otherwise), from the array itself, with no Python list of floats: measured on 64
     # answers of 10 classes, 0.036 ms instead of 0.75

@@ -1,7 +1,8 @@
 """Keyed marks on served answers, applied outside the exported graph (the key never ships with the model): the
 watermark defense (models/defenses.py, `Watermark`) on each answered batch, with the OOD threshold the monitor
 calibrated. Each marked answer is kept as evidence in the ledger's `watermark` table with its image and principal,
-and as many unmarked answers of that principal and of the same kind (OOD-looking or not) as controls for `verify`.
+and as many unmarked answers of that principal and of the same kind (OOD-looking or not) as controls for `verify`,
+written in the transaction that records the answers: a request the ledger refuses leaves no evidence.
 """
 
 from __future__ import annotations
@@ -14,26 +15,29 @@ import torch
 from models.defenses import Watermark
 from models.params import defaults
 from stages.deploy import watermark_key as _keys
-from stages.serving.ledger import Ledger, Mark
+from stages.serving.ledger import Mark
 
 CONTROLS_PER_MARK = 2  # unmarked answers kept per marked one: verify matches each mark to the nearest in confidence
 
 
 class Marker:
-    """`mark(images, answers, owners)` -> the answers as sent; `store(ledger)` keeps the evidence of the last batch."""
+    """`mark(images, answers, owners)` -> the answers as sent and the evidence to record with them; `settle(marks,
+    refused)` once the ledger has recorded the batch."""
 
     def __init__(self, key_file: Path, ood_threshold: float):
         params = dict(defaults(Watermark.PARAMS), threshold=float(ood_threshold), quantile=0.0)
         self.defense = Watermark(_keys.load_or_create(key_file), **params).eval()
         self.threshold = float(ood_threshold)
         self._owed: dict[tuple[str, bool], int] = {}  # controls still to keep, per principal and kind
-        self._pending: list[Mark] = []
 
     def describe(self) -> dict:
         return self.defense.describe()
 
-    def mark(self, images: np.ndarray, answers: np.ndarray, owners: list[tuple[str, int]]) -> np.ndarray:
-        """The batch's answers with the marks applied; `owners`: (principal, images) per request, in order."""
+    def mark(
+        self, images: np.ndarray, answers: np.ndarray, owners: list[tuple[str, int]]
+    ) -> tuple[np.ndarray, list[Mark]]:
+        """The batch's answers with the marks applied, and the evidence to keep; `owners`: (principal, images) per
+        request, in order (a Mark's `request` is its index there)."""
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         p = torch.from_numpy(np.ascontiguousarray(answers, dtype=np.float32))
         self.defense.log = []
@@ -43,40 +47,45 @@ class Marker:
             marked, keyed, top = self.defense.log[0]
         finally:
             self.defense.log = None
-        who = np.repeat([name for name, _ in owners], [n for _, n in owners])
+        counts = [n for _, n in owners]
+        who = np.repeat([name for name, _ in owners], counts)
+        request = np.repeat(np.arange(len(owners)), counts)
         grid = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
         ood = top < self.threshold
+        kept: list[Mark] = []
         for i in range(len(out)):  # marks first: a control owed is paid from later answers
             if marked[i]:
-                self._keep(i, str(who[i]), True, keyed, top, grid, out.shape[1])
+                kept.append(self._keep(i, int(request[i]), str(who[i]), True, keyed, top, grid, out.shape[1]))
                 slot = (str(who[i]), bool(ood[i]))
                 self._owed[slot] = self._owed.get(slot, 0) + CONTROLS_PER_MARK
         for i in np.flatnonzero(~marked):
             slot = (str(who[i]), bool(ood[i]))
             if self._owed.get(slot, 0) > 0:
                 self._owed[slot] -= 1
-                self._keep(i, slot[0], False, keyed, top, grid, out.shape[1])
-        return out
+                kept.append(self._keep(i, int(request[i]), slot[0], False, keyed, top, grid, out.shape[1]))
+        return out, kept
 
-    def _keep(self, i: int, principal: str, marked: bool, keyed, top, grid, classes: int) -> None:
+    def settle(self, marks: list[Mark], refused: set[int]) -> None:
+        """Undo what the evidence of refused requests did to the controls owed: a mark not stored owes none, a
+        control not stored paid none."""
+        for m in marks:
+            if m.request in refused:
+                slot = (m.principal, m.confidence < self.threshold)
+                self._owed[slot] = self._owed.get(slot, 0) + (-CONTROLS_PER_MARK if m.marked else 1)
+
+    def _keep(self, i: int, request: int, principal: str, marked: bool, keyed, top, grid, classes: int) -> Mark:
         d = self.defense
-        self._pending.append(
-            Mark(
-                principal=principal,
-                marked=marked,
-                keyed_class=int(keyed[i]),
-                confidence=float(top[i]),
-                classes=classes,
-                image=grid[i],
-                fingerprint=d.fingerprint,
-                mode="raise" if d.raise_ else "swap",
-                cell=d.cell,
-                levels=d.levels,
-                rate=max(d.rate, d.ood_rate),
-            )
+        return Mark(
+            request=request,
+            principal=principal,
+            marked=marked,
+            keyed_class=int(keyed[i]),
+            confidence=float(top[i]),
+            classes=classes,
+            image=grid[i],
+            fingerprint=d.fingerprint,
+            mode="raise" if d.raise_ else "swap",
+            cell=d.cell,
+            levels=d.levels,
+            rate=max(d.rate, d.ood_rate),
         )
-
-    def store(self, ledger: Ledger, time: float) -> None:
-        if self._pending:
-            ledger.record_marks(self._pending, time)
-            self._pending = []
