@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, invoke
@@ -18,7 +19,7 @@ from numpy.lib import format as npformat
 from served import served_world
 from test_serve import Server, npy
 
-from stages import serve_key
+from stages import serve_key, train
 from stages.core.artifacts import open_artifact
 from stages.serving import monitor as _monitor
 
@@ -61,6 +62,21 @@ def alerts(ledger: Path, name: str, seconds: float = 10.0) -> list[tuple]:
 
 def noise(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+
+
+def light_copies(images: np.ndarray, copies: int, seed: int, repeats: int = 0) -> np.ndarray:
+    """Each image, `repeats` more times unchanged, then `copies` light variants: shifted by up to 2 px (zeros
+    shifted in) with up to +-12 grey levels of noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        out += [image] * (1 + repeats)
+        for _ in range(copies):
+            dy, dx = rng.integers(-2, 3, 2)
+            padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
+            moved = padded[:, 2 + dy : 2 + dy + image.shape[1], 2 + dx : 2 + dx + image.shape[2]]
+            out.append(np.clip(moved.astype(np.int16) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
 
 
 def lying_header(shape: tuple[int, ...]) -> bytes:
@@ -269,3 +285,69 @@ def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
             "swarm=3",
         )
     )
+
+
+def send(server: Server, token: str, images: np.ndarray, batch: int = 100) -> None:
+    with server.client(token) as c:
+        for start in range(0, len(images), batch):
+            r = c.post("/v1/predict", content=npy(images[start : start + batch]), headers={"Content-Type": NPY})
+            assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_small, tmp_path_factory):
+    """A LeNet-5 victim trained 2 epochs on 800 real MNIST digits, its 200 test digits, and two `log` keys."""
+    root = tmp_path_factory.mktemp("digits")
+    victim = train.run(dataset=str(mnist_small), out=root / "victim.h5", epochs=2, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {name: serve_key.run(name, keys, 100_000, 10_000.0, 10_000.0, "log") for name in ("augmenting", "copycat")}
+    with h5py.File(mnist_small, "r") as f:
+        test = f["test/images"][()]
+    return dict(root=root, victim=victim, keys=keys, tokens=tokens, test=test)
+
+
+def test_near_duplicates_count_once_the_augmenting_client_is_spared_their_thief_is_not(digits):
+    """On real digits: a client sending each test digit twice and a light variant (600 queries) raises no alert of
+    its own, where counting every copy (--duplicate-distance 0) alerts it; a thief sending 50 noise images, each
+    with 10 light variants, is alerted on its OOD share at its 50th query either way (5 distinct images, all
+    OOD-looking)."""
+    benign = light_copies(digits["test"], copies=1, seed=3, repeats=1)
+    thief = light_copies(noise(50, 9), copies=10, seed=4)
+    own = {}
+    for distance in ("default", "0"):
+        ledger = digits["root"] / f"ledger-{distance}.sqlite"
+        flags = ["--duplicate-distance", distance] if distance != "default" else []
+        server = Server(digits["victim"], digits["keys"], ledger, *flags)
+        send(server, digits["tokens"]["augmenting"], benign)
+        send(server, digits["tokens"]["copycat"], thief)
+        server.stop()
+        own[distance] = {
+            name: [a for a in alerts(ledger, name, seconds=1.0) if not a[0].startswith("linked:")]
+            for name in ("augmenting", "copycat")
+        }
+    assert own["default"]["augmenting"] == [], own["default"]["augmenting"]
+    assert own["0"]["augmenting"], "every copy counted: the augmenting client should be alerted"
+    for distance in ("default", "0"):
+        first = own[distance]["copycat"][0]
+        assert first[0] == "ood_share" and first[3] == 50, (distance, first)
+
+
+def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_step():
+    """Novelty on real-sized images: a copy shifted by 2 px with +-12 grey levels of noise is a near-duplicate,
+    another image of the same kind and a sign step of 0.1 on every pixel (JBDA's lambda) are not."""
+    from stages.serving import detectors
+
+    rng = np.random.default_rng(0)
+    digit = np.zeros((1, 28, 28), dtype=np.float32)
+    digit[0, 6:22, 10:18] = rng.uniform(0.5, 1.0, (16, 8))
+    other = np.zeros_like(digit)
+    other[0, 8:20, 6:22] = rng.uniform(0.5, 1.0, (12, 16))
+    novelty = detectors.Novelty(200, detectors.DUPLICATE_DISTANCE)
+    assert novelty.add(digit)
+    moved = np.clip(np.roll(digit, (2, -2), axis=(1, 2)) + rng.uniform(-12, 12, digit.shape) / 255, 0, 1)
+    assert not novelty.add(moved.astype(np.float32))
+    assert not novelty.add(digit)
+    step = np.clip(digit + 0.1 * np.sign(rng.standard_normal(digit.shape)), 0, 1).astype(np.float32)
+    assert novelty.add(step)
+    assert novelty.add(other)
+    assert detectors.Novelty(200, 0.0).add(digit)  # 0: every query is distinct
