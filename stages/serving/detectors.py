@@ -163,12 +163,19 @@ class Global:
     - cohort_classes: the young keys' last `class_window` classes against the prior (G-test).
     A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
     at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
-    with `continued`)."""
+    with `continued`). A cohort signal links only keys still young: a key judged on its own is covered by its own
+    signals at alpha, and re-testing it at link_alpha at every request while the alert lasts would link any long
+    benign stream sooner or later."""
 
     def __init__(
-        self, settings: GlobalSettings, q: float, prior: np.ndarray, stands_out: Optional[Callable[[str], bool]] = None
+        self,
+        settings: GlobalSettings,
+        q: float,
+        prior: np.ndarray,
+        stands_out: Optional[Callable[[str, bool], bool]] = None,
     ):
-        # stands_out(key): whether the key's own recent answers stand out at link_alpha (the monitor reads its
+        # stands_out(key, cohort): whether the key's own recent answers stand out at link_alpha, and for a cohort
+        # signal (which reads only the young keys' answers) whether the key is still young (the monitor reads its
         # per-key windows: a test over a key's whole window would flag any small mismatch of a long benign stream)
         self.s, self.q, self.prior, self.stands_out = settings, q, floored(prior), stands_out
         self.buckets: collections.deque[Bucket] = collections.deque()
@@ -224,18 +231,13 @@ class Global:
             g = g_statistic(self.young_classes.counts, self.prior)
             self._judge(alerts, "cohort_classes", g, g > self.cutoff, images=int(self.young_classes.counts.sum()), g=g)
         active = [signal for signal, armed in self.armed.items() if not armed]
-        if active and not alerts and principal not in self.linked_keys and self._stands_out(principal):
+        signal = None
+        if active and not alerts and principal not in self.linked_keys:
+            signal = next((name for name in active if self._stands_out(principal, name)), None)
+        if signal is not None:
             self.linked_keys.add(principal)
             alerts.append(
-                dict(
-                    signal=active[0],
-                    value=0.0,
-                    threshold=0.0,
-                    queries=0,
-                    details={},
-                    linked=[principal],
-                    continued=True,
-                )
+                dict(signal=signal, value=0.0, threshold=0.0, queries=0, details={}, linked=[principal], continued=True)
             )
         return alerts
 
@@ -252,13 +254,13 @@ class Global:
                 self.young_n += n
                 self.young_ood += ood
 
-    def _stands_out(self, name: str) -> bool:
-        return self.stands_out(name) if self.stands_out is not None else False
+    def _stands_out(self, name: str, signal: str) -> bool:
+        return self.stands_out(name, signal.startswith("cohort")) if self.stands_out is not None else False
 
     def _judge(self, alerts: list[dict], signal: str, value: float, crossed: bool, **details) -> None:
         if crossed and self.armed[signal]:
             threshold = self.cutoff if signal == "cohort_classes" else self.s.alpha
-            linked = sorted(name for name in self.per if self._stands_out(name))
+            linked = sorted(name for name in self.per if self._stands_out(name, signal))
             self.linked_keys.update(linked)
             alerts.append(
                 dict(

@@ -258,10 +258,11 @@ class Monitor:
         self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
         self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
 
-    def _stands_out(self, principal: str) -> bool:
-        """The key's last `ood_window` answers at link_alpha: its OOD count, or its class histogram's G."""
+    def _stands_out(self, principal: str, cohort: bool = False) -> bool:
+        """The key's last `ood_window` answers at link_alpha: its OOD count, or its class histogram's G; for a
+        cohort signal, only while the key is young (fewer than min_images answers)."""
         watch = self.watches.get(principal)
-        if watch is None or not watch.flags:
+        if watch is None or not watch.flags or (cohort and watch.total >= self.settings.min_images):
             return False
         n = len(watch.flags)
         cutoffs = self.key_cutoffs[principal][1] if principal in self.key_cutoffs else self.link_cutoffs
