@@ -21,6 +21,7 @@ from test_serve import Server, npy
 
 from stages import serve_key, train
 from stages.core.artifacts import open_artifact
+from stages.serving import detectors
 from stages.serving import monitor as _monitor
 
 NPY = "application/x-npy"
@@ -206,7 +207,6 @@ def test_a_restart_refills_the_ood_window_from_the_ledger(world, tmp_path):
 def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draws():
     """The G-test's chi-square cutoff at alpha 1e-3 (a level a few thousand draws can check) over windows of 50 and
     200 draws from the prior: the rate of crossings stays within a factor 3 of alpha."""
-    from stages.serving import detectors
 
     rng = np.random.default_rng(0)
     prior = np.full(10, 0.1)
@@ -335,8 +335,6 @@ def test_near_duplicates_count_once_the_augmenting_client_is_spared_their_thief_
 def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_step():
     """Novelty on real-sized images: a copy shifted by 2 px with +-12 grey levels of noise is a near-duplicate,
     another image of the same kind and a sign step of 0.1 on every pixel (JBDA's lambda) are not."""
-    from stages.serving import detectors
-
     rng = np.random.default_rng(0)
     digit = np.zeros((1, 28, 28), dtype=np.float32)
     digit[0, 6:22, 10:18] = rng.uniform(0.5, 1.0, (16, 8))
@@ -351,3 +349,44 @@ def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_s
     assert novelty.add(step)
     assert novelty.add(other)
     assert detectors.Novelty(200, 0.0).add(digit)  # 0: every query is distinct
+
+
+def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_out():
+    """In-process: an old key whose last 200 answers are skewed enough to stand out at --link-alpha (G 35.6, between
+    the link cutoff 27.9 and the alert cutoff 44.8) but not to alert, then three young keys of 40 answers of one
+    class each: the young cohort's class histogram alerts and links the young keys, never the old one."""
+    counts = np.array([36, 36, 20, 20, 20, 20, 12, 12, 12, 12])
+    # every class spread evenly over the 200 (each prefix and each sliding window of the repeated cycle keeps the
+    # shares), so the key's G grows to 35.6 and stays there
+    cycle = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    cycle = cycle[np.argsort(np.concatenate([(np.arange(n) + 0.5) / n for n in counts]), kind="stable")]
+    rng = np.random.default_rng(0)
+    calibration = _monitor.Calibration(
+        ood_threshold=0.5,
+        prada_delta=0.0,
+        images=1000,
+        source="uniform",
+        benign_ood_share=0.01,
+        benign_prada_min=float("nan"),
+        class_prior=[0.1] * 10,
+    )
+    monitor = _monitor.Monitor(_monitor.Settings(), calibration, 28 * 28)
+
+    def answers(labels: np.ndarray) -> np.ndarray:
+        out = np.full((len(labels), 10), 0.1 / 9)
+        out[np.arange(len(labels)), labels] = 0.9
+        return out
+
+    def images(n: int) -> np.ndarray:
+        return rng.random((n, 1, 28, 28), dtype=np.float32)  # distinct: no near-duplicates
+
+    found = monitor.observe("old", images(200), answers(cycle), now=0.0)
+    watch = monitor.watches["old"]
+    assert monitor.link_g < detectors.g_statistic(watch.classes.counts, watch.prior) < monitor.g_cutoff
+    for i in range(3):
+        found += monitor.observe(f"young-{i}", images(40), answers(np.full(40, 3)), now=1.0 + i)
+        found += monitor.observe("old", images(20), answers(cycle[20 * i : 20 * (i + 1)]), now=1.5 + i)
+    assert [a for a in found if a.get("scope") != "global"] == []  # the old key never alerts on its own
+    cohort = [a for a in found if a.get("scope") == "global" and a["signal"] == "cohort_classes"]
+    linked = {name for a in cohort for name in a["linked"]}
+    assert cohort and linked == {"young-0", "young-1", "young-2"}, cohort
