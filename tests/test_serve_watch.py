@@ -340,15 +340,13 @@ def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_s
     digit[0, 6:22, 10:18] = rng.uniform(0.5, 1.0, (16, 8))
     other = np.zeros_like(digit)
     other[0, 8:20, 6:22] = rng.uniform(0.5, 1.0, (12, 16))
-    novelty = detectors.Novelty(200, detectors.DUPLICATE_DISTANCE)
-    assert novelty.add(digit)
     moved = np.clip(np.roll(digit, (2, -2), axis=(1, 2)) + rng.uniform(-12, 12, digit.shape) / 255, 0, 1)
-    assert not novelty.add(moved.astype(np.float32))
-    assert not novelty.add(digit)
-    step = np.clip(digit + 0.1 * np.sign(rng.standard_normal(digit.shape)), 0, 1).astype(np.float32)
-    assert novelty.add(step)
-    assert novelty.add(other)
-    assert detectors.Novelty(200, 0.0).add(digit)  # 0: every query is distinct
+    step = np.clip(digit + 0.1 * np.sign(rng.standard_normal(digit.shape)), 0, 1)
+    novelty = detectors.Novelty(200, detectors.DUPLICATE_DISTANCE)
+    first = novelty.distinct(np.stack([digit, moved, step]).astype(np.float32))
+    later = novelty.distinct(np.stack([other, digit, moved]).astype(np.float32))  # against the kept ones too
+    assert first.tolist() == [True, False, True] and later.tolist() == [True, False, False]
+    assert detectors.Novelty(200, 0.0).distinct(digit[None]).all()  # 0: every query is distinct
 
 
 def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_out():

@@ -79,18 +79,13 @@ DUPLICATE_SHIFT = 2
 DUPLICATE_DISTANCE = 0.04
 
 
-def interior(image: np.ndarray, shift: int = DUPLICATE_SHIFT) -> np.ndarray:
-    """The image (C, H, W) less its `shift`-pixel border, flattened."""
-    return image[:, shift : image.shape[1] - shift, shift : image.shape[2] - shift].reshape(-1)
-
-
-def shifted(image: np.ndarray, shift: int = DUPLICATE_SHIFT) -> np.ndarray:
-    """The interior of the image seen at every shift of up to `shift` pixels along H and W: the (2 shift + 1)^2
-    windows of its size less 2 shift, flattened. Only pixels inside the image are compared, whatever a shifted
-    copy filled its border with."""
-    c, h, w = image.shape
-    views = np.lib.stride_tricks.sliding_window_view(image, (h - 2 * shift, w - 2 * shift), axis=(1, 2))
-    return views.transpose(1, 2, 0, 3, 4).reshape((2 * shift + 1) ** 2, -1)
+def shifted(images: np.ndarray, shift: int = DUPLICATE_SHIFT) -> np.ndarray:
+    """The interior of each image (N, C, H, W) seen at every shift of up to `shift` pixels along H and W: the
+    (2 shift + 1)^2 windows of its size less 2 shift, flattened, (N, (2 shift + 1)^2, C (H - 2 shift) (W - 2 shift)).
+    Only pixels inside the image are compared, whatever a shifted copy filled its border with."""
+    n, c, h, w = images.shape
+    views = np.lib.stride_tricks.sliding_window_view(images, (h - 2 * shift, w - 2 * shift), axis=(2, 3))
+    return views.transpose(0, 2, 3, 1, 4, 5).reshape(n, (2 * shift + 1) ** 2, -1)
 
 
 class Novelty:
@@ -100,31 +95,34 @@ class Novelty:
 
     def __init__(self, size: int, distance: float):
         self.size, self.distance = size, distance
-        self.images: Optional[np.ndarray] = None
-        self.norms = np.full(size, np.inf, dtype=np.float32)
+        self.images: Optional[np.ndarray] = None  # interiors of the kept queries
+        self.squares = np.full(size, np.inf, dtype=np.float32)  # their squared norms (inf: an empty slot)
         self.cursor = 0
 
-    def add(self, image: np.ndarray) -> bool:
-        """Take one query (C, H, W) in [0, 1]; return whether it is distinct."""
-        if self.distance <= 0 or min(image.shape[1:]) <= 2 * DUPLICATE_SHIFT:
-            return True
-        middle = interior(image)
-        if self.images is None:
-            self.images = np.zeros((self.size, middle.size), dtype=np.float32)
-        radius = self.distance * math.sqrt(middle.size)
-        views = shifted(image)
-        squares = (views * views).sum(1)
+    def distinct(self, images: np.ndarray) -> np.ndarray:
+        """Take one request's queries (N, C, H, W) in [0, 1], in order; return which are distinct."""
+        out = np.ones(len(images), dtype=bool)
+        if self.distance <= 0 or min(images.shape[2:]) <= 2 * DUPLICATE_SHIFT:
+            return out
+        views = shifted(images)
+        squares = np.einsum("nsd,nsd->ns", views, views)
         norms = np.sqrt(squares)
-        # | |view| - |y| | <= |view - y|: only kept interiors whose norm is that close can be within radius
-        near = np.flatnonzero((self.norms >= norms.min() - radius) & (self.norms <= norms.max() + radius))
-        if len(near):
-            kept = self.images[near]
-            sq = (kept * kept).sum(1)[:, None] - 2.0 * (kept @ views.T) + squares[None]
-            if float(sq.min()) < radius**2:
-                return False
-        self.images[self.cursor], self.norms[self.cursor] = middle, math.sqrt(float(middle @ middle))
-        self.cursor = (self.cursor + 1) % self.size
-        return True
+        middle = views[:, (len(views[0]) - 1) // 2]  # shift (0, 0): the interior itself
+        if self.images is None:
+            self.images = np.zeros((self.size, middle.shape[1]), dtype=np.float32)
+        radius = self.distance * math.sqrt(middle.shape[1])
+        for i in range(len(images)):
+            # | |view| - |y| | <= |view - y|: only kept interiors whose norm is that close can be within radius
+            kept = np.sqrt(self.squares)
+            near = np.flatnonzero((kept >= norms[i].min() - radius) & (kept <= norms[i].max() + radius))
+            if len(near):
+                sq = self.squares[near, None] - 2.0 * (self.images[near] @ views[i].T) + squares[i][None]
+                if float(sq.min()) < radius**2:
+                    out[i] = False
+                    continue
+            self.images[self.cursor], self.squares[self.cursor] = middle[i], squares[i, (len(views[0]) - 1) // 2]
+            self.cursor = (self.cursor + 1) % self.size
+        return out
 
 
 class ClassWindow:

@@ -167,11 +167,10 @@ class Watch:
         alerts: list[dict] = []
         flags = ood_scores(answers) < self.c.ood_threshold
         images = images.astype(np.float32, copy=False)
-        novel = np.ones(len(images), dtype=bool)
+        novel = self.novelty.distinct(images)
         for i, (image, answer, flag) in enumerate(zip(images, answers, flags, strict=False)):
             c = int(answer.argmax())
             self.total += 1
-            novel[i] = self.novelty.add(image)
             if novel[i]:  # a near-duplicate is counted once in the OOD and class windows
                 if len(self.flags) == self.flags.maxlen:
                     self.flagged -= self.flags[0]
