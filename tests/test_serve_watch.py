@@ -114,6 +114,8 @@ def test_serve_refuses_nonsense_watch_settings_in_one_line(world, tmp_path):
         (["--link-alpha", "0"], "link-alpha"),
         (["--link-alpha", "1e-9"], "link-alpha"),
         (["--min-images", "500"], "min-images"),
+        (["--duplicate-distance", "-0.1"], "duplicate-distance"),
+        (["--duplicate-distance", "2"], "duplicate-distance"),
     ]:
         assert words in assert_one_line_error(invoke(*base, *flags)), flags
     wrong = tmp_path / "keys.toml"
