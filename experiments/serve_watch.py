@@ -1,8 +1,8 @@
 """Monitor-aware thieves against `serve` with every alert blocking (per key and global): knockoff over one key, over
 many keys each below --min-images (sybil), and with benign-looking filler (mix); the theft each reaches before the
 first alert and before the block, beside the same thief with the monitor off (the victim file queried directly).
-Benign clients (the test split replayed, an augmented replay, a class-imbalanced client with and without its declared
-prior) share one server and measure the false alerts.
+Benign clients (the test split replayed, an augmented replay of each half of it, a class-imbalanced client with and
+without its declared prior) share one server and measure the false alerts.
 
     python experiments/serve_watch.py --victim undefended=v.h5 --victim near=ini.h5 --data mnist.h5 \\
         --pool latin=latin-letters.h5 --pool fashion=fashionmnist.h5 --out artifacts/serve-watch [--smoke]
@@ -87,8 +87,9 @@ def answered_before(ledger: Path, names: list[str], moment: float) -> int:
 
 
 def benign_clients(args, name: str, path: str, folder: Path, test, labels, data, results: list) -> None:
-    """The benign clients on one server: the test split replayed, an augmented replay, and a client of 1s and 7s
-    without and with its declared prior (and a train-split replay with --train-replay)."""
+    """The benign clients on one server: the test split replayed, an augmented replay of each half of it (two
+    keys), and a client of 1s and 7s without and with its declared prior (and a train-split replay with
+    --train-replay)."""
     imbalanced = test[np.isin(labels, (1, 7))]
     shares = np.bincount(labels[np.isin(labels, (1, 7))], minlength=10) / len(imbalanced)
     prior = ",".join(f"{v:.4f}" for v in shares)
@@ -97,6 +98,7 @@ def benign_clients(args, name: str, path: str, folder: Path, test, labels, data,
     benign = {
         "benign": (test, None),
         "benign-augmented": (augmented(test[: len(test) // 2]), None),
+        "benign-augmented-2": (augmented(test[len(test) // 2 :], seed=1), None),
         "imbalanced": (imbalanced, None),
         "imbalanced-declared": (imbalanced, prior),
     }

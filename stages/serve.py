@@ -27,7 +27,7 @@ from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
 from stages.serving import watermark as _watermark
-from stages.serving.detectors import GlobalSettings, check_prior
+from stages.serving.detectors import DUPLICATE_DISTANCE, GlobalSettings, check_prior
 from stages.serving.ledger import POSTGRES, open_ledger
 from stages.serving.monitor import Monitor, Settings, calibrate
 from stages.serving.monitor import check as check_settings
@@ -95,6 +95,16 @@ def run(
         int, typer.Option(min=1, help="Images per --volume-window before a volume alert.")
     ] = 10_000,
     volume_window: Annotated[float, typer.Option(min=1.0, help="Seconds of the volume window.")] = 3600.0,
+    duplicate_distance: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="RMS distance per pixel (images in [0, 1]) within which a query, at a shift of up to 2 pixels, "
+            "is a near-duplicate of one of the key's last --ood-window distinct queries: counted once by the OOD "
+            "share, class, volume and global signals (0: every query counts).",
+        ),
+    ] = DUPLICATE_DISTANCE,
     max_images: Annotated[int, typer.Option(min=1, help="Images per request (413 beyond).")] = 1024,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Request body limit in MB (413 beyond).")] = 16.0,
     batch_images: Annotated[int, typer.Option(min=1, help="Images per forward pass the micro-batcher aims at.")] = 256,
@@ -159,6 +169,7 @@ def run(
         alpha=alpha,
         volume_limit=volume_limit,
         volume_window=volume_window,
+        duplicate_distance=duplicate_distance,
     )
     global_settings = GlobalSettings(window=global_window, alpha=alpha, link_alpha=link_alpha, min_images=min_images)
     check_settings(settings, global_settings, throttle_factor)

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, invoke
@@ -18,8 +19,9 @@ from numpy.lib import format as npformat
 from served import served_world
 from test_serve import Server, npy
 
-from stages import serve_key
+from stages import serve_key, train
 from stages.core.artifacts import open_artifact
+from stages.serving import detectors
 from stages.serving import monitor as _monitor
 
 NPY = "application/x-npy"
@@ -63,6 +65,21 @@ def noise(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
 
 
+def light_copies(images: np.ndarray, copies: int, seed: int, repeats: int = 0) -> np.ndarray:
+    """Each image, `repeats` more times unchanged, then `copies` light variants: shifted by up to 2 px (zeros
+    shifted in) with up to +-12 grey levels of noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        out += [image] * (1 + repeats)
+        for _ in range(copies):
+            dy, dx = rng.integers(-2, 3, 2)
+            padded = np.pad(image, ((0, 0), (2, 2), (2, 2)))
+            moved = padded[:, 2 + dy : 2 + dy + image.shape[1], 2 + dx : 2 + dx + image.shape[2]]
+            out.append(np.clip(moved.astype(np.int16) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
 def lying_header(shape: tuple[int, ...]) -> bytes:
     """A .npy header claiming `shape` (uint8), followed by 1 KB of data."""
     buffer = io.BytesIO()
@@ -97,6 +114,8 @@ def test_serve_refuses_nonsense_watch_settings_in_one_line(world, tmp_path):
         (["--link-alpha", "0"], "link-alpha"),
         (["--link-alpha", "1e-9"], "link-alpha"),
         (["--min-images", "500"], "min-images"),
+        (["--duplicate-distance", "-0.1"], "duplicate-distance"),
+        (["--duplicate-distance", "2"], "duplicate-distance"),
     ]:
         assert words in assert_one_line_error(invoke(*base, *flags)), flags
     wrong = tmp_path / "keys.toml"
@@ -190,7 +209,6 @@ def test_a_restart_refills_the_ood_window_from_the_ledger(world, tmp_path):
 def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draws():
     """The G-test's chi-square cutoff at alpha 1e-3 (a level a few thousand draws can check) over windows of 50 and
     200 draws from the prior: the rate of crossings stays within a factor 3 of alpha."""
-    from stages.serving import detectors
 
     rng = np.random.default_rng(0)
     prior = np.full(10, 0.1)
@@ -269,3 +287,106 @@ def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
             "swarm=3",
         )
     )
+
+
+def send(server: Server, token: str, images: np.ndarray, batch: int = 100) -> None:
+    with server.client(token) as c:
+        for start in range(0, len(images), batch):
+            r = c.post("/v1/predict", content=npy(images[start : start + batch]), headers={"Content-Type": NPY})
+            assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_small, tmp_path_factory):
+    """A LeNet-5 victim trained 2 epochs on 800 real MNIST digits, its 200 test digits, and two `log` keys."""
+    root = tmp_path_factory.mktemp("digits")
+    victim = train.run(dataset=str(mnist_small), out=root / "victim.h5", epochs=2, batch_size=32, device="cpu")
+    keys = root / "keys.toml"
+    tokens = {name: serve_key.run(name, keys, 100_000, 10_000.0, 10_000.0, "log") for name in ("augmenting", "copycat")}
+    with h5py.File(mnist_small, "r") as f:
+        test = f["test/images"][()]
+    return dict(root=root, victim=victim, keys=keys, tokens=tokens, test=test)
+
+
+def test_near_duplicates_count_once_the_augmenting_client_is_spared_their_thief_is_not(digits):
+    """On real digits: a client sending each test digit twice and a light variant (600 queries) raises no alert of
+    its own, where counting every copy (--duplicate-distance 0) alerts it; a thief sending 50 noise images, each
+    with 10 light variants, is alerted on its OOD share at its 50th query either way (5 distinct images, all
+    OOD-looking)."""
+    benign = light_copies(digits["test"], copies=1, seed=3, repeats=1)
+    thief = light_copies(noise(50, 9), copies=10, seed=4)
+    own = {}
+    for distance in ("default", "0"):
+        ledger = digits["root"] / f"ledger-{distance}.sqlite"
+        flags = ["--duplicate-distance", distance] if distance != "default" else []
+        server = Server(digits["victim"], digits["keys"], ledger, *flags)
+        send(server, digits["tokens"]["augmenting"], benign)
+        send(server, digits["tokens"]["copycat"], thief)
+        server.stop()
+        own[distance] = {
+            name: [a for a in alerts(ledger, name, seconds=1.0) if not a[0].startswith("linked:")]
+            for name in ("augmenting", "copycat")
+        }
+    assert own["default"]["augmenting"] == [], own["default"]["augmenting"]
+    assert own["0"]["augmenting"], "every copy counted: the augmenting client should be alerted"
+    for distance in ("default", "0"):
+        first = own[distance]["copycat"][0]
+        assert first[0] == "ood_share" and first[3] == 50, (distance, first)
+
+
+def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_step():
+    """Novelty on real-sized images: a copy shifted by 2 px with +-12 grey levels of noise is a near-duplicate,
+    another image of the same kind and a sign step of 0.1 on every pixel (JBDA's lambda) are not."""
+    rng = np.random.default_rng(0)
+    digit = np.zeros((1, 28, 28), dtype=np.float32)
+    digit[0, 6:22, 10:18] = rng.uniform(0.5, 1.0, (16, 8))
+    other = np.zeros_like(digit)
+    other[0, 8:20, 6:22] = rng.uniform(0.5, 1.0, (12, 16))
+    moved = np.clip(np.roll(digit, (2, -2), axis=(1, 2)) + rng.uniform(-12, 12, digit.shape) / 255, 0, 1)
+    step = np.clip(digit + 0.1 * np.sign(rng.standard_normal(digit.shape)), 0, 1)
+    novelty = detectors.Novelty(200, detectors.DUPLICATE_DISTANCE)
+    first = novelty.distinct(np.stack([digit, moved, step]).astype(np.float32))
+    later = novelty.distinct(np.stack([other, digit, moved]).astype(np.float32))  # against the kept ones too
+    assert first.tolist() == [True, False, True] and later.tolist() == [True, False, False]
+    assert detectors.Novelty(200, 0.0).distinct(digit[None]).all()  # 0: every query is distinct
+
+
+def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_out():
+    """In-process: an old key whose last 200 answers are skewed enough to stand out at --link-alpha (G 35.6, between
+    the link cutoff 27.9 and the alert cutoff 44.8) but not to alert, then three young keys of 40 answers of one
+    class each: the young cohort's class histogram alerts and links the young keys, never the old one."""
+    counts = np.array([36, 36, 20, 20, 20, 20, 12, 12, 12, 12])
+    # every class spread evenly over the 200 (each prefix and each sliding window of the repeated cycle keeps the
+    # shares), so the key's G grows to 35.6 and stays there
+    cycle = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    cycle = cycle[np.argsort(np.concatenate([(np.arange(n) + 0.5) / n for n in counts]), kind="stable")]
+    rng = np.random.default_rng(0)
+    calibration = _monitor.Calibration(
+        ood_threshold=0.5,
+        prada_delta=0.0,
+        images=1000,
+        source="uniform",
+        benign_ood_share=0.01,
+        benign_prada_min=float("nan"),
+        class_prior=[0.1] * 10,
+    )
+    monitor = _monitor.Monitor(_monitor.Settings(), calibration, 28 * 28)
+
+    def answers(labels: np.ndarray) -> np.ndarray:
+        out = np.full((len(labels), 10), 0.1 / 9)
+        out[np.arange(len(labels)), labels] = 0.9
+        return out
+
+    def images(n: int) -> np.ndarray:
+        return rng.random((n, 1, 28, 28), dtype=np.float32)  # distinct: no near-duplicates
+
+    found = monitor.observe("old", images(200), answers(cycle), now=0.0)
+    watch = monitor.watches["old"]
+    assert monitor.link_g < detectors.g_statistic(watch.classes.counts, watch.prior) < monitor.g_cutoff
+    for i in range(3):
+        found += monitor.observe(f"young-{i}", images(40), answers(np.full(40, 3)), now=1.0 + i)
+        found += monitor.observe("old", images(20), answers(cycle[20 * i : 20 * (i + 1)]), now=1.5 + i)
+    assert [a for a in found if a.get("scope") != "global"] == []  # the old key never alerts on its own
+    cohort = [a for a in found if a.get("scope") == "global" and a["signal"] == "cohort_classes"]
+    linked = {name for a in cohort for name in a["linked"]}
+    assert cohort and linked == {"young-0", "young-1", "young-2"}, cohort

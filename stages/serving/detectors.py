@@ -7,6 +7,7 @@ a campaign spread thinly over many. Thresholds follow the monitor's alpha; the e
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -67,6 +68,63 @@ def check_prior(prior, classes: int, where: str) -> np.ndarray:
     return p
 
 
+# A near-duplicate is compared at every shift of up to this many pixels each way: test-time augmentation and
+# retries move an image by a few pixels, which alone puts an MNIST digit 0.02-0.43 RMS from itself.
+DUPLICATE_SHIFT = 2
+# The default RMS distance per pixel of a near-duplicate. Measured at the best shift, over the image less its 2 px
+# border: a copy shifted by up to 2 px with +-12 grey levels of noise lies 0.019-0.024 from its original on MNIST,
+# 0.020-0.025 on Latin letters and 0.021-0.029 on FashionMNIST (0.028 for noise that never clips); an image lies
+# 0.062 or more from the nearest of the 200 before it (MNIST test; Latin letters 0.071, FashionMNIST 0.067); JBDA's
+# sign steps of lambda 0.05 and 0.1 move a digit 0.035-0.040 and 0.070-0.080.
+DUPLICATE_DISTANCE = 0.04
+
+
+def shifted(images: np.ndarray, shift: int = DUPLICATE_SHIFT) -> np.ndarray:
+    """The interior of each image (N, C, H, W) seen at every shift of up to `shift` pixels along H and W: the
+    (2 shift + 1)^2 windows of its size less 2 shift, flattened, (N, (2 shift + 1)^2, C (H - 2 shift) (W - 2 shift)).
+    Only pixels inside the image are compared, whatever a shifted copy filled its border with."""
+    n, c, h, w = images.shape
+    views = np.lib.stride_tricks.sliding_window_view(images, (h - 2 * shift, w - 2 * shift), axis=(2, 3))
+    return views.transpose(0, 2, 3, 1, 4, 5).reshape(n, (2 * shift + 1) ** 2, -1)
+
+
+class Novelty:
+    """One principal's last `size` distinct queries. A query is a near-duplicate when one of them lies within RMS
+    distance `distance` per pixel of it at some shift of up to DUPLICATE_SHIFT pixels (over the interior: the
+    image less that border); only distinct queries are kept. `distance` 0 makes every query distinct."""
+
+    def __init__(self, size: int, distance: float):
+        self.size, self.distance = size, distance
+        self.images: Optional[np.ndarray] = None  # interiors of the kept queries
+        self.squares = np.full(size, np.inf, dtype=np.float32)  # their squared norms (inf: an empty slot)
+        self.cursor = 0
+
+    def distinct(self, images: np.ndarray) -> np.ndarray:
+        """Take one request's queries (N, C, H, W) in [0, 1], in order; return which are distinct."""
+        out = np.ones(len(images), dtype=bool)
+        if self.distance <= 0 or min(images.shape[2:]) <= 2 * DUPLICATE_SHIFT:
+            return out
+        views = shifted(images)
+        squares = np.einsum("nsd,nsd->ns", views, views)
+        norms = np.sqrt(squares)
+        middle = views[:, (len(views[0]) - 1) // 2]  # shift (0, 0): the interior itself
+        if self.images is None:
+            self.images = np.zeros((self.size, middle.shape[1]), dtype=np.float32)
+        radius = self.distance * math.sqrt(middle.shape[1])
+        for i in range(len(images)):
+            # | |view| - |y| | <= |view - y|: only kept interiors whose norm is that close can be within radius
+            kept = np.sqrt(self.squares)
+            near = np.flatnonzero((kept >= norms[i].min() - radius) & (kept <= norms[i].max() + radius))
+            if len(near):
+                sq = self.squares[near, None] - 2.0 * (self.images[near] @ views[i].T) + squares[i][None]
+                if float(sq.min()) < radius**2:
+                    out[i] = False
+                    continue
+            self.images[self.cursor], self.squares[self.cursor] = middle[i], squares[i, (len(views[0]) - 1) // 2]
+            self.cursor = (self.cursor + 1) % self.size
+        return out
+
+
 class ClassWindow:
     """One principal's last `size` predicted classes and their counts."""
 
@@ -103,12 +161,19 @@ class Global:
     - cohort_classes: the young keys' last `class_window` classes against the prior (G-test).
     A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
     at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
-    with `continued`)."""
+    with `continued`). A cohort signal links only keys still young: a key judged on its own is covered by its own
+    signals at alpha, and re-testing it at link_alpha at every request while the alert lasts would link any long
+    benign stream sooner or later."""
 
     def __init__(
-        self, settings: GlobalSettings, q: float, prior: np.ndarray, stands_out: Optional[Callable[[str], bool]] = None
+        self,
+        settings: GlobalSettings,
+        q: float,
+        prior: np.ndarray,
+        stands_out: Optional[Callable[[str, bool], bool]] = None,
     ):
-        # stands_out(key): whether the key's own recent answers stand out at link_alpha (the monitor reads its
+        # stands_out(key, cohort): whether the key's own recent answers stand out at link_alpha, and for a cohort
+        # signal (which reads only the young keys' answers) whether the key is still young (the monitor reads its
         # per-key windows: a test over a key's whole window would flag any small mismatch of a long benign stream)
         self.s, self.q, self.prior, self.stands_out = settings, q, floored(prior), stands_out
         self.buckets: collections.deque[Bucket] = collections.deque()
@@ -153,8 +218,9 @@ class Global:
                 if self.per[name] == 0:
                     del self.per[name]
         alerts: list[dict] = []
-        tail = binomial_tail(self.ood, self.n, self.q)
-        self._judge(alerts, "global_ood", self.ood / self.n, tail < self.s.alpha, images=self.n, tail=tail)
+        if self.n:  # a request of near-duplicates alone adds nothing to an otherwise empty window
+            tail = binomial_tail(self.ood, self.n, self.q)
+            self._judge(alerts, "global_ood", self.ood / self.n, tail < self.s.alpha, images=self.n, tail=tail)
         if self.young_n >= self.s.min_images:
             tail = binomial_tail(self.young_ood, self.young_n, self.q)
             self._judge(
@@ -163,18 +229,13 @@ class Global:
             g = g_statistic(self.young_classes.counts, self.prior)
             self._judge(alerts, "cohort_classes", g, g > self.cutoff, images=int(self.young_classes.counts.sum()), g=g)
         active = [signal for signal, armed in self.armed.items() if not armed]
-        if active and not alerts and principal not in self.linked_keys and self._stands_out(principal):
+        signal = None
+        if active and not alerts and principal not in self.linked_keys:
+            signal = next((name for name in active if self._stands_out(principal, name)), None)
+        if signal is not None:
             self.linked_keys.add(principal)
             alerts.append(
-                dict(
-                    signal=active[0],
-                    value=0.0,
-                    threshold=0.0,
-                    queries=0,
-                    details={},
-                    linked=[principal],
-                    continued=True,
-                )
+                dict(signal=signal, value=0.0, threshold=0.0, queries=0, details={}, linked=[principal], continued=True)
             )
         return alerts
 
@@ -191,13 +252,13 @@ class Global:
                 self.young_n += n
                 self.young_ood += ood
 
-    def _stands_out(self, name: str) -> bool:
-        return self.stands_out(name) if self.stands_out is not None else False
+    def _stands_out(self, name: str, signal: str) -> bool:
+        return self.stands_out(name, signal.startswith("cohort")) if self.stands_out is not None else False
 
     def _judge(self, alerts: list[dict], signal: str, value: float, crossed: bool, **details) -> None:
         if crossed and self.armed[signal]:
             threshold = self.cutoff if signal == "cohort_classes" else self.s.alpha
-            linked = sorted(name for name in self.per if self._stands_out(name))
+            linked = sorted(name for name in self.per if self._stands_out(name, signal))
             self.linked_keys.update(linked)
             alerts.append(
                 dict(
