@@ -5,7 +5,7 @@ Benign clients (the test split replayed, an augmented replay of each half of it,
 without its declared prior) share one server and measure the false alerts.
 
     python experiments/serve_watch.py --victim undefended=v.h5 --victim near=ini.h5 --data mnist.h5 \\
-        --pool latin=latin-letters.h5 --pool fashion=fashionmnist.h5 --out artifacts/serve-watch [--smoke]
+        --pool near=latin-letters.h5 --pool far=fashionmnist.h5 --out artifacts/serve-watch [--smoke]
 
 Prints a Markdown table on stdout and writes `watch.json`, every surrogate and ledger under --out. All traffic goes
 to 127.0.0.1.
@@ -35,16 +35,21 @@ from stages import serve_key  # noqa: E402
 from stages.core.artifacts import open_artifact  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
 
-# (name, pool, keys, moves): the thieves; each runs against a fresh server and ledger, after benign background
-# traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below --min-images)
-# so the global window does not hold the thief alone
+# (name, pool, keys, label, moves): the thieves, knockoff with soft or hard labels from a pool near the victim's data
+# (a digit victim: the Latin letters) or far from it; each runs against a fresh server and ledger, after benign
+# background traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below
+# --min-images) so the global window does not hold the thief alone
 # a Sybil thief asks one key's worth of real queries per call (--query-batch), so a block costs it one call's answers
+SYBIL = ["--target-move", "sybil=49", "--query-batch", "49"]
+MIX = ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
 THIEVES = [
-    ("plain", "latin", 1, []),
-    ("sybil", "latin", 60, ["--target-move", "sybil=49", "--query-batch", "49"]),
-    ("sybil-mix", "latin", 120, ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]),
-    ("plain", "fashion", 1, []),
-    ("sybil", "fashion", 60, ["--target-move", "sybil=49", "--query-batch", "49"]),
+    ("plain", "near", 1, "soft", []),
+    ("plain", "near", 1, "hard", []),
+    ("sybil", "near", 60, "soft", SYBIL),
+    ("sybil", "near", 60, "hard", SYBIL),
+    ("sybil-mix", "near", 120, "soft", MIX),
+    ("plain", "far", 1, "soft", []),
+    ("sybil", "far", 60, "soft", SYBIL),
 ]
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
@@ -144,7 +149,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="300-query thieves, 1,000 benign images")
     parser.add_argument("--benign-only", action="store_true", help="only the benign clients")
     parser.add_argument("--skip-benign", action="store_true", help="only the thieves")
-    parser.add_argument("--thieves", help="comma-separated thief labels to run (e.g. sybil-latin) [default: all]")
+    parser.add_argument("--thieves", help="comma-separated thief labels to run (e.g. sybil-hard-near) [default: all]")
     parser.add_argument(
         "--train-replay", type=int, default=0, help="also replay this many train-split images as one more benign client"
     )
@@ -167,26 +172,30 @@ def main() -> None:
             benign_clients(args, name, path, folder, test, labels, data, results)
         if args.benign_only:
             continue
-        steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--attack", "knockoff", "--label", "soft"]
+        steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--attack", "knockoff"]
         common = ["--data", str(args.data), "--device", "cpu", "--epochs", str(epochs), "--victim", path]
-        for pool in sorted({p for _, p, _, _ in THIEVES}):
-            out = folder / f"off-{pool}.h5"
-            if args.thieves and not any(t.endswith(f"-{pool}") for t in args.thieves.split(",")):
+        wanted = args.thieves.split(",") if args.thieves else None
+        for answers, pool in sorted({(a, p) for _, p, _, a, _ in THIEVES}):
+            off_label = f"{answers}-{pool}"
+            out = folder / f"off-{off_label}.h5"
+            if wanted and not any(t.endswith(f"-{off_label}") for t in wanted):
                 continue
             subprocess.run(
-                [*steal, *common, "--pool", pools[pool], "--budget", str(budget), "--out", str(out)],
+                [*steal, *common, "--label", answers, "--pool", pools[pool], "--budget", str(budget)]
+                + ["--out", str(out)],
                 check=True,
                 env=env,
                 stdout=subprocess.DEVNULL,
-                stderr=open(folder / f"off-{pool}.log", "w"),
+                stderr=open(folder / f"off-{off_label}.log", "w"),
             )
             with open_artifact(out, "surrogate") as f:
                 off = float(f.attrs["stealing_accuracy"])
-            results.append(dict(victim=name, client=f"monitor off, {pool}", images=budget, stealing_final=off))
-        for thief, pool, n_keys, moves in THIEVES:
-            label = f"{thief}-{pool}"
-            if args.thieves and label not in args.thieves.split(","):
+            results.append(dict(victim=name, client=f"monitor off, {off_label}", images=budget, stealing_final=off))
+        for thief, pool, n_keys, answers, moves in THIEVES:
+            label = f"{thief}-{answers}-{pool}"
+            if wanted and label not in wanted:
                 continue
+            moves = ["--label", answers, *moves]
             keys = folder / f"{label}-keys.toml"
             keys.unlink(missing_ok=True)
             names = [f"{label}-{i}" for i in range(n_keys)]
