@@ -380,4 +380,3 @@ def test_evaluate_rebuilds_the_watermark_with_the_key_that_marked_the_answers(th
         expected = (deployed(x).argmax(1) == labels).float().mean()
     assert moved > 0.1  # the strong setting marks a large share of the test answers
     assert rows[theft["marked"].name] == pytest.approx(float(expected), abs=1e-6)
-    assert rows[theft["marked"].name] != rows[Path(victim).name]
