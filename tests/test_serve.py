@@ -24,6 +24,7 @@ from stages.core.artifacts import open_artifact
 from stages.deploy import onnx_export as _onnx
 from stages.serving import keys as principals_file
 from stages.serving.launch import launch
+from stages.serving.limits import Budget
 from stages.training import victim as _victim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -491,3 +492,18 @@ def test_serve_refuses_bad_setups_in_one_line(world, tmp_path):
     bad.write_text('[principals.x]\nkey_id = "zz"\n')
     assert_one_line_error(invoke("serve", "--model", world["victim"], "--keys", bad))
     assert_one_line_error(invoke("serve", "--model", tmp_path / "victim.txt", "--keys", world["keys"]))
+
+
+def test_a_ledger_reading_that_includes_requests_still_reserved_does_not_count_them_twice():
+    """Two requests of one key debited in one transaction, settled one after the other: the row the transaction
+    returned (spent 10, other replicas' 8 included) is taken once both are settled, so the last images of the budget
+    stay answerable; another replica's later debit is seen at the next reading."""
+    budget = Budget(budget=12, spent=0)
+    assert budget.reserve(1) and budget.reserve(1)
+    budget.settle(1, answered=True, spent=10)
+    assert budget.remaining >= 1  # the second request is still reserved; the reading waits for it
+    budget.settle(1, answered=True, spent=10)
+    assert (budget.spent, budget.remaining) == (10, 2)
+    assert budget.reserve(2) and not budget.reserve(1)
+    budget.settle(2, answered=False, spent=11)  # refused at its debit: another replica spent one meanwhile
+    assert (budget.spent, budget.remaining) == (11, 1)
