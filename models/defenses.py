@@ -340,6 +340,13 @@ def coarsen(images: np.ndarray, cell: int, levels: int) -> np.ndarray:
     return np.minimum((x * (levels / 256.0)).astype(np.uint8), levels - 1)
 
 
+def on_grid(images: np.ndarray) -> np.ndarray:
+    """Images in [0, 1] as the uint8 the watermark hashes: clipped, scaled and rounded in double precision, so that
+    the defense, the ledger and `verify` get the same bytes whatever float width holds the image (a float32 product
+    rounds differently at half a grey level, where JBDA's sign steps of 0.1 = 25.5 / 255 land)."""
+    return np.rint(np.clip(np.asarray(images, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def keyed_draws(images: np.ndarray, key: bytes, cell: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image, from HMAC-SHA256(key, shape and coarsened image): a uniform draw in [0, 1) (marked when below the
     rate) and a 64-bit integer (which class the mark points to). The same image always draws the same."""
@@ -435,7 +442,7 @@ class Watermark(nn.Module):
 
     def marks(self, x: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(marked, keyed class, top probability) for images x in [0, 1] and the victim's answers."""
-        images = np.rint(x.detach().cpu().double().numpy().clip(0.0, 1.0) * 255.0).astype(np.uint8)
+        images = on_grid(x.detach().cpu().numpy())
         uniform, pick = keyed_draws(images, self.key, self.cell, self.levels)
         p = probs.detach().cpu()
         top, top1 = p.max(1)

@@ -380,3 +380,21 @@ def test_evaluate_rebuilds_the_watermark_with_the_key_that_marked_the_answers(th
         expected = (deployed(x).argmax(1) == labels).float().mean()
     assert moved > 0.1  # the strong setting marks a large share of the test answers
     assert rows[theft["marked"].name] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_jbda_queries_off_the_8_bit_grid_verify_under_their_key(victim, tiny, tmp_path):
+    """JBDA's sign steps of 0.1 put pixels at half a grey level (25.5 / 255); the key check reads them on the same
+    grid the defense marked them on, so every marked image draws under its rate with the key."""
+    key, out = tmp_path / "watermark.key", tmp_path / "jbda.h5"
+    fine = ["--defense-param", "cell=1", "--defense-param", "levels=256"]  # the tiny images coarsen alike
+    r = invoke(
+        "steal", "--victim", victim, "--attack", "jbda", "--pool", tiny, "--budget", 600, "--epochs", 1,
+        "--device", "cpu", "--defense", "watermark", "--watermark-key", key, *STRONG, *fine, "--out", out,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        images, marked = f["transfer/images"][()], f["transfer/watermark/marked"][()]
+    off_grid = np.abs(images[marked] * 255.0 - np.rint(images[marked] * 255.0)) > 1e-3
+    assert marked.sum() > 20 and off_grid.any()
+    r = invoke("verify", "--suspect", out, "--evidence", out, "--key", key, "--out", tmp_path / "v.h5")
+    assert r.exit_code == 0, r.stderr

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from models.defenses import key_fingerprint, keyed_draws
+from models.defenses import key_fingerprint, keyed_draws, on_grid
 from models.params import UserError
 from stages.core.artifacts import attr_json, open_artifact, sha256
 from stages.serving.ledger import POSTGRES, open_ledger
@@ -184,8 +184,7 @@ def check_key(evidence: Evidence, key: bytes) -> None:
         raise UserError(
             f"wrong key file: its fingerprint {key_fingerprint(key)} is not the evidence's {evidence.fingerprint}"
         )
-    images = np.rint(evidence.marked_images * 255.0).astype(np.uint8)
-    uniform, _ = keyed_draws(images, key, evidence.cell, evidence.levels)
+    uniform, _ = keyed_draws(on_grid(evidence.marked_images), key, evidence.cell, evidence.levels)
     if not (uniform < evidence.rate).all():
         bad = int((uniform >= evidence.rate).sum())
         raise UserError(f"{bad} of the evidence's {len(uniform)} marked images were not marked under this key")

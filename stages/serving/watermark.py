@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.defenses import Watermark
+from models.defenses import Watermark, on_grid
 from models.params import defaults
 from stages.deploy import watermark_key as _keys
 from stages.serving.ledger import Mark
@@ -50,7 +50,7 @@ class Marker:
         counts = [n for _, n in owners]
         who = np.repeat([name for name, _ in owners], counts)
         request = np.repeat(np.arange(len(owners)), counts)
-        grid = np.rint(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+        grid = on_grid(images)
         ood = top < self.threshold
         kept: list[Mark] = []
         for i in range(len(out)):  # marks first: a control owed is paid from later answers
