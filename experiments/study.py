@@ -112,6 +112,18 @@ def _points(name: str, params: dict) -> list[tuple[str, dict]]:
     return points
 
 
+def _unmarked(stolen: Path) -> bool:
+    """A finished watermark cell whose answers hold no mark (a thief whose queries all look benign, at the base
+    rate): there is nothing to verify, and `verify` refuses such evidence. Read when the cell exists, so a run
+    before it plans its verification, and verify's one-line error stops that run; the next one leaves it out."""
+    if not stolen.exists():
+        return False
+    import h5py
+
+    with h5py.File(stolen, "r") as f:
+        return "transfer/watermark/marked" in f and not f["transfer/watermark/marked"][()].any()
+
+
 class Study:
     """One configuration's cells and artifacts. Paths are `<out>/data/<name>.h5`, `<out>/victims/<dataset>-
     <victim>-s<seed>.h5` and `<out>/stolen/<dataset>-<victim>-<defense>-s<seed>-<attack>[-<label>-<pool>].h5`
@@ -329,7 +341,7 @@ class Study:
         if spec:
             raise ConfigError(f"verify has unknown keys {', '.join(spec)}")
         marked = {p: c for p, c in self.cells.items() if self.defenses[c.defense].defense == "watermark"}
-        runs = {f"own/{p.stem}": (str(p), str(p)) for p in marked}
+        runs = {f"own/{p.stem}": (str(p), str(p)) for p in marked if not _unmarked(p)}
         suspects = [(self.victim(*v), v[0]) for v in sorted(self.independent)]
         suspects += [(str(p), c.dataset) for p, c in self.cells.items() if self.defenses[c.defense].defense == "none"]
         for path, cell in marked.items():
