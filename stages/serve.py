@@ -27,8 +27,9 @@ from stages.serving import app as api
 from stages.serving import keys as principals_file
 from stages.serving import model as served_model
 from stages.serving import watermark as _watermark
+from stages.serving.backends import open_ledger
 from stages.serving.detectors import DUPLICATE_DISTANCE, GlobalSettings, check_prior
-from stages.serving.ledger import POSTGRES, open_ledger
+from stages.serving.ledger import POSTGRES
 from stages.serving.monitor import Monitor, Settings, calibrate
 from stages.serving.monitor import check as check_settings
 

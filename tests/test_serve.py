@@ -435,7 +435,8 @@ def test_the_batcher_waits_for_as_many_requests_as_the_last_batch_held():
 def test_each_durability_level_sets_what_its_commit_waits_for(ledger_at, durability):
     """`full` flushes to disk (SQLite synchronous FULL, PostgreSQL synchronous_commit on); `process` leaves the
     flush to the OS or the database server (NORMAL, off) on every connection that commits a batch."""
-    from stages.serving.ledger import Answered, open_ledger
+    from stages.serving.backends import open_ledger
+    from stages.serving.ledger import Answered
 
     book = open_ledger(ledger_at, durability)
     try:

@@ -216,7 +216,8 @@ def test_export_refuses_the_watermark_and_serve_and_steal_take_its_key_only_with
 def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim, tmp_path, ledger_at):
     """serve's marking path (stages/serving/watermark.py) into a ledger, without HTTP: the batches a client sends,
     recorded with their evidence in one transaction; `verify --evidence` reads it from either backend alike."""
-    from stages.serving.ledger import Answered, open_ledger
+    from stages.serving.backends import open_ledger
+    from stages.serving.ledger import Answered
     from stages.serving.watermark import Marker
     from stages.training import victim as _victim
 
@@ -257,7 +258,8 @@ def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim
 def test_a_request_refused_at_its_debit_leaves_no_evidence(theft, ledger_at):
     """Marks and controls are written in the debit's transaction: those of a request over its budget, or (on
     PostgreSQL) of an Idempotency-Key another replica answered meanwhile, are dropped; the others are stored."""
-    from stages.serving.ledger import Answered, open_ledger
+    from stages.serving.backends import open_ledger
+    from stages.serving.ledger import Answered
     from stages.serving.watermark import Marker
 
     with h5py.File(theft["marked"]) as f:
@@ -285,7 +287,8 @@ def test_a_request_refused_at_its_debit_leaves_no_evidence(theft, ledger_at):
     ours = {name: Counter(int(m.marked) for m in marks if m.request == i) for i, name in enumerate(stored)}
     assert ours["bob"][1] > 10 and ours["alice"][1] > 10  # there were marks to drop and to keep
     assert stored == {"alice": ours["alice"], "bob": Counter(), "carol": Counter()}
-    assert marker._owed.get(("bob", True), 0) == 0 == marker._owed.get(("carol", True), 0)  # refused owe nothing
+    refused = ["bob", "carol"] if len(batch) == 3 else ["bob"]  # SQLite: carol's request never reached a debit
+    assert all(marker._owed.get((name, True), 0) == 0 for name in refused)  # refused requests owe no controls
 
 
 def test_a_resumed_theft_records_the_same_marks(tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 from models.defenses import key_fingerprint, keyed_draws, on_grid
 from models.params import UserError
 from stages.core.artifacts import attr_json, open_artifact, sha256
-from stages.serving.ledger import POSTGRES, open_ledger
+from stages.serving.backends import open_ledger
+from stages.serving.ledger import POSTGRES
 
 CONTROL_SEED = 0  # which controls are drawn among equally confident ones: fixed, so a verification repeats
 

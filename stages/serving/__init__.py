@@ -5,6 +5,7 @@ ledger and extraction monitoring. Its parts, imported one way (app uses all the 
     limits        token buckets and budget reservations
     ledger        the query ledger's interface (answers, spend, alerts) and its SQLite (WAL) backend
     ledger_pg     the PostgreSQL backend, one ledger shared by replicas
+    backends      the backend a --ledger value names (a postgresql:// URL or a file)
     monitor       extraction signals per principal: volume, share of OOD-looking answers, class histogram, PRADA
     detectors     the class-histogram test and the global signals over all principals, which link keys
     model         the served graph (TorchScript, ONNX or victim.h5 with a defense) as numpy in, numpy out

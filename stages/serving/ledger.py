@@ -242,15 +242,6 @@ class Mark:
 POSTGRES = ("postgresql://", "postgres://")
 
 
-def open_ledger(where: str | Path, durability: str = "full", read_only: bool = False) -> "Ledger":
-    """The ledger a `--ledger` (or `--evidence`) value names: a postgresql:// URL or a SQLite file."""
-    if str(where).startswith(POSTGRES):
-        from stages.serving.ledger_pg import PostgresLedger
-
-        return PostgresLedger(str(where), durability=durability, read_only=read_only)
-    return SqliteLedger(Path(where), durability=durability, read_only=read_only)
-
-
 def _connect(path: Path, durability: str, read_only: bool) -> sqlite3.Connection:
     target = f"file:{path}?mode=ro" if read_only else str(path)
     db = sqlite3.connect(target, timeout=30.0, isolation_level=None, check_same_thread=False, uri=read_only)
