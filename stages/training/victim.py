@@ -200,6 +200,37 @@ def save(
             save_state(f.create_group(name), module.state_dict())
 
 
+def _declared(f, path: Path) -> dict[str, Any]:
+    """What a victim.h5 and a surrogate.h5 both declare about their network, as VictimInfo fields."""
+    return dict(
+        path=Path(path),
+        sha256=sha256(path),
+        arch=str(f.attrs["arch"]),
+        dataset=str(f.attrs["dataset"]),
+        classes=attr_json(f, "classes"),
+        input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
+        mean=[float(v) for v in f.attrs["mean"]],
+        std=[float(v) for v in f.attrs["std"]],
+        seed=int(f.attrs.get("seed", -1)),
+        wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
+    )
+
+
+def _network(info: VictimInfo, state: dict, device: str) -> models.Classifier:
+    """The declared network with its weights, refusing non-finite weights or weights of another shape in one line."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(
+            f"{info.path}: weights hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or training diverged"
+        )
+    model = info.build()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"{info.path}: weights do not fit a {info.arch} for {info.input_shape}") from None
+    return model.to(device).eval()
+
+
 def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo]:
     """The victim network of a victim.h5 (eval mode) and what it declares."""
     with open_artifact(path, "victim") as f:
@@ -208,20 +239,11 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
             params = json.loads(provenance.get("params", "{}"))
             recorded = "recipe" in f.attrs
             info = VictimInfo(
-                path=Path(path),
-                sha256=sha256(path),
-                arch=str(f.attrs["arch"]),
-                dataset=str(f.attrs["dataset"]),
+                **_declared(f, path),
                 dataset_path=str(params.get("dataset", f.attrs["dataset"])),
-                classes=attr_json(f, "classes"),
-                input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
-                mean=[float(v) for v in f.attrs["mean"]],
-                std=[float(v) for v in f.attrs["std"]],
                 objective=str(f.attrs["objective"]),
                 chosen_epoch=int(f.attrs["chosen_epoch"]),
                 test_accuracy=float(f.attrs["test_accuracy"]),
-                seed=int(f.attrs.get("seed", -1)),
-                wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
                 history=load_history(f["history"]),
                 provenance=provenance,
                 recipe=attr_json(f, "recipe") if recorded else None,
@@ -230,17 +252,7 @@ def load(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo
             state = load_state(f["weights"])
         except KeyError as e:
             raise UserError(f"{path}: victim artifact lacks {e}") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(
-            f"{path}: weights hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or training diverged"
-        )
-    model = info.build()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(f"{path}: weights do not fit a {info.arch} for {info.input_shape}") from None
-    return model.to(device).eval(), info
+    return _network(info, state, device), info
 
 
 def load_surrogate(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo]:
@@ -253,29 +265,19 @@ def load_surrogate(path: Path, device: str = "cpu") -> tuple[models.Classifier, 
             data = params.get("data")
             if data is None and params.get("victim") and Path(params["victim"]).exists():
                 data = load(Path(params["victim"]))[1].dataset_path
-            provenance["params"] = json.dumps({**params, "dataset": data or str(f.attrs["dataset"])})
+            data = data or str(f.attrs["dataset"])
+            provenance["params"] = json.dumps({**params, "dataset": data})
             info = VictimInfo(
-                path=Path(path),
-                sha256=sha256(path),
-                arch=str(f.attrs["arch"]),
-                dataset=str(f.attrs["dataset"]),
-                dataset_path=data or str(f.attrs["dataset"]),
-                classes=attr_json(f, "classes"),
-                input_shape=tuple(int(v) for v in f.attrs["input_shape"]),
-                mean=[float(v) for v in f.attrs["mean"]],
-                std=[float(v) for v in f.attrs["std"]],
+                **_declared(f, path),
+                dataset_path=data,
                 objective=f"stolen ({f.attrs['attack']}, {f.attrs['label']} labels)",
                 test_accuracy=float(f.attrs["stealing_accuracy"]),
-                seed=int(f.attrs.get("seed", -1)),
-                wall_seconds=float(f.attrs.get("wall_seconds", math.nan)),
                 provenance=provenance,
             )
             state = load_state(f["weights"])
         except KeyError as e:
             raise UserError(f"{path}: surrogate artifact lacks {e}") from None
-    model = info.build()
-    model.load_state_dict(state)
-    return model.to(device).eval(), info
+    return _network(info, state, device), info
 
 
 def load_model(path: Path, device: str = "cpu") -> tuple[models.Classifier, VictimInfo]:
