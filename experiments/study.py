@@ -7,6 +7,7 @@ recipe, defense, seed, attack, label, pool), so the file alone says which cell i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -326,8 +327,10 @@ class Study:
         self.victims |= self.independent
 
     # --- verification --------------------------------------------------------------------------------------------
+    @functools.cached_property
     def verifications(self) -> dict[str, tuple[str, str]]:
-        """`verify` runs, by output name (under <out>/verified/), each (suspect, evidence). With `verify` in the
+        """`verify` runs, by output name (under <out>/verified/), each (suspect, evidence), read once (it opens every
+        finished watermark cell). With `verify` in the
         configuration: `own/<cell>`, every watermark cell against its own transfer set; and `independent/<suspect>--
         <cell>`, every model that never saw a marked answer (the `independent` victims and the cells stolen
         through no defense) against each watermark cell of the dataset whose seed is in `evidence_seeds` and whose
@@ -356,15 +359,15 @@ class Study:
         return dict(sorted(runs.items()))
 
     def verification(self, name: str) -> dict[str, str]:
-        suspect, evidence = self.verifications()[name]
+        suspect, evidence = self.verifications[name]
         return dict(suspect=suspect, evidence=evidence, key=str(self.key))
 
     def verification_files(self, kind: str = "") -> list[str]:
-        return [str(self.out / "verified" / f"{n}.h5") for n in self.verifications() if n.startswith(kind)]
+        return [str(self.out / "verified" / f"{n}.h5") for n in self.verifications if n.startswith(kind)]
 
     def proof(self) -> list[str]:
         """The verification tables, when the study verifies."""
-        return [str(self.out / "proof.md")] if self.verifications() else []
+        return [str(self.out / "proof.md")] if self.verifications else []
 
     # --- paths -----------------------------------------------------------------------------------------------------
     def data(self, name: str) -> str:
