@@ -329,12 +329,12 @@ class Study:
     # --- verification --------------------------------------------------------------------------------------------
     @functools.cached_property
     def verifications(self) -> dict[str, tuple[str, str]]:
-        """`verify` runs, by output name (under <out>/verified/), each (suspect, evidence), read once (it opens every
-        finished watermark cell). With `verify` in the
-        configuration: `own/<cell>`, every watermark cell against its own transfer set; and `independent/<suspect>--
-        <cell>`, every model that never saw a marked answer (the `independent` victims and the cells stolen
-        through no defense) against each watermark cell of the dataset whose seed is in `evidence_seeds` and whose
-        attack, label and pool match one of `evidence` (`<attack>[-<label>-<pool>]`, `seen` allowed)."""
+        """`verify` runs, by output name (under <out>/verified/), each (suspect, evidence); read once, since it opens
+        every finished watermark cell. With `verify` in the configuration: `own/<cell>`, every watermark cell against
+        its own transfer set; and `independent/<suspect>--<cell>`, every model that never saw a marked answer (the
+        `independent` victims and the cells stolen through no defense) against each watermark cell of the dataset
+        whose seed is in `evidence_seeds` and whose attack, label and pool match one of `evidence`
+        (`<attack>[-<label>-<pool>]`, `seen` allowed)."""
         spec = self.config.get("verify")
         if not spec:
             return {}
