@@ -5,8 +5,10 @@ monitor's windows across a restart."""
 
 from __future__ import annotations
 
+import collections
 import io
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -390,3 +392,108 @@ def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_o
     cohort = [a for a in found if a.get("scope") == "global" and a["signal"] == "cohort_classes"]
     linked = {name for a in cohort for name in a["linked"]}
     assert cohort and linked == {"young-0", "young-1", "young-2"}, cohort
+
+
+def _near_duplicates_one_by_one(requests: list[np.ndarray], size: int, distance: float) -> list[list[bool]]:
+    """The definition, query by query in float64: distinct when no kept interior (the last `size` distinct
+    queries) lies within the radius of any of its shifted views."""
+    kept: list[np.ndarray] = []
+    out = []
+    for images in requests:
+        views = detectors.shifted(images.astype(np.float64))
+        radius = distance * math.sqrt(views.shape[2])
+        flags = []
+        for view in views:
+            near = any(np.sqrt(((view - k) ** 2).sum(1)).min() < radius for k in kept)
+            flags.append(not near)
+            if not near:
+                kept = [*kept, view[(len(view) - 1) // 2]][-size:]
+        out.append(flags)
+    return out
+
+
+@pytest.mark.parametrize("size", [200, 5])
+def test_near_duplicates_found_in_chunks_match_the_query_by_query_definition(size):
+    """Requests of 1 to 150 digits-like images, a third of them shifted noisy copies of earlier ones (of the same
+    request, across chunk borders, or of earlier requests), with a memory that the requests overrun (5) or not."""
+    rng = np.random.default_rng(3)
+    originals = np.zeros((60, 1, 28, 28), dtype=np.float32)
+    for image in originals:
+        top, left = rng.integers(3, 12, 2)
+        image[0, top : top + 14, left : left + 10] = rng.uniform(0.3, 1.0, (14, 10))
+    pool = []
+    for i in range(400):
+        base = originals[rng.integers(0, 20 if i % 3 else 60)]
+        shift = rng.integers(-2, 3, 2)
+        noise = rng.uniform(-12, 12, base.shape) / 255 if i % 3 else 0.0
+        pool.append(np.clip(np.roll(base, tuple(shift), axis=(1, 2)) + noise, 0, 1).astype(np.float32))
+    pool = np.stack(pool)
+    cuts = np.cumsum([1, 150, 1, 3, 1, 70, 64, 65, 1, 1, 47])
+    requests = np.split(pool, cuts[cuts < len(pool)])
+    novelty = detectors.Novelty(size, detectors.DUPLICATE_DISTANCE)
+    got = [novelty.distinct(r).tolist() for r in requests]
+    want = _near_duplicates_one_by_one(requests, size, detectors.DUPLICATE_DISTANCE)
+    assert got == want
+    flags = sum(want, [])
+    assert 0.05 < 1 - np.mean(flags) < 0.9, np.mean(flags)  # the data holds both kinds
+
+
+def _prada_one_by_one(queries: np.ndarray, classes: np.ndarray, settings) -> list:
+    """PRADA's Algorithm 1 query by query in float64, as the definition: (W, distances read) or None per query."""
+    kept: list[tuple[np.ndarray, int]] = []  # G, the last prada_window kept queries
+    by_class: dict[int, list[float]] = collections.defaultdict(list)
+    growth: dict[int, float] = collections.defaultdict(float)
+    distances: collections.deque = collections.deque(maxlen=settings.prada_window)
+    fresh, out = 0, []
+    for x, c in zip(queries.astype(np.float64), classes.tolist(), strict=True):
+        same = [k for k, kc in kept if kc == c]
+        keep = not same
+        if same:
+            d = min(float(np.sqrt(((k - x) ** 2).sum())) for k in same)
+            if d == 0.0:
+                out.append(None)
+                continue
+            distances.append(d)
+            fresh += 1
+            if d > growth[c]:
+                keep = True
+                by_class[c] = [*by_class[c], d][-settings.prada_window :]
+                growth[c] = max(growth[c], float(np.mean(by_class[c]) - np.std(by_class[c])))
+        if keep:
+            kept = [*kept, (x, c)][-settings.prada_window :]
+        if len(distances) >= settings.prada_min and fresh >= settings.prada_every:
+            fresh = 0
+            d = np.array(distances)
+            out.append((_monitor.shapiro_w(d[np.abs(d - d.mean()) <= 3.0 * d.std()]), len(d)))
+        else:
+            out.append(None)
+    return out
+
+
+@pytest.mark.parametrize("window", [2000, 60])
+def test_prada_over_whole_requests_matches_the_query_by_query_definition(window):
+    """Requests of 1 to 150 queries in 3 classes (natural-looking images, exact repeats, and JBDA-like sign steps of
+    earlier queries), with a memory the requests overrun (60) or not: the same tests at the same queries, the same W."""
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0, 1, (120, 64)).astype(np.float32) * (rng.uniform(0, 1, (120, 64)) < 0.3)
+    queries, classes = [], []
+    for i in range(600):
+        j = int(rng.integers(0, 120))
+        x = base[j] if i % 7 else base[int(rng.integers(0, 120))]
+        if i % 5 == 0 and queries:
+            x = np.clip(queries[int(rng.integers(0, len(queries)))] + 0.1 * np.sign(rng.standard_normal(64)), 0, 1)
+        queries.append(x.astype(np.float32))
+        classes.append(j % 3)
+    queries, classes = np.stack(queries), np.array(classes)
+    settings = _monitor.Settings(prada_window=window, prada_min=30, prada_every=10)
+    prada = _monitor.Prada(settings, 64)
+    cuts = np.cumsum([1, 150, 1, 3, 1, 70, 64, 65, 1, 1, 47, 100])
+    got = [
+        t for q, c in zip(np.split(queries, cuts), np.split(classes, cuts), strict=True) for t in prada.add_many(q, c)
+    ]
+    want = _prada_one_by_one(queries, classes, settings)
+    assert [t is None for t in got] == [t is None for t in want]
+    assert sum(t is not None for t in want) > 20 and sum(t is None for t in want) > 20
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            assert g[1] == w[1] and g[0] == pytest.approx(w[0], abs=1e-6)

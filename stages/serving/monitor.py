@@ -75,7 +75,9 @@ def ood_scores(answers: np.ndarray) -> np.ndarray:
 class Prada:
     """PRADA's detector for one principal (Algorithm 1 of the paper), over a window of recent queries: the
     Shapiro-Wilk test reads D', the distances within 3 standard deviations of their mean, and a query identical to
-    a kept one adds no distance."""
+    a kept one adds no distance. A request's queries are compared with the kept ones of their class in one matrix
+    product per class, and with the request's own earlier queries in one more; they are then read in order, each
+    against what was kept when its turn came."""
 
     def __init__(self, settings: Settings, dim: int):
         self.s = settings
@@ -83,35 +85,107 @@ class Prada:
         self.norms = np.zeros(settings.prada_window, dtype=np.float32)
         self.classes = np.full(settings.prada_window, -1, dtype=np.int64)
         self.cursor = 0
-        self.kept: dict[int, list[float]] = collections.defaultdict(list)  # D_Gc: distances of kept queries
+        # D_Gc, the distances of the kept queries of class c (the last prada_window), with their running sum and
+        # sum of squares for T_Gc = mean - std
+        self.kept: dict[int, collections.deque[float]] = {}
+        self.sums: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
         self.growth = collections.defaultdict(float)  # T_Gc: a query joins G_c if farther than this
         self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
         self.fresh = 0
 
-    def add(self, x: np.ndarray, c: int) -> Optional[float]:
-        """Take one flattened query and its predicted class; return W when a test was due."""
-        same = np.flatnonzero(self.classes == c)
-        keep = len(same) == 0
-        if not keep:
-            sq = self.norms[same] - 2.0 * (self.images[same] @ x) + float(x @ x)
-            d = math.sqrt(max(0.0, float(sq.min())))
+    def add_many(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
+        """Take a request's flattened queries (N, d) and predicted classes, in order; after each, None or, when a
+        test was due, W and the number of distances it read."""
+        step = detectors.NOVELTY_CHUNK
+        return [w for i in range(0, len(xs), step) for w in self._chunk(xs[i : i + step], np.asarray(cs[i : i + step]))]
+
+    def _chunk(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
+        xs = np.ascontiguousarray(xs, dtype=np.float32)
+        squares = np.einsum("nd,nd->n", xs, xs)
+        if len(xs) == 1:  # one query (batch 1): against the kept ones of its class, directly
+            c, slots = int(cs[0]), np.flatnonzero(self.classes == int(cs[0]))
+            sq = self.norms[slots] - 2.0 * (self.images[slots] @ xs[0]) + squares[0]
+            best = (float(sq.min()), self.images[slots[int(sq.argmin())]]) if len(slots) else None
+            return [self._take(xs[0], c, squares[0], best, lambda: None)]
+        # squared distances to the kept queries of each query's class, as the ring stood before the request; a slot
+        # overwritten during the request gets inf in its column
+        before: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        row_of = np.empty(len(xs), dtype=np.int64)
+        for c in np.unique(cs).tolist():
+            rows, slots = np.flatnonzero(cs == c), np.flatnonzero(self.classes == c)
+            before[c] = (slots, squares[rows, None] - 2.0 * (xs[rows] @ self.images[slots].T) + self.norms[slots][None])
+            row_of[rows] = np.arange(len(rows))
+        among = squares[:, None] - 2.0 * (xs @ xs.T) + squares[None]  # the request's queries between themselves
+        owner = np.full(len(self.classes), -1, dtype=np.int64)  # the request's query each slot now holds
+        ours: dict[int, list[int]] = collections.defaultdict(list)  # the request's kept queries of each class
+        out: list[Optional[tuple[float, int]]] = []
+        for i, (x, c) in enumerate(zip(xs, cs.tolist(), strict=True)):
+            slots, sq = before[c]
+            best: Optional[tuple[float, np.ndarray]] = None
+            if len(slots):
+                j = int(sq[row_of[i]].argmin())
+                if sq[row_of[i], j] < np.inf:
+                    best = (float(sq[row_of[i], j]), self.images[slots[j]])
+            if ours[c]:
+                j = ours[c][int(np.argmin(among[i, ours[c]]))]
+                if best is None or float(among[i, j]) < best[0]:
+                    best = (float(among[i, j]), xs[j])
+
+            def forget(i=i, c=c) -> None:  # the slot at the cursor is about to hold query i
+                self._forget(int(self.classes[self.cursor]), int(owner[self.cursor]), before, ours)
+                owner[self.cursor] = i
+                ours[c].append(i)
+
+            out.append(self._take(x, c, squares[i], best, forget))
+        return out
+
+    def _take(self, x: np.ndarray, c: int, square: float, best, forget: Callable[[], None]):
+        """Query x of class c, given the nearest kept query of its class (squared distance by the expansion, and
+        the query itself) or None: PRADA's step; `forget` runs before x overwrites the slot at the cursor."""
+        keep = best is None
+        if best is not None:
+            diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
+            d = math.sqrt(float(diff @ diff))
             if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
                 return None
             self.distances.append(d)
             self.fresh += 1
             if d > self.growth[c]:
                 keep = True
-                kept = self.kept[c]
-                kept.append(d)
-                del kept[: -self.s.prada_window]
-                self.growth[c] = max(self.growth[c], float(np.mean(kept) - np.std(kept)))
+                self._grow(c, d)
         if keep:
-            self.images[self.cursor], self.norms[self.cursor], self.classes[self.cursor] = x, float(x @ x), c
+            forget()
+            self.images[self.cursor], self.norms[self.cursor], self.classes[self.cursor] = x, square, c
             self.cursor = (self.cursor + 1) % len(self.classes)
+        return self._test()
+
+    def _forget(self, c: int, query: int, before: dict, ours: dict) -> None:
+        """The slot at the cursor is about to be overwritten: its query (of class c; `query` when the request put
+        it there) leaves G."""
+        if query >= 0:
+            ours[c].remove(query)
+        elif c in before:
+            slots, sq = before[c]
+            sq[:, np.searchsorted(slots, self.cursor)] = np.inf
+
+    def _grow(self, c: int, d: float) -> None:
+        """d joins D_Gc; T_Gc = max(T_Gc, mean(D_Gc) - std(D_Gc))."""
+        kept = self.kept.setdefault(c, collections.deque(maxlen=self.s.prada_window))
+        sums = self.sums[c]
+        if len(kept) == kept.maxlen:
+            sums[0] -= kept[0]
+            sums[1] -= kept[0] * kept[0]
+        kept.append(d)
+        sums[0] += d
+        sums[1] += d * d
+        mean = sums[0] / len(kept)
+        self.growth[c] = max(self.growth[c], mean - math.sqrt(max(0.0, sums[1] / len(kept) - mean * mean)))
+
+    def _test(self) -> Optional[tuple[float, int]]:
         if len(self.distances) >= self.s.prada_min and self.fresh >= self.s.prada_every:
             self.fresh = 0
             d = np.fromiter(self.distances, dtype=np.float64)
-            return shapiro_w(d[np.abs(d - d.mean()) <= 3.0 * d.std()])  # D': D within 3 std of its mean
+            return shapiro_w(d[np.abs(d - d.mean()) <= 3.0 * d.std()]), len(d)  # D': D within 3 std of its mean
         return None
 
 
@@ -168,7 +242,9 @@ class Watch:
         flags = ood_scores(answers) < self.c.ood_threshold
         images = images.astype(np.float32, copy=False)
         novel = self.novelty.distinct(images)
-        for i, (image, answer, flag) in enumerate(zip(images, answers, flags, strict=False)):
+        # PRADA reads near-duplicates too: small steps from earlier queries are the synthetic queries it tests for
+        tests = self.prada.add_many(images.reshape(len(images), -1), answers.argmax(1))
+        for i, (answer, flag) in enumerate(zip(answers, flags, strict=False)):
             c = int(answer.argmax())
             self.total += 1
             if novel[i]:  # a near-duplicate is counted once in the OOD and class windows
@@ -191,12 +267,9 @@ class Watch:
                 )
                 g = detectors.g_statistic(self.classes.counts, self.prior)
                 self._judge(alerts, "classes", g, self.g_cutoff, g > self.g_cutoff, window=len(self.classes.window))
-            # PRADA reads near-duplicates too: small steps from earlier queries are the synthetic queries it tests for
-            w = self.prada.add(image.reshape(-1), c)
-            if w is not None:
-                self._judge(
-                    alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta, distances=len(self.prada.distances)
-                )
+            if tests[i] is not None:
+                w, read = tests[i]
+                self._judge(alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta, distances=read)
         self.novel = novel
         self.volume.append((now, int(novel.sum())))  # distinct images: a near-duplicate tells a thief almost nothing
         self.in_window += int(novel.sum())
@@ -341,7 +414,8 @@ def calibrate(
     tau = float(np.quantile(scores, settings.ood_quantile))
     order = np.random.default_rng(seed).permutation(len(x))[:prada_images]
     prada = Prada(settings, x[0].size)
-    ws = [w for i in order if (w := prada.add(x[i].reshape(-1), int(answers[i].argmax()))) is not None]
+    tests = prada.add_many(x[order].reshape(len(order), -1), answers[order].argmax(1))
+    ws = [test[0] for test in tests if test is not None]
     low = min(ws) if ws else float("nan")
     delta = max(0.0, low - PRADA_MARGIN) if ws else 0.0  # too few images: PRADA cannot alert
     k = answers.shape[1]
