@@ -206,22 +206,32 @@ def to_npy(array: np.ndarray) -> bytes:
 
 
 # -- a raw HTTP/1.1 client: little CPU per request, so the server under test keeps most of the two cores ---------
-async def raw_load(urls: list[str], keys: list[str], body: bytes, batch: int, seconds: float, pids: list[int]) -> dict:
+async def raw_load(
+    urls: list[str], keys: list[str], bodies: list[bytes], batch: int, seconds: float, pids: list[int]
+) -> dict:
     """len(keys) keep-alive connections, client i on urls[i % len(urls)] with keys[i], each sending the next request
-    when its answer has arrived, for `seconds`; every answer must be 200."""
+    when its answer has arrived, for `seconds`, its bodies in turn from its own place in `bodies`; every answer must
+    be 200."""
     latencies: list[float] = []
+    host, port = urls[0].removeprefix("http://").split(":")
+    requests = [
+        (
+            f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {{key}}\r\nContent-Type: application/x-npy\r\n"
+            f"Accept: application/x-npy\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        for body in bodies
+    ]
 
-    async def client(url: str, key: str, stop: float) -> None:
+    async def client(url: str, key: str, stop: float, start: int) -> None:
         host, port = url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
-        request = (
-            f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\nContent-Type: application/x-npy\r\n"
-            f"Accept: application/x-npy\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
+        mine = [head.replace("{key}", key).encode() + body for head, body in zip(requests, bodies, strict=True)]
+        j = start
         try:
             while True:
                 t = time.perf_counter()
-                writer.write(request)
+                writer.write(mine[j % len(mine)])
+                j += 1
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
                 answer = await reader.readexactly(length)
@@ -233,11 +243,16 @@ async def raw_load(urls: list[str], keys: list[str], body: bytes, batch: int, se
         finally:
             writer.close()
 
-    await asyncio.gather(*(client(urls[i % len(urls)], k, time.perf_counter() + 0.3) for i, k in enumerate(keys)))
+    place = [i * len(bodies) // len(keys) for i in range(len(keys))]
+    await asyncio.gather(
+        *(client(urls[i % len(urls)], k, time.perf_counter() + 0.3, place[i]) for i, k in enumerate(keys))
+    )
     latencies.clear()  # the warm-up: connections, TorchScript's profiling runs
     server, own, began = sum(map(cpu_seconds, pids)), time.process_time(), time.perf_counter()
     stop = began + seconds
-    await asyncio.gather(*(client(urls[i % len(urls)], k, stop) for i, k in enumerate(keys)))
+    # measured from half way through each client's share: images its warm-up did not send
+    later = len(bodies) // (2 * len(keys))
+    await asyncio.gather(*(client(urls[i % len(urls)], k, stop, place[i] + later) for i, k in enumerate(keys)))
     elapsed = time.perf_counter() - began
     server, own = sum(map(cpu_seconds, pids)) - server, time.process_time() - own
     return {
@@ -321,10 +336,15 @@ def parts(model: Path, images: np.ndarray, work: Path, size: int, batch: float, 
         pg.close()
     settings = Settings()
     benign = images.astype(np.float32) / 255.0
-    monitor = Monitor(settings, calibrate(served.predict, images, settings, "bench"), int(x[0].size))
+    monitor = Monitor(settings, calibrate(served.predict, images[:3000], settings, "bench"), int(x[0].size))
     i = iter(range(10**9))
     repeat = 600 if size == 1 else 30
-    out["monitor"] = cpu_per_call(lambda: monitor.observe(f"p{next(i) % 8}", benign[:size], one, time.time()), repeat)
+
+    def observe() -> None:  # 8 principals, each request distinct images
+        k = next(i)
+        monitor.observe(f"p{k % 8}", benign[(k * size) % (len(benign) - size) :][:size], one, time.time())
+
+    out["monitor"] = cpu_per_call(observe, repeat)
     return out
 
 
@@ -379,9 +399,13 @@ def main() -> None:
     keys = [serve_key.run(f"client{i}", keys_file, budget=10**12, rate=1e9, burst=1e9, action="log") for i in range(8)]
     racer_budget = 400
     racer = serve_key.run("racer", keys_file, budget=racer_budget, rate=1e9, burst=1e9, action="log")
-    images = _data.load(export_data(victim), splits=("test",)).splits["test"][0][:64].numpy()
+    # distinct images, as benign clients send them (a client's repeats would be near-duplicates to the monitor):
+    # up to 10,000 of the victim's data, test split first
+    prepared = _data.load(export_data(victim), splits=("test", "val", "train"))
+    pool = np.concatenate([prepared.splits[s][0].numpy() for s in ("test", "val", "train")])[:10_000]
+    images = pool[:64]
     model = export.run(victim=victim, format="torchscript", defense="none", out=work / "victim.pt", check_images=64)
-    bodies = {b: to_npy(images[:b]) for b in (1, 64)}
+    bodies = {b: [to_npy(pool[i : i + b]) for i in range(0, len(pool) - b + 1, b)] for b in (1, 64)}
     rows: dict[str, dict[int, dict]] = {}
     batches: dict[str, float] = {}  # serve, SQLite: requests per forward pass (the histogram counts images)
 
@@ -447,7 +471,7 @@ def main() -> None:
                         [*both, *family_cpu(postmaster)],
                     )
                     if level == "full":  # the budget race, on the default level's replicas
-                        race_result = race([u for _, u in replicas], racer, bodies[1], racer_budget)
+                        race_result = race([u for _, u in replicas], racer, bodies[1][0], racer_budget)
                         with __import__("psycopg").connect(pg_url) as db:
                             spent = db.execute("SELECT spent FROM principals WHERE name = 'racer'").fetchone()[0]
                         race_result = (*race_result, spent)
@@ -458,11 +482,11 @@ def main() -> None:
                 for proc in procs:
                     proc.terminate()
                     proc.wait(timeout=60)
-                costs = {b: parts(model, images, work, b, batches[b], pg_url) for b in bodies}
+                costs = {b: parts(model, pool, work, b, batches[b], pg_url) for b in bodies}
                 pg.stop("immediate")
                 pg._remove()
         else:
-            costs = {b: parts(model, images, work, b, batches[b], None) for b in bodies}
+            costs = {b: parts(model, pool, work, b, batches[b], None) for b in bodies}
     finally:
         for proc in procs:
             if proc.poll() is None:
