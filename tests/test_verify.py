@@ -447,3 +447,37 @@ def test_a_marked_image_asked_many_times_is_one_mark(theft, tmp_path):
     with h5py.File(out) as f:
         assert f.attrs["verdict"] == "not shown" and f.attrs["p_value"] > 1e-3, f.attrs["p_value"]
 
+
+def test_fake_keys_find_the_copy_beyond_every_one_and_the_clean_model_among_them(theft, tmp_path):
+    """--null-keys: the marked copy's p is below every fake key's; the clean model's fake-key p-values show no
+    excess below 0.05. Recorded in verification.h5."""
+    shares = {}
+    for name in ("marked", "clean"):
+        out = tmp_path / f"{name}.h5"
+        args = ["--evidence", theft["marked"], "--key", theft["key"], "--null-keys", 60, "--out", out]
+        r = invoke("verify", "--suspect", theft[name], *args)
+        assert r.exit_code == 0, r.stderr
+        assert "fake keys" in r.stderr and r.stdout.strip() == str(out)
+        with h5py.File(out) as f:
+            null_p = f["null_p"][()]
+            assert len(null_p) == 60 and f.attrs["null_keys"] == np.isfinite(null_p).sum() >= 50
+            assert json.loads(f.attrs["params"])["null_keys"] == 60
+            shares[name] = (f.attrs["null_share_at_or_below"], f.attrs["null_below_005"], f.attrs["null_ks_p"])
+            if name == "marked":
+                assert f.attrs["p_value"] < np.nanmin(null_p)
+    assert shares["marked"][0] == 0.0
+    assert shares["clean"][1] < 0.2 and shares["clean"][2] > 0.01  # no excess of small fake-key p-values
+
+
+def test_null_keys_refuse_what_they_cannot_calibrate(theft, tmp_path):
+    out = tmp_path / "v.h5"
+    cases = {
+        "needs --key": ["--null-keys", 10],
+        "greater than or equal to 0": ["--key", theft["key"], "--null-keys", -1],
+    }
+    for expected, args in cases.items():
+        line = assert_one_line_error(
+            invoke("verify", "--suspect", theft["clean"], "--evidence", theft["marked"], *args, "--out", out)
+        )
+        assert expected in line, line
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
