@@ -10,6 +10,7 @@ how many fake keys at least as many suspects fall below 0.05 together as under t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from stages.provenance import null_keys, significance  # noqa: E402
 from stages.provenance import suspect as _suspect  # noqa: E402
 
 LEVELS = (0.05, 0.01, 0.001)
+say = functools.partial(print, file=sys.stderr)  # tables on stderr, as every measurement here
 
 
 def main() -> None:
@@ -53,14 +55,14 @@ def main() -> None:
         observed.append((o.p_agreement, o.p_score, o.p_value))
     null = null_keys.outcomes(pool, probs, null_keys.fake_keys(args.keys))
     ok = ~np.isnan(null[0, :, 0])
-    print(f"{args.evidence.name}: {len(pool.top1):,} unmarked hashed images, {int(ok.sum())} fake keys")
+    say(f"{args.evidence.name}: {len(pool.top1):,} unmarked hashed images, {int(ok.sum())} fake keys")
     header = (
         "| suspect | p (real key) | p score (real key) | fake keys: p <= real | "
         + " | ".join(f"p < {a:g}" for a in LEVELS)
         + " | p score < 0.05 | KS p score (two-sided) | KS p (p too small) |"
     )
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    say(header)
+    say("|" + "---|" * (header.count("|") - 1))
     rows = []
     for spec, obs, res in zip(args.suspect, observed, null, strict=True):
         res = res[ok]
@@ -76,14 +78,14 @@ def main() -> None:
         )
         rows.append(row)
         below = " | ".join(f"{row['below'][str(a)]:.1%}" for a in LEVELS)
-        print(
+        say(
             f"| {row['suspect']} | {obs[2]:.2g} | {obs[1]:.2g} | {share:.1%} | {below} | {row['score_below_005']:.1%} "
             f"| {row['ks_score']:.2g} | {row['ks_p_small']:.2g} |"
         )
     others = np.array([Path(s).resolve() != args.evidence.resolve() for s in args.suspect])  # not the thief
     together_real = int(sum(o[2] < 0.05 for o, other in zip(observed, others, strict=True) if other))
     together_fake = (null[others][:, ok, 2] < 0.05).sum(0)
-    print(
+    say(
         f"\nsuspects other than the thief below 0.05 together: {together_real} of {int(others.sum())} under the "
         "real key; at least as many "
         f"under {np.mean(together_fake >= together_real):.1%} of the fake keys (median {np.median(together_fake):g})"
