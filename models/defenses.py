@@ -350,7 +350,11 @@ def on_grid(images: np.ndarray) -> np.ndarray:
 def keyed_draws(images: np.ndarray, key: bytes, cell: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image, from HMAC-SHA256(key, shape and coarsened image): a uniform draw in [0, 1) (marked when below the
     rate) and a 64-bit integer (which class the mark points to). The same image always draws the same."""
-    coarse = coarsen(images, cell, levels)
+    return coarse_draws(coarsen(images, cell, levels), key)
+
+
+def coarse_draws(coarse: np.ndarray, key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """keyed_draws on images already coarsened (what a calibration against many keys hashes once)."""
     prefix = np.asarray(coarse.shape[1:], dtype=np.int32).tobytes()
     uniform = np.empty(len(coarse), dtype=np.float64)
     pick = np.empty(len(coarse), dtype=np.uint64)
@@ -365,6 +369,12 @@ def keyed_class(pick: np.ndarray, top1: np.ndarray, num_classes: int) -> np.ndar
     """The class a mark points to: never the victim's own top-1, uniform over the other K - 1 classes."""
     offset = 1 + (pick % np.uint64(num_classes - 1)).astype(np.int64)
     return (np.asarray(top1, dtype=np.int64) + offset) % num_classes
+
+
+def keyed_top1(pick: np.ndarray, keyed: np.ndarray, num_classes: int) -> np.ndarray:
+    """The victim's top-1 behind a recorded keyed class (keyed_class inverted, with the same key's pick)."""
+    offset = 1 + (pick % np.uint64(num_classes - 1)).astype(np.int64)
+    return (np.asarray(keyed, dtype=np.int64) - offset) % num_classes
 
 
 MARGIN = 1e-3  # raise=1 keeps the top-1 ahead of the keyed class by this share of its probability

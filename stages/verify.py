@@ -4,7 +4,7 @@ class the key would have marked (DAWN, Szyller et al., 2021; docs/method.md, "Wa
 
 Reads the evidence (a surrogate.h5 whose transfer set holds marks, or the serving ledger) and the suspect (a .h5,
 TorchScript, ONNX or a served URL); writes `verification.h5`: the verdict, the p-value, the counts and the
-evidence's provenance.
+evidence's provenance; with `--null-keys`, the same tests under fake keys beside them (a calibration check).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from models.params import UserError
 from stages.core.artifacts import prepare_output, write_artifact
 from stages.deploy import watermark_key as _keys
 from stages.provenance import evidence as _evidence
+from stages.provenance import null_keys as _null
 from stages.provenance import significance
 from stages.provenance import suspect as _suspect
 from stages.serving.ledger import POSTGRES
@@ -58,6 +59,17 @@ def run(
     api_key: Annotated[
         Optional[str], typer.Option(envvar="INI_API_KEY", help="The API key for a URL --suspect; never recorded.")
     ] = None,
+    null_keys: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=100_000,
+            help="Also run the tests under this many fake keys on the queries the real key left unmarked (a "
+            "transfer set's evidence, with --key; the suspect answers every such query, a served one at its cost): "
+            "the share of fake keys whose p is at or below the real key's. A check that the p-value is calibrated "
+            "for this evidence and suspect, resolving no share below 1/N; the verdict stays the exact p-value.",
+        ),
+    ] = 0,
     alpha: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="A suspect is named stolen when the p-value is below this.")
     ] = significance.ALPHA,
@@ -67,6 +79,10 @@ def run(
     started = time.time()
     out = prepare_output(out)
     ev = _evidence.load(evidence, principal)
+    if null_keys and key is None:
+        raise UserError("--null-keys needs --key: the real key's keyed classes give the victim's top-1 back")
+    if null_keys and ev.source["kind"] != "transfer set":
+        raise UserError("--null-keys needs a transfer set's evidence: a ledger keeps only some unmarked answers")
     if key is not None:
         _evidence.check_key(ev, _keys.load(key))
     model = _suspect.open_suspect(suspect, api_key)
@@ -81,6 +97,12 @@ def run(
         marked_probs, ev.marked_class, control_probs, ev.control_class, ev.mode, alpha
     )
 
+    null, null_p = None, None
+    if null_keys:
+        pool = _null.transfer_pool(Path(evidence), _keys.load(key), ev)
+        null_p = _null.outcomes(pool, [_suspect.query(model, pool.images)], _null.fake_keys(null_keys))[0, :, 2]
+        null = _null.summarise(null_p, outcome.p_value)
+
     database = evidence.startswith(POSTGRES)  # recorded by its name (never a password), hashed by its rows
     params = dict(
         suspect=suspect,
@@ -88,6 +110,7 @@ def run(
         principal=principal,
         alpha=alpha,
         key_checked=key is not None,
+        null_keys=null_keys,
     )
     inputs = ([] if database else [Path(evidence)]) + ([Path(suspect)] if model.kind != "served" else [])
     with write_artifact(out, "verification", "verify", params, inputs, None, started) as f:
@@ -100,6 +123,9 @@ def run(
             suspect_kind=model.kind,
             suspect_sha256=model.sha256,
         )
+        if null is not None:
+            f.attrs.update(null.to_dict())
+            f.create_dataset("null_p", data=null_p)  # each fake key's p (NaN: it marked too few)
         for name, values in (
             ("marked_class", ev.marked_class),
             ("marked_agree", marked_agree),
@@ -109,11 +135,13 @@ def run(
             ("suspect_control_probs", control_probs.astype(np.float32)),
         ):
             f.create_dataset(name, data=np.asarray(values))
-    _summarise(outcome, ev, model, out)
+    _summarise(outcome, null, ev, model, out)
     return out
 
 
-def _summarise(o: significance.Outcome, ev: _evidence.Evidence, model: _suspect.Suspect, out: Path) -> None:
+def _summarise(
+    o: significance.Outcome, null: Optional[_null.Null], ev: _evidence.Evidence, model: _suspect.Suspect, out: Path
+) -> None:
     table = Table(title=f"verify: {model.name} against {ev.source['kind']} {ev.source['path']}", title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -124,9 +152,17 @@ def _summarise(o: significance.Outcome, ev: _evidence.Evidence, model: _suspect.
         "control queries agreeing with the would-be mark",
         f"{o.control_agree} / {o.controls} ({o.control_agree / max(o.controls, 1):.1%})",
     )
+    repeated = int(ev.source.get("marked_queries", o.marked)) - o.marked
+    if repeated > 0:
+        table.add_row("marked queries of a hashed image already counted (left out)", f"{repeated:,}")
     table.add_row("p, agreement (Fisher exact, one-sided)", f"{o.p_agreement:.3g}")
     table.add_row("p, keyed-class log-probability (Mann-Whitney U)", f"{o.p_score:.3g}")
     table.add_row("p-value (twice the smaller)", f"{o.p_value:.3g}")
+    if null is not None:
+        table.add_row(
+            "fake keys with p at or below this one (calibration)",
+            f"{null.share_at_or_below:.1%} of {null.keys} (p < 0.05 under {null.below_005:.1%}; KS p {null.ks_p:.2g})",
+        )
     table.add_row("verdict", f"{'stolen' if o.stolen else 'not shown'} (alpha {o.alpha:g})")
     table.add_row("key fingerprint", ev.fingerprint)
     table.add_row("verification", str(out))

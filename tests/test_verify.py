@@ -176,7 +176,10 @@ def test_controls_match_the_marked_queries_in_confidence(theft):
     shuffled = np.abs(confidence[pick_marked] - np.random.default_rng(0).permutation(confidence[~marked])[: len(gap)])
     assert gap.mean() < shuffled.mean() / 5
     ev = _evidence.load(theft["marked"])
-    assert len(ev.marked_images) == len(ev.control_images) == marked.sum()
+    with h5py.File(theft["marked"]) as f:
+        first = _evidence.distinct(f["transfer/images"][()], 255.0, ev.cell, ev.levels)
+    assert len(ev.marked_images) == len(ev.control_images) == (marked & first).sum()  # one per hashed image
+    assert ev.source["marked_queries"] == marked.sum()
 
 
 def test_bad_input_fails_in_one_line_and_writes_nothing(theft, tiny, tmp_path):
@@ -249,7 +252,8 @@ def test_the_ledger_keeps_marks_and_controls_and_verify_reads_them(theft, victim
     r = invoke(*args, "--key", theft["key"], "--out", out)
     assert r.exit_code == 0, r.stderr
     with h5py.File(out) as f:
-        assert f.attrs["verdict"] == "stolen" and f.attrs["marked"] == counts[1]
+        assert f.attrs["verdict"] == "stolen" and json.loads(f.attrs["evidence"])["marked_queries"] == counts[1]
+        assert 0.9 * counts[1] < f.attrs["marked"] <= counts[1]  # one per hashed image
         assert "password" not in f.attrs["params"] and json.loads(f.attrs["evidence"])["kind"] == "ledger"
     line = assert_one_line_error(invoke(*args[:-1], "carol", "--out", out))
     assert "no marked answers for principal 'carol'" in line
@@ -401,3 +405,79 @@ def test_jbda_queries_off_the_8_bit_grid_verify_under_their_key(victim, tiny, tm
     assert marked.sum() > 20 and off_grid.any()
     r = invoke("verify", "--suspect", out, "--evidence", out, "--key", key, "--out", tmp_path / "v.h5")
     assert r.exit_code == 0, r.stderr
+
+
+def _asked_again(src: Path, dst: Path, index: int, times: int) -> None:
+    """A copy of a transfer set in which query `index` was asked `times` more times (the same image, the same
+    answer and the same record)."""
+    import shutil
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        for name in ("transfer/images", "transfer/answers", *(f"transfer/watermark/{k}" for k in WATERMARK_RECORD)):
+            values, attrs = f[name][()], dict(f[name].attrs)
+            del f[name]
+            f.create_dataset(name, data=np.concatenate([values, np.repeat(values[index : index + 1], times, 0)]))
+            f[name].attrs.update(attrs)
+
+
+WATERMARK_RECORD = ("marked", "keyed_class", "confidence")
+
+
+def test_a_marked_image_asked_many_times_is_one_mark(theft, tmp_path):
+    """Queries of one hashed image share one keyed draw, so they are one observation: a model that never saw a mark
+    but happens to favour one marked image's keyed class is not named however often the thief asked that image
+    (counted per query, 200 repeats of one image named a clean model stolen at p 1.3e-66)."""
+    from stages.provenance import suspect as _suspect
+
+    ev = _evidence.load(theft["marked"])
+    clean = _suspect.open_suspect(str(theft["clean"]), None)
+    favoured = significance.score(_suspect.query(clean, ev.marked_images), ev.marked_class)
+    with h5py.File(theft["marked"]) as f:
+        marked = np.flatnonzero(f["transfer/watermark/marked"][()])
+        images = f["transfer/images"][()][marked]
+    index = int(marked[np.flatnonzero((images == ev.marked_images[np.argmax(favoured)] * 255).all((1, 2, 3)))[0]])
+    repeated = tmp_path / "asked-again.h5"
+    _asked_again(theft["marked"], repeated, index, 200)
+    again = _evidence.load(repeated)
+    assert len(again.marked_images) == len(ev.marked_images) and again.source["marked_queries"] == len(marked) + 200
+    out = tmp_path / "v.h5"
+    r = invoke("verify", "--suspect", theft["clean"], "--evidence", repeated, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["verdict"] == "not shown" and f.attrs["p_value"] > 1e-3, f.attrs["p_value"]
+
+
+def test_fake_keys_find_the_copy_beyond_every_one_and_the_clean_model_among_them(theft, tmp_path):
+    """--null-keys: the marked copy's p is below every fake key's; the clean model's fake-key p-values show no
+    excess below 0.05. Recorded in verification.h5."""
+    shares = {}
+    for name in ("marked", "clean"):
+        out = tmp_path / f"{name}.h5"
+        args = ["--evidence", theft["marked"], "--key", theft["key"], "--null-keys", 60, "--out", out]
+        r = invoke("verify", "--suspect", theft[name], *args)
+        assert r.exit_code == 0, r.stderr
+        assert "fake keys" in r.stderr and r.stdout.strip() == str(out)
+        with h5py.File(out) as f:
+            null_p = f["null_p"][()]
+            assert len(null_p) == 60 and f.attrs["null_keys"] == np.isfinite(null_p).sum() >= 50
+            assert json.loads(f.attrs["params"])["null_keys"] == 60
+            shares[name] = (f.attrs["null_share_at_or_below"], f.attrs["null_below_005"], f.attrs["null_ks_p"])
+            if name == "marked":
+                assert f.attrs["p_value"] < np.nanmin(null_p)
+    assert shares["marked"][0] == 0.0
+    assert shares["clean"][1] < 0.2 and shares["clean"][2] > 0.01  # no excess of small fake-key p-values
+
+
+def test_null_keys_refuse_what_they_cannot_calibrate(theft, tmp_path):
+    out = tmp_path / "v.h5"
+    cases = {
+        "needs --key": ["--null-keys", 10],
+        "greater than or equal to 0": ["--key", theft["key"], "--null-keys", -1],
+    }
+    for expected, args in cases.items():
+        line = assert_one_line_error(
+            invoke("verify", "--suspect", theft["clean"], "--evidence", theft["marked"], *args, "--out", out)
+        )
+        assert expected in line, line
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()

@@ -1,7 +1,9 @@
 """The evidence of a theft: the queries whose answers carried a mark (image, the class the mark points to) and as
-many unmarked control queries from the same evidence, matched in the victim's confidence. Read from a surrogate's
-transfer set (`transfer/watermark`, written by `steal --defense watermark`) or from the serving ledger's
-`watermark` table (written by `serve --watermark-key`), a SQLite file or a PostgreSQL database, read-only."""
+many unmarked control queries from the same evidence, matched in the victim's confidence, one query per hashed
+image (queries whose coarsened images are equal share one keyed draw: one observation, not several). Read from a
+surrogate's transfer set (`transfer/watermark`, written by `steal --defense watermark`) or from the serving
+ledger's `watermark` table (written by `serve --watermark-key`), a SQLite file or a PostgreSQL database,
+read-only."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from typing import Optional
 
 import numpy as np
 
-from models.defenses import key_fingerprint, keyed_draws, on_grid
+from models.defenses import coarsen, key_fingerprint, keyed_draws, on_grid
 from models.params import UserError
 from stages.core.artifacts import attr_json, open_artifact, sha256
 from stages.serving.backends import open_ledger
 from stages.serving.ledger import POSTGRES
 
 CONTROL_SEED = 0  # which controls are drawn among equally confident ones: fixed, so a verification repeats
+CHUNK = 4096  # images hashed at a time
 
 
 @dataclass
@@ -69,9 +72,11 @@ def _from_transfer(path: Path) -> Evidence:
         confidence = group["confidence"][()].astype(np.float64)
         images = f["transfer/images"]
         scale = float(images.attrs.get("scale", 1.0))
-        pick_marked, pick_control = _controls(marked, confidence)
-        if len(pick_marked) == 0:
+        if not marked.any():
             raise UserError(f"{path}: none of its {len(marked):,} answers was marked; nothing to verify")
+        cell, levels = int(group.attrs["cell"]), int(group.attrs["levels"])
+        first = distinct(images, scale, cell, levels)
+        pick_marked, pick_control = _controls(marked, confidence, first)
         read = lambda idx: images[np.sort(idx)].astype(np.float32) / scale  # noqa: E731 h5py reads sorted indices
         order_m, order_c = np.argsort(np.argsort(pick_marked)), np.argsort(np.argsort(pick_control))
         return Evidence(
@@ -81,20 +86,47 @@ def _from_transfer(path: Path) -> Evidence:
             control_class=keyed[pick_control],
             fingerprint=str(group.attrs["key_fingerprint"]),
             mode=str(group.attrs["mode"]),
-            cell=int(group.attrs["cell"]),
-            levels=int(group.attrs["levels"]),
+            cell=cell,
+            levels=levels,
             rate=max(float(group.attrs["rate"]), float(group.attrs["ood_rate"])),
             num_classes=len(attr_json(f, "classes")),
-            source=dict(kind="transfer set", path=str(path), sha256=sha256(path), queries=len(marked)),
+            source=dict(
+                kind="transfer set",
+                path=str(path),
+                sha256=sha256(path),
+                queries=len(marked),
+                marked_queries=int(marked.sum()),
+            ),
         )
 
 
-def _controls(marked: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def distinct(images, scale: float, cell: int, levels: int) -> np.ndarray:
+    """Which queries come first among those of the same hashed image (the watermark's coarsened image): the key
+    draws once per hashed image, so a mark on one is a mark on all, with the same keyed class wherever the victim's
+    top-1 is the same. Counted once each, the marked queries are independent draws as the tests assume; counted
+    as often as they were asked, a cluster of near-blank letters (31 queries of one hashed image, in the proof
+    study's FashionMNIST InI near evidence) weighs as 31 marks (docs/results.md, "Proving a theft")."""
+    coarse = np.concatenate(
+        [
+            coarsen(on_grid(np.asarray(images[i : i + CHUNK], dtype=np.float64) / scale), cell, levels)
+            for i in range(0, len(images), CHUNK)
+        ]
+    )
+    _, first = np.unique(coarse.reshape(len(coarse), -1), axis=0, return_index=True)
+    keep = np.zeros(len(coarse), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def _controls(
+    marked: np.ndarray, confidence: np.ndarray, first: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The marked queries and, for each, an unmarked one of the nearest victim confidence (none used twice): marks
     are drawn at a higher rate on OOD-looking answers, and a model's answers there are less settled, so controls
-    come from the same confidence."""
-    pick_marked = np.flatnonzero(marked)
-    unmarked = np.flatnonzero(~marked)
+    come from the same confidence. `first`: only these queries (one per hashed image, `distinct`) take part."""
+    first = np.ones(len(marked), dtype=bool) if first is None else first
+    pick_marked = np.flatnonzero(marked & first)
+    unmarked = np.flatnonzero(~marked & first)
     if len(unmarked) < len(pick_marked):
         raise UserError(f"the evidence holds {len(pick_marked)} marked queries but only {len(unmarked)} unmarked")
     rng = np.random.default_rng(CONTROL_SEED)
@@ -143,25 +175,26 @@ def _from_ledger(where: str | Path, principal: Optional[str]) -> Evidence:
     images = np.stack([np.frombuffer(r[4], dtype=np.uint8).reshape(shape) for r in rows])
     if not marked.any():
         raise UserError(f"{path}: no marked answers; nothing to verify")
-    pick_marked, pick_control = _controls(marked, confidence)
-    first = rows[0]
+    row = rows[0]
+    pick_marked, pick_control = _controls(marked, confidence, distinct(images, 255.0, int(row[8]), int(row[9])))
     return Evidence(
         marked_images=images[pick_marked].astype(np.float32) / 255.0,
         marked_class=keyed[pick_marked],
         control_images=images[pick_control].astype(np.float32) / 255.0,
         control_class=keyed[pick_control],
-        fingerprint=str(first[6]),
-        mode=str(first[7]),
-        cell=int(first[8]),
-        levels=int(first[9]),
-        rate=float(first[10]),
-        num_classes=int(first[5]),
+        fingerprint=str(row[6]),
+        mode=str(row[7]),
+        cell=int(row[8]),
+        levels=int(row[9]),
+        rate=float(row[10]),
+        num_classes=int(row[5]),
         source=dict(
             kind="ledger",
             path=path,
             sha256=_digest(rows),
             principal=principal or "",
             queries=len(rows),
+            marked_queries=int(marked.sum()),
             schema=meta.get("schema", "?"),
         ),
     )
