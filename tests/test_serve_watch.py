@@ -390,3 +390,44 @@ def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_o
     cohort = [a for a in found if a.get("scope") == "global" and a["signal"] == "cohort_classes"]
     linked = {name for a in cohort for name in a["linked"]}
     assert cohort and linked == {"young-0", "young-1", "young-2"}, cohort
+
+
+def watch_study():
+    """experiments/serve_watch.py as a module (it imports serve_alerts beside it)."""
+    import importlib
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("serve_watch")
+
+
+def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
+    """Each row of THIEVES is one `steal` command line: its attack, answers, pool, seed and move; the monitor-off
+    thief is the same command without the move; the knockoff cells keep the commands they were measured with."""
+    study = watch_study()
+    pools = {"near": "latin.h5", "far": "fashion.h5"}
+    names = [t.name for t in study.THIEVES]
+    assert len(names) == len(set(names)) == 18
+    rows = {t.name: t for t in study.THIEVES}
+    assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
+        *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),
+        *("--seed", "0", "--target-move", "sybil=49", "--query-batch", "49"),
+    ]
+    assert rows["plain-hard-near"].steal(pools, 2000, 10, 2)[:4] == ["--attack", "knockoff", "--label", "hard"]
+    assert rows["sybil-soft-far"].keys == 60 and rows["sybil-mix-soft-near"].keys == 120
+    jbda = rows["sybil-mix-jbda-soft"].steal(pools, 2000, 10, 1)
+    assert "--pool" not in jbda and jbda[jbda.index("--seed") + 1] == "1"  # its seeds: the victim's train split
+    assert jbda[-6:] == ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
+    dfme = rows["plain-dfme-soft"].steal(pools, 2000, 10, 0)
+    assert "--pool" not in dfme and dfme[-4:] == ["--batch-size", "64", "--attack-param", "width=16"]
+    seeded = rows["sybil-seeded-soft-near"]
+    assert seeded.off == "seeded-soft-near" and seeded.steal(pools, 2000, 10, 0, monitor=False)[-2:] == ["--seed", "0"]
+    paced = rows["paced-mix-soft-near"].steal(pools, 2000, 10, 0)
+    assert f"paced={study.PACE}" in paced and "mix=0.5" in paced and rows["paced-mix-soft-near"].keys == 1
+    assert study.PACE * 3600 < 10_000  # under the default --volume-limit per --volume-window
+    assert {t.off for t in study.THIEVES if t.move.startswith("paced")} == {"soft-near"}
+    # a share of the monitor-off theft is counted above the untrained surrogate; no theft, nothing to reach
+    assert study.goal(0.60, 0.10, 0.8) == pytest.approx(0.50) and study.goal(0.09, 0.10, 0.5) is None
+    assert study.reached(dict(reached=False, queries=2940, keys=60)) == "not reached at 2,940 queries / 60 keys"
