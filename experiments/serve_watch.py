@@ -465,27 +465,55 @@ def spread(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f} %"
 
 
+def span(values: list[int]) -> str:
+    return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
+
+
+def reached_over(points: list) -> str:
+    """A share of the monitor-off theft over the seeds: where it was reached, and what the others spent without."""
+    if any(isinstance(p, str) for p in points):
+        return "; ".join(sorted({reached(p) for p in points}))
+    parts = []
+    for hit, words in ((True, ""), (False, "not reached at ")):
+        some = [p for p in points if p["reached"] is hit]
+        if some:
+            seeds = "" if len(some) == len(points) else f"{len(some)} of {len(points)} seeds: "
+            queries, keys = span([p["queries"] for p in some]), span([p["keys"] for p in some])
+            parts.append(f"{seeds}{words}{queries} queries / {keys} keys")
+    return "; ".join(parts)
+
+
 def summary(results: list[dict]) -> str:
-    """One line per thief and victim over its seeds: the stealing accuracies as mean ± sd, the answers received and
-    the first alerts as ranges and sets."""
+    """One line per thief and victim over its seeds: the stealing accuracies as mean ± sd (before the first alert:
+    the untrained surrogate's where no answer came before it), the answers received and the first alerts as ranges
+    and sets, and where each share of the monitor-off theft was reached."""
     lines = [
-        "| victim | thief | seeds | answers received | first alert signals | stealing at first alert "
-        "| stealing before block | monitor off | 80 % of monitor off reached |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| victim | thief | seeds | answers received | first alert signals (answers received then) "
+        "| stealing at first alert | stealing before block | monitor off | 50 % of monitor off | 80 % of monitor off |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    untrained = {(r["victim"], r["seed"], r["client"]): r.get("untrained") for r in results if "seed" in r}
+    offs = {t.name: f"monitor off, {t.off}" for t in THIEVES}
     cells: dict[tuple, list[dict]] = {}
     for r in results:
         if "seed" in r and "stealing_final" in r and not r["client"].startswith("monitor off"):
             cells.setdefault((r["victim"], r["client"]), []).append(r)
     for (victim, client), rows in cells.items():
-        received = sorted(r["images"] for r in rows)
         signals = sorted({r["first"]["signal"] for r in rows if r.get("first")}) or ["none"]
-        at_alert = [r["stealing_at_alert"] if r["stealing_at_alert"] is not None else r["stealing_final"] for r in rows]
-        hits = sum(isinstance(r["reach"]["80%"], dict) and r["reach"]["80%"]["reached"] for r in rows)
+        before = [r["received_before_alert"] for r in rows if r.get("first")]
+        at_alert = [
+            r["stealing_final"]
+            if not r.get("first")
+            else r["stealing_at_alert"]
+            if r["stealing_at_alert"] is not None
+            else untrained.get((victim, r["seed"], offs.get(client)))
+            for r in rows
+        ]
         lines.append(
-            f"| {victim} | {client} | {len(rows)} | {received[0]:,}-{received[-1]:,} | {', '.join(signals)} "
-            f"| {spread(at_alert)} | {spread([r['stealing_final'] for r in rows])} "
-            f"| {spread([r['off'] for r in rows])} | {hits} of {len(rows)} |"
+            f"| {victim} | {client} | {len(rows)} | {span([r['images'] for r in rows])} | {', '.join(signals)}"
+            f"{f' ({span(before)})' if before else ''} | {spread([v for v in at_alert if v is not None])} "
+            f"| {spread([r['stealing_final'] for r in rows])} | {spread([r['off'] for r in rows])} "
+            f"| {reached_over([r['reach']['50%'] for r in rows])} | {reached_over([r['reach']['80%'] for r in rows])} |"
         )
     return "\n".join(lines)
 

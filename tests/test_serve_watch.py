@@ -431,3 +431,10 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     # a share of the monitor-off theft is counted above the untrained surrogate; no theft, nothing to reach
     assert study.goal(0.60, 0.10, 0.8) == pytest.approx(0.50) and study.goal(0.09, 0.10, 0.5) is None
     assert study.reached(dict(reached=False, queries=2940, keys=60)) == "not reached at 2,940 queries / 60 keys"
+    over = [dict(reached=False, queries=q, keys=k) for q, k in ((2940, 60), (2880, 120))]
+    assert study.reached_over(over) == "not reached at 2,880-2,940 queries / 60-120 keys"
+    over[0] = dict(reached=True, answers=98, queries=98, keys=2)
+    assert (
+        study.reached_over(over)
+        == "1 of 2 seeds: 98 queries / 2 keys; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
+    )
