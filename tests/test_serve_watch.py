@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, invoke
 from numpy.lib import format as npformat
 from served import served_world
@@ -438,3 +439,27 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
         study.reached_over(over)
         == "1 of 2 seeds: 98 queries / 2 keys; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
     )
+
+
+def test_filler_beside_float_queries_stays_in_the_unit_range():
+    """A mixing thief whose queries leave the 8-bit grid (JBDA's steps) after 8-bit ones: its filler, drawn from
+    both, travels as float pixels in [0, 1] with the queries, never as 0-255 values."""
+    from stages.serving.client import Endpoint, Moves
+
+    sent = []
+
+    def answer(batch: np.ndarray) -> np.ndarray:
+        sent.append(batch)
+        return np.tile(np.eye(10, dtype=np.float32)[3], (len(batch), 1))  # every answer confident
+
+    endpoint = Endpoint("http://127.0.0.1:9", "k", 100, moves=Moves(mix=0.5))
+    endpoint._post = answer
+    grid = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28)).astype(np.float32) / 255.0
+    endpoint(torch.from_numpy(grid))  # 8-bit queries: sent as uint8
+    stepped = np.clip(grid + 0.1, 0, 1)  # off the grid: sent as float
+    for _ in range(2):
+        answers = endpoint(torch.from_numpy(stepped))
+        stepped = np.clip(stepped - 0.03, 0, 1)
+    assert sent[0].dtype == np.uint8 and answers.shape == (8, 10)
+    for batch in sent[1:]:
+        assert batch.dtype == np.float32 and len(batch) == 16 and 0.0 <= batch.min() and batch.max() <= 1.0
