@@ -209,16 +209,16 @@ def spent_until(ledger: Path, names: list[str], answers: int, mix: float) -> dic
     return dict(queries=images, keys=len(used))
 
 
-def first_reaching(out: Path, received: int, final: float, target: float, data) -> Optional[int]:
-    """The fewest answers, among 49 x 2^k and all of them, on which the thief's recipe reaches `target` (a
-    surrogate retrained on the first that-many answers; all of them: the thief's own surrogate); None if its own
-    surrogate does not reach it."""
-    if final < target:
-        return None
-    for n in [n for n in (49, 98, 196, 392, 784, 1568) if n < received] + [received]:
-        if (final if n == received else accuracy_at(out, n, data)) >= target:
-            return n
-    return received
+def theft_curve(out: Path, received: int, final: float, data, known: Optional[tuple] = None) -> list[tuple]:
+    """(answers, stealing accuracy), fewest answers first: the thief's recipe retrained on its first 49 x 2^k
+    answers, its own surrogate on all of them, and `known` (the point at its first alert). A retrained point can
+    beat the thief's own surrogate: JBDA blocked in the middle of a round keeps the surrogate of the round before."""
+    points = [(n, accuracy_at(out, n, data)) for n in (49, 98, 196, 392, 784, 1568) if n < received]
+    return sorted(points + [(received, final)] + ([known] if known else []))
+
+
+def first_reaching(curve: list[tuple], target: float) -> Optional[int]:
+    return next((n for n, accuracy in curve if accuracy >= target), None)
 
 
 def steal_quietly(command: list[str], log: Path, env: dict) -> subprocess.CompletedProcess:
@@ -244,7 +244,8 @@ def monitor_off(thief: Thief, seed: int, name: str, folder: Path, steal: list[st
     row["untrained"] = accuracy_at(out, 0, data)  # the same surrogate as initialised: no theft
     if thief.attack == "knockoff":
         goals = {f"{share:.0%}": goal(off, row["untrained"], share) for share in SHARES}
-        row["reach"] = {k: v and first_reaching(out, received, off, v, data) for k, v in goals.items()}
+        curve = theft_curve(out, received, off, data)
+        row["reach"] = {k: v and first_reaching(curve, v) for k, v in goals.items()}
     return row
 
 
@@ -317,12 +318,16 @@ def monitored(thief: Thief, seed: int, name: str, folder: Path, steal: list[str]
 
 
 def reach(row: dict, off: dict, out: Path, ledger: Path, names: list[str], mix: float, data) -> dict:
-    """For each share of the monitor-off theft: the answers, queries and keys the thief had used when its recipe
-    first reached it, or the queries and keys it spent without reaching it."""
+    """For each share of the monitor-off theft: the answers, queries and keys the thief had used when its theft
+    curve first reached it, or the queries and keys it spent without reaching it."""
     found = {}
+    at_alert = row.get("stealing_at_alert")
+    known = (row["received_before_alert"], at_alert) if at_alert is not None else None
+    curve = theft_curve(out, row["images"], row["stealing_final"], data, known)
+    row["curve"] = curve
     for share in SHARES:
         target = goal(off["stealing_final"], off["untrained"], share)
-        n = target and first_reaching(out, row["images"], row["stealing_final"], target, data)
+        n = target and first_reaching(curve, target)
         if target is None:
             found[f"{share:.0%}"] = "no monitor-off theft"
         elif n is None:
