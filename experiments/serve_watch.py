@@ -227,8 +227,8 @@ def steal_quietly(command: list[str], log: Path, env: dict) -> subprocess.Comple
 
 
 def monitor_off(thief: Thief, seed: int, name: str, folder: Path, steal: list[str], flags: dict, data) -> dict:
-    """The thief querying the victim file; a knockoff thief also gets the answers it needs for each share of its
-    theft (its recipe retrained on its first answers)."""
+    """The thief querying the victim file, and the answers it needs for each share of its theft (its recipe
+    retrained on its first answers)."""
     stem = folder / f"off-{thief.off}-s{seed}"
     run = steal_quietly(
         [*steal, *thief.steal(**flags, seed=seed, monitor=False), "--out", str(stem.with_suffix(".h5"))],
@@ -242,10 +242,10 @@ def monitor_off(thief: Thief, seed: int, name: str, folder: Path, steal: list[st
         received, off = int(f.attrs["queries"]), float(f.attrs["stealing_accuracy"])
     row = dict(victim=name, client=f"monitor off, {thief.off}", seed=seed, images=received, stealing_final=off)
     row["untrained"] = accuracy_at(out, 0, data)  # the same surrogate as initialised: no theft
-    if thief.attack == "knockoff":
-        goals = {f"{share:.0%}": goal(off, row["untrained"], share) for share in SHARES}
-        curve = theft_curve(out, received, off, data)
-        row["reach"] = {k: v and first_reaching(curve, v) for k, v in goals.items()}
+    goals = {f"{share:.0%}": goal(off, row["untrained"], share) for share in SHARES}
+    if any(goals.values()):
+        row["curve"] = theft_curve(out, received, off, data)
+        row["reach"] = {k: v and first_reaching(row["curve"], v) for k, v in goals.items()}
     return row
 
 
