@@ -107,6 +107,9 @@ THIEVES = KNOCKOFF + OTHERS + PACED
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
 SHARES = (0.5, 0.8)  # of the monitor-off theft: the points the goal reads
+# a monitor-off thief less than a point above its untrained surrogate stole nothing: the untrained LeNet-5 alone
+# moves by 2.5 points over seeds 0-2 (8.99-11.52 % on the MNIST test split)
+NO_THEFT = 0.01
 
 
 def start(victim: Path, keys: Path, ledger: Path, data: Path):
@@ -251,8 +254,8 @@ def monitor_off(thief: Thief, seed: int, name: str, folder: Path, steal: list[st
 
 def goal(off: float, untrained: float, share: float) -> Optional[float]:
     """The stealing accuracy at `share` of the monitor-off theft, counted above the untrained surrogate's (None
-    where the monitor-off thief stole nothing)."""
-    return untrained + share * (off - untrained) if off > untrained else None
+    where the monitor-off thief stole nothing: less than NO_THEFT above it)."""
+    return untrained + share * (off - untrained) if off - untrained >= NO_THEFT else None
 
 
 def flags_env() -> dict:

@@ -431,6 +431,7 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     assert {t.off for t in study.THIEVES if t.move.startswith("paced")} == {"soft-near"}
     # a share of the monitor-off theft is counted above the untrained surrogate; no theft, nothing to reach
     assert study.goal(0.60, 0.10, 0.8) == pytest.approx(0.50) and study.goal(0.09, 0.10, 0.5) is None
+    assert study.goal(0.0974, 0.0899, 0.5) is None  # DFME at 2,000 queries: a collapsed surrogate, no theft
     assert study.reached(dict(reached=False, queries=2940, keys=60)) == "not reached at 2,940 queries / 60 keys"
     over = [dict(reached=False, queries=q, keys=k) for q, k in ((2940, 60), (2880, 120))]
     assert study.reached_over(over) == "not reached at 2,880-2,940 queries / 60-120 keys"
