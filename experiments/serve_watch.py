@@ -423,6 +423,10 @@ def percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def keys_text(count) -> str:
+    return f"{count} key" if str(count) == "1" else f"{count} keys"
+
+
 def reached(point) -> str:
     """A share of the monitor-off theft: where it was reached, or what was spent without reaching it."""
     if point is None or isinstance(point, str):
@@ -430,8 +434,8 @@ def reached(point) -> str:
     if isinstance(point, int):
         return f"{point:,} answers"
     if point["reached"]:
-        return f"{point['queries']:,} queries / {point['keys']} keys ({point['answers']:,} answers)"
-    return f"not reached at {point['queries']:,} queries / {point['keys']} keys"
+        return f"{point['queries']:,} queries / {keys_text(point['keys'])} ({point['answers']:,} answers)"
+    return f"not reached at {point['queries']:,} queries / {keys_text(point['keys'])}"
 
 
 def table(results: list[dict]) -> str:
@@ -486,8 +490,8 @@ def reached_over(points: list) -> str:
         some = [p for p in points if p["reached"] is hit]
         if some:
             seeds = "" if len(some) == len(points) else f"{len(some)} of {len(points)} seeds: "
-            queries, keys = span([p["queries"] for p in some]), span([p["keys"] for p in some])
-            parts.append(f"{seeds}{words}{queries} queries / {keys} keys")
+            queries, held = span([p["queries"] for p in some]), span([p["keys"] for p in some])
+            parts.append(f"{seeds}{words}{queries} queries / {keys_text(held)}")
     return "; ".join(parts)
 
 
