@@ -483,15 +483,18 @@ def span(values: list[int]) -> str:
 
 def reached_over(points: list) -> str:
     """A share of the monitor-off theft over the seeds: where it was reached, and what the others spent without."""
-    if any(isinstance(p, str) for p in points):
-        return "; ".join(sorted({reached(p) for p in points}))
     parts = []
+
+    def seeds(some: list) -> str:
+        return "" if len(some) == len(points) else f"{len(some)} of {len(points)} seeds: "
+
+    for words in sorted({p for p in points if isinstance(p, str)}):  # no monitor-off theft
+        parts.append(seeds([p for p in points if p == words]) + words)
     for hit, words in ((True, ""), (False, "not reached at ")):
-        some = [p for p in points if p["reached"] is hit]
+        some = [p for p in points if isinstance(p, dict) and p["reached"] is hit]
         if some:
-            seeds = "" if len(some) == len(points) else f"{len(some)} of {len(points)} seeds: "
             queries, held = span([p["queries"] for p in some]), span([p["keys"] for p in some])
-            parts.append(f"{seeds}{words}{queries} queries / {keys_text(held)}")
+            parts.append(f"{seeds(some)}{words}{queries} queries / {keys_text(held)}")
     return "; ".join(parts)
 
 

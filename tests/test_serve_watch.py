@@ -440,6 +440,11 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
         study.reached_over(over)
         == "1 of 2 seeds: 98 queries / 2 keys; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
     )
+    over[0] = "no monitor-off theft"
+    assert (
+        study.reached_over(over)
+        == "1 of 2 seeds: no monitor-off theft; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
+    )
 
 
 def test_filler_beside_float_queries_stays_in_the_unit_range():
