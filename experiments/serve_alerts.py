@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from stages import serve_key  # noqa: E402
+from stages.attacks import blackbox as _blackbox  # noqa: E402
 from stages.attacks._thief import SurrogateRecipe  # noqa: E402
 from stages.core.artifacts import attr_json, open_artifact  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
@@ -132,7 +133,8 @@ def alerts_of(ledger: Path, name: str) -> list[dict]:
 
 
 def accuracy_at(surrogate: Path, queries: int, data: _data.Dataset) -> float:
-    """Stealing accuracy of a surrogate trained with the thief's recipe on its first `queries` answers."""
+    """Stealing accuracy of a surrogate trained with the thief's recipe on its first `queries` answers (none: the
+    surrogate as initialised)."""
     with open_artifact(surrogate, "surrogate") as f:
         params, attack, label = attr_json(f, "params"), str(f.attrs["attack"]), str(f.attrs["label"])
         classes, shape = attr_json(f, "classes"), tuple(int(v) for v in f.attrs["input_shape"])
@@ -154,6 +156,8 @@ def accuracy_at(surrogate: Path, queries: int, data: _data.Dataset) -> float:
             return models.build_model(str(params["arch"]), len(classes), shape[0], shape[1], mean, std)
 
         x, y = _data.to_float(data.splits["test"][0]), data.splits["test"][1]
+        if queries == 0:  # nothing to train on: the surrogate as initialised
+            return float((_blackbox.predict(build().eval(), x, "cpu").argmax(1).cpu() == y).float().mean())
         curve = _budget_curve.measure(
             f["transfer/images"],
             f["transfer/answers"],

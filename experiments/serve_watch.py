@@ -1,14 +1,17 @@
-"""Monitor-aware thieves against `serve` with every alert blocking (per key and global): knockoff over one key, over
-many keys each below --min-images (sybil), and with benign-looking filler (mix); the theft each reaches before the
-first alert and before the block, beside the same thief with the monitor off (the victim file queried directly).
-Benign clients (the test split replayed, an augmented replay of each half of it, a class-imbalanced client with and
-without its declared prior) share one server and measure the false alerts.
+"""Monitor-aware thieves against `serve` with every alert blocking (per key and global): knockoff, seeded, JBDA and
+DFME over one key, over many keys each below --min-images (sybil), and with benign-looking filler (mix), and a
+knockoff thief under the volume rate (paced, with and without filler); the theft each reaches before the first alert
+and before the block, beside the same thief with the monitor off (the victim file queried directly), and the
+queries and keys each needs to reach 50 % and 80 % of its monitor-off theft. Benign clients (the test split
+replayed, an augmented replay of each half of it, a class-imbalanced client with and without its declared prior)
+share one server and measure the false alerts.
 
     python experiments/serve_watch.py --victim undefended=v.h5 --victim near=ini.h5 --data mnist.h5 \\
-        --pool near=latin-letters.h5 --pool far=fashionmnist.h5 --out artifacts/serve-watch [--smoke]
+        --pool near=latin-letters.h5 --pool far=fashionmnist.h5 --out artifacts/serve-watch [--seed 1 ...] [--smoke]
 
-Prints a Markdown table on stdout and writes `watch.json`, every surrogate and ledger under --out. All traffic goes
-to 127.0.0.1.
+Prints Markdown tables on stdout (every run, then each thief over its seeds) and writes `watch.json`, every
+surrogate and ledger under --out; a later run into the same --out replaces the rows it measures again and keeps the
+others. All traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,24 +40,76 @@ from stages import serve_key  # noqa: E402
 from stages.core.artifacts import open_artifact  # noqa: E402
 from stages.data import prepared as _data  # noqa: E402
 
-# (name, pool, keys, label, moves): the thieves, knockoff with soft or hard labels from a pool near the victim's data
-# (a digit victim: the Latin letters) or far from it; each runs against a fresh server and ledger, after benign
-# background traffic (BACKGROUND test images over one key, and YOUNG keys of YOUNG_IMAGES test images each, below
-# --min-images) so the global window does not hold the thief alone
-# a Sybil thief asks one key's worth of real queries per call (--query-batch), so a block costs it one call's answers
-SYBIL = ["--target-move", "sybil=49", "--query-batch", "49"]
-MIX = ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
-THIEVES = [
-    ("plain", "near", 1, "soft", []),
-    ("plain", "near", 1, "hard", []),
-    ("sybil", "near", 60, "soft", SYBIL),
-    ("sybil", "near", 60, "hard", SYBIL),
-    ("sybil-mix", "near", 120, "soft", MIX),
-    ("plain", "far", 1, "soft", []),
-    ("sybil", "far", 60, "soft", SYBIL),
+# The thieves, one row each: the attack, the role of the pool it queries (near the victim's data: for a digit victim,
+# the Latin letters; far from it; None: jbda grows its set from 150 digits of the victim's train split it holds,
+# dfme queries its generator's images), the keys it holds, the answers it asks for, and its move. Each runs against
+# a fresh server and ledger, after benign background traffic (BACKGROUND test images over one key, and YOUNG keys of
+# YOUNG_IMAGES test images each, below --min-images) so the global window does not hold the thief alone.
+# A Sybil thief asks one key's worth of real queries per call (--query-batch), so a block costs it one call's
+# answers. A paced thief sends PACE images a second, under the default volume window (10,000 images an hour per
+# key), in calls of 50 images (filler included), so no call waits long for its share of the rate.
+PACE = 2.5
+MOVES = {
+    "plain": [],
+    "sybil": ["--target-move", "sybil=49", "--query-batch", "49"],
+    "sybil-mix": ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"],
+    "paced": ["--target-move", f"paced={PACE}", "--query-batch", "50"],
+    "paced-mix": ["--target-move", f"paced={PACE}", "--target-move", "mix=0.5", "--query-batch", "25"],
+}
+# DFME's recipe from the serve_alerts grid: smaller generator steps, so a 2,000-query budget makes more of them
+ATTACK_FLAGS = {"dfme": ["--batch-size", "64", "--attack-param", "width=16"]}
+
+
+@dataclass(frozen=True)
+class Thief:
+    move: str
+    attack: str = "knockoff"
+    pool: Optional[str] = "near"
+    keys: int = 1
+    label: str = "soft"
+
+    @property
+    def off(self) -> str:
+        """The monitor-off thief's name: the same attack, answers and pool, no move."""
+        return "-".join(
+            ([] if self.attack == "knockoff" else [self.attack]) + [self.label] + ([self.pool] if self.pool else [])
+        )
+
+    @property
+    def name(self) -> str:
+        return f"{self.move}-{self.off}"
+
+    def steal(self, pools: dict[str, str], budget: int, epochs: int, seed: int, monitor: bool = True) -> list[str]:
+        """`steal`'s flags for this thief (without --victim, --data, --target and --out); with monitor=False, the
+        same thief without its move, as it queries the victim file."""
+        pool = ["--pool", pools[self.pool]] if self.pool else []
+        flags = ["--attack", self.attack, "--label", self.label, *pool, "--budget", str(budget)]
+        flags += ["--epochs", str(epochs), "--seed", str(seed), *ATTACK_FLAGS.get(self.attack, [])]
+        return flags + (MOVES[self.move] if monitor else [])
+
+
+KNOCKOFF = [
+    Thief("plain"),
+    Thief("plain", label="hard"),
+    Thief("sybil", keys=60),
+    Thief("sybil", keys=60, label="hard"),
+    Thief("sybil-mix", keys=120),
+    Thief("plain", pool="far"),
+    Thief("sybil", pool="far", keys=60),
 ]
+OTHERS = [
+    Thief(move, attack, pool, keys)
+    for attack, pool in (("seeded", "near"), ("jbda", None), ("dfme", None))
+    for move, keys in (("plain", 1), ("sybil", 60), ("sybil-mix", 120))
+]
+PACED = [Thief("paced"), Thief("paced-mix")]
+THIEVES = KNOCKOFF + OTHERS + PACED
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
+SHARES = (0.5, 0.8)  # of the monitor-off theft: the points the goal reads
+# a monitor-off thief less than a point above its untrained surrogate stole nothing: the untrained LeNet-5 alone
+# moves by 2.5 points over seeds 0-2 (8.99-11.52 % on the MNIST test split)
+NO_THEFT = 0.01
 
 
 def start(victim: Path, keys: Path, ledger: Path, data: Path):
@@ -138,6 +195,151 @@ def benign_clients(args, name: str, path: str, folder: Path, test, labels, data,
     print(f"{name} benign: {results[-len(benign) - 1 :]}", file=sys.stderr, flush=True)
 
 
+def spent_until(ledger: Path, names: list[str], answers: int, mix: float) -> dict:
+    """The images the thief's keys were answered (filler included) and the keys it had used when its real answers
+    first numbered `answers`; a request of r real queries carries r * mix / (1 - mix) filler."""
+    with sqlite3.connect(ledger) as db:
+        marks = ",".join("?" * len(names))
+        rows = db.execute(
+            f"SELECT principal, images FROM queries WHERE principal IN ({marks}) ORDER BY id", names
+        ).fetchall()
+    real, images, used = 0.0, 0, set()
+    for principal, n in rows:
+        if real >= answers:
+            break
+        real, images = real + n * (1 - mix), images + n
+        used.add(principal)
+    return dict(queries=images, keys=len(used))
+
+
+def theft_curve(out: Path, received: int, final: float, data, known: Optional[tuple] = None) -> list[tuple]:
+    """(answers, stealing accuracy), fewest answers first: the thief's recipe retrained on its first 49 x 2^k
+    answers, its own surrogate on all of them, and `known` (the point at its first alert). A retrained point can
+    beat the thief's own surrogate: JBDA blocked in the middle of a round keeps the surrogate of the round before."""
+    points = [(n, accuracy_at(out, n, data)) for n in (49, 98, 196, 392, 784, 1568) if n < received]
+    return sorted(points + [(received, final)] + ([known] if known else []))
+
+
+def first_reaching(curve: list[tuple], target: float) -> Optional[int]:
+    return next((n for n, accuracy in curve if accuracy >= target), None)
+
+
+def steal_quietly(command: list[str], log: Path, env: dict) -> subprocess.CompletedProcess:
+    with open(log, "w") as err:
+        return subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def monitor_off(thief: Thief, seed: int, name: str, folder: Path, steal: list[str], flags: dict, data) -> dict:
+    """The thief querying the victim file, and the answers it needs for each share of its theft (its recipe
+    retrained on its first answers)."""
+    stem = folder / f"off-{thief.off}-s{seed}"
+    run = steal_quietly(
+        [*steal, *thief.steal(**flags, seed=seed, monitor=False), "--out", str(stem.with_suffix(".h5"))],
+        stem.with_suffix(".log"),
+        flags_env(),
+    )
+    if run.returncode != 0:
+        sys.exit(f"the monitor-off {thief.off} thief exited {run.returncode}: see {stem.with_suffix('.log')}")
+    out = stem.with_suffix(".h5")
+    with open_artifact(out, "surrogate") as f:
+        received, off = int(f.attrs["queries"]), float(f.attrs["stealing_accuracy"])
+    row = dict(victim=name, client=f"monitor off, {thief.off}", seed=seed, images=received, stealing_final=off)
+    row["untrained"] = accuracy_at(out, 0, data)  # the same surrogate as initialised: no theft
+    goals = {f"{share:.0%}": goal(off, row["untrained"], share) for share in SHARES}
+    if any(goals.values()):
+        row["curve"] = theft_curve(out, received, off, data)
+        row["reach"] = {k: v and first_reaching(row["curve"], v) for k, v in goals.items()}
+    return row
+
+
+def goal(off: float, untrained: float, share: float) -> Optional[float]:
+    """The stealing accuracy at `share` of the monitor-off theft, counted above the untrained surrogate's (None
+    where the monitor-off thief stole nothing: less than NO_THEFT above it)."""
+    return untrained + share * (off - untrained) if off - untrained >= NO_THEFT else None
+
+
+def flags_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def monitored(thief: Thief, seed: int, name: str, folder: Path, steal: list[str], flags: dict, server: tuple, data):
+    """The thief against a fresh server after the background traffic: its alerts, answers and theft."""
+    label = f"{thief.name}-s{seed}"
+    keys = folder / f"{label}-keys.toml"
+    keys.unlink(missing_ok=True)
+    names = [f"{thief.name}-{i}" for i in range(thief.keys)]
+    secret = ",".join(serve_key.run(k, keys, 10**9, 1e6, 1e6, "block") for k in names)
+    background = {
+        k: serve_key.run(k, keys, 10**9, 1e6, 1e6, "block")
+        for k in ["background"] + [f"young-{i}" for i in range(YOUNG)]
+    }
+    ledger = folder / f"{label}.sqlite"
+    out = folder / f"{label}.h5"
+    path, dataset, test = server
+    proc, url = start(Path(path), keys, ledger, dataset)
+    try:
+        replay(url, background["background"], test[-BACKGROUND:])
+        for i in range(YOUNG):
+            replay(url, background[f"young-{i}"], test[i * YOUNG_IMAGES : (i + 1) * YOUNG_IMAGES])
+        run = steal_quietly(
+            [*steal, "--target", url, *thief.steal(**flags, seed=seed), "--out", str(out)],
+            folder / f"{label}.log",
+            {**flags_env(), "INI_API_KEY": secret},
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    every = ledger_alerts(ledger)
+    found = [a for a in every if a["principal"] in names or a["principal"] == "*"]
+    row = dict(victim=name, client=thief.name, seed=seed, moves=MOVES[thief.move], keys=thief.keys, alerts=len(found))
+    row["background_alerts"] = [a for a in every if a["principal"] in background]
+    if run.returncode != 0 or not out.exists():
+        return dict(row, error=f"steal exited {run.returncode}")
+    with open_artifact(out, "surrogate") as f:
+        received, final = int(f.attrs["queries"]), float(f.attrs["stealing_accuracy"])
+    with sqlite3.connect(ledger) as db:  # the thief's own keys, not the background's
+        marks = ",".join("?" * len(names))
+        spent, used, blocked = db.execute(
+            f"SELECT COALESCE(SUM(spent), 0), COALESCE(SUM(spent > 0), 0), COALESCE(SUM(state = 'blocked'), 0) "
+            f"FROM principals WHERE name IN ({marks})",
+            names,
+        ).fetchone()
+    first = found[0] if found else None
+    before = min(received, answered_before(ledger, names, first["time"])) if first else received
+    row.update(
+        images=received,
+        spent=int(spent),
+        keys_used=int(used),
+        keys_blocked=int(blocked),
+        first=first,
+        signals=sorted({a["signal"] for a in found}),
+        received_before_alert=before,
+        stealing_at_alert=accuracy_at(out, before, data) if first and before > 0 else None,
+        stealing_final=final,
+    )
+    return row
+
+
+def reach(row: dict, off: dict, out: Path, ledger: Path, names: list[str], mix: float, data) -> dict:
+    """For each share of the monitor-off theft: the answers, queries and keys the thief had used when its theft
+    curve first reached it, or the queries and keys it spent without reaching it."""
+    found = {}
+    at_alert = row.get("stealing_at_alert")
+    known = (row["received_before_alert"], at_alert) if at_alert is not None else None
+    curve = theft_curve(out, row["images"], row["stealing_final"], data, known)
+    row["curve"] = curve
+    for share in SHARES:
+        target = goal(off["stealing_final"], off["untrained"], share)
+        n = target and first_reaching(curve, target)
+        if target is None:
+            found[f"{share:.0%}"] = "no monitor-off theft"
+        elif n is None:
+            found[f"{share:.0%}"] = dict(reached=False, queries=row["spent"], keys=row["keys_used"])
+        else:
+            found[f"{share:.0%}"] = dict(reached=True, answers=n, **spent_until(ledger, names, n, mix))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--victim", action="append", required=True, help="NAME=victim.h5 (repeatable)")
@@ -145,11 +347,12 @@ def main() -> None:
     parser.add_argument("--pool", action="append", required=True, help="NAME=pool.h5 (repeatable)")
     parser.add_argument("--budget", type=int, default=2000, help="queries per thief (filler included)")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, action="append", help="steal's --seed (repeatable) [default: 0]")
     parser.add_argument("--out", type=Path, default=Path("artifacts/serve-watch"))
     parser.add_argument("--smoke", action="store_true", help="300-query thieves, 1,000 benign images")
     parser.add_argument("--benign-only", action="store_true", help="only the benign clients")
     parser.add_argument("--skip-benign", action="store_true", help="only the thieves")
-    parser.add_argument("--thieves", help="comma-separated thief labels to run (e.g. sybil-hard-near) [default: all]")
+    parser.add_argument("--thieves", help="comma-separated thief names to run (e.g. sybil-hard-near) [default: all]")
     parser.add_argument(
         "--train-replay", type=int, default=0, help="also replay this many train-split images as one more benign client"
     )
@@ -162,133 +365,170 @@ def main() -> None:
     test, labels = data.splits["test"][0].numpy(), data.splits["test"][1].numpy()
     if args.smoke:
         test, labels = test[:1000], labels[:1000]
+    wanted = [t for t in THIEVES if not args.thieves or t.name in args.thieves.split(",")]
+    unknown = set(args.thieves.split(",") if args.thieves else []) - {t.name for t in THIEVES}
+    if unknown:
+        sys.exit(f"--thieves: no thief named {', '.join(sorted(unknown))} (see THIEVES)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "watch.json"
+    earlier = json.loads(saved.read_text()) if saved.exists() else []  # rows of earlier runs into the same --out
     results = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for name, path in (v.split("=", 1) for v in args.victim):
-        path = str(Path(path).resolve())
-        folder = args.out / name
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        redone = {(r["victim"], r["client"], r.get("seed")) for r in results}
+        kept = [r for r in earlier if (r["victim"], r["client"], r.get("seed")) not in redone]
+        saved.write_text(json.dumps(kept + results, indent=1, default=str))
+
+    victims = [(name, str(Path(path).resolve())) for name, path in (v.split("=", 1) for v in args.victim)]
+    for name, path in victims:
+        (args.out / name).mkdir(parents=True, exist_ok=True)
         if not args.skip_benign:
-            benign_clients(args, name, path, folder, test, labels, data, results)
-        if args.benign_only:
-            continue
-        steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--attack", "knockoff"]
-        common = ["--data", str(args.data), "--device", "cpu", "--epochs", str(epochs), "--victim", path]
-        wanted = args.thieves.split(",") if args.thieves else None
-        for answers, pool in sorted({(a, p) for _, p, _, a, _ in THIEVES}):
-            off_label = f"{answers}-{pool}"
-            out = folder / f"off-{off_label}.h5"
-            if wanted and not any(t.endswith(f"-{off_label}") for t in wanted):
-                continue
-            subprocess.run(
-                [*steal, *common, "--label", answers, "--pool", pools[pool], "--budget", str(budget)]
-                + ["--out", str(out)],
-                check=True,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=open(folder / f"off-{off_label}.log", "w"),
-            )
-            with open_artifact(out, "surrogate") as f:
-                off = float(f.attrs["stealing_accuracy"])
-            results.append(dict(victim=name, client=f"monitor off, {off_label}", images=budget, stealing_final=off))
-        for thief, pool, n_keys, answers, moves in THIEVES:
-            label = f"{thief}-{answers}-{pool}"
-            if wanted and label not in wanted:
-                continue
-            moves = ["--label", answers, *moves]
-            keys = folder / f"{label}-keys.toml"
-            keys.unlink(missing_ok=True)
-            names = [f"{label}-{i}" for i in range(n_keys)]
-            secret = ",".join(serve_key.run(k, keys, 10**9, 1e6, 1e6, "block") for k in names)
-            background = {
-                k: serve_key.run(k, keys, 10**9, 1e6, 1e6, "block")
-                for k in ["background"] + [f"young-{i}" for i in range(YOUNG)]
-            }
-            ledger = folder / f"{label}.sqlite"
-            out = folder / f"{label}.h5"
-            proc, url = start(Path(path), keys, ledger, args.data)
-            try:
-                replay(url, background["background"], test[-BACKGROUND:])
-                for i in range(YOUNG):
-                    replay(url, background[f"young-{i}"], test[i * YOUNG_IMAGES : (i + 1) * YOUNG_IMAGES])
-                run = subprocess.run(
-                    [
-                        *steal,
-                        *common,
-                        "--target",
-                        url,
-                        "--pool",
-                        pools[pool],
-                        "--budget",
-                        str(budget),
-                        "--out",
-                        str(out),
-                        *moves,
-                    ],
-                    env={**env, "INI_API_KEY": secret},
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(folder / f"{label}.log", "w"),
-                )
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
-            every = ledger_alerts(ledger)
-            found = [a for a in every if a["principal"] in names or a["principal"] == "*"]
-            row = dict(victim=name, client=label, moves=moves, keys=n_keys, alerts=len(found))
-            row["background_alerts"] = [a for a in every if a["principal"] in background]
-            if run.returncode != 0 or not out.exists():
-                row["error"] = f"steal exited {run.returncode}"
+            benign_clients(args, name, path, args.out / name, test, labels, data, results)
+            save()
+    if args.benign_only:
+        print(table(results))
+        return
+    steal = [sys.executable, str(ROOT / "cli.py"), "steal", "--data", str(args.data), "--device", "cpu"]
+    flags = dict(pools=pools, budget=budget, epochs=epochs)
+    for seed in args.seed or [0]:
+        for name, path in victims:
+            folder = args.out / name
+            offs = {}
+            for thief in {t.off: t for t in wanted}.values():
+                row = monitor_off(thief, seed, name, folder, [*steal, "--victim", path], flags, data)
+                offs[thief.off] = row
                 results.append(row)
-                continue
-            with open_artifact(out, "surrogate") as f:
-                received, final = int(f.attrs["queries"]), float(f.attrs["stealing_accuracy"])
-            with sqlite3.connect(ledger) as db:
-                spent = db.execute("SELECT COALESCE(SUM(spent), 0) FROM principals").fetchone()[0]
-                blocked = db.execute("SELECT COUNT(*) FROM principals WHERE state = 'blocked'").fetchone()[0]
-                used = db.execute("SELECT COUNT(*) FROM principals WHERE spent > 0").fetchone()[0]
-            first = found[0] if found else None
-            before = min(received, answered_before(ledger, names, first["time"])) if first else received
-            row.update(
-                images=received,
-                spent=int(spent),
-                keys_used=int(used),
-                keys_blocked=int(blocked),
-                first=first,
-                signals=sorted({a["signal"] for a in found}),
-                received_before_alert=before,
-                stealing_at_alert=accuracy_at(out, before, data) if first and before > 0 else None,
-                stealing_final=final,
-            )
-            results.append(row)
-            print(f"{name} {label}: {row}", file=sys.stderr, flush=True)
-            (args.out / "watch.json").write_text(json.dumps(results, indent=1, default=str))
-    (args.out / "watch.json").write_text(json.dumps(results, indent=1, default=str))
+                print(f"{name} {row['client']} s{seed}: {row}", file=sys.stderr, flush=True)
+                save()
+            for thief in wanted:
+                server = (path, args.data, test)
+                row = monitored(thief, seed, name, folder, [*steal, "--victim", path], flags, server, data)
+                if "error" not in row:
+                    stem = folder / f"{thief.name}-s{seed}"
+                    names = [f"{thief.name}-{i}" for i in range(thief.keys)]
+                    mix = 0.5 if thief.move.endswith("mix") else 0.0
+                    row["off"] = offs[thief.off]["stealing_final"]
+                    files = (stem.with_suffix(".h5"), stem.with_suffix(".sqlite"))
+                    row["reach"] = reach(row, offs[thief.off], *files, names, mix, data)
+                results.append(row)
+                print(f"{name} {thief.name} s{seed}: {row}", file=sys.stderr, flush=True)
+                save()
+    save()
     print(table(results))
+    print()
+    print(summary(results))
+
+
+def percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def keys_text(count) -> str:
+    return f"{count} key" if str(count) == "1" else f"{count} keys"
+
+
+def reached(point) -> str:
+    """A share of the monitor-off theft: where it was reached, or what was spent without reaching it."""
+    if point is None or isinstance(point, str):
+        return point or "-"
+    if isinstance(point, int):
+        return f"{point:,} answers"
+    if point["reached"]:
+        return f"{point['queries']:,} queries / {keys_text(point['keys'])} ({point['answers']:,} answers)"
+    return f"not reached at {point['queries']:,} queries / {keys_text(point['keys'])}"
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| victim | client | keys (used / blocked) | answers received | spent (filler, withheld) | alerts: signals "
-        "| first alert at (answers received) | stealing at first alert | stealing before block (final) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| victim | client | seed | keys (used / blocked) | answers received | spent (filler, withheld) "
+        "| alerts: signals | first alert at (answers received) | stealing at first alert "
+        "| stealing before block (final) | monitor off | 50 % of monitor off | 80 % of monitor off |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "global_alerts" in r:
             signals = sorted({a["signal"] for a in r["global_alerts"]})
             lines.append(
-                f"| {r['victim']} | {r['client']} | - | - | - | {len(r['global_alerts'])}: "
-                f"{', '.join(signals) or 'none'} | - | - | - |"
+                f"| {r['victim']} | {r['client']} | - | - | - | - | {len(r['global_alerts'])}: "
+                f"{', '.join(signals) or 'none'} | - | - | - | - | - | - |"
             )
             continue
         keys = f"{r.get('keys_used', '-')} / {r.get('keys_blocked', '-')}" if "keys" in r else "1"
         first = r.get("first")
         at = f"{first['signal']} ({r.get('received_before_alert', first['queries']):,})" if first else "none"
-        steal_at = f"{100 * r['stealing_at_alert']:.1f} %" if r.get("stealing_at_alert") is not None else "-"
-        final = f"{100 * r['stealing_final']:.1f} %" if "stealing_final" in r else "-"
+        final = percent(r.get("stealing_final"))
         images = f"{r['images']:,}" if "images" in r else r.get("error", "-")
+        shares = r.get("reach") or {}
         lines.append(
-            f"| {r['victim']} | {r['client']} | {keys} | {images} | {r.get('spent', '-')} | {r.get('alerts', '-')}: "
-            f"{', '.join(r.get('signals', [])) or 'none'} | {at} | {steal_at} | {final} |"
+            f"| {r['victim']} | {r['client']} | {r.get('seed', '-')} | {keys} | {images} | {r.get('spent', '-')} "
+            f"| {r.get('alerts', '-')}: {', '.join(r.get('signals', [])) or 'none'} | {at} "
+            f"| {percent(r.get('stealing_at_alert'))} | {final} | {percent(r.get('off'))} "
+            f"| {reached(shares.get('50%'))} | {reached(shares.get('80%'))} |"
+        )
+    return "\n".join(lines)
+
+
+def spread(values: list[float]) -> str:
+    """Mean ± sample standard deviation in percent (the value alone for one seed)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return percent(values[0])
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f} %"
+
+
+def span(values: list[int]) -> str:
+    return f"{min(values):,}" if min(values) == max(values) else f"{min(values):,}-{max(values):,}"
+
+
+def reached_over(points: list) -> str:
+    """A share of the monitor-off theft over the seeds: where it was reached, and what the others spent without."""
+    parts = []
+
+    def seeds(some: list) -> str:
+        return "" if len(some) == len(points) else f"{len(some)} of {len(points)} seeds: "
+
+    for words in sorted({p for p in points if isinstance(p, str)}):  # no monitor-off theft
+        parts.append(seeds([p for p in points if p == words]) + words)
+    for hit, words in ((True, ""), (False, "not reached at ")):
+        some = [p for p in points if isinstance(p, dict) and p["reached"] is hit]
+        if some:
+            queries, held = span([p["queries"] for p in some]), span([p["keys"] for p in some])
+            parts.append(f"{seeds(some)}{words}{queries} queries / {keys_text(held)}")
+    return "; ".join(parts)
+
+
+def summary(results: list[dict]) -> str:
+    """One line per thief and victim over its seeds: the stealing accuracies as mean ± sd (before the first alert:
+    the untrained surrogate's where no answer came before it), the answers received and the first alerts as ranges
+    and sets, and where each share of the monitor-off theft was reached."""
+    lines = [
+        "| victim | thief | seeds | answers received | first alert signals (answers received then) "
+        "| stealing at first alert | stealing before block | monitor off | 50 % of monitor off | 80 % of monitor off |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    untrained = {(r["victim"], r["seed"], r["client"]): r.get("untrained") for r in results if "seed" in r}
+    offs = {t.name: f"monitor off, {t.off}" for t in THIEVES}
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        if "seed" in r and "stealing_final" in r and not r["client"].startswith("monitor off"):
+            cells.setdefault((r["victim"], r["client"]), []).append(r)
+    for (victim, client), rows in cells.items():
+        signals = sorted({r["first"]["signal"] for r in rows if r.get("first")}) or ["none"]
+        before = [r["received_before_alert"] for r in rows if r.get("first")]
+        at_alert = [
+            r["stealing_final"]
+            if not r.get("first")
+            else r["stealing_at_alert"]
+            if r["stealing_at_alert"] is not None
+            else untrained.get((victim, r["seed"], offs.get(client)))
+            for r in rows
+        ]
+        lines.append(
+            f"| {victim} | {client} | {len(rows)} | {span([r['images'] for r in rows])} | {', '.join(signals)}"
+            f"{f' ({span(before)})' if before else ''} | {spread([v for v in at_alert if v is not None])} "
+            f"| {spread([r['stealing_final'] for r in rows])} | {spread([r['off'] for r in rows])} "
+            f"| {reached_over([r['reach']['50%'] for r in rows])} | {reached_over([r['reach']['80%'] for r in rows])} |"
         )
     return "\n".join(lines)
 

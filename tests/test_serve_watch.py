@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import assert_one_line_error, invoke
 from numpy.lib import format as npformat
 from served import served_world
@@ -497,3 +498,81 @@ def test_prada_over_whole_requests_matches_the_query_by_query_definition(window)
     for g, w in zip(got, want, strict=True):
         if w is not None:
             assert g[1] == w[1] and g[0] == pytest.approx(w[0], abs=1e-6)
+
+
+def watch_study():
+    """experiments/serve_watch.py as a module (it imports serve_alerts beside it)."""
+    import importlib
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("serve_watch")
+
+
+def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
+    """Each row of THIEVES is one `steal` command line: its attack, answers, pool, seed and move; the monitor-off
+    thief is the same command without the move; the knockoff cells keep the commands they were measured with."""
+    study = watch_study()
+    pools = {"near": "latin.h5", "far": "fashion.h5"}
+    names = [t.name for t in study.THIEVES]
+    assert len(names) == len(set(names)) == 18
+    rows = {t.name: t for t in study.THIEVES}
+    assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
+        *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),
+        *("--seed", "0", "--target-move", "sybil=49", "--query-batch", "49"),
+    ]
+    assert rows["plain-hard-near"].steal(pools, 2000, 10, 2)[:4] == ["--attack", "knockoff", "--label", "hard"]
+    assert rows["sybil-soft-far"].keys == 60 and rows["sybil-mix-soft-near"].keys == 120
+    jbda = rows["sybil-mix-jbda-soft"].steal(pools, 2000, 10, 1)
+    assert "--pool" not in jbda and jbda[jbda.index("--seed") + 1] == "1"  # its seeds: the victim's train split
+    assert jbda[-6:] == ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
+    dfme = rows["plain-dfme-soft"].steal(pools, 2000, 10, 0)
+    assert "--pool" not in dfme and dfme[-4:] == ["--batch-size", "64", "--attack-param", "width=16"]
+    seeded = rows["sybil-seeded-soft-near"]
+    assert seeded.off == "seeded-soft-near" and seeded.steal(pools, 2000, 10, 0, monitor=False)[-2:] == ["--seed", "0"]
+    paced = rows["paced-mix-soft-near"].steal(pools, 2000, 10, 0)
+    assert f"paced={study.PACE}" in paced and "mix=0.5" in paced and rows["paced-mix-soft-near"].keys == 1
+    assert study.PACE * 3600 < 10_000  # under the default --volume-limit per --volume-window
+    assert {t.off for t in study.THIEVES if t.move.startswith("paced")} == {"soft-near"}
+    # a share of the monitor-off theft is counted above the untrained surrogate; no theft, nothing to reach
+    assert study.goal(0.60, 0.10, 0.8) == pytest.approx(0.50) and study.goal(0.09, 0.10, 0.5) is None
+    assert study.goal(0.0974, 0.0899, 0.5) is None  # DFME at 2,000 queries: a collapsed surrogate, no theft
+    assert study.reached(dict(reached=False, queries=2940, keys=60)) == "not reached at 2,940 queries / 60 keys"
+    over = [dict(reached=False, queries=q, keys=k) for q, k in ((2940, 60), (2880, 120))]
+    assert study.reached_over(over) == "not reached at 2,880-2,940 queries / 60-120 keys"
+    over[0] = dict(reached=True, answers=98, queries=98, keys=2)
+    assert (
+        study.reached_over(over)
+        == "1 of 2 seeds: 98 queries / 2 keys; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
+    )
+    over[0] = "no monitor-off theft"
+    assert (
+        study.reached_over(over)
+        == "1 of 2 seeds: no monitor-off theft; 1 of 2 seeds: not reached at 2,880 queries / 120 keys"
+    )
+
+
+def test_filler_beside_float_queries_stays_in_the_unit_range():
+    """A mixing thief whose queries leave the 8-bit grid (JBDA's steps) after 8-bit ones: its filler, drawn from
+    both, travels as float pixels in [0, 1] with the queries, never as 0-255 values."""
+    from stages.serving.client import Endpoint, Moves
+
+    sent = []
+
+    def answer(batch: np.ndarray) -> np.ndarray:
+        sent.append(batch)
+        return np.tile(np.eye(10, dtype=np.float32)[3], (len(batch), 1))  # every answer confident
+
+    endpoint = Endpoint("http://127.0.0.1:9", "k", 100, moves=Moves(mix=0.5))
+    endpoint._post = answer
+    grid = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28)).astype(np.float32) / 255.0
+    endpoint(torch.from_numpy(grid))  # 8-bit queries: sent as uint8
+    stepped = np.clip(grid + 0.1, 0, 1)  # off the grid: sent as float
+    for _ in range(2):
+        answers = endpoint(torch.from_numpy(stepped))
+        stepped = np.clip(stepped - 0.03, 0, 1)
+    assert sent[0].dtype == np.uint8 and answers.shape == (8, 10)
+    for batch in sent[1:]:
+        assert batch.dtype == np.float32 and len(batch) == 16 and 0.0 <= batch.min() and batch.max() <= 1.0

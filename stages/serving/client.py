@@ -126,6 +126,8 @@ class Endpoint:
 
     def _post_moved(self, x: np.ndarray) -> np.ndarray:
         fill = self._filler(math.ceil(len(x) * self.moves.mix / (1 - self.moves.mix)) if self.moves.mix else 0, x)
+        if len(fill) and fill.dtype != x.dtype:  # 8-bit filler beside float queries (JBDA's steps): both in [0, 1]
+            x, fill = _unit(x), _unit(fill)
         batch = np.concatenate([x, fill]) if len(fill) else x
         order = np.random.default_rng(self.sent).permutation(len(batch))  # filler interleaved, not appended
         if self.moves.rate:
@@ -176,6 +178,8 @@ class Endpoint:
                 out.append(varied.astype(np.uint8))
             else:
                 out.append(np.clip(shifted + rng.uniform(-0.05, 0.05, shifted.shape), 0, 1).astype(shifted.dtype))
+        if len({image.dtype for image in out}) > 1:  # drawn from 8-bit and float queries: all in [0, 1]
+            out = [_unit(image) for image in out]
         return np.stack(out)
 
     def _post(self, x: np.ndarray) -> np.ndarray:
@@ -213,6 +217,11 @@ class Endpoint:
         if r.status_code != 200:
             raise UserError(f"{self.url}{path}: {r.status_code} {_error(r)}")
         return r.json()
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1] (8-bit ones divided by 255)."""
+    return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
 
 
 def _error(r) -> str:
