@@ -106,7 +106,10 @@ class Prada:
             c, slots = int(cs[0]), np.flatnonzero(self.classes == int(cs[0]))
             sq = self.norms[slots] - 2.0 * (self.images[slots] @ xs[0]) + squares[0]
             best = (float(sq.min()), self.images[slots[int(sq.argmin())]]) if len(slots) else None
-            return [self._take(xs[0], c, squares[0], best, lambda: None)]
+            keep = self._measure(xs[0], c, best)
+            if keep:
+                self._store(xs[0], squares[0], c)
+            return [None if keep is None else self._test()]
         # squared distances to the kept queries of each query's class, as the ring stood before the request; a slot
         # overwritten during the request gets inf in its column
         before: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -130,34 +133,37 @@ class Prada:
                 j = ours[c][int(np.argmin(among[i, ours[c]]))]
                 if best is None or float(among[i, j]) < best[0]:
                     best = (float(among[i, j]), xs[j])
-
-            def forget(i=i, c=c) -> None:  # the slot at the cursor is about to hold query i
+            keep = self._measure(x, c, best)
+            if keep is None:
+                out.append(None)
+                continue
+            if keep:  # the slot at the cursor now holds query i
                 self._forget(int(self.classes[self.cursor]), int(owner[self.cursor]), before, ours)
                 owner[self.cursor] = i
                 ours[c].append(i)
-
-            out.append(self._take(x, c, squares[i], best, forget))
+                self._store(x, squares[i], c)
+            out.append(self._test())
         return out
 
-    def _take(self, x: np.ndarray, c: int, square: float, best, forget: Callable[[], None]):
-        """Query x of class c, given the nearest kept query of its class (squared distance by the expansion, and
-        the query itself) or None: PRADA's step; `forget` runs before x overwrites the slot at the cursor."""
-        keep = best is None
-        if best is not None:
-            diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
-            d = math.sqrt(float(diff @ diff))
-            if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
-                return None
-            self.distances.append(d)
-            self.fresh += 1
-            if d > self.growth[c]:
-                keep = True
-                self._grow(c, d)
-        if keep:
-            forget()
-            self.images[self.cursor], self.norms[self.cursor], self.classes[self.cursor] = x, square, c
-            self.cursor = (self.cursor + 1) % len(self.classes)
-        return self._test()
+    def _measure(self, x: np.ndarray, c: int, best) -> Optional[bool]:
+        """PRADA's step for query x of class c, given the nearest kept query of its class (squared distance by the
+        expansion, and the query itself) or None: whether x joins G, or None for an exact repeat (nothing recorded)."""
+        if best is None:
+            return True
+        diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
+        d = math.sqrt(float(diff @ diff))
+        if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
+            return None
+        self.distances.append(d)
+        self.fresh += 1
+        if d > self.growth[c]:
+            self._grow(c, d)
+            return True
+        return False
+
+    def _store(self, x: np.ndarray, square: float, c: int) -> None:
+        self.images[self.cursor], self.norms[self.cursor], self.classes[self.cursor] = x, square, c
+        self.cursor = (self.cursor + 1) % len(self.classes)
 
     def _forget(self, c: int, query: int, before: dict, ours: dict) -> None:
         """The slot at the cursor is about to be overwritten: its query (of class c; `query` when the request put
