@@ -239,13 +239,21 @@ def run(
         f"calibrated on {calibration.images:,} benign images ({calibration.source}): an answer looks OOD "
         f"below top probability {calibration.ood_threshold:.4f} ({calibration.benign_ood_share:.2%} of them); "
         f"PRADA alerts below W = {calibration.prada_delta:.3f} (benign minimum "
-        f"{calibration.benign_prada_min:.3f})"
+        f"{calibration.benign_prada_min:.3f}); {_steps_text(calibration.step_radii)}"
     )
     config = uvicorn.Config(api.build(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
     try:
         _Server(config).run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down gracefully on: the run is complete
         pass
+
+
+def _steps_text(radii: list[float]) -> str:
+    read = [r for r in radii if r > 0]
+    if not read:
+        return "no step radius (too few benign images per class: cohort_steps never alerts)"
+    unread = f", none for {len(radii) - len(read)} classes with too few benign images" if len(read) < len(radii) else ""
+    return f"a young key's query is a step within L2 {min(read):.2f}-{max(read):.2f} of an earlier one{unread}"
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -35,6 +35,7 @@ PRINCIPALS = {  # name: budget, rate, burst, action, prior
     "form": (100_000, 10_000.0, 10_000.0, "log", "0,0.5,0,0,0,0,0,0.5,0,0"),
     "form-undeclared": (100_000, 10_000.0, 10_000.0, "log", None),
     "patient": (100_000, 10_000.0, 10_000.0, "log", None),
+    "hasty": (100_000, 10_000.0, 10_000.0, "block", None),
     **{f"sybil-{i}": (100_000, 10_000.0, 10_000.0, "block", None) for i in range(SYBILS)},
 }
 
@@ -142,6 +143,24 @@ def test_a_new_key_gets_nothing_past_min_images_before_its_judgement(world, serv
     assert own[0][0] == "ood_share" and own[0][3] == 50 and own[0][4] == "block"
     with sqlite3.connect(server_ledger(world)) as db:
         assert db.execute("SELECT spent FROM principals WHERE name = 'greedy'").fetchone()[0] == 1000
+
+
+def test_after_an_alert_no_request_is_answered_past_the_one_it_was_raised_on(world, tmp_path):
+    """A `block` key already judged (60 in-distribution images) sends 200 OOD-looking images, answered, on which
+    its OOD share alerts; its next request, sent as soon as that answer arrives, waits for the judgement and is
+    refused: it does not slip out while the monitor is still judging the one before."""
+    server = Server(world["victim"], world["keys"], tmp_path / "ledger.sqlite")
+    try:
+        with server.client(world["tokens"]["hasty"]) as c:
+            post = lambda x: c.post("/v1/predict", content=npy(x), headers={"Content-Type": NPY})  # noqa: E731
+            assert post(world["test"][:60]).status_code == 200
+            assert post(noise(200, 5)).status_code == 200  # answered: the key was judged before it
+            late = post(noise(5, 6))
+            assert late.status_code == 403 and "blocked" in late.json()["error"], late.text
+        own = alerts(tmp_path / "ledger.sqlite", "hasty")
+        assert own[0][0] == "ood_share" and 60 < own[0][3] <= 260 and own[0][4] == "block", own
+    finally:
+        server.stop()
 
 
 def server_ledger(world) -> Path:
@@ -354,6 +373,20 @@ def test_a_near_duplicate_is_a_shifted_noisy_copy_not_another_image_nor_a_sign_s
     assert detectors.Novelty(200, 0.0).distinct(digit[None]).all()  # 0: every query is distinct
 
 
+def uniform_monitor(**calibration) -> _monitor.Monitor:
+    """An in-process monitor of 28 x 28 images, 10 classes: a uniform benign prior, tau 0.5, PRADA off."""
+    base = dict(ood_threshold=0.5, prada_delta=0.0, images=1000, source="uniform", benign_ood_share=0.01)
+    base |= dict(benign_prada_min=float("nan"), class_prior=[0.1] * 10)
+    return _monitor.Monitor(_monitor.Settings(), _monitor.Calibration(**(base | calibration)), 28 * 28)
+
+
+def answers(classes: np.ndarray) -> np.ndarray:
+    """Confident answers (0.9) of the given classes."""
+    out = np.full((len(classes), 10), 0.1 / 9)
+    out[np.arange(len(classes)), classes] = 0.9
+    return out
+
+
 def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_out():
     """In-process: an old key whose last 200 answers are skewed enough to stand out at --link-alpha (G 35.6, between
     the link cutoff 27.9 and the alert cutoff 44.8) but not to alert, then three young keys of 40 answers of one
@@ -364,21 +397,7 @@ def test_a_cohort_alert_links_its_young_keys_not_an_old_key_that_merely_stands_o
     cycle = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
     cycle = cycle[np.argsort(np.concatenate([(np.arange(n) + 0.5) / n for n in counts]), kind="stable")]
     rng = np.random.default_rng(0)
-    calibration = _monitor.Calibration(
-        ood_threshold=0.5,
-        prada_delta=0.0,
-        images=1000,
-        source="uniform",
-        benign_ood_share=0.01,
-        benign_prada_min=float("nan"),
-        class_prior=[0.1] * 10,
-    )
-    monitor = _monitor.Monitor(_monitor.Settings(), calibration, 28 * 28)
-
-    def answers(labels: np.ndarray) -> np.ndarray:
-        out = np.full((len(labels), 10), 0.1 / 9)
-        out[np.arange(len(labels)), labels] = 0.9
-        return out
+    monitor = uniform_monitor()
 
     def images(n: int) -> np.ndarray:
         return rng.random((n, 1, 28, 28), dtype=np.float32)  # distinct: no near-duplicates
@@ -498,6 +517,112 @@ def test_prada_over_whole_requests_matches_the_query_by_query_definition(window)
     for g, w in zip(got, want, strict=True):
         if w is not None:
             assert g[1] == w[1] and g[0] == pytest.approx(w[0], abs=1e-6)
+
+
+def _steps_one_by_one(requests: list[tuple[np.ndarray, np.ndarray]], size: int) -> list[float]:
+    """The definition in float64: each query against the last `size` distinct queries of its class before its
+    request and its request's earlier ones of its class (nan for none); an exact repeat carries the distance of the
+    query it repeats and is not kept again."""
+    kept: dict[int, list[tuple[np.ndarray, float]]] = collections.defaultdict(list)
+    out = []
+    for xs, cs in requests:
+        xs = xs.astype(np.float64)
+        mine: list[tuple[int, float, bool]] = []  # (class, distance, kept) of the request's queries so far
+        for i, c in enumerate(cs.tolist()):
+            candidates = kept[c] + [(xs[j], mine[j][1]) for j in range(i) if cs[j] == c]
+            if not candidates:
+                mine.append((c, float("nan"), True))
+                continue
+            d, inherited = min(
+                ((float(np.sqrt(((xs[i] - y) ** 2).sum())), e) for y, e in candidates), key=lambda t: t[0]
+            )
+            mine.append((c, inherited, False) if d == 0 else (c, d, True))
+        out += [d for _, d, _ in mine]
+        for x, (c, d, keep) in zip(xs, mine, strict=True):
+            if keep:
+                kept[c] = [*kept[c], (x, d)][-size:]
+    return out
+
+
+def test_steps_measured_per_request_match_the_query_by_query_definition():
+    """Requests of 1 to 40 queries in 3 classes: natural-looking images, exact repeats of earlier ones (the distance
+    of what they repeat) and sign steps of lambda 0.1 from earlier ones, with a memory of 30 per class that the
+    traffic overruns."""
+    rng = np.random.default_rng(7)
+    base = rng.uniform(0, 1, (200, 64)).astype(np.float32) * (rng.uniform(0, 1, (200, 64)) < 0.3)
+    sent: list[np.ndarray] = []
+    requests = []
+    for n in [1, 40, 3, 17, 1, 25, 40, 2, 33, 9, 1, 40]:
+        xs, cs = [], []
+        for _ in range(n):
+            j = int(rng.integers(0, 200))
+            x = base[j]
+            if sent and rng.random() < 0.2:
+                x = sent[int(rng.integers(0, len(sent)))]  # an exact repeat of an earlier request's query
+            elif sent and rng.random() < 0.3:
+                x = np.clip(sent[int(rng.integers(0, len(sent)))] + 0.1 * np.sign(rng.standard_normal(64)), 0, 1)
+            xs.append(x.astype(np.float32))
+            cs.append(j % 3)
+        requests.append((np.stack(xs), np.array(cs)))
+        sent += xs
+    steps = detectors.Steps(30, 64, 3)
+    got = np.concatenate([steps.measure(xs, cs) for xs, cs in requests])
+    want = np.array(_steps_one_by_one(requests, 30))
+    assert (want < 1.0).sum() >= 10  # steps were drawn
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_step_radii_put_real_digits_outside_and_their_sign_steps_inside(mnist_small):
+    """On 800 real MNIST digits (a memory of 20 per class, so that they fill it): the radii at the 5 % quantile
+    leave about 5 % of another 200 digits' distances under them, and a sign step of lambda 0.1 from an earlier
+    digit (JBDA's move) under them for most classes."""
+    with h5py.File(mnist_small, "r") as f:
+        train_x, train_y = f["train/images"][()], f["train/labels"][()]
+        test_x, test_y = f["test/images"][()], f["test/labels"][()]
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255  # noqa: E731
+    radii, counts = detectors.step_radii(flat(train_x), train_y, 0.05, size=20)
+    assert min(counts) >= 100 and all(r > 0 for r in radii)
+    radii = np.asarray(radii)
+    steps = detectors.Steps(20, 784, 10)
+    steps.measure(flat(train_x), train_y)  # the memory full of earlier digits
+    benign = steps.measure(flat(test_x), test_y)
+    assert np.mean(benign < radii[test_y]) < 0.15
+    # the parents: the digits the memory holds now, the last 20 of each class
+    held = np.concatenate([np.flatnonzero(np.concatenate([train_y, test_y]) == c)[-20:] for c in range(10)])
+    parents, classes = np.concatenate([flat(train_x), flat(test_x)])[held], np.concatenate([train_y, test_y])[held]
+    rng = np.random.default_rng(0)
+    children = np.clip(parents + 0.1 * np.sign(rng.standard_normal(parents.shape)), 0, 1).astype(np.float32)
+    assert np.mean(steps.measure(children, classes) < radii[classes]) > 0.8
+
+
+def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benign_young_keys_are_not(mnist_small):
+    """In-process, radii as read on MNIST's val split: 12 young keys of 40 real digits each raise nothing; then
+    young keys sending sign steps (lambda 0.1) of those digits, 40 a key: the cohort's step count alerts at the
+    first such key and links it, and every later one is linked at its first request, as is a fresh key re-asking
+    the first one's steps; no benign key is linked."""
+    with h5py.File(mnist_small, "r") as f:
+        digits, labels = f["train/images"][:480], f["train/labels"][:480]
+    images = digits.astype(np.float32)[:, None] / 255 if digits.ndim == 3 else digits.astype(np.float32) / 255
+    monitor = uniform_monitor(step_radii=[3.47, 1.31, 3.57, 4.01, 3.12, 3.79, 2.95, 2.53, 3.83, 3.08])
+
+    found = []
+    for i in range(12):
+        part = slice(40 * i, 40 * (i + 1))
+        found += [(f"benign-{i}", a) for a in monitor.observe(f"benign-{i}", images[part], answers(labels[part]), 1.0)]
+    assert found == []
+    rng = np.random.default_rng(1)
+    sent = []
+    for i in range(6):
+        part = slice(40 * i, 40 * (i + 1))
+        sent.append(np.clip(images[part] + 0.1 * np.sign(rng.standard_normal(images[part].shape)), 0, 1))
+        found += [(f"thief-{i}", a) for a in monitor.observe(f"thief-{i}", sent[-1], answers(labels[part]), 2.0 + i)]
+    # a fresh key re-asking the steps the first thief key was refused: exact repeats carry their step
+    found += [("retry", a) for a in monitor.observe("retry", sent[0], answers(labels[:40]), 9.0)]
+    steps = [a for _, a in found if a.get("scope") == "global" and a["signal"] == "cohort_steps"]
+    assert steps and not steps[0].get("continued") and steps[0]["linked"] == ["thief-0"], steps
+    linked = {name for a in steps for name in a["linked"]}
+    assert linked == {f"thief-{i}" for i in range(6)} | {"retry"}, found
+    assert monitor.watches["thief-3"].steps_k >= 30
 
 
 def watch_study():

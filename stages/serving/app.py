@@ -390,15 +390,15 @@ class Service:
         if debit.refused is not None:
             status, message = REFUSED[debit.refused]
             raise ApiError(status, message, self._left(principal))
-        if hold:
-            await self._judgement(principal)
+        await self._judgement(principal, 0 if hold else n)
         return answers
 
-    async def _judgement(self, principal: Principal) -> None:
-        """Hold a new key's answers until the monitor has judged every image it was answered so far; if that
-        judgement blocked it, the answers never leave (they stay counted: the forward pass ran). So no key receives
-        more than `min_images` answers before its first judgement, however large its requests."""
-        name, target = principal.name, self.answered[principal.name]
+    async def _judgement(self, principal: Principal, own: int = 0) -> None:
+        """Hold a request's answers until the monitor has judged every image the key was answered before it (`own`
+        0: and its own, for a key not judged yet); if that judgement blocked the key, the answers never leave (they
+        stay counted: the forward pass ran). So no key receives more than `min_images` answers before its first
+        judgement, however large its requests, and after an alert at most the one request it was judged on."""
+        name, target = principal.name, self.answered[principal.name] - own
         if self.seen[name] < target:
             waiter = asyncio.get_running_loop().create_future()
             self.waiting.setdefault(name, []).append((target, waiter))

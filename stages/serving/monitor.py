@@ -65,6 +65,10 @@ class Calibration:
     class_prior: list = field(default_factory=list)  # share of each predicted class on the benign images
     confusion: list = field(default_factory=list)  # P(answered class | true class) on them (rows: true classes)
     ood_share_by_class: list = field(default_factory=list)  # share of each true class's answers below tau
+    # per predicted class: the benign q-quantile of a young query's step distance (detectors.Steps; 0: too few
+    # benign images of the class to read it, so none of its queries counts as a step), and the distances read
+    step_radii: list = field(default_factory=list)
+    step_counts: list = field(default_factory=list)
 
 
 def ood_scores(answers: np.ndarray) -> np.ndarray:
@@ -228,6 +232,7 @@ class Watch:
         self.prada = Prada(settings, dim)
         self.novelty = detectors.Novelty(settings.ood_window, settings.duplicate_distance)
         self.novel = np.ones(0, dtype=bool)
+        self.steps_n = self.steps_k = 0  # while young: its step distances measured, and those under the radius
         self.armed = {"ood_share": True, "prada": True, "volume": True, "classes": True}
 
     def warm(self, answers: np.ndarray, now: float) -> None:
@@ -334,6 +339,8 @@ class Monitor:
         )
         self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign, self._stands_out)
         self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
+        self.steps = detectors.Steps(detectors.STEP_MEMORY, dim, self.classes)
+        self.radii = np.asarray(calibration.step_radii or [0.0] * self.classes, dtype=np.float64)
         self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
 
     def _stands_out(self, principal: str, cohort: bool = False) -> bool:
@@ -344,7 +351,12 @@ class Monitor:
             return False
         n = len(watch.flags)
         cutoffs = self.key_cutoffs[principal][1] if principal in self.key_cutoffs else self.link_cutoffs
-        return watch.flagged >= cutoffs[n] or detectors.g_statistic(watch.classes.counts, watch.prior) > (self.link_g)
+        steps = detectors.binomial_tail(watch.steps_k, watch.steps_n, self.settings.ood_quantile)
+        return (
+            watch.flagged >= cutoffs[n]
+            or detectors.g_statistic(watch.classes.counts, watch.prior) > self.link_g
+            or steps < self.global_settings.link_alpha
+        )
 
     def _watch(self, principal: str) -> Watch:
         watch = self.watches.get(principal)
@@ -363,7 +375,14 @@ class Monitor:
         novel = watch.novel  # the global window, too, counts a key's near-duplicates once
         flags = ood_scores(answers[novel]) < self.calibration.ood_threshold
         declared = self.priors.get(principal)
-        for alert in self.all.observe(principal, young, flags, answers[novel].argmax(1), now, declared):
+        classes = answers[novel].argmax(1)
+        steps = (0, 0)
+        if young:  # a young key's distinct queries: steps from the young cohort's earlier ones
+            d = self.steps.measure(images[novel].reshape(len(classes), -1), classes)
+            measured = np.isfinite(d) & (self.radii[classes] > 0)
+            steps = (int(measured.sum()), int((measured & (d < self.radii[classes])).sum()))
+            watch.steps_n, watch.steps_k = watch.steps_n + steps[0], watch.steps_k + steps[1]
+        for alert in self.all.observe(principal, young, flags, classes, now, declared, steps):
             alerts.append({**alert, "scope": "global"})
         return alerts
 
@@ -441,7 +460,11 @@ def calibrate(
         np.add.at(joint, (np.asarray(labels, dtype=np.int64), answers.argmax(1)), 1.0)
         seen = joint.sum(1) > 0
         confusion[seen] = joint[seen] / joint[seen].sum(1, keepdims=True)
+    share = detectors.STEP_SHARE * settings.ood_quantile
+    radii, counts = detectors.step_radii(x.reshape(len(x), -1), answers.argmax(1), share, seed=seed)
     return Calibration(
+        step_radii=radii,
+        step_counts=counts,
         class_prior=[float(v) for v in classes],
         confusion=confusion.round(6).tolist(),
         ood_share_by_class=by_class,
