@@ -148,10 +148,16 @@ def answered_before(ledger: Path, names: list[str], moment: float) -> int:
     return int(row[0])
 
 
+# A crowd: many young keys, each sending a few images and never judged on its own, the traffic the cohort signals
+# read. CROWD_IMAGES is a multiple of 3, so each image of the augmented crowd and its copies reach one key.
+CROWD_IMAGES = 24
+
+
 def benign_clients(args, name: str, path: str, folder: Path, test, labels, data, results: list) -> None:
     """The benign clients on one server: the test split replayed, an augmented replay of each half of it (two
-    keys), and a client of 1s and 7s without and with its declared prior (and a train-split replay with
-    --train-replay)."""
+    keys), a client of 1s and 7s without and with its declared prior (and a train-split replay with
+    --train-replay); then two crowds of young keys of CROWD_IMAGES images each: the first half of the test split,
+    and an augmented replay of the second half."""
     imbalanced = test[np.isin(labels, (1, 7))]
     shares = np.bincount(labels[np.isin(labels, (1, 7))], minlength=10) / len(imbalanced)
     prior = ",".join(f"{v:.4f}" for v in shares)
@@ -168,20 +174,31 @@ def benign_clients(args, name: str, path: str, folder: Path, test, labels, data,
         benign["train-replay"] = (data.splits["train"][0].numpy()[: args.train_replay], None)
     # `log`: a benign client goes on after a false alert, so every false alert over its whole replay is counted
     tokens = {client: serve_key.run(client, keys, 10**9, 1e6, 1e6, "log", p) for client, (_, p) in benign.items()}
+    half = len(test) // 2
+    crowds = {"crowd": test[:half], "crowd-augmented": augmented(test[half:], seed=2)}
+    members = {crowd: [f"{crowd}-{i}" for i in range(0, len(images), CROWD_IMAGES)] for crowd, images in crowds.items()}
+    tokens |= {k: serve_key.run(k, keys, 10**9, 1e6, 1e6, "log") for names in members.values() for k in names}
     ledger = folder / "benign.sqlite"
     proc, url = start(Path(path), keys, ledger, args.data)
     try:
         sent = {client: replay(url, tokens[client], images) for client, (images, _) in benign.items()}
+        for crowd, images in crowds.items():
+            parts = [
+                replay(url, tokens[k], images[i * CROWD_IMAGES : (i + 1) * CROWD_IMAGES])
+                for i, k in enumerate(members[crowd])
+            ]
+            sent[crowd] = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     found = ledger_alerts(ledger)
     for client, (answered, refused) in sent.items():
-        own = [a for a in found if a["principal"] == client]
+        own = [a for a in found if a["principal"] in members.get(client, [client])]
         results.append(
             dict(
                 victim=name,
                 client=client,
+                **({"keys": len(members[client]), "keys_used": len(members[client])} if client in members else {}),
                 images=answered,
                 refused=refused,
                 alerts=len(own),
@@ -192,7 +209,7 @@ def benign_clients(args, name: str, path: str, folder: Path, test, labels, data,
     results.append(
         dict(victim=name, client="global (all benign keys)", global_alerts=[a for a in found if a["principal"] == "*"])
     )
-    print(f"{name} benign: {results[-len(benign) - 1 :]}", file=sys.stderr, flush=True)
+    print(f"{name} benign: {results[-len(sent) - 1 :]}", file=sys.stderr, flush=True)
 
 
 def spent_until(ledger: Path, names: list[str], answers: int, mix: float) -> dict:
