@@ -625,6 +625,32 @@ def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benig
     assert monitor.watches["thief-3"].steps_k >= 30
 
 
+def test_one_key_stepping_from_its_own_queries_is_alerted_a_key_of_real_digits_is_not(mnist_small):
+    """In-process, radii as read on MNIST's val split: a key sending 800 real digits raises no `steps` alert; a key
+    sending 100 digits, then sign steps (lambda 0.1) of them, is alerted on its steps within its first 30 steps."""
+    with h5py.File(mnist_small, "r") as f:
+        digits, labels = f["train/images"][()], f["train/labels"][()]
+    images = digits.astype(np.float32).reshape(len(digits), 1, 28, 28) / 255
+    monitor = uniform_monitor(step_radii=[3.47, 1.31, 3.57, 4.01, 3.12, 3.79, 2.95, 2.53, 3.83, 3.08])
+    found = [
+        a
+        for i in range(0, 800, 100)
+        for a in monitor.observe("digits", images[i : i + 100], answers(labels[i : i + 100]), 1.0)
+    ]
+    assert [a for a in found if a["signal"] == "steps"] == [], found
+    rng = np.random.default_rng(2)
+    children = np.clip(images[:100] + 0.1 * np.sign(rng.standard_normal(images[:100].shape)), 0, 1)
+    stream, classes = np.concatenate([images[:100], children]), np.concatenate([labels[:100], labels[:100]])
+    found = [
+        a
+        for i in range(0, 200, 10)
+        for a in monitor.observe("thief", stream[i : i + 10], answers(classes[i : i + 10]), 2.0)
+    ]
+    steps = [a for a in found if a["signal"] == "steps"]
+    assert steps and 100 < steps[0]["queries"] <= 130, found
+    assert len(monitor.watches["thief"].prada.measured) == 10  # one distance (or nan) per query of the last request
+
+
 def watch_study():
     """experiments/serve_watch.py as a module (it imports serve_alerts beside it)."""
     import importlib

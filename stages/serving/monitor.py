@@ -14,6 +14,11 @@ histogram, and PRADA; and over all principals (stages/serving/detectors.py), the
   predicted class; natural queries give normally distributed distances, synthetic ones (JBDA, DFME) do not. The
   Shapiro-Wilk W of the window of distances (those within 3 std of their mean, as in the paper) alerts below
   delta, set just under the lowest W of a benign replay. An exact repeat of a kept query adds no distance.
+- Steps: the share of the principal's last `ood_window` PRADA distances below their class's step radius (the
+  cohort's, detectors.Steps), against Binomial(n, q) at alpha: a key sending sign steps from its own earlier
+  queries (JBDA over one key). PRADA's distances run to the spread-out kept set G, so benign streams fall under
+  the radii even less often than the cohort's (measured on MNIST: 0 of 10,000 test-split distances, 2 of 20,000
+  train-split ones).
 - Volume: images in the last `volume_window` seconds above `volume_limit`.
 - Classes: the G-test of the principal's last `ood_window` predicted classes against its prior (its declared one,
   else the benign calibration's class shares), chi-square with K-1 degrees of freedom, alerting at alpha.
@@ -96,11 +101,13 @@ class Prada:
         self.growth = collections.defaultdict(float)  # T_Gc: a query joins G_c if farther than this
         self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
         self.fresh = 0
+        self.measured: list[float] = []  # the last request's distances, in order (nan: none, or an exact repeat)
 
     def add_many(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
         """Take a request's flattened queries (N, d) and predicted classes, in order; after each, None or, when a
         test was due, W and the number of distances it read."""
         step = detectors.NOVELTY_CHUNK
+        self.measured = []
         return [w for i in range(0, len(xs), step) for w in self._chunk(xs[i : i + step], np.asarray(cs[i : i + step]))]
 
     def _chunk(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
@@ -153,9 +160,11 @@ class Prada:
         """PRADA's step for query x of class c, given the nearest kept query of its class (squared distance by the
         expansion, and the query itself) or None: whether x joins G, or None for an exact repeat (nothing recorded)."""
         if best is None:
+            self.measured.append(math.nan)
             return True
         diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
         d = math.sqrt(float(diff @ diff))
+        self.measured.append(d if d > 0 else math.nan)
         if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
             return None
         self.distances.append(d)
@@ -219,7 +228,14 @@ class Watch:
     """One principal's signals."""
 
     def __init__(
-        self, settings: Settings, calibration: Calibration, cutoffs: np.ndarray, dim: int, prior: np.ndarray, g: float
+        self,
+        settings: Settings,
+        calibration: Calibration,
+        cutoffs: np.ndarray,
+        dim: int,
+        prior: np.ndarray,
+        g: float,
+        step_cutoffs: Optional[np.ndarray] = None,
     ):
         self.s, self.c, self.cutoffs = settings, calibration, cutoffs
         self.prior, self.g_cutoff = prior, g
@@ -232,8 +248,13 @@ class Watch:
         self.prada = Prada(settings, dim)
         self.novelty = detectors.Novelty(settings.ood_window, settings.duplicate_distance)
         self.novel = np.ones(0, dtype=bool)
-        self.steps_n = self.steps_k = 0  # while young: its step distances measured, and those under the radius
-        self.armed = {"ood_share": True, "prada": True, "volume": True, "classes": True}
+        self.steps_n = self.steps_k = 0  # while young: its cohort step distances measured, those under the radius
+        # its own steps: whether each of its last `ood_window` PRADA distances lies under its class's step radius
+        self.radii = np.asarray(calibration.step_radii or [0.0] * len(prior), dtype=np.float64)
+        self.steps: collections.deque[bool] = collections.deque(maxlen=settings.ood_window)
+        self.stepped = 0
+        self.step_cutoffs = cutoffs if step_cutoffs is None else step_cutoffs
+        self.armed = {"ood_share": True, "prada": True, "volume": True, "classes": True, "steps": True}
 
     def warm(self, answers: np.ndarray, now: float) -> None:
         """Refill the OOD and class windows from answers recorded earlier (the ledger), without judging them: a
@@ -258,6 +279,12 @@ class Watch:
         for i, (answer, flag) in enumerate(zip(answers, flags, strict=False)):
             c = int(answer.argmax())
             self.total += 1
+            d = self.prada.measured[i]
+            if d == d and self.radii[c] > 0:  # measured (not nan): a step from one of its own kept queries?
+                if len(self.steps) == self.steps.maxlen:
+                    self.stepped -= self.steps[0]
+                self.steps.append(bool(d < self.radii[c]))
+                self.stepped += d < self.radii[c]
             if novel[i]:  # a near-duplicate is counted once in the OOD and class windows
                 if len(self.flags) == self.flags.maxlen:
                     self.flagged -= self.flags[0]
@@ -278,6 +305,10 @@ class Watch:
                 )
                 g = detectors.g_statistic(self.classes.counts, self.prior)
                 self._judge(alerts, "classes", g, self.g_cutoff, g > self.g_cutoff, window=len(self.classes.window))
+            if self.total >= self.s.min_images and self.steps:
+                n = len(self.steps)
+                cutoff = float(self.step_cutoffs[n])
+                self._judge(alerts, "steps", self.stepped / n, cutoff / n, self.stepped >= cutoff, window=n)
             if tests[i] is not None:
                 w, read = tests[i]
                 self._judge(alerts, "prada", w, self.c.prada_delta, w < self.c.prada_delta, distances=read)
@@ -363,7 +394,7 @@ class Monitor:
         if watch is None:
             prior = self.priors.get(principal, self.benign_prior)
             cutoffs = self.key_cutoffs[principal][0] if principal in self.key_cutoffs else self.cutoffs
-            watch = Watch(self.settings, self.calibration, cutoffs, self.dim, prior, self.g_cutoff)
+            watch = Watch(self.settings, self.calibration, cutoffs, self.dim, prior, self.g_cutoff, self.cutoffs)
             self.watches[principal] = watch
         return watch
 
