@@ -14,7 +14,8 @@ histogram, and PRADA; and over all principals (stages/serving/detectors.py), the
   predicted class; natural queries give normally distributed distances, synthetic ones (JBDA, DFME) do not. The
   Shapiro-Wilk W of the window of distances (those within 3 std of their mean, as in the paper) alerts below
   delta, set just under the lowest W of a benign replay. An exact repeat of a kept query adds no distance.
-- Steps: the share of the principal's last `ood_window` PRADA distances below their class's step radius (the
+- Steps: the share of the principal's last `ood_window` PRADA distances of distinct queries (not near-duplicates)
+  below their class's step radius (the
   cohort's, detectors.Steps), against Binomial(n, q) at alpha: a key sending sign steps from its own earlier
   queries (JBDA over one key). PRADA's distances run to the spread-out kept set G, so benign streams fall under
   the radii even less often than the cohort's (measured on MNIST: 0 of 10,000 test-split distances, 2 of 20,000
@@ -280,7 +281,8 @@ class Watch:
             c = int(answer.argmax())
             self.total += 1
             d = self.prada.measured[i]
-            if d == d and self.radii[c] > 0:  # measured (not nan): a step from one of its own kept queries?
+            # a distinct query's distance (a near-duplicate, a retry or an augmented copy, is no step)
+            if novel[i] and d == d and self.radii[c] > 0:
                 if len(self.steps) == self.steps.maxlen:
                     self.stepped -= self.steps[0]
                 self.steps.append(bool(d < self.radii[c]))
