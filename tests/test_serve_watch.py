@@ -580,7 +580,7 @@ def test_step_radii_put_real_digits_outside_and_their_sign_steps_inside(mnist_sm
         train_x, train_y = f["train/images"][()], f["train/labels"][()]
         test_x, test_y = f["test/images"][()], f["test/labels"][()]
     flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255  # noqa: E731
-    radii, counts = detectors.step_radii(flat(train_x), train_y, 0.05, size=20)
+    radii, counts = detectors.step_radii(flat(train_x), train_y, 10, 0.05, size=20)
     assert min(counts) >= 100 and all(r > 0 for r in radii)
     radii = np.asarray(radii)
     steps = detectors.Steps(20, 784, 10)

@@ -243,10 +243,15 @@ class ClassWindow:
         self.counts[c] += 1
 
 
-# The young cohort's last this many queries of each predicted class are what a young query's step is measured
-# against: a fixed number per class, so a benign query's distance to its nearest does not depend on the traffic's
-# mix of classes, and the calibrated radius holds whatever classes the young keys send.
-STEP_MEMORY = 200
+# The young cohort's last STEP_MEMORY / K queries of each of K predicted classes (at least 20) are what a young
+# query's step is measured against: a fixed number per class, so a benign query's distance to its nearest does not
+# depend on the traffic's mix of classes, and the calibrated radius holds whatever classes the young keys send.
+# 200 per class on a 10-class task, as PRADA's window of 2,000.
+STEP_MEMORY = 2000
+
+
+def step_memory(classes: int) -> int:
+    return max(20, STEP_MEMORY // classes)
 
 
 class Steps:
@@ -260,7 +265,7 @@ class Steps:
     fresh key, the steps a blocked key was refused)."""
 
     def __init__(self, size: int, dim: int, classes: int):
-        self.images = np.zeros((classes, size, dim), dtype=np.float32)
+        self.images = np.zeros((classes, size, dim), dtype=np.float32)  # pages are mapped as classes first use them
         self.squares = np.full((classes, size), np.inf, dtype=np.float32)  # inf: an empty slot
         self.distances = np.full((classes, size), np.nan)  # each kept query's own distance
         self.cursor = np.zeros(classes, dtype=np.int64)
@@ -318,13 +323,13 @@ STEP_ORDERS = 4  # random orders the benign images are replayed in: more distanc
 
 
 def step_radii(
-    images: np.ndarray, classes: np.ndarray, share: float, size: int = STEP_MEMORY, seed: int = 0
+    images: np.ndarray, classes: np.ndarray, k: int, share: float, size: Optional[int] = None, seed: int = 0
 ) -> tuple[list[float], list[int]]:
-    """The `share`-quantile of each class's benign step distances (`Steps` over `images` (N, d), replayed in
+    """The `share`-quantile of each of the k classes' benign step distances (`Steps` over `images` (N, d), replayed in
     STEP_ORDERS random orders), read only once the class's memory is full: the state the cohort's memory is in
     after warm-up. A class with fewer than 100 such distances gets radius 0 (none of its queries counts as a step).
     Returns the radii and the number of distances each was read from."""
-    k = int(classes.max()) + 1 if len(classes) else 1
+    size = size or step_memory(k)
     found: list[list[np.ndarray]] = [[] for _ in range(k)]
     for order in np.random.default_rng(seed).spawn(STEP_ORDERS):
         order = order.permutation(len(images))

@@ -372,7 +372,7 @@ class Monitor:
         )
         self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign, self._stands_out)
         self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
-        self.steps = detectors.Steps(detectors.STEP_MEMORY, dim, self.classes)
+        self.steps = detectors.Steps(detectors.step_memory(self.classes), dim, self.classes)
         self.radii = np.asarray(calibration.step_radii or [0.0] * self.classes, dtype=np.float64)
         self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
 
@@ -494,7 +494,7 @@ def calibrate(
         seen = joint.sum(1) > 0
         confusion[seen] = joint[seen] / joint[seen].sum(1, keepdims=True)
     share = detectors.STEP_SHARE * settings.ood_quantile
-    radii, counts = detectors.step_radii(x.reshape(len(x), -1), answers.argmax(1), share, seed=seed)
+    radii, counts = detectors.step_radii(x.reshape(len(x), -1), answers.argmax(1), k, share, seed=seed)
     return Calibration(
         step_radii=radii,
         step_counts=counts,
