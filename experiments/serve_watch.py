@@ -67,12 +67,16 @@ class Thief:
     pool: Optional[str] = "near"
     keys: int = 1
     label: str = "soft"
+    params: tuple[str, ...] = ()  # the attack's --attack-param values
 
     @property
     def off(self) -> str:
-        """The monitor-off thief's name: the same attack, answers and pool, no move."""
+        """The monitor-off thief's name: the same attack, answers, pool and parameters, no move."""
         return "-".join(
-            ([] if self.attack == "knockoff" else [self.attack]) + [self.label] + ([self.pool] if self.pool else [])
+            ([] if self.attack == "knockoff" else [self.attack])
+            + [self.label]
+            + ([self.pool] if self.pool else [])
+            + [p.replace("=", "") for p in self.params]
         )
 
     @property
@@ -85,6 +89,7 @@ class Thief:
         pool = ["--pool", pools[self.pool]] if self.pool else []
         flags = ["--attack", self.attack, "--label", self.label, *pool, "--budget", str(budget)]
         flags += ["--epochs", str(epochs), "--seed", str(seed), *ATTACK_FLAGS.get(self.attack, [])]
+        flags += [flag for p in self.params for flag in ("--attack-param", p)]
         return flags + (MOVES[self.move] if monitor else [])
 
 
@@ -103,7 +108,10 @@ OTHERS = [
     for move, keys in (("plain", 1), ("sybil", 60), ("sybil-mix", 120))
 ]
 PACED = [Thief("paced"), Thief("paced-mix")]
-THIEVES = KNOCKOFF + OTHERS + PACED
+# JBDA that knows the step radius: sign steps of lambda 0.3, whose children lie about 6 in L2 from their parents on
+# MNIST, as far as a benign query from its nearest (the radii are 1.3-4.0)
+WIDE = [Thief(move, "jbda", None, keys, params=("step=0.3",)) for move, keys in (("plain", 1), ("sybil", 60))]
+THIEVES = KNOCKOFF + OTHERS + PACED + WIDE
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25
 SHARES = (0.5, 0.8)  # of the monitor-off theft: the points the goal reads

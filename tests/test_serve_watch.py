@@ -668,7 +668,7 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     study = watch_study()
     pools = {"near": "latin.h5", "far": "fashion.h5"}
     names = [t.name for t in study.THIEVES]
-    assert len(names) == len(set(names)) == 18
+    assert len(names) == len(set(names)) == 20
     rows = {t.name: t for t in study.THIEVES}
     assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
         *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),
@@ -679,6 +679,11 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     jbda = rows["sybil-mix-jbda-soft"].steal(pools, 2000, 10, 1)
     assert "--pool" not in jbda and jbda[jbda.index("--seed") + 1] == "1"  # its seeds: the victim's train split
     assert jbda[-6:] == ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
+    wide = rows["sybil-jbda-soft-step0.3"]
+    assert wide.off == "jbda-soft-step0.3" and wide.steal(pools, 2000, 10, 0, monitor=False)[-2:] == [
+        "--attack-param",
+        "step=0.3",
+    ]
     dfme = rows["plain-dfme-soft"].steal(pools, 2000, 10, 0)
     assert "--pool" not in dfme and dfme[-4:] == ["--batch-size", "64", "--attack-param", "width=16"]
     seeded = rows["sybil-seeded-soft-near"]
