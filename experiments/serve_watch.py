@@ -76,7 +76,7 @@ class Thief:
             ([] if self.attack == "knockoff" else [self.attack])
             + [self.label]
             + ([self.pool] if self.pool else [])
-            + [p.replace("=", "") for p in self.params]
+            + [p.replace("=", "").replace(".", "_") for p in self.params]  # no dot: names become file stems
         )
 
     @property

@@ -679,8 +679,8 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     jbda = rows["sybil-mix-jbda-soft"].steal(pools, 2000, 10, 1)
     assert "--pool" not in jbda and jbda[jbda.index("--seed") + 1] == "1"  # its seeds: the victim's train split
     assert jbda[-6:] == ["--target-move", "sybil=49", "--target-move", "mix=0.5", "--query-batch", "24"]
-    wide = rows["sybil-jbda-soft-step0.3"]
-    assert wide.off == "jbda-soft-step0.3" and wide.steal(pools, 2000, 10, 0, monitor=False)[-2:] == [
+    wide = rows["sybil-jbda-soft-step0_3"]
+    assert wide.off == "jbda-soft-step0_3" and wide.steal(pools, 2000, 10, 0, monitor=False)[-2:] == [
         "--attack-param",
         "step=0.3",
     ]
