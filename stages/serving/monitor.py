@@ -276,17 +276,22 @@ class Watch:
         images = images.astype(np.float32, copy=False)
         novel = self.novelty.distinct(images)
         # PRADA reads near-duplicates too: small steps from earlier queries are the synthetic queries it tests for
-        tests = self.prada.add_many(images.reshape(len(images), -1), answers.argmax(1))
+        classes = answers.argmax(1)
+        tests = self.prada.add_many(images.reshape(len(images), -1), classes)
+        # the steps: a distinct query's distance (a near-duplicate, a retry or an augmented copy, is no step), where
+        # its class has a radius (nan distances compare False)
+        radii = self.radii[classes]
+        distances = np.asarray(self.prada.measured)
+        measured = (novel & (distances == distances) & (radii > 0)).tolist()
+        stepped = (distances < radii).tolist()
         for i, (answer, flag) in enumerate(zip(answers, flags, strict=False)):
             c = int(answer.argmax())
             self.total += 1
-            d = self.prada.measured[i]
-            # a distinct query's distance (a near-duplicate, a retry or an augmented copy, is no step)
-            if novel[i] and d == d and self.radii[c] > 0:
+            if measured[i]:
                 if len(self.steps) == self.steps.maxlen:
                     self.stepped -= self.steps[0]
-                self.steps.append(bool(d < self.radii[c]))
-                self.stepped += d < self.radii[c]
+                self.steps.append(stepped[i])
+                self.stepped += stepped[i]
             if novel[i]:  # a near-duplicate is counted once in the OOD and class windows
                 if len(self.flags) == self.flags.maxlen:
                     self.flagged -= self.flags[0]
@@ -307,7 +312,7 @@ class Watch:
                 )
                 g = detectors.g_statistic(self.classes.counts, self.prior)
                 self._judge(alerts, "classes", g, self.g_cutoff, g > self.g_cutoff, window=len(self.classes.window))
-            if self.total >= self.s.min_images and self.steps:
+            if measured[i] and self.total >= self.s.min_images:  # judged when the window changes
                 n = len(self.steps)
                 cutoff = float(self.step_cutoffs[n])
                 self._judge(alerts, "steps", self.stepped / n, cutoff / n, self.stepped >= cutoff, window=n)
