@@ -508,3 +508,17 @@ def test_a_ledger_reading_that_includes_requests_still_reserved_does_not_count_t
     assert budget.reserve(2) and not budget.reserve(1)
     budget.settle(2, answered=False, spent=11)  # refused at its debit: another replica spent one meanwhile
     assert (budget.spent, budget.remaining) == (11, 1)
+
+
+def test_serve_caps_numpy_blas_at_its_threads_for_the_monitor():
+    """The BLAS numpy loaded (OpenBLAS here, 2 threads by default on 2 cores) is capped at serve's --threads."""
+    from threadpoolctl import threadpool_info
+
+    from stages.serve import limit_blas
+
+    limits = limit_blas(1)
+    try:
+        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        assert blas and set(blas) == {1}, threadpool_info()
+    finally:
+        limits.restore_original_limits()
