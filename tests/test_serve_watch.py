@@ -622,7 +622,7 @@ def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benig
     assert steps and not steps[0].get("continued") and steps[0]["linked"] == ["thief-0"], steps
     linked = {name for a in steps for name in a["linked"]}
     assert linked == {f"thief-{i}" for i in range(6)} | {"retry"}, found
-    assert monitor.watches["thief-3"].steps_k >= 30
+    assert monitor.watches["thief-3"].cohort_k >= 30
 
 
 def test_one_key_stepping_from_its_own_queries_is_alerted_a_key_of_real_digits_is_not(mnist_small):

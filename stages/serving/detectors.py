@@ -374,7 +374,7 @@ class Global:
     - cohort_ood: the same for the young keys (fewer than min_images answers: never judged on their own);
     - cohort_classes: the young keys' last `class_window` classes against the prior (G-test);
     - cohort_steps: the young queries within their class's step radius of an earlier young query (`Steps`), against
-      Binomial(n, q): the radius is the benign q-quantile of the distance.
+      Binomial(n, q): the radius is the benign (STEP_SHARE q)-quantile of the distance.
     A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
     at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
     with `continued`). A cohort signal links only keys still young: a key judged on its own is covered by its own

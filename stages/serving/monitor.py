@@ -15,11 +15,10 @@ histogram, and PRADA; and over all principals (stages/serving/detectors.py), the
   Shapiro-Wilk W of the window of distances (those within 3 std of their mean, as in the paper) alerts below
   delta, set just under the lowest W of a benign replay. An exact repeat of a kept query adds no distance.
 - Steps: the share of the principal's last `ood_window` PRADA distances of distinct queries (not near-duplicates)
-  below their class's step radius (the
-  cohort's, detectors.Steps), against Binomial(n, q) at alpha: a key sending sign steps from its own earlier
-  queries (JBDA over one key). PRADA's distances run to the spread-out kept set G, so benign streams fall under
-  the radii even less often than the cohort's (measured on MNIST: 0 of 10,000 test-split distances, 2 of 20,000
-  train-split ones).
+  below their class's step radius (the cohort's, detectors.Steps), against Binomial(n, q) at alpha: a key sending
+  sign steps from its own earlier queries (JBDA over one key). PRADA's distances run to the spread-out kept set
+  G, so benign streams fall under the radii even less often than the cohort's (measured on MNIST: 0 of 10,000
+  test-split distances, 2 of 20,000 train-split ones).
 - Volume: images in the last `volume_window` seconds above `volume_limit`.
 - Classes: the G-test of the principal's last `ood_window` predicted classes against its prior (its declared one,
   else the benign calibration's class shares), chi-square with K-1 degrees of freedom, alerting at alpha.
@@ -71,8 +70,9 @@ class Calibration:
     class_prior: list = field(default_factory=list)  # share of each predicted class on the benign images
     confusion: list = field(default_factory=list)  # P(answered class | true class) on them (rows: true classes)
     ood_share_by_class: list = field(default_factory=list)  # share of each true class's answers below tau
-    # per predicted class: the benign q-quantile of a young query's step distance (detectors.Steps; 0: too few
-    # benign images of the class to read it, so none of its queries counts as a step), and the distances read
+    # per predicted class: the benign (STEP_SHARE q)-quantile of a young query's step distance (detectors.Steps;
+    # 0: too few benign images of the class to read it, so none of its queries counts as a step), and the
+    # distances read
     step_radii: list = field(default_factory=list)
     step_counts: list = field(default_factory=list)
 
@@ -236,7 +236,7 @@ class Watch:
         dim: int,
         prior: np.ndarray,
         g: float,
-        step_cutoffs: Optional[np.ndarray] = None,
+        step_cutoffs: np.ndarray,
     ):
         self.s, self.c, self.cutoffs = settings, calibration, cutoffs
         self.prior, self.g_cutoff = prior, g
@@ -249,12 +249,12 @@ class Watch:
         self.prada = Prada(settings, dim)
         self.novelty = detectors.Novelty(settings.ood_window, settings.duplicate_distance)
         self.novel = np.ones(0, dtype=bool)
-        self.steps_n = self.steps_k = 0  # while young: its cohort step distances measured, those under the radius
+        self.cohort_n = self.cohort_k = 0  # while young: its cohort step distances measured, those under the radius
         # its own steps: whether each of its last `ood_window` PRADA distances lies under its class's step radius
         self.radii = np.asarray(calibration.step_radii or [0.0] * len(prior), dtype=np.float64)
         self.steps: collections.deque[bool] = collections.deque(maxlen=settings.ood_window)
         self.stepped = 0
-        self.step_cutoffs = cutoffs if step_cutoffs is None else step_cutoffs
+        self.step_cutoffs = step_cutoffs  # q's binomial cutoffs: a declared prior changes the OOD share, not steps
         self.armed = {"ood_share": True, "prada": True, "volume": True, "classes": True, "steps": True}
 
     def warm(self, answers: np.ndarray, now: float) -> None:
@@ -389,7 +389,7 @@ class Monitor:
             return False
         n = len(watch.flags)
         cutoffs = self.key_cutoffs[principal][1] if principal in self.key_cutoffs else self.link_cutoffs
-        steps = detectors.binomial_tail(watch.steps_k, watch.steps_n, self.settings.ood_quantile)
+        steps = detectors.binomial_tail(watch.cohort_k, watch.cohort_n, self.settings.ood_quantile)
         return (
             watch.flagged >= cutoffs[n]
             or detectors.g_statistic(watch.classes.counts, watch.prior) > self.link_g
@@ -419,7 +419,7 @@ class Monitor:
             d = self.steps.measure(images[novel].reshape(len(classes), -1), classes)
             measured = np.isfinite(d) & (self.radii[classes] > 0)
             steps = (int(measured.sum()), int((measured & (d < self.radii[classes])).sum()))
-            watch.steps_n, watch.steps_k = watch.steps_n + steps[0], watch.steps_k + steps[1]
+            watch.cohort_n, watch.cohort_k = watch.cohort_n + steps[0], watch.cohort_k + steps[1]
         for alert in self.all.observe(principal, young, flags, classes, now, declared, steps):
             alerts.append({**alert, "scope": "global"})
         return alerts
