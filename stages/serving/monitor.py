@@ -76,6 +76,10 @@ class Calibration:
     step_radii: list = field(default_factory=list)
     step_counts: list = field(default_factory=list)
 
+    def radii(self, classes: int) -> np.ndarray:
+        """The step radius of each class (all 0, none a step, for a calibration without them)."""
+        return np.asarray(self.step_radii or [0.0] * classes, dtype=np.float64)
+
 
 def ood_scores(answers: np.ndarray) -> np.ndarray:
     """Top probability per answer: low means out-of-distribution-looking."""
@@ -251,7 +255,7 @@ class Watch:
         self.novel = np.ones(0, dtype=bool)
         self.cohort_n = self.cohort_k = 0  # while young: its cohort step distances measured, those under the radius
         # its own steps: whether each of its last `ood_window` PRADA distances lies under its class's step radius
-        self.radii = np.asarray(calibration.step_radii or [0.0] * len(prior), dtype=np.float64)
+        self.radii = calibration.radii(len(prior))
         self.steps: collections.deque[bool] = collections.deque(maxlen=settings.ood_window)
         self.stepped = 0
         self.step_cutoffs = step_cutoffs  # q's binomial cutoffs: a declared prior changes the OOD share, not steps
@@ -284,8 +288,7 @@ class Watch:
         distances = np.asarray(self.prada.measured)
         measured = (novel & (distances == distances) & (radii > 0)).tolist()
         stepped = (distances < radii).tolist()
-        for i, (answer, flag) in enumerate(zip(answers, flags, strict=False)):
-            c = int(answer.argmax())
+        for i, (c, flag) in enumerate(zip(classes.tolist(), flags, strict=False)):
             self.total += 1
             if measured[i]:
                 if len(self.steps) == self.steps.maxlen:
@@ -378,7 +381,7 @@ class Monitor:
         self.all = detectors.Global(self.global_settings, settings.ood_quantile, benign, self._stands_out)
         self.link_cutoffs = ood_cutoffs(Settings(**{**asdict(settings), "alpha": self.global_settings.link_alpha}))
         self.steps = detectors.Steps(detectors.step_memory(self.classes), dim, self.classes)
-        self.radii = np.asarray(calibration.step_radii or [0.0] * self.classes, dtype=np.float64)
+        self.radii = calibration.radii(self.classes)
         self.link_g = detectors.g_cutoff(self.global_settings.link_alpha, self.classes)
 
     def _stands_out(self, principal: str, cohort: bool = False) -> bool:
