@@ -111,6 +111,10 @@ PACED = [Thief("paced"), Thief("paced-mix")]
 # JBDA that knows the step radius: sign steps of lambda 0.3, whose children lie about 6 in L2 from their parents on
 # MNIST, as far as a benign query from its nearest (the radii are 1.3-4.0)
 WIDE = [Thief(move, "jbda", None, keys, params=("step=0.3",)) for move, keys in (("plain", 1), ("sybil", 60))]
+# and that knows the sign-step test: each pixel's step scaled by a draw in [0.8, 1.2], so no single magnitude
+WIDE += [
+    Thief(move, "jbda", None, keys, params=("step=0.3", "jitter=0.2")) for move, keys in (("plain", 1), ("sybil", 60))
+]
 THIEVES = KNOCKOFF + OTHERS + PACED + WIDE
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25

@@ -519,35 +519,36 @@ def test_prada_over_whole_requests_matches_the_query_by_query_definition(window)
             assert g[1] == w[1] and g[0] == pytest.approx(w[0], abs=1e-6)
 
 
-def _steps_one_by_one(requests: list[tuple[np.ndarray, np.ndarray]], size: int) -> list[float]:
+def _steps_one_by_one(requests: list[tuple[np.ndarray, np.ndarray]], size: int) -> list[tuple[float, bool]]:
     """The definition in float64: each query against the last `size` distinct queries of its class before its
-    request and its request's earlier ones of its class (nan for none); an exact repeat carries the distance of the
-    query it repeats and is not kept again."""
-    kept: dict[int, list[tuple[np.ndarray, float]]] = collections.defaultdict(list)
+    request and its request's earlier ones of its class (nan for none), with whether the difference is a sign step;
+    an exact repeat carries the distance and the sign step of the query it repeats and is not kept again."""
+    kept: dict[int, list[tuple[np.ndarray, tuple[float, bool]]]] = collections.defaultdict(list)
     out = []
     for xs, cs in requests:
         xs = xs.astype(np.float64)
-        mine: list[tuple[int, float, bool]] = []  # (class, distance, kept) of the request's queries so far
+        mine: list[tuple[int, tuple[float, bool], bool]] = []  # (class, (distance, sign), kept) of the request's
         for i, c in enumerate(cs.tolist()):
             candidates = kept[c] + [(xs[j], mine[j][1]) for j in range(i) if cs[j] == c]
             if not candidates:
-                mine.append((c, float("nan"), True))
+                mine.append((c, (float("nan"), False), True))
                 continue
-            d, inherited = min(
-                ((float(np.sqrt(((xs[i] - y) ** 2).sum())), e) for y, e in candidates), key=lambda t: t[0]
+            d, y, inherited = min(
+                ((float(np.sqrt(((xs[i] - y) ** 2).sum())), y, e) for y, e in candidates), key=lambda t: t[0]
             )
-            mine.append((c, inherited, False) if d == 0 else (c, d, True))
-        out += [d for _, d, _ in mine]
-        for x, (c, d, keep) in zip(xs, mine, strict=True):
+            own = (d, detectors.sign_step(xs[i] - y))
+            mine.append((c, inherited, False) if d == 0 else (c, own, True))
+        out += [m for _, m, _ in mine]
+        for x, (c, m, keep) in zip(xs, mine, strict=True):
             if keep:
-                kept[c] = [*kept[c], (x, d)][-size:]
+                kept[c] = [*kept[c], (x, m)][-size:]
     return out
 
 
 def test_steps_measured_per_request_match_the_query_by_query_definition():
     """Requests of 1 to 40 queries in 3 classes: natural-looking images, exact repeats of earlier ones (the distance
-    of what they repeat) and sign steps of lambda 0.1 from earlier ones, with a memory of 30 per class that the
-    traffic overruns."""
+    and sign step of what they repeat) and sign steps of lambda 0.1 or 0.3 from earlier ones, with a memory of 30
+    per class that the traffic overruns."""
     rng = np.random.default_rng(7)
     base = rng.uniform(0, 1, (200, 64)).astype(np.float32) * (rng.uniform(0, 1, (200, 64)) < 0.3)
     sent: list[np.ndarray] = []
@@ -560,16 +561,46 @@ def test_steps_measured_per_request_match_the_query_by_query_definition():
             if sent and rng.random() < 0.2:
                 x = sent[int(rng.integers(0, len(sent)))]  # an exact repeat of an earlier request's query
             elif sent and rng.random() < 0.3:
-                x = np.clip(sent[int(rng.integers(0, len(sent)))] + 0.1 * np.sign(rng.standard_normal(64)), 0, 1)
+                step = rng.choice([0.1, 0.3])
+                x = np.clip(sent[int(rng.integers(0, len(sent)))] + step * np.sign(rng.standard_normal(64)), 0, 1)
             xs.append(x.astype(np.float32))
             cs.append(j % 3)
         requests.append((np.stack(xs), np.array(cs)))
         sent += xs
     steps = detectors.Steps(30, 64, 3)
-    got = np.concatenate([steps.measure(xs, cs) for xs, cs in requests])
-    want = np.array(_steps_one_by_one(requests, 30))
-    assert (want < 1.0).sum() >= 10  # steps were drawn
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    measured = [steps.measure(xs, cs) for xs, cs in requests]
+    got, signs = np.concatenate([d for d, _ in measured]), np.concatenate([s for _, s in measured])
+    want = _steps_one_by_one(requests, 30)
+    assert sum(d < 1.0 for d, _ in want) >= 10  # small steps were drawn
+    assert sum(s and d > 1.2 for d, s in want) >= 5  # and wide ones (lambda 0.1 moves at most 0.8 here)
+    np.testing.assert_allclose(got, [d for d, _ in want], rtol=1e-4, atol=1e-4)
+    assert signs.tolist() == [s for _, s in want]
+
+
+def test_sign_steps_at_any_lambda_are_told_from_real_digits_differences_and_brightness_shifts(mnist_small):
+    """On real MNIST digits: the difference of each test digit from the nearest earlier one of its class is no sign
+    step; a sign step of lambda 0.05 to 0.5 from a digit is one, in float and after rounding to grey levels; a
+    brightness shift of a digit, and a copy with grey-level noise, are not."""
+    with h5py.File(mnist_small, "r") as f:
+        x, y = f["test/images"][()], f["test/labels"][()]
+    flat = x.reshape(len(x), -1).astype(np.float32) / 255
+    benign = []
+    for c in range(10):
+        group = flat[y == c]
+        for i in range(1, len(group)):
+            j = int(((group[:i] - group[i]) ** 2).sum(axis=1).argmin())
+            benign.append(detectors.sign_step(group[i] - group[j]))
+    assert len(benign) > 150 and not any(benign)
+    rng = np.random.default_rng(0)
+    for step in (0.05, 0.1, 0.3, 0.5):
+        children = np.clip(flat + step * np.sign(rng.standard_normal(flat.shape)), 0, 1)
+        assert all(detectors.sign_step(c - p) for c, p in zip(children, flat, strict=True))
+        rounded = np.rint(children * 255) / 255
+        assert all(detectors.sign_step(c - p) for c, p in zip(rounded, flat, strict=True))
+    brighter = np.clip(flat + 0.1, 0, 1)
+    assert not any(detectors.sign_step(b - p) for b, p in zip(brighter, flat, strict=True))
+    noisy = np.clip(flat + rng.integers(-12, 13, flat.shape) / 255, 0, 1)
+    assert not any(detectors.sign_step(n - p) for n, p in zip(noisy, flat, strict=True))
 
 
 def test_step_radii_put_real_digits_outside_and_their_sign_steps_inside(mnist_small):
@@ -585,21 +616,22 @@ def test_step_radii_put_real_digits_outside_and_their_sign_steps_inside(mnist_sm
     radii = np.asarray(radii)
     steps = detectors.Steps(20, 784, 10)
     steps.measure(flat(train_x), train_y)  # the memory full of earlier digits
-    benign = steps.measure(flat(test_x), test_y)
-    assert np.mean(benign < radii[test_y]) < 0.15
+    benign, signs = steps.measure(flat(test_x), test_y)
+    assert np.mean(benign < radii[test_y]) < 0.15 and not signs.any()
     # the parents: the digits the memory holds now, the last 20 of each class
     held = np.concatenate([np.flatnonzero(np.concatenate([train_y, test_y]) == c)[-20:] for c in range(10)])
     parents, classes = np.concatenate([flat(train_x), flat(test_x)])[held], np.concatenate([train_y, test_y])[held]
     rng = np.random.default_rng(0)
     children = np.clip(parents + 0.1 * np.sign(rng.standard_normal(parents.shape)), 0, 1).astype(np.float32)
-    assert np.mean(steps.measure(children, classes) < radii[classes]) > 0.8
+    assert np.mean(steps.measure(children, classes)[0] < radii[classes]) > 0.8
 
 
-def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benign_young_keys_are_not(mnist_small):
+@pytest.mark.parametrize("step", [0.1, 0.3])
+def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benign_young_keys_are_not(mnist_small, step):
     """In-process, radii as read on MNIST's val split: 12 young keys of 40 real digits each raise nothing; then
-    young keys sending sign steps (lambda 0.1) of those digits, 40 a key: the cohort's step count alerts at the
-    first such key and links it, and every later one is linked at its first request, as is a fresh key re-asking
-    the first one's steps; no benign key is linked."""
+    young keys sending sign steps (lambda 0.1, under the radii; 0.3, beyond them) of those digits, 40 a key: the
+    cohort's step count alerts at the first such key and links it, and every later one is linked at its first
+    request, as is a fresh key re-asking the first one's steps; no benign key is linked."""
     with h5py.File(mnist_small, "r") as f:
         digits, labels = f["train/images"][:480], f["train/labels"][:480]
     images = digits.astype(np.float32)[:, None] / 255 if digits.ndim == 3 else digits.astype(np.float32) / 255
@@ -614,7 +646,7 @@ def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benig
     sent = []
     for i in range(6):
         part = slice(40 * i, 40 * (i + 1))
-        sent.append(np.clip(images[part] + 0.1 * np.sign(rng.standard_normal(images[part].shape)), 0, 1))
+        sent.append(np.clip(images[part] + step * np.sign(rng.standard_normal(images[part].shape)), 0, 1))
         found += [(f"thief-{i}", a) for a in monitor.observe(f"thief-{i}", sent[-1], answers(labels[part]), 2.0 + i)]
     # a fresh key re-asking the steps the first thief key was refused: exact repeats carry their step
     found += [("retry", a) for a in monitor.observe("retry", sent[0], answers(labels[:40]), 9.0)]
@@ -625,9 +657,11 @@ def test_young_keys_stepping_from_each_other_s_queries_are_seen_and_linked_benig
     assert monitor.watches["thief-3"].cohort_k >= 30
 
 
-def test_one_key_stepping_from_its_own_queries_is_alerted_a_key_of_real_digits_is_not(mnist_small):
+@pytest.mark.parametrize("step", [0.1, 0.3])
+def test_one_key_stepping_from_its_own_queries_is_alerted_a_key_of_real_digits_is_not(mnist_small, step):
     """In-process, radii as read on MNIST's val split: a key sending 800 real digits raises no `steps` alert; a key
-    sending 100 digits, then sign steps (lambda 0.1) of them, is alerted on its steps within its first 30 steps."""
+    sending 100 digits, then sign steps (lambda 0.1, under the radii; 0.3, beyond them) of them, is alerted on its
+    steps within its first 30 steps."""
     with h5py.File(mnist_small, "r") as f:
         digits, labels = f["train/images"][()], f["train/labels"][()]
     images = digits.astype(np.float32).reshape(len(digits), 1, 28, 28) / 255
@@ -639,7 +673,7 @@ def test_one_key_stepping_from_its_own_queries_is_alerted_a_key_of_real_digits_i
     ]
     assert [a for a in found if a["signal"] == "steps"] == [], found
     rng = np.random.default_rng(2)
-    children = np.clip(images[:100] + 0.1 * np.sign(rng.standard_normal(images[:100].shape)), 0, 1)
+    children = np.clip(images[:100] + step * np.sign(rng.standard_normal(images[:100].shape)), 0, 1)
     stream, classes = np.concatenate([images[:100], children]), np.concatenate([labels[:100], labels[:100]])
     found = [
         a
@@ -668,7 +702,7 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     study = watch_study()
     pools = {"near": "latin.h5", "far": "fashion.h5"}
     names = [t.name for t in study.THIEVES]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 22
     rows = {t.name: t for t in study.THIEVES}
     assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
         *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),

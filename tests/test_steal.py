@@ -4,6 +4,7 @@ through the CLI and writes an auditable surrogate.h5, and bad input fails in one
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -17,8 +18,10 @@ from stages import prepare, steal, train
 from stages.attacks import ATTACKS, Thief
 from stages.attacks import blackbox as _blackbox
 from stages.attacks._thief import SurrogateRecipe
+from stages.attacks.jbda import JBDA
 from stages.core.artifacts import load_state, open_artifact
 from stages.data import prepared as _data
+from stages.serving import detectors
 
 # Small enough for seconds per attack on one core; budgets chosen so every last query batch is partial.
 FAST = {"epochs": 1, "batch_size": 32, "query_batch": 40, "device": "cpu"}
@@ -270,3 +273,23 @@ def test_bad_input_fails_in_one_line_without_output(world, tmp_path, extra, mess
 def test_knockoff_needs_a_pool(world, tmp_path):
     result = CliRunner().invoke(cli.app, ["steal", "--victim", str(world["victim"]), "--out", str(tmp_path / "s.h5")])
     assert result.exit_code == 1 and "needs --pool" in result.stderr
+
+
+def test_jbda_jitter_scales_each_pixel_s_step_within_its_range_and_breaks_the_single_magnitude():
+    """jitter 0 is the official sign step; jitter 0.2 moves every unclipped pixel by lambda times a draw in
+    [0.8, 1.2], both ways, so the step is no longer of one magnitude (the pattern the monitor reads)."""
+    torch.manual_seed(0)
+    surrogate = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.full((4, 1, 8, 8), 0.5)  # mid-grey: no pixel is clipped
+    labels = torch.tensor([0, 1, 2, 0])
+    for jitter in (0.0, 0.2):
+        thief = SimpleNamespace(surrogate=surrogate, rng=torch.Generator().manual_seed(1))
+        moved = (JBDA(step=0.25, jitter=jitter)._step(thief, x, labels) - x).flatten(1)
+        size = moved.abs()
+        if jitter == 0:
+            assert torch.allclose(size, torch.full_like(size, 0.25))
+            assert all(detectors.sign_step(d.numpy()) for d in moved)
+        else:
+            assert size.min() >= 0.25 * 0.8 - 1e-6 and size.max() <= 0.25 * 1.2 + 1e-6 and size.std() > 0.01
+            assert not any(detectors.sign_step(d.numpy()) for d in moved)
+        assert (moved > 0).any() and (moved < 0).any()

@@ -19,6 +19,9 @@ class JBDA(Attack):
         "rounds": Param(6, 1, 30, True, "augmentation rounds"),
         "step": Param(0.1, 0.0, 1.0, False, "lambda: size of the sign-gradient step"),
         "relabel": Param(1, 0, 1, True, "1: query the whole set every round (official); 0: only new images"),
+        "jitter": Param(
+            0.0, 0.0, 1.0, False, "each pixel's step scaled by a uniform draw in [1 - jitter, 1 + jitter] (0: official)"
+        ),
     }
     POOL = "seeds"
     LABELS = ("soft", "hard")
@@ -29,6 +32,7 @@ class JBDA(Attack):
     rounds: int
     step: float
     relabel: int
+    jitter: float
 
     def planned_epochs(self, epochs: int) -> int:
         return epochs * self.rounds
@@ -90,7 +94,15 @@ class JBDA(Attack):
         x = x.clone().requires_grad_(True)
         score = thief.surrogate(x).gather(1, labels[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x)
-        return (x + self.step * grad.sign()).clamp(0.0, 1.0).detach()
+        return (x + self.step * self._signs(thief, grad)).clamp(0.0, 1.0).detach()
+
+    def _signs(self, thief: Thief, grad: torch.Tensor) -> torch.Tensor:
+        """sign(grad), each pixel scaled by 1 + jitter u, u uniform on [-1, 1]: a step whose changed pixels do not
+        all move by one magnitude, which a monitor reading that pattern would see."""
+        if not self.jitter:
+            return grad.sign()
+        u = torch.rand(grad.shape, generator=thief.rng).to(grad.device) * 2.0 - 1.0
+        return grad.sign() * (1.0 + self.jitter * u)
 
 
 class JBDATR(JBDA):
@@ -107,5 +119,5 @@ class JBDATR(JBDA):
             x = x.clone().requires_grad_(True)
             score = torch.log_softmax(thief.surrogate(x), 1).gather(1, target[:, None]).sum()
             (grad,) = torch.autograd.grad(score, x)
-            x = (x + self.step / self.SUBSTEPS * grad.sign()).clamp(0.0, 1.0).detach()
+            x = (x + self.step / self.SUBSTEPS * self._signs(thief, grad)).clamp(0.0, 1.0).detach()
         return x

@@ -243,6 +243,37 @@ class ClassWindow:
         self.counts[c] += 1
 
 
+# A sign step (JBDA's x + lambda sign(g), clipped to [0, 1]) moves every pixel it does not clip by the same lambda,
+# up or down, whatever lambda is: the test below reads that pattern, not a distance, so widening the step does not
+# hide it. Measured on the MNIST test split (each digit against the nearest of the 200 before it of its class), a
+# benign difference puts at most 0.55 of its changed pixels within one grey level of one magnitude (99.9 %: 0.48;
+# an augmented replay 0.44, FashionMNIST 0.43, Latin letters 0.23); a sign step of the victim's gradient puts 0.70
+# or more there at lambda 0.3 (0.65 at 0.5; FashionMNIST 0.54, its 1 % quantile 0.59). A step moves pixels both
+# ways (the minority sign holds 1.3 % or more of those pixels on MNIST at lambda 0.3, 0.8 % at 0.5), where a
+# brightness shift, which test-time augmentation sends, moves them one way only.
+SIGN_STEP_EVEN = 0.6  # share of the changed pixels at one magnitude
+SIGN_STEP_BOTH = 0.005  # share of those moved the other way
+SIGN_STEP_PIXELS = 20  # fewer changed pixels than this tell no pattern
+
+
+def sign_step(diff: np.ndarray) -> bool:
+    """Whether a difference (x - its nearest earlier query, flattened, on [0, 1]) is a sign step: at least
+    SIGN_STEP_EVEN of the pixels it changes by half a grey level or more lie within one grey level of one
+    magnitude, and at least SIGN_STEP_BOTH of those moved the other way from the rest."""
+    levels = np.rint(np.abs(diff) * 255.0).astype(np.int64)
+    changed = levels > 0
+    total = int(changed.sum())
+    if total < SIGN_STEP_PIXELS:
+        return False
+    window = np.convolve(np.bincount(levels[changed], minlength=257), np.ones(3, dtype=np.int64), mode="same")
+    mode = int(window.argmax())  # the centre of the fullest three-level window
+    if window[mode] < SIGN_STEP_EVEN * total:
+        return False
+    at = changed & (np.abs(levels - mode) <= 1)
+    up = int((diff[at] > 0).sum())
+    return min(up, int(window[mode]) - up) >= SIGN_STEP_BOTH * window[mode]
+
+
 # The young cohort's last STEP_MEMORY / K queries of each of K predicted classes (at least 20) are what a young
 # query's step is measured against: a fixed number per class, so a benign query's distance to its nearest does not
 # depend on the traffic's mix of classes, and the calibrated radius holds whatever classes the young keys send.
@@ -262,35 +293,38 @@ class Steps:
     class, its own request's earlier ones included; nan for a class with nothing kept yet. An exact repeat
     (distance 0) carries the distance of the query it repeats and is not kept again: a repeat of a natural image
     (benign clients resend popular ones) is no step, and a repeat of a step is one (a thief re-asking, through a
-    fresh key, the steps a blocked key was refused)."""
+    fresh key, the steps a blocked key was refused). Beside the distance, whether the difference from that nearest
+    is a sign step (`sign_step`), at any lambda; a repeat carries that too."""
 
     def __init__(self, size: int, dim: int, classes: int):
         self.images = np.zeros((classes, size, dim), dtype=np.float32)  # pages are mapped as classes first use them
         self.squares = np.full((classes, size), np.inf, dtype=np.float32)  # inf: an empty slot
         self.distances = np.full((classes, size), np.nan)  # each kept query's own distance
+        self.signs = np.zeros((classes, size), dtype=bool)  # and whether it was a sign step
         self.cursor = np.zeros(classes, dtype=np.int64)
 
-    def measure(self, xs: np.ndarray, cs: np.ndarray) -> np.ndarray:
-        """Take one request's flattened queries (N, d) and predicted classes; return their distances. A request is
-        read in chunks of up to `size` queries per class, each query against the memory as its chunk began and the
-        chunk's earlier queries."""
+    def measure(self, xs: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Take one request's flattened queries (N, d) and predicted classes; return their distances and which are
+        sign steps. A request is read in chunks of up to `size` queries per class, each query against the memory as
+        its chunk began and the chunk's earlier queries."""
         xs = np.ascontiguousarray(xs, dtype=np.float32)
-        out = np.full(len(xs), np.nan)
+        out, signs = np.full(len(xs), np.nan), np.zeros(len(xs), dtype=bool)
         size = self.images.shape[1]
         for c in np.unique(cs).tolist():
             rows = np.flatnonzero(cs == c)
             for at in range(0, len(rows), size):
-                out[rows[at : at + size]] = self._class(xs[rows[at : at + size]], c)
-        return out
+                part = rows[at : at + size]
+                out[part], signs[part] = self._class(xs[part], c)
+        return out, signs
 
-    def _class(self, xs: np.ndarray, c: int) -> np.ndarray:
+    def _class(self, xs: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
         squares = np.einsum("nd,nd->n", xs, xs)
         live = np.flatnonzero(np.isfinite(self.squares[c]))
         old = self.squares[c, live][None] - 2.0 * (xs @ self.images[c, live].T) + squares[:, None]
         among = squares[None] - 2.0 * (xs @ xs.T) + squares[:, None]
         among[np.triu_indices(len(xs))] = np.inf  # each query against its request's earlier ones only
         nearest = np.concatenate([old, among], axis=1)
-        out = np.full(len(xs), np.nan)
+        out, signs = np.full(len(xs), np.nan), np.zeros(len(xs), dtype=bool)
         kept = np.ones(len(xs), dtype=bool)
         for i in range(len(xs)):
             if nearest.shape[1] == 0:
@@ -302,15 +336,16 @@ class Steps:
             diff = xs[i] - other  # the nearest measured again directly: an exact repeat is exactly 0
             d = math.sqrt(float(diff @ diff))
             if d > 0:
-                out[i] = d
-            else:  # an exact repeat: the distance of the query it repeats
-                out[i] = self.distances[c, live[j]] if j < len(live) else out[j - len(live)]
-                kept[i] = False
-        for x, square, d in zip(xs[kept], squares[kept], out[kept], strict=True):  # the ring: oldest overwritten
-            at = self.cursor[c]
-            self.images[c, at], self.squares[c, at], self.distances[c, at] = x, square, d
+                out[i], signs[i] = d, sign_step(diff)
+            elif j < len(live):  # an exact repeat: the distance of the query it repeats
+                out[i], signs[i], kept[i] = self.distances[c, live[j]], self.signs[c, live[j]], False
+            else:
+                out[i], signs[i], kept[i] = out[j - len(live)], signs[j - len(live)], False
+        for x, square, d, sign in zip(xs[kept], squares[kept], out[kept], signs[kept], strict=True):  # the ring
+            at = self.cursor[c]  # the oldest overwritten
+            self.images[c, at], self.squares[c, at], self.distances[c, at], self.signs[c, at] = x, square, d, sign
             self.cursor[c] = (at + 1) % self.images.shape[1]
-        return out
+        return out, signs
 
 
 # A step's radius is the benign quantile STEP_SHARE x q of the distance, and the cohort's count of steps is tested
@@ -339,7 +374,10 @@ def step_radii(
             full[i] = seen[c] >= size
             seen[c] += 1
         d = np.concatenate(
-            [steps.measure(images[order[i : i + 512]], classes[order[i : i + 512]]) for i in range(0, len(order), 512)]
+            [
+                steps.measure(images[order[i : i + 512]], classes[order[i : i + 512]])[0]
+                for i in range(0, len(order), 512)
+            ]
         )
         for c in range(k):
             found[c].append(d[(classes[order] == c) & full & np.isfinite(d)])
@@ -373,8 +411,9 @@ class Global:
     - global_ood: all answers' OOD count against Binomial(n, q);
     - cohort_ood: the same for the young keys (fewer than min_images answers: never judged on their own);
     - cohort_classes: the young keys' last `class_window` classes against the prior (G-test);
-    - cohort_steps: the young queries within their class's step radius of an earlier young query (`Steps`), against
-      Binomial(n, q): the radius is the benign (STEP_SHARE q)-quantile of the distance.
+    - cohort_steps: the young queries within their class's step radius of an earlier young query, or a sign step
+      from it at any distance (`Steps`), against Binomial(n, q): the radius is the benign (STEP_SHARE q)-quantile
+      of the distance, and benign differences are no sign steps.
     A crossing alerts once (re-armed when back below) and links the keys of the window that stand out on their own
     at link_alpha (`stands_out`); while it stays crossed, each key that comes to stand out is linked too (an alert
     with `continued`). A cohort signal links only keys still young: a key judged on its own is covered by its own

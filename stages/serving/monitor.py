@@ -15,8 +15,9 @@ histogram, and PRADA; and over all principals (stages/serving/detectors.py), the
   Shapiro-Wilk W of the window of distances (those within 3 std of their mean, as in the paper) alerts below
   delta, set just under the lowest W of a benign replay. An exact repeat of a kept query adds no distance.
 - Steps: the share of the principal's last `ood_window` PRADA distances of distinct queries (not near-duplicates)
-  below their class's step radius (the cohort's, detectors.Steps), against Binomial(n, q) at alpha: a key sending
-  sign steps from its own earlier queries (JBDA over one key). PRADA's distances run to the spread-out kept set
+  below their class's step radius (the cohort's, detectors.Steps), or whose difference from that nearest query is
+  a sign step at any distance (detectors.sign_step), against Binomial(n, q) at alpha: a key sending sign steps
+  from its own earlier queries (JBDA over one key). PRADA's distances run to the spread-out kept set
   G, so benign streams fall under the radii even less often than the cohort's (measured on MNIST: 0 of 10,000
   test-split distances, 2 of 20,000 train-split ones).
 - Volume: images in the last `volume_window` seconds above `volume_limit`.
@@ -107,12 +108,13 @@ class Prada:
         self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
         self.fresh = 0
         self.measured: list[float] = []  # the last request's distances, in order (nan: none, or an exact repeat)
+        self.signed: list[bool] = []  # and whether each is a sign step from its nearest (detectors.sign_step)
 
     def add_many(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
         """Take a request's flattened queries (N, d) and predicted classes, in order; after each, None or, when a
         test was due, W and the number of distances it read."""
         step = detectors.NOVELTY_CHUNK
-        self.measured = []
+        self.measured, self.signed = [], []
         return [w for i in range(0, len(xs), step) for w in self._chunk(xs[i : i + step], np.asarray(cs[i : i + step]))]
 
     def _chunk(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
@@ -166,10 +168,12 @@ class Prada:
         expansion, and the query itself) or None: whether x joins G, or None for an exact repeat (nothing recorded)."""
         if best is None:
             self.measured.append(math.nan)
+            self.signed.append(False)
             return True
         diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
         d = math.sqrt(float(diff @ diff))
         self.measured.append(d if d > 0 else math.nan)
+        self.signed.append(d > 0 and detectors.sign_step(diff))
         if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
             return None
         self.distances.append(d)
@@ -287,7 +291,7 @@ class Watch:
         radii = self.radii[classes]
         distances = np.asarray(self.prada.measured)
         measured = (novel & (distances == distances) & (radii > 0)).tolist()
-        stepped = (distances < radii).tolist()
+        stepped = ((distances < radii) | np.asarray(self.prada.signed, dtype=bool)).tolist()
         for i, (c, flag) in enumerate(zip(classes.tolist(), flags, strict=False)):
             self.total += 1
             if measured[i]:
@@ -419,9 +423,9 @@ class Monitor:
         classes = answers[novel].argmax(1)
         steps = (0, 0)
         if young:  # a young key's distinct queries: steps from the young cohort's earlier ones
-            d = self.steps.measure(images[novel].reshape(len(classes), -1), classes)
+            d, signs = self.steps.measure(images[novel].reshape(len(classes), -1), classes)
             measured = np.isfinite(d) & (self.radii[classes] > 0)
-            steps = (int(measured.sum()), int((measured & (d < self.radii[classes])).sum()))
+            steps = (int(measured.sum()), int((measured & ((d < self.radii[classes]) | signs)).sum()))
             watch.cohort_n, watch.cohort_k = watch.cohort_n + steps[0], watch.cohort_k + steps[1]
         for alert in self.all.observe(principal, young, flags, classes, now, declared, steps):
             alerts.append({**alert, "scope": "global"})
