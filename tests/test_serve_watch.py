@@ -536,7 +536,7 @@ def _steps_one_by_one(requests: list[tuple[np.ndarray, np.ndarray]], size: int) 
             d, y, inherited = min(
                 ((float(np.sqrt(((xs[i] - y) ** 2).sum())), y, e) for y, e in candidates), key=lambda t: t[0]
             )
-            own = (d, detectors.sign_step(xs[i] - y))
+            own = (d, bool(detectors.sign_steps((xs[i] - y)[None])[0]))
             mine.append((c, inherited, False) if d == 0 else (c, own, True))
         out += [m for _, m, _ in mine]
         for x, (c, m, keep) in zip(xs, mine, strict=True):
@@ -589,18 +589,15 @@ def test_sign_steps_at_any_lambda_are_told_from_real_digits_differences_and_brig
         group = flat[y == c]
         for i in range(1, len(group)):
             j = int(((group[:i] - group[i]) ** 2).sum(axis=1).argmin())
-            benign.append(detectors.sign_step(group[i] - group[j]))
-    assert len(benign) > 150 and not any(benign)
+            benign.append(group[i] - group[j])
+    assert len(benign) > 150 and not detectors.sign_steps(np.stack(benign)).any()
     rng = np.random.default_rng(0)
     for step in (0.05, 0.1, 0.3, 0.5):
         children = np.clip(flat + step * np.sign(rng.standard_normal(flat.shape)), 0, 1)
-        assert all(detectors.sign_step(c - p) for c, p in zip(children, flat, strict=True))
-        rounded = np.rint(children * 255) / 255
-        assert all(detectors.sign_step(c - p) for c, p in zip(rounded, flat, strict=True))
-    brighter = np.clip(flat + 0.1, 0, 1)
-    assert not any(detectors.sign_step(b - p) for b, p in zip(brighter, flat, strict=True))
-    noisy = np.clip(flat + rng.integers(-12, 13, flat.shape) / 255, 0, 1)
-    assert not any(detectors.sign_step(n - p) for n, p in zip(noisy, flat, strict=True))
+        assert detectors.sign_steps(children - flat).all()
+        assert detectors.sign_steps(np.rint(children * 255) / 255 - flat).all()
+    assert not detectors.sign_steps(np.clip(flat + 0.1, 0, 1) - flat).any()  # brighter
+    assert not detectors.sign_steps(np.clip(flat + rng.integers(-12, 13, flat.shape) / 255, 0, 1) - flat).any()
 
 
 def test_step_radii_put_real_digits_outside_and_their_sign_steps_inside(mnist_small):

@@ -256,22 +256,25 @@ SIGN_STEP_BOTH = 0.005  # share of those moved the other way
 SIGN_STEP_PIXELS = 20  # fewer changed pixels than this tell no pattern
 
 
-def sign_step(diff: np.ndarray) -> bool:
-    """Whether a difference (x - its nearest earlier query, flattened, on [0, 1]) is a sign step: at least
-    SIGN_STEP_EVEN of the pixels it changes by half a grey level or more lie within one grey level of one
+def sign_steps(diffs: np.ndarray) -> np.ndarray:
+    """Which differences (N, d) (each x - its nearest earlier query, on [0, 1]) are sign steps: at least
+    SIGN_STEP_EVEN of the pixels one changes by half a grey level or more lie within one grey level of one
     magnitude, and at least SIGN_STEP_BOTH of those moved the other way from the rest."""
-    levels = np.rint(np.abs(diff) * 255.0).astype(np.int64)
+    n = len(diffs)
+    levels = np.rint(np.abs(diffs) * 255.0).astype(np.int64)
     changed = levels > 0
-    total = int(changed.sum())
-    if total < SIGN_STEP_PIXELS:
-        return False
-    window = np.convolve(np.bincount(levels[changed], minlength=257), np.ones(3, dtype=np.int64), mode="same")
-    mode = int(window.argmax())  # the centre of the fullest three-level window
-    if window[mode] < SIGN_STEP_EVEN * total:
-        return False
-    at = changed & (np.abs(levels - mode) <= 1)
-    up = int((diff[at] > 0).sum())
-    return min(up, int(window[mode]) - up) >= SIGN_STEP_BOTH * window[mode]
+    total = changed.sum(axis=1)
+    counts = np.bincount((np.arange(n)[:, None] * 258 + levels)[changed], minlength=258 * n).reshape(n, 258)
+    window = counts[:, :-2] + counts[:, 1:-1] + counts[:, 2:]  # column m: the levels m to m + 2
+    low = window.argmax(axis=1)  # the fullest three-level window of each difference
+    at = changed & (levels >= low[:, None]) & (levels <= low[:, None] + 2)
+    held = at.sum(axis=1)
+    up = (at & (diffs > 0)).sum(axis=1)
+    return (
+        (total >= SIGN_STEP_PIXELS)
+        & (held >= SIGN_STEP_EVEN * total)
+        & (np.minimum(up, held - up) >= SIGN_STEP_BOTH * held)
+    )
 
 
 # The young cohort's last STEP_MEMORY / K queries of each of K predicted classes (at least 20) are what a young
@@ -294,7 +297,7 @@ class Steps:
     (distance 0) carries the distance of the query it repeats and is not kept again: a repeat of a natural image
     (benign clients resend popular ones) is no step, and a repeat of a step is one (a thief re-asking, through a
     fresh key, the steps a blocked key was refused). Beside the distance, whether the difference from that nearest
-    is a sign step (`sign_step`), at any lambda; a repeat carries that too."""
+    is a sign step (`sign_steps`), at any lambda; a repeat carries that too."""
 
     def __init__(self, size: int, dim: int, classes: int):
         self.images = np.zeros((classes, size, dim), dtype=np.float32)  # pages are mapped as classes first use them
@@ -326,6 +329,8 @@ class Steps:
         nearest = np.concatenate([old, among], axis=1)
         out, signs = np.full(len(xs), np.nan), np.zeros(len(xs), dtype=bool)
         kept = np.ones(len(xs), dtype=bool)
+        diffs, fresh = np.zeros_like(xs), np.zeros(len(xs), dtype=bool)
+        source = np.full(len(xs), -1)  # a repeat of the request's own earlier query: which
         for i in range(len(xs)):
             if nearest.shape[1] == 0:
                 break
@@ -333,14 +338,17 @@ class Steps:
             if not np.isfinite(nearest[i, j]):
                 continue
             other = self.images[c, live[j]] if j < len(live) else xs[j - len(live)]
-            diff = xs[i] - other  # the nearest measured again directly: an exact repeat is exactly 0
-            d = math.sqrt(float(diff @ diff))
+            diffs[i] = xs[i] - other  # the nearest measured again directly: an exact repeat is exactly 0
+            d = math.sqrt(float(diffs[i] @ diffs[i]))
             if d > 0:
-                out[i], signs[i] = d, sign_step(diff)
-            elif j < len(live):  # an exact repeat: the distance of the query it repeats
+                out[i], fresh[i] = d, True
+            elif j < len(live):  # an exact repeat: the distance and sign step of the query it repeats
                 out[i], signs[i], kept[i] = self.distances[c, live[j]], self.signs[c, live[j]], False
             else:
-                out[i], signs[i], kept[i] = out[j - len(live)], signs[j - len(live)], False
+                out[i], source[i], kept[i] = out[j - len(live)], j - len(live), False
+        signs[fresh] = sign_steps(diffs[fresh])
+        for i in np.flatnonzero(source >= 0).tolist():  # in order: a repeat's source comes before it
+            signs[i] = signs[source[i]]
         for x, square, d, sign in zip(xs[kept], squares[kept], out[kept], signs[kept], strict=True):  # the ring
             at = self.cursor[c]  # the oldest overwritten
             self.images[c, at], self.squares[c, at], self.distances[c, at], self.signs[c, at] = x, square, d, sign

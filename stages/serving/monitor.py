@@ -16,7 +16,7 @@ histogram, and PRADA; and over all principals (stages/serving/detectors.py), the
   delta, set just under the lowest W of a benign replay. An exact repeat of a kept query adds no distance.
 - Steps: the share of the principal's last `ood_window` PRADA distances of distinct queries (not near-duplicates)
   below their class's step radius (the cohort's, detectors.Steps), or whose difference from that nearest query is
-  a sign step at any distance (detectors.sign_step), against Binomial(n, q) at alpha: a key sending sign steps
+  a sign step at any distance (detectors.sign_steps), against Binomial(n, q) at alpha: a key sending sign steps
   from its own earlier queries (JBDA over one key). PRADA's distances run to the spread-out kept set
   G, so benign streams fall under the radii even less often than the cohort's (measured on MNIST: 0 of 10,000
   test-split distances, 2 of 20,000 train-split ones).
@@ -108,14 +108,21 @@ class Prada:
         self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
         self.fresh = 0
         self.measured: list[float] = []  # the last request's distances, in order (nan: none, or an exact repeat)
-        self.signed: list[bool] = []  # and whether each is a sign step from its nearest (detectors.sign_step)
+        self.signed: list[bool] = []  # and whether each is a sign step from its nearest (detectors.sign_steps)
+        self.diffs: list[Optional[np.ndarray]] = []  # the request's differences from the nearest, while it is read
 
     def add_many(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
         """Take a request's flattened queries (N, d) and predicted classes, in order; after each, None or, when a
         test was due, W and the number of distances it read."""
         step = detectors.NOVELTY_CHUNK
-        self.measured, self.signed = [], []
-        return [w for i in range(0, len(xs), step) for w in self._chunk(xs[i : i + step], np.asarray(cs[i : i + step]))]
+        self.measured, self.diffs = [], []
+        out = [w for i in range(0, len(xs), step) for w in self._chunk(xs[i : i + step], np.asarray(cs[i : i + step]))]
+        moved = [i for i, diff in enumerate(self.diffs) if diff is not None]
+        signed = np.zeros(len(self.diffs), dtype=bool)
+        if moved:
+            signed[moved] = detectors.sign_steps(np.stack([self.diffs[i] for i in moved]))
+        self.signed, self.diffs = signed.tolist(), []
+        return out
 
     def _chunk(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
         xs = np.ascontiguousarray(xs, dtype=np.float32)
@@ -168,12 +175,12 @@ class Prada:
         expansion, and the query itself) or None: whether x joins G, or None for an exact repeat (nothing recorded)."""
         if best is None:
             self.measured.append(math.nan)
-            self.signed.append(False)
+            self.diffs.append(None)
             return True
         diff = x - best[1]  # the nearest, measured again directly: an exact repeat is exactly 0
         d = math.sqrt(float(diff @ diff))
         self.measured.append(d if d > 0 else math.nan)
-        self.signed.append(d > 0 and detectors.sign_step(diff))
+        self.diffs.append(diff if d > 0 else None)
         if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
             return None
         self.distances.append(d)
