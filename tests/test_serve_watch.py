@@ -243,6 +243,19 @@ def test_the_class_histogram_test_keeps_its_false_alert_rate_on_multinomial_draw
     assert json.dumps(_monitor.asdict(settings))  # the settings serialise into the ledger's run record
 
 
+def test_a_class_window_s_running_g_equals_the_g_test_of_its_counts():
+    """50,000 classes drawn from a skewed prior into a window of 200, read against a form reader's floored prior
+    after every class: the running G stays the G-test of the window's counts (no drift over the stream)."""
+    rng = np.random.default_rng(3)
+    prior = detectors.floored(np.array([0, 0.5, 0, 0, 0, 0, 0, 0.5, 0, 0]))
+    window = detectors.ClassWindow(200, prior)
+    for i, c in enumerate(rng.choice(10, size=50_000, p=[0.05, 0.3, 0.05, 0.05, 0.05, 0.05, 0.05, 0.3, 0.05, 0.05])):
+        window.add(int(c))
+        if i % 97 == 0 or i > 49_900:
+            assert window.g() == pytest.approx(detectors.g_statistic(window.counts, prior), rel=1e-9, abs=1e-8)
+    assert window.counts.sum() == 200 and window.g() > 100
+
+
 def test_steal_through_many_keys_with_filler_records_its_moves(world, tmp_path):
     """steal --target-move sybil=20, mix=0.5 and paced=2000 over 6 keys: no key is answered more than 20 images,
     half of what the keys spent is filler the surrogate never sees, and the moves are in the surrogate's params."""

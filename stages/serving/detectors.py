@@ -230,17 +230,38 @@ class Novelty:
 
 
 class ClassWindow:
-    """One principal's last `size` predicted classes and their counts."""
+    """One principal's last `size` predicted classes, their counts, and the G statistic of the counts against
+    `prior` (floored), kept up to date one class at a time: G = 2 (sum_k n_k ln n_k - n ln n - sum_k n_k ln p_k),
+    whose two sums change by one term each when a class enters or leaves, so reading G after every answer costs
+    O(1) instead of a pass over the classes."""
 
-    def __init__(self, size: int, classes: int):
+    def __init__(self, size: int, prior: np.ndarray):
         self.window: collections.deque[int] = collections.deque(maxlen=size)
-        self.counts = np.zeros(classes, dtype=np.float64)
+        self.counts = np.zeros(len(prior), dtype=np.float64)
+        self.log_prior = np.log(np.asarray(prior, dtype=np.float64)).tolist()
+        self.n_log_n = 0.0  # sum_k n_k ln n_k
+        self.n_log_p = 0.0  # sum_k n_k ln p_k
 
     def add(self, c: int) -> None:
         if len(self.window) == self.window.maxlen:
-            self.counts[self.window[0]] -= 1
+            self._move(self.window[0], -1)
         self.window.append(c)
-        self.counts[c] += 1
+        self._move(c, +1)
+
+    def _move(self, c: int, by: int) -> None:
+        n = self.counts[c]
+        self.n_log_n += _x_log_x(n + by) - _x_log_x(n)
+        self.n_log_p += by * self.log_prior[c]
+        self.counts[c] = n + by
+
+    def g(self) -> float:
+        """`g_statistic(counts, prior)`."""
+        n = len(self.window)
+        return max(0.0, 2.0 * (self.n_log_n - _x_log_x(n) - self.n_log_p)) if n else 0.0
+
+
+def _x_log_x(x: float) -> float:
+    return x * math.log(x) if x > 0 else 0.0
 
 
 # A sign step (JBDA's x + lambda sign(g), clipped to [0, 1]) moves every pixel it does not clip by the same lambda,
@@ -444,7 +465,7 @@ class Global:
         self.young_n = self.young_ood = 0
         self.steps_n = self.steps_k = 0
         self.per: collections.Counter = collections.Counter()  # principal -> buckets of the window it answered in
-        self.young_classes = ClassWindow(settings.class_window, len(prior))
+        self.young_classes = ClassWindow(settings.class_window, self.prior)
         self.cutoff = g_cutoff(settings.alpha, len(prior))
         self.link_cutoff = g_cutoff(settings.link_alpha, len(prior))
         self.armed = {"global_ood": True, "cohort_ood": True, "cohort_classes": True, "cohort_steps": True}
@@ -496,7 +517,7 @@ class Global:
             self._judge(
                 alerts, "cohort_ood", self.young_ood / self.young_n, tail < self.s.alpha, images=self.young_n, tail=tail
             )
-            g = g_statistic(self.young_classes.counts, self.prior)
+            g = self.young_classes.g()
             self._judge(alerts, "cohort_classes", g, g > self.cutoff, images=int(self.young_classes.counts.sum()), g=g)
         if self.steps_n >= self.s.min_images:
             tail = binomial_tail(self.steps_k, self.steps_n, self.q)

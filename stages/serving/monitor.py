@@ -255,7 +255,7 @@ class Watch:
     ):
         self.s, self.c, self.cutoffs = settings, calibration, cutoffs
         self.prior, self.g_cutoff = prior, g
-        self.classes = detectors.ClassWindow(settings.ood_window, len(prior))
+        self.classes = detectors.ClassWindow(settings.ood_window, prior)
         self.flags: collections.deque[bool] = collections.deque(maxlen=settings.ood_window)
         self.flagged = 0
         self.volume: collections.deque[tuple[float, int]] = collections.deque()
@@ -324,7 +324,7 @@ class Watch:
                     window=n,
                     ood_threshold=self.c.ood_threshold,
                 )
-                g = detectors.g_statistic(self.classes.counts, self.prior)
+                g = self.classes.g()
                 self._judge(alerts, "classes", g, self.g_cutoff, g > self.g_cutoff, window=len(self.classes.window))
             if measured[i] and self.total >= self.s.min_images:  # judged when the window changes
                 n = len(self.steps)
@@ -404,11 +404,7 @@ class Monitor:
         n = len(watch.flags)
         cutoffs = self.key_cutoffs[principal][1] if principal in self.key_cutoffs else self.link_cutoffs
         steps = detectors.binomial_tail(watch.cohort_k, watch.cohort_n, self.settings.ood_quantile)
-        return (
-            watch.flagged >= cutoffs[n]
-            or detectors.g_statistic(watch.classes.counts, watch.prior) > self.link_g
-            or steps < self.global_settings.link_alpha
-        )
+        return watch.flagged >= cutoffs[n] or watch.classes.g() > self.link_g or steps < self.global_settings.link_alpha
 
     def _watch(self, principal: str) -> Watch:
         watch = self.watches.get(principal)
