@@ -34,14 +34,6 @@ def floored(prior: np.ndarray) -> np.ndarray:
     return (1.0 - PRIOR_FLOOR) * prior / prior.sum() + PRIOR_FLOOR / len(prior)
 
 
-def g_statistic(counts: np.ndarray, prior: np.ndarray) -> float:
-    """G = 2 sum_k n_k ln(n_k / (n p_k)): the multinomial likelihood ratio, chi-square with K-1 degrees of freedom
-    under the prior (Wilks)."""
-    n = counts.sum()
-    seen = counts > 0
-    return float(2.0 * (counts[seen] * np.log(counts[seen] / (n * prior[seen]))).sum()) if n else 0.0
-
-
 def g_cutoff(alpha: float, classes: int) -> float:
     from scipy import stats
 
@@ -231,9 +223,10 @@ class Novelty:
 
 class ClassWindow:
     """One principal's last `size` predicted classes, their counts, and the G statistic of the counts against
-    `prior` (floored), kept up to date one class at a time: G = 2 (sum_k n_k ln n_k - n ln n - sum_k n_k ln p_k),
-    whose two sums change by one term each when a class enters or leaves, so reading G after every answer costs
-    O(1) instead of a pass over the classes."""
+    `prior` (floored): G = 2 sum_k n_k ln(n_k / (n p_k)), the multinomial likelihood ratio, chi-square with K-1
+    degrees of freedom under the prior (Wilks). It is kept up to date one class at a time as
+    G = 2 (sum_k n_k ln n_k - n ln n - sum_k n_k ln p_k), whose two sums change by one term each when a class enters
+    or leaves, so reading G after every answer costs O(1) instead of a pass over the classes."""
 
     def __init__(self, size: int, prior: np.ndarray):
         self.window: collections.deque[int] = collections.deque(maxlen=size)
@@ -255,7 +248,7 @@ class ClassWindow:
         self.counts[c] = n + by
 
     def g(self) -> float:
-        """`g_statistic(counts, prior)`."""
+        """G of the window's counts against the prior."""
         n = len(self.window)
         return max(0.0, 2.0 * (self.n_log_n - _x_log_x(n) - self.n_log_p)) if n else 0.0
 
