@@ -108,7 +108,7 @@ class Prada:
         self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
         self.fresh = 0
         self.measured: list[float] = []  # the last request's distances, in order (nan: none, or an exact repeat)
-        self.signed: list[bool] = []  # and whether each is a sign step from its nearest (detectors.sign_steps)
+        self.signed = np.zeros(0, dtype=bool)  # and whether each is a sign step from its nearest (detectors.sign_steps)
         self.diffs: list[Optional[np.ndarray]] = []  # the request's differences from the nearest, while it is read
 
     def add_many(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
@@ -121,7 +121,7 @@ class Prada:
         signed = np.zeros(len(self.diffs), dtype=bool)
         if moved:
             signed[moved] = detectors.sign_steps(np.stack([self.diffs[i] for i in moved]))
-        self.signed, self.diffs = signed.tolist(), []
+        self.signed, self.diffs = signed, []
         return out
 
     def _chunk(self, xs: np.ndarray, cs: np.ndarray) -> list[Optional[tuple[float, int]]]:
@@ -298,7 +298,7 @@ class Watch:
         radii = self.radii[classes]
         distances = np.asarray(self.prada.measured)
         measured = (novel & (distances == distances) & (radii > 0)).tolist()
-        stepped = ((distances < radii) | np.asarray(self.prada.signed, dtype=bool)).tolist()
+        stepped = ((distances < radii) | self.prada.signed).tolist()
         for i, (c, flag) in enumerate(zip(classes.tolist(), flags, strict=False)):
             self.total += 1
             if measured[i]:
