@@ -155,17 +155,19 @@ EXPECTED = {
     # cells through no defense: knockoff x 2 x 2 x 2 victims (8); seeds 1-2 of both victims, knockoff x 2 labels on
     # the letters (8); knockoff-confident and seeded soft x 2 pools x 2 victims x 3 seeds (24). MNIST alone, on 3
     # seeds: a LeNet-5-BN thief x 2 labels on the letters x 2 victims (4), the voting thieves (average, majority)
-    # hard x 2 pools x 2 victims (8), 3 prefixes hard on the letters x 2 victims (6); verify: every watermark cell
-    # against itself (46 per dataset + 3 x 18 on MNIST) and 16 unmarked suspects (8 victims, 8 cells) against the
-    # hard letters thieves of seed 0's 2 victims (32 per dataset); data: mnist, fashionmnist, latin-letters
+    # hard x 2 pools x 2 victims (8), 3 prefixes hard on the letters x 2 victims (6); MNIST alone on seed 0: the
+    # ResNet-18, VGG-16 and 300-step LeNet-5 thieves soft on the letters x 2 victims (6); DFME x 2 victims x 3 seeds
+    # (6 per dataset); verify: every watermark cell against itself (52 per dataset + 3 x 18 + 6 on MNIST) and 16
+    # unmarked suspects (8 victims, 8 cells) against the hard letters thieves of seed 0's 2 victims (32 per
+    # dataset); data: mnist, fashionmnist, latin-letters
     "proof": dict(
         prepare=3,
         watermark_key=1,
         train=2 * (1 + 8 + 2),
         train_ini=2 * (1 + 2),
-        steal=2 * (8 + 8 + 8 + 24) + 3 * (4 + 8 + 6),
-        steal_own_queries=2 * 2 * 3,
-        verify=2 * (46 + 32) + 3 * 18,
+        steal=2 * (8 + 8 + 8 + 24) + 3 * (4 + 8 + 6) + 6,
+        steal_own_queries=2 * 2 * 3 * 2,
+        verify=2 * (52 + 32) + 3 * 18 + 6,
         proof=1,
         evaluate=1,
         summarise=1,
