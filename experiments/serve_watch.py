@@ -115,6 +115,11 @@ WIDE = [Thief(move, "jbda", None, keys, params=("step=0.3",)) for move, keys in 
 WIDE += [
     Thief(move, "jbda", None, keys, params=("step=0.3", "jitter=0.2")) for move, keys in (("plain", 1), ("sybil", 60))
 ]
+# and that would meet a test of the share of pixels a step changes: only the 30 % of largest gradient are stepped
+WIDE += [
+    Thief(move, "jbda", None, keys, params=("step=0.3", "jitter=0.2", "sparse=0.3"))
+    for move, keys in (("plain", 1), ("sybil", 60))
+]
 THIEVES = KNOCKOFF + OTHERS + PACED + WIDE
 SERVE_FLAGS = ["--global-action", "block"]
 BACKGROUND, YOUNG, YOUNG_IMAGES = 5000, 20, 25

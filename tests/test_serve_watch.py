@@ -719,7 +719,7 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     study = watch_study()
     pools = {"near": "latin.h5", "far": "fashion.h5"}
     names = [t.name for t in study.THIEVES]
-    assert len(names) == len(set(names)) == 22
+    assert len(names) == len(set(names)) == 24
     rows = {t.name: t for t in study.THIEVES}
     assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
         *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),
@@ -734,6 +734,11 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     assert wide.off == "jbda-soft-step0_3" and wide.steal(pools, 2000, 10, 0, monitor=False)[-2:] == [
         "--attack-param",
         "step=0.3",
+    ]
+    sparse = rows["plain-jbda-soft-step0_3-jitter0_2-sparse0_3"]
+    assert sparse.off == "jbda-soft-step0_3-jitter0_2-sparse0_3" and sparse.steal(pools, 2000, 10, 0)[-2:] == [
+        "--attack-param",
+        "sparse=0.3",
     ]
     dfme = rows["plain-dfme-soft"].steal(pools, 2000, 10, 0)
     assert "--pool" not in dfme and dfme[-4:] == ["--batch-size", "64", "--attack-param", "width=16"]

@@ -293,3 +293,18 @@ def test_jbda_jitter_scales_each_pixel_s_step_within_its_range_and_breaks_the_si
             assert size.min() >= 0.25 * 0.8 - 1e-6 and size.max() <= 0.25 * 1.2 + 1e-6 and size.std() > 0.01
             assert not detectors.sign_steps(moved.numpy()).any()
         assert (moved > 0).any() and (moved < 0).any()
+
+
+def test_jbda_sparse_steps_only_the_pixels_of_largest_gradient():
+    """sparse 0.25 moves a quarter of each image's pixels, the ones whose surrogate gradient is largest, by lambda;
+    the rest stay put."""
+    torch.manual_seed(0)
+    surrogate = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    x = torch.full((4, 1, 8, 8), 0.5)
+    labels = torch.tensor([0, 1, 2, 0])
+    thief = SimpleNamespace(surrogate=surrogate, rng=torch.Generator().manual_seed(1))
+    moved = (JBDA(step=0.25, sparse=0.25)._step(thief, x, labels) - x).flatten(1)
+    assert ((moved.abs() > 0).sum(1) == 16).all()
+    assert torch.allclose(moved[moved != 0].abs(), torch.full((64,), 0.25))
+    weights = surrogate[1].weight.detach()[labels].abs()  # a linear surrogate: the gradient is its label's row
+    assert (weights[moved != 0].view(4, 16).min(1).values >= weights[moved == 0].view(4, 48).max(1).values).all()

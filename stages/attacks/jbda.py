@@ -22,6 +22,7 @@ class JBDA(Attack):
         "jitter": Param(
             0.0, 0.0, 1.0, False, "each pixel's step scaled by a uniform draw in [1 - jitter, 1 + jitter] (0: official)"
         ),
+        "sparse": Param(1.0, 0.01, 1.0, False, "share of the pixels stepped, those of largest |gradient| (1: official)"),
     }
     POOL = "seeds"
     LABELS = ("soft", "hard")
@@ -33,6 +34,7 @@ class JBDA(Attack):
     step: float
     relabel: int
     jitter: float
+    sparse: float
 
     def planned_epochs(self, epochs: int) -> int:
         return epochs * self.rounds
@@ -97,12 +99,18 @@ class JBDA(Attack):
         return (x + self.step * self._signs(thief, grad)).clamp(0.0, 1.0).detach()
 
     def _signs(self, thief: Thief, grad: torch.Tensor) -> torch.Tensor:
-        """sign(grad), each pixel scaled by 1 + jitter u, u uniform on [-1, 1]: a step whose changed pixels do not
-        all move by one magnitude, which a monitor reading that pattern would see."""
+        """sign(grad) on the `sparse` share of each image's pixels of largest |grad| (0 elsewhere), each scaled by
+        1 + jitter u, u uniform on [-1, 1]: a step whose changed pixels do not all move by one magnitude, nor fill
+        the image, the two patterns a monitor could read."""
+        signs = grad.sign()
+        if self.sparse < 1.0:
+            size = grad.abs().flatten(1)
+            kept = size >= size.topk(max(1, round(self.sparse * size.shape[1])), dim=1).values[:, -1:]
+            signs = signs * kept.view_as(grad)
         if not self.jitter:
-            return grad.sign()
+            return signs
         u = torch.rand(grad.shape, generator=thief.rng).to(grad.device) * 2.0 - 1.0
-        return grad.sign() * (1.0 + self.jitter * u)
+        return signs * (1.0 + self.jitter * u)
 
 
 class JBDATR(JBDA):
