@@ -22,7 +22,7 @@ class JBDA(Attack):
         "jitter": Param(
             0.0, 0.0, 1.0, False, "each pixel's step scaled by a uniform draw in [1 - jitter, 1 + jitter] (0: official)"
         ),
-        "sparse": Param(1.0, 0.01, 1.0, False, "share of the pixels stepped, those of largest |gradient| (1: official)"),
+        "sparse": Param(1.0, 0.01, 1.0, False, "share of pixels stepped, those of largest |gradient| (1: official)"),
     }
     POOL = "seeds"
     LABELS = ("soft", "hard")
