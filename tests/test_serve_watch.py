@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, invoke
 from numpy.lib import format as npformat
+from scipy.stats import binom
 from served import served_world
 from test_serve import Server, npy
 
@@ -788,3 +789,30 @@ def test_filler_beside_float_queries_stays_in_the_unit_range():
     assert sent[0].dtype == np.uint8 and answers.shape == (8, 10)
     for batch in sent[1:]:
         assert batch.dtype == np.float32 and len(batch) == 16 and 0.0 <= batch.min() and batch.max() <= 1.0
+
+
+def test_the_offline_step_tests_read_a_step_s_peak_and_spread_and_the_second_tier_s_first_alert():
+    """experiments/step_tests.py: a query's difference from its nearest earlier one of its class, once the class's
+    memory is full (an exact repeat left out), as its L-infinity, changed share and L2; and the first answer at which
+    a window of flags holds too many for Binomial(n, q) at alpha."""
+    watch_study()  # experiments/ on the path
+    import step_tests
+
+    rng = np.random.default_rng(0)
+    memory = rng.integers(0, 2, (step_tests.MEMORY, 100)).astype(np.float32)  # far apart: whole-pixel differences
+    parent = np.full(100, 0.5, np.float32)
+    child = parent + 0.1 * np.where(np.arange(100) < 30, 1.0, 0.0) - 0.1 * (np.arange(100) >= 90)
+    x = np.concatenate([memory, parent[None], child[None], child[None]])
+    peak, dense, l2, cls = step_tests.nearest(x, np.zeros(len(x), dtype=np.int64), 1)
+    # the parent's nearest is a binary image (a whole-pixel change); the child's is its parent; the repeat is left out
+    assert len(peak) == 2 and cls.tolist() == [0, 0]
+    assert peak[1] == pytest.approx(0.1) and dense[1] == pytest.approx(0.4) and l2[1] == pytest.approx(np.sqrt(0.4))
+    assert peak[0] == pytest.approx(0.5) and dense[0] == 1.0
+    assert step_tests.first_alert(np.zeros(500, dtype=bool), 0.1) is None
+    flags = rng.random(500) < 0.5
+    at = step_tests.first_alert(flags, 0.1)
+    assert at is not None and step_tests.MIN_IMAGES <= at < 500
+    window = flags[max(0, at - step_tests.WINDOW) : at]
+    assert binom.sf(window.sum() - 1, len(window), 0.1) < step_tests.ALPHA
+    before = flags[max(0, at - 1 - step_tests.WINDOW) : at - 1]
+    assert at == step_tests.MIN_IMAGES or binom.sf(before.sum() - 1, len(before), 0.1) >= step_tests.ALPHA
