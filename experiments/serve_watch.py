@@ -116,8 +116,10 @@ WIDE += [
     Thief(move, "jbda", None, keys, params=("step=0.3", "jitter=0.2")) for move, keys in (("plain", 1), ("sybil", 60))
 ]
 # and that would meet a test of the share of pixels a step changes: only the 30 % of largest gradient are stepped
+# (at lambda 0.3 those steps fall under the radius again, so also at lambda 0.5)
 WIDE += [
-    Thief(move, "jbda", None, keys, params=("step=0.3", "jitter=0.2", "sparse=0.3"))
+    Thief(move, "jbda", None, keys, params=(f"step={step}", "jitter=0.2", "sparse=0.3"))
+    for step in (0.3, 0.5)
     for move, keys in (("plain", 1), ("sybil", 60))
 ]
 THIEVES = KNOCKOFF + OTHERS + PACED + WIDE

@@ -720,7 +720,7 @@ def test_the_watch_study_s_thieves_make_the_steal_commands_they_name(tmp_path):
     study = watch_study()
     pools = {"near": "latin.h5", "far": "fashion.h5"}
     names = [t.name for t in study.THIEVES]
-    assert len(names) == len(set(names)) == 24
+    assert len(names) == len(set(names)) == 26
     rows = {t.name: t for t in study.THIEVES}
     assert rows["sybil-soft-near"].steal(pools, 2000, 10, 0) == [
         *("--attack", "knockoff", "--label", "soft", "--pool", "latin.h5", "--budget", "2000", "--epochs", "10"),
