@@ -17,6 +17,7 @@ that queried it (surrogate.h5 files):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -26,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import binom  # noqa: E402
 
 from stages.attacks import blackbox  # noqa: E402
 from stages.data import prepared  # noqa: E402
-from stages.serving import detectors  # noqa: E402
+from stages.serving import detectors, monitor  # noqa: E402
 
-MEMORY, ORDERS, ALPHA, WINDOW, MIN_IMAGES = 200, 4, 1e-6, 200, 50
+ORDERS = 4  # random replays of the val split the cuts are read on
+SETTINGS = monitor.Settings()  # the window, minimum and alpha of the OOD share, which the second tier reads alike
 QUANTILES = (0.0005, 0.001)  # the L-infinity and density cuts: each class's benign quantile on the val replays
 TIER = 0.1  # the second confidence tier
 say = functools.partial(print, file=sys.stderr)
@@ -40,29 +41,34 @@ say = functools.partial(print, file=sys.stderr)
 
 def nearest(x: np.ndarray, classes: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
     """For each query (in order) with a full memory of its class: the L-infinity, the changed share (half a grey
-    level or more) and the L2 of its difference from the nearest of the last MEMORY of its class, and its class;
-    exact repeats left out (the monitor carries a repeat's verdict from what it repeats)."""
+    level or more) and the L2 of its difference from the nearest of the last `detectors.step_memory(k)` of its
+    class (the young cohort's memory), and its class; exact repeats left out (the monitor carries a repeat's verdict
+    from what it repeats)."""
+    size = detectors.step_memory(k)
     memory = [np.zeros((0, x.shape[1]), np.float32) for _ in range(k)]
     peak, dense, l2, cls = [], [], [], []
     for xi, c in zip(x, classes.tolist(), strict=True):
         m = memory[c]
-        if len(m) >= MEMORY:
+        if len(m) >= size:
             d = xi - m[((m - xi) ** 2).sum(1).argmin()]
             if np.abs(d).max() > 0:
                 peak.append(np.abs(d).max())
                 dense.append((np.abs(d) >= 0.5 / 255).mean())
                 l2.append(np.sqrt(d @ d))
                 cls.append(c)
-        memory[c] = np.concatenate([m[-(MEMORY - 1) :], xi[None]])
+        memory[c] = np.concatenate([m[-(size - 1) :], xi[None]])
     return np.array(peak), np.array(dense), np.array(l2), np.array(cls, dtype=np.int64)
 
 
 def first_alert(flags: np.ndarray, q: float) -> int | None:
-    """The answer at which a window of the last WINDOW answers first holds too many flags for Binomial(n, q)."""
+    """The answer at which a key's window of its last answers first holds too many flags for Binomial(n, q), judged
+    as the monitor judges its OOD share (`monitor.ood_cutoffs` at q)."""
+    s = dataclasses.replace(SETTINGS, ood_quantile=q)
+    cutoffs = monitor.ood_cutoffs(s)
     counts = np.concatenate([[0], np.cumsum(flags)])
-    for n in range(MIN_IMAGES, len(flags) + 1):
-        lo = max(0, n - WINDOW)
-        if binom.sf(counts[n] - counts[lo] - 1, n - lo, q) < ALPHA:
+    for n in range(s.min_images, len(flags) + 1):
+        lo = max(0, n - s.ood_window)
+        if counts[n] - counts[lo] >= cutoffs[n - lo]:
             return n
     return None
 
@@ -92,18 +98,21 @@ def main() -> None:
     train = data.splits["train"][0].numpy()[: args.train_images]
     a_val, a_test, a_train = answer(val), answer(test), answer(train)
     k = a_val.shape[1]
+    x_val, c_val = flat(val), a_val.argmax(1)
     rng = np.random.default_rng(0)
-    replays = [nearest(flat(val)[o], a_val.argmax(1)[o], k) for o in (rng.permutation(len(val)) for _ in range(ORDERS))]
+    replays = [nearest(x_val[o], c_val[o], k) for o in (rng.permutation(len(val)) for _ in range(ORDERS))]
     peak_v, dense_v, _, cls_v = (np.concatenate(parts) for parts in zip(*replays, strict=True))
     peak_t, dense_t, l2_t, cls_t = nearest(flat(test), a_test.argmax(1), k)
-    radii = np.asarray(detectors.step_radii(flat(val), a_val.argmax(1), k, detectors.STEP_SHARE * 0.01)[0])
+    share = detectors.STEP_SHARE * SETTINGS.ood_quantile
+    radii = np.asarray(detectors.step_radii(x_val, c_val, k, share)[0])
     thieves = []
     for path in args.thief:
         with h5py.File(path, "r") as f:
             images, answers = f["transfer/images"][:], f["transfer/answers"][:]
         thieves.append((path.stem, nearest(flat(images), answers.argmax(1), k), answers))
 
-    say(f"{args.victim.name} on {args.data.name}: benign differences from the nearest of the last {MEMORY} of a class")
+    memory = detectors.step_memory(k)
+    say(f"{args.victim.name} on {args.data.name}: benign differences from the nearest of the last {memory} of a class")
     for q in QUANTILES:
         for name, v, t, up in (("L-inf", peak_v, peak_t, False), ("changed share", dense_v, dense_t, True)):
             cuts = np.array([np.quantile(v[cls_v == c], 1 - q if up else q) for c in range(k)])
@@ -118,7 +127,7 @@ def main() -> None:
                 line += f"; {stem} {child.mean():.1%} of {len(c):,}"
             say(line)
     under = (l2_t < radii[cls_t]).mean()
-    say(f"  under the step radii alone (val, {detectors.STEP_SHARE * 0.01:.1%} quantile): test split {under:.2%}")
+    say(f"  under the step radii alone (val, {share:.1%} quantile): test split {under:.2%}")
     cut = float(np.quantile(a_val.max(1), TIER))
     say(f"a second confidence tier: top probability below {cut:.4f}, the val split's {TIER:.0%} quantile")
     for name, answers in (("test split, file order", a_test), ("train split, file order", a_train)):

@@ -799,7 +799,7 @@ def test_the_offline_step_tests_read_a_step_s_peak_and_spread_and_the_second_tie
     import step_tests
 
     rng = np.random.default_rng(0)
-    memory = rng.integers(0, 2, (step_tests.MEMORY, 100)).astype(np.float32)  # far apart: whole-pixel differences
+    memory = rng.integers(0, 2, (detectors.step_memory(1), 100)).astype(np.float32)  # whole-pixel differences
     parent = np.full(100, 0.5, np.float32)
     child = parent + 0.1 * np.where(np.arange(100) < 30, 1.0, 0.0) - 0.1 * (np.arange(100) >= 90)
     x = np.concatenate([memory, parent[None], child[None], child[None]])
@@ -811,8 +811,9 @@ def test_the_offline_step_tests_read_a_step_s_peak_and_spread_and_the_second_tie
     assert step_tests.first_alert(np.zeros(500, dtype=bool), 0.1) is None
     flags = rng.random(500) < 0.5
     at = step_tests.first_alert(flags, 0.1)
-    assert at is not None and step_tests.MIN_IMAGES <= at < 500
-    window = flags[max(0, at - step_tests.WINDOW) : at]
-    assert binom.sf(window.sum() - 1, len(window), 0.1) < step_tests.ALPHA
-    before = flags[max(0, at - 1 - step_tests.WINDOW) : at - 1]
-    assert at == step_tests.MIN_IMAGES or binom.sf(before.sum() - 1, len(before), 0.1) >= step_tests.ALPHA
+    s = step_tests.SETTINGS
+    assert at is not None and s.min_images <= at < 500
+    window = flags[max(0, at - s.ood_window) : at]
+    assert binom.sf(window.sum() - 1, len(window), 0.1) < s.alpha
+    before = flags[max(0, at - 1 - s.ood_window) : at - 1]
+    assert at == s.min_images or binom.sf(before.sum() - 1, len(before), 0.1) >= s.alpha
