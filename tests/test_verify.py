@@ -20,6 +20,7 @@ from models.defenses import Watermark, coarsen, key_fingerprint
 from models.params import defaults
 from stages.attacks import blackbox as _blackbox
 from stages.data import prepared as _data
+from stages.deploy import watermark_key
 from stages.evaluation import metrics
 from stages.provenance import evidence as _evidence
 from stages.provenance import significance
@@ -120,6 +121,11 @@ def theft(victim, mnist_small, tmp_path_factory):
     """Surrogates stolen from `victim` over 1,000 MNIST images: with marks, without, and the key file."""
     root = tmp_path_factory.mktemp("theft")
     key = root / "watermark.key"
+    # a fixed key, so the marks (and every share the tests read from them) are the same on every run; how a missing
+    # key is created is tested on its own below
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, bytes(range(7, 39)))
+    os.close(fd)
     common = ["steal", "--victim", victim, "--pool", mnist_small, "--budget", 800, "--epochs", 60, "--device", "cpu"]
     marked = root / "marked.h5"
     r = invoke(*common, "--defense", "watermark", "--watermark-key", key, *STRONG, "--out", marked)
@@ -130,9 +136,13 @@ def theft(victim, mnist_small, tmp_path_factory):
     return dict(root=root, key=key, marked=marked, clean=clean)
 
 
-def test_the_key_is_a_private_file_and_never_reaches_the_artifact(theft):
+def test_the_key_is_a_private_file_and_never_reaches_the_artifact(theft, tmp_path):
     key = theft["key"].read_bytes()
     assert len(key) == 32 and (os.stat(theft["key"]).st_mode & 0o777) == 0o600
+    fresh = tmp_path / "new" / "watermark.key"  # a missing key is written: random, private, and kept
+    made = watermark_key.load_or_create(fresh)
+    assert len(made) == 32 and made != key and (os.stat(fresh).st_mode & 0o777) == 0o600
+    assert watermark_key.load_or_create(fresh) == made == fresh.read_bytes()
     blob = theft["marked"].read_bytes()
     assert key not in blob and key.hex().encode() not in blob
     with h5py.File(theft["marked"]) as f:
