@@ -94,8 +94,13 @@ NOVELTY_BLOCK = 4
 def _box_sums(images: np.ndarray, b: int) -> np.ndarray:
     """Sums over the b x b box at every position of each image (N, C, H, W) -> (N, C, H - b + 1, W - b + 1)."""
     height, width = images.shape[2:]
-    rows = sum(images[:, :, k : height - b + 1 + k] for k in range(b))
-    return sum(rows[..., k : width - b + 1 + k] for k in range(b))
+    rows = images[:, :, : height - b + 1].copy()  # added in place, in the same order as a sum of the slices
+    for k in range(1, b):
+        rows += images[:, :, k : height - b + 1 + k]
+    out = rows[..., : width - b + 1].copy()
+    for k in range(1, b):
+        out += rows[..., k : width - b + 1 + k]
+    return out
 
 
 def block_sums(interiors: np.ndarray) -> np.ndarray:
@@ -127,17 +132,25 @@ def interior_sketch(images: np.ndarray, shift: int = DUPLICATE_SHIFT) -> tuple[n
     return squares, coarse
 
 
-def within(images, squares, coarse, store, store_squares, store_coarse, radius: float, only=None) -> np.ndarray:
+def half_norms(coarse: np.ndarray) -> np.ndarray:
+    """Half the squared norm of each view's block sums (N, S, p), as a column (N S, 1)."""
+    return 0.5 * np.einsum("nsp,nsp->ns", coarse, coarse).reshape(-1, 1)
+
+
+def within(
+    images, squares, coarse, store, store_squares, store_coarse, radius: float, only=None, coarse_half=None
+) -> np.ndarray:
     """(N, M) bool: some view (`shifted`) of query n lies within `radius` of stored interior m. images (N, C, H, W)
     with their views' squared norms (N, S) and block sums (N, S, p); store (M, d) with its squared norms (M,) and
-    block sums (M, p); `only`, an (N, M) mask of the pairs wanted. The block sums bound the distance from below;
-    only the pairs under the radius by that bound are compared in full."""
+    block sums (M, p); `only`, an (N, M) mask of the pairs wanted; `coarse_half`, `half_norms(coarse)` when the
+    caller has it. The block sums bound the distance from below; only the pairs under the radius by that bound are
+    compared in full."""
     r2 = radius * radius
     n_views, p = coarse.shape[1:]
     # bound < r2  <=>  a.b - |a|^2 / 2 - |b|^2 / 2 > -r2 / 2, in place on one (N S, M) product; r2 widened by float
     # error, so that no pair within the radius is dropped before the full comparison
     half = coarse.reshape(-1, p) @ store_coarse.T
-    half -= 0.5 * np.einsum("nsp,nsp->ns", coarse, coarse).reshape(-1, 1)
+    half -= half_norms(coarse) if coarse_half is None else coarse_half
     half -= 0.5 * np.einsum("mp,mp->m", store_coarse, store_coarse)[None]
     hits = (half > -0.5 * (r2 * (1 + 1e-4) + 1e-5)).reshape(len(images), n_views, -1).any(axis=1)
     n, m = np.nonzero(hits if only is None else hits & only)
@@ -195,20 +208,30 @@ class Novelty:
             self._keep(middle[0], middle_coarse[0], squares[(len(squares) - 1) // 2])
             return np.ones(1, dtype=bool)
         squares, coarse = interior_sketch(images)
+        coarse_half = half_norms(coarse)  # read by both comparisons below
         at = (squares.shape[1] - 1) // 2
         live = np.isfinite(self.squares)
         old = np.zeros((n, self.size), dtype=bool)
         if live.any():
             slots = np.flatnonzero(live)
             old[:, slots] = within(
-                images, squares, coarse, self.images[slots], self.squares[slots], self.coarse[slots], radius
+                images,
+                squares,
+                coarse,
+                self.images[slots],
+                self.squares[slots],
+                self.coarse[slots],
+                radius,
+                None,
+                coarse_half,
             )
         earlier = np.tri(n, k=-1, dtype=bool)  # a query against its request's earlier ones
-        new = within(images, squares, coarse, middle, squares[:, at], middle_coarse, radius, earlier)
+        new = within(images, squares, coarse, middle, squares[:, at], middle_coarse, radius, earlier, coarse_half)
         out = np.ones(n, dtype=bool)
         kept: list[int] = []
+        hit = (old.any(axis=1) | new.any(axis=1)).tolist()  # most queries are near nothing: no per-query mask read
         for i in range(n):
-            if old[i, live].any() or new[i, kept].any():
+            if hit[i] and (old[i, live].any() or new[i, kept].any()):
                 out[i] = False
                 continue
             live[self.cursor] = False  # the slot's earlier query is forgotten; this one is compared through `new`

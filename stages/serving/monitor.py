@@ -105,7 +105,10 @@ class Prada:
         self.kept: dict[int, collections.deque[float]] = {}
         self.sums: dict[int, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
         self.growth = collections.defaultdict(float)  # T_Gc: a query joins G_c if farther than this
-        self.distances: collections.deque[float] = collections.deque(maxlen=settings.prada_window)  # D
+        # D, the last prada_window distances, as a ring: the test reads them as a set (a sort, a mean and a standard
+        # deviation), so their order does not matter
+        self.distances = np.zeros(settings.prada_window, dtype=np.float64)
+        self.count = 0  # distances measured (D holds the last min(count, prada_window))
         self.fresh = 0
         self.measured: list[float] = []  # the last request's distances, in order (nan: none, or an exact repeat)
         self.signed = np.zeros(0, dtype=bool)  # and whether each is a sign step from its nearest (detectors.sign_steps)
@@ -167,7 +170,7 @@ class Prada:
                 owner[self.cursor] = i
                 ours[c].append(i)
                 self._store(x, squares[i], c)
-            out.append(self._test())
+            out.append(self._test() if self.fresh >= self.s.prada_every else None)  # no call where no test is due
         return out
 
     def _measure(self, x: np.ndarray, c: int, best) -> Optional[bool]:
@@ -183,7 +186,8 @@ class Prada:
         self.diffs.append(diff if d > 0 else None)
         if d == 0.0:  # a repeat of a kept query: it asks nothing new, and a spike at 0 is no sampling process
             return None
-        self.distances.append(d)
+        self.distances[self.count % len(self.distances)] = d
+        self.count += 1
         self.fresh += 1
         if d > self.growth[c]:
             self._grow(c, d)
@@ -217,9 +221,9 @@ class Prada:
         self.growth[c] = max(self.growth[c], mean - math.sqrt(max(0.0, sums[1] / len(kept) - mean * mean)))
 
     def _test(self) -> Optional[tuple[float, int]]:
-        if len(self.distances) >= self.s.prada_min and self.fresh >= self.s.prada_every:
+        if self.count >= self.s.prada_min and self.fresh >= self.s.prada_every:
             self.fresh = 0
-            d = np.fromiter(self.distances, dtype=np.float64)
+            d = self.distances[: self.count]
             return shapiro_w(d[np.abs(d - d.mean()) <= 3.0 * d.std()]), len(d)  # D': D within 3 std of its mean
         return None
 
@@ -229,7 +233,9 @@ def shapiro_w(values: np.ndarray) -> float:
 
     if np.ptp(values) == 0:  # identical distances (repeated queries): as far from normal as it gets
         return 0.0
-    return float(stats.shapiro(values).statistic)
+    # scipy's test without its axis and nan-policy wrapper, which takes 80 of the 110 us a call costs on 2,000
+    # distances (values here are one finite 1-d array)
+    return float(getattr(stats.shapiro, "__wrapped__", stats.shapiro)(values).statistic)
 
 
 def ood_cutoffs(settings: Settings) -> np.ndarray:
