@@ -214,17 +214,8 @@ class Novelty:
         old = np.zeros((n, self.size), dtype=bool)
         if live.any():
             slots = np.flatnonzero(live)
-            old[:, slots] = within(
-                images,
-                squares,
-                coarse,
-                self.images[slots],
-                self.squares[slots],
-                self.coarse[slots],
-                radius,
-                None,
-                coarse_half,
-            )
+            store = self.images[slots], self.squares[slots], self.coarse[slots]
+            old[:, slots] = within(images, squares, coarse, *store, radius, coarse_half=coarse_half)
         earlier = np.tri(n, k=-1, dtype=bool)  # a query against its request's earlier ones
         new = within(images, squares, coarse, middle, squares[:, at], middle_coarse, radius, earlier, coarse_half)
         out = np.ones(n, dtype=bool)

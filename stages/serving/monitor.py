@@ -170,7 +170,7 @@ class Prada:
                 owner[self.cursor] = i
                 ours[c].append(i)
                 self._store(x, squares[i], c)
-            out.append(self._test() if self.fresh >= self.s.prada_every else None)  # no call where no test is due
+            out.append(self._test())
         return out
 
     def _measure(self, x: np.ndarray, c: int, best) -> Optional[bool]:
