@@ -286,10 +286,12 @@ class Relay:
                             server.sendall(message)
                             replied.wait(10)
                         self.refuse_until = time.monotonic() + self.refuse
+                        # said before the break: the replica answers as soon as it sees the broken socket, and on
+                        # busy cores that answer has reached the test before this thread ran again
+                        self.broken.set()
                         for end in [client, server] + (self.live if self.refuse else []):
                             with contextlib.suppress(OSError):
                                 end.shutdown(socket.SHUT_RDWR)
-                        self.broken.set()
                         return
                     server.sendall(message)
         with contextlib.suppress(OSError):
